@@ -1,0 +1,66 @@
+"""Adapters: Flax modules (linen and nnx) to the core contract ``apply_fn(params, x)``.
+
+The core knows only a pure function of one tenant and a params pytree. For linen the params
+are the ``variables`` dict as given. For nnx they are the module's state as a pure dict of
+arrays, so that the store, checkpoints and training treat both alike.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any
+
+PyTree = Any
+
+
+def _linen_apply(module: Any, method: Any, apply_kwargs: tuple, variables: PyTree, x: Any) -> Any:
+    return module.apply(variables, x, method=method, **dict(apply_kwargs))
+
+
+def _nnx_apply(graphdef: Any, abstract_state: Any, method: Any, apply_kwargs: tuple, pure_state: PyTree, x: Any) -> Any:
+    from flax import nnx
+
+    state = _clone_state(abstract_state)
+    nnx.replace_by_pure_dict(state, pure_state)  # fills the copy in place
+    module = nnx.merge(graphdef, state)
+    call = module if method is None else (getattr(module, method) if isinstance(method, str) else functools.partial(method, module))
+    return call(x, **dict(apply_kwargs))
+
+
+def _clone_state(state: Any) -> Any:
+    import jax
+
+    return jax.tree_util.tree_map(lambda leaf: leaf, state)
+
+
+def _nnx_pure_state(value: Any) -> PyTree:
+    from flax import nnx
+
+    state = nnx.state(value) if isinstance(value, nnx.Module) else value
+    return nnx.to_pure_dict(state)
+
+
+def flax_apply_and_params(
+    module: Any,
+    variables_by_tenant: Mapping[Hashable, PyTree],
+    method: str | Callable | None = None,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[Callable[[PyTree, Any], Any], dict[Hashable, PyTree], PyTree]:
+    """Returns ``(apply_fn, params_by_tenant, example_params)`` for a linen or nnx module."""
+    from flax import linen, nnx
+
+    kwargs = tuple(sorted((apply_kwargs or {}).items()))
+    if isinstance(module, nnx.Module):
+        graphdef, abstract_state = nnx.split(module)
+        params_by_tenant = {t: _nnx_pure_state(v) for t, v in variables_by_tenant.items()}
+        example = nnx.to_pure_dict(abstract_state)
+        apply_fn = functools.partial(_nnx_apply, graphdef, abstract_state, method, kwargs)
+        return apply_fn, params_by_tenant, example
+    if isinstance(module, linen.Module):
+        if not variables_by_tenant:
+            raise ValueError("a linen module needs at least one tenant's variables to serve as the template")
+        params_by_tenant = dict(variables_by_tenant)
+        example = next(iter(params_by_tenant.values()))
+        return functools.partial(_linen_apply, module, method, kwargs), params_by_tenant, example
+    raise TypeError(f"from_flax takes a flax.linen.Module or flax.nnx.Module, got {type(module).__name__}")

@@ -1,0 +1,193 @@
+"""Plans: how the rows of one request become fixed-shape steps (host code, NumPy only).
+
+A step computes K tenant entries of B rows each, as one compiled program of shape [K, B, ...].
+K and B are padded up a small ladder so that a random mix of tenants and row counts hits a
+bounded set of programs. A tenant with more rows than the largest row bucket is split into
+several entries (the same slot may appear twice in one step); more entries than the largest
+tenant bucket are split into several steps. Entries are sorted by row count so that each
+step's entries have similar sizes and little padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _powers_of_two(limit: int) -> tuple[int, ...]:
+    ladder, value = [], 1
+    while value < limit:
+        ladder.append(value)
+        value *= 2
+    ladder.append(limit)
+    return tuple(ladder)
+
+
+def _check_ladder(name: str, ladder: tuple[int, ...]) -> None:
+    if not ladder:
+        raise ValueError(f"{name} must not be empty")
+    if any(not isinstance(v, (int, np.integer)) or v < 1 for v in ladder):
+        raise ValueError(f"{name} must hold positive integers, got {ladder}")
+    if list(ladder) != sorted(set(ladder)):
+        raise ValueError(f"{name} must be strictly increasing, got {ladder}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketPolicy:
+    """The ladders that K (tenants per step) and B (rows per tenant) are padded up to.
+
+    Attributes:
+      tenant_buckets: allowed K values, increasing; the last is the most tenants per step.
+      row_buckets: allowed B values, increasing; the last is the most rows per tenant entry.
+    """
+
+    tenant_buckets: tuple[int, ...] = _powers_of_two(64)
+    row_buckets: tuple[int, ...] = _powers_of_two(64)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tenant_buckets", tuple(int(v) for v in self.tenant_buckets))
+        object.__setattr__(self, "row_buckets", tuple(int(v) for v in self.row_buckets))
+        _check_ladder("tenant_buckets", self.tenant_buckets)
+        _check_ladder("row_buckets", self.row_buckets)
+
+    @classmethod
+    def powers_of_two(cls, max_tenants: int = 64, max_rows: int = 64) -> "BucketPolicy":
+        """Ladders 1, 2, 4, ... up to (and including) the given maxima."""
+        return cls(_powers_of_two(max_tenants), _powers_of_two(max_rows))
+
+    @property
+    def max_tenants(self) -> int:
+        return self.tenant_buckets[-1]
+
+    @property
+    def max_rows(self) -> int:
+        return self.row_buckets[-1]
+
+    def tenant_bucket(self, count: int) -> int:
+        return _round_up(self.tenant_buckets, count)
+
+    def row_bucket(self, count: int) -> int:
+        return _round_up(self.row_buckets, count)
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every (K, B) pair of the ladder: the programs ``warmup`` compiles."""
+        return [(k, b) for k in self.tenant_buckets for b in self.row_buckets]
+
+
+def _round_up(ladder: tuple[int, ...], count: int) -> int:
+    index = int(np.searchsorted(ladder, count))
+    if index == len(ladder):
+        raise ValueError(f"{count} exceeds the largest bucket {ladder[-1]}")
+    return ladder[index]
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One fixed-shape program call.
+
+    Attributes:
+      slots: int32 [K]: the store slot of each entry; padding entries repeat a real slot.
+      row_index: int32 [K, B]: which request row feeds each position; padding repeats a row
+        of the same entry, so padded positions compute real (discarded) values.
+      out_positions: int64 [m]: flat positions k * B + b of this step's real rows.
+      out_rows: int64 [m]: the request row each of those positions answers.
+    """
+
+    slots: np.ndarray
+    row_index: np.ndarray
+    out_positions: np.ndarray
+    out_rows: np.ndarray
+
+    @property
+    def tenant_bucket(self) -> int:
+        return int(self.row_index.shape[0])
+
+    @property
+    def row_bucket(self) -> int:
+        return int(self.row_index.shape[1])
+
+    @property
+    def rows(self) -> int:
+        return int(self.out_rows.shape[0])
+
+    @property
+    def padded_rows(self) -> int:
+        return int(self.row_index.size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The steps that together answer every row of one request."""
+
+    steps: tuple[Step, ...]
+    rows: int
+
+    @property
+    def padded_rows(self) -> int:
+        return sum(step.padded_rows for step in self.steps)
+
+    @property
+    def padding_waste(self) -> float:
+        """Fraction of computed rows that are padding (0 when nothing is computed)."""
+        padded = self.padded_rows
+        return 0.0 if padded == 0 else 1.0 - self.rows / padded
+
+
+def make_plan(slots: Sequence[int] | np.ndarray, policy: BucketPolicy) -> Plan:
+    """Groups request rows by slot and packs them into bucketed steps.
+
+    Args:
+      slots: int [n]: the store slot of each request row, in request order.
+      policy: the bucket ladders.
+
+    Returns:
+      A Plan whose steps, taken together, answer each of the n rows exactly once.
+    """
+    slots = np.asarray(slots, dtype=np.int64)
+    n = int(slots.shape[0])
+    if n == 0:
+        return Plan(steps=(), rows=0)
+    # Group rows by slot, keeping request order inside each group (stable sort).
+    order = np.argsort(slots, kind="stable")
+    unique_slots, starts, counts = np.unique(slots[order], return_index=True, return_counts=True)
+    # Split groups larger than the largest row bucket into entries of at most max_rows rows.
+    max_rows = policy.max_rows
+    pieces = -(-counts // max_rows)
+    entry_group = np.repeat(np.arange(len(unique_slots)), pieces)
+    entry_piece = np.arange(len(entry_group)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    entry_start = starts[entry_group] + entry_piece * max_rows
+    entry_count = np.minimum(counts[entry_group] - entry_piece * max_rows, max_rows)
+    entry_slot = unique_slots[entry_group]
+    # Largest entries first, so each step holds entries of similar size.
+    by_size = np.argsort(-entry_count, kind="stable")
+    steps = []
+    max_tenants = policy.max_tenants
+    for first in range(0, len(by_size), max_tenants):
+        chosen = by_size[first : first + max_tenants]
+        steps.append(_make_step(order, entry_slot[chosen], entry_start[chosen], entry_count[chosen], policy))
+    return Plan(steps=tuple(steps), rows=n)
+
+
+def _make_step(
+    order: np.ndarray, entry_slot: np.ndarray, entry_start: np.ndarray, entry_count: np.ndarray, policy: BucketPolicy
+) -> Step:
+    entries = len(entry_slot)
+    k = policy.tenant_bucket(entries)
+    b = policy.row_bucket(int(entry_count.max()))
+    # Position (e, j) reads sorted row start_e + (j mod count_e): padding repeats the entry's rows.
+    j = np.arange(b)
+    sorted_pos = entry_start[:, None] + (j[None, :] % entry_count[:, None])
+    row_index = np.empty((k, b), dtype=np.int32)
+    row_index[:entries] = order[sorted_pos]
+    row_index[entries:] = row_index[0]
+    slots = np.empty(k, dtype=np.int32)
+    slots[:entries] = entry_slot
+    slots[entries:] = entry_slot[0]
+    real = j[None, :] < entry_count[:, None]  # [entries, b]
+    e_idx, j_idx = np.nonzero(real)
+    out_positions = e_idx * b + j_idx
+    out_rows = order[entry_start[e_idx] + j_idx]
+    return Step(slots=slots, row_index=row_index, out_positions=out_positions, out_rows=out_rows)

@@ -1,0 +1,312 @@
+"""MultiTenantModel: the synchronous core. ``predict`` = plan, gather, vmap, scatter back.
+
+Per call the host does O(rows) NumPy work (group rows by tenant, build index arrays, gather
+the input rows into a [K, B, ...] block) and one dispatch of a cached executable per step.
+The executable gathers the K tenants' parameter slots from the store and runs the
+tenant-batched model; rows are scattered back to request order on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmt.buckets import BucketPolicy, Plan, Step, make_plan
+from jaxmt.errors import InputError
+from jaxmt.lowering import tenant_batched
+from jaxmt.programs import ProgramCache, ProgramKey
+from jaxmt.store import TenantStore
+
+PyTree = Any
+
+
+def _step_program(apply_kb: Callable, treedef: Any, leaves: list[jax.Array], slots: jax.Array, x_kb: PyTree) -> PyTree:
+    """One step: gather K slots of every stacked leaf, run the tenant-batched model."""
+    params_k = jax.tree_util.tree_unflatten(treedef, [jnp.take(leaf, slots, axis=0) for leaf in leaves])
+    return apply_kb(params_k, x_kb)
+
+
+@dataclasses.dataclass
+class PendingPrediction:
+    """Steps dispatched to the device whose outputs have not been copied back yet.
+
+    ``result()`` blocks on the device, scatters rows back to request order and returns
+    NumPy arrays; the dispatch itself never waits for the device.
+    """
+
+    plan: Plan
+    outputs: list[PyTree]
+    empty_output: PyTree  # ShapeDtypeStruct pytree of one row, for allocating the answer
+
+    def result(self) -> PyTree:
+        flat_spec, treedef = jax.tree_util.tree_flatten(self.empty_output)
+        answers = [np.empty((self.plan.rows, *s.shape), dtype=s.dtype) for s in flat_spec]
+        for step, y_kb in zip(self.plan.steps, self.outputs):
+            for answer, leaf in zip(answers, jax.tree_util.tree_leaves(y_kb)):
+                host = np.asarray(leaf)
+                flat = host.reshape(step.padded_rows, *host.shape[2:])
+                answer[step.out_rows] = flat[step.out_positions]
+        return jax.tree_util.tree_unflatten(treedef, answers)
+
+    def block_until_ready(self) -> "PendingPrediction":
+        jax.block_until_ready(self.outputs)
+        return self
+
+
+class MultiTenantModel:
+    """Many models of one architecture, served as one XLA program per step.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> y`` for ONE tenant on a batch ``x`` of shape
+        ``[b, *row_shape]``; pure and jit-able. Rows must not interact (row i of y
+        depends only on row i of x), as in any inference-mode model.
+      example_params: a params pytree of the architecture: the template every tenant's
+        params must match in structure, leaf shapes and dtypes.
+      capacity: initial store slots (grows by doubling; a fixed size avoids recompiles).
+      buckets: the K and B ladders (default powers of two up to 64 and 64).
+      row_shape, row_dtype: what one input row is; when omitted, the first ``predict``
+        fixes them and later calls must match.
+      max_capacity: limit on store slots; adding past it raises CapacityError.
+      max_programs: bound of the compiled-program LRU cache.
+      lowering: how the model is batched over tenants (see ``jaxmt.lowering``).
+      device: where the store and programs live (default: the first JAX device).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np, jaxmt
+      >>> def apply_fn(params, x):
+      ...     return x @ params["w"] + params["b"]
+      >>> def params_of(seed):
+      ...     k1, k2 = jax.random.split(jax.random.key(seed))
+      ...     return {"w": jax.random.normal(k1, (3, 2)), "b": jax.random.normal(k2, (2,))}
+      >>> mt = jaxmt.MultiTenantModel(apply_fn, params_of(0), capacity=4)
+      >>> for name, seed in [("a", 1), ("b", 2)]:
+      ...     mt.add_tenant(name, params_of(seed))
+      >>> x = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+      >>> y = mt.predict(["a", "b", "a", "a", "b"], x)
+      >>> y.shape
+      (5, 2)
+      >>> bool(np.allclose(y[1], apply_fn(params_of(2), x[1:2])[0], rtol=1e-5, atol=1e-5))
+      True
+    """
+
+    def __init__(
+        self,
+        apply_fn: Callable[[PyTree, Any], Any],
+        example_params: PyTree,
+        capacity: int | None = None,
+        buckets: BucketPolicy | None = None,
+        *,
+        row_shape: Sequence[int] | None = None,
+        row_dtype: Any = None,
+        max_capacity: int | None = None,
+        max_programs: int = 256,
+        lowering: str = "vmap",
+        device: jax.Device | None = None,
+    ):
+        if not callable(apply_fn):
+            raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
+        if buckets is not None and not isinstance(buckets, BucketPolicy):
+            raise TypeError(f"buckets must be a jaxmt.BucketPolicy, got {type(buckets).__name__}")
+        self.apply_fn = apply_fn
+        self.buckets = buckets if buckets is not None else BucketPolicy()
+        self.store = TenantStore(example_params, capacity, max_capacity=max_capacity, device=device)
+        self.lowering = lowering
+        self._apply_kb = tenant_batched(apply_fn, lowering)
+        self.programs = ProgramCache(self._build_program, max_programs=max_programs)
+        self._row_shape: tuple[int, ...] | None = None if row_shape is None else tuple(int(d) for d in row_shape)
+        self._row_dtype: np.dtype | None = None if row_dtype is None else np.dtype(row_dtype)
+        if (self._row_shape is None) != (self._row_dtype is None):
+            raise ValueError("give row_shape and row_dtype together, or neither")
+        self._row_output: PyTree | None = None
+        self._counter_lock = threading.Lock()
+        self._steps = 0
+        self._rows = 0
+        self._padded_rows = 0
+
+    # ------------------------------------------------------------- adapters
+    @classmethod
+    def from_flax(
+        cls,
+        module: Any,
+        variables_by_tenant: Mapping[Hashable, PyTree],
+        method: str | Callable | None = None,
+        *,
+        apply_kwargs: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> "MultiTenantModel":
+        """A model from a Flax module (linen or nnx) and one variables pytree per tenant.
+
+        For linen, each value is the ``variables`` dict that ``module.apply`` takes
+        (``{"params": ..., "batch_stats": ...}``); for nnx, an ``nnx.Module`` of the same
+        graph as ``module`` or its ``nnx.State``. ``method`` and ``apply_kwargs`` are passed
+        to the call (e.g. ``apply_kwargs={"train": False}``). Other keyword arguments go
+        to the constructor; the capacity defaults to the number of tenants.
+        """
+        from jaxmt.adapters import flax_apply_and_params
+
+        apply_fn, params_by_tenant, example = flax_apply_and_params(module, variables_by_tenant, method, apply_kwargs)
+        kwargs.setdefault("capacity", max(1, len(params_by_tenant)))
+        model = cls(apply_fn, example, **kwargs)
+        for tenant_id, params in params_by_tenant.items():
+            model.add_tenant(tenant_id, params)
+        return model
+
+    # --------------------------------------------------------------- tenants
+    def add_tenant(self, tenant_id: Hashable, params: PyTree) -> None:
+        """Adds a tenant (validated against the template; written in place)."""
+        self.store.add(tenant_id, params)
+
+    def update_tenant(self, tenant_id: Hashable, params: PyTree) -> None:
+        """Replaces a resident tenant's weights in place."""
+        self.store.update(tenant_id, params)
+
+    def remove_tenant(self, tenant_id: Hashable) -> None:
+        """Removes a tenant; its slot is reused by the next add."""
+        self.store.remove(tenant_id)
+
+    def get_params(self, tenant_id: Hashable) -> PyTree:
+        """A resident tenant's params, as stored."""
+        return self.store.get(tenant_id)
+
+    @property
+    def tenants(self) -> list[Hashable]:
+        """Resident tenant ids in insertion order."""
+        return self.store.tenants
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __contains__(self, tenant_id: object) -> bool:
+        return tenant_id in self.store
+
+    @property
+    def row_shape(self) -> tuple[int, ...] | None:
+        return self._row_shape
+
+    @property
+    def row_dtype(self) -> np.dtype | None:
+        return self._row_dtype
+
+    # ------------------------------------------------------------ inference
+    def predict(self, tenant_ids: Sequence[Hashable], x: Any) -> PyTree:
+        """Runs each row of ``x`` through the model of its tenant.
+
+        Args:
+          tenant_ids: n ids, one per row; any order, repeats allowed.
+          x: array [n, *row_shape] of the model's input dtype.
+
+        Returns:
+          NumPy array(s) [n, ...]: row i equals ``apply_fn(params[tenant_ids[i]], x[i:i+1])[0]``.
+
+        Raises:
+          UnknownTenantError: an id is not resident (nothing is computed).
+          InputError: lengths differ, or x's row shape or dtype is not the model's.
+        """
+        return self.dispatch(tenant_ids, x).result()
+
+    def dispatch(self, tenant_ids: Sequence[Hashable], x: Any) -> PendingPrediction:
+        """Validates, plans and launches the steps without waiting for the device."""
+        x = self._check_input(tenant_ids, x)
+        with self.store.lock:
+            slots = self.store.slots_of(tenant_ids)
+            if self._row_shape is None:  # the first valid request fixes the input rows
+                self._row_shape, self._row_dtype = tuple(x.shape[1:]), x.dtype
+            plan = make_plan(slots, self.buckets)
+            outputs = [self._launch(step, x) for step in plan.steps]
+        with self._counter_lock:
+            self._steps += len(plan.steps)
+            self._rows += plan.rows
+            self._padded_rows += plan.padded_rows
+        return PendingPrediction(plan, outputs, self._output_row_spec())
+
+    def run_step(self, step: Step, x_kb: np.ndarray) -> PyTree:
+        """Launches one planned step on already-gathered input [K, B, *row_shape] (caller holds ``store.lock``)."""
+        program = self.programs.get(self._key(step.tenant_bucket, step.row_bucket))
+        return program(self.store.stacked_leaves, step.slots, x_kb)
+
+    def _launch(self, step: Step, x: np.ndarray) -> PyTree:
+        return self.run_step(step, x[step.row_index])
+
+    def warmup(
+        self,
+        tenant_buckets: Iterable[int] | None = None,
+        row_buckets: Iterable[int] | None = None,
+        *,
+        progress: bool = False,
+    ) -> int:
+        """Compiles the programs of the bucket ladder now; returns how many were built.
+
+        Needs the row shape and dtype (given to the constructor or fixed by a first
+        ``predict``). Programs are specific to the store capacity: grow it first
+        (``store.reserve``) if tenants are still to come.
+        """
+        if self._row_shape is None:
+            raise InputError("warmup needs the input row shape: pass row_shape/row_dtype to the constructor or call predict first")
+        ks = self.buckets.tenant_buckets if tenant_buckets is None else tuple(tenant_buckets)
+        bs = self.buckets.row_buckets if row_buckets is None else tuple(row_buckets)
+        for k in ks:
+            if k not in self.buckets.tenant_buckets:
+                raise ValueError(f"tenant bucket {k} is not on the ladder {self.buckets.tenant_buckets}")
+        for b in bs:
+            if b not in self.buckets.row_buckets:
+                raise ValueError(f"row bucket {b} is not on the ladder {self.buckets.row_buckets}")
+        shapes = [(k, b) for k in ks for b in bs]
+        if progress:
+            from tqdm.auto import tqdm
+
+            shapes = tqdm(shapes, desc="compiling", unit="program")
+        return sum(self.programs.ensure(self._key(k, b)) for k, b in shapes)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: compiles, cache hits and misses, compile seconds, padding, tenants, bytes."""
+        with self._counter_lock:
+            steps, rows, padded = self._steps, self._rows, self._padded_rows
+        return {
+            **self.programs.stats(),
+            "steps": steps,
+            "rows": rows,
+            "padded_rows": padded,
+            "padding_waste": 0.0 if padded == 0 else round(1.0 - rows / padded, 6),
+            **self.store.stats(),
+        }
+
+    # ------------------------------------------------------------- internals
+    def _key(self, k: int, b: int) -> ProgramKey:
+        return ProgramKey(k, b, self.store.capacity, self._row_shape, self._row_dtype.name, self.lowering)
+
+    def _build_program(self, key: ProgramKey) -> Any:
+        leaves = [jax.ShapeDtypeStruct((key.capacity, *s.shape), s.dtype) for s in self.store.leaf_specs]
+        slots = jax.ShapeDtypeStruct((key.tenant_bucket,), jnp.int32)
+        x_kb = jax.ShapeDtypeStruct((key.tenant_bucket, key.row_bucket, *key.row_shape), key.row_dtype)
+        fn = functools.partial(_step_program, self._apply_kb, self.store._treedef)
+        return jax.jit(fn).lower(leaves, slots, x_kb).compile()
+
+    def _check_input(self, tenant_ids: Sequence[Hashable], x: Any) -> np.ndarray:
+        if isinstance(tenant_ids, (str, bytes)) or not hasattr(tenant_ids, "__len__"):
+            raise InputError(f"tenant_ids must be a sequence of ids (one per row), got {type(tenant_ids).__name__}")
+        x = np.asarray(x)
+        if x.ndim == 0:
+            raise InputError("x must have a leading row axis, got a scalar")
+        if len(tenant_ids) != x.shape[0]:
+            raise InputError(f"len(tenant_ids) is {len(tenant_ids)} but x has {x.shape[0]} rows")
+        if self._row_shape is None:
+            return x
+        if x.shape[1:] != self._row_shape:
+            raise InputError(f"x rows have shape {list(x.shape[1:])}, expected {list(self._row_shape)} (x is {list(x.shape)})")
+        if x.dtype != self._row_dtype:
+            raise InputError(f"x has dtype {x.dtype.name}, expected {self._row_dtype.name}")
+        return x
+
+    def _output_row_spec(self) -> PyTree:
+        if self._row_output is None:
+            x1 = jax.ShapeDtypeStruct((1, *self._row_shape), self._row_dtype)
+            out = jax.eval_shape(self.apply_fn, self.store.template, x1)
+            self._row_output = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), out)
+        return self._row_output

@@ -1,0 +1,120 @@
+"""ProgramCache: one compiled executable per step shape, built ahead of time and bounded.
+
+A program is keyed by everything that changes its XLA shape or code: the tenant bucket K,
+the row bucket B, the store capacity (the stacked parameters are an argument), the row shape
+and dtype of the input, and the lowering choice. Programs are built with
+``jax.jit(...).lower(...).compile()`` so a cache miss is explicit and counted; nothing is
+traced on a hit. The cache is an LRU bounded by ``max_programs``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from jaxmt.errors import CompileError
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramKey:
+    """What makes one compiled step program different from another."""
+
+    tenant_bucket: int
+    row_bucket: int
+    capacity: int
+    row_shape: tuple[int, ...]
+    row_dtype: str
+    lowering: str = "vmap"
+
+
+class ProgramCache:
+    """LRU cache of compiled programs with hit, miss and compile-time counters.
+
+    Args:
+      build: ``build(key) -> compiled executable``; called on a miss, timed, and any
+        exception it raises is re-raised as ``CompileError`` naming the key.
+      max_programs: how many executables are kept; the least recently used goes first.
+    """
+
+    def __init__(self, build: Callable[[ProgramKey], Any], max_programs: int = 256):
+        if max_programs < 1:
+            raise ValueError(f"max_programs must be >= 1, got {max_programs}")
+        self._build = build
+        self.max_programs = max_programs
+        self._programs: collections.OrderedDict[ProgramKey, Any] = collections.OrderedDict()
+        self._lock = threading.RLock()
+        self.hits = 0
+        self.misses = 0
+        self.compiles = 0
+        self.compile_failures = 0
+        self.evictions = 0
+        self.compile_seconds = 0.0
+
+    def __len__(self) -> int:
+        return len(self._programs)
+
+    def __contains__(self, key: ProgramKey) -> bool:
+        return key in self._programs
+
+    def get(self, key: ProgramKey) -> Any:
+        """The executable for ``key``, compiling it on a miss."""
+        with self._lock:
+            program = self._programs.get(key)
+            if program is not None:
+                self.hits += 1
+                self._programs.move_to_end(key)
+                return program
+            self.misses += 1
+            return self._compile(key)
+
+    def ensure(self, key: ProgramKey) -> bool:
+        """Compiles ``key`` unless cached, without counting a hit or miss; True if compiled."""
+        with self._lock:
+            if key in self._programs:
+                return False
+            self._compile(key)
+            return True
+
+    def clear(self) -> None:
+        with self._lock:
+            self._programs.clear()
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "programs": len(self._programs),
+            "compiles": self.compiles,
+            "compile_failures": self.compile_failures,
+            "cache_hits": self.hits,
+            "cache_misses": self.misses,
+            "evictions": self.evictions,
+            "compile_seconds": round(self.compile_seconds, 4),
+        }
+
+    def _compile(self, key: ProgramKey) -> Any:
+        start = time.perf_counter()
+        try:
+            program = self._build(key)
+        except Exception as exc:
+            self.compile_failures += 1
+            raise CompileError(f"building the program for {key} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.compile_seconds += time.perf_counter() - start
+        self.compiles += 1
+        self._programs[key] = program
+        while len(self._programs) > self.max_programs:
+            self._programs.popitem(last=False)
+            self.evictions += 1
+        return program
+
+
+def enable_persistent_compilation_cache(path: str, min_compile_seconds: float = 0.0) -> None:
+    """Points JAX's persistent compilation cache at ``path`` so a restart skips XLA compiles."""
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
