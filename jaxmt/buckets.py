@@ -41,16 +41,23 @@ class BucketPolicy:
     Attributes:
       tenant_buckets: allowed K values, increasing; the last is the most tenants per step.
       row_buckets: allowed B values, increasing; the last is the most rows per tenant entry.
+      entry_cost_rows: what one more tenant entry in a step costs, in padded rows (each
+        entry gathers a copy of its tenant's weights). The planner picks the entry size that
+        minimises padded rows + entry_cost_rows * padded entries, so one busy tenant may be
+        split into several entries rather than padding every other tenant up to its size.
     """
 
     tenant_buckets: tuple[int, ...] = _powers_of_two(64)
     row_buckets: tuple[int, ...] = _powers_of_two(64)
+    entry_cost_rows: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tenant_buckets", tuple(int(v) for v in self.tenant_buckets))
         object.__setattr__(self, "row_buckets", tuple(int(v) for v in self.row_buckets))
         _check_ladder("tenant_buckets", self.tenant_buckets)
         _check_ladder("row_buckets", self.row_buckets)
+        if not self.entry_cost_rows >= 0:
+            raise ValueError(f"entry_cost_rows must be >= 0, got {self.entry_cost_rows}")
 
     @classmethod
     def powers_of_two(cls, max_tenants: int = 64, max_rows: int = 64) -> "BucketPolicy":
@@ -153,8 +160,8 @@ def make_plan(slots: Sequence[int] | np.ndarray, policy: BucketPolicy) -> Plan:
     # Group rows by slot, keeping request order inside each group (stable sort).
     order = np.argsort(slots, kind="stable")
     unique_slots, starts, counts = np.unique(slots[order], return_index=True, return_counts=True)
-    # Split groups larger than the largest row bucket into entries of at most max_rows rows.
-    max_rows = policy.max_rows
+    # Split groups larger than the chosen entry size into entries of at most max_rows rows.
+    max_rows = _entry_rows(counts, policy)
     pieces = -(-counts // max_rows)
     entry_group = np.repeat(np.arange(len(unique_slots)), pieces)
     entry_piece = np.arange(len(entry_group)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
@@ -169,6 +176,22 @@ def make_plan(slots: Sequence[int] | np.ndarray, policy: BucketPolicy) -> Plan:
         chosen = by_size[first : first + max_tenants]
         steps.append(_make_step(order, entry_slot[chosen], entry_start[chosen], entry_count[chosen], policy))
     return Plan(steps=tuple(steps), rows=n)
+
+
+def _entry_rows(counts: np.ndarray, policy: BucketPolicy) -> int:
+    """The row bucket to split tenants at: the one with the least padded cost."""
+    best, best_cost = policy.max_rows, None
+    k_max = policy.max_tenants
+    for b in policy.row_buckets:
+        entries = int(np.sum(-(-counts // b)))
+        full_steps, rest = divmod(entries, k_max)
+        padded_entries = full_steps * k_max + (policy.tenant_bucket(rest) if rest else 0)
+        cost = (padded_entries * b + policy.entry_cost_rows * padded_entries, full_steps + (rest > 0))
+        if best_cost is None or cost < best_cost:
+            best, best_cost = b, cost
+        if b >= counts.max():
+            break  # larger buckets only add padding
+    return best
 
 
 def _make_step(

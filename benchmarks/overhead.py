@@ -1,0 +1,100 @@
+"""Host overhead of ``predict``: its time minus the bare compiled program's for the same step.
+
+Tiny MLP, 16 tenants, 64 rows spread over them at random. The bare program is called with
+device-resident, pre-gathered inputs; ``predict`` adds validation, planning, the input
+gather and transfer, the dispatch, the copy back and the scatter to request order.
+
+    PYTHONPATH=. python benchmarks/overhead.py [--tenants 16] [--rows 64] [--repeats 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import common  # noqa: F401  (puts the repository on sys.path)
+import jax
+import numpy as np
+from common import markdown_table, time_call, update_readme_section, write_json
+
+import models
+from jaxmt import BucketPolicy, MultiTenantModel
+
+
+def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
+    spec = models.make("mlp", "tiny")
+    rng = np.random.default_rng(seed)
+    params = {f"t{i}": spec.init(seed + i) for i in range(tenants)}
+    mt = MultiTenantModel(
+        spec.apply_fn,
+        params["t0"],
+        capacity=tenants,
+        buckets=BucketPolicy.powers_of_two(tenants, rows),
+        row_shape=spec.input_shape,
+        row_dtype=spec.input_dtype,
+    )
+    for tenant, p in params.items():
+        mt.add_tenant(tenant, p)
+    # A fixed request (fresh random content), so the step shape is the same every call.
+    ids = list(rng.choice(list(params), size=rows))
+    ids[:tenants] = list(params)  # every tenant present: K = tenants
+    x = spec.random_input(rng, rows)
+    y = mt.predict(ids, x)
+    apply = jax.jit(spec.apply_fn)
+    want = np.concatenate([np.asarray(apply(params[t], x[i : i + 1])) for i, t in enumerate(ids)])
+    err = float(np.abs(y - want).max())
+    assert err < 1e-4, f"predict differs from the reference by {err}"
+
+    plan = mt.dispatch(ids, x).plan
+    (step,) = plan.steps
+    program = mt.programs.get(mt._key(step.tenant_bucket, step.row_bucket))
+    slots = jax.device_put(step.slots)
+    x_kb = jax.device_put(x[step.row_index])
+    leaves = mt.store.stacked_leaves
+    compiles_before = mt.stats()["compiles"]
+    bare = time_call(lambda: program(leaves, slots, x_kb), warmup=20, repeats=repeats)
+    full = time_call(lambda: mt.predict(ids, x), warmup=20, repeats=repeats)
+    launch = time_call(lambda: mt.dispatch(ids, x).outputs, warmup=20, repeats=repeats)
+    recompiles = mt.stats()["compiles"] - compiles_before
+    return {
+        "tenants": tenants,
+        "rows": rows,
+        "step": [step.tenant_bucket, step.row_bucket],
+        "bare_program_us": bare["median_s"] * 1e6,
+        "predict_us": full["median_s"] * 1e6,
+        "dispatch_only_us": launch["median_s"] * 1e6,
+        "overhead_us": (full["median_s"] - bare["median_s"]) * 1e6,
+        "recompiles_in_steady_state": recompiles,
+        "max_abs_error": err,
+        "repeats": repeats,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tenants", type=int, default=16)
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+    args = parser.parse_args(argv)
+    result = measure(args.tenants, args.rows, args.repeats, args.seed)
+    path = write_json("overhead", {"result": result})
+    env = common.environment()
+    table = markdown_table(
+        ["device", "tenants x rows", "bare program (us)", "predict (us)", "overhead (us)", "dispatch only (us)", "recompiles"],
+        [[env["device"], f"{args.tenants} x {args.rows}", result["bare_program_us"], result["predict_us"],
+          result["overhead_us"], result["dispatch_only_us"], result["recompiles_in_steady_state"]]],
+    )
+    print(table)
+    print(f"wrote {path}")
+    if not args.no_readme:
+        update_readme_section(
+            "Host overhead",
+            "`PYTHONPATH=. python benchmarks/overhead.py` (medians of "
+            f"{args.repeats} calls; jax {env['jax']}, commit {env['commit']}). Target: overhead under 100 us, "
+            "no recompiles in steady state.\n\n" + table,
+        )
+
+
+if __name__ == "__main__":
+    main()

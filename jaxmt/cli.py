@@ -1,0 +1,40 @@
+"""``python -m jaxmt SUBCOMMAND``: the command line.
+
+Each subcommand lives in its own module with ``add_arguments(parser)`` and
+``run(args) -> exit code``; this file only lists them, so ``--help`` stays cheap (modules are
+imported when their subcommand runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("jaxmt.demo", "serve a few dozen small ResNets as one program and compare with baselines"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jaxmt", description="Many models of one architecture as one XLA program.")
+    subparsers = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(_module=module_name)
+        importlib.import_module(module_name).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

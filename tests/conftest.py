@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny models of the zoo and a per-tenant reference apply."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+import models
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_spec(name: str) -> models.ModelSpec:
+    return models.make(name, "tiny")
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_apply(apply_fn):
+    return jax.jit(apply_fn)
+
+
+def reference_predict(apply_fn, params_by_tenant: dict, tenant_ids, x: np.ndarray) -> np.ndarray:
+    """Row i = apply_fn(params of tenant_ids[i], x[i]); each tenant applied once on its rows."""
+    tenant_ids = list(tenant_ids)
+    apply = jitted_apply(apply_fn)
+    out = None
+    for tenant in dict.fromkeys(tenant_ids):
+        rows = np.array([i for i, t in enumerate(tenant_ids) if t == tenant])
+        y = np.asarray(apply(params_by_tenant[tenant], x[rows]))
+        if out is None:
+            out = np.empty((len(tenant_ids), *y.shape[1:]), y.dtype)
+        out[rows] = y
+    return out
+
+
+def rel_error(got: np.ndarray, want: np.ndarray) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """A fresh generator per test, seeded from the test's name so failures replay."""
+    return np.random.default_rng(abs(hash(request.node.nodeid)) % (2**32))

@@ -1,0 +1,86 @@
+"""Plans: every request row is answered exactly once, by its own slot, in bucketed steps."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxmt import BucketPolicy, make_plan
+
+
+def _check_plan(slots: np.ndarray, policy: BucketPolicy) -> None:
+    plan = make_plan(slots, policy)
+    assert plan.rows == len(slots)
+    answered = np.zeros(len(slots), dtype=int)
+    for step in plan.steps:
+        k, b = step.row_index.shape
+        assert k in policy.tenant_buckets and b in policy.row_buckets
+        assert step.slots.shape == (k,) and step.slots.dtype == np.int32
+        # every position (real or padding) reads a row of the slot it computes
+        assert np.all(slots[step.row_index] == step.slots[:, None])
+        # the real positions answer their rows
+        entry = step.out_positions // b
+        col = step.out_positions % b
+        assert np.all(step.row_index[entry, col] == step.out_rows)
+        np.add.at(answered, step.out_rows, 1)
+    assert np.all(answered == 1)
+    assert 0.0 <= plan.padding_waste < 1.0 or len(slots) == 0
+
+
+@given(
+    slots=st.lists(st.integers(0, 20), min_size=0, max_size=300),
+    max_tenants=st.sampled_from([1, 3, 4, 16]),
+    max_rows=st.sampled_from([1, 2, 5, 8, 64]),
+)
+@settings(max_examples=200, deadline=None)
+def test_plan_answers_each_row_once(slots, max_tenants, max_rows):
+    _check_plan(np.array(slots, dtype=np.int64), BucketPolicy.powers_of_two(max_tenants, max_rows))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_plan_splits_large_tenants_and_many_tenants(seed):
+    rng = np.random.default_rng(seed)
+    policy = BucketPolicy.powers_of_two(4, 8)
+    slots = rng.integers(0, 11, size=200)
+    plan = make_plan(slots, policy)
+    assert len(plan.steps) >= 2  # 11 tenants > 4 per step, ~18 rows each > 8 per entry
+    _check_plan(slots, policy)
+
+
+def test_plan_pads_up_the_ladder():
+    policy = BucketPolicy((1, 2, 4), (1, 4, 16), entry_cost_rows=100)  # entries are dear: one per tenant
+    plan = make_plan(np.array([7, 7, 3, 7, 5]), policy)
+    (step,) = plan.steps
+    assert step.row_index.shape == (4, 4)  # 3 tenants -> K=4; at most 3 rows -> B=4
+    assert plan.padded_rows == 16 and plan.padding_waste == pytest.approx(1 - 5 / 16)
+
+
+def test_one_busy_tenant_is_split_rather_than_padding_everyone():
+    policy = BucketPolicy.powers_of_two(32, 64)
+    slots = np.concatenate([np.zeros(40, int), np.arange(1, 16)])  # one tenant with 40 rows, 15 with one
+    plan = make_plan(slots, policy)
+    # Padding all 16 tenants to 64 rows would compute 1024 rows; splitting the busy one does far less.
+    assert plan.padded_rows <= 128
+    _check_plan(slots, policy)
+
+
+def test_empty_plan():
+    plan = make_plan(np.array([], dtype=np.int64), BucketPolicy())
+    assert plan.steps == () and plan.rows == 0 and plan.padding_waste == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(tenant_buckets=()), dict(row_buckets=(4, 2)), dict(row_buckets=(0, 1)), dict(tenant_buckets=(2, 2))],
+)
+def test_bad_ladders_are_rejected(kwargs):
+    with pytest.raises(ValueError):
+        BucketPolicy(**kwargs)
+
+
+def test_policy_is_hashable_and_defaults_are_powers_of_two():
+    policy = BucketPolicy()
+    assert hash(policy) == hash(BucketPolicy())
+    assert policy.tenant_buckets == (1, 2, 4, 8, 16, 32, 64)
+    assert BucketPolicy.powers_of_two(6, 3).tenant_buckets == (1, 2, 4, 6)
+    assert len(policy.shapes) == len(policy.tenant_buckets) * len(policy.row_buckets)

@@ -1,0 +1,192 @@
+"""MultiTenantModel.predict equals each tenant's own apply, for every architecture of the zoo."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from conftest import reference_predict, rel_error, tiny_spec
+
+import jaxmt
+import models
+from jaxmt import BucketPolicy, InputError, MultiTenantModel, UnknownTenantError
+
+POLICY = BucketPolicy.powers_of_two(8, 4)
+
+
+def _model_with_tenants(name: str, n_tenants: int, seed: int, *, declare_rows: bool = False):
+    spec = tiny_spec(name)
+    params = {f"t{i}": spec.init(seed * 1000 + i) for i in range(n_tenants)}
+    rows = dict(row_shape=spec.input_shape, row_dtype=spec.input_dtype) if declare_rows else {}
+    mt = MultiTenantModel(spec.apply_fn, params["t0"], capacity=n_tenants, buckets=POLICY, **rows)
+    for tenant, p in params.items():
+        mt.add_tenant(tenant, p)
+    return spec, mt, params
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name", models.ARCHITECTURES)
+def test_predict_equals_per_tenant_reference(name, seed):
+    spec, mt, params = _model_with_tenants(name, 6, seed)
+    rng = np.random.default_rng(seed)
+    for _ in range(3):
+        active = rng.choice(list(params), size=rng.integers(1, 6), replace=False)
+        n = int(rng.integers(1, 14))
+        ids = list(rng.choice(active, size=n))
+        x = spec.random_input(rng, n)
+        got = mt.predict(ids, x)
+        want = reference_predict(spec.apply_fn, params, ids, x)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert rel_error(got, want) < 1e-5, name
+
+
+def test_rows_beyond_the_largest_buckets_are_split_not_rejected(rng):
+    spec, mt, params = _model_with_tenants("mlp", 12, 3)
+    ids = list(rng.choice(list(params), size=150))  # 12 tenants > 8 per step, ~12 rows > 4 per entry
+    x = spec.random_input(rng, 150)
+    got = mt.predict(ids, x)
+    assert rel_error(got, reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+    assert mt.stats()["steps"] >= 2
+
+
+def test_compiles_are_bounded_by_the_ladder_and_zero_after_warmup(rng):
+    spec, mt, params = _model_with_tenants("mlp", 10, 4, declare_rows=True)
+    assert mt.warmup(progress=False) == len(POLICY.shapes)
+    compiled = mt.stats()["compiles"]
+    for _ in range(25):
+        active = rng.choice(list(params), size=rng.integers(1, 11), replace=False)
+        n = int(rng.integers(1, 60))
+        mt.predict(list(rng.choice(active, size=n)), spec.random_input(rng, n))
+    stats = mt.stats()
+    assert stats["compiles"] == compiled  # nothing compiled after warm-up
+    assert stats["cache_misses"] == 0 and stats["cache_hits"] == stats["steps"] > 0
+
+
+def test_a_random_workload_compiles_at_most_the_ladder(rng):
+    spec, mt, params = _model_with_tenants("mlp", 10, 5)
+    for _ in range(30):
+        active = rng.choice(list(params), size=rng.integers(1, 11), replace=False)
+        n = int(rng.integers(1, 60))
+        mt.predict(list(rng.choice(active, size=n)), spec.random_input(rng, n))
+    assert mt.stats()["compiles"] <= len(POLICY.tenant_buckets) * len(POLICY.row_buckets)
+
+
+def test_tenants_without_rows_are_not_computed(rng):
+    spec, mt, params = _model_with_tenants("mlp", 8, 6)
+    x = spec.random_input(rng, 3)
+    mt.predict(["t1", "t1", "t1"], x)
+    stats = mt.stats()
+    assert stats["steps"] == 1 and stats["padded_rows"] == 4  # K=1, B=4: one tenant only
+
+
+def test_add_update_remove_take_effect(rng):
+    spec, mt, params = _model_with_tenants("mlp", 3, 7)
+    x = spec.random_input(rng, 4)
+    new = spec.init(99)
+    mt.update_tenant("t1", new)
+    params["t1"] = new
+    mt.remove_tenant("t2")
+    mt.add_tenant("t9", spec.init(98))
+    params["t9"] = spec.init(98)
+    ids = ["t1", "t9", "t0", "t1"]
+    assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+    assert mt.tenants == ["t0", "t1", "t9"]
+    with pytest.raises(UnknownTenantError, match="'t2'"):
+        mt.predict(["t2"], x[:1])
+
+
+def _stats_without_timing(mt):
+    return {k: v for k, v in mt.stats().items() if k != "compile_seconds"}
+
+
+@pytest.mark.parametrize(
+    "ids, make_x, error, message",
+    [
+        (["t0", "nope"], lambda x: x[:2], UnknownTenantError, "'nope'"),
+        (["t0", "t1", "t0"], lambda x: x[:2], InputError, "len\\(tenant_ids\\) is 3 but x has 2 rows"),
+        (["t0"], lambda x: x[:1, :-1], InputError, "shape"),
+        (["t0"], lambda x: x[:1, None], InputError, "shape"),
+        (["t0"], lambda x: x[:1].astype(np.float64), InputError, "dtype float64, expected float32"),
+        ("t0", lambda x: x[:1], InputError, "sequence"),
+    ],
+)
+def test_bad_requests_raise_and_change_nothing(rng, ids, make_x, error, message):
+    spec, mt, params = _model_with_tenants("mlp", 2, 8)
+    x = spec.random_input(rng, 4)
+    mt.predict(["t0", "t1"], x[:2])
+    before = _stats_without_timing(mt)
+    with pytest.raises(error, match=message):
+        mt.predict(ids, make_x(x))
+    assert _stats_without_timing(mt) == before
+    assert rel_error(mt.predict(["t1"], x[:1]), reference_predict(spec.apply_fn, params, ["t1"], x[:1])) < 1e-5
+
+
+def test_empty_request_returns_empty_result(rng):
+    spec, mt, _ = _model_with_tenants("mlp", 2, 9)
+    y = mt.predict([], spec.random_input(rng, 1)[:0])
+    assert y.shape == (0, spec.num_classes) and y.dtype == np.float32
+    assert mt.stats()["steps"] == 0
+
+
+def test_first_bad_request_does_not_fix_the_row_shape(rng):
+    spec, mt, _ = _model_with_tenants("mlp", 2, 10)
+    with pytest.raises(UnknownTenantError):
+        mt.predict(["ghost"], np.ones((1, 99), np.float32))
+    assert mt.row_shape is None
+    mt.predict(["t0"], spec.random_input(rng, 1))
+    assert mt.row_shape == spec.input_shape
+
+
+def test_stats_report_counters_and_bytes(rng):
+    spec, mt, params = _model_with_tenants("mlp", 4, 11)
+    mt.predict(["t0", "t1", "t1"], spec.random_input(rng, 3))
+    stats = mt.stats()
+    for key in ("compiles", "cache_hits", "cache_misses", "compile_seconds", "padding_waste", "resident_tenants", "param_bytes"):
+        assert key in stats
+    n_params = sum(np.size(leaf) for leaf in jax.tree.leaves(params["t0"]))
+    assert stats["bytes_per_tenant"] == 4 * n_params and stats["resident_tenants"] == 4
+    assert stats["padding_waste"] == pytest.approx(1 - 3 / 4)
+
+
+def test_warmup_validates_buckets_and_needs_row_shape():
+    spec, mt, _ = _model_with_tenants("mlp", 2, 12)
+    with pytest.raises(InputError, match="row shape"):
+        mt.warmup()
+    mt2 = MultiTenantModel(spec.apply_fn, spec.init(0), buckets=POLICY, row_shape=spec.input_shape, row_dtype=spec.input_dtype)
+    with pytest.raises(ValueError, match="not on the ladder"):
+        mt2.warmup(tenant_buckets=[3])
+    assert mt2.warmup(tenant_buckets=[2], row_buckets=[1, 2]) == 2
+
+
+def test_from_flax_linen_with_batch_stats(rng):
+    spec = tiny_spec("resnet18")
+    variables = {i: spec.init(100 + i) for i in range(3)}
+    assert "batch_stats" in variables[0]
+    mt = MultiTenantModel.from_flax(spec.module, variables, buckets=POLICY)
+    ids = [2, 0, 2, 1]
+    x = spec.random_input(rng, 4)
+    assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, variables, ids, x)) < 1e-5
+
+
+def test_from_flax_nnx(rng):
+    from flax import nnx
+
+    class Classifier(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.hidden = nnx.Linear(5, 7, rngs=rngs)
+            self.out = nnx.Linear(7, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(nnx.gelu(self.hidden(x)))
+
+    tenants = {f"m{i}": Classifier(nnx.Rngs(i)) for i in range(3)}
+    mt = MultiTenantModel.from_flax(Classifier(nnx.Rngs(0)), tenants, buckets=POLICY)
+    x = rng.normal(size=(6, 5)).astype(np.float32)
+    ids = ["m2", "m0", "m1", "m1", "m2", "m2"]
+    want = np.stack([np.asarray(tenants[t](x[i : i + 1]))[0] for i, t in enumerate(ids)])
+    assert rel_error(mt.predict(ids, x), want) < 1e-5
+
+
+def test_public_surface():
+    for name in ("MultiTenantModel", "BucketPolicy", "TenantStore", "UnknownTenantError", "InputError", "ParamMismatchError"):
+        assert name in jaxmt.__all__ and hasattr(jaxmt, name)

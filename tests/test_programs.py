@@ -1,0 +1,51 @@
+"""ProgramCache: counted misses, LRU bound, and a failing build that spares other buckets."""
+
+import numpy as np
+import pytest
+
+from jaxmt import BucketPolicy, CompileError, MultiTenantModel, ProgramCache, ProgramKey
+
+
+def _key(k: int, b: int = 1) -> ProgramKey:
+    return ProgramKey(k, b, capacity=4, row_shape=(3,), row_dtype="float32")
+
+
+def test_hits_misses_and_lru_eviction():
+    built = []
+    cache = ProgramCache(lambda key: built.append(key) or f"program{key.tenant_bucket}", max_programs=2)
+    assert cache.get(_key(1)) == "program1"
+    assert cache.get(_key(2)) == "program2"
+    assert cache.get(_key(1)) == "program1"  # hit, now most recent
+    cache.get(_key(4))  # evicts key 2, the least recently used
+    assert _key(2) not in cache and _key(1) in cache
+    stats = cache.stats()
+    assert (stats["cache_hits"], stats["cache_misses"], stats["compiles"], stats["evictions"]) == (1, 3, 3, 1)
+    assert built == [_key(1), _key(2), _key(4)]
+
+
+def test_failed_build_raises_compile_error_and_caches_nothing():
+    def build(key):
+        if key.tenant_bucket == 3:
+            raise RuntimeError("boom")
+        return "ok"
+
+    cache = ProgramCache(build)
+    with pytest.raises(CompileError, match="tenant_bucket=3.*boom"):
+        cache.get(_key(3))
+    assert _key(3) not in cache and cache.get(_key(2)) == "ok"
+    assert cache.stats()["compile_failures"] == 1
+
+
+def test_a_bucket_whose_trace_fails_does_not_take_down_others():
+    def apply_fn(params, x):
+        if x.shape[0] == 2:  # this row bucket cannot be traced
+            raise ValueError("unsupported batch of 2")
+        return x * params["scale"]
+
+    mt = MultiTenantModel(apply_fn, {"scale": np.ones(3, np.float32)}, buckets=BucketPolicy((1, 2), (1, 2)))
+    mt.add_tenant("a", {"scale": np.full(3, 2.0, np.float32)})
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    with pytest.raises(CompileError, match="row_bucket=2"):
+        mt.predict(["a", "a"], x)
+    np.testing.assert_allclose(mt.predict(["a"], x[:1]), 2 * x[:1])
+    assert mt.stats()["compile_failures"] == 1

@@ -1,0 +1,179 @@
+"""TenantStore: slots written in place, doubling growth, slot reuse, validation that changes nothing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmt import (
+    CapacityError,
+    DuplicateTenantError,
+    NonFiniteParamsError,
+    ParamMismatchError,
+    TenantStore,
+    UnknownTenantError,
+)
+
+
+def _params(seed: int, width: int = 6) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "dense": {"w": rng.normal(size=(width, 3)).astype(np.float32), "b": rng.normal(size=(3,)).astype(np.float32)},
+        "steps": np.int32(seed),
+    }
+
+
+def _snapshot(store: TenantStore) -> tuple:
+    return (
+        store.tenants,
+        store.capacity,
+        store.version,
+        [np.asarray(leaf).copy() for leaf in store.stacked_leaves],
+    )
+
+
+def _assert_unchanged(store: TenantStore, before: tuple) -> None:
+    tenants, capacity, version, leaves = before
+    assert store.tenants == tenants and store.capacity == capacity and store.version == version
+    for old, new in zip(leaves, store.stacked_leaves):
+        np.testing.assert_array_equal(old, np.asarray(new))
+
+
+def test_add_writes_its_slot_in_place_and_leaves_others():
+    store = TenantStore(_params(0), capacity=4)
+    store.add("a", _params(1))
+    pointers = [leaf.unsafe_buffer_pointer() for leaf in store.stacked_leaves]
+    before = [np.asarray(leaf).copy() for leaf in store.stacked_leaves]
+    store.add("b", _params(2))
+    if jax.default_backend() in ("cpu", "gpu"):  # both honour donation: no copy of the store
+        assert [leaf.unsafe_buffer_pointer() for leaf in store.stacked_leaves] == pointers
+    slot_a, slot_b = store.slot_of("a"), store.slot_of("b")
+    for old, new in zip(before, store.stacked_leaves):
+        np.testing.assert_array_equal(old[slot_a], np.asarray(new)[slot_a])
+    got = store.get("b")
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got), _params(2))
+
+
+def test_capacity_doubles_and_existing_tenants_survive():
+    store = TenantStore(_params(0), capacity=2)
+    for i in range(5):
+        store.add(i, _params(10 + i))
+    assert store.capacity == 8 and len(store) == 5
+    for i in range(5):
+        np.testing.assert_array_equal(np.asarray(store.get(i)["dense"]["w"]), _params(10 + i)["dense"]["w"])
+    assert store.param_bytes == 8 * store.bytes_per_tenant
+    assert store.bytes_per_tenant == (6 * 3 + 3 + 1) * 4
+
+
+def test_removed_slots_are_reused_lowest_first():
+    store = TenantStore(_params(0), capacity=4)
+    for name in "abcd":
+        store.add(name, _params(ord(name)))
+    freed = [store.remove("c"), store.remove("a")]
+    assert sorted(freed) == [0, 2]
+    assert store.add("e", _params(5)) == 0
+    assert store.add("f", _params(6)) == 2
+    assert store.capacity == 4 and store.tenants == ["b", "d", "e", "f"]
+
+
+def test_update_replaces_weights_in_place():
+    store = TenantStore(_params(0), capacity=2)
+    store.add("a", _params(1))
+    slot = store.slot_of("a")
+    store.update("a", _params(7))
+    assert store.slot_of("a") == slot
+    np.testing.assert_array_equal(np.asarray(store.get("a")["dense"]["b"]), _params(7)["dense"]["b"])
+
+
+def _bad_structure():
+    p = _params(3)
+    del p["steps"]
+    return p
+
+
+def _extra_leaf():
+    p = _params(3)
+    p["dense"]["extra"] = np.zeros(2, np.float32)
+    return p
+
+
+def _bad_shape():
+    return _params(3, width=5)
+
+
+def _bad_dtype():
+    p = _params(3)
+    p["dense"]["w"] = p["dense"]["w"].astype(np.float16)
+    return p
+
+
+def _nan_leaf():
+    p = _params(3)
+    p["dense"]["b"][1] = np.nan
+    return p
+
+
+def _inf_leaf():
+    p = _params(3)
+    p["dense"]["w"][0, 0] = np.inf
+    return p
+
+
+@pytest.mark.parametrize(
+    "make_params, error, leaf",
+    [
+        (_bad_structure, ParamMismatchError, "steps"),
+        (_extra_leaf, ParamMismatchError, "extra"),
+        (_bad_shape, ParamMismatchError, "['dense']['w']"),
+        (_bad_dtype, ParamMismatchError, "['dense']['w']"),
+        (_nan_leaf, NonFiniteParamsError, "['dense']['b']"),
+        (_inf_leaf, NonFiniteParamsError, "['dense']['w']"),
+    ],
+)
+@pytest.mark.parametrize("operation", ["add", "update"])
+def test_bad_params_raise_naming_the_leaf_and_change_nothing(make_params, error, leaf, operation):
+    store = TenantStore(_params(0), capacity=2)
+    store.add("a", _params(1))
+    before = _snapshot(store)
+    with pytest.raises(error, match="tenant 'a'" if operation == "update" else "tenant 'new'") as info:
+        getattr(store, operation)("a" if operation == "update" else "new", make_params())
+    assert leaf in str(info.value)
+    _assert_unchanged(store, before)
+
+
+def test_duplicate_and_unknown_ids():
+    store = TenantStore(_params(0), capacity=2)
+    store.add("a", _params(1))
+    before = _snapshot(store)
+    with pytest.raises(DuplicateTenantError, match="'a'"):
+        store.add("a", _params(2))
+    with pytest.raises(UnknownTenantError, match="'zz'") as info:
+        store.update("zz", _params(2))
+    assert isinstance(info.value, KeyError) and info.value.tenant_id == "zz"
+    with pytest.raises(UnknownTenantError):
+        store.remove("zz")
+    with pytest.raises(TypeError, match="hashable"):
+        store.add(["not", "hashable"], _params(2))
+    _assert_unchanged(store, before)
+
+
+def test_capacity_limit_raises_and_store_keeps_serving():
+    store = TenantStore(_params(0), capacity=2, max_capacity=2)
+    store.add("a", _params(1))
+    store.add("b", _params(2))
+    before = _snapshot(store)
+    with pytest.raises(CapacityError, match="max_capacity=2"):
+        store.add("c", _params(3))
+    _assert_unchanged(store, before)
+    store.remove("a")
+    store.add("c", _params(3))
+    assert store.tenants == ["b", "c"]
+
+
+def test_params_on_host_or_device_and_reserve():
+    store = TenantStore(jax.tree.map(jnp.asarray, _params(0)), capacity=1)
+    store.add("host", _params(1))
+    store.add("device", jax.tree.map(jnp.asarray, _params(2)))
+    store.reserve(16)
+    assert store.capacity == 16 and store.tenants == ["host", "device"]
+    assert store.stats()["resident_param_bytes"] == 2 * store.bytes_per_tenant
