@@ -1,6 +1,7 @@
 """Host overhead of ``predict``: its time minus the bare compiled program's for the same step.
 
-Tiny MLP, 16 tenants, 64 rows spread over them at random. The bare program is called with
+Tiny MLP, 16 tenants, 64 rows spread over them at random. The bare programs of the plan's
+steps are called with
 device-resident, pre-gathered inputs; ``predict`` adds validation, planning, the input
 gather and transfer, the dispatch, the copy back and the scatter to request order.
 
@@ -28,7 +29,7 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
         spec.apply_fn,
         params["t0"],
         capacity=tenants,
-        buckets=BucketPolicy.powers_of_two(tenants, rows),
+        buckets=BucketPolicy(),
         row_shape=spec.input_shape,
         row_dtype=spec.input_dtype,
     )
@@ -41,30 +42,31 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
     y = mt.predict(ids, x)
     apply = jax.jit(spec.apply_fn)
     want = np.concatenate([np.asarray(apply(params[t], x[i : i + 1])) for i, t in enumerate(ids)])
-    err = float(np.abs(y - want).max())
-    assert err < 1e-4, f"predict differs from the reference by {err}"
+    err = float(np.linalg.norm(y - want) / np.linalg.norm(want))
+    assert err < 1e-2, f"predict differs from the reference by {err} (relative; TF32 allows ~1e-3)"
 
     plan = mt.dispatch(ids, x).plan
-    (step,) = plan.steps
-    program = mt.programs.get(mt._key(step.tenant_bucket, step.row_bucket))
-    slots = jax.device_put(step.slots)
-    x_kb = jax.device_put(x[step.row_index])
+    # The bare programs of the same steps, with inputs already gathered and on the device.
+    calls = [
+        (mt.programs.get(mt._key(step.tenant_bucket, step.row_bucket)), jax.device_put(step.slots), jax.device_put(x[step.row_index]))
+        for step in plan.steps
+    ]
     leaves = mt.store.stacked_leaves
     compiles_before = mt.stats()["compiles"]
-    bare = time_call(lambda: program(leaves, slots, x_kb), warmup=20, repeats=repeats)
+    bare = time_call(lambda: [program(leaves, slots, x_kb) for program, slots, x_kb in calls], warmup=20, repeats=repeats)
     full = time_call(lambda: mt.predict(ids, x), warmup=20, repeats=repeats)
     launch = time_call(lambda: mt.dispatch(ids, x).outputs, warmup=20, repeats=repeats)
     recompiles = mt.stats()["compiles"] - compiles_before
     return {
         "tenants": tenants,
         "rows": rows,
-        "step": [step.tenant_bucket, step.row_bucket],
+        "steps": [[step.tenant_bucket, step.row_bucket] for step in plan.steps],
         "bare_program_us": bare["median_s"] * 1e6,
         "predict_us": full["median_s"] * 1e6,
         "dispatch_only_us": launch["median_s"] * 1e6,
         "overhead_us": (full["median_s"] - bare["median_s"]) * 1e6,
         "recompiles_in_steady_state": recompiles,
-        "max_abs_error": err,
+        "relative_error": err,
         "repeats": repeats,
     }
 
@@ -81,8 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     path = write_json("overhead", {"result": result})
     env = common.environment()
     table = markdown_table(
-        ["device", "tenants x rows", "bare program (us)", "predict (us)", "overhead (us)", "dispatch only (us)", "recompiles"],
-        [[env["device"], f"{args.tenants} x {args.rows}", result["bare_program_us"], result["predict_us"],
+        ["device", "tenants x rows", "steps (K x B)", "bare programs (us)", "predict (us)", "overhead (us)", "dispatch only (us)", "recompiles"],
+        [[env["device"], f"{args.tenants} x {args.rows}", ", ".join(f"{k}x{b}" for k, b in result["steps"]), result["bare_program_us"], result["predict_us"],
           result["overhead_us"], result["dispatch_only_us"], result["recompiles_in_steady_state"]]],
     )
     print(table)

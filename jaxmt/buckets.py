@@ -10,6 +10,7 @@ step's entries have similar sizes and little padding.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections.abc import Sequence
 
@@ -45,19 +46,22 @@ class BucketPolicy:
         entry gathers a copy of its tenant's weights). The planner picks the entry size that
         minimises padded rows + entry_cost_rows * padded entries, so one busy tenant may be
         split into several entries rather than padding every other tenant up to its size.
+      step_cost_rows: what one more step (one more program launch) costs, in padded rows.
     """
 
     tenant_buckets: tuple[int, ...] = _powers_of_two(64)
     row_buckets: tuple[int, ...] = _powers_of_two(64)
     entry_cost_rows: float = 1.0
+    step_cost_rows: float = 8.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tenant_buckets", tuple(int(v) for v in self.tenant_buckets))
         object.__setattr__(self, "row_buckets", tuple(int(v) for v in self.row_buckets))
         _check_ladder("tenant_buckets", self.tenant_buckets)
         _check_ladder("row_buckets", self.row_buckets)
-        if not self.entry_cost_rows >= 0:
-            raise ValueError(f"entry_cost_rows must be >= 0, got {self.entry_cost_rows}")
+        for name in ("entry_cost_rows", "step_cost_rows"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @classmethod
     def powers_of_two(cls, max_tenants: int = 64, max_rows: int = 64) -> "BucketPolicy":
@@ -85,7 +89,7 @@ class BucketPolicy:
 
 
 def _round_up(ladder: tuple[int, ...], count: int) -> int:
-    index = int(np.searchsorted(ladder, count))
+    index = bisect.bisect_left(ladder, count)
     if index == len(ladder):
         raise ValueError(f"{count} exceeds the largest bucket {ladder[-1]}")
     return ladder[index]
@@ -182,15 +186,17 @@ def _entry_rows(counts: np.ndarray, policy: BucketPolicy) -> int:
     """The row bucket to split tenants at: the one with the least padded cost."""
     best, best_cost = policy.max_rows, None
     k_max = policy.max_tenants
-    for b in policy.row_buckets:
-        entries = int(np.sum(-(-counts // b)))
+    largest = int(counts.max())
+    # Only buckets up to the first that holds the largest tenant: beyond it, only padding grows.
+    candidates = policy.row_buckets[: bisect.bisect_left(policy.row_buckets, largest) + 1]
+    entries_per_bucket = (-(-counts[:, None] // np.asarray(candidates)[None, :])).sum(axis=0)
+    for b, entries in zip(candidates, entries_per_bucket.tolist()):
         full_steps, rest = divmod(entries, k_max)
         padded_entries = full_steps * k_max + (policy.tenant_bucket(rest) if rest else 0)
-        cost = (padded_entries * b + policy.entry_cost_rows * padded_entries, full_steps + (rest > 0))
+        steps = full_steps + (rest > 0)
+        cost = (padded_entries * (b + policy.entry_cost_rows) + steps * policy.step_cost_rows, steps)
         if best_cost is None or cost < best_cost:
             best, best_cost = b, cost
-        if b >= counts.max():
-            break  # larger buckets only add padding
     return best
 
 

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     ids, x = batches[0]
     got, want = mt.predict(ids, x), time_only(batches[0])
     error = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-    ok = error < 1e-4
+    ok = error < 5e-3  # float32; GPUs run float32 matmuls in TF32 (~1e-3)
     for _ in tqdm(range(1), desc="compiling baselines"):
         jax.block_until_ready(apply(exclusive_params, x))
         for ids_, x_ in batches:

@@ -10,6 +10,10 @@ import pytest
 
 import models
 
+# Equality to the reference is checked at full float32 precision on every backend (GPUs
+# otherwise run float32 matmuls in TF32, ~1e-3 relative error, which tests are not about).
+jax.config.update("jax_default_matmul_precision", "highest")
+
 
 @functools.lru_cache(maxsize=None)
 def tiny_spec(name: str) -> models.ModelSpec:
