@@ -71,7 +71,14 @@ class ModelSpec:
           {"params": ...} plus {"batch_stats": ...} for BatchNorm models, whose running mean
           is normal * 0.1 and running variance uniform in [0.5, 1.5).
         """
-        return _init_variables(self, seed, float_dtype(dtype))
+        dtype = float_dtype(dtype)
+
+        def cast(leaf: jax.Array) -> jax.Array:
+            return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+
+        # Cast outside the jitted init: every dtype reuses the one compiled initialiser, whose
+        # compile (random number generation included) dominates the cost of a new tenant.
+        return jax.tree.map(cast, _init_variables(self, seed))
 
     def apply_fn(self, variables: Variables, x: jax.Array) -> jax.Array:
         """Logits [b, num_classes] of one tenant for a batch x [b, *input_shape].
@@ -99,8 +106,8 @@ class ModelSpec:
         return x.astype(self.input_dtype if dtype is None else dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "dtype"))
-def _init_variables(spec: ModelSpec, seed: jax.Array, dtype: np.dtype) -> Variables:
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _init_variables(spec: ModelSpec, seed: jax.Array) -> Variables:
     # Jitted and keyed on the (hashable) spec: initialising many tenants of a full-size model
     # compiles once instead of dispatching every initializer op by op for each tenant.
     params_key, stats_key = jax.random.split(jax.random.key(seed))
@@ -108,11 +115,7 @@ def _init_variables(spec: ModelSpec, seed: jax.Array, dtype: np.dtype) -> Variab
     variables = dict(spec.module.init(params_key, x_example))
     if "batch_stats" in variables:
         variables["batch_stats"] = _random_batch_stats(variables["batch_stats"], stats_key)
-
-    def cast(leaf: jax.Array) -> jax.Array:
-        return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
-
-    return jax.tree.map(cast, variables)
+    return variables
 
 
 def _random_batch_stats(batch_stats: Any, key: jax.Array) -> Any:

@@ -12,8 +12,8 @@ import numpy as np
 from ._spec import ModelSpec
 
 _SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(in_features=16, hidden_features=(32,), num_classes=10),
-    "full": dict(in_features=784, hidden_features=(1024, 1024), num_classes=10),
+    "tiny": {"in_features": 16, "hidden_features": (32,), "num_classes": 10},
+    "full": {"in_features": 784, "hidden_features": (1024, 1024), "num_classes": 10},
 }
 
 

@@ -8,7 +8,6 @@ torchvision, so that ported weights give the same outputs.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -93,7 +92,7 @@ class ResNet(nn.Module):
 
     stage_sizes: tuple[int, ...]
     stage_features: tuple[int, ...]
-    block: type[BasicBlock] | type[Bottleneck]
+    block: type[BasicBlock | Bottleneck]
     stem_features: int
     num_classes: int
     dtype: Any = jnp.float32
@@ -115,23 +114,23 @@ class ResNet(nn.Module):
 _FULL_FEATURES = (64, 128, 256, 512)
 
 _SIZES: dict[tuple[str, str], dict[str, Any]] = {
-    ("resnet18", "full"): dict(
-        stage_sizes=(2, 2, 2, 2), stage_features=_FULL_FEATURES, block=BasicBlock,
-        stem_features=64, num_classes=1000, image_size=224,
-    ),
-    ("resnet50", "full"): dict(
-        stage_sizes=(3, 4, 6, 3), stage_features=_FULL_FEATURES, block=Bottleneck,
-        stem_features=64, num_classes=1000, image_size=224,
-    ),
+    ("resnet18", "full"): {
+        "stage_sizes": (2, 2, 2, 2), "stage_features": _FULL_FEATURES, "block": BasicBlock,
+        "stem_features": 64, "num_classes": 1000, "image_size": 224,
+    },
+    ("resnet50", "full"): {
+        "stage_sizes": (3, 4, 6, 3), "stage_features": _FULL_FEATURES, "block": Bottleneck,
+        "stem_features": 64, "num_classes": 1000, "image_size": 224,
+    },
     # Tiny: the same blocks, stem and head, two short narrow stages on 32x32 images.
-    ("resnet18", "tiny"): dict(
-        stage_sizes=(1, 1), stage_features=(8, 16), block=BasicBlock,
-        stem_features=8, num_classes=10, image_size=32,
-    ),
-    ("resnet50", "tiny"): dict(
-        stage_sizes=(1, 1), stage_features=(4, 8), block=Bottleneck,
-        stem_features=8, num_classes=10, image_size=32,
-    ),
+    ("resnet18", "tiny"): {
+        "stage_sizes": (1, 1), "stage_features": (8, 16), "block": BasicBlock,
+        "stem_features": 8, "num_classes": 10, "image_size": 32,
+    },
+    ("resnet50", "tiny"): {
+        "stage_sizes": (1, 1), "stage_features": (4, 8), "block": Bottleneck,
+        "stem_features": 8, "num_classes": 10, "image_size": 32,
+    },
 }
 
 
@@ -148,7 +147,3 @@ def build(name: str, size: str, dtype: np.dtype) -> ModelSpec:
         input_dtype=np.dtype(np.float32),
         num_classes=config["num_classes"],
     )
-
-
-build_resnet18 = functools.partial(build, "resnet18")
-build_resnet50 = functools.partial(build, "resnet50")
