@@ -161,6 +161,23 @@ def make_plan(slots: Sequence[int] | np.ndarray, policy: BucketPolicy) -> Plan:
     n = int(slots.shape[0])
     if n == 0:
         return Plan(steps=(), rows=0)
+    order, entry_slot, entry_start, entry_count = _split_entries(slots, policy)
+    # Largest entries first, so each step holds entries of similar size.
+    by_size = np.argsort(-entry_count, kind="stable")
+    steps = []
+    max_tenants = policy.max_tenants
+    for first in range(0, len(by_size), max_tenants):
+        chosen = by_size[first : first + max_tenants]
+        steps.append(_make_step(order, entry_slot[chosen], entry_start[chosen], entry_count[chosen], policy))
+    return Plan(steps=tuple(steps), rows=n)
+
+
+def _split_entries(slots: np.ndarray, policy: BucketPolicy) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows grouped by slot and split into entries: (order, entry_slot, entry_start, entry_count).
+
+    ``order`` sorts the request rows by slot (stable); entry e answers the sorted rows
+    ``[entry_start[e], entry_start[e] + entry_count[e])`` with the weights of ``entry_slot[e]``.
+    """
     # Group rows by slot, keeping request order inside each group (stable sort).
     order = np.argsort(slots, kind="stable")
     unique_slots, starts, counts = np.unique(slots[order], return_index=True, return_counts=True)
@@ -172,14 +189,7 @@ def make_plan(slots: Sequence[int] | np.ndarray, policy: BucketPolicy) -> Plan:
     entry_start = starts[entry_group] + entry_piece * max_rows
     entry_count = np.minimum(counts[entry_group] - entry_piece * max_rows, max_rows)
     entry_slot = unique_slots[entry_group]
-    # Largest entries first, so each step holds entries of similar size.
-    by_size = np.argsort(-entry_count, kind="stable")
-    steps = []
-    max_tenants = policy.max_tenants
-    for first in range(0, len(by_size), max_tenants):
-        chosen = by_size[first : first + max_tenants]
-        steps.append(_make_step(order, entry_slot[chosen], entry_start[chosen], entry_count[chosen], policy))
-    return Plan(steps=tuple(steps), rows=n)
+    return order, entry_slot, entry_start, entry_count
 
 
 def _entry_rows(counts: np.ndarray, policy: BucketPolicy) -> int:
@@ -201,11 +211,19 @@ def _entry_rows(counts: np.ndarray, policy: BucketPolicy) -> int:
 
 
 def _make_step(
-    order: np.ndarray, entry_slot: np.ndarray, entry_start: np.ndarray, entry_count: np.ndarray, policy: BucketPolicy
+    order: np.ndarray,
+    entry_slot: np.ndarray,
+    entry_start: np.ndarray,
+    entry_count: np.ndarray,
+    policy: BucketPolicy,
+    *,
+    tenant_bucket: int | None = None,
+    row_bucket: int | None = None,
 ) -> Step:
+    """One step of the given entries; K and B are the smallest buckets that fit unless given."""
     entries = len(entry_slot)
-    k = policy.tenant_bucket(entries)
-    b = policy.row_bucket(int(entry_count.max()))
+    k = policy.tenant_bucket(entries) if tenant_bucket is None else tenant_bucket
+    b = policy.row_bucket(int(entry_count.max())) if row_bucket is None else row_bucket
     # Position (e, j) reads sorted row start_e + (j mod count_e): padding repeats the entry's rows.
     j = np.arange(b)
     sorted_pos = entry_start[:, None] + (j[None, :] % entry_count[:, None])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 import threading
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -62,6 +62,19 @@ def _write_slot_impl(stacked: list[jax.Array], new: list[jax.Array], slot: jax.A
 _write_slot = jax.jit(_write_slot_impl, donate_argnums=(0,))
 
 
+def _write_slots_impl(stacked: list[jax.Array], new: list[jax.Array], slots: jax.Array) -> list[jax.Array]:
+    return [s.at[slots].set(n) for s, n in zip(stacked, new)]
+
+
+_write_slots = jax.jit(_write_slots_impl, donate_argnums=(0,))
+
+
+@jax.jit
+def _finite_flags_per_row(leaves: list[jax.Array]) -> jax.Array:
+    """[leaves, n] bools: is row i of each stacked leaf all finite?"""
+    return jnp.stack([jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1) for leaf in leaves])
+
+
 class TenantStore:
     """Stacked parameters of many tenants that share one pytree template.
 
@@ -71,6 +84,11 @@ class TenantStore:
       capacity: initial number of slots (default 8); grows by doubling as tenants arrive.
       max_capacity: hard limit on slots; growing past it raises ``CapacityError``.
       device: where the stacked parameters live (default: the first JAX device).
+      sharding: instead of ``device``, a ``NamedSharding`` splitting the slot axis in blocks
+        over a 1-D mesh (``jaxmt.sharding``): each slot lives on one device, writes and growth
+        happen on that device, new tenants go to the device with the most free slots.
+        Capacity and ``max_capacity`` are multiples of the device count (capacity is rounded
+        up); growing renumbers slots (``version`` changes) instead of moving weights.
     """
 
     def __init__(
@@ -80,10 +98,24 @@ class TenantStore:
         *,
         max_capacity: int | None = None,
         device: jax.Device | None = None,
+        sharding: jax.sharding.NamedSharding | None = None,
     ):
         capacity = DEFAULT_CAPACITY if capacity is None else int(capacity)
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.sharding = sharding
+        self.devices: list[jax.Device] = [device if device is not None else jax.devices()[0]]
+        if sharding is not None:
+            from jaxmt.sharding import shard_count, shard_devices
+
+            if device is not None:
+                raise ValueError("give device or sharding, not both")
+            count = shard_count(sharding)
+            capacity = -(-capacity // count) * count
+            if max_capacity is not None and max_capacity % count:
+                raise ValueError(f"max_capacity {max_capacity} is not a multiple of the {count} devices of the sharding")
+            self.devices = shard_devices(sharding, capacity)
+            device = self.devices[0]
         if max_capacity is not None and max_capacity < capacity:
             raise ValueError(f"max_capacity {max_capacity} is below capacity {capacity}")
         leaves, self._treedef = jax.tree_util.tree_flatten(example_params)
@@ -201,9 +233,9 @@ class TenantStore:
             leaves = self._validate(tenant_id, params)
             if not self._free:
                 self._grow(self._capacity * 2)
-            slot = heapq.heappop(self._free)
+            slot = self._take_free_slot()
             try:
-                self._leaves = _write_slot(self._leaves, leaves, jnp.int32(slot))
+                self._write(slot, leaves)
             except BaseException:
                 heapq.heappush(self._free, slot)
                 raise
@@ -216,7 +248,7 @@ class TenantStore:
         with self.lock:
             slot = self.slot_of(tenant_id)
             leaves = self._validate(tenant_id, params)
-            self._leaves = _write_slot(self._leaves, leaves, jnp.int32(slot))
+            self._write(slot, leaves)
             self.version += 1
             return slot
 
@@ -229,9 +261,81 @@ class TenantStore:
             self.version += 1
             return slot
 
-    def reserve(self, capacity: int) -> None:
-        """Grows the store to at least ``capacity`` slots now (avoids later recompiles)."""
+    def add_stacked(
+        self, tenant_ids: Sequence[Hashable], stacked_params: PyTree, *, at_slots: Sequence[int] | None = None
+    ) -> np.ndarray:
+        """Adds many tenants whose params arrive stacked along a leading axis; returns their slots.
+
+        Row i of every leaf of ``stacked_params`` is tenant ``tenant_ids[i]``. The rows go
+        from device to device: one validation of the whole stack and one scatter into the
+        store, with no per-tenant dispatch and no copy through host memory (what a trainer
+        that holds its tenants stacked needs). All or nothing: on any error no tenant is
+        added and the store is as it was. ``at_slots`` puts tenant i in slot ``at_slots[i]``
+        (each free and below ``capacity``) instead of the lowest free slots: restoring a
+        checkpoint keeps its layout.
+
+        Raises:
+          TypeError: an id is not hashable.
+          ValueError: ``at_slots`` has the wrong length, repeats, or names a slot that is taken or out of range.
+          DuplicateTenantError: an id is repeated or already resident.
+          ParamMismatchError: structure, leading axis, shape or dtype differ from the template.
+          NonFiniteParamsError: a tenant's floating leaf holds NaN or Inf.
+          CapacityError: the tenants do not fit under ``max_capacity``.
+        """
+        tenant_ids = list(tenant_ids)
+        for tenant_id in tenant_ids:
+            try:
+                hash(tenant_id)
+            except TypeError:
+                raise TypeError(f"tenant id must be hashable, got {type(tenant_id).__name__} {tenant_id!r}") from None
+        if len(set(tenant_ids)) != len(tenant_ids):
+            repeated = next(t for i, t in enumerate(tenant_ids) if t in tenant_ids[:i])
+            raise DuplicateTenantError(f"tenant {repeated!r} appears more than once in tenant_ids")
         with self.lock:
+            for tenant_id in tenant_ids:
+                if tenant_id in self._slot_of:
+                    raise DuplicateTenantError(f"tenant {tenant_id!r} is already resident; use update_tenant to replace its weights")
+            if at_slots is not None:
+                at_slots = self._check_free_slots(at_slots, len(tenant_ids))
+            leaves = self._validate_stacked(tenant_ids, stacked_params)
+            if not tenant_ids:
+                return np.zeros((0,), np.int32)
+            needed = len(self._slot_of) + len(tenant_ids)
+            if self.max_capacity is not None and needed > self.max_capacity:
+                raise CapacityError(
+                    f"{len(tenant_ids)} new tenants do not fit: {len(self._slot_of)} resident, max_capacity={self.max_capacity}"
+                )
+            if needed > self._capacity:
+                capacity = self._capacity
+                while capacity < needed:
+                    capacity *= 2
+                self._grow(capacity if self.max_capacity is None else min(capacity, self.max_capacity))
+            slots = self._claim_slots(at_slots) if at_slots is not None else np.array([self._take_free_slot() for _ in tenant_ids], np.int32)
+            try:
+                if self.sharding is None:
+                    self._leaves = _write_slots(self._leaves, leaves, jax.device_put(slots, self.device))
+                else:  # row by row onto each slot's own device
+                    for row, slot in enumerate(slots):
+                        self._write(int(slot), [leaf[row] for leaf in leaves])
+            except BaseException:
+                for slot in slots:
+                    heapq.heappush(self._free, int(slot))
+                raise
+            for tenant_id, slot in zip(tenant_ids, slots):
+                self._slot_of[tenant_id] = int(slot)
+            self.version += 1
+            return slots
+
+    def reserve(self, capacity: int) -> None:
+        """Grows the store to at least ``capacity`` slots now (avoids later recompiles).
+
+        Raises:
+          CapacityError: ``capacity`` exceeds ``max_capacity``, or the allocation failed;
+            the store keeps its old size.
+        """
+        with self.lock:
+            if self.max_capacity is not None and capacity > self.max_capacity:
+                raise CapacityError(f"cannot reserve {capacity} slots: max_capacity={self.max_capacity}")
             if capacity > self._capacity:
                 self._grow(capacity)
 
@@ -262,8 +366,82 @@ class TenantStore:
                 raise NonFiniteParamsError(f"tenant {tenant_id!r}: leaf {path} holds NaN or Inf values")
         return arrays
 
+    def _validate_stacked(self, tenant_ids: list[Hashable], stacked_params: PyTree) -> list[jax.Array]:
+        leaves, treedef = jax.tree_util.tree_flatten(stacked_params)
+        if treedef != self._treedef:
+            raise ParamMismatchError(
+                f"stacked params of tenants {tenant_ids!r}: pytree structure differs from the template "
+                f"({_first_structure_difference(self.template, stacked_params)})"
+            )
+        n = len(tenant_ids)
+        arrays = []
+        for path, spec, leaf in zip(self.leaf_paths, self.leaf_specs, leaves):
+            shape = tuple(np.shape(leaf))
+            dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+            if shape != (n, *spec.shape) or np.dtype(dtype) != np.dtype(spec.dtype):
+                raise ParamMismatchError(
+                    f"stacked leaf {path} is {np.dtype(dtype).name}{list(shape)}, expected "
+                    f"{np.dtype(spec.dtype).name}{[n, *spec.shape]} (one row per tenant of {n})"
+                )
+            arrays.append(jax.device_put(leaf, self.device))
+        floating = [(p, a) for p, a, f in zip(self.leaf_paths, arrays, self._floating) if f]
+        if floating and n:
+            flags = np.asarray(_finite_flags_per_row([a for _, a in floating]))  # [leaves, n]
+            if not flags.all():
+                leaf_index, row = np.argwhere(~flags)[0]
+                raise NonFiniteParamsError(
+                    f"tenant {tenant_ids[row]!r}: leaf {floating[leaf_index][0]} holds NaN or Inf values"
+                )
+        return arrays
+
+    def _check_free_slots(self, slots: Sequence[int], count: int) -> np.ndarray:
+        slots = np.asarray(slots, np.int64).reshape(-1)
+        if slots.size != count or len(set(slots.tolist())) != count:
+            raise ValueError(f"at_slots must give {count} distinct slots, got {slots.tolist()}")
+        free = set(self._free)
+        for slot in slots.tolist():
+            if slot not in free:
+                where = "taken" if 0 <= slot < self._capacity else f"outside the {self._capacity} slots (reserve first)"
+                raise ValueError(f"slot {slot} is {where}")
+        return slots.astype(np.int32)
+
+    def _claim_slots(self, slots: np.ndarray) -> np.ndarray:
+        taken = set(slots.tolist())
+        self._free = [slot for slot in self._free if slot not in taken]
+        heapq.heapify(self._free)
+        return slots
+
+    def _take_free_slot(self) -> int:
+        if self.sharding is None:
+            return heapq.heappop(self._free)
+        from jaxmt.sharding import pick_free_slot
+
+        slot = pick_free_slot(self._free, self._capacity // len(self.devices))
+        self._free.remove(slot)
+        heapq.heapify(self._free)
+        return slot
+
+    def _write(self, slot: int, leaves: list[jax.Array]) -> None:
+        if self.sharding is None:
+            self._leaves = _write_slot(self._leaves, leaves, jnp.int32(slot))
+        else:
+            from jaxmt.sharding import write_slot_sharded
+
+            self._leaves = write_slot_sharded(self._leaves, leaves, slot)
+
+    def _renumber(self, old_per: int, new_per: int) -> None:
+        """Slot numbers after every device's block grew from ``old_per`` to ``new_per`` slots."""
+        from jaxmt.sharding import renumber_slot
+
+        self._slot_of = {t: renumber_slot(s, old_per, new_per) for t, s in self._slot_of.items()}
+        self._free = [renumber_slot(s, old_per, new_per) for s in self._free]
+        self._free += [d * new_per + i for d in range(len(self.devices)) for i in range(old_per, new_per)]
+        heapq.heapify(self._free)
+
     def _allocate(self, capacity: int) -> list[jax.Array]:
         try:
+            if self.sharding is not None:  # created in place, block by block: no copy through one device
+                return [jnp.zeros((capacity, *s.shape), s.dtype, device=self.sharding) for s in self.leaf_specs]
             return [
                 jax.device_put(jnp.zeros((capacity, *s.shape), s.dtype), self.device) for s in self.leaf_specs
             ]
@@ -279,19 +457,29 @@ class TenantStore:
                     f"store is full: {len(self._slot_of)} tenants in {self._capacity} slots, max_capacity={self.max_capacity}"
                 )
             new_capacity = min(new_capacity, self.max_capacity)
+        if self.sharding is not None:
+            new_capacity = -(-new_capacity // len(self.devices)) * len(self.devices)
         try:
-            grown = [
-                jnp.concatenate([old, jnp.zeros((new_capacity - self._capacity, *s.shape), s.dtype)])
-                for old, s in zip(self._leaves, self.leaf_specs)
-            ]
+            if self.sharding is not None:
+                from jaxmt.sharding import grow_sharded
+
+                grown = grow_sharded(self._leaves, new_capacity)
+            else:
+                grown = [
+                    jnp.concatenate([old, jnp.zeros((new_capacity - self._capacity, *s.shape), s.dtype)])
+                    for old, s in zip(self._leaves, self.leaf_specs)
+                ]
             jax.block_until_ready(grown)
         except Exception as exc:
             raise CapacityError(
                 f"cannot grow the store from {self._capacity} to {new_capacity} slots "
                 f"({self.bytes_per_tenant * new_capacity} bytes); the store keeps serving at its old size: {exc}"
             ) from exc
-        for slot in range(self._capacity, new_capacity):
-            heapq.heappush(self._free, slot)
+        if self.sharding is not None:
+            self._renumber(self._capacity // len(self.devices), new_capacity // len(self.devices))
+        else:
+            for slot in range(self._capacity, new_capacity):
+                heapq.heappush(self._free, slot)
         self._leaves = grown
         self._capacity = new_capacity
         self.version += 1

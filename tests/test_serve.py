@@ -1,0 +1,179 @@
+"""The Ray Serve deployment: tenants routed by id to the replicas holding them, answers exact.
+
+Starts a local Ray (2 CPUs) with two replicas on CPU and talks to them over HTTP. Skipped
+when Ray Serve is not installed (``pip install 'jaxmt[ray]'``).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+import jax
+
+import jaxmt.serve
+
+# Ray starts its processes with fork+exec, which JAX's fork warning cannot tell from a bare fork.
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+
+MODEL = ("mlp", "tiny")
+MAX_TENANTS = 2  # per replica: 6 tenants over 2 replicas must evict and reload
+SEED_OF = {f"t{i}": 100 + i for i in range(6)}  # the tenants that exist; others are unknown (404)
+
+
+def make_model():
+    """A replica's empty model (runs on the replica; only importable names inside)."""
+    import jaxmt
+    import models
+
+    spec = models.make(*MODEL)
+    return jaxmt.MultiTenantModel(
+        spec.apply_fn, spec.init(0), capacity=4, buckets=jaxmt.BucketPolicy.powers_of_two(4, 4),
+        row_shape=spec.input_shape, row_dtype=spec.input_dtype,
+    )
+
+
+def load_params(tenant_id: str):
+    import models
+
+    return models.make(*MODEL).init(SEED_OF[tenant_id])  # KeyError: no such tenant
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: object, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json", **(headers or {})}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return response.read().decode()
+
+
+@pytest.fixture(scope="module")
+def server():
+    # The factories above travel to the replicas by value (this test module is not importable there).
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = jaxmt.serve.build_app(
+            make_model, load_params, num_replicas=2, max_tenants_per_replica=MAX_TENANTS,
+            scheduler_options={"default_slo_ms": 30_000.0, "max_delay_ms": 1.0},
+            ray_actor_options={"num_cpus": 1},
+        )
+        handle = serve.run(app, name="jaxmt_test", route_prefix="/", blocking=False)
+        yield f"http://127.0.0.1:{port}", handle
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _reference(tenant_id: str, rows: np.ndarray) -> np.ndarray:
+    import models
+
+    spec = models.make(*MODEL)
+    return np.asarray(jax.jit(spec.apply_fn)(spec.init(SEED_OF[tenant_id]), rows))
+
+
+def test_requests_are_answered_by_their_tenants_replica(server):
+    url, _ = server
+    spec_rows = make_model().row_shape
+    rng = np.random.default_rng(0)
+    replica_of = {}
+    for tenant in ["t0", "t1", "t2", "t3"]:  # first contact: each lands on the replica with fewest tenants
+        rows = rng.standard_normal((int(rng.integers(1, 6)), *spec_rows)).astype(np.float32)
+        status, answer = _post(f"{url}/predict", {"rows": rows.tolist()}, jaxmt.serve.tenant_headers(tenant))
+        assert status == 200, answer
+        assert answer["tenant"] == tenant
+        np.testing.assert_allclose(np.asarray(answer["outputs"]), _reference(tenant, rows), rtol=1e-5, atol=1e-5)
+        replica_of[tenant] = answer["replica"]
+        time.sleep(0.5)  # let the replica's tenant list reach the router
+    assert len(set(replica_of.values())) == 2, f"tenants were not spread over both replicas: {replica_of}"
+    for _ in range(2):  # later requests go where the tenant already is
+        for tenant, replica in replica_of.items():
+            rows = rng.standard_normal((3, *spec_rows)).astype(np.float32)
+            status, answer = _post(f"{url}/predict", {"tenant": tenant, "rows": rows.tolist()}, jaxmt.serve.tenant_headers(tenant))
+            assert status == 200 and answer["replica"] == replica, (tenant, answer.get("replica"), replica)
+            np.testing.assert_allclose(np.asarray(answer["outputs"]), _reference(tenant, rows), rtol=1e-5, atol=1e-5)
+
+
+def test_deployment_handle_routes_by_multiplexed_id(server):
+    _, handle = server
+    rows = np.random.default_rng(1).standard_normal((2, *make_model().row_shape)).astype(np.float32)
+    got = handle.options(multiplexed_model_id="t4", method_name="predict").remote(rows.tolist()).result(timeout_s=60)
+    np.testing.assert_allclose(np.asarray(got), _reference("t4", rows), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "body, headers, status, error",
+    [
+        ({"rows": [[0.5] * 3]}, {"serve_multiplexed_model_id": "t0"}, 400, "InputError"),  # wrong row width
+        ({"rows": "not rows"}, {"serve_multiplexed_model_id": "t0"}, 400, "InputError"),
+        ({"values": []}, {"serve_multiplexed_model_id": "t0"}, 400, "InputError"),
+        ({"rows": [[0.5] * 8]}, {}, 400, "InputError"),  # no tenant
+        ({"tenant": "t1", "rows": [[0.5] * 8]}, {"serve_multiplexed_model_id": "t0"}, 400, "InputError"),
+        ({"rows": [[0.5] * 8]}, {"serve_multiplexed_model_id": "nobody"}, 404, "UnknownTenantError"),
+        ({"rows": [[0.5] * 8], "slo_ms": "soon"}, {"serve_multiplexed_model_id": "t0"}, 400, "InputError"),
+        ({"rows": [[0.5] * 8], "slo_ms": -5}, {"serve_multiplexed_model_id": "t0"}, 400, "ValueError"),
+    ],
+)
+def test_bad_requests_get_a_status_and_the_error_name(server, body, headers, status, error):
+    url, _ = server
+    if body.get("rows") == [[0.5] * 8]:
+        body = {**body, "rows": [[0.5] * make_model().row_shape[0]]}
+    got_status, answer = _post(f"{url}/predict", body, headers)
+    assert (got_status, answer["error"]) == (status, error), answer
+    assert answer["message"]
+    assert "nobody" not in json.loads(_get(f"{url}/tenants"))["tenants"]  # a failed load leaves no tenant behind
+
+
+def test_more_tenants_than_slots_are_evicted_and_reloaded(server):
+    url, _ = server
+    rng = np.random.default_rng(2)
+    shape = make_model().row_shape
+    for _ in range(2):
+        for tenant in SEED_OF:
+            rows = rng.standard_normal((2, *shape)).astype(np.float32)
+            status, answer = _post(f"{url}/predict", {"rows": rows.tolist()}, jaxmt.serve.tenant_headers(tenant))
+            assert status == 200, answer
+            np.testing.assert_allclose(np.asarray(answer["outputs"]), _reference(tenant, rows), rtol=1e-5, atol=1e-5)
+    for _ in range(6):
+        listing = json.loads(_get(f"{url}/tenants"))
+        assert len(listing["tenants"]) <= MAX_TENANTS, listing
+
+
+def test_metrics_and_tenants_routes(server):
+    url, _ = server
+    text = _get(f"{url}/metrics")
+    assert "# TYPE jaxmt_requests_total counter" in text
+    assert "jaxmt_step_resident_tenants" in text and 'server="jaxmt@' in text
+    listing = json.loads(_get(f"{url}/tenants"))
+    assert set(listing) == {"replica", "tenants"} and set(listing["tenants"]) <= set(SEED_OF)
+
+
+def test_build_app_validates():
+    with pytest.raises(ValueError, match="num_replicas"):
+        jaxmt.serve.build_app(make_model, load_params, num_replicas=0)

@@ -1,0 +1,297 @@
+"""The tenant axis over a device mesh: same answers as one device, weights stay where they live.
+
+Tests named ``test_multi_device_*`` need several devices. On a one-device host,
+``test_subprocess_runs_the_multi_device_tests`` reruns them in a child pytest with 8 forced
+CPU devices (``XLA_FLAGS`` must be set before JAX starts, so it cannot be done in-process).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import reference_predict, rel_error, tiny_spec
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxmt
+from jaxmt import BucketPolicy, CapacityError, ParamMismatchError, ShardedMultiTenantModel, TenantStore, tenant_mesh
+from jaxmt.sharding import make_sharded_plan, pick_free_slot, renumber_slot
+
+POLICY = BucketPolicy.powers_of_two(8, 8)
+ROOT = Path(__file__).resolve().parent.parent
+FORCED_DEVICES = 8
+COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce", "reduce-scatter")
+
+multi_device = pytest.mark.skipif(
+    jax.device_count() < 2, reason="needs several devices (test_subprocess_runs_the_multi_device_tests runs it)"
+)
+
+
+def _sharded_model(name: str, n_tenants: int, seed: int, *, mesh: Mesh | None = None, capacity: int | None = None, **kw):
+    spec = tiny_spec(name)
+    params = {f"t{i}": spec.init(seed * 1000 + i) for i in range(n_tenants)}
+    mt = ShardedMultiTenantModel(spec.apply_fn, params["t0"], capacity=capacity or n_tenants, buckets=POLICY, mesh=mesh, **kw)
+    for tenant, p in params.items():
+        mt.add_tenant(tenant, p)
+    return spec, mt, params
+
+
+def _random_request(spec, params, rng, max_rows=40):
+    active = rng.choice(list(params), size=rng.integers(1, len(params) + 1), replace=False)
+    n = int(rng.integers(1, max_rows))
+    ids = list(rng.choice(active, size=n))
+    return ids, spec.random_input(rng, n)
+
+
+def _assert_laid_out(mt: ShardedMultiTenantModel) -> None:
+    """Every stacked leaf keeps the store sharding, each block on its own device."""
+    per = mt.slots_per_device
+    for leaf in mt.store.stacked_leaves:
+        assert leaf.sharding == mt.store.sharding
+        assert leaf.shape[0] == mt.store.capacity and mt.store.capacity % mt.devices == 0
+        for shard in leaf.addressable_shards:
+            start = shard.index[0].indices(leaf.shape[0])[0]
+            assert shard.data.shape[0] == per
+            assert shard.device == mt.store.devices[start // per]
+
+
+def _assert_tenant_on_device(mt: ShardedMultiTenantModel, tenant, params) -> None:
+    """The tenant's slot, read from its owner device's shard alone, holds its params."""
+    per = mt.slots_per_device
+    slot = mt.store.slot_of(tenant)
+    device = mt.device_of(tenant)
+    for leaf, want in zip(mt.store.stacked_leaves, jax.tree_util.tree_leaves(params)):
+        (shard,) = [s for s in leaf.addressable_shards if s.device == device]
+        np.testing.assert_array_equal(np.asarray(shard.data[slot % per]), np.asarray(want))
+
+
+# ------------------------------------------------------------------ pure plans
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("devices", [1, 2, 3, 8])
+def test_sharded_plan_answers_every_row_once_from_its_own_device(devices, seed):
+    rng = np.random.default_rng(seed)
+    per = int(rng.integers(1, 6))
+    n = int(rng.integers(1, 200))
+    slots = rng.integers(0, devices * per, size=n)
+    plan = make_sharded_plan(slots, POLICY, devices, per)
+    answered = np.concatenate([step.out_rows for step in plan.steps])
+    assert sorted(answered.tolist()) == list(range(n))
+    for step in plan.steps:
+        k, b = step.tenant_bucket // devices, step.row_bucket
+        assert step.tenant_bucket == devices * k and k in POLICY.tenant_buckets and b in POLICY.row_buckets
+        block_of_entry = np.arange(step.tenant_bucket) // k
+        assert np.array_equal(step.slots // per, block_of_entry), "an entry sits in another device's block"
+        flat_rows = step.row_index.reshape(-1)
+        assert np.array_equal(flat_rows[step.out_positions], step.out_rows)
+        entry = step.out_positions // b
+        assert np.array_equal(step.slots[entry], slots[step.out_rows]), "a row is computed with another tenant's slot"
+
+
+def test_sharded_plan_of_nothing_is_empty():
+    plan = make_sharded_plan(np.zeros(0, np.int64), POLICY, 4, 2)
+    assert plan.steps == () and plan.rows == 0
+
+
+@pytest.mark.parametrize("free, per, want", [([0, 1, 2, 3, 4, 5], 3, 0), ([1, 2, 4, 5], 3, 1), ([1, 2, 3, 4, 5], 3, 3), ([2, 5, 7, 8], 3, 7), ([5], 3, 5)])
+def test_new_tenants_go_to_the_device_with_most_free_slots(free, per, want):
+    assert pick_free_slot(free, per) == want
+
+
+@pytest.mark.parametrize("slot, old_per, new_per, want", [(0, 2, 4, 0), (1, 2, 4, 1), (2, 2, 4, 4), (5, 2, 4, 9), (3, 4, 8, 3), (7, 4, 8, 11)])
+def test_growth_renumbers_slots_within_their_device(slot, old_per, new_per, want):
+    assert renumber_slot(slot, old_per, new_per) == want
+
+
+# -------------------------------------------------------- any device count
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name", ["mlp", "resnet18"])
+def test_predict_on_a_mesh_equals_the_per_tenant_reference(name, seed):
+    spec, mt, params = _sharded_model(name, 5, seed)
+    rng = np.random.default_rng(seed)
+    for _ in range(3):
+        ids, x = _random_request(spec, params, rng)
+        got = mt.predict(ids, x)
+        want = reference_predict(spec.apply_fn, params, ids, x)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert rel_error(got, want) < 1e-5
+    _assert_laid_out(mt)
+
+
+def test_bad_configurations_raise():
+    spec = tiny_spec("mlp")
+    example = spec.init(0)
+    with pytest.raises(TypeError, match="mesh=, not device="):
+        ShardedMultiTenantModel(spec.apply_fn, example, device=jax.devices()[0])
+    two_axes = Mesh(np.asarray(jax.devices()[:1], dtype=object).reshape(1, 1), ("a", "b"))
+    with pytest.raises(ValueError, match="1-D"):
+        ShardedMultiTenantModel(spec.apply_fn, example, mesh=two_axes)
+    with pytest.raises(ValueError, match="at least one device"):
+        tenant_mesh([])
+    with pytest.raises(ValueError, match="give device or sharding"):
+        TenantStore(example, sharding=NamedSharding(tenant_mesh(), P("tenants")), device=jax.devices()[0])
+    with pytest.raises(TypeError, match="NamedSharding"):
+        TenantStore(example, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+
+
+def test_public_surface():
+    for name in ("ShardedMultiTenantModel", "tenant_mesh"):
+        assert name in jaxmt.__all__ and hasattr(jaxmt, name)
+
+
+# -------------------------------------------------------- several devices
+@multi_device
+@pytest.mark.parametrize("name, seed", [("mlp", 0), ("mlp", 1), ("resnet18", 2)])
+def test_multi_device_predict_equals_reference_without_moving_weights(name, seed):
+    n_devices = jax.device_count()
+    spec, mt, params = _sharded_model(name, n_devices + 3, seed)
+    rng = np.random.default_rng(seed)
+    for _ in range(2):
+        ids, x = _random_request(spec, params, rng)
+        assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+    stats = mt.stats()
+    assert stats["devices"] == n_devices
+    assert stats["max_device_tenants"] - stats["min_device_tenants"] <= 1, "tenants are not spread evenly"
+    _assert_laid_out(mt)
+    for tenant, p in params.items():
+        _assert_tenant_on_device(mt, tenant, p)
+    for program in mt.programs._programs.values():  # no step moves weights (or anything) between devices
+        hlo = program.as_text()
+        assert not [op for op in COLLECTIVES if op in hlo], "the step program communicates between devices"
+
+
+@multi_device
+def test_multi_device_growth_keeps_each_tenant_on_its_device(rng):
+    n_devices = jax.device_count()
+    spec, mt, params = _sharded_model("mlp", n_devices, 2, capacity=n_devices)
+    before = {t: mt.device_of(t) for t in params}
+    version = mt.store.version
+    more = {f"u{i}": spec.init(500 + i) for i in range(2 * n_devices + 1)}  # grows twice: 1 -> 2 -> 4 slots per device
+    for tenant, p in more.items():
+        mt.add_tenant(tenant, p)
+    params.update(more)
+    assert mt.store.capacity == 4 * n_devices and mt.store.version > version
+    assert {t: mt.device_of(t) for t in before} == before, "growth moved a tenant to another device"
+    _assert_laid_out(mt)
+    for tenant, p in params.items():
+        _assert_tenant_on_device(mt, tenant, p)
+        np.testing.assert_array_equal(
+            np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(mt.get_params(tenant))]),
+            np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(p)]),
+        )
+    ids, x = _random_request(spec, params, rng, max_rows=80)
+    assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+
+
+@multi_device
+def test_multi_device_remove_update_and_reuse(rng):
+    n_devices = jax.device_count()
+    spec, mt, params = _sharded_model("mlp", 2 * n_devices, 3)
+    gone = [t for t in params if mt.device_of(t) == mt.store.devices[-1]]
+    for tenant in gone:
+        mt.remove_tenant(tenant)
+        del params[tenant]
+    capacity = mt.store.capacity
+    fresh = {f"n{i}": spec.init(900 + i) for i in range(len(gone))}
+    for tenant, p in fresh.items():
+        mt.add_tenant(tenant, p)
+        assert mt.device_of(tenant) == mt.store.devices[-1], "a freed device's slots were not reused first"
+    params.update(fresh)
+    assert mt.store.capacity == capacity
+    updated = next(iter(params))
+    device = mt.device_of(updated)
+    params[updated] = spec.init(4242)
+    mt.update_tenant(updated, params[updated])
+    assert mt.device_of(updated) == device
+    _assert_tenant_on_device(mt, updated, params[updated])
+    _assert_laid_out(mt)
+    ids, x = _random_request(spec, params, rng)
+    assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+
+
+@multi_device
+def test_multi_device_bad_params_and_full_store_change_nothing(rng):
+    n_devices = jax.device_count()
+    spec, mt, _ = _sharded_model("mlp", n_devices, 4, max_capacity=n_devices)
+    version, tenants = mt.store.version, mt.tenants
+    leaves = [np.asarray(leaf) for leaf in mt.store.stacked_leaves]
+    wrong = jax.tree_util.tree_map(lambda a: a[..., :1] if a.ndim else a, spec.init(7))
+    with pytest.raises(ParamMismatchError, match="tenant 'x'"):
+        mt.add_tenant("x", wrong)
+    with pytest.raises(CapacityError, match="max_capacity"):
+        mt.add_tenant("x", spec.init(7))
+    with pytest.raises(ValueError, match="not a multiple"):
+        TenantStore(spec.init(0), sharding=mt.store.sharding, max_capacity=n_devices + 1)
+    assert mt.store.version == version and mt.tenants == tenants
+    for before, after in zip(leaves, mt.store.stacked_leaves):
+        np.testing.assert_array_equal(before, np.asarray(after))
+    _assert_laid_out(mt)
+
+
+@multi_device
+def test_multi_device_warmup_covers_the_ladder_and_a_sub_mesh_stays_on_it(rng):
+    devices = jax.devices()[-2:]
+    spec = tiny_spec("mlp")
+    params = {f"t{i}": spec.init(50 + i) for i in range(5)}
+    policy = BucketPolicy.powers_of_two(2, 4)
+    mt = ShardedMultiTenantModel(
+        spec.apply_fn, params["t0"], capacity=5, buckets=policy, mesh=tenant_mesh(devices),
+        row_shape=spec.input_shape, row_dtype=spec.input_dtype,
+    )
+    for tenant, p in params.items():
+        mt.add_tenant(tenant, p)
+    assert mt.devices == 2 and mt.store.capacity == 6
+    assert mt.warmup() == len(policy.shapes)
+    compiles = mt.stats()["compiles"]
+    for _ in range(6):
+        ids, x = _random_request(spec, params, rng, max_rows=60)
+        y = mt.dispatch(ids, x)
+        assert {d for out in y.outputs for d in out.sharding.device_set} <= set(devices)
+        assert rel_error(y.result(), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+    assert mt.stats()["compiles"] == compiles, "a warmed-up ladder recompiled"
+    for leaf in mt.store.stacked_leaves:
+        assert leaf.sharding.device_set == set(devices)
+
+
+@multi_device
+def test_multi_device_add_stacked_and_from_flax(rng):
+    spec = tiny_spec("resnet18")
+    variables = {f"f{i}": spec.init(60 + i) for i in range(5)}
+    mt = ShardedMultiTenantModel.from_flax(spec.module, variables, buckets=POLICY, mesh=tenant_mesh())
+    assert mt.store.capacity % jax.device_count() == 0
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[spec.init(70 + i) for i in range(3)])
+    if hasattr(mt.store, "add_stacked"):
+        mt.store.add_stacked(["s0", "s1", "s2"], stacked)
+        variables.update({f"s{i}": spec.init(70 + i) for i in range(3)})
+    _assert_laid_out(mt)
+    ids, x = _random_request(spec, variables, rng)
+    assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, variables, ids, x)) < 1e-5
+
+
+@multi_device
+def test_multi_device_scheduler_serves_a_sharded_model_unchanged(rng):
+    spec, mt, params = _sharded_model("mlp", 2 * jax.device_count(), 6)
+    requests = [(str(rng.choice(list(params))), spec.random_input(rng, int(rng.integers(1, 5)))) for _ in range(24)]
+    with jaxmt.Scheduler(mt, max_delay_ms=5.0, default_slo_ms=60_000.0) as scheduler:
+        futures = [scheduler.submit(tenant, x) for tenant, x in requests]
+        answers = [f.result(timeout=120) for f in futures]
+    for (tenant, x), got in zip(requests, answers):
+        assert rel_error(got, reference_predict(spec.apply_fn, params, [tenant] * len(x), x)) < 1e-5
+
+
+# -------------------------------------------------------- the launcher
+@pytest.mark.skipif(jax.device_count() > 1, reason="this process has several devices: the multi-device tests ran here")
+def test_subprocess_runs_the_multi_device_tests():
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={FORCED_DEVICES}".strip()
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-k", "multi_device and not subprocess"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    report = proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, report
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], report
