@@ -1,0 +1,138 @@
+"""Requests and the earliest-deadline-first queue that servers keep them in (host code only).
+
+A request may leave and re-enter a queue (a step formed without it puts it back); the heaps
+delete lazily: an entry is live while its token is the request's current one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+from collections.abc import Hashable
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    tenant_id: Hashable
+    x: np.ndarray  # [rows, *row_shape]
+    future: Future
+    submitted_s: float
+    deadline_s: float
+    slo_ms: float
+    seq: int
+    late: bool = False  # admitted although predicted past its overload bound
+    token: int = -1  # identifies the live queue entries of this request (lazy deletion)
+
+    @property
+    def rows(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclasses.dataclass(eq=False)
+class _Batch:
+    """Requests chosen for one step, and those dropped on the way (cancelled or shed)."""
+
+    requests: list[_Request]
+    dropped: list[tuple[_Request, BaseException | None]] = dataclasses.field(default_factory=list)
+    lane: Hashable = None
+
+
+@dataclasses.dataclass(eq=False)
+class _Launched:
+    """A step on the device: ``pending.result()`` gives numpy rows of ``requests`` in order."""
+
+    requests: list[_Request]
+    pending: Any
+    started_s: float
+    tenants: int
+    padded_rows: int
+    timed: bool = True  # False when launching compiled a program: not a service time sample
+    programs: int = 1  # program calls the step was launched as
+
+
+class _Totals:
+    """Rows queued in all lanes of a server (kept by the lanes, read at every submit)."""
+
+    rows = 0
+
+
+class _EdfQueue:
+    """Queued requests by deadline (then arrival), with the oldest arrival and per-tenant rows.
+
+    ``entries`` counts the tenant entries the queue would fill: a tenant's rows in pieces of
+    at most ``entry_rows`` (the largest row bucket), as ``make_plan`` packs them.
+    """
+
+    _tokens = itertools.count()
+
+    def __init__(self, entry_rows: int, totals: _Totals | None = None):
+        self.entry_rows = int(entry_rows)
+        self.totals = totals if totals is not None else _Totals()
+        self._by_deadline: list[tuple[float, int, int, _Request]] = []
+        self._by_arrival: list[tuple[float, int, int, _Request]] = []
+        self._live: dict[int, _Request] = {}  # token -> request
+        self.tenant_rows: dict[Hashable, int] = {}
+        self.tenant_requests: dict[Hashable, int] = {}
+        self.rows = 0
+        self.entries = 0
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def _pieces(self, rows: int) -> int:
+        return -(-rows // self.entry_rows)
+
+    def entries_after(self, tenant_id: Hashable, rows: int) -> int:
+        have = self.tenant_rows.get(tenant_id, 0)
+        return self.entries - self._pieces(have) + self._pieces(have + rows)
+
+    def _count(self, req: _Request, sign: int) -> None:
+        t = req.tenant_id
+        have = self.tenant_rows.get(t, 0)
+        now = have + sign * req.rows
+        self.entries += self._pieces(now) - self._pieces(have)
+        self.rows += sign * req.rows
+        self.totals.rows += sign * req.rows
+        count = self.tenant_requests.get(t, 0) + sign
+        if count:
+            self.tenant_rows[t], self.tenant_requests[t] = now, count
+        else:
+            self.tenant_rows.pop(t, None), self.tenant_requests.pop(t, None)
+
+    def push(self, req: _Request) -> None:
+        req.token = next(self._tokens)
+        self._live[req.token] = req
+        heapq.heappush(self._by_deadline, (req.deadline_s, req.seq, req.token, req))
+        heapq.heappush(self._by_arrival, (req.submitted_s, req.seq, req.token, req))
+        self._count(req, +1)
+
+    def _top(self, heap: list) -> _Request | None:
+        while heap and heap[0][2] not in self._live:
+            heapq.heappop(heap)
+        return heap[0][3] if heap else None
+
+    def pop(self) -> _Request | None:
+        """The request with the earliest deadline, removed; None when empty."""
+        req = self._top(self._by_deadline)
+        if req is not None:
+            heapq.heappop(self._by_deadline)
+            del self._live[req.token]
+            self._count(req, -1)
+        return req
+
+    def earliest_deadline(self) -> float:
+        return self._top(self._by_deadline).deadline_s
+
+    def oldest_submitted(self) -> float:
+        return self._top(self._by_arrival).submitted_s
+
+    def drain(self) -> list[_Request]:
+        requests = sorted(self._live.values(), key=lambda r: r.seq)
+        self.totals.rows -= self.rows
+        self.__init__(self.entry_rows, self.totals)
+        return requests

@@ -1,0 +1,417 @@
+"""What every server shares (the Scheduler and the baselines): requests, queues, futures, close.
+
+One way to do a thing: validation at submit, admission control (overload), the
+earliest-deadline-first queue, the dispatch and completion threads with a bounded pipeline,
+completing futures, ``close`` and ``metrics`` live here. A server only decides which queued
+requests form its next step (``_next_batch_locked``), how one step is launched (``_launch``)
+and how many steps stand before a new request (``_steps_ahead_locked``).
+
+Invariant: every accepted request's future completes exactly once, with its rows or with an
+exception (the step's, ``UnknownTenantError``, ``Overloaded`` or ``SchedulerClosed``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import dataclasses
+import itertools
+import logging
+import math
+import numbers
+import queue
+import threading
+import weakref
+from collections.abc import Hashable
+from concurrent.futures import Future, InvalidStateError
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxmt._queue import _Batch, _EdfQueue, _Launched, _Request, _Totals
+from jaxmt.errors import InputError, Overloaded, SchedulerClosed, UnknownTenantError
+from jaxmt.metrics import LatencyRecorder, StepRecorder
+
+logger = logging.getLogger("jaxmt")
+
+MAX_SLO_MS = 3_600_000.0  # one hour: a longer objective is a unit mistake, not an objective
+_POLL_S = 0.05  # longest sleep of a waiting thread, so an injected (fake) clock is re-read
+
+
+class _ServerBase:
+    """Submit/future/metrics/close for a server whose steps a subclass forms and launches."""
+
+    kind = "server"  # name in metrics and log lines
+
+    def __init__(self, mt: Any, config: Any):
+        self.mt = mt
+        self.config = config
+        self._clock = config.clock
+        self._cond = threading.Condition()
+        self._closed = False
+        self._seq = itertools.count()
+        self._lanes: dict[Hashable, _EdfQueue] = {}
+        self._totals = _Totals()
+        self._entry_rows = 1
+        self._in_flight = 0  # launched steps not completed yet
+        self._row_shape: tuple[int, ...] | None = None
+        self._row_dtype: np.dtype | None = None
+        self._latency = LatencyRecorder(
+            config.latency_window, config.flag_window, config.flag_min_requests, config.flag_below_attainment, self.kind
+        )
+        self._steps = StepRecorder(config.ewma_alpha)
+        self._threads: list[threading.Thread] = []
+        self._completions: queue.Queue[_Launched | None] = queue.Queue()
+        self._slots = threading.Semaphore(config.pipeline_depth)
+        self._last_ready_s: float | None = None
+        self._outstanding: dict[int, _Request] = {}  # accepted, future not completed yet
+
+    # ------------------------------------------------------------------ public
+    def submit(self, tenant_id: Hashable, x: Any, slo_ms: float | None = None) -> Future:
+        """Queues one request: the rows ``x`` [r, *row_shape] for ``tenant_id``.
+
+        Returns:
+          A ``concurrent.futures.Future`` whose result is the NumPy output rows [r, ...] in
+          order; it fails with ``Overloaded`` at once when the request is predicted to miss
+          its deadline by more than ``overload_factor`` x SLO (policy "reject") or the queue
+          is full, with ``UnknownTenantError`` when the tenant is removed while queued, with
+          ``SchedulerClosed`` on ``close(drain=False)``, or with the exception of its step.
+
+        Raises:
+          UnknownTenantError: the tenant is not resident (the same error ``predict`` raises).
+          InputError: x is not [r >= 1, *row_shape] of the model's dtype.
+          ValueError: slo_ms is not a finite number in (0, 3_600_000] (or not a number).
+          SchedulerClosed: the server is closed.
+        """
+        slo_ms = _check_slo(slo_ms, self.config.default_slo_ms)
+        if tenant_id not in self.mt:
+            raise UnknownTenantError(tenant_id, len(self.mt))
+        x = np.array(x)  # a copy: the caller may reuse its buffer at once
+        if x.ndim == 0 or x.shape[0] == 0:
+            raise InputError(f"a request needs rows [r >= 1, ...], got shape {list(x.shape)}")
+        self.mt.check_finite([tenant_id] * x.shape[0], x)  # refused alone, not with a shared step
+        future: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise SchedulerClosed(f"{self.kind} is closed; request for tenant {tenant_id!r} not accepted")
+            self._check_rows_locked(x)
+            now = self._clock()
+            req = _Request(tenant_id, x, future, now, now + slo_ms / 1e3, slo_ms, next(self._seq))
+            error = self._admit_locked(req, now)
+            if error is None:
+                self._outstanding[req.seq] = req
+                lane = self._lane(req.tenant_id)
+                lane.push(req)
+                if self._wakes_locked(lane, req):
+                    self._cond.notify_all()
+        if req.late:
+            self._latency.note_admitted_late(tenant_id)
+        if error is not None:
+            self._finish(req, error=error)
+        return future
+
+    async def submit_async(self, tenant_id: Hashable, x: Any, slo_ms: float | None = None) -> Any:
+        """``await``-able ``submit``: the output rows, or the request's exception."""
+        return await asyncio.wrap_future(self.submit(tenant_id, x, slo_ms))
+
+    def metrics(self) -> dict[str, Any]:
+        """Per tenant and overall: counts, latency percentiles (ms), SLO attainment, queue
+        depth; step counters (steps, mean tenants and rows per step, padding waste)."""
+        with self._cond:
+            depth: dict[Hashable, tuple[int, int]] = {}
+            for lane in self._lanes.values():
+                for t, n in lane.tenant_requests.items():
+                    d, r = depth.get(t, (0, 0))
+                    depth[t] = (d + n, r + lane.tenant_rows[t])
+            in_flight = self._in_flight
+        snapshot = {"server": self.kind, **self._latency.snapshot(depth)}
+        snapshot["steps"] = {**self._steps.snapshot(), "in_flight": in_flight}
+        snapshot["config"] = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config) if f.name != "clock"}
+        return snapshot
+
+    def latencies_ms(self, tenant_id: Hashable | None = None) -> np.ndarray:
+        """Recent latencies (ms) of one tenant's answered requests, or of all tenants."""
+        return self._latency.samples_ms(tenant_id)
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stops accepting requests; with ``drain`` serves every queued one first, without it
+        fails them with ``SchedulerClosed`` (steps already launched still complete). Waits
+        for the server's threads. Idempotent."""
+        self._shut(drain)
+        me = threading.current_thread()
+        for thread in self._threads:
+            if thread is not me:
+                thread.join(timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close(drain=True)
+
+    # ----------------------------------------------------------- subclass API
+    def _next_batch_locked(self, now: float) -> tuple[_Batch | None, float | None]:
+        """(batch to launch now, None) or (None, seconds until one may be due; None: idle)."""
+        raise NotImplementedError
+
+    def _launch(self, batch: _Batch, started_s: float) -> _Launched | None:
+        raise NotImplementedError
+
+    def _steps_ahead_locked(self, req: _Request) -> float:
+        """Steps that must complete before ``req`` has its answer, its own included."""
+        raise NotImplementedError
+
+    def _lane_key(self, tenant_id: Hashable) -> Hashable:
+        return None
+
+    def _wakes_locked(self, lane: _EdfQueue, req: _Request) -> bool:
+        """Whether pushing ``req`` may make a step due sooner (else waiters sleep on)."""
+        return True
+
+    def _observe_service(self, launched: _Launched, service_s: float) -> None:
+        """A completed step's service time (for a subclass's cost model)."""
+
+    def _has_work_locked(self) -> bool:
+        return any(len(lane) for lane in self._lanes.values())
+
+    # ------------------------------------------------------------- internals
+    def _shut(self, drain: bool) -> None:
+        with self._cond:
+            self._closed = True
+            dropped = [] if drain else [r for lane in self._lanes.values() for r in lane.drain()]
+            self._cond.notify_all()
+        for req in dropped:
+            self._finish(req, error=SchedulerClosed(f"{self.kind} closed before the request for tenant {req.tenant_id!r} ran"))
+
+    def _lane(self, tenant_id: Hashable) -> _EdfQueue:
+        key = self._lane_key(tenant_id)
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _EdfQueue(self._entry_rows, self._totals)
+        return lane
+
+    def _check_rows_locked(self, x: np.ndarray) -> None:
+        shape, dtype = self.mt.row_shape, self.mt.row_dtype
+        if shape is None:
+            shape, dtype = self._row_shape, self._row_dtype
+        if shape is None:  # the first request fixes the rows, as the model's first predict does
+            self._row_shape, self._row_dtype = tuple(x.shape[1:]), x.dtype
+            return
+        if tuple(x.shape[1:]) != tuple(shape):
+            raise InputError(f"x rows have shape {list(x.shape[1:])}, expected {list(shape)} (x is {list(x.shape)})")
+        if x.dtype != dtype:
+            raise InputError(f"x has dtype {x.dtype.name}, expected {np.dtype(dtype).name}")
+
+    def _admit_locked(self, req: _Request, now: float) -> Overloaded | None:
+        cfg = self.config
+        if cfg.max_queue_rows is not None and self._totals.rows + req.rows > cfg.max_queue_rows:
+            return Overloaded(
+                f"{self.kind}: queue full (max_queue_rows={cfg.max_queue_rows}); "
+                f"request of {req.rows} rows for tenant {req.tenant_id!r} rejected"
+            )
+        est = self._steps.estimate_s
+        if est is None:  # nothing observed yet: no basis for a prediction
+            return None
+        predicted_s = now + est * self._steps_ahead_locked(req)
+        if predicted_s - req.deadline_s <= cfg.overload_factor * req.slo_ms / 1e3:
+            return None
+        if cfg.overload_policy == "serve_late":
+            req.late = True
+            return None
+        return Overloaded(
+            f"{self.kind}: tenant {req.tenant_id!r}: predicted completion {1e3 * (predicted_s - now):.1f} ms after submit "
+            f"misses its {req.slo_ms:g} ms SLO by more than overload_factor={cfg.overload_factor:g} x SLO"
+        )
+
+    def _take_locked(self, lane: _EdfQueue, now: float, est: float | None, dropped: list) -> _Request | None:
+        """The lane's next live request (EDF); cancelled and hopeless ones go to ``dropped``."""
+        while (req := lane.pop()) is not None:
+            if req.future.cancelled():
+                dropped.append((req, None))
+            elif self._hopeless(req, now, est):
+                dropped.append((req, Overloaded(
+                    f"{self.kind}: tenant {req.tenant_id!r}: request waited {1e3 * (now - req.submitted_s):.1f} ms and "
+                    f"would miss its {req.slo_ms:g} ms SLO by more than overload_factor={self.config.overload_factor:g} x SLO"
+                )))
+            else:
+                return req
+        return None
+
+    def _hopeless(self, req: _Request, now: float, est: float | None) -> bool:
+        """Under policy "reject": would the request, sent now, miss its overload bound?"""
+        cfg = self.config
+        if cfg.overload_policy != "reject" or est is None:
+            return False
+        return now + est - req.deadline_s > cfg.overload_factor * req.slo_ms / 1e3
+
+    def _finish(self, req: _Request, result: Any = None, error: BaseException | None = None) -> None:
+        """Records the request's latency and outcome, then completes its future."""
+        self._outstanding.pop(req.seq, None)
+        self._latency.record(req.tenant_id, 1e3 * (self._clock() - req.submitted_s), req.slo_ms, error)
+        try:
+            if error is None:
+                req.future.set_result(result)
+            else:
+                req.future.set_exception(error)
+        except InvalidStateError:  # cancelled by its owner before it ran
+            pass
+
+    def _finish_dropped(self, batch: _Batch) -> None:
+        for req, error in batch.dropped:
+            if error is not None:
+                self._finish(req, error=error)
+            else:  # cancelled by its owner
+                self._outstanding.pop(req.seq, None)
+
+    def _split_resident(self, requests: list[_Request]) -> tuple[list[_Request], list[_Request]]:
+        """(requests whose tenant is resident, the others); call under ``mt.store.lock``."""
+        live, gone = [], []
+        for req in requests:
+            (live if req.tenant_id in self.mt else gone).append(req)
+        return live, gone
+
+    def _fail_unknown(self, gone: list[_Request]) -> None:
+        for req in gone:
+            self._finish(req, error=UnknownTenantError(req.tenant_id, len(self.mt)))
+
+    def _start_threads(self, targets: list[tuple[str, Any]]) -> None:
+        _LIVE_SERVERS.add(self)
+        for name, target in targets:
+            thread = threading.Thread(target=target, name=f"jaxmt-{self.kind}-{name}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _start_pipeline(self) -> None:
+        """One dispatch thread and one completion thread, at most ``pipeline_depth`` steps apart."""
+        self._start_threads([("dispatch", self._dispatch_loop), ("complete", self._completion_loop)])
+
+    def _wait_for_batch(self) -> _Batch | None:
+        """Blocks until a batch is due; None when closed and nothing is left to serve."""
+        with self._cond:
+            while True:
+                if self._closed and not self._has_work_locked():
+                    return None
+                batch, wait_s = self._next_batch_locked(self._clock())
+                if batch is not None:
+                    return batch
+                self._cond.wait(_POLL_S if wait_s is None else min(max(wait_s, 1e-4), _POLL_S))
+
+    def _dispatch_loop(self) -> None:
+        try:
+            while True:
+                self._slots.acquire()
+                launched = None
+                while launched is None:
+                    batch = self._wait_for_batch()
+                    if batch is None:
+                        return
+                    self._finish_dropped(batch)
+                    if batch.requests:
+                        launched = self._launch_guarded(batch)
+                self._completions.put(launched)
+        except BaseException as exc:  # a bug here must not strand requests
+            logger.exception("%s: dispatch loop failed; failing every request not answered", self.kind)
+            self._shut(drain=False)
+            self._completions.put(None)
+            for thread in self._threads:  # launched steps complete first
+                if thread is not threading.current_thread():
+                    thread.join()
+            for req in list(self._outstanding.values()):
+                self._finish(req, error=exc)
+        finally:
+            self._completions.put(None)
+
+    def _completion_loop(self) -> None:
+        while (launched := self._completions.get()) is not None:
+            try:
+                self._complete(launched, pipelined=True)
+            finally:
+                self._slots.release()
+
+    def _launch_guarded(self, batch: _Batch) -> _Launched | None:
+        """Launches a batch; if launching raises, only its requests fail."""
+        running = [r for r in batch.requests if r.future.set_running_or_notify_cancel()]
+        if len(running) < len(batch.requests):
+            for req in set(batch.requests) - set(running):  # cancelled by their owners
+                self._outstanding.pop(req.seq, None)
+            batch.requests = running
+        if not batch.requests:
+            return None
+        with self._cond:
+            self._in_flight += 1
+        try:
+            launched = self._launch(batch, self._clock())
+        except Exception as exc:  # noqa: BLE001 (the step's futures carry it)
+            launched = None
+            self._steps.record_failure()
+            logger.warning("%s: launching a step of %d requests failed: %s: %s", self.kind, len(batch.requests), type(exc).__name__, exc)
+            for req in batch.requests:
+                if not req.future.done():
+                    self._finish(req, error=exc)
+        if launched is None:
+            with self._cond:
+                self._in_flight -= 1
+        return launched
+
+    def _complete(self, launched: _Launched, pipelined: bool) -> None:
+        """Waits for a step's results and completes its futures (off the dispatch path)."""
+        requests = launched.requests
+        counted = False
+        try:
+            answers = launched.pending.result()
+            ready_s = self._clock()
+            start_s = launched.started_s
+            if pipelined:  # overlapping steps: the device started this one when the last ended
+                start_s = max(start_s, self._last_ready_s if self._last_ready_s is not None else start_s)
+                self._last_ready_s = ready_s
+            rows = sum(r.rows for r in requests)
+            service_s = ready_s - start_s if launched.timed else None
+            self._steps.record(launched.tenants, rows, launched.padded_rows, service_s, launched.programs)
+            if service_s is not None:
+                self._observe_service(launched, service_s)
+            self._latency.note_step({r.tenant_id for r in requests})
+            with self._cond:
+                self._in_flight -= 1
+            counted = True
+            offset = 0
+            for req in requests:
+                rows_of_req = slice(offset, offset + req.rows)
+                offset += req.rows
+                self._finish(req, result=jax.tree_util.tree_map(lambda a, s=rows_of_req: a[s], answers))
+        except Exception as exc:  # noqa: BLE001 (the step's futures carry it)
+            self._steps.record_failure()
+            logger.warning("%s: a step of %d requests failed: %s: %s", self.kind, len(requests), type(exc).__name__, exc)
+            if not counted:
+                with self._cond:
+                    self._in_flight -= 1
+            for req in requests:
+                if not req.future.done():
+                    self._finish(req, error=exc)
+
+
+# Servers whose threads may still run. Their threads are daemons (a forgotten server must not
+# hang interpreter exit), so at exit each is closed before the runtime tears JAX down under a
+# running step.
+_LIVE_SERVERS: weakref.WeakSet[_ServerBase] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    for server in list(_LIVE_SERVERS):
+        server.close(drain=False, timeout=5.0)
+
+
+def _check_slo(slo_ms: Any, default_ms: float) -> float:
+    if slo_ms is None:
+        return default_ms
+    if isinstance(slo_ms, bool) or not isinstance(slo_ms, numbers.Real):  # any bad SLO is a ValueError
+        raise ValueError(f"slo_ms must be a number of milliseconds, got {type(slo_ms).__name__} {slo_ms!r}")  # noqa: TRY004
+    value = float(slo_ms)
+    if not (math.isfinite(value) and 0.0 < value <= MAX_SLO_MS):
+        raise ValueError(f"slo_ms must be a finite number in (0, {MAX_SLO_MS:g}], got {slo_ms!r}")
+    return value

@@ -1,0 +1,378 @@
+"""Baselines: the executors jaxmt is measured against, behind the Scheduler's interface.
+
+They exist so that every claim is a ratio measured in one run. Each takes the same
+``MultiTenantModel`` (its ``apply_fn`` and its tenants' params) and the same
+``SchedulerConfig`` options, and offers the same ``submit``/``submit_async``/``metrics``/
+``close``, with the same validation, admission control and accounting (``jaxmt._server``):
+
+- ``ExclusiveServer``: one model's params answer every request, all traffic batched into one
+  program: what the device does with no tenant diversity at all (the upper bound).
+- ``TimeOnlyServer``: time multiplexing. Each tenant has its own queue with dynamic
+  batching as Triton's dynamic batcher does it (a batch goes when it reaches the largest
+  preferred batch size or its oldest request has waited ``max_delay_ms``; it is padded up to
+  the next preferred size); one dispatch thread launches one tenant's batch after another.
+- ``SpaceOnlyServer``: space multiplexing. The same per-tenant batching, with batches
+  launched and waited for from concurrent worker threads (one per tenant by default).
+
+A tenant's "program" is ``jax.jit(apply_fn)`` called with that tenant's params: the same
+kernels per tenant with different weights, which is what separate per-model executables
+compute, without compiling the same code once per tenant.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import threading
+import weakref
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxmt._queue import _Batch, _Launched, _Request
+from jaxmt._server import _ServerBase
+from jaxmt.buckets import BucketPolicy
+from jaxmt.errors import InputError
+from jaxmt.scheduler import SchedulerConfig, make_config
+
+PyTree = Any
+logger = logging.getLogger("jaxmt")
+
+
+def _exclusive_sizes(mt: Any) -> tuple[int, ...]:
+    """Default batch ladder of the exclusive server: 1, 2, 4, ... up to one full step of jaxmt."""
+    return BucketPolicy.powers_of_two(1, mt.buckets.max_tenants * mt.buckets.max_rows).row_buckets
+
+
+def _check_batch_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
+    sizes = tuple(int(s) for s in sizes)
+    if not sizes or any(s < 1 for s in sizes) or list(sizes) != sorted(set(sizes)):
+        raise ValueError(f"batch sizes must be increasing positive integers, got {sizes}")
+    return sizes
+
+
+class _Program:
+    """``jax.jit(apply_fn)`` and the input shapes it has compiled (first calls are untimed)."""
+
+    def __init__(self, apply_fn: Any):
+        self.fn = jax.jit(apply_fn)
+        self.compiled: set[tuple] = set()
+        self.lock = threading.Lock()
+
+    def __call__(self, params: PyTree, x: np.ndarray) -> tuple[PyTree, bool]:
+        key = (x.shape, x.dtype.str)
+        with self.lock:
+            new = key not in self.compiled
+            self.compiled.add(key)
+        return self.fn(params, x), new
+
+
+@functools.lru_cache(maxsize=64)
+def _program_for(apply_fn: Any) -> _Program:
+    return _Program(apply_fn)
+
+
+class _HostPending:
+    """Launched chunks of one batch; ``result()`` copies the real rows back, in order."""
+
+    def __init__(self, chunks: list[tuple[PyTree, int]], padded_rows: int, compiled: bool):
+        self.chunks, self.padded_rows, self.compiled = chunks, padded_rows, compiled
+
+    def result(self) -> PyTree:
+        parts = [jax.tree_util.tree_map(lambda a, n=n: np.asarray(a)[:n], y) for y, n in self.chunks]
+        if len(parts) == 1:
+            return parts[0]
+        return jax.tree_util.tree_map(lambda *leaves: np.concatenate(leaves), *parts)
+
+
+class _TenantPrograms:
+    """One model launched for one tenant at a time: batches padded up ``batch_sizes``, split
+    at the largest; each tenant's params sliced from the store once (again after it changes)."""
+
+    def __init__(self, mt: Any, batch_sizes: Sequence[int]):
+        self.mt = mt
+        self.batch_sizes = _check_batch_sizes(batch_sizes)
+        self.program = _program_for(mt.apply_fn)
+        self._params: dict[Hashable, PyTree] = {}
+        self._version = None
+        self._lock = threading.Lock()
+
+    def params(self, tenant_id: Hashable) -> PyTree:
+        """Raises UnknownTenantError for a tenant that is not resident."""
+        with self._lock:
+            if self.mt.store.version != self._version:
+                self._params.clear()
+                self._version = self.mt.store.version
+            if tenant_id not in self._params:
+                self._params[tenant_id] = self.mt.get_params(tenant_id)
+            return self._params[tenant_id]
+
+    def launch(self, params: PyTree, x: np.ndarray) -> _HostPending:
+        """Dispatches x [n, ...] without waiting for the device."""
+        largest, chunks, padded, compiled = self.batch_sizes[-1], [], 0, False
+        for start in range(0, x.shape[0], largest):
+            part = x[start : start + largest]
+            n = part.shape[0]
+            size = self.batch_sizes[int(np.searchsorted(self.batch_sizes, n))]
+            if size != n:  # padding repeats real rows, so padded positions compute real values
+                part = part[np.arange(size) % n]
+            y, new = self.program(params, part)
+            chunks.append((y, n))
+            padded, compiled = padded + size, compiled or new
+        return _HostPending(chunks, padded, compiled)
+
+    def warmup(self, params: PyTree, row_shape: Sequence[int], row_dtype: Any) -> int:
+        """Compiles every batch size now; returns how many were new."""
+        new_count = 0
+        for size in self.batch_sizes:
+            y, new = self.program(params, np.zeros((size, *row_shape), row_dtype))
+            jax.block_until_ready(y)
+            new_count += new
+        return new_count
+
+
+class _LaneServer(_ServerBase):
+    """Dynamic batching per lane (a tenant, or everything for the exclusive server)."""
+
+    def __init__(self, mt: Any, config: SchedulerConfig, batch_sizes: Sequence[int]):
+        from jaxmt.model import MultiTenantModel
+
+        if not isinstance(mt, MultiTenantModel):
+            raise TypeError(f"mt must be a jaxmt.MultiTenantModel, got {type(mt).__name__}")
+        super().__init__(mt, config)
+        self._programs = _TenantPrograms(mt, batch_sizes)
+        self._max_batch = self._programs.batch_sizes[-1]
+        self._entry_rows = self._max_batch
+        self._busy: set[Hashable] = set()  # lanes a worker is serving (space-only)
+
+    def warmup(self) -> int:
+        """Compiles the program for every batch size now; returns how many were new."""
+        shape, dtype = self.mt.row_shape or self._row_shape, self.mt.row_dtype or self._row_dtype
+        if shape is None or not len(self.mt):
+            raise InputError("warmup needs a resident tenant and the input row shape (from the model or a first request)")
+        return self._programs.warmup(self._params_for(self.mt.tenants[0]), shape, dtype)
+
+    def _params_for(self, lane: Hashable) -> PyTree:
+        return self._programs.params(lane)
+
+    def _wakes_locked(self, lane: Any, req: _Request) -> bool:
+        return len(lane) == 1 or lane.rows >= self._max_batch
+
+    def _has_work_locked(self) -> bool:
+        return any(len(lane) for key, lane in self._lanes.items() if key not in self._busy)
+
+    def _next_batch_locked(self, now: float) -> tuple[_Batch | None, float | None]:
+        delay_s = self.config.max_delay_ms / 1e3
+        found, best, best_deadline, next_due = False, None, math.inf, None
+        for key, lane in self._lanes.items():
+            if not len(lane) or key in self._busy:
+                continue
+            due_s = lane.oldest_submitted() + delay_s
+            if self._closed or lane.rows >= self._max_batch or now >= due_s:
+                if lane.earliest_deadline() < best_deadline:
+                    found, best, best_deadline = True, key, lane.earliest_deadline()
+            else:
+                next_due = due_s if next_due is None else min(next_due, due_s)
+        if not found:
+            return None, None if next_due is None else next_due - now
+        lane, batch, rows = self._lanes[best], _Batch(requests=[], lane=best), 0
+        est = self._steps.estimate_s
+        while (req := self._take_locked(lane, now, est, batch.dropped)) is not None:
+            if batch.requests and rows + req.rows > self._max_batch:
+                lane.push(req)
+                break
+            batch.requests.append(req)
+            rows += req.rows
+        return batch, None
+
+    def _launch(self, batch: _Batch, started_s: float) -> _Launched | None:
+        with self.mt.store.lock:
+            live, gone = self._split_resident(batch.requests)
+            params = self._params_for(batch.lane) if live else None
+        self._fail_unknown(gone)
+        if not live:
+            return None
+        x = live[0].x if len(live) == 1 else np.concatenate([r.x for r in live])
+        pending = self._programs.launch(params, x)
+        tenants = len({r.tenant_id for r in live})
+        return _Launched(live, pending, started_s, tenants, pending.padded_rows, not pending.compiled)
+
+    def _lane_steps_locked(self, key: Hashable, req: _Request) -> int:
+        lane = self._lanes.get(key)
+        rows = (lane.rows if lane is not None else 0) + (req.rows if key == self._lane_key(req.tenant_id) else 0)
+        return math.ceil(rows / self._max_batch)
+
+
+class TimeOnlyServer(_LaneServer):
+    """Time multiplexing: per-tenant dynamic batching, one tenant's program at a time.
+
+    Args:
+      mt: the model whose tenants are served (its ``apply_fn`` and params).
+      max_delay_ms: Triton's max queue delay: the longest a request waits for its batch.
+      batch_sizes: preferred batch sizes (the padded shapes; default the model's row buckets).
+      **options: other ``SchedulerConfig`` fields (SLO, overload policy, pipeline depth...).
+    """
+
+    kind = "time"
+
+    def __init__(self, mt: Any, max_delay_ms: float | None = None, default_slo_ms: float | None = None, *,
+                 batch_sizes: Sequence[int] | None = None, config: SchedulerConfig | None = None, **options: Any):
+        config = make_config(config, max_delay_ms=max_delay_ms, default_slo_ms=default_slo_ms, **options)
+        super().__init__(mt, config, batch_sizes or mt.buckets.row_buckets)
+        self._start_pipeline()
+
+    def _lane_key(self, tenant_id: Hashable) -> Hashable:
+        return tenant_id
+
+    def _steps_ahead_locked(self, req: _Request) -> float:
+        keys = set(self._lanes) | {req.tenant_id}
+        return self._in_flight + sum(self._lane_steps_locked(k, req) for k in keys)
+
+
+class SpaceOnlyServer(_LaneServer):
+    """Space multiplexing: per-tenant dynamic batching, batches run from concurrent threads.
+
+    Args:
+      mt: the model whose tenants are served.
+      max_delay_ms, batch_sizes, **options: as for ``TimeOnlyServer``.
+      workers: threads that launch and wait for batches (default: one per resident tenant);
+        a tenant is served by one worker at a time.
+    """
+
+    kind = "space"
+
+    def __init__(self, mt: Any, max_delay_ms: float | None = None, default_slo_ms: float | None = None, *,
+                 batch_sizes: Sequence[int] | None = None, workers: int | None = None,
+                 config: SchedulerConfig | None = None, **options: Any):
+        config = make_config(config, max_delay_ms=max_delay_ms, default_slo_ms=default_slo_ms, **options)
+        super().__init__(mt, config, batch_sizes or mt.buckets.row_buckets)
+        workers = max(1, len(mt)) if workers is None else workers
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        self.workers = workers
+        self._start_threads([(f"worker{i}", self._worker_loop) for i in range(workers)])
+
+    def _lane_key(self, tenant_id: Hashable) -> Hashable:
+        return tenant_id
+
+    def _steps_ahead_locked(self, req: _Request) -> float:
+        return self._lane_steps_locked(req.tenant_id, req) + (req.tenant_id in self._busy)
+
+    def _next_batch_locked(self, now: float) -> tuple[_Batch | None, float | None]:
+        batch, wait_s = super()._next_batch_locked(now)
+        if batch is not None:
+            self._busy.add(batch.lane)
+        return batch, wait_s
+
+    def _worker_loop(self) -> None:
+        batch = None
+        try:
+            while (batch := self._wait_for_batch()) is not None:
+                try:
+                    self._finish_dropped(batch)
+                    launched = self._launch_guarded(batch) if batch.requests else None
+                    if launched is not None:
+                        self._complete(launched, pipelined=False)
+                finally:
+                    with self._cond:
+                        self._busy.discard(batch.lane)
+                        self._cond.notify_all()
+        except BaseException as exc:  # a bug here must not strand requests
+            logger.exception("%s: a worker failed; failing its batch and the queued requests", self.kind)
+            for req in batch.requests if batch is not None else []:
+                if not req.future.done():
+                    self._finish(req, error=exc)
+            self._shut(drain=False)
+
+
+class ExclusiveServer(_LaneServer):
+    """Exclusive access: one tenant's params answer every request, all in one program.
+
+    Requests of any resident tenant are accepted and batched together; all are computed with
+    the params of ``tenant_id`` (default: the first resident tenant, read at construction).
+    """
+
+    kind = "exclusive"
+
+    def __init__(self, mt: Any, max_delay_ms: float | None = None, default_slo_ms: float | None = None, *,
+                 tenant_id: Hashable | None = None, batch_sizes: Sequence[int] | None = None,
+                 config: SchedulerConfig | None = None, **options: Any):
+        config = make_config(config, max_delay_ms=max_delay_ms, default_slo_ms=default_slo_ms, **options)
+        super().__init__(mt, config, batch_sizes or _exclusive_sizes(mt))
+        self.tenant_id = mt.tenants[0] if tenant_id is None and len(mt) else tenant_id
+        self._params = mt.get_params(self.tenant_id)  # UnknownTenantError when absent
+        self._start_pipeline()
+
+    def _params_for(self, lane: Hashable) -> PyTree:
+        return self._params
+
+    def _steps_ahead_locked(self, req: _Request) -> float:
+        return self._in_flight + self._lane_steps_locked(None, req)
+
+
+# ------------------------------------------------------------------ synchronous helpers
+_SYNC_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _sync_programs(mt: Any, batch_sizes: Sequence[int]) -> _TenantPrograms:
+    per_model = _SYNC_PROGRAMS.setdefault(mt, {})
+    key = _check_batch_sizes(batch_sizes)
+    if key not in per_model:
+        per_model[key] = _TenantPrograms(mt, key)
+    return per_model[key]
+
+
+def _check_x(mt: Any, x: Any) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim == 0:
+        raise InputError("x must have a leading row axis, got a scalar")
+    if mt.row_shape is not None and (x.shape[1:] != mt.row_shape or x.dtype != mt.row_dtype):
+        raise InputError(f"x is {x.dtype.name}{list(x.shape)}, expected rows {mt.row_dtype.name}{list(mt.row_shape)}")
+    return x
+
+
+def time_only_predict(mt: Any, tenant_ids: Sequence[Hashable], x: Any, batch_sizes: Sequence[int] | None = None) -> PyTree:
+    """``mt.predict`` computed the time-multiplexed way: each tenant's rows through its own
+    program call, tenants one after another (launched asynchronously, then copied back).
+
+    Raises:
+      UnknownTenantError: an id is not resident (nothing is computed).
+      InputError: lengths differ, or x's rows are not the model's.
+    """
+    x = _check_x(mt, x)
+    if len(tenant_ids) != x.shape[0]:
+        raise InputError(f"len(tenant_ids) is {len(tenant_ids)} but x has {x.shape[0]} rows")
+    if x.shape[0] == 0:
+        return mt.predict(tenant_ids, x)
+    programs = _sync_programs(mt, batch_sizes or mt.buckets.row_buckets)
+    with mt.store.lock:
+        slots = mt.store.slots_of(tenant_ids)
+        _, first, inverse = np.unique(slots, return_index=True, return_inverse=True)
+        launched = []
+        for group, first_row in enumerate(first):
+            rows = np.flatnonzero(inverse == group)
+            launched.append((rows, programs.launch(programs.params(tenant_ids[first_row]), x[rows])))
+    results = [pending.result() for _, pending in launched]
+
+    def scatter(*leaves: np.ndarray) -> np.ndarray:
+        out = np.empty((x.shape[0], *leaves[0].shape[1:]), leaves[0].dtype)
+        for (rows, _), leaf in zip(launched, leaves):
+            out[rows] = leaf
+        return out
+
+    return jax.tree_util.tree_map(scatter, *results)
+
+
+def exclusive_predict(mt: Any, x: Any, tenant_id: Hashable | None = None, batch_sizes: Sequence[int] | None = None) -> PyTree:
+    """Every row of ``x`` through one tenant's model (default the first resident) as one
+    batched program: the exclusive-access upper bound."""
+    x = _check_x(mt, x)
+    tenant_id = mt.tenants[0] if tenant_id is None and len(mt) else tenant_id
+    programs = _sync_programs(mt, batch_sizes or _exclusive_sizes(mt))
+    return programs.launch(programs.params(tenant_id), x).result()
+
+
+__all__ = ["ExclusiveServer", "SpaceOnlyServer", "TimeOnlyServer", "exclusive_predict", "time_only_predict"]

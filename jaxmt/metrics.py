@@ -1,0 +1,293 @@
+"""Serving metrics: per-tenant latency, SLO attainment, step statistics, a Prometheus exporter.
+
+Shared by the scheduler, the baselines, ``scripts/simulate.py`` and ``benchmarks/`` so that
+every number in a comparison is computed by the same code. Counters are exact; percentiles
+are computed over a bounded window of each tenant's most recent latencies (``window``
+samples), so memory stays bounded on a long-running server.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxmt.errors import Overloaded
+
+logger = logging.getLogger("jaxmt")
+
+QUANTILES: tuple[float, ...] = (50.0, 90.0, 99.0)
+
+
+def percentiles(samples_ms: Sequence[float] | np.ndarray, qs: Iterable[float] = QUANTILES) -> dict[str, float | None]:
+    """``{"p50_ms": ..., "p90_ms": ..., "p99_ms": ..., "max_ms": ..., "mean_ms": ...}`` of the samples.
+
+    Linear interpolation between order statistics (NumPy's default). Every value is None when
+    there are no samples (JSON ``null``), never NaN.
+    """
+    samples = np.asarray(samples_ms, dtype=np.float64)
+    names = [f"p{q:g}_ms" for q in qs] + ["max_ms", "mean_ms"]
+    if samples.size == 0:
+        return dict.fromkeys(names, None)
+    values = list(np.percentile(samples, list(qs))) + [samples.max(), samples.mean()]
+    return {name: round(float(v), 4) for name, v in zip(names, values)}
+
+
+class _TenantStats:
+    """Counters and recent samples of one tenant (guarded by the recorder's lock)."""
+
+    def __init__(self, window: int, flag_window: int):
+        self.count = 0  # finished requests: results and errors
+        self.ok = 0
+        self.errors = 0
+        self.rejected = 0  # errors that are Overloaded
+        self.slo_met = 0
+        self.admitted_late = 0
+        self.steps = 0
+        self.latencies_ms: collections.deque[float] = collections.deque(maxlen=window)
+        self.recent_met: collections.deque[bool] = collections.deque(maxlen=flag_window)
+        self.flagged = False
+
+
+class LatencyRecorder:
+    """Thread-safe per-tenant latency and SLO accounting.
+
+    A tenant is *flagged* when, over its last ``flag_window`` finished requests (at least
+    ``flag_min_requests`` of them), the fraction that met its SLO is below
+    ``flag_below_attainment``; flagging logs a warning on the ``jaxmt`` logger once, and a
+    recovery logs an info line.
+
+    Args:
+      window: latency samples kept per tenant for percentiles.
+      flag_window, flag_min_requests, flag_below_attainment: the straggler rule above.
+      name: the server's name, for log lines.
+    """
+
+    def __init__(
+        self,
+        window: int = 65536,
+        flag_window: int = 64,
+        flag_min_requests: int = 16,
+        flag_below_attainment: float = 0.9,
+        name: str = "jaxmt",
+    ):
+        self.window = int(window)
+        self.flag_window = int(flag_window)
+        self.flag_min_requests = int(flag_min_requests)
+        self.flag_below_attainment = float(flag_below_attainment)
+        self.name = name
+        self._lock = threading.Lock()
+        self._tenants: dict[Hashable, _TenantStats] = {}
+
+    def _stats(self, tenant_id: Hashable) -> _TenantStats:
+        stats = self._tenants.get(tenant_id)
+        if stats is None:
+            stats = self._tenants[tenant_id] = _TenantStats(self.window, self.flag_window)
+        return stats
+
+    def record(self, tenant_id: Hashable, latency_ms: float, slo_ms: float, error: BaseException | None = None) -> None:
+        """One finished request: its latency (submit to completion) and outcome."""
+        with self._lock:
+            stats = self._stats(tenant_id)
+            stats.count += 1
+            met = error is None and latency_ms <= slo_ms
+            if error is None:
+                stats.ok += 1
+                stats.latencies_ms.append(float(latency_ms))
+            else:
+                stats.errors += 1
+                stats.rejected += isinstance(error, Overloaded)
+            stats.slo_met += met
+            stats.recent_met.append(met)
+            self._update_flag(tenant_id, stats)
+
+    def note_admitted_late(self, tenant_id: Hashable) -> None:
+        """A request admitted although predicted to finish past its overload bound."""
+        with self._lock:
+            self._stats(tenant_id).admitted_late += 1
+
+    def note_step(self, tenant_ids: Iterable[Hashable]) -> None:
+        """One step served these (distinct) tenants."""
+        with self._lock:
+            for tenant_id in tenant_ids:
+                self._stats(tenant_id).steps += 1
+
+    def _update_flag(self, tenant_id: Hashable, stats: _TenantStats) -> None:
+        recent = stats.recent_met
+        if len(recent) < self.flag_min_requests:
+            return
+        attainment = sum(recent) / len(recent)
+        if not stats.flagged and attainment < self.flag_below_attainment:
+            stats.flagged = True
+            logger.warning(
+                "%s: tenant %r keeps missing its SLO: %d of its last %d requests met it (%.1f%% < %.1f%%)",
+                self.name, tenant_id, sum(recent), len(recent), 100 * attainment, 100 * self.flag_below_attainment,
+            )
+        elif stats.flagged and attainment >= self.flag_below_attainment:
+            stats.flagged = False
+            logger.info("%s: tenant %r meets its SLO again (%.1f%% of its last %d requests)", self.name, tenant_id, 100 * attainment, len(recent))
+
+    def samples_ms(self, tenant_id: Hashable | None = None) -> np.ndarray:
+        """The latency window of one tenant, or of every tenant together (float64 ms)."""
+        with self._lock:
+            if tenant_id is not None:
+                stats = self._tenants.get(tenant_id)
+                return np.asarray(stats.latencies_ms if stats else [], dtype=np.float64)
+            return np.asarray([v for s in self._tenants.values() for v in s.latencies_ms], dtype=np.float64)
+
+    def snapshot(self, queue_depth: Mapping[Hashable, tuple[int, int]] | None = None) -> dict[str, Any]:
+        """``{"overall": {...}, "tenants": {id: {...}}, "flagged_tenants": [...]}``.
+
+        Args:
+          queue_depth: tenant -> (queued requests, queued rows) right now.
+        """
+        queue_depth = dict(queue_depth or {})
+        with self._lock:
+            tenant_ids = list(self._tenants) + [t for t in queue_depth if t not in self._tenants]
+            tenants = {t: self._summary([self._stats(t)], *queue_depth.get(t, (0, 0))) for t in tenant_ids}
+            for t in tenant_ids:
+                tenants[t]["steps"] = self._tenants[t].steps
+                tenants[t]["flagged"] = self._tenants[t].flagged
+            depth = sum(d for d, _ in queue_depth.values())
+            rows = sum(r for _, r in queue_depth.values())
+            overall = self._summary(list(self._tenants.values()), depth, rows)
+            flagged = [t for t in tenant_ids if self._tenants[t].flagged]
+        overall["flagged"] = len(flagged)
+        return {"overall": overall, "tenants": tenants, "flagged_tenants": flagged}
+
+    @staticmethod
+    def _summary(group: list[_TenantStats], queue_depth: int, queued_rows: int) -> dict[str, Any]:
+        count = sum(s.count for s in group)
+        met = sum(s.slo_met for s in group)
+        samples = [v for s in group for v in s.latencies_ms]
+        return {
+            "count": count,
+            "ok": sum(s.ok for s in group),
+            "errors": sum(s.errors for s in group),
+            "rejected": sum(s.rejected for s in group),
+            "admitted_late": sum(s.admitted_late for s in group),
+            "slo_met": met,
+            "slo_attainment": None if count == 0 else round(met / count, 6),
+            **percentiles(samples),
+            "queue_depth": queue_depth,
+            "queued_rows": queued_rows,
+        }
+
+
+class StepRecorder:
+    """Step counters (tenants, rows, padding) and an EWMA of the step service time.
+
+    The service time of a step is how long the device needed for it: from its launch, or
+    from the completion of the step before it when they overlapped, to its results on the
+    host. The scheduler predicts completion times from ``estimate_s``.
+    """
+
+    def __init__(self, ewma_alpha: float = 0.2):
+        if not 0.0 < ewma_alpha <= 1.0:
+            raise ValueError(f"ewma_alpha must be in (0, 1], got {ewma_alpha}")
+        self.ewma_alpha = float(ewma_alpha)
+        self._lock = threading.Lock()
+        self.steps = 0
+        self.failed_steps = 0
+        self.tenants = 0
+        self.rows = 0
+        self.padded_rows = 0
+        self.programs = 0
+        self._estimate_s: float | None = None
+
+    @property
+    def estimate_s(self) -> float | None:
+        """Smoothed seconds per step; None before the first observation."""
+        return self._estimate_s
+
+    def record(self, tenants: int, rows: int, padded_rows: int, service_s: float | None, programs: int = 1) -> None:
+        with self._lock:
+            self.steps += 1
+            self.programs += programs
+            self.tenants += tenants
+            self.rows += rows
+            self.padded_rows += padded_rows
+            if service_s is not None and math.isfinite(service_s) and service_s >= 0:
+                old = self._estimate_s
+                self._estimate_s = service_s if old is None else old + self.ewma_alpha * (service_s - old)
+
+    def record_failure(self) -> None:
+        with self._lock:
+            self.failed_steps += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            steps = self.steps
+            return {
+                "steps": steps,
+                "failed_steps": self.failed_steps,
+                "mean_tenants_per_step": None if steps == 0 else round(self.tenants / steps, 4),
+                "mean_rows_per_step": None if steps == 0 else round(self.rows / steps, 4),
+                "programs_per_step": None if steps == 0 else round(self.programs / steps, 4),
+                "padding_waste": 0.0 if self.padded_rows == 0 else round(1.0 - self.rows / self.padded_rows, 6),
+                "est_step_ms": None if self._estimate_s is None else round(1e3 * self._estimate_s, 4),
+            }
+
+
+def tenant_spread(metrics: Mapping[str, Any], min_count: int = 10) -> dict[str, Any]:
+    """How evenly tenants are served: worst per-tenant p99/p50, and the gap between the
+    slowest and the fastest tenant's mean latency relative to the fastest.
+
+    Only tenants with at least ``min_count`` results count; values are None without two.
+    """
+    rows = [m for m in metrics["tenants"].values() if m["ok"] >= min_count and m["p50_ms"]]
+    if not rows:
+        return {"tenants_counted": 0, "max_p99_over_p50": None, "mean_latency_gap": None}
+    means = [m["mean_ms"] for m in rows]
+    return {
+        "tenants_counted": len(rows),
+        "max_p99_over_p50": round(max(m["p99_ms"] / m["p50_ms"] for m in rows), 4),
+        "mean_latency_gap": None if len(rows) < 2 else round((max(means) - min(means)) / min(means), 4),
+    }
+
+
+def _label(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def to_prometheus(metrics: Mapping[str, Any], prefix: str = "jaxmt") -> str:
+    """The metrics dict of a server (``Scheduler.metrics()``) in Prometheus text format.
+
+    Per-tenant series carry a ``tenant`` label, overall series none; every series carries the
+    ``server`` label. Values that are not known yet (None) are left out.
+    """
+    server = _label(metrics.get("server", "jaxmt"))
+    fields = [  # (name in the dict, metric name, type, help)
+        ("count", "requests_total", "counter", "finished requests (results and errors)"),
+        ("errors", "request_errors_total", "counter", "requests that finished with an exception"),
+        ("rejected", "requests_rejected_total", "counter", "requests failed with Overloaded"),
+        ("admitted_late", "requests_admitted_late_total", "counter", "requests served although predicted late"),
+        ("slo_met", "requests_slo_met_total", "counter", "requests answered within their SLO"),
+        ("slo_attainment", "slo_attainment", "gauge", "fraction of finished requests that met their SLO"),
+        ("queue_depth", "queue_depth", "gauge", "requests waiting in the queue"),
+        ("queued_rows", "queued_rows", "gauge", "rows waiting in the queue"),
+        ("flagged", "tenant_flagged", "gauge", "1 when the tenant keeps missing its SLO"),
+    ]
+    groups = [("", metrics["overall"])] + [(f'tenant="{_label(t)}",', m) for t, m in metrics["tenants"].items()]
+    lines: list[str] = []
+    for key, name, kind, help_text in fields:
+        lines += [f"# HELP {prefix}_{name} {help_text}", f"# TYPE {prefix}_{name} {kind}"]
+        for labels, values in groups:
+            value = values.get(key)
+            if value is not None:
+                lines.append(f'{prefix}_{name}{{{labels}server="{server}"}} {float(value):g}')
+    lines += [f"# HELP {prefix}_latency_ms request latency, submit to result", f"# TYPE {prefix}_latency_ms summary"]
+    for labels, values in groups:
+        for q in QUANTILES:
+            value = values.get(f"p{q:g}_ms")
+            if value is not None:
+                lines.append(f'{prefix}_latency_ms{{{labels}server="{server}",quantile="{q / 100:g}"}} {value:g}')
+    for key, value in metrics.get("steps", {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            lines += [f"# TYPE {prefix}_step_{key} gauge", f'{prefix}_step_{key}{{server="{server}"}} {float(value):g}']
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,201 @@
+"""The baselines answer like the reference, behind the same submit/future/metrics contract.
+
+The shared contract (validation, close, unknown tenants, overload) is checked for every
+server, the Scheduler included, so that a comparison between them compares scheduling only.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import reference_predict
+
+import jaxmt
+
+TIMEOUT_S = 60.0
+ROW = 5
+SERVERS = {
+    "jaxmt": jaxmt.Scheduler,
+    "exclusive": jaxmt.ExclusiveServer,
+    "time": jaxmt.TimeOnlyServer,
+    "space": jaxmt.SpaceOnlyServer,
+}
+
+
+def apply_fn(params, x):
+    return jnp.sin(x @ params["w"]) + params["b"]
+
+
+def make_params(seed: int) -> dict:
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return {"w": jax.random.normal(k1, (ROW, 4)), "b": jax.random.normal(k2, (4,))}
+
+
+def make_model(tenants: int = 5):
+    params = {f"t{i}": make_params(10 + i) for i in range(tenants)}
+    mt = jaxmt.MultiTenantModel(apply_fn, make_params(0), capacity=max(2, tenants),
+                                buckets=jaxmt.BucketPolicy.powers_of_two(4, 4), row_shape=(ROW,), row_dtype=np.float32)
+    for name, p in params.items():
+        mt.add_tenant(name, p)
+    return mt, params
+
+
+@pytest.fixture(scope="module")
+def served():
+    mt, params = make_model()
+    mt.warmup()
+    return mt, params
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 50.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rows(rng, n: int = 1) -> np.ndarray:
+    return rng.standard_normal((n, ROW)).astype(np.float32)
+
+
+def expected(kind, params, tenant, x, server=None):
+    owner = server.tenant_id if kind == "exclusive" else tenant
+    return reference_predict(apply_fn, params, [owner] * len(x), x)
+
+
+@pytest.mark.parametrize("kind", ["exclusive", "time", "space"])
+def test_many_threads_match_the_reference(served, kind):
+    mt, params = served
+    answered, lock = [], threading.Lock()
+
+    def client(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        mine = []
+        for _ in range(120):
+            tenant = f"t{rng.integers(len(params))}"
+            x = rows(rng, int(rng.integers(1, 7)))  # 5 and 6 rows: split at the largest batch size
+            mine.append((tenant, x, server.submit(tenant, x)))
+        with lock:
+            answered.extend(mine)
+
+    with SERVERS[kind](mt, max_delay_ms=0.5, overload_policy="serve_late") as server:
+        clients = [threading.Thread(target=client, args=(s,)) for s in range(4)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
+        results = [(t, x, f.result(TIMEOUT_S)) for t, x, f in answered]
+        metrics = server.metrics()
+    for tenant, x, y in results:
+        np.testing.assert_allclose(y, expected(kind, params, tenant, x, server), rtol=1e-5, atol=1e-5)
+    assert metrics["server"] == kind and metrics["overall"]["ok"] == len(answered) == 480
+    if kind != "exclusive":
+        assert metrics["steps"]["mean_tenants_per_step"] == 1.0  # one tenant's program per step
+
+
+def test_synchronous_helpers_match_the_reference(served, rng):
+    mt, params = served
+    ids = [f"t{i}" for i in rng.integers(len(params), size=23)]
+    x = rows(rng, 23)
+    want = reference_predict(apply_fn, params, ids, x)
+    np.testing.assert_allclose(jaxmt.time_only_predict(mt, ids, x), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mt.predict(ids, x), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jaxmt.exclusive_predict(mt, x, "t2"), reference_predict(apply_fn, params, ["t2"] * 23, x),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(jaxmt.UnknownTenantError):
+        jaxmt.time_only_predict(mt, ["t0", "nobody"], rows(rng, 2))
+    with pytest.raises(jaxmt.InputError):
+        jaxmt.time_only_predict(mt, ["t0"], rows(rng, 2))
+    with pytest.raises(jaxmt.InputError):
+        jaxmt.exclusive_predict(mt, rng.standard_normal((2, ROW)))
+
+
+@pytest.mark.parametrize("kind", list(SERVERS))
+def test_every_server_validates_the_same_way(served, rng, kind):
+    mt, _ = served
+    with pytest.raises(jaxmt.UnknownTenantError) as from_predict:
+        mt.predict(["nobody"], rows(rng))
+    server = SERVERS[kind](mt, max_delay_ms=60_000.0)
+    with pytest.raises(jaxmt.UnknownTenantError) as from_submit:
+        server.submit("nobody", rows(rng))
+    assert type(from_submit.value) is type(from_predict.value)
+    with pytest.raises(jaxmt.InputError):
+        server.submit("t0", rows(rng)[:, :-1])
+    with pytest.raises(ValueError, match="slo_ms"):
+        server.submit("t0", rows(rng), slo_ms=-3.0)
+    queued = server.submit("t1", rows(rng))
+    server.close(drain=False)
+    with pytest.raises(jaxmt.SchedulerClosed):
+        queued.result(TIMEOUT_S)
+    with pytest.raises(jaxmt.SchedulerClosed):
+        server.submit("t0", rows(rng))
+    assert server.metrics()["overall"]["errors"] == 1
+
+
+@pytest.mark.parametrize("kind", ["time", "space"])
+def test_a_full_preferred_batch_goes_without_waiting(served, rng, kind):
+    mt, params = served
+    with SERVERS[kind](mt, max_delay_ms=60_000.0) as server:  # only a full batch (4 rows) may go
+        xs = [rows(rng) for _ in range(4)]
+        futures = [server.submit("t3", x) for x in xs]
+        ys = [f.result(TIMEOUT_S) for f in futures]  # answered before close
+        assert server.metrics()["steps"]["steps"] == 1
+    np.testing.assert_allclose(np.concatenate(ys), expected(kind, params, "t3", np.concatenate(xs)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["exclusive", "time", "space"])
+def test_tenant_removed_while_queued(kind):
+    mt, params = make_model(3)
+    rng = np.random.default_rng(3)
+    server = SERVERS[kind](mt, max_delay_ms=60_000.0, tenant_id="t1") if kind == "exclusive" else \
+        SERVERS[kind](mt, max_delay_ms=60_000.0)
+    with server:
+        x_kept = rows(rng)
+        gone, kept = server.submit("t0", rows(rng)), server.submit("t1", x_kept)
+        mt.remove_tenant("t0")
+    with pytest.raises(jaxmt.UnknownTenantError, match="t0"):
+        gone.result(TIMEOUT_S)
+    np.testing.assert_allclose(kept.result(TIMEOUT_S), expected(kind, params, "t1", x_kept, server), rtol=1e-5, atol=1e-5)
+
+
+def test_overload_control_is_shared(served, rng, monkeypatch):
+    mt, _ = served
+    clock = FakeClock()
+    server = jaxmt.TimeOnlyServer(mt, max_delay_ms=0.0, clock=clock)
+    launch = server._programs.launch
+
+    def slow_launch(params, x):  # each batch takes one (fake) second
+        pending = launch(params, x)
+        inner = pending.result
+
+        def result():
+            clock.now += 1.0
+            return inner()
+
+        pending.result = result
+        return pending
+
+    monkeypatch.setattr(server._programs, "launch", slow_launch)
+    with server:
+        server.submit("t0", rows(rng), slo_ms=10_000.0).result(TIMEOUT_S)
+        with pytest.raises(jaxmt.Overloaded):
+            server.submit("t1", rows(rng), slo_ms=50.0).result(timeout=0)
+    assert server.metrics()["overall"]["rejected"] == 1
+
+
+def test_space_only_workers_and_exclusive_defaults(served):
+    mt, _ = served
+    with jaxmt.SpaceOnlyServer(mt) as space, jaxmt.SpaceOnlyServer(mt, workers=2) as pool:
+        assert space.workers == len(mt) and pool.workers == 2
+    with pytest.raises(ValueError, match="workers"):
+        jaxmt.SpaceOnlyServer(mt, workers=0)
+    with jaxmt.ExclusiveServer(mt) as exclusive:
+        assert exclusive.tenant_id == mt.tenants[0]
+        assert exclusive._programs.batch_sizes == (1, 2, 4, 8, 16)  # up to one full jaxmt step
+    with pytest.raises(jaxmt.UnknownTenantError):
+        jaxmt.ExclusiveServer(mt, tenant_id="nobody")

@@ -1,0 +1,119 @@
+"""Serving metrics: percentile math, SLO accounting, straggler flags, step EWMA, exporter."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import numpy as np
+import pytest
+
+from jaxmt.errors import Overloaded, UnknownTenantError
+from jaxmt.metrics import (
+    LatencyRecorder,
+    StepRecorder,
+    percentiles,
+    tenant_spread,
+    to_prometheus,
+)
+
+
+def test_percentiles_match_numpy(rng):
+    samples = rng.exponential(5.0, size=1001)
+    got = percentiles(samples)
+    for q in (50, 90, 99):
+        assert got[f"p{q}_ms"] == pytest.approx(np.percentile(samples, q), abs=1e-4)
+    assert got["max_ms"] == pytest.approx(samples.max(), abs=1e-4)
+    assert got["mean_ms"] == pytest.approx(samples.mean(), abs=1e-4)
+    assert percentiles([]) == {"p50_ms": None, "p90_ms": None, "p99_ms": None, "max_ms": None, "mean_ms": None}
+    assert percentiles([3.0], qs=(25,)) == {"p25_ms": 3.0, "max_ms": 3.0, "mean_ms": 3.0}
+
+
+def test_recorder_counts_outcomes_per_tenant_and_overall():
+    recorder = LatencyRecorder(window=3)
+    for latency in (10.0, 20.0, 30.0, 40.0):  # the window keeps the last 3 latencies
+        recorder.record("a", latency, slo_ms=25.0)
+    recorder.record("a", 1.0, 25.0, Overloaded("busy"))
+    recorder.record("b", 5.0, 25.0, UnknownTenantError("b"))
+    recorder.note_admitted_late("a")
+    recorder.note_step(["a", "b"])
+    snap = recorder.snapshot({"a": (2, 7), "c": (1, 1)})
+    a, b, c = snap["tenants"]["a"], snap["tenants"]["b"], snap["tenants"]["c"]
+    assert (a["count"], a["ok"], a["errors"], a["rejected"], a["slo_met"], a["admitted_late"], a["steps"]) == (5, 4, 1, 1, 2, 1, 1)
+    assert a["slo_attainment"] == pytest.approx(0.4)
+    assert (a["p50_ms"], a["max_ms"], a["queue_depth"], a["queued_rows"]) == (30.0, 40.0, 2, 7)
+    assert (b["count"], b["errors"], b["rejected"], b["p50_ms"], b["slo_attainment"]) == (1, 1, 0, None, 0.0)
+    assert (c["count"], c["slo_attainment"], c["queue_depth"]) == (0, None, 1)
+    overall = snap["overall"]
+    assert (overall["count"], overall["ok"], overall["errors"], overall["queue_depth"], overall["queued_rows"]) == (6, 4, 2, 3, 8)
+    assert overall["slo_attainment"] == pytest.approx(2 / 6)
+    np.testing.assert_array_equal(recorder.samples_ms("a"), [20.0, 30.0, 40.0])
+    assert sorted(recorder.samples_ms()) == [20.0, 30.0, 40.0]
+    assert recorder.samples_ms("nobody").size == 0
+
+
+def test_straggler_is_flagged_once_and_recovers(caplog):
+    recorder = LatencyRecorder(flag_window=4, flag_min_requests=4, flag_below_attainment=0.75, name="sched")
+    with caplog.at_level(logging.INFO, logger="jaxmt"):
+        for _ in range(3):
+            recorder.record("slow", 90.0, 50.0)
+        assert not recorder.snapshot()["tenants"]["slow"]["flagged"]  # too few requests to judge
+        for _ in range(5):
+            recorder.record("slow", 90.0, 50.0)
+        assert recorder.snapshot()["flagged_tenants"] == ["slow"]
+        for _ in range(3):
+            recorder.record("slow", 10.0, 50.0)
+    snap = recorder.snapshot()
+    assert not snap["tenants"]["slow"]["flagged"] and snap["overall"]["flagged"] == 0
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "'slow'" in warnings[0].getMessage() and "sched" in warnings[0].getMessage()
+    assert any(r.levelno == logging.INFO and "again" in r.getMessage() for r in caplog.records)
+
+
+def test_step_recorder_ewma_and_padding():
+    steps = StepRecorder(ewma_alpha=0.5)
+    assert steps.estimate_s is None and steps.snapshot()["est_step_ms"] is None
+    steps.record(tenants=2, rows=6, padded_rows=8, service_s=0.010)
+    steps.record(tenants=4, rows=10, padded_rows=16, service_s=0.020)
+    steps.record(tenants=1, rows=1, padded_rows=1, service_s=None)  # compiled: not a sample
+    steps.record_failure()
+    assert steps.estimate_s == pytest.approx(0.015)
+    snap = steps.snapshot()
+    assert (snap["steps"], snap["failed_steps"], snap["est_step_ms"]) == (3, 1, 15.0)
+    assert snap["mean_tenants_per_step"] == pytest.approx(7 / 3, abs=1e-4)
+    assert snap["mean_rows_per_step"] == pytest.approx(17 / 3, abs=1e-4)
+    assert snap["padding_waste"] == pytest.approx(1 - 17 / 25)
+    with pytest.raises(ValueError):
+        StepRecorder(ewma_alpha=0.0)
+
+
+def test_tenant_spread():
+    recorder = LatencyRecorder()
+    for latency in [10.0] * 20:
+        recorder.record("a", latency, 50.0)
+    for latency in [10.0] * 10 + [12.0] * 10:
+        recorder.record("b", latency, 50.0)
+    recorder.record("rare", 100.0, 50.0)  # too few results to count
+    spread = tenant_spread(recorder.snapshot())
+    assert spread["tenants_counted"] == 2
+    assert spread["mean_latency_gap"] == pytest.approx(0.1)
+    assert spread["max_p99_over_p50"] == pytest.approx(np.percentile([10.0] * 10 + [12.0] * 10, 99) / 11.0, abs=1e-3)
+    assert tenant_spread(LatencyRecorder().snapshot())["max_p99_over_p50"] is None
+
+
+def test_prometheus_text_format():
+    recorder = LatencyRecorder()
+    recorder.record('we"ird\\', 12.5, 50.0)
+    recorder.record(7, 70.0, 50.0)
+    metrics = {"server": "jaxmt", **recorder.snapshot({7: (3, 4)}), "steps": {**StepRecorder().snapshot(), "in_flight": 1}}
+    text = to_prometheus(metrics)
+    assert text.endswith("\n")
+    sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*\{([a-z_]+="([^"\\]|\\.)*",?)*\} -?[0-9.e+-]+$')
+    for line in text.splitlines():
+        assert line.startswith("# ") or sample.match(line), line
+    assert 'jaxmt_requests_total{server="jaxmt"} 2' in text
+    assert 'jaxmt_requests_total{tenant="we\\"ird\\\\",server="jaxmt"} 1' in text
+    assert 'jaxmt_queue_depth{tenant="7",server="jaxmt"} 3' in text
+    assert 'jaxmt_latency_ms{tenant="7",server="jaxmt",quantile="0.99"} 70' in text
+    assert 'jaxmt_step_in_flight{server="jaxmt"} 1' in text
+    assert "est_step_ms" not in text  # unknown yet (None): left out, never NaN

@@ -1,0 +1,536 @@
+"""The Scheduler: every request answered exactly like its tenant's model, or failed explicitly.
+
+No assertion depends on wall-clock speed: ordering and overload tests use an injected fake
+clock and steps gated by events; waits use generous timeouts only to avoid hanging forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import reference_predict
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxmt
+from jaxmt._queue import _EdfQueue, _Request
+
+TIMEOUT_S = 60.0  # generous: only to turn a hang into a failure
+ROW = 6
+
+
+def apply_fn(params, x):
+    return jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"]
+
+
+def make_params(seed: int) -> dict:
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    return {"w1": jax.random.normal(k1, (ROW, 16)), "b1": jax.random.normal(k2, (16,)), "w2": jax.random.normal(k3, (16, 3))}
+
+
+def make_model(tenants: int, max_tenants: int = 4, max_rows: int = 4, warm: bool = False):
+    params = {f"t{i}": make_params(i + 1) for i in range(tenants)}
+    mt = jaxmt.MultiTenantModel(apply_fn, make_params(0), capacity=max(tenants, 2),
+                                buckets=jaxmt.BucketPolicy.powers_of_two(max_tenants, max_rows),
+                                row_shape=(ROW,), row_dtype=np.float32)
+    for name, p in params.items():
+        mt.add_tenant(name, p)
+    if warm:
+        mt.warmup()
+    return mt, params
+
+
+@pytest.fixture(scope="module")
+def served():
+    """Six tenants, ladders K, B in (1, 2, 4), every program compiled once for the module."""
+    return make_model(6, warm=True)
+
+
+class FakeClock:
+    """Seconds that move only when a test (or a gated step) says so."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+
+
+class RecordingDispatch:
+    """Wraps ``mt.dispatch``: records each step's tenant ids and rows; a step can be held
+    (its ``result()`` waits for ``release``), advance a fake clock, or raise."""
+
+    def __init__(self, mt, clock: FakeClock | None = None, step_s: float = 0.0, hold: bool = False):
+        self.mt, self.inner = mt, mt.dispatch
+        self.clock, self.step_s = clock, step_s
+        self.release = threading.Event()
+        if not hold:
+            self.release.set()
+        self.calls: list[tuple[list, np.ndarray]] = []
+        self.called = threading.Condition()
+        self.raise_on_launch = None  # predicate(x) -> bool
+        self.raise_on_result = None
+
+    def __call__(self, tenant_ids, x):
+        with self.called:
+            self.calls.append((list(tenant_ids), np.array(x)))
+            self.called.notify_all()
+        if self.raise_on_launch is not None and self.raise_on_launch(x):
+            raise RuntimeError("injected launch failure")
+        pending = self.inner(tenant_ids, x)
+        outer = self
+
+        class Held:
+            plan = pending.plan
+
+            def result(self):
+                assert outer.release.wait(TIMEOUT_S)
+                if outer.clock is not None:
+                    outer.clock.advance(outer.step_s)
+                if outer.raise_on_result is not None and outer.raise_on_result(x):
+                    raise RuntimeError("injected device failure")
+                return pending.result()
+
+        return Held()
+
+    def wait_calls(self, n: int) -> None:
+        with self.called:
+            assert self.called.wait_for(lambda: len(self.calls) >= n, TIMEOUT_S)
+
+
+def check_against_reference(params, requests) -> None:
+    """requests: (tenant, x, y) triples; compares per tenant, all rows at once."""
+    for tenant in {t for t, _, _ in requests}:
+        xs = np.concatenate([x for t, x, _ in requests if t == tenant])
+        ys = np.concatenate([y for t, _, y in requests if t == tenant])
+        want = reference_predict(apply_fn, params, [tenant] * len(xs), xs)
+        np.testing.assert_allclose(ys, want, rtol=1e-5, atol=1e-5)
+
+
+def rows(rng, n: int = 1) -> np.ndarray:
+    return rng.standard_normal((n, ROW)).astype(np.float32)
+
+
+# ------------------------------------------------------------------ configuration
+@pytest.mark.parametrize("field, value, error", [
+    ("max_delay_ms", -1.0, ValueError), ("max_delay_ms", float("nan"), ValueError), ("max_delay_ms", "2", TypeError),
+    ("default_slo_ms", 0.0, ValueError), ("default_slo_ms", float("inf"), ValueError), ("default_slo_ms", 1e12, ValueError),
+    ("overload_policy", "drop", ValueError), ("overload_factor", -0.5, ValueError),
+    ("max_queue_rows", 0, ValueError), ("pipeline_depth", 0, ValueError), ("pipeline_depth", 1.5, ValueError),
+    ("ewma_alpha", 0.0, ValueError), ("flag_below_attainment", 1.5, ValueError), ("clock", 3, TypeError),
+])
+def test_config_rejects_bad_values(field, value, error):
+    with pytest.raises(error, match=field):
+        jaxmt.SchedulerConfig(**{field: value})
+
+
+def test_config_is_frozen_hashable_and_overridable(served):
+    mt, _ = served
+    config = jaxmt.SchedulerConfig(max_delay_ms=1, overload_policy="serve_late")
+    assert config.max_delay_ms == 1.0 and isinstance(config.max_delay_ms, float)
+    assert hash(config) == hash(jaxmt.SchedulerConfig(max_delay_ms=1.0, overload_policy="serve_late"))
+    with pytest.raises(AttributeError):
+        config.max_delay_ms = 3.0
+    with pytest.raises(TypeError, match="unknown scheduler option"):
+        jaxmt.Scheduler(mt, max_dealy_ms=1.0)
+    with pytest.raises(TypeError, match="MultiTenantModel"):
+        jaxmt.Scheduler(object())
+    with jaxmt.Scheduler(mt, 3.0, config=config, pipeline_depth=1) as sched:
+        assert (sched.config.max_delay_ms, sched.config.overload_policy, sched.config.pipeline_depth) == (3.0, "serve_late", 1)
+
+
+# ------------------------------------------------------------------ correctness under load
+def test_many_threads_thousands_of_requests_match_reference(served, monkeypatch):
+    mt, params = served
+    recorder = RecordingDispatch(mt)
+    monkeypatch.setattr(mt, "dispatch", recorder)
+    tenants, threads, per_thread = list(params), 8, 250
+    results: list[list] = [[] for _ in range(threads)]
+
+    def client(index: int) -> None:
+        rng = np.random.default_rng(1000 + index)
+        for _ in range(per_thread):
+            tenant = tenants[rng.integers(len(tenants))]
+            x = rows(rng, int(rng.integers(1, 7)))  # up to 6 rows: more than the largest row bucket
+            slo = float(rng.choice([5.0, 50.0, 500.0]))
+            results[index].append((tenant, x, sched.submit(tenant, x, slo_ms=slo)))
+
+    with jaxmt.Scheduler(mt, max_delay_ms=1.0, overload_policy="serve_late", max_queue_rows=None) as sched:
+        workers = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        answered = [(t, x, f.result(timeout=TIMEOUT_S)) for part in results for t, x, f in part]
+        metrics = sched.metrics()
+    check_against_reference(params, answered)
+    total = threads * per_thread
+    assert metrics["overall"]["count"] == metrics["overall"]["ok"] == total
+    assert sum(m["count"] for m in metrics["tenants"].values()) == total
+    assert metrics["overall"]["queue_depth"] == 0 and metrics["steps"]["in_flight"] == 0 and not sched._outstanding
+    # Steps respect the largest bucket: every program call of a step is one planned program.
+    assert sum(len(x) for _, x in recorder.calls) == sum(len(x) for t, x, _ in answered)
+    for ids, _ in recorder.calls:
+        assert len(jaxmt.make_plan(mt.store.slots_of(ids), mt.buckets).steps) == 1
+    steps = metrics["steps"]
+    assert round(steps["steps"] * steps["programs_per_step"]) == len(recorder.calls)
+    assert 1.0 <= metrics["steps"]["mean_tenants_per_step"] <= 4.0
+
+
+def test_submit_async_and_pytree_of_rows(served, rng):
+    mt, params = served
+
+    async def main(sched):
+        xs = [(f"t{i % 6}", rows(rng, 1 + i % 3)) for i in range(24)]
+        ys = await asyncio.gather(*(sched.submit_async(t, x) for t, x in xs))
+        with pytest.raises(jaxmt.UnknownTenantError):
+            await sched.submit_async("nobody", rows(rng))
+        return [(t, x, y) for (t, x), y in zip(xs, ys)]
+
+    with jaxmt.Scheduler(mt, max_delay_ms=0.5, overload_policy="serve_late") as sched:
+        answered = asyncio.run(main(sched))
+    check_against_reference(params, answered)
+
+
+# ------------------------------------------------------------------ validation at submit
+def test_bad_requests_raise_at_submit_and_never_enter_the_queue(served, rng):
+    mt, _ = served
+    with pytest.raises(jaxmt.UnknownTenantError) as from_predict:
+        mt.predict(["nobody"], rows(rng))
+    with jaxmt.Scheduler(mt, max_delay_ms=10_000.0) as sched:
+        with pytest.raises(jaxmt.UnknownTenantError) as from_submit:
+            sched.submit("nobody", rows(rng))
+        assert type(from_submit.value) is type(from_predict.value) and isinstance(from_submit.value, KeyError)
+        with pytest.raises(jaxmt.UnknownTenantError):
+            sched.submit(["unhashable"], rows(rng))
+        with pytest.raises(jaxmt.InputError, match="shape"):
+            sched.submit("t0", rng.standard_normal((2, ROW + 1)).astype(np.float32))
+        with pytest.raises(jaxmt.InputError, match="dtype"):
+            sched.submit("t0", rng.standard_normal((2, ROW)))  # float64
+        with pytest.raises(jaxmt.InputError, match="rows"):
+            sched.submit("t0", np.zeros((0, ROW), np.float32))
+        with pytest.raises(jaxmt.InputError):
+            sched.submit("t0", np.float32(1.0))
+        for slo in (-1.0, 0.0, float("nan"), float("inf"), 1e12, "fast", True, [50.0]):
+            with pytest.raises(ValueError, match="slo_ms"):
+                sched.submit("t0", rows(rng), slo_ms=slo)
+        overall = sched.metrics()["overall"]
+        assert overall["count"] == 0 and overall["queue_depth"] == 0
+
+
+# ------------------------------------------------------------------ close
+def test_close_drain_serves_everything_queued(served, rng):
+    mt, params = served
+    sched = jaxmt.Scheduler(mt, max_delay_ms=60_000.0)  # nothing is due before close
+    queued = [(t, x, sched.submit(t, x)) for t, x in [("t0", rows(rng, 2)), ("t1", rows(rng)), ("t0", rows(rng, 3))]]
+    sched.close(drain=True)
+    check_against_reference(params, [(t, x, f.result(timeout=TIMEOUT_S)) for t, x, f in queued])
+    with pytest.raises(jaxmt.SchedulerClosed):
+        sched.submit("t0", rows(rng))
+    sched.close()  # idempotent
+    assert sched.closed
+
+
+def test_close_without_drain_fails_queued_and_finishes_in_flight(served, monkeypatch, rng):
+    mt, params = served
+    held = RecordingDispatch(mt, hold=True)
+    monkeypatch.setattr(mt, "dispatch", held)
+    sched = jaxmt.Scheduler(mt, max_delay_ms=0.0, pipeline_depth=1)
+    x0 = rows(rng)
+    in_flight = sched.submit("t2", x0)
+    held.wait_calls(1)  # launched, its result held back; pipeline depth 1: the rest must wait
+    queued = [sched.submit(f"t{i}", rows(rng)) for i in range(4)]
+    closer = threading.Thread(target=sched.close, kwargs={"drain": False})
+    closer.start()
+    for future in queued:
+        with pytest.raises(jaxmt.SchedulerClosed):
+            future.result(timeout=TIMEOUT_S)
+    held.release.set()
+    closer.join(TIMEOUT_S)
+    assert not closer.is_alive()
+    check_against_reference(params, [("t2", x0, in_flight.result(timeout=TIMEOUT_S))])
+    overall = sched.metrics()["overall"]
+    assert (overall["count"], overall["ok"], overall["errors"]) == (5, 1, 4)
+
+
+def test_with_block_drains_on_exit(served, rng):
+    mt, params = served
+    with jaxmt.Scheduler(mt, max_delay_ms=60_000.0) as sched:
+        queued = [(f"t{i}", x, sched.submit(f"t{i}", x)) for i, x in enumerate([rows(rng), rows(rng, 4)])]
+    assert all(f.done() for _, _, f in queued)
+    check_against_reference(params, [(t, x, f.result()) for t, x, f in queued])
+
+
+def test_cancelled_request_is_skipped(served, rng):
+    mt, params = served
+    with jaxmt.Scheduler(mt, max_delay_ms=60_000.0) as sched:
+        keep, drop = rows(rng), rows(rng)
+        kept, cancelled = sched.submit("t0", keep), sched.submit("t1", drop)
+        assert cancelled.cancel()
+    assert cancelled.cancelled() and not sched._outstanding
+    check_against_reference(params, [("t0", keep, kept.result(timeout=TIMEOUT_S))])
+
+
+# ------------------------------------------------------------------ failures
+@pytest.mark.parametrize("where", ["launch", "result"])
+def test_a_failing_step_fails_only_its_own_requests(served, monkeypatch, rng, where):
+    mt, params = served
+    recorder = RecordingDispatch(mt)
+    poisoned = lambda x: bool(np.any(x == 1234.0))
+    setattr(recorder, f"raise_on_{where}", poisoned)
+    monkeypatch.setattr(mt, "dispatch", recorder)
+    with jaxmt.Scheduler(mt, max_delay_ms=0.5, overload_policy="serve_late") as sched:
+        poison = np.full((1, ROW), 1234.0, np.float32)
+        with pytest.raises(RuntimeError, match="injected"):
+            sched.submit("t0", poison).result(timeout=TIMEOUT_S)
+        mixed = []
+        for i in range(60):  # concurrent company: some share the poisoned step, most do not
+            tenant, x = f"t{i % 6}", (poison if i == 30 else rows(rng))
+            mixed.append((tenant, x, sched.submit(tenant, x)))
+        answered, failed = [], []
+        for tenant, x, future in mixed:
+            error = future.exception(timeout=TIMEOUT_S)
+            (answered if error is None else failed).append((tenant, x, future))
+        check_against_reference(params, [(t, x, f.result()) for t, x, f in answered])
+        poisoned_steps = [x_step for _, x_step in recorder.calls if poisoned(x_step)]
+        for _, x, future in failed:  # every failure was in a step with the poison
+            assert any(np.any(np.all(x_step == x[0], axis=1)) for x_step in poisoned_steps)
+            assert isinstance(future.exception(), RuntimeError)
+        # The loop goes on after failures.
+        x = rows(rng)
+        check_against_reference(params, [("t3", x, sched.submit("t3", x).result(timeout=TIMEOUT_S))])
+        assert sched.metrics()["steps"]["failed_steps"] == len(poisoned_steps)
+
+
+def test_a_bug_in_the_dispatch_loop_fails_requests_instead_of_losing_them(served, monkeypatch, rng, caplog):
+    mt, _ = served
+    sched = jaxmt.Scheduler(mt, max_delay_ms=0.0)
+    form = sched._form_step_locked
+
+    def broken(now, est):  # takes the requests off the queue, then fails
+        form(now, est)
+        raise RuntimeError("injected scheduler bug")
+
+    monkeypatch.setattr(sched, "_form_step_locked", broken)
+    with caplog.at_level(logging.ERROR, logger="jaxmt"):
+        future = sched.submit("t0", rows(rng))
+        with pytest.raises(RuntimeError, match="injected scheduler bug"):
+            future.result(TIMEOUT_S)
+    sched.close()
+    assert sched.closed and not sched._outstanding
+    assert any("dispatch loop failed" in r.getMessage() for r in caplog.records)
+
+
+def test_tenant_removed_while_queued_fails_through_its_future():
+    mt, params = make_model(3, max_tenants=4, max_rows=2)
+    rng = np.random.default_rng(7)
+    with jaxmt.Scheduler(mt, max_delay_ms=60_000.0) as sched:
+        x_gone, x_kept = rows(rng), rows(rng)
+        gone, kept = sched.submit("t0", x_gone), sched.submit("t1", x_kept)
+        mt.remove_tenant("t0")
+        with pytest.raises(jaxmt.UnknownTenantError):
+            sched.submit("t0", rows(rng))
+    with pytest.raises(jaxmt.UnknownTenantError, match="t0") as info:
+        gone.result(timeout=TIMEOUT_S)
+    assert isinstance(info.value, KeyError)
+    check_against_reference(params, [("t1", x_kept, kept.result(timeout=TIMEOUT_S))])
+
+
+# ------------------------------------------------------------------ step formation
+def test_pipeline_launches_the_next_step_while_one_runs(served, monkeypatch, rng):
+    mt, params = served
+    held = RecordingDispatch(mt, hold=True)
+    monkeypatch.setattr(mt, "dispatch", held)
+    with jaxmt.Scheduler(mt, max_delay_ms=0.0, pipeline_depth=2) as sched:
+        first = (rows(rng), rows(rng))
+        futures = [sched.submit("t0", first[0])]
+        held.wait_calls(1)
+        futures.append(sched.submit("t1", first[1]))
+        held.wait_calls(2)  # launched although step 1 has not finished
+        assert not futures[0].done()
+        held.release.set()
+        check_against_reference(params, [("t0", first[0], futures[0].result(TIMEOUT_S)), ("t1", first[1], futures[1].result(TIMEOUT_S))])
+
+
+def test_steps_are_deadline_first_up_to_the_largest_bucket(served, monkeypatch, rng):
+    mt, _ = served
+    clock = FakeClock()
+    held = RecordingDispatch(mt, hold=True)
+    monkeypatch.setattr(mt, "dispatch", held)
+    with jaxmt.Scheduler(mt, max_delay_ms=0.0, pipeline_depth=1, clock=clock, overload_policy="serve_late") as sched:
+        blocker = sched.submit("t0", rows(rng))
+        held.wait_calls(1)
+        # Six tenants queue behind the held step; deadlines are not in arrival order.
+        slos = {"t0": 400.0, "t1": 100.0, "t2": 600.0, "t3": 200.0, "t4": 500.0, "t5": 300.0}
+        futures = {t: sched.submit(t, rows(rng), slo_ms=slo) for t, slo in slos.items()}
+        held.release.set()
+        blocker.result(TIMEOUT_S)
+        for future in futures.values():
+            future.result(TIMEOUT_S)
+    step_tenants = [sorted(set(ids)) for ids, _ in held.calls[1:]]
+    assert step_tenants == [["t0", "t1", "t3", "t5"], ["t2", "t4"]]  # 4 = the largest tenant bucket
+
+
+def test_optional_company_that_would_only_pad_waits_for_the_next_step(served, monkeypatch, rng):
+    mt, _ = served
+    clock = FakeClock()
+    recorder = RecordingDispatch(mt)
+    monkeypatch.setattr(mt, "dispatch", recorder)
+    with jaxmt.Scheduler(mt, max_delay_ms=10.0, clock=clock, overload_policy="serve_late") as sched:
+        oldest = sched.submit("t0", rows(rng))
+        clock.advance(0.005)
+        young = [sched.submit("t1", rows(rng)), sched.submit("t2", rows(rng))]
+        clock.advance(0.005)  # t0 is due; t1, t2 are optional: 3 entries would pad to 4
+        oldest.result(TIMEOUT_S)
+        young[0].result(TIMEOUT_S)
+        assert sorted(set(recorder.calls[0][0])) == ["t0", "t1"]
+        assert not young[1].done()
+        clock.advance(0.005)  # now t2 is due too
+        young[1].result(TIMEOUT_S)
+    assert [sorted(set(ids)) for ids, _ in recorder.calls] == [["t0", "t1"], ["t2"]]
+
+
+def test_a_tenant_with_many_rows_gets_its_own_program_call(served, monkeypatch, rng):
+    mt, params = served
+    held = RecordingDispatch(mt, hold=True)
+    monkeypatch.setattr(mt, "dispatch", held)
+    with jaxmt.Scheduler(mt, max_delay_ms=0.0, pipeline_depth=1, overload_policy="serve_late") as sched:
+        blocker = sched.submit("t5", rows(rng))
+        held.wait_calls(1)
+        queued = [("t0", rows(rng, 4)), ("t1", rows(rng)), ("t2", rows(rng)), ("t3", rows(rng))]
+        futures = [(t, x, sched.submit(t, x)) for t, x in queued]
+        held.release.set()
+        blocker.result(TIMEOUT_S)
+        answered = [(t, x, f.result(TIMEOUT_S)) for t, x, f in futures]
+        steps = sched.metrics()["steps"]
+    check_against_reference(params, answered)
+    # One program for all four would pad every tenant to 4 rows (16 computed); two calls
+    # (3 tenants x 1 row padded to K=4, and 1 x 4) compute 8, worth a launch (valued 4 rows).
+    assert [sorted(set(ids)) for ids, _ in held.calls[1:]] == [["t0"], ["t1", "t2", "t3"]]
+    assert (steps["steps"], steps["programs_per_step"]) == (2, 1.5)
+    assert steps["padding_waste"] == pytest.approx(1 - 8 / 9, abs=1e-5)  # 1 + 7 real rows, 1 + 8 computed
+
+
+def test_step_cost_model_learns_the_launch_cost():
+    from jaxmt.scheduler import _StepCost
+
+    cost = _StepCost(min_samples=4)
+    assert cost.launch_cost_rows(default=7.0) == 7.0
+    for programs, padded in [(1, 4), (1, 16), (2, 8), (1, 64), (3, 32), (2, 128)]:
+        cost.observe(programs, padded, 0.002 * programs + 0.0001 * padded)
+    assert cost.launch_cost_rows(default=7.0) == pytest.approx(20.0)
+    constant = _StepCost(min_samples=2)
+    for _ in range(5):
+        constant.observe(1, 16, 0.01)  # sizes never vary: launch and row costs not separable
+    assert constant.launch_cost_rows(default=7.0) == 7.0
+
+
+# ------------------------------------------------------------------ SLO accounting and overload
+def test_slo_misses_are_counted_and_a_straggler_is_flagged(served, monkeypatch, rng, caplog):
+    mt, _ = served
+    clock = FakeClock()
+    monkeypatch.setattr(mt, "dispatch", RecordingDispatch(mt, clock=clock, step_s=0.1))  # every step: 100 ms
+    options = {"max_delay_ms": 0.0, "clock": clock, "overload_policy": "serve_late", "overload_factor": 0.5,
+               "flag_window": 8, "flag_min_requests": 4}
+    with caplog.at_level(logging.WARNING, logger="jaxmt"), jaxmt.Scheduler(mt, **options) as sched:
+        for _ in range(6):
+            sched.submit("t0", rows(rng), slo_ms=50.0).result(TIMEOUT_S)  # misses
+            sched.submit("t1", rows(rng), slo_ms=500.0).result(TIMEOUT_S)  # meets
+        metrics = sched.metrics()
+    slow, fast = metrics["tenants"]["t0"], metrics["tenants"]["t1"]
+    assert (slow["count"], slow["ok"], slow["slo_met"], slow["slo_attainment"]) == (6, 6, 0, 0.0)
+    assert (fast["count"], fast["slo_met"], fast["slo_attainment"]) == (6, 6, 1.0)
+    assert slow["p50_ms"] == pytest.approx(100.0) and slow["max_ms"] == pytest.approx(100.0)
+    assert slow["flagged"] and not fast["flagged"] and metrics["flagged_tenants"] == ["t0"]
+    assert metrics["overall"]["slo_attainment"] == 0.5 and metrics["overall"]["count"] == 12
+    assert slow["admitted_late"] == 5 and fast["admitted_late"] == 0  # late once 100 ms steps were seen
+    assert metrics["steps"]["est_step_ms"] == pytest.approx(100.0)
+    assert any("'t0'" in r.getMessage() and "SLO" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("policy", ["reject", "serve_late"])
+def test_overload_fails_fast_or_is_served_late(served, monkeypatch, rng, policy):
+    mt, params = served
+    clock = FakeClock()
+    monkeypatch.setattr(mt, "dispatch", RecordingDispatch(mt, clock=clock, step_s=1.0))  # every step: 1 s
+    with jaxmt.Scheduler(mt, max_delay_ms=0.0, clock=clock, overload_policy=policy) as sched:
+        sched.submit("t0", rows(rng), slo_ms=5_000.0).result(TIMEOUT_S)  # teaches the 1 s step time
+        x = rows(rng)
+        future = sched.submit("t1", x, slo_ms=50.0)  # predicted 1000 ms: past 50 ms by > 1 x SLO
+        if policy == "reject":
+            assert future.done()  # failed fast, before any step
+            with pytest.raises(jaxmt.Overloaded, match="t1"):
+                future.result()
+        else:
+            check_against_reference(params, [("t1", x, future.result(TIMEOUT_S))])
+        metrics = sched.metrics()["tenants"]["t1"]
+    assert (metrics["rejected"], metrics["admitted_late"]) == ((1, 0) if policy == "reject" else (0, 1))
+    assert metrics["slo_met"] == 0
+
+
+def test_queued_requests_that_became_hopeless_are_shed(served, monkeypatch, rng):
+    mt, _ = served
+    clock = FakeClock()
+    held = RecordingDispatch(mt, clock=clock, step_s=1.0, hold=True)
+    monkeypatch.setattr(mt, "dispatch", held)
+    with jaxmt.Scheduler(mt, max_delay_ms=0.0, clock=clock, pipeline_depth=1, overload_factor=0.0) as sched:
+        held.release.set()
+        sched.submit("t0", rows(rng), slo_ms=10_000.0).result(TIMEOUT_S)  # est: 1 s per step
+        held.release.clear()
+        blocker = sched.submit("t0", rows(rng), slo_ms=10_000.0)
+        held.wait_calls(2)
+        waiting = sched.submit("t1", rows(rng), slo_ms=5_000.0)  # predicted 2 s: admitted
+        clock.advance(10.0)  # while it waits, its deadline passes
+        held.release.set()
+        blocker.result(TIMEOUT_S)
+        with pytest.raises(jaxmt.Overloaded, match="waited"):
+            waiting.result(TIMEOUT_S)
+    assert len(held.calls) == 2  # the hopeless request never reached the device
+
+
+def test_full_queue_rejects_under_either_policy(served, rng):
+    mt, _ = served
+    with jaxmt.Scheduler(mt, max_delay_ms=60_000.0, max_queue_rows=4, overload_policy="serve_late") as sched:
+        accepted = [sched.submit("t0", rows(rng, 2)), sched.submit("t1", rows(rng, 2))]
+        with pytest.raises(jaxmt.Overloaded, match="queue full"):
+            sched.submit("t2", rows(rng)).result(timeout=0)
+    assert all(f.result(TIMEOUT_S).shape == (2, 3) for f in accepted)
+
+
+# ------------------------------------------------------------------ the queue itself
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 9), st.integers(0, 50), st.booleans()), max_size=40))
+def test_edf_queue_pops_by_deadline_and_keeps_counts(ops):
+    queue, live = _EdfQueue(entry_rows=4), []
+    for seq, (tenant, n_rows, deadline, pop) in enumerate(ops):
+        if pop and live:
+            req = queue.pop()
+            best = min(live, key=lambda r: (r.deadline_s, r.seq))
+            assert req is best
+            live.remove(req)
+        else:
+            req = _Request(tenant, np.zeros((n_rows, 1)), None, float(seq), float(deadline), 1.0, seq)
+            queue.push(req)
+            live.append(req)
+        assert len(queue) == len(live) and queue.rows == sum(r.rows for r in live)
+        per_tenant = {}
+        for r in live:
+            per_tenant[r.tenant_id] = per_tenant.get(r.tenant_id, 0) + r.rows
+        assert queue.tenant_rows == per_tenant
+        assert queue.entries == sum(-(-v // 4) for v in per_tenant.values())
+        if live:
+            assert queue.oldest_submitted() == min(r.submitted_s for r in live)
+            assert queue.earliest_deadline() == min(r.deadline_s for r in live)
+    assert [r.seq for r in queue.drain()] == sorted(r.seq for r in live) and len(queue) == 0
