@@ -13,7 +13,10 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("jaxmt.train_cli", "train many small models (a hyperparameter search on digits) as one program"),
+    "soak": ("jaxmt.soak", "soak test: many threads and tenants, tenants churning; checks nothing is lost or wrong"),
     "demo": ("jaxmt.demo", "serve a few dozen small ResNets as one program and compare with baselines"),
+    "batch": ("jaxmt.batch", "predict a manifest of (tenant, input file) entries from a store checkpoint, resumably"),
 }
 
 

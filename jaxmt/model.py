@@ -20,11 +20,13 @@ import numpy as np
 
 from jaxmt.buckets import BucketPolicy, Plan, Step, make_plan
 from jaxmt.errors import InputError
-from jaxmt.lowering import tenant_batched
+from jaxmt.lowering import LoweringPolicy, lowering_key, tenant_batched
 from jaxmt.programs import ProgramCache, ProgramKey
 from jaxmt.store import TenantStore
 
 PyTree = Any
+
+NONFINITE_INPUT_POLICIES = ("pass", "reject")
 
 
 def _step_program(apply_kb: Callable, treedef: Any, leaves: list[jax.Array], slots: jax.Array, x_kb: PyTree) -> PyTree:
@@ -44,6 +46,8 @@ class PendingPrediction:
     plan: Plan
     outputs: list[PyTree]
     empty_output: PyTree  # ShapeDtypeStruct pytree of one row, for allocating the answer
+    # Request rows holding NaN or Inf, passed through under nonfinite_inputs="pass".
+    nonfinite_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
     def result(self) -> PyTree:
         flat_spec, treedef = jax.tree_util.tree_flatten(self.empty_output)
@@ -75,8 +79,15 @@ class MultiTenantModel:
         fixes them and later calls must match.
       max_capacity: limit on store slots; adding past it raises CapacityError.
       max_programs: bound of the compiled-program LRU cache.
-      lowering: how the model is batched over tenants (see ``jaxmt.lowering``).
+      lowering: how the model is batched over tenants (see ``jaxmt.lowering``): "vmap"
+        (plain jax.vmap), "auto" (per-layer choice: cached, measured on a GPU, or a rule),
+        "rule", a conv lowering forced everywhere (e.g. "einsum", "loop"), a mapping of
+        per-layer overrides, or a ``jaxmt.lowering.LoweringPolicy``.
       device: where the store and programs live (default: the first JAX device).
+      nonfinite_inputs: what a floating input row holding NaN or Inf gets: "pass" (computed
+        as given, its tenant's answer is the model's; counted in ``stats()["nonfinite_rows"]``
+        and listed in ``PendingPrediction.nonfinite_rows``) or "reject" (``InputError`` naming
+        the first such row and its tenant; nothing is computed).
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, jaxmt
@@ -107,17 +118,22 @@ class MultiTenantModel:
         row_dtype: Any = None,
         max_capacity: int | None = None,
         max_programs: int = 256,
-        lowering: str = "vmap",
+        lowering: "str | LoweringPolicy | Mapping[str, str]" = "vmap",
         device: jax.Device | None = None,
+        nonfinite_inputs: str = "pass",
     ):
         if not callable(apply_fn):
             raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
         if buckets is not None and not isinstance(buckets, BucketPolicy):
             raise TypeError(f"buckets must be a jaxmt.BucketPolicy, got {type(buckets).__name__}")
+        if nonfinite_inputs not in NONFINITE_INPUT_POLICIES:
+            raise ValueError(f"nonfinite_inputs must be one of {NONFINITE_INPUT_POLICIES}, got {nonfinite_inputs!r}")
+        self.nonfinite_inputs = nonfinite_inputs
         self.apply_fn = apply_fn
         self.buckets = buckets if buckets is not None else BucketPolicy()
-        self.store = TenantStore(example_params, capacity, max_capacity=max_capacity, device=device)
+        self.store = self._make_store(example_params, capacity, max_capacity, device)
         self.lowering = lowering
+        self._lowering_key = lowering_key(lowering)  # validates; distinct programs per policy
         self._apply_kb = tenant_batched(apply_fn, lowering)
         self.programs = ProgramCache(self._build_program, max_programs=max_programs)
         self._row_shape: tuple[int, ...] | None = None if row_shape is None else tuple(int(d) for d in row_shape)
@@ -129,6 +145,7 @@ class MultiTenantModel:
         self._steps = 0
         self._rows = 0
         self._padded_rows = 0
+        self._nonfinite_rows = 0
 
     # ------------------------------------------------------------- adapters
     @classmethod
@@ -212,19 +229,35 @@ class MultiTenantModel:
         return self.dispatch(tenant_ids, x).result()
 
     def dispatch(self, tenant_ids: Sequence[Hashable], x: Any) -> PendingPrediction:
-        """Validates, plans and launches the steps without waiting for the device."""
+        """Validates, plans and launches the steps without waiting for the device.
+
+        Raises what ``predict`` raises, and leaves the model as it was: in particular a
+        first request that fails does not fix the input row shape, and a zero-row request
+        never does.
+        """
         x = self._check_input(tenant_ids, x)
+        nonfinite_rows = _nonfinite_row_indices(x) if self.nonfinite_inputs == "pass" else _NO_ROWS
         with self.store.lock:
             slots = self.store.slots_of(tenant_ids)
-            if self._row_shape is None:  # the first valid request fixes the input rows
+            if slots.size == 0:
+                return PendingPrediction(make_plan(slots, self.buckets), [], self._empty_output_spec(x))
+            fixes_rows = self._row_shape is None  # the first valid request fixes the input rows
+            if fixes_rows:
                 self._row_shape, self._row_dtype = tuple(x.shape[1:]), x.dtype
-            plan = make_plan(slots, self.buckets)
-            outputs = [self._launch(step, x) for step in plan.steps]
+            try:
+                plan = self._plan(slots)
+                outputs = [self._launch(step, x) for step in plan.steps]
+                empty_output = self._output_row_spec()
+            except BaseException:
+                if fixes_rows:
+                    self._row_shape = self._row_dtype = self._row_output = None
+                raise
         with self._counter_lock:
             self._steps += len(plan.steps)
             self._rows += plan.rows
             self._padded_rows += plan.padded_rows
-        return PendingPrediction(plan, outputs, self._output_row_spec())
+            self._nonfinite_rows += len(nonfinite_rows)
+        return PendingPrediction(plan, outputs, empty_output, nonfinite_rows)
 
     def run_step(self, step: Step, x_kb: np.ndarray) -> PyTree:
         """Launches one planned step on already-gathered input [K, B, *row_shape] (caller holds ``store.lock``)."""
@@ -268,23 +301,36 @@ class MultiTenantModel:
         """Counters: compiles, cache hits and misses, compile seconds, padding, tenants, bytes."""
         with self._counter_lock:
             steps, rows, padded = self._steps, self._rows, self._padded_rows
+            nonfinite_rows = self._nonfinite_rows
         return {
             **self.programs.stats(),
             "steps": steps,
             "rows": rows,
             "padded_rows": padded,
             "padding_waste": 0.0 if padded == 0 else round(1.0 - rows / padded, 6),
+            "nonfinite_rows": nonfinite_rows,
             **self.store.stats(),
         }
 
     # ------------------------------------------------------------- internals
+    def _make_store(self, example_params: PyTree, capacity: int | None, max_capacity: int | None, device: Any) -> TenantStore:
+        """The store (a hook: ``jaxmt.sharding`` lays it over a device mesh)."""
+        return TenantStore(example_params, capacity, max_capacity=max_capacity, device=device)
+
+    def _plan(self, slots: np.ndarray) -> Plan:
+        """The steps answering rows with these slots (a hook: ``jaxmt.sharding`` plans per device)."""
+        return make_plan(slots, self.buckets)
+
     def _key(self, k: int, b: int) -> ProgramKey:
-        return ProgramKey(k, b, self.store.capacity, self._row_shape, self._row_dtype.name, self.lowering)
+        return ProgramKey(k, b, self.store.capacity, self._row_shape, self._row_dtype.name, self._lowering_key)
 
     def _build_program(self, key: ProgramKey) -> Any:
-        leaves = [jax.ShapeDtypeStruct((key.capacity, *s.shape), s.dtype) for s in self.store.leaf_specs]
-        slots = jax.ShapeDtypeStruct((key.tenant_bucket,), jnp.int32)
-        x_kb = jax.ShapeDtypeStruct((key.tenant_bucket, key.row_bucket, *key.row_shape), key.row_dtype)
+        # Compiled for the store's device: with the default placement a model built with
+        # device=<not the first device> would get programs that reject its own store.
+        on_device = jax.sharding.SingleDeviceSharding(self.store.device)
+        leaves = [jax.ShapeDtypeStruct((key.capacity, *s.shape), s.dtype, sharding=on_device) for s in self.store.leaf_specs]
+        slots = jax.ShapeDtypeStruct((key.tenant_bucket,), jnp.int32, sharding=on_device)
+        x_kb = jax.ShapeDtypeStruct((key.tenant_bucket, key.row_bucket, *key.row_shape), key.row_dtype, sharding=on_device)
         fn = functools.partial(_step_program, self._apply_kb, self.store._treedef)
         return jax.jit(fn).lower(leaves, slots, x_kb).compile()
 
@@ -302,11 +348,51 @@ class MultiTenantModel:
             raise InputError(f"x rows have shape {list(x.shape[1:])}, expected {list(self._row_shape)} (x is {list(x.shape)})")
         if x.dtype != self._row_dtype:
             raise InputError(f"x has dtype {x.dtype.name}, expected {self._row_dtype.name}")
+        self.check_finite(tenant_ids, x)
         return x
+
+    def check_finite(self, tenant_ids: Sequence[Hashable], x: np.ndarray) -> None:
+        """Under ``nonfinite_inputs="reject"``, raises InputError naming the first row of ``x``
+        holding NaN or Inf and its tenant; a no-op under "pass". Servers call it at submit, so
+        that one bad request is refused alone instead of failing a step it shares."""
+        if self.nonfinite_inputs != "reject":
+            return
+        bad = _nonfinite_row_indices(x)
+        if bad.size:
+            row = int(bad[0])
+            raise InputError(
+                f"row {row} (tenant {tenant_ids[row]!r}) holds NaN or Inf values; "
+                f"{bad.size} of {x.shape[0]} rows do (nonfinite_inputs='reject')"
+            )
 
     def _output_row_spec(self) -> PyTree:
         if self._row_output is None:
-            x1 = jax.ShapeDtypeStruct((1, *self._row_shape), self._row_dtype)
-            out = jax.eval_shape(self.apply_fn, self.store.template, x1)
-            self._row_output = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), out)
+            self._row_output = _row_output_spec(self.apply_fn, self.store.template, self._row_shape, self._row_dtype)
         return self._row_output
+
+    def _empty_output_spec(self, x: np.ndarray) -> PyTree:
+        """Output row spec for a zero-row request, which must not fix the row shape."""
+        if self._row_shape is not None:
+            return self._output_row_spec()
+        try:
+            return _row_output_spec(self.apply_fn, self.store.template, x.shape[1:], x.dtype)
+        except Exception as exc:
+            raise InputError(f"x rows of shape {list(x.shape[1:])} and dtype {x.dtype.name} do not fit the model: {exc}") from exc
+
+
+_NO_ROWS = np.zeros(0, np.int64)
+
+
+def _nonfinite_row_indices(x: np.ndarray) -> np.ndarray:
+    """Indices of the rows of x holding NaN or Inf (none for integer inputs): one pass over x."""
+    if x.shape[0] == 0 or not np.issubdtype(x.dtype, np.inexact):
+        return _NO_ROWS
+    finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
+    return _NO_ROWS if finite.all() else np.flatnonzero(~finite)
+
+
+def _row_output_spec(apply_fn: Callable, template: PyTree, row_shape: Sequence[int], row_dtype: Any) -> PyTree:
+    """ShapeDtypeStruct pytree of ONE output row for input rows of the given shape and dtype."""
+    x1 = jax.ShapeDtypeStruct((1, *row_shape), row_dtype)
+    out = jax.eval_shape(apply_fn, template, x1)
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), out)

@@ -1,0 +1,51 @@
+"""Soak: threads submit many requests while tenants come and go; none is lost, none is wrong.
+
+The short run here is the CI version of ``python -m jaxmt soak`` (100k requests, 16 threads,
+64 tenants), which is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jaxmt import cli
+from jaxmt.soak import run_soak
+
+EXPECTED_ERRORS = {"UnknownTenantError", "Overloaded"}  # tenant removed while queued; load shed
+
+
+def _assert_passed(report, requests: int, churn: int) -> None:
+    assert report.lost == 0, report.summary_line()
+    assert report.wrong == 0, report.summary_line()
+    assert report.requests == requests
+    assert report.answered + sum(report.errors.values()) == requests  # every request accounted for
+    assert set(report.errors) <= EXPECTED_ERRORS, report.errors
+    assert report.answered > 0.9 * requests
+    assert report.tenants_removed == churn and report.tenants_added == report.config["tenants"] + churn
+    assert report.steps["failed_steps"] == 0 and report.steps["steps"] > 0
+    assert report.memory_flat, (report.host_rss_mb, report.device_mb)
+    assert report.ok
+    assert f"requests={requests} " in report.summary_line() and " lost=0 " in report.summary_line()
+
+
+def test_short_soak_loses_nothing_and_answers_right():
+    report = run_soak(requests=4000, threads=8, tenants=16, churn=12, window=16, seed=1)
+    _assert_passed(report, 4000, 12)
+
+
+def test_soak_command_line_prints_the_summary_and_json(capsys):
+    code = cli.main(["soak", "--requests", "400", "--threads", "4", "--tenants", "6", "--churn", "3", "--json", "--seed", "2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    summary, payload = out.split("\n", 1)
+    assert summary.startswith("soak: requests=400 ") and " lost=0 " in summary and summary.endswith("OK")
+    report = json.loads(payload)
+    assert report["lost"] == 0 and report["wrong"] == 0 and report["ok"] is True
+
+
+@pytest.mark.slow
+def test_full_soak():
+    report = run_soak()  # 100k requests, 16 threads, 64 tenants, 100 replaced
+    _assert_passed(report, 100_000, 100)
