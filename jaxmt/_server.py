@@ -253,6 +253,8 @@ class _ServerBase:
         """Records the request's latency and outcome, then completes its future."""
         self._outstanding.pop(req.seq, None)
         self._latency.record(req.tenant_id, 1e3 * (self._clock() - req.submitted_s), req.slo_ms, error)
+        if isinstance(error, UnknownTenantError):  # the tenant left: keep no stats for it
+            self._latency.forget_absent(lambda tenant_id: tenant_id in self.mt)
         try:
             if error is None:
                 req.future.set_result(result)

@@ -12,7 +12,7 @@ import collections
 import logging
 import math
 import threading
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -70,7 +70,7 @@ class LatencyRecorder:
 
     def __init__(
         self,
-        window: int = 65536,
+        window: int = 4096,
         flag_window: int = 64,
         flag_min_requests: int = 16,
         flag_below_attainment: float = 0.9,
@@ -105,6 +105,15 @@ class LatencyRecorder:
             stats.slo_met += met
             stats.recent_met.append(met)
             self._update_flag(tenant_id, stats)
+
+    def forget_absent(self, resident: Callable[[Hashable], bool]) -> int:
+        """Drops the records of tenants for which ``resident(tenant_id)`` is False (removed
+        tenants), so a server with tenant churn holds bounded memory; returns how many."""
+        with self._lock:
+            gone = [t for t in self._tenants if not resident(t)]
+            for tenant_id in gone:
+                del self._tenants[tenant_id]
+            return len(gone)
 
     def note_admitted_late(self, tenant_id: Hashable) -> None:
         """A request admitted although predicted to finish past its overload bound."""

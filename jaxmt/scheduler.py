@@ -79,7 +79,7 @@ class SchedulerConfig:
     flag_window: int = 64
     flag_min_requests: int = 16
     flag_below_attainment: float = 0.9
-    latency_window: int = 65536
+    latency_window: int = 4096
     clock: Callable[[], float] = dataclasses.field(default=time.monotonic, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -117,3 +117,14 @@ def test_prometheus_text_format():
     assert 'jaxmt_latency_ms{tenant="7",server="jaxmt",quantile="0.99"} 70' in text
     assert 'jaxmt_step_in_flight{server="jaxmt"} 1' in text
     assert "est_step_ms" not in text  # unknown yet (None): left out, never NaN
+
+
+def test_recorder_forgets_removed_tenants():
+    from jaxmt.metrics import LatencyRecorder
+
+    recorder = LatencyRecorder(window=8)
+    for tenant in ("stay", "gone"):
+        for latency in (1.0, 2.0, 3.0):
+            recorder.record(tenant, latency, slo_ms=10.0)
+    assert recorder.forget_absent(lambda tenant: tenant == "stay") == 1
+    assert recorder.samples_ms("stay").size == 3 and recorder.samples_ms("gone").size == 0
