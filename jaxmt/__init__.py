@@ -5,33 +5,49 @@ axis, each step's active tenants run as one ``vmap``-ed, compiled program, and a
 forms steps from per-tenant request queues.
 """
 
+from jaxmt.baselines import ExclusiveServer, SpaceOnlyServer, TimeOnlyServer, exclusive_predict, time_only_predict
+from jaxmt.batch import predict_manifest
 from jaxmt.buckets import BucketPolicy, Plan, Step, make_plan
+from jaxmt.checkpoint import add_tenant_from_checkpoint, restore_model, restore_store, save_store
 from jaxmt.errors import (
     CapacityError,
+    CheckpointError,
     CompileError,
     DuplicateTenantError,
     InputError,
     JaxmtError,
+    ManifestError,
+    NonFiniteLossError,
     NonFiniteParamsError,
     Overloaded,
     ParamMismatchError,
     SchedulerClosed,
     UnknownTenantError,
 )
+from jaxmt.metrics import to_prometheus
 from jaxmt.model import MultiTenantModel, PendingPrediction
 from jaxmt.programs import ProgramCache, ProgramKey, enable_persistent_compilation_cache
+from jaxmt.scheduler import Scheduler, SchedulerConfig
+from jaxmt.sharding import ShardedMultiTenantModel, tenant_mesh
 from jaxmt.store import TenantStore
+from jaxmt.train import MultiTenantTrainer
+from jaxmt.train_step import shuffled_batch_indices
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BucketPolicy",
     "CapacityError",
+    "CheckpointError",
     "CompileError",
     "DuplicateTenantError",
+    "ExclusiveServer",
     "InputError",
     "JaxmtError",
+    "ManifestError",
     "MultiTenantModel",
+    "MultiTenantTrainer",
+    "NonFiniteLossError",
     "NonFiniteParamsError",
     "Overloaded",
     "ParamMismatchError",
@@ -39,10 +55,25 @@ __all__ = [
     "Plan",
     "ProgramCache",
     "ProgramKey",
+    "Scheduler",
     "SchedulerClosed",
+    "SchedulerConfig",
+    "ShardedMultiTenantModel",
+    "SpaceOnlyServer",
     "Step",
     "TenantStore",
+    "TimeOnlyServer",
     "UnknownTenantError",
+    "add_tenant_from_checkpoint",
     "enable_persistent_compilation_cache",
+    "exclusive_predict",
     "make_plan",
+    "predict_manifest",
+    "restore_model",
+    "restore_store",
+    "save_store",
+    "shuffled_batch_indices",
+    "tenant_mesh",
+    "time_only_predict",
+    "to_prometheus",
 ]

@@ -53,3 +53,34 @@ class Overloaded(JaxmtError, RuntimeError):
 
 class SchedulerClosed(JaxmtError, RuntimeError):
     """A request submitted to, or still queued in, a closed scheduler."""
+
+
+class NonFiniteLossError(JaxmtError, FloatingPointError):
+    """A training step whose loss or gradients are NaN or Inf for some tenants.
+
+    ``tenant_ids`` names them and ``step`` is the index of the rejected step.
+    """
+
+    def __init__(self, message: str, tenant_ids: list, step: int):
+        super().__init__(message)
+        self.tenant_ids = list(tenant_ids)
+        self.step = step
+
+
+class CheckpointError(JaxmtError, ValueError):
+    """A checkpoint that is missing, truncated, malformed or does not fit the model.
+
+    Raised before anything is changed: the model, the store and an earlier checkpoint in the
+    same directory are as they were.
+    """
+
+
+class ManifestError(JaxmtError, ValueError):
+    """A batch manifest line naming an unknown tenant or an unreadable or misshapen input.
+
+    ``line`` is the 1-based line number in the manifest file (the CSV header is line 1).
+    """
+
+    def __init__(self, message: str, line: int | None = None):
+        super().__init__(message)
+        self.line = line

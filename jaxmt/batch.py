@@ -1,0 +1,455 @@
+"""``python -m jaxmt batch``: offline predictions for a manifest of (tenant, input file) entries.
+
+The manifest is a CSV file with a header, or JSON lines, with the columns ``tenant`` (a
+tenant id of the store checkpoint), ``input`` (a .npy or .npz file of rows [n, *row_shape],
+relative to the manifest), optional ``key`` (the array of a .npz holding several) and
+optional ``output`` (the output name; default ``<tenant>__<input stem>[__<key>]``). Rows of
+many tenants are mixed into bucket-sized steps, as the scheduler would: a window of up to K
+tenants (the largest tenant bucket) each gives up to B rows (the largest row bucket) per step.
+Every output is written atomically as soon as its entry is complete, so a rerun skips
+finished entries (resume). A bad line (unknown tenant, missing or misshapen input) stops the
+job with an error naming it, or is recorded in the summary with ``--skip-errors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import dataclasses
+import importlib
+import json
+import os
+import pathlib
+import re
+import sys
+import time
+import uuid
+import zipfile
+from collections.abc import Hashable
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxmt.errors import JaxmtError, ManifestError
+from jaxmt.model import MultiTenantModel
+
+DESCRIPTION = "predict a manifest of (tenant, input file) entries from a store checkpoint, resumably"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclasses.dataclass
+class _Entry:
+    """One manifest entry, resolved: its rows are computed once and written as one output."""
+
+    line: int
+    tenant: Hashable
+    input: pathlib.Path
+    key: str | None
+    output: str
+    rows: int = 0
+    x: Any = None  # the input rows once loaded (a memory map for .npy)
+    y: list[np.ndarray] | None = None  # output leaves [rows, ...], filled step by step
+    filled: int = 0
+
+
+# ---------------------------------------------------------------------------- manifest
+def _records(manifest: pathlib.Path) -> list[tuple[int, Any]]:
+    """(line number, record dict or the exception that line raised) for each non-blank line."""
+    text = manifest.read_text()
+    stripped = text.lstrip()
+    if manifest.suffix.lower() in (".jsonl", ".ndjson", ".json") or (manifest.suffix.lower() != ".csv" and stripped.startswith("{")):
+        out = []
+        for number, raw in enumerate(text.splitlines(), start=1):
+            if raw.strip():
+                try:
+                    record = json.loads(raw)
+                    out.append((number, record if isinstance(record, dict) else TypeError(f"expected a JSON object, got {raw.strip()[:40]!r}")))
+                except ValueError as exc:
+                    out.append((number, exc))
+        return out
+    reader = csv.DictReader(text.splitlines())
+    if not reader.fieldnames or not {"tenant", "input"} <= {f.strip() for f in reader.fieldnames}:
+        raise ManifestError(f"manifest {manifest}: the CSV header must name the columns tenant and input (optional key, output); got {reader.fieldnames}", 1)
+    return [(reader.line_num, {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k}) for row in reader]
+
+
+def _resolve_tenant(raw: Any, model: MultiTenantModel) -> Hashable:
+    """The resident id a manifest value names ("3" names tenant 3 if the store has no "3")."""
+    if isinstance(raw, list):
+        raw = tuple(raw)
+    if raw in model:
+        return raw
+    if isinstance(raw, str):
+        try:
+            number = int(raw)
+        except ValueError:
+            number = None
+        if number is not None and number in model:
+            return number
+    raise KeyError(f"unknown tenant {raw!r} ({len(model)} tenants are in the checkpoint)")
+
+
+def _peek(path: pathlib.Path, key: str | None) -> tuple[tuple[int, ...], np.dtype, str | None]:
+    """Shape and dtype of an input array without reading its data."""
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        if key:
+            raise ValueError(f"key {key!r} given for the .npy file {path.name}")
+        array = np.load(path, mmap_mode="r")
+        return array.shape, array.dtype, None
+    if suffix != ".npz":
+        raise ValueError(f"input {path.name} is neither .npy nor .npz")
+    with zipfile.ZipFile(path) as archive:
+        names = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
+        if key is None:
+            if len(names) != 1:
+                raise ValueError(f"{path.name} holds arrays {names}: give a key")
+            key = names[0]
+        if key not in names:
+            raise KeyError(f"{path.name} has no array {key!r} (it has {names})")
+        with archive.open(key + ".npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+    return tuple(shape), np.dtype(dtype), key
+
+
+def _entries(manifest: pathlib.Path, model: MultiTenantModel, fail) -> tuple[list[_Entry], tuple | None, int]:
+    """Resolved entries in manifest order, the (row shape, dtype) they share, and the line count.
+
+    ``fail(line, message)`` handles each bad line. Without a row shape fixed by the model,
+    the first readable input fixes it.
+    """
+    entries, lines_of_output = [], {}
+    row_spec = None if model.row_shape is None else (tuple(model.row_shape), np.dtype(model.row_dtype))
+    records = _records(manifest)
+    for line, record in records:
+        try:
+            if isinstance(record, Exception):
+                raise ValueError(f"unreadable line: {record}")
+            if record.get("tenant") in (None, "") or not record.get("input"):
+                raise ValueError("the tenant and input columns must not be empty")
+            tenant = _resolve_tenant(record["tenant"], model)
+            path = manifest.parent / str(record["input"])
+            key = record.get("key") or None
+            output = str(record.get("output") or "").removesuffix(".npz")
+            if not output:
+                output = re.sub(r"[^A-Za-z0-9._-]+", "_", "__".join(str(p) for p in (record["tenant"], path.stem, key) if p)).lstrip("._")
+            elif not _SAFE_NAME.fullmatch(output):
+                raise ValueError(f"output name {output!r} must be letters, digits, '.', '_' or '-' (no path)")
+            if output in lines_of_output:
+                raise ValueError(f"output name {output!r} is also the output of line {lines_of_output[output]}; give an output column")
+            shape, dtype, key = _peek(path, key)
+            row_spec = row_spec or (shape[1:], dtype)
+            if len(shape) < 1 or shape[1:] != row_spec[0]:
+                raise ValueError(f"input {path.name}{f'[{key}]' if key else ''} has shape {list(shape)}, expected [rows, {', '.join(map(str, row_spec[0]))}]")
+            if not np.can_cast(dtype, row_spec[1], "same_kind"):
+                raise ValueError(f"input {path.name} has dtype {dtype.name}, which does not cast to {row_spec[1].name}")
+        except (KeyError, ValueError, TypeError, OSError, zipfile.BadZipFile) as exc:
+            fail(line, str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
+            continue
+        lines_of_output[output] = line
+        entries.append(_Entry(line, tenant, path, key, output, rows=int(shape[0])))
+    return entries, row_spec, len(records)
+
+
+# ---------------------------------------------------------------------------- outputs
+def _atomic_savez(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _output_arrays(spec_tree: Any, leaves: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """'y' for a single output array, else the path of each output leaf ('logits', '0', 'a.b')."""
+    paths = [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(spec_tree)[0]]
+    return {"y": leaves[0]} if paths == [""] else dict(zip(paths, leaves))
+
+
+class _Outputs:
+    """Where finished entries go: one .npz per entry in a directory, or one .npz keyed by entry."""
+
+    def __init__(self, output_dir: str | os.PathLike | None, output_file: str | os.PathLike | None):
+        if (output_dir is None) == (output_file is None):
+            raise ValueError("give exactly one of output_dir and output_file")
+        self.file = None if output_file is None else pathlib.Path(output_file)
+        self.dir = pathlib.Path(output_dir) if output_dir is not None else self.file.with_name(self.file.name + ".parts")
+        self._combined = set()
+        if self.file is not None and self.file.exists():
+            with np.load(self.file) as done:
+                self._combined = {name.split("/")[0] for name in done.files}
+
+    def done(self, name: str) -> bool:
+        return name in self._combined or (self.dir / f"{name}.npz").exists()
+
+    def write(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_savez(self.dir / f"{name}.npz", arrays)
+
+    def finish(self) -> pathlib.Path:
+        """Single-file mode: merges the parts into the file (atomically), then drops the parts."""
+        if self.file is None or not self.dir.is_dir():
+            return self.dir if self.file is None else self.file
+        parts = sorted(self.dir.glob("*.npz"))
+        if parts:
+            merged = {}
+            if self.file.exists():
+                with np.load(self.file) as old:
+                    merged.update({k: old[k] for k in old.files})
+            for part in parts:
+                with np.load(part) as arrays:
+                    merged.update({f"{part.stem}/{k}" if len(arrays.files) > 1 else part.stem: arrays[k] for k in arrays.files})
+            _atomic_savez(self.file, merged)
+            for part in parts:
+                part.unlink()
+        if not any(self.dir.iterdir()):
+            self.dir.rmdir()
+        return self.file
+
+
+# ---------------------------------------------------------------------------- the job
+def _load(entry: _Entry) -> Any:
+    if entry.input.suffix.lower() == ".npy":
+        return np.load(entry.input, mmap_mode="r")  # rows are read step by step
+    with np.load(entry.input) as archive:
+        return archive[entry.key]
+
+
+def _batches(entries: list[_Entry], k_max: int, b_max: int, row_dtype: np.dtype, fail):
+    """Yields (ids, x, pieces): up to b_max rows from each of up to k_max tenants per batch.
+
+    ``pieces`` are (entry, first row, count); an entry's input is read when it starts and
+    released when its output is written, so at most about k_max inputs are held at once.
+    """
+    waiting = collections.OrderedDict()
+    for entry in entries:
+        waiting.setdefault(entry.tenant, collections.deque()).append(entry)
+    active: list[list] = []  # [tenant, deque of entries, next row of the first entry]
+    while waiting or active:
+        while len(active) < k_max and waiting:
+            tenant, queue = waiting.popitem(last=False)
+            active.append([tenant, queue, 0])
+        ids, chunks, pieces = [], [], []
+        for cursor in active:
+            tenant, queue, start = cursor
+            budget = b_max
+            while budget and queue:
+                entry = queue[0]
+                if entry.x is None:
+                    try:
+                        entry.x = _load(entry)
+                        if entry.x.shape[0] != entry.rows:
+                            raise ValueError(f"input {entry.input.name} changed while the job ran")
+                    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+                        fail(entry.line, f"reading {entry.input.name} failed: {exc}")  # raises unless skipping
+                        queue.popleft()
+                        continue
+                count = min(budget, entry.rows - start)
+                chunks.append(np.asarray(entry.x[start:start + count], dtype=row_dtype))
+                pieces.append((entry, start, count))
+                ids.extend([tenant] * count)
+                budget -= count
+                start += count
+                if start == entry.rows:
+                    queue.popleft()
+                    start = 0
+            cursor[2] = start
+        active = [cursor for cursor in active if cursor[1]]
+        if ids:
+            yield ids, np.concatenate(chunks), pieces
+
+
+def predict_manifest(
+    model: MultiTenantModel,
+    manifest: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    output_file: str | os.PathLike | None = None,
+    skip_errors: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Predicts every manifest entry whose output does not exist yet; returns the summary.
+
+    Args:
+      model: a MultiTenantModel holding the manifest's tenants.
+      manifest: CSV (with header) or JSON-lines file; see the module docstring.
+      output_dir: write ``<output>.npz`` per entry here (array ``y``, or one array per
+        output leaf named by its path, e.g. ``logits``, for pytree outputs); or
+      output_file: write one .npz keyed by output name (parts are kept beside it until
+        the job ends, so an interrupted job resumes).
+      skip_errors: record bad lines in the summary instead of raising.
+      progress: show a tqdm bar over rows.
+
+    Returns:
+      dict with entries, computed, skipped_existing, failed, errors ([{line, error}]), rows
+      (rows computed now), seconds, rows_per_second, steps, compiles, compile_seconds,
+      padding_waste and outputs.
+
+    Raises:
+      ManifestError: a bad line (without ``skip_errors``), naming the manifest and line.
+    """
+    manifest = pathlib.Path(manifest)
+    if not manifest.is_file():
+        raise ManifestError(f"manifest {manifest} does not exist")
+    errors: list[dict[str, Any]] = []
+
+    def fail(line: int, message: str) -> None:
+        if not skip_errors:
+            raise ManifestError(f"manifest {manifest} line {line}: {message}", line)
+        errors.append({"line": line, "error": message})
+
+    outputs = _Outputs(output_dir, output_file)
+    entries, row_spec, lines = _entries(manifest, model, fail)
+    todo = [e for e in entries if not outputs.done(e.output)]
+    before, start_time = model.stats(), time.perf_counter()
+    computed = rows = 0
+    if todo:
+        computed, rows = _run(model, todo, outputs, row_spec, progress, fail)
+    seconds = time.perf_counter() - start_time
+    after = model.stats()
+    result_path = outputs.finish()
+    padded = after["padded_rows"] - before["padded_rows"]
+    return {
+        "manifest": str(manifest),
+        "outputs": str(result_path),
+        "entries": lines,
+        "computed": computed,
+        "skipped_existing": len(entries) - len(todo),
+        "failed": len(errors),
+        "errors": errors,
+        "rows": rows,
+        "seconds": round(seconds, 4),
+        "rows_per_second": round(rows / seconds, 2) if rows and seconds > 0 else 0.0,
+        "steps": after["steps"] - before["steps"],
+        "compiles": after["compiles"] - before["compiles"],
+        "compile_seconds": round(after["compile_seconds"] - before["compile_seconds"], 4),
+        "padding_waste": round(1.0 - (after["rows"] - before["rows"]) / padded, 6) if padded else 0.0,
+    }
+
+
+def _run(model: MultiTenantModel, todo: list[_Entry], outputs: _Outputs, row_spec: tuple, progress: bool, fail) -> tuple[int, int]:
+    """Computes and writes the entries; returns (entries written, rows computed)."""
+    from tqdm.auto import tqdm
+
+    row_shape, row_dtype = row_spec
+    out_spec = jax.eval_shape(model.apply_fn, model.store.template, jax.ShapeDtypeStruct((1, *row_shape), row_dtype))
+    out_leaves = jax.tree_util.tree_leaves(out_spec)
+    bar = tqdm(total=sum(e.rows for e in todo), unit="row", desc="batch", disable=not progress)
+    written = [0, 0]
+
+    def finish(entry: _Entry) -> None:
+        outputs.write(entry.output, _output_arrays(out_spec, entry.y))
+        written[0] += 1
+        written[1] += entry.rows
+        entry.x = entry.y = None
+
+    for entry in todo:
+        if entry.rows == 0:
+            entry.y = [np.zeros((0, *s.shape[1:]), s.dtype) for s in out_leaves]
+            finish(entry)
+
+    def collect(pending) -> None:
+        handle, pieces = pending
+        leaves = jax.tree_util.tree_leaves(handle.result())
+        offset = 0
+        for entry, start, count in pieces:
+            if entry.y is None:
+                entry.y = [np.empty((entry.rows, *s.shape[1:]), s.dtype) for s in out_leaves]
+            for buffer, leaf in zip(entry.y, leaves):
+                buffer[start:start + count] = leaf[offset:offset + count]
+            offset += count
+            entry.filled += count
+            if entry.filled == entry.rows:
+                finish(entry)
+        bar.update(offset)
+
+    pending = None
+    try:
+        buckets = model.buckets
+        for ids, x, pieces in _batches([e for e in todo if e.rows], buckets.max_tenants, buckets.max_rows, row_dtype, fail):
+            handle = model.dispatch(ids, x)  # the device runs this step while the last one is copied back
+            if pending is not None:
+                collect(pending)
+            pending = (handle, pieces)
+        if pending is not None:
+            collect(pending)
+    finally:
+        bar.close()
+    return written[0], written[1]
+
+
+# ---------------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("manifest", help="CSV with header (tenant,input[,key][,output]) or JSON lines with those keys")
+    parser.add_argument("--checkpoint", required=True, help="store checkpoint directory (jaxmt.save_store)")
+    arch = parser.add_mutually_exclusive_group(required=True)
+    arch.add_argument("--arch", help="architecture from models/ (mlp, resnet18, ...)")
+    arch.add_argument("--model", metavar="MODULE:FUNCTION", help="import path of a function returning (apply_fn, example_params)")
+    parser.add_argument("--size", default="tiny", choices=("tiny", "full"), help="size of --arch (default tiny)")
+    parser.add_argument("--dtype", default="float32", help="params and compute dtype of --arch (default float32)")
+    out = parser.add_mutually_exclusive_group(required=True)
+    out.add_argument("--output-dir", help="write one <output>.npz per entry here")
+    out.add_argument("--output-file", help="write one .npz keyed by entry output name")
+    parser.add_argument("--summary", help="summary JSON path (default <output-dir>/summary.json or <output-file>.summary.json)")
+    parser.add_argument("--max-tenants", type=int, default=16, help="tenants per step: the largest tenant bucket (default 16)")
+    parser.add_argument("--max-rows", type=int, default=64, help="rows per tenant per step: the largest row bucket (default 64)")
+    parser.add_argument("--skip-errors", action="store_true", help="record bad manifest lines in the summary instead of stopping")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+
+
+def _architecture(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+    if args.arch:
+        import models
+
+        spec = models.make(args.arch, args.size, dtype=args.dtype)
+        example = jax.eval_shape(lambda: spec.init(0, args.dtype))
+        return spec.apply_fn, example, {"row_shape": spec.input_shape, "row_dtype": spec.input_dtype}
+    module_name, _, function_name = args.model.partition(":")
+    if not module_name or not function_name:
+        raise ValueError(f"--model must be MODULE:FUNCTION, got {args.model!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    apply_fn, example = getattr(importlib.import_module(module_name), function_name)()
+    return apply_fn, example, {}
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxmt.buckets import BucketPolicy
+    from jaxmt.checkpoint import restore_model
+
+    try:
+        apply_fn, example, rows = _architecture(args)
+        buckets = BucketPolicy.powers_of_two(args.max_tenants, args.max_rows)
+        model = restore_model(args.checkpoint, apply_fn, example, buckets=buckets, **rows)
+        summary = predict_manifest(
+            model, args.manifest, args.output_dir, output_file=args.output_file, skip_errors=args.skip_errors, progress=not args.no_progress
+        )
+    except (JaxmtError, ValueError, ImportError, AttributeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    summary_path = pathlib.Path(args.summary or (pathlib.Path(args.output_dir) / "summary.json" if args.output_dir else args.output_file + ".summary.json"))
+    summary_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = summary_path.with_name(f".{summary_path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, summary_path)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"{summary['computed']} entries computed ({summary['rows']} rows, {summary['rows_per_second']:,.0f} rows/s, "
+            f"{summary['steps']} steps, {summary['compiles']} compiles, padding {summary['padding_waste']:.0%}), "
+            f"{summary['skipped_existing']} already done, {summary['failed']} failed; summary in {summary_path}"
+        )
+    return 1 if summary["failed"] else 0
