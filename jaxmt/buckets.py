@@ -168,6 +168,8 @@ def make_plan(slots: Sequence[int] | np.ndarray, policy: BucketPolicy) -> Plan:
     max_tenants = policy.max_tenants
     for first in range(0, len(by_size), max_tenants):
         chosen = by_size[first : first + max_tenants]
+        # Entries in slot order: a step that holds every slot once then reads the store as is.
+        chosen = chosen[np.argsort(entry_slot[chosen], kind="stable")]
         steps.append(_make_step(order, entry_slot[chosen], entry_start[chosen], entry_count[chosen], policy))
     return Plan(steps=tuple(steps), rows=n)
 

@@ -35,6 +35,14 @@ def _step_program(apply_kb: Callable, treedef: Any, leaves: list[jax.Array], slo
     return apply_kb(params_k, x_kb)
 
 
+def _whole_store_program(apply_kb: Callable, treedef: Any, leaves: list[jax.Array], slots: jax.Array, x_kb: PyTree) -> PyTree:
+    """A step whose K entries are slots 0..K-1 of a store of capacity K: the stacked leaves
+    are the batched weights already, so the per-step copy of every tenant's weights that the
+    gather costs is skipped (``slots`` is taken only to keep one calling convention)."""
+    del slots
+    return apply_kb(jax.tree_util.tree_unflatten(treedef, leaves), x_kb)
+
+
 @dataclasses.dataclass
 class PendingPrediction:
     """Steps dispatched to the device whose outputs have not been copied back yet.
@@ -261,7 +269,9 @@ class MultiTenantModel:
 
     def run_step(self, step: Step, x_kb: np.ndarray) -> PyTree:
         """Launches one planned step on already-gathered input [K, B, *row_shape] (caller holds ``store.lock``)."""
-        program = self.programs.get(self._key(step.tenant_bucket, step.row_bucket))
+        k = step.tenant_bucket
+        whole_store = k == self.store.capacity and bool(np.all(step.slots == np.arange(k)))
+        program = self.programs.get(self._key(k, step.row_bucket, whole_store))
         return program(self.store.stacked_leaves, step.slots, x_kb)
 
     def _launch(self, step: Step, x: np.ndarray) -> PyTree:
@@ -295,7 +305,8 @@ class MultiTenantModel:
             from tqdm.auto import tqdm
 
             shapes = tqdm(shapes, desc="compiling", unit="program")
-        return sum(self.programs.ensure(self._key(k, b)) for k, b in shapes)
+        keys = [self._key(k, b, whole) for k, b in shapes for whole in (False, True) if not whole or k == self.store.capacity]
+        return sum(self.programs.ensure(key) for key in keys)
 
     def stats(self) -> dict[str, Any]:
         """Counters: compiles, cache hits and misses, compile seconds, padding, tenants, bytes."""
@@ -321,8 +332,8 @@ class MultiTenantModel:
         """The steps answering rows with these slots (a hook: ``jaxmt.sharding`` plans per device)."""
         return make_plan(slots, self.buckets)
 
-    def _key(self, k: int, b: int) -> ProgramKey:
-        return ProgramKey(k, b, self.store.capacity, self._row_shape, self._row_dtype.name, self._lowering_key)
+    def _key(self, k: int, b: int, whole_store: bool = False) -> ProgramKey:
+        return ProgramKey(k, b, self.store.capacity, self._row_shape, self._row_dtype.name, self._lowering_key, whole_store)
 
     def _build_program(self, key: ProgramKey) -> Any:
         # Compiled for the store's device: with the default placement a model built with
@@ -331,7 +342,8 @@ class MultiTenantModel:
         leaves = [jax.ShapeDtypeStruct((key.capacity, *s.shape), s.dtype, sharding=on_device) for s in self.store.leaf_specs]
         slots = jax.ShapeDtypeStruct((key.tenant_bucket,), jnp.int32, sharding=on_device)
         x_kb = jax.ShapeDtypeStruct((key.tenant_bucket, key.row_bucket, *key.row_shape), key.row_dtype, sharding=on_device)
-        fn = functools.partial(_step_program, self._apply_kb, self.store._treedef)
+        program = _whole_store_program if key.whole_store else _step_program
+        fn = functools.partial(program, self._apply_kb, self.store._treedef)
         return jax.jit(fn).lower(leaves, slots, x_kb).compile()
 
     def _check_input(self, tenant_ids: Sequence[Hashable], x: Any) -> np.ndarray:

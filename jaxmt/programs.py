@@ -31,6 +31,7 @@ class ProgramKey:
     row_shape: tuple[int, ...]
     row_dtype: str
     lowering: str = "vmap"
+    whole_store: bool = False  # the step holds every slot once, in order: no weight gather
 
 
 class ProgramCache:

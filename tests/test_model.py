@@ -190,3 +190,14 @@ def test_from_flax_nnx(rng):
 def test_public_surface():
     for name in ("MultiTenantModel", "BucketPolicy", "TenantStore", "UnknownTenantError", "InputError", "ParamMismatchError"):
         assert name in jaxmt.__all__ and hasattr(jaxmt, name)
+
+
+def test_a_step_over_the_whole_store_skips_the_gather_and_stays_exact(rng):
+    spec, mt, params = _model_with_tenants("mlp", 4, 13)  # capacity 4 == tenant bucket 4
+    ids = ["t3", "t0", "t2", "t1", "t1", "t3"]
+    x = spec.random_input(rng, len(ids))
+    assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+    assert any(key.whole_store for key in mt.programs._programs)
+    mt.remove_tenant("t2")  # three tenants now: a gathered step again, still exact
+    ids = ["t3", "t0", "t1"]
+    assert rel_error(mt.predict(ids, x[:3]), reference_predict(spec.apply_fn, params, ids, x[:3])) < 1e-5
