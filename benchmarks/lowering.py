@@ -1,0 +1,349 @@
+"""Lowering of tenant-batched convs: per layer and end to end, against exclusive access.
+
+Per layer: every conv shape of ResNet-50, MobileNetV2 and ResNet-18 at the given tenants x
+images-per-tenant and dtype, each lowering of ``jaxmt.lowering_ops`` timed against the
+dense conv of exclusive access (one tenant's filter on all K*B images). The fastest
+applicable lowering is what the autotuner would pick; those picks are written to the
+lowering cache (``--cache``), which the end-to-end "jaxmt" column then reads.
+
+End to end (throughput, images/s; ratios side by side):
+  exclusive   one model, all K*B images in one batch (the target)
+  vmap        naive jax.vmap of apply_fn over the stacked tenants
+  time_only   one program per tenant, run in turn (K dispatches of a B-image program)
+  jaxmt       tenant_batched(apply_fn, "auto"): cached choices, else measured (--autotune)
+              or the default rule
+  jaxmt_store (with --store) the whole MultiTenantModel step program, which also gathers
+              the K tenants' slots from the store
+Each output is checked against the per-tenant reference (the time-only outputs) before
+anything is timed; timings are medians of repeats after warm-up, on fresh random inputs.
+
+    PYTHONPATH=. python benchmarks/lowering.py --quick            # CPU, tiny models, ~1 min
+    PYTHONPATH=. python benchmarks/lowering.py                    # GPU, full models
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import common  # noqa: F401  (puts the repository on sys.path)
+import jax
+import jax.numpy as jnp
+import numpy as np
+from common import markdown_table, time_call, update_readme_section, write_json
+
+import models
+from jaxmt import MultiTenantModel
+from jaxmt.autotune import LoweringCache, burst_seconds, cache_entry, cache_key, candidates, measure, pick, random_operands
+from jaxmt.lowering import LoweringPolicy, describe_lowering, tenant_batched
+from jaxmt.lowering_ops import CONV_LOWERINGS as LAYER_LOWERINGS
+from jaxmt.lowering_ops import ConvParams, applicable, conv_one
+
+
+class Deadline:
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.perf_counter() + seconds
+
+    def passed(self) -> bool:
+        return self.end is not None and time.perf_counter() > self.end
+
+
+def log(*args: Any) -> None:
+    print(*args, flush=True)
+
+
+def stacked_variables(spec: models.ModelSpec, tenants: int, dtype: Any, seed: int) -> Any:
+    """K tenants' variables [K, ...], drawn on the host: He-normal kernels, BN statistics
+    as ``ModelSpec.init`` draws them. (``spec.init`` compiles its initialisers once per
+    architecture and dtype, which took 20-100 s per model on a CPU: too slow for a sweep.)"""
+    shapes = jax.eval_shape(spec.module.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *spec.input_shape), spec.input_dtype))
+    rng = np.random.default_rng(seed)
+
+    def draw(path: Any, leaf: Any) -> Any:
+        name = getattr(path[-1], "key", "")
+        shape = (tenants, *leaf.shape)
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            return jnp.zeros(shape, leaf.dtype)
+        if name == "var":
+            value = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        elif name == "scale":
+            value = 1.0 + 0.1 * rng.standard_normal(shape, np.float32)
+        elif name in ("bias", "mean"):
+            value = 0.1 * rng.standard_normal(shape, np.float32)
+        else:  # kernels and embeddings
+            fan_in = max(1, math.prod(leaf.shape[:-1]))
+            value = rng.standard_normal(shape, np.float32) * np.float32(math.sqrt(2.0 / fan_in))
+        return jnp.asarray(value).astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def layer_signatures(name: str, size: str, tenants: int, images: int, dtype: Any) -> list[tuple[Any, int]]:
+    """(signature, how many layers of the model have it), in order of first appearance."""
+    spec = models.make(name, size, dtype=dtype)
+    one = jax.eval_shape(spec.module.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *spec.input_shape), spec.input_dtype))
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct((tenants, *s.shape), dtype), one)
+    x = jax.ShapeDtypeStruct((tenants, images, *spec.input_shape), spec.input_dtype)
+    counts: collections.Counter = collections.Counter()
+    order = []
+    for choice in describe_lowering(spec.apply_fn, params, x, "rule"):
+        if choice.signature not in counts:
+            order.append(choice.signature)
+        counts[choice.signature] += 1
+    return [(sig, counts[sig]) for sig in order]
+
+
+def bench_layers(args: argparse.Namespace, deadline: Deadline, cache: LoweringCache | None) -> list[dict]:
+    rows: list[dict] = []
+    seen: set = set()
+    for config in args.layer_configs:
+        k, b, dtype = config
+        for model in args.layer_models:
+            for sig, count in layer_signatures(model, args.size, k, b, dtype):
+                if deadline.passed():
+                    return rows
+                if sig in seen:
+                    continue
+                seen.add(sig)
+                params = ConvParams.of(sig)
+                # What the autotuner would time, or every applicable form (--all-lowerings).
+                todo = (tuple(n for n in LAYER_LOWERINGS if applicable(n, sig)) if args.all_lowerings else candidates(sig))
+                timings = measure(sig, params, todo, seed=len(rows), repeats=args.layer_repeats)
+                x, w = random_operands(sig, len(rows))
+                dense = jax.jit(lambda a, f: conv_one(a.reshape(-1, *a.shape[2:]), f[0], params)).lower(x, w).compile()
+                dense_us = burst_seconds(dense, (x, w), repeats=args.layer_repeats) * 1e6
+                choice = pick(sig, timings)
+                if cache is not None:
+                    cache.put(cache_key(sig), cache_entry(sig, choice, timings, source="benchmarks/lowering.py"))
+                us = {n: r["us"] for n, r in timings.items()}
+                row = {
+                    "model": model, "tenants": k, "images": b, "dtype": np.dtype(dtype).name, "kind": sig.kind,
+                    "signature": sig.key, "count": count, "gflop": sig.flops / 1e9, "dense_us": dense_us, "us": us,
+                    "errors": {n: r["error"] for n, r in timings.items() if "error" in r},
+                    "choice": choice,
+                    "choice_vs_dense": dense_us / us[choice] if us.get(choice) else None,
+                    "vmap_vs_dense": dense_us / us["vmap"] if us.get("vmap") else None,
+                }
+                rows.append(row)
+                ratios = " ".join(f"{n}={dense_us / v:.2f}" for n, v in us.items() if v)
+                log(f"[layer] {model} {sig.key} x{count}: dense {dense_us:.1f}us | {ratios} -> {choice}")
+    return rows
+
+
+def rel_error(got: Any, want: Any) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def compiled(fn: Any, *args: Any) -> tuple[Any, float]:
+    start = time.perf_counter()
+    program = jax.jit(fn).lower(*args).compile()
+    return program, time.perf_counter() - start
+
+
+def bench_end_to_end(model: str, tenants: int, images: int, dtype: Any, args: argparse.Namespace, store: bool = False) -> dict:
+    spec = models.make(model, args.size, dtype=dtype)
+    rng = np.random.default_rng([tenants, images, args.seed])
+    stacked = stacked_variables(spec, tenants, dtype, args.seed)
+    per_tenant = [jax.tree.map(lambda leaf, i=i: leaf[i], stacked) for i in range(tenants)]
+    x_kb = jnp.asarray(spec.random_input(rng, tenants * images).reshape(tenants, images, *spec.input_shape))
+    x_all = x_kb.reshape(tenants * images, *spec.input_shape)
+    tol = 5e-2 if np.dtype(dtype) == jnp.bfloat16 else 1e-2
+    row: dict[str, Any] = {"model": model, "tenants": tenants, "images": images, "dtype": np.dtype(dtype).name}
+    compile_s: dict[str, float] = {}
+    errors: dict[str, float] = {}
+    policy = LoweringPolicy("auto", autotune=args.autotune, cache_path=args.cache)
+
+    one, compile_s["time_only"] = compiled(spec.apply_fn, per_tenant[0], x_kb[0])
+    reference = np.stack([np.asarray(one(per_tenant[i], x_kb[i])) for i in range(tenants)])
+    exclusive, compile_s["exclusive"] = compiled(spec.apply_fn, per_tenant[0], x_all)
+    errors["exclusive"] = rel_error(np.asarray(exclusive(per_tenant[0], x_all))[:images], reference[0])
+    naive, compile_s["vmap"] = compiled(jax.vmap(spec.apply_fn), stacked, x_kb)
+    errors["vmap"] = rel_error(naive(stacked, x_kb), reference)
+    start = time.perf_counter()
+    choices = describe_lowering(spec.apply_fn, stacked, x_kb, policy)
+    plan_s = time.perf_counter() - start
+    ours, compile_s["jaxmt"] = compiled(tenant_batched(spec.apply_fn, policy), stacked, x_kb)
+    compile_s["jaxmt"] += plan_s
+    errors["jaxmt"] = rel_error(ours(stacked, x_kb), reference)
+    programs = {
+        "exclusive": lambda: exclusive(per_tenant[0], x_all),
+        "vmap": lambda: naive(stacked, x_kb),
+        "time_only": lambda: [one(per_tenant[i], x_kb[i]) for i in range(tenants)],
+        "jaxmt": lambda: ours(stacked, x_kb),
+    }
+    if store:
+        mt = MultiTenantModel(spec.apply_fn, per_tenant[0], capacity=tenants, lowering=policy,
+                              row_shape=spec.input_shape, row_dtype=spec.input_dtype)
+        for i in range(tenants):
+            mt.add_tenant(i, per_tenant[i])
+        from jaxmt.buckets import BucketPolicy  # noqa: F401  (the model's default ladder)
+
+        start = time.perf_counter()
+        program = mt.programs.get(mt._key(tenants, images))
+        compile_s["jaxmt_store"] = time.perf_counter() - start
+        slots = jnp.arange(tenants, dtype=jnp.int32)
+        leaves = mt.store.stacked_leaves
+        errors["jaxmt_store"] = rel_error(program(leaves, slots, x_kb), reference)
+        programs["jaxmt_store"] = lambda: program(leaves, slots, x_kb)
+    bad = {k: v for k, v in errors.items() if not (v <= tol)}
+    # A mismatch is reported in the row (and the table), not hidden: its timing is not a result.
+    row["check"] = "ok" if not bad else f"FAILED (relative error over {tol}): {bad}"
+    if bad:
+        log(f"[e2e] {model} K={tenants} B={images} {row['dtype']}: outputs differ from the per-tenant reference: {bad}")
+    ips = {}
+    for method, fn in programs.items():
+        timing = time_call(fn, warmup=args.warmup, repeats=args.repeats)
+        ips[method] = tenants * images / timing["median_s"]
+    row.update({
+        "images_per_s": ips,
+        "vs_exclusive": {m: v / ips["exclusive"] for m, v in ips.items()},
+        "jaxmt_vs_vmap": ips["jaxmt"] / ips["vmap"],
+        "rel_error": errors,
+        "compile_s": {k: round(v, 2) for k, v in compile_s.items()},
+        "choices": dict(collections.Counter(f"{c.signature.kind}:{c.lowering}" for c in choices)),
+        "choice_sources": dict(collections.Counter(c.source for c in choices)),
+    })
+    return row
+
+
+def parse_configs(text: str) -> list[tuple[int, int, Any]]:
+    out = []
+    for item in text.split(","):
+        kb, dtype = item.split(":")
+        k, b = kb.split("x")
+        out.append((int(k), int(b), jnp.dtype(dtype)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny models, 4 tenants, float32, ~1 minute")
+    parser.add_argument("--models", default="resnet50,mobilenetv2,resnet18", help="comma-separated architectures")
+    parser.add_argument("--size", default="full", choices=models.SIZES)
+    parser.add_argument("--tenants", default="4,16,32", help="end-to-end tenant counts K")
+    parser.add_argument("--images", default="1,8", help="end-to-end images per tenant B")
+    parser.add_argument("--dtypes", default="bfloat16,float32", help="end-to-end compute dtypes")
+    parser.add_argument("--configs", default=None,
+                        help="explicit end-to-end configs 'model:KxB:dtype,...' (instead of the product of the three above)")
+    parser.add_argument("--layer-configs", default="16x8:bfloat16", help="per-layer 'KxB:dtype,...'; 'none' to skip")
+    parser.add_argument("--layer-models", default=None, help="architectures for the per-layer part (default: --models)")
+    parser.add_argument("--layer-budget-s", type=float, default=None, help="stop the per-layer part after this many seconds")
+    parser.add_argument("--all-lowerings", action="store_true",
+                        help="per layer, time every applicable lowering, not only the autotuner's candidates")
+    parser.add_argument("--no-e2e", action="store_true", help="per-layer only")
+    parser.add_argument("--store", type=int, default=0, metavar="N",
+                        help="for the first N end-to-end configs, also time the MultiTenantModel step program (slot gather included)")
+    parser.add_argument("--autotune", type=int, default=0, choices=(0, 1),
+                        help="1: measure uncached layers during the end-to-end jaxmt compile; 0: use the rule for them")
+    parser.add_argument("--cache", default=None, help="lowering cache file (default: jaxmt's, ~/.cache/jaxmt/lowering.json)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--layer-repeats", type=int, default=7)
+    parser.add_argument("--budget-s", type=float, default=None, help="stop starting new work after this many seconds")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="lowering", help="results/<out>.json")
+    parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.size = "tiny"
+        args.models = "resnet18,mobilenetv2,resnet50"
+        args.tenants, args.images, args.dtypes = "4", "1,8", "float32"
+        args.layer_configs = "4x2:float32"
+        args.repeats, args.layer_repeats = 5, 3
+        args.all_lowerings = True
+        args.out = "lowering_quick"
+        if args.cache is None:
+            args.cache = os.path.join(tempfile.gettempdir(), "jaxmt_lowering_quick_cache.json")
+    args.models = [m for m in args.models.split(",") if m]
+    args.layer_models = args.models if args.layer_models is None else [m for m in args.layer_models.split(",") if m]
+    args.layer_configs = [] if args.layer_configs == "none" else parse_configs(args.layer_configs)
+    deadline = Deadline(args.budget_s)
+    env = common.environment()
+    log(f"device {env['device']}, jax {env['jax']}, commit {env['commit']}")
+    cache = LoweringCache(args.cache)
+    started = time.perf_counter()
+    layer_deadline = deadline if args.layer_budget_s is None else Deadline(
+        min(args.layer_budget_s, args.budget_s or float("inf")))
+    layers = bench_layers(args, layer_deadline, cache)
+    layers_s = time.perf_counter() - started
+
+    if args.configs:
+        configs = []
+        for item in args.configs.split(","):
+            model, kb, dtype = item.split(":")
+            k, b = kb.split("x")
+            configs.append((model, int(k), int(b), jnp.dtype(dtype)))
+    else:
+        configs = [(m, int(k), int(b), jnp.dtype(d)) for d in args.dtypes.split(",") for m in args.models
+                   for k in args.tenants.split(",") for b in args.images.split(",")]
+    e2e, skipped = [], []
+    for model, k, b, dtype in ([] if args.no_e2e else configs):
+        label = f"{model} K={k} B={b} {np.dtype(dtype).name}"
+        if deadline.passed():
+            skipped.append(label)
+            continue
+        start = time.perf_counter()
+        try:
+            row = bench_end_to_end(model, k, b, dtype, args, store=len(e2e) + len(skipped) < args.store)
+        except Exception as exc:  # one failing configuration (say, out of memory) is reported, not fatal
+            log(f"[e2e] {label}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+            skipped.append(f"{label} (failed: {type(exc).__name__})")
+            continue
+        row["wall_s"] = round(time.perf_counter() - start, 1)
+        e2e.append(row)
+        r = row["vs_exclusive"]
+        log(f"[e2e] {label}: exclusive {row['images_per_s']['exclusive']:.0f} img/s | "
+            + " ".join(f"{m}={v:.2f}x" for m, v in r.items()) + f" | jaxmt/vmap={row['jaxmt_vs_vmap']:.2f} "
+            f"| compile {row['compile_s']} | {row['wall_s']}s")
+        # Partial results survive a time-out.
+        write_json(args.out, {"args": _jsonable(vars(args)), "layers": layers, "end_to_end": e2e, "skipped": skipped})
+
+    path = write_json(args.out, {"args": _jsonable(vars(args)), "layers": layers, "layers_s": round(layers_s, 1),
+                                 "end_to_end": e2e, "skipped": skipped})
+    layer_table = markdown_table(
+        ["model", "K x B", "dtype", "layer", "x", "dense us", "vmap/dense", "choice", "choice/dense"],
+        [[r["model"], f"{r['tenants']}x{r['images']}", r["dtype"], r["signature"].split(" ", 2)[2], r["count"], r["dense_us"],
+          r["vmap_vs_dense"] or float("nan"), r["choice"], r["choice_vs_dense"] or float("nan")] for r in layers],
+    )
+    methods = ["exclusive", "vmap", "time_only", "jaxmt"]
+    e2e_table = markdown_table(
+        ["model", "K x B", "dtype", "exclusive img/s", *(f"{m} / excl" for m in methods[1:]), "jaxmt / vmap", "conv choices"],
+        [[r["model"], f"{r['tenants']}x{r['images']}", r["dtype"], r["images_per_s"]["exclusive"],
+          *(r["vs_exclusive"][m] for m in methods[1:]), r["jaxmt_vs_vmap"],
+          ", ".join(f"{k} {v}" for k, v in sorted(r["choices"].items()))
+          + (f"; with store gather {r['vs_exclusive']['jaxmt_store']:.2f}x" if "jaxmt_store" in r["vs_exclusive"] else "") + ("" if r["check"] == "ok" else " CHECK FAILED")]
+         for r in e2e],
+    )
+    print(layer_table)
+    print()
+    print(e2e_table)
+    if skipped:
+        print("skipped (budget):", ", ".join(skipped))
+    print(f"wrote {path}")
+    if not args.no_readme and not args.quick:
+        update_readme_section("Lowering", readme_body(args, env, e2e_table, layers, skipped))
+
+
+def readme_body(args: argparse.Namespace, env: dict, e2e_table: str, layers: list[dict], skipped: list[str]) -> str:
+    cmd = "PYTHONPATH=. python " + " ".join(["benchmarks/lowering.py", *sys.argv[1:]])
+    lines = [f"`{cmd}` on {env['device']} (jax {env['jax']}, commit {env['commit']}); "
+             "throughput ratios vs exclusive access (one model, all K*B images in one batch).", "", e2e_table]
+    if skipped:
+        lines += ["", "Not run (time budget): " + ", ".join(skipped)]
+    return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+if __name__ == "__main__":
+    main()

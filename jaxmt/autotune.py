@@ -1,0 +1,344 @@
+"""Choosing a lowering per conv signature: a default rule, measurement, and a disk cache.
+
+``Planner.choose(sig, params)`` answers, in order: the in-memory memo; the on-disk cache
+(JSON, keyed by platform, device kind, jax version and the signature key, so that a cache
+copied to another GPU or kept across a jax upgrade is not trusted); a measurement on the
+device if autotuning is on (every applicable candidate is compiled, checked against the
+``vmap`` reference on random inputs, warmed up and timed: median of repeats, each repeat a
+burst of asynchronous calls closed by ``block_until_ready``); else the choice cached for the same layer at the nearest K x N (``Planner.nearest``), else
+``default_rule``.
+
+The rule is what an H100 measured (benchmarks/README.md, "Lowering"): 1x1 convs as a
+batched matmul beat the grouped conv that vmap emits by 3-4x; depthwise convs stay folded
+into groups (vmap); other convs stay on vmap's grouped form unless measured otherwise.
+Measurement costs a compile per candidate (about a second on a GPU): it is on by default
+on GPUs and TPUs and off on CPUs, whose timings say nothing about the accelerator.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmt.lowering_ops import CONV_LOWERINGS, ConvParams, ConvSignature, applicable, lower_conv
+
+CACHE_ENV = "JAXMT_LOWERING_CACHE"
+AUTOTUNE_ENV = "JAXMT_AUTOTUNE"
+CACHE_FORMAT = 1
+
+# Lowerings the autotuner times, by layer kind: those that won at least one layer shape on
+# an H100 (benchmarks/results/lowering_explore.json) or are cheap to try. The per-tenant
+# loop of convs never won a GPU layer but is the CPU rule's choice.
+_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "1x1": ("einsum", "vmap", "loop"),
+    "kxk": ("vmap", "batch_group", "grouped_nchw", "im2col", "shift_sum", "loop"),
+    "depthwise": ("vmap", "depthwise_direct", "grouped_nchw"),
+    "grouped": ("vmap", "einsum", "grouped_nchw"),
+}
+
+
+def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
+    """The lowering used without measurement (CPU, autotune off, or as the tie-breaker).
+
+    ``platform`` defaults to JAX's default backend. On CPUs, XLA's grouped convolutions
+    are a slow generic loop, so convs other than 1x1 run per tenant (depthwise ones as a
+    fused multiply-add), which measured 2-15x faster than vmap's form on tiny models.
+    """
+    platform = platform or jax.default_backend()
+    if sig.kind in ("1x1", "grouped") and applicable("einsum", sig):
+        return "einsum"
+    if platform == "cpu":
+        return "depthwise_direct" if applicable("depthwise_direct", sig) else "loop"
+    return "vmap"
+
+
+def candidates(sig: ConvSignature) -> tuple[str, ...]:
+    """The applicable lowerings the autotuner times for ``sig`` (rule's choice first)."""
+    rule = default_rule(sig)
+    names = (rule, *_CANDIDATES[sig.kind])
+    return tuple(dict.fromkeys(n for n in names if applicable(n, sig)))
+
+
+def default_cache_path() -> Path:
+    """``$JAXMT_LOWERING_CACHE``, else ``~/.cache/jaxmt/lowering.json``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "jaxmt" / "lowering.json").expanduser()
+
+
+def device_tag(device: jax.Device | None = None) -> str:
+    device = device or jax.devices()[0]
+    return f"{device.platform}:{getattr(device, 'device_kind', device.platform)}"
+
+
+def cache_key(sig: ConvSignature, device: jax.Device | None = None) -> str:
+    """What a cached choice is valid for: device kind, jax version, the layer signature."""
+    return f"{device_tag(device)}|jax-{jax.__version__}|{sig.key}"
+
+
+class LoweringCache:
+    """Chosen lowerings on disk: ``{"format": 1, "entries": {cache_key: {"choice", ...}}}``.
+
+    Reads are lazy and once; every ``put`` merges with what is on disk (another process
+    may have written) and replaces the file atomically. A corrupt or foreign file is
+    ignored (and overwritten on the next put), never fatal.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path).expanduser() if path is not None else default_cache_path()
+        self._entries: dict[str, dict[str, Any]] | None = None
+        self._mtime: float | None = None
+        self._lock = threading.Lock()
+
+    def _mtime_now(self) -> float | None:
+        try:
+            return self.path.stat().st_mtime
+        except OSError:
+            return None
+
+    def _refresh(self) -> None:
+        # Re-read when another writer (a process, or a second cache object) changed the file.
+        mtime = self._mtime_now()
+        if self._entries is None or mtime != self._mtime:
+            self._entries = {**(self._entries or {}), **self._read_disk()}
+            self._mtime = mtime
+
+    def _read_disk(self) -> dict[str, dict[str, Any]]:
+        try:
+            payload = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(payload, dict) or payload.get("format") != CACHE_FORMAT:
+            return {}
+        entries = payload.get("entries")
+        return dict(entries) if isinstance(entries, dict) else {}
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            self._refresh()
+            entry = self._entries.get(key)
+        if not isinstance(entry, dict) or entry.get("choice") not in CONV_LOWERINGS:
+            return None
+        return entry
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        """A snapshot of every entry (refreshed from disk if another writer changed it)."""
+        with self._lock:
+            self._refresh()
+            return dict(self._entries)
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        with self._lock:
+            merged = self._read_disk()
+            if self._entries:
+                merged = {**self._entries, **merged}
+            merged[key] = entry
+            self._entries = merged
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"format": CACHE_FORMAT, "entries": merged}, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+            self._mtime = self._mtime_now()
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._refresh()
+            return len(self._entries)
+
+
+_PERIOD = 1_000_003  # prime: a tiled pattern never lines up with a tenant or row boundary
+
+
+def _normal(rng: np.random.Generator, shape: tuple[int, ...], dtype: str, scale: float = 1.0) -> jax.Array:
+    """Standard normal values drawn on the host (jax.random compiles for seconds per shape on
+    a CPU); large arrays tile a prime-length block, so tenants and rows still differ."""
+    size = int(np.prod(shape))
+    if size <= 4 * _PERIOD:
+        values = jnp.asarray(rng.standard_normal(shape, np.float32) * np.float32(scale))
+    else:
+        values = jnp.resize(jnp.asarray(rng.standard_normal(_PERIOD, np.float32) * np.float32(scale)), shape)
+    return values.astype(dtype)
+
+
+def random_operands(sig: ConvSignature, seed: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Random x [K, *lhs_shape] and w [K, *rhs_shape] (scaled by 1/sqrt(fan-in)) for ``sig``."""
+    rng = np.random.default_rng(seed)
+    x = _normal(rng, (sig.tenants, *sig.lhs_shape), sig.lhs_dtype)
+    fan_in = int(np.prod(sig.rhs_shape[:-1]))
+    w = _normal(rng, (sig.tenants, *sig.rhs_shape), sig.rhs_dtype, 1.0 / np.sqrt(fan_in))
+    return x, w
+
+
+def _tolerance(dtype: str) -> float:
+    # Relative L2 error vs the vmap form: bf16/fp16 products round at 2^-8; float32 convs
+    # may run in tf32 on GPUs (about 1e-3); doubles are exact to far below.
+    return {"bfloat16": 3e-2, "float16": 1e-2}.get(dtype, 5e-3)
+
+
+def burst_seconds(fn: Any, args: tuple, *, warmup: int = 2, repeats: int = 7, min_burst_s: float = 2e-3) -> float:
+    """Median seconds of one call of the compiled ``fn(*args)``.
+
+    Each repeat is a burst of asynchronous calls closed by one ``block_until_ready``, sized
+    so that a burst lasts at least ``min_burst_s``: kernels shorter than the host's dispatch
+    time would otherwise measure the host.
+    """
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    one = max(time.perf_counter() - start, 1e-6)
+    calls = max(1, min(200, int(min_burst_s / one)))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = None
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / calls)
+    return statistics.median(samples)
+
+
+def measure(
+    sig: ConvSignature,
+    params: ConvParams | None = None,
+    names: tuple[str, ...] | None = None,
+    *,
+    seed: int = 0,
+    repeats: int = 7,
+) -> dict[str, dict[str, Any]]:
+    """Compiles, checks and times each lowering of ``sig`` on the default device.
+
+    Returns:
+      ``{name: {"us": median microseconds or None, "compile_s": ..., "rel_err": ...,
+      "error": message if it failed to compile or disagreed with the reference}}``.
+    """
+    params = params or ConvParams.of(sig)
+    names = names or candidates(sig)
+    x, w = random_operands(sig, seed)
+    reference = jax.jit(lambda a, b: lower_conv("vmap", a, b, params))(x, w)
+    ref64 = np.asarray(reference, np.float64)
+    tol = _tolerance(sig.lhs_dtype)
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        row: dict[str, Any] = {"us": None}
+        try:
+            start = time.perf_counter()
+            fn = jax.jit(lambda a, b, _n=name: lower_conv(_n, a, b, params)).lower(x, w).compile()
+            row["compile_s"] = round(time.perf_counter() - start, 3)
+            got = np.asarray(fn(x, w), np.float64)
+            err = float(np.linalg.norm(got - ref64) / max(np.linalg.norm(ref64), 1e-30))
+            row["rel_err"] = err
+            if not np.isfinite(err) or err > tol:
+                row["error"] = f"differs from the vmap reference: relative error {err:.3g} > {tol:g}"
+            else:
+                row["us"] = burst_seconds(fn, (x, w), repeats=repeats) * 1e6
+        except Exception as exc:  # a form XLA rejects on this device is skipped, not fatal
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        results[name] = row
+    return results
+
+
+def cache_entry(sig: ConvSignature, choice: str, timings: dict[str, dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """What the cache keeps of one measurement (the family fields serve ``Planner.nearest``)."""
+    return {
+        "choice": choice,
+        "us": {n: (None if r.get("us") is None else round(r["us"], 2)) for n, r in timings.items()},
+        "errors": {n: r["error"] for n, r in timings.items() if "error" in r},
+        "family": sig.family(),
+        "family_any_dtype": sig.family(with_dtype=False),
+        "work": sig.tenants * sig.lhs_shape[0],
+        "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+def pick(sig: ConvSignature, timings: dict[str, dict[str, Any]], *, margin: float = 0.03) -> str:
+    """The fastest measured lowering; the rule's choice unless another beats it by ``margin``."""
+    rule = default_rule(sig)
+    timed = {n: r["us"] for n, r in timings.items() if r.get("us") is not None}
+    if not timed:
+        return rule
+    best = min(timed, key=timed.get)
+    if rule in timed and timed[best] > timed[rule] * (1.0 - margin):
+        return rule
+    return best
+
+
+def autotune_default() -> bool:
+    """Autotune unless ``JAXMT_AUTOTUNE=0``, or the default backend is a CPU."""
+    env = os.environ.get(AUTOTUNE_ENV)
+    if env is not None:
+        return env.strip().lower() not in ("0", "false", "no", "off", "")
+    return jax.default_backend() != "cpu"
+
+
+class Planner:
+    """Chooses a lowering per conv signature: memo, disk cache, measurement, rule.
+
+    Args:
+      autotune: measure on the device when the cache has no entry (None: ``autotune_default()``).
+      cache_path: the JSON file (None: ``default_cache_path()``); ``cache=False`` keeps
+        choices in memory only.
+    """
+
+    def __init__(self, autotune: bool | None = None, cache_path: str | os.PathLike | None = None, *, cache: bool = True):
+        self.autotune = autotune_default() if autotune is None else bool(autotune)
+        self.cache = LoweringCache(cache_path) if cache else None
+        self._memo: dict[str, tuple[str, str]] = {}
+        self._lock = threading.Lock()
+        self.measurements = 0
+
+    def choose(self, sig: ConvSignature, params: ConvParams | None = None) -> tuple[str, str]:
+        """``(lowering, source)``: source is "memo", "cache", "autotune", "nearest" or "rule"."""
+        key = cache_key(sig)
+        with self._lock:
+            if key in self._memo:
+                return self._memo[key][0], "memo"
+        if self.cache is not None:
+            entry = self.cache.get(key)
+            if entry is not None and applicable(entry["choice"], sig):
+                self._memo[key] = (entry["choice"], "cache")
+                return entry["choice"], "cache"
+        if not self.autotune:
+            near = self.nearest(sig)
+            choice, source = (near, "nearest") if near is not None else (default_rule(sig), "rule")
+            self._memo[key] = (choice, source)
+            return choice, source
+        # Called while a program is being traced: run the measurement eagerly, outside it.
+        with jax.ensure_compile_time_eval():
+            timings = measure(sig, params)
+        self.measurements += 1
+        choice = pick(sig, timings)
+        self._memo[key] = (choice, "autotune")
+        if self.cache is not None:
+            self.cache.put(key, cache_entry(sig, choice, timings))
+        return choice, "autotune"
+
+    def nearest(self, sig: ConvSignature) -> str | None:
+        """The choice measured on this device and jax for the same layer at the closest K x N
+        (same dtype first, then any dtype); None if the cache holds no such layer."""
+        if self.cache is None:
+            return None
+        prefix = cache_key(sig).split("|conv ", 1)[0] + "|"
+        work = sig.tenants * sig.lhs_shape[0]
+        entries = self.cache.entries()
+        for field, family in (("family", sig.family()), ("family_any_dtype", sig.family(with_dtype=False))):
+            matches = [
+                e for k, e in entries.items()
+                if k.startswith(prefix) and e.get(field) == family and e.get("choice") in CONV_LOWERINGS
+                and applicable(e["choice"], sig) and isinstance(e.get("work"), int) and e["work"] > 0
+            ]
+            if matches:
+                return min(matches, key=lambda e: abs(np.log(e["work"] / work)))["choice"]
+        return None

@@ -1,0 +1,202 @@
+"""The pure parts of many-tenant training: one tenant's step, the compiled programs, data order.
+
+``MultiTenantTrainer`` (``jaxmt/train.py``) holds the state; everything here is a pure
+function of arrays and static configuration, or a cache of compiled programs keyed on what
+defines them (loss, optimizer, static hyperparameters, parameter structure).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxmt.lowering import LoweringPolicy, tenant_batched
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree], jax.Array]
+
+
+def split_trainable(treedef: Any, trainable: tuple[bool, ...] | None, params: PyTree) -> tuple[PyTree, PyTree]:
+    """(trainable part, constant part): the same structure with None where a leaf is not held."""
+    if trainable is None:
+        return params, None
+    leaves = treedef.flatten_up_to(params)
+    train = treedef.unflatten([leaf if keep else None for leaf, keep in zip(leaves, trainable)])
+    const = treedef.unflatten([None if keep else leaf for leaf, keep in zip(leaves, trainable)])
+    return train, const
+
+
+def merge_trainable(treedef: Any, trainable: tuple[bool, ...] | None, train: PyTree, const: PyTree) -> PyTree:
+    if trainable is None:
+        return train
+    train_leaves, const_leaves = treedef.flatten_up_to(train), treedef.flatten_up_to(const)
+    return treedef.unflatten([t if keep else c for t, c, keep in zip(train_leaves, const_leaves, trainable)])
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _update_one(
+    tx: optax.GradientTransformation, train: PyTree, opt_state: PyTree, grads: PyTree, loss: jax.Array, active: jax.Array
+) -> tuple[PyTree, PyTree, jax.Array]:
+    """One tenant's optimizer update; vmapped over tenants. Returns (train, opt_state, finite).
+
+    A tenant that is inactive, or whose loss or gradients are not finite, keeps its params
+    and optimizer state (a select inside the program: no tenant's failure leaks into another).
+    """
+    updates, new_opt_state = tx.update(grads, opt_state, train)
+    new_train = optax.apply_updates(train, updates)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    commit = active & finite
+    new_train = jax.tree.map(lambda new, old: jnp.where(commit, new, old), new_train, train)
+    new_opt_state = jax.tree.map(lambda new, old: jnp.where(commit, new, old), new_opt_state, opt_state)
+    return new_train, new_opt_state, finite
+
+
+def tenants_step(
+    loss_k: Callable[[PyTree, PyTree], jax.Array],
+    tx: optax.GradientTransformation,
+    treedef: Any,
+    trainable: tuple[bool, ...] | None,
+    params_k: PyTree,
+    opt_state_k: PyTree,
+    active_k: jax.Array,
+    batch_k: PyTree,
+) -> tuple[PyTree, PyTree, jax.Array, jax.Array]:
+    """One step of K tenants: (params_k, opt_state_k, losses [K], finite [K]).
+
+    ``loss_k`` is the tenant-batched loss (``jaxmt.lowering.tenant_batched``), [K] losses.
+    Tenants share no weights, so the gradient of the summed losses with respect to tenant
+    k's params is the gradient of tenant k's own loss: one backward pass serves all, and a
+    NaN in one tenant's loss does not reach another's gradient (its cotangent is 1 alone).
+    """
+    train_k, const_k = split_trainable(treedef, trainable, params_k)
+
+    def total(train_k: PyTree) -> tuple[jax.Array, jax.Array]:
+        losses = loss_k(merge_trainable(treedef, trainable, train_k, const_k), batch_k)
+        return jnp.sum(losses), losses
+
+    (_, losses), grads_k = jax.value_and_grad(total, has_aux=True)(train_k)
+    update = functools.partial(_update_one, tx)
+    new_train_k, new_opt_state_k, finite = jax.vmap(update)(train_k, opt_state_k, grads_k, losses, active_k)
+    return merge_trainable(treedef, trainable, new_train_k, const_k), new_opt_state_k, losses.astype(jnp.float32), finite
+
+
+def _injected(optimizer: Callable[..., optax.GradientTransformation], static: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
+    return functools.partial(optax.inject_hyperparams(optimizer, static_args=tuple(k for k, _ in static)), **dict(static))
+
+
+# Programs are cached on what defines them, so trainers rebuilt with the same loss, optimizer
+# and architecture (successive-halving rounds, a notebook re-run) reuse the compiled code.
+def _cached(build: Callable[..., Any]) -> Callable[..., Any]:
+    cached = functools.lru_cache(maxsize=64)(build)
+
+    def get(*key: Any) -> Any:
+        try:
+            hash(key)
+        except TypeError:  # e.g. an unhashable static hyperparameter: build, do not cache
+            return build(*key)
+        return cached(*key)
+
+    return get
+
+
+@_cached
+def init_program(optimizer: Callable, static: tuple) -> Callable:
+    injected = _injected(optimizer, static)
+    return jax.jit(jax.vmap(lambda hyper, params: injected(**hyper).init(params)))
+
+
+@_cached
+def step_program(
+    loss_fn: LossFn,
+    optimizer: Callable,
+    static: tuple,
+    hyper_names: tuple,
+    treedef: Any,
+    trainable: Any,
+    lowering: LoweringPolicy,
+    donate: bool,
+) -> Callable:
+    # The update reads every numeric hyperparameter from the (per-tenant) optimizer state;
+    # the values this transformation is built with only mark the names as numeric.
+    tx = _injected(optimizer, static)(**{name: jnp.zeros((), jnp.float32) for name in hyper_names})
+    step = functools.partial(tenants_step, tenant_batched(loss_fn, lowering), tx, treedef, trainable)
+    # "raise" must be able to drop a step, so it keeps the old buffers (no donation).
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+@_cached
+def eval_program(fn: Callable, stacked: bool, lowering: LoweringPolicy) -> Callable:
+    if lowering.is_plain_vmap:
+        return jax.jit(jax.vmap(fn, in_axes=(0, 0 if stacked else None)))
+    fn_k = tenant_batched(fn, lowering)
+
+    def shared(params_k: PyTree, batch: PyTree) -> Any:  # the interpreter wants a tenant axis on every input
+        tenants = jax.tree.leaves(params_k)[0].shape[0]
+        return fn_k(params_k, jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (tenants, *jnp.shape(leaf))), batch))
+
+    return jax.jit(fn_k if stacked else shared)
+
+
+@_cached
+def stacked_init_program(init_fn: Callable) -> Callable:
+    return jax.jit(jax.vmap(init_fn))
+
+
+def shuffled_batch_indices(num_examples: int, batch_size: int, seeds: Sequence[int], epochs: int = 1) -> np.ndarray:
+    """Per-tenant data order: row indices [steps, tenants, batch_size], one shuffle per epoch.
+
+    Tenant t draws its permutations from ``np.random.default_rng(seeds[t])``; the last partial
+    batch of each epoch is dropped, so ``steps = epochs * (num_examples // batch_size)``.
+    ``x[idx[s]]`` is then the stacked batch [tenants, batch_size, ...] of step s, and
+    ``x[idx[:, t]]`` tenant t's batches when it is trained alone.
+
+    Raises:
+      ValueError: batch_size outside [1, num_examples], epochs < 1, or no seeds.
+    """
+    if not 1 <= batch_size <= num_examples:
+        raise ValueError(f"batch_size must be in [1, {num_examples}] (num_examples), got {batch_size}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("seeds must name at least one tenant")
+    per_epoch = num_examples // batch_size
+    idx = np.empty((epochs * per_epoch, len(seeds), batch_size), np.int64)
+    for t, seed in enumerate(seeds):
+        rng = np.random.default_rng(int(seed))
+        for epoch in range(epochs):
+            order = rng.permutation(num_examples)[: per_epoch * batch_size]
+            idx[epoch * per_epoch : (epoch + 1) * per_epoch, t] = order.reshape(per_epoch, batch_size)
+    return idx
+
+
+def split_hyperparams(hyperparams: Mapping[str, Any], tenants: list[Hashable]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(static values, per-tenant numeric values [tenants]) from the user's hyperparameters."""
+    static: dict[str, Any] = {}
+    per_tenant: dict[str, np.ndarray] = {}
+    n = len(tenants)
+    for name, value in hyperparams.items():
+        if value is None or isinstance(value, (bool, str)) or callable(value):
+            static[name] = value
+            continue
+        values = np.asarray(value)
+        if values.dtype.kind not in "iuf" or values.ndim > 1:
+            raise ValueError(f"hyperparameter {name!r} must be a number or a sequence of {n} numbers, got {value!r}")
+        if values.ndim == 1 and values.shape[0] != n:
+            raise ValueError(f"hyperparameter {name!r} has {values.shape[0]} values for {n} tenants")
+        values = np.broadcast_to(values, (n,)).astype(np.float32 if values.dtype.kind == "f" else np.int32)
+        if not np.all(np.isfinite(values)):
+            bad = tenants[int(np.argmin(np.isfinite(values)))]
+            raise ValueError(f"hyperparameter {name!r} of tenant {bad!r} is not finite")
+        per_tenant[name] = values
+    return static, per_tenant

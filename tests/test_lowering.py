@@ -1,0 +1,308 @@
+"""Lowerings of tenant-batched convs equal the per-tenant reference; the planner and its cache.
+
+Reference: a Python loop over tenants of ``lax.conv_general_dilated`` at the highest
+precision, on fresh random inputs (never zeros). Float32 tolerances are rounding-level
+(relative L2 error 1e-5); bfloat16 ones allow for one rounding of each product (2e-2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import reference_predict, rel_error, tiny_spec
+from jax import lax
+
+import jaxmt
+from jaxmt import autotune
+from jaxmt.lowering import LOWERINGS, LoweringPolicy, describe_lowering, lowering_key, tenant_batched
+from jaxmt.lowering_ops import CONV_LOWERINGS, ConvParams, ConvSignature, applicable, lower_conv
+
+# (name, K, x per tenant [N, H, W, C], window, O, strides, padding, rhs_dilation, lhs_dilation, groups)
+CASES = [
+    ("3x3_same_odd_channels", 3, (2, 9, 9, 5), (3, 3), 7, (1, 1), "SAME", (1, 1), (1, 1), 1),
+    ("3x3_stride2_valid", 2, (3, 10, 11, 3), (3, 3), 4, (2, 2), "VALID", (1, 1), (1, 1), 1),
+    ("3x3_stride2_explicit_asymmetric", 3, (1, 9, 8, 4), (3, 3), 5, (2, 2), ((1, 2), (0, 1)), (1, 1), (1, 1), 1),
+    ("1x1", 3, (2, 6, 6, 5), (1, 1), 7, (1, 1), "VALID", (1, 1), (1, 1), 1),
+    ("1x1_stride2", 2, (2, 7, 7, 6), (1, 1), 3, (2, 2), "VALID", (1, 1), (1, 1), 1),
+    ("1x1_stride2_padded", 2, (1, 6, 5, 3), (1, 1), 4, (2, 2), ((1, 1), (0, 1)), (1, 1), (1, 1), 1),
+    ("7x7_stride2_stem", 2, (1, 12, 12, 3), (7, 7), 8, (2, 2), ((3, 3), (3, 3)), (1, 1), (1, 1), 1),
+    ("5x3_dilated", 2, (2, 12, 10, 3), (5, 3), 4, (1, 2), "SAME", (2, 1), (1, 1), 1),
+    ("3x3_lhs_dilated", 2, (1, 5, 5, 3), (3, 3), 2, (1, 1), ((2, 2), (2, 2)), (1, 1), (2, 2), 1),
+    ("depthwise", 3, (2, 8, 8, 6), (3, 3), 6, (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 6),
+    ("depthwise_stride2_multiplier2", 2, (2, 9, 9, 5), (3, 3), 10, (2, 2), "SAME", (1, 1), (1, 1), 5),
+    ("grouped_3_groups", 2, (2, 7, 7, 6), (3, 3), 9, (1, 1), "SAME", (1, 1), (1, 1), 3),
+    ("grouped_1x1", 2, (2, 5, 5, 6), (1, 1), 4, (1, 1), "VALID", (1, 1), (1, 1), 2),
+]
+
+
+def _case_arrays(case, rng, dtype=np.float32):
+    _, k, x_shape, window, out, strides, padding, rd, ld, groups = case
+    x = rng.standard_normal((k, *x_shape)).astype(dtype)
+    w = (rng.standard_normal((k, *window, x_shape[-1] // groups, out)) / math.sqrt(np.prod(window) * x_shape[-1] // groups)).astype(dtype)
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(np.array(x_shape[1:3]) * np.array(ld) - (np.array(ld) - 1),
+                                      [(r - 1) * d + 1 for r, d in zip(window, rd)], strides, padding)
+    params = ConvParams(tuple(strides), tuple(tuple(p) for p in padding), tuple(ld), tuple(rd), groups)
+    return x, w, params
+
+
+def _signature(x, w, p: ConvParams) -> ConvSignature:
+    return ConvSignature(x.shape[0], x.shape[1:], w.shape[1:], p.window_strides, p.padding, p.lhs_dilation,
+                         p.rhs_dilation, p.feature_group_count, 1, x.dtype.name, w.dtype.name)
+
+
+def _reference(x, w, p: ConvParams) -> np.ndarray:
+    """Tenant by tenant, in a Python loop, at the highest precision."""
+    dn = ("NHWC", "HWIO", "NHWC")
+    return np.stack([
+        np.asarray(lax.conv_general_dilated(
+            jnp.asarray(x[i], jnp.float32), jnp.asarray(w[i], jnp.float32), p.window_strides, p.padding, p.lhs_dilation,
+            p.rhs_dilation, dimension_numbers=dn, feature_group_count=p.feature_group_count, precision=lax.Precision.HIGHEST))
+        for i in range(x.shape[0])
+    ])
+
+
+@pytest.mark.parametrize("choice", CONV_LOWERINGS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_every_lowering_equals_the_per_tenant_reference(case, choice, rng):
+    x, w, p = _case_arrays(case, rng)
+    sig = _signature(x, w, p)
+    if not applicable(choice, sig):
+        pytest.skip(f"{choice} does not apply to {sig.kind}")
+    got = jax.jit(lambda a, b: lower_conv(choice, a, b, p))(x, w)
+    want = _reference(x, w, p)
+    assert got.shape == want.shape and got.dtype == x.dtype
+    assert sig.out_spatial == want.shape[2:4]
+    assert rel_error(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("choice", CONV_LOWERINGS)
+def test_every_lowering_in_bfloat16(choice, rng):
+    for case in CASES:  # the first case the lowering applies to
+        x, w, p = _case_arrays(case, rng, np.float32)
+        if applicable(choice, _signature(x, w, p)):
+            break
+    x16, w16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    got = jax.jit(lambda a, b: lower_conv(choice, a, b, p))(x16, w16)
+    assert got.dtype == jnp.bfloat16
+    want = _reference(np.asarray(x16, np.float32), np.asarray(w16, np.float32), p)
+    assert rel_error(got, want) < 2e-2
+
+
+def test_applicability_follows_the_layer_kind():
+    sig = lambda window, groups=1, c=8: ConvSignature(4, (2, 8, 8, c), (*window, c // groups, 8), (1, 1), ((0, 0), (0, 0)), (1, 1), (1, 1), groups)  # noqa: E731
+    assert sig((1, 1)).kind == "1x1" and applicable("einsum", sig((1, 1)))
+    assert sig((3, 3)).kind == "kxk" and not applicable("einsum", sig((3, 3)))
+    assert sig((3, 3), 8).kind == "depthwise" and applicable("depthwise_direct", sig((3, 3), 8))
+    assert sig((3, 3), 2).kind == "grouped" and not applicable("batch_group", sig((3, 3), 2))
+    for name in ("vmap", "loop", "map"):
+        assert all(applicable(name, s) for s in (sig((1, 1)), sig((3, 3)), sig((3, 3), 8), sig((3, 3), 2)))
+    with pytest.raises(ValueError, match="unknown conv lowering"):
+        applicable("winograd", sig((3, 3)))
+
+
+# --------------------------------------------------------------------- the interpreter
+def _plain_jax_model(params, x):
+    """NCHW convs (one inside a nested jit), a shared (unbatched) filter, a dense head."""
+    dn = ("NCHW", "OIHW", "NCHW")
+    y = lax.conv_general_dilated(x, params["c1"], (1, 1), "SAME", dimension_numbers=dn)
+    y = jax.nn.relu(y)
+    y = jax.jit(lambda a, f: lax.conv_general_dilated(a, f, (2, 2), ((1, 0), (0, 1)), dimension_numbers=dn))(y, params["c2"])
+    shared = jnp.ones((y.shape[1], 1, 1, 1), y.dtype) * 0.5  # same for every tenant
+    y = y + lax.conv_general_dilated(y, shared, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=y.shape[1])
+    return jnp.mean(y, axis=(2, 3)) @ params["dense"]
+
+
+def _plain_params(rng, k):
+    return {
+        "c1": jnp.asarray(rng.standard_normal((k, 6, 3, 3, 3)), jnp.float32),
+        "c2": jnp.asarray(rng.standard_normal((k, 5, 6, 1, 1)), jnp.float32),
+        "dense": jnp.asarray(rng.standard_normal((k, 5, 4)), jnp.float32),
+    }
+
+
+@pytest.mark.parametrize("lowering", ["auto", "rule", "einsum", "loop", "batch_group", "grouped_nchw", {"conv:0": "im2col"}])
+def test_interpreter_equals_vmap_for_plain_jax_and_other_layouts(lowering, rng):
+    k = 3
+    params = _plain_params(rng, k)
+    x = jnp.asarray(rng.standard_normal((k, 2, 3, 9, 8)), jnp.float32)
+    want = jax.vmap(_plain_jax_model)(params, x)
+    got = jax.jit(tenant_batched(_plain_jax_model, lowering))(params, x)
+    assert rel_error(got, want) < 1e-5
+    layers = describe_lowering(_plain_jax_model, params, x, lowering)
+    # Both tenant-batched convs are seen (the one in the nested jit too); the shared-filter
+    # conv is not tenant-batched and is left to vmap.
+    assert [layer.signature.kind for layer in layers] == ["kxk", "1x1"]
+
+
+def test_gradients_flow_through_the_lowered_program(rng):
+    k = 2
+    params = _plain_params(rng, k)
+    x = jnp.asarray(rng.standard_normal((k, 2, 3, 9, 8)), jnp.float32)
+
+    def loss(batched):
+        return lambda p: jnp.sum(batched(p, x) ** 2)
+
+    want = jax.grad(loss(jax.vmap(_plain_jax_model)))(params)
+    got = jax.grad(loss(tenant_batched(_plain_jax_model, "loop")))(params)
+    for name in params:
+        assert rel_error(got[name], want[name]) < 1e-5, name
+
+
+def test_forced_choices_are_honoured_and_inapplicable_ones_fall_back_or_raise(rng):
+    spec = tiny_spec("resnet50")
+    params_k = _stacked_shapes(spec, 2)
+    x = jax.ShapeDtypeStruct((2, 3, *spec.input_shape), jnp.float32)
+    forced = describe_lowering(spec.apply_fn, params_k, x, "einsum")
+    assert {(c.signature.kind, c.lowering, c.source) for c in forced} == {("1x1", "einsum", "forced"), ("kxk", "vmap", "fallback")}
+    mixed = describe_lowering(spec.apply_fn, params_k, x, {"kxk": "loop", "conv:1": "grouped_nchw"})
+    assert mixed[1].lowering == "grouped_nchw" and mixed[1].source == "override"
+    assert all(c.lowering == "loop" for c in mixed if c.signature.kind == "kxk")
+    assert all(c.source in ("rule", "memo", "cache", "override") for c in mixed)
+    with pytest.raises(ValueError, match="does not apply"):
+        describe_lowering(spec.apply_fn, params_k, x, {"conv:0": "einsum"})  # conv:0 is the 7x7 stem
+    with pytest.raises(ValueError, match="unknown lowering"):
+        LoweringPolicy("fastest")
+    with pytest.raises(ValueError, match="unknown conv lowering"):
+        LoweringPolicy(overrides=(("kxk", "auto"),))
+    with pytest.raises(ValueError, match="selector"):
+        LoweringPolicy(overrides=(("layer3", "loop"),))
+
+
+def test_program_keys_name_the_policy():
+    keys = {lowering_key(x) for x in ("vmap", "auto", "rule", "loop", {"kxk": "loop"}, LoweringPolicy("auto", autotune=False))}
+    assert len(keys) == 6 and lowering_key("vmap") == "vmap" == lowering_key(LoweringPolicy("vmap"))
+    assert set(LOWERINGS) >= {"vmap", "auto", "einsum", "loop"}
+
+
+# ------------------------------------------------------------------------- end to end
+def _stacked_shapes(spec, k):
+    one = jax.eval_shape(spec.module.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *spec.input_shape), spec.input_dtype))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct((k, *s.shape), s.dtype), one)
+
+
+def _random_variables(spec, seed: int):
+    """One tenant's variables drawn with NumPy (ModelSpec.init compiles for ~20 s on a CPU)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(spec.module.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *spec.input_shape), spec.input_dtype))
+
+    def draw(path, leaf):
+        name = getattr(path[-1], "key", "")
+        if name == "var":
+            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
+        scale = 0.1 if name in ("bias", "mean", "scale") else math.sqrt(2.0 / max(1, math.prod(leaf.shape[:-1])))
+        value = rng.standard_normal(leaf.shape) * scale + (1.0 if name == "scale" else 0.0)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2", "mlp"])
+def test_multi_tenant_model_with_auto_lowering_equals_the_reference(name, rng):
+    spec = tiny_spec(name)
+    params = {f"t{i}": _random_variables(spec, 100 + i) for i in range(5)}
+    auto = jaxmt.MultiTenantModel(spec.apply_fn, params["t0"], capacity=5, lowering="auto", buckets=jaxmt.BucketPolicy.powers_of_two(8, 4))
+    plain = jaxmt.MultiTenantModel(spec.apply_fn, params["t0"], capacity=5, buckets=jaxmt.BucketPolicy.powers_of_two(8, 4))
+    for tenant, p in params.items():
+        auto.add_tenant(tenant, p)
+        plain.add_tenant(tenant, p)
+    ids = list(rng.choice(list(params), size=11))
+    x = spec.random_input(rng, 11)
+    want = reference_predict(spec.apply_fn, params, ids, x)
+    assert rel_error(auto.predict(ids, x), want) < 1e-5
+    assert rel_error(plain.predict(ids, x), want) < 1e-5
+    (auto_key,) = auto.programs._programs
+    (plain_key,) = plain.programs._programs
+    assert auto_key.lowering == "auto" and plain_key.lowering == "vmap"
+
+
+# ----------------------------------------------------------------- planner and cache
+def _small_sig(k=2, dtype="float32"):
+    return ConvSignature(k, (2, 6, 6, 4), (3, 3, 4, 5), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), lhs_dtype=dtype, rhs_dtype=dtype)
+
+
+def test_cache_round_trips_and_is_keyed_by_device_and_jax_version(tmp_path, monkeypatch):
+    path = tmp_path / "sub" / "lowering.json"
+    sig = _small_sig()
+    key = autotune.cache_key(sig)
+    device = jax.devices()[0]
+    assert device.device_kind in key and f"jax-{jax.__version__}" in key and sig.key in key
+    tuned = autotune.Planner(autotune=True, cache_path=path)
+    choice, source = tuned.choose(sig)
+    assert source == "autotune" and choice in autotune.candidates(sig) and tuned.measurements == 1
+    assert tuned.choose(sig) == (choice, "memo")
+    entry = json.loads(path.read_text())["entries"][key]
+    assert entry["choice"] == choice and set(entry["us"]) == set(autotune.candidates(sig))
+    # A fresh planner that may not measure reads the choice back from disk.
+    assert autotune.Planner(autotune=False, cache_path=path).choose(sig) == (choice, "cache")
+    # An entry for another jax version or device is not trusted.
+    stale = json.loads(path.read_text())
+    stale["entries"] = {k.replace(jax.__version__, "0.0.1"): v for k, v in stale["entries"].items()}
+    path.write_text(json.dumps(stale))
+    assert autotune.Planner(autotune=False, cache_path=path).choose(sig) == (autotune.default_rule(sig), "rule")
+    # A corrupt file is ignored, and the next measurement rewrites it.
+    path.write_text("{not json")
+    assert autotune.Planner(autotune=False, cache_path=path).choose(sig)[1] == "rule"
+    autotune.Planner(autotune=True, cache_path=path).choose(sig)
+    assert key in json.loads(path.read_text())["entries"]
+
+
+def test_the_environment_chooses_the_cache_file_and_autotuning(tmp_path, monkeypatch):
+    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path / "x.json"))
+    assert autotune.default_cache_path() == tmp_path / "x.json"
+    monkeypatch.setenv(autotune.AUTOTUNE_ENV, "0")
+    assert autotune.autotune_default() is False
+    monkeypatch.setenv(autotune.AUTOTUNE_ENV, "1")
+    assert autotune.autotune_default() is True
+    monkeypatch.delenv(autotune.AUTOTUNE_ENV)
+    assert autotune.autotune_default() is (jax.default_backend() != "cpu")
+
+
+def test_cached_choice_is_used_by_the_model_program(tmp_path, rng):
+    spec = tiny_spec("resnet18")
+    params = _random_variables(spec, 7)
+    stacked = jax.tree.map(lambda leaf: jnp.stack([leaf, leaf * 0.5]), params)
+    x = jnp.asarray(spec.random_input(rng, 6).reshape(2, 3, *spec.input_shape))
+    policy = LoweringPolicy("auto", autotune=False, cache_path=str(tmp_path / "c.json"))
+    layers = describe_lowering(spec.apply_fn, stacked, x, policy)
+    # Plant a choice for the stem in the cache: the planner must follow it.
+    autotune.LoweringCache(policy.cache_path).put(autotune.cache_key(layers[0].signature), {"choice": "batch_group"})
+    planted = LoweringPolicy("auto", autotune=False, cache_path=str(tmp_path / "c.json"))
+    jaxmt.lowering._PLANNERS.pop((planted.autotune, planted.cache_path), None)
+    chosen = describe_lowering(spec.apply_fn, stacked, x, planted)
+    assert (chosen[0].lowering, chosen[0].source) == ("batch_group", "cache")
+    got = jax.jit(tenant_batched(spec.apply_fn, planted))(stacked, x)
+    assert rel_error(got, jax.vmap(spec.apply_fn)(stacked, x)) < 1e-5
+
+
+def test_pick_prefers_the_rule_within_the_noise_margin():
+    sig = _small_sig()
+    rule = autotune.default_rule(sig)
+    other = next(n for n in autotune.candidates(sig) if n != rule)
+    assert autotune.pick(sig, {rule: {"us": 100.0}, other: {"us": 98.0}}) == rule
+    assert autotune.pick(sig, {rule: {"us": 100.0}, other: {"us": 80.0}}) == other
+    assert autotune.pick(sig, {rule: {"us": None, "error": "x"}, other: {"us": 120.0}}) == other
+    assert autotune.pick(sig, {}) == rule
+
+
+def test_a_layer_measured_at_another_size_lends_its_choice(tmp_path):
+    path = tmp_path / "c.json"
+    measured = _small_sig(k=8)
+    cache = autotune.LoweringCache(path)
+    cache.put(autotune.cache_key(measured), autotune.cache_entry(measured, "batch_group", {}))
+    import dataclasses
+
+    other_k = _small_sig(k=3)
+    other_n = dataclasses.replace(measured, lhs_shape=(7, *measured.lhs_shape[1:]))
+    other_dtype = _small_sig(k=3, dtype="bfloat16")
+    other_layer = dataclasses.replace(measured, rhs_shape=(3, 3, 4, 6))
+    planner = autotune.Planner(autotune=False, cache_path=path)
+    assert planner.choose(other_k) == ("batch_group", "nearest")
+    assert planner.choose(other_n) == ("batch_group", "nearest")
+    assert planner.choose(other_dtype) == ("batch_group", "nearest")  # no bf16 entry: any dtype
+    assert planner.choose(other_layer)[1] == "rule"
