@@ -121,7 +121,8 @@ def test_warmup_reports_the_failing_bucket_and_keeps_the_others(rng):
         mt.warmup()
     mt.warmup(row_buckets=[1, 4, 8])  # the rest of the ladder builds
     compiled = mt.stats()["compiles"]
-    assert compiled == len(POLICY.tenant_buckets) * 3
+    # every (K, B) of the ladder, plus the gather-free variant of K == capacity (4)
+    assert compiled == len(POLICY.tenant_buckets) * 3 + 3
     ids = ["a"] * 4 + ["b"] * 4 + ["c"] * 4
     assert 2 not in _row_buckets(mt, ids)
     _assert_serves(mt, params, rng, ids=ids)  # compiled by warmup: no compile
