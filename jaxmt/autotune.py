@@ -5,12 +5,16 @@
 copied to another GPU or kept across a jax upgrade is not trusted); a measurement on the
 device if autotuning is on (every applicable candidate is compiled, checked against the
 ``vmap`` reference on random inputs, warmed up and timed: median of repeats, each repeat a
-burst of asynchronous calls closed by ``block_until_ready``); else the choice cached for the same layer at the nearest K x N (``Planner.nearest``), else
-``default_rule``.
+burst of asynchronous calls closed by ``block_until_ready``); else the choice cached for
+the same layer at the nearest K x N (``Planner.nearest``); else ``default_rule``.
 
-The rule is what an H100 measured (benchmarks/README.md, "Lowering"): 1x1 convs as a
-batched matmul beat the grouped conv that vmap emits by 3-4x; depthwise convs stay folded
-into groups (vmap); other convs stay on vmap's grouped form unless measured otherwise.
+Measured choices are only as stable as XLA's own kernel picks: on an H100 the same batched
+matmul ran at 0.3x of the dense conv in one process and 1.3x in another, as XLA's GEMM
+autotuning chose differently. A choice is re-measured only when its cache entry is deleted.
+
+The rule is what an H100 measured (benchmarks/README.md, "Lowering"; ``default_rule``):
+1x1 convs as a batched matmul beat the grouped conv that vmap emits by 2-7x; late, small
+kxk convs and RGB stems as im2col; the rest stay on vmap's grouped form unless measured.
 Measurement costs a compile per candidate (about a second on a GPU): it is on by default
 on GPUs and TPUs and off on CPUs, whose timings say nothing about the accelerator.
 """
@@ -49,17 +53,36 @@ _CANDIDATES: dict[str, tuple[str, ...]] = {
 
 
 def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
-    """The lowering used without measurement (CPU, autotune off, or as the tie-breaker).
+    """The lowering used without measurement (autotune off and nothing cached, or a tie).
 
-    ``platform`` defaults to JAX's default backend. On CPUs, XLA's grouped convolutions
-    are a slow generic loop, so convs other than 1x1 run per tenant (depthwise ones as a
-    fused multiply-add), which measured 2-15x faster than vmap's form on tiny models.
+    ``platform`` defaults to JAX's default backend. Every choice below measured faster than
+    vmap's grouped conv for its layer shape on an H100 (bf16, 16 tenants x 8 images;
+    benchmarks/README.md, "Lowering"), so the rule is never worse than plain vmap there:
+
+    * 1x1 convs: a batched matmul (0.3-1.6x of the dense conv; vmap's grouped form 0.07-0.8x).
+    * kxk convs whose output is at most 7x7, or with at most 4 input channels and a 3x3 or
+      smaller window (an RGB stem): im2col, one batched matmul on slices (0.6-1.2x vs
+      0.13-0.5x for vmap); other kxk convs: vmap (0.45-0.75x; the best form varies by
+      shape and run, which is what autotuning is for).
+    * depthwise convs with a stride: a fused multiply-add (1.1x vs 0.4x); unstrided: vmap.
+
+    On CPUs, XLA's grouped convolutions are a slow generic loop, so convs other than 1x1
+    run per tenant (depthwise ones as the fused multiply-add): 2-15x faster than vmap's
+    form on the tiny models.
     """
     platform = platform or jax.default_backend()
     if sig.kind in ("1x1", "grouped") and applicable("einsum", sig):
         return "einsum"
     if platform == "cpu":
         return "depthwise_direct" if applicable("depthwise_direct", sig) else "loop"
+    if sig.kind == "depthwise":
+        strided = any(s > 1 for s in sig.window_strides)
+        return "depthwise_direct" if strided and applicable("depthwise_direct", sig) else "vmap"
+    if sig.kind == "kxk" and applicable("im2col", sig):
+        small_output = int(np.prod(sig.out_spatial)) <= 49
+        rgb_stem = sig.in_channels <= 4 and int(np.prod(sig.window)) <= 9
+        if small_output or rgb_stem:
+            return "im2col"
     return "vmap"
 
 
@@ -258,7 +281,7 @@ def cache_entry(sig: ConvSignature, choice: str, timings: dict[str, dict[str, An
         "family": sig.family(),
         "family_any_dtype": sig.family(with_dtype=False),
         "work": sig.tenants * sig.lhs_shape[0],
-        "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         **extra,
     }
 

@@ -140,7 +140,7 @@ class ConvSignature:
     @property
     def key(self) -> str:
         """A short, stable, human-readable string naming the signature (a cache key)."""
-        dims = lambda t: "x".join(str(d) for d in t)  # noqa: E731
+        dims = lambda t: "x".join(str(d) for d in t)
         pad = ",".join(f"{lo}:{hi}" for lo, hi in self.padding)
         parts = [
             f"conv K={self.tenants}",
@@ -180,7 +180,7 @@ class ConvParams:
     preferred_element_type: Any = None
 
     @classmethod
-    def of(cls, sig: ConvSignature) -> "ConvParams":
+    def of(cls, sig: ConvSignature) -> ConvParams:
         """The params of a signature (precision and preferred type as the signature names them)."""
         pet = None if sig.preferred_element_type is None else np.dtype(sig.preferred_element_type)
         return cls(sig.window_strides, sig.padding, sig.lhs_dilation, sig.rhs_dilation,
@@ -356,7 +356,7 @@ def conv_shift_sum(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
 
 
 def conv_depthwise_direct(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
-    k, n = x.shape[:2]
+    k = x.shape[0]
     nd = x.ndim - 3
     out_spatial = _out_spatial_of(x, w, p)
     multiplier = w.shape[-1] // x.shape[-1]
