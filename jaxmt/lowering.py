@@ -34,9 +34,11 @@ here matches a dense conv at 16-32 tenants.
 
 The policy (``LoweringPolicy``, or a string or mapping that converts to one):
 
-  "vmap"    plain ``jax.vmap`` (the default; nothing interpreted).
-  "auto"    per conv: the disk cache, else measure on the device (GPU/TPU), else the choice
-            cached for the same layer at another K x B, else the rule (``jaxmt.autotune``).
+  "vmap"    plain ``jax.vmap`` (nothing interpreted).
+  "auto"    (``MultiTenantModel``'s default) per conv: the disk cache, else measure on the
+            device (GPU/TPU; the first compile of a new architecture then takes longer),
+            else the choice cached for the same layer at another K x B, else the rule
+            (``jaxmt.autotune``). Layers other than convs batch as under "vmap".
   "rule"    per conv: ``jaxmt.autotune.default_rule`` (no measurement, no cache).
   a name    one of ``CONV_LOWERINGS`` forced wherever it applies; vmap where it does not.
   mapping   per-layer overrides on top of "auto": keys are "conv:<i>" (the i-th

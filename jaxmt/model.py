@@ -87,8 +87,9 @@ class MultiTenantModel:
         fixes them and later calls must match.
       max_capacity: limit on store slots; adding past it raises CapacityError.
       max_programs: bound of the compiled-program LRU cache.
-      lowering: how the model is batched over tenants (see ``jaxmt.lowering``): "vmap"
-        (plain jax.vmap), "auto" (per-layer choice: cached, measured on a GPU, or a rule),
+      lowering: how the model is batched over tenants (see ``jaxmt.lowering``): "auto"
+        (default: per-conv choice, cached on disk, measured on a GPU, else a rule), "vmap"
+        (plain jax.vmap),
         "rule", a conv lowering forced everywhere (e.g. "einsum", "loop"), a mapping of
         per-layer overrides, or a ``jaxmt.lowering.LoweringPolicy``.
       device: where the store and programs live (default: the first JAX device).
@@ -126,7 +127,7 @@ class MultiTenantModel:
         row_dtype: Any = None,
         max_capacity: int | None = None,
         max_programs: int = 256,
-        lowering: "str | LoweringPolicy | Mapping[str, str]" = "vmap",
+        lowering: "str | LoweringPolicy | Mapping[str, str]" = "auto",
         device: jax.Device | None = None,
         nonfinite_inputs: str = "pass",
     ):

@@ -214,7 +214,7 @@ def test_multi_tenant_model_with_auto_lowering_equals_the_reference(name, rng):
     spec = tiny_spec(name)
     params = {f"t{i}": _random_variables(spec, 100 + i) for i in range(5)}
     auto = jaxmt.MultiTenantModel(spec.apply_fn, params["t0"], capacity=5, lowering="auto", buckets=jaxmt.BucketPolicy.powers_of_two(8, 4))
-    plain = jaxmt.MultiTenantModel(spec.apply_fn, params["t0"], capacity=5, buckets=jaxmt.BucketPolicy.powers_of_two(8, 4))
+    plain = jaxmt.MultiTenantModel(spec.apply_fn, params["t0"], capacity=5, lowering="vmap", buckets=jaxmt.BucketPolicy.powers_of_two(8, 4))
     for tenant, p in params.items():
         auto.add_tenant(tenant, p)
         plain.add_tenant(tenant, p)
