@@ -8,7 +8,7 @@ forms steps from per-tenant request queues.
 from jaxmt.baselines import ExclusiveServer, SpaceOnlyServer, TimeOnlyServer, exclusive_predict, time_only_predict
 from jaxmt.batch import predict_manifest
 from jaxmt.buckets import BucketPolicy, Plan, Step, make_plan
-from jaxmt.checkpoint import add_tenant_from_checkpoint, restore_model, restore_store, save_store
+from jaxmt.checkpoint import restore_model, restore_store, save_store
 from jaxmt.errors import (
     CapacityError,
     CheckpointError,
@@ -30,6 +30,7 @@ from jaxmt.programs import ProgramCache, ProgramKey, enable_persistent_compilati
 from jaxmt.scheduler import Scheduler, SchedulerConfig
 from jaxmt.sharding import ShardedMultiTenantModel, tenant_mesh
 from jaxmt.store import TenantStore
+from jaxmt.tenant_import import add_tenant_from_checkpoint
 from jaxmt.train import MultiTenantTrainer
 from jaxmt.train_step import shuffled_batch_indices
 

@@ -15,146 +15,24 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
-import dataclasses
 import importlib
 import json
 import os
 import pathlib
-import re
 import sys
 import time
 import uuid
 import zipfile
-from collections.abc import Hashable
 from typing import Any
 
 import jax
 import numpy as np
 
 from jaxmt.errors import JaxmtError, ManifestError
+from jaxmt.manifest import Entry, read_entries
 from jaxmt.model import MultiTenantModel
 
 DESCRIPTION = "predict a manifest of (tenant, input file) entries from a store checkpoint, resumably"
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-@dataclasses.dataclass
-class _Entry:
-    """One manifest entry, resolved: its rows are computed once and written as one output."""
-
-    line: int
-    tenant: Hashable
-    input: pathlib.Path
-    key: str | None
-    output: str
-    rows: int = 0
-    x: Any = None  # the input rows once loaded (a memory map for .npy)
-    y: list[np.ndarray] | None = None  # output leaves [rows, ...], filled step by step
-    filled: int = 0
-
-
-# ---------------------------------------------------------------------------- manifest
-def _records(manifest: pathlib.Path) -> list[tuple[int, Any]]:
-    """(line number, record dict or the exception that line raised) for each non-blank line."""
-    text = manifest.read_text()
-    stripped = text.lstrip()
-    if manifest.suffix.lower() in (".jsonl", ".ndjson", ".json") or (manifest.suffix.lower() != ".csv" and stripped.startswith("{")):
-        out = []
-        for number, raw in enumerate(text.splitlines(), start=1):
-            if raw.strip():
-                try:
-                    record = json.loads(raw)
-                    out.append((number, record if isinstance(record, dict) else TypeError(f"expected a JSON object, got {raw.strip()[:40]!r}")))
-                except ValueError as exc:
-                    out.append((number, exc))
-        return out
-    reader = csv.DictReader(text.splitlines())
-    if not reader.fieldnames or not {"tenant", "input"} <= {f.strip() for f in reader.fieldnames}:
-        raise ManifestError(f"manifest {manifest}: the CSV header must name the columns tenant and input (optional key, output); got {reader.fieldnames}", 1)
-    return [(reader.line_num, {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k}) for row in reader]
-
-
-def _resolve_tenant(raw: Any, model: MultiTenantModel) -> Hashable:
-    """The resident id a manifest value names ("3" names tenant 3 if the store has no "3")."""
-    if isinstance(raw, list):
-        raw = tuple(raw)
-    if raw in model:
-        return raw
-    if isinstance(raw, str):
-        try:
-            number = int(raw)
-        except ValueError:
-            number = None
-        if number is not None and number in model:
-            return number
-    raise KeyError(f"unknown tenant {raw!r} ({len(model)} tenants are in the checkpoint)")
-
-
-def _peek(path: pathlib.Path, key: str | None) -> tuple[tuple[int, ...], np.dtype, str | None]:
-    """Shape and dtype of an input array without reading its data."""
-    if not path.is_file():
-        raise FileNotFoundError(f"input file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        if key:
-            raise ValueError(f"key {key!r} given for the .npy file {path.name}")
-        array = np.load(path, mmap_mode="r")
-        return array.shape, array.dtype, None
-    if suffix != ".npz":
-        raise ValueError(f"input {path.name} is neither .npy nor .npz")
-    with zipfile.ZipFile(path) as archive:
-        names = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
-        if key is None:
-            if len(names) != 1:
-                raise ValueError(f"{path.name} holds arrays {names}: give a key")
-            key = names[0]
-        if key not in names:
-            raise KeyError(f"{path.name} has no array {key!r} (it has {names})")
-        with archive.open(key + ".npy") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read(f)
-    return tuple(shape), np.dtype(dtype), key
-
-
-def _entries(manifest: pathlib.Path, model: MultiTenantModel, fail) -> tuple[list[_Entry], tuple | None, int]:
-    """Resolved entries in manifest order, the (row shape, dtype) they share, and the line count.
-
-    ``fail(line, message)`` handles each bad line. Without a row shape fixed by the model,
-    the first readable input fixes it.
-    """
-    entries, lines_of_output = [], {}
-    row_spec = None if model.row_shape is None else (tuple(model.row_shape), np.dtype(model.row_dtype))
-    records = _records(manifest)
-    for line, record in records:
-        try:
-            if isinstance(record, Exception):
-                raise ValueError(f"unreadable line: {record}")
-            if record.get("tenant") in (None, "") or not record.get("input"):
-                raise ValueError("the tenant and input columns must not be empty")
-            tenant = _resolve_tenant(record["tenant"], model)
-            path = manifest.parent / str(record["input"])
-            key = record.get("key") or None
-            output = str(record.get("output") or "").removesuffix(".npz")
-            if not output:
-                output = re.sub(r"[^A-Za-z0-9._-]+", "_", "__".join(str(p) for p in (record["tenant"], path.stem, key) if p)).lstrip("._")
-            elif not _SAFE_NAME.fullmatch(output):
-                raise ValueError(f"output name {output!r} must be letters, digits, '.', '_' or '-' (no path)")
-            if output in lines_of_output:
-                raise ValueError(f"output name {output!r} is also the output of line {lines_of_output[output]}; give an output column")
-            shape, dtype, key = _peek(path, key)
-            row_spec = row_spec or (shape[1:], dtype)
-            if len(shape) < 1 or shape[1:] != row_spec[0]:
-                raise ValueError(f"input {path.name}{f'[{key}]' if key else ''} has shape {list(shape)}, expected [rows, {', '.join(map(str, row_spec[0]))}]")
-            if not np.can_cast(dtype, row_spec[1], "same_kind"):
-                raise ValueError(f"input {path.name} has dtype {dtype.name}, which does not cast to {row_spec[1].name}")
-        except (KeyError, ValueError, TypeError, OSError, zipfile.BadZipFile) as exc:
-            fail(line, str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
-            continue
-        lines_of_output[output] = line
-        entries.append(_Entry(line, tenant, path, key, output, rows=int(shape[0])))
-    return entries, row_spec, len(records)
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -217,14 +95,14 @@ class _Outputs:
 
 
 # ---------------------------------------------------------------------------- the job
-def _load(entry: _Entry) -> Any:
+def _load(entry: Entry) -> Any:
     if entry.input.suffix.lower() == ".npy":
         return np.load(entry.input, mmap_mode="r")  # rows are read step by step
     with np.load(entry.input) as archive:
         return archive[entry.key]
 
 
-def _batches(entries: list[_Entry], k_max: int, b_max: int, row_dtype: np.dtype, fail):
+def _batches(entries: list[Entry], k_max: int, b_max: int, row_dtype: np.dtype, fail):
     """Yields (ids, x, pieces): up to b_max rows from each of up to k_max tenants per batch.
 
     ``pieces`` are (entry, first row, count); an entry's input is read when it starts and
@@ -308,7 +186,7 @@ def predict_manifest(
         errors.append({"line": line, "error": message})
 
     outputs = _Outputs(output_dir, output_file)
-    entries, row_spec, lines = _entries(manifest, model, fail)
+    entries, row_spec, lines = read_entries(manifest, model, fail)
     todo = [e for e in entries if not outputs.done(e.output)]
     before, start_time = model.stats(), time.perf_counter()
     computed = rows = 0
@@ -336,7 +214,7 @@ def predict_manifest(
     }
 
 
-def _run(model: MultiTenantModel, todo: list[_Entry], outputs: _Outputs, row_spec: tuple, progress: bool, fail) -> tuple[int, int]:
+def _run(model: MultiTenantModel, todo: list[Entry], outputs: _Outputs, row_spec: tuple, progress: bool, fail) -> tuple[int, int]:
     """Computes and writes the entries; returns (entries written, rows computed)."""
     from tqdm.auto import tqdm
 
@@ -346,7 +224,7 @@ def _run(model: MultiTenantModel, todo: list[_Entry], outputs: _Outputs, row_spe
     bar = tqdm(total=sum(e.rows for e in todo), unit="row", desc="batch", disable=not progress)
     written = [0, 0]
 
-    def finish(entry: _Entry) -> None:
+    def finish(entry: Entry) -> None:
         outputs.write(entry.output, _output_arrays(out_spec, entry.y))
         written[0] += 1
         written[1] += entry.rows

@@ -18,40 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmt.errors import (
-    CapacityError,
-    DuplicateTenantError,
-    NonFiniteParamsError,
-    ParamMismatchError,
-    UnknownTenantError,
-)
+from jaxmt.errors import CapacityError, DuplicateTenantError, ParamMismatchError, UnknownTenantError
+from jaxmt.validation import leaf_paths, validate_params, validate_stacked
 
 PyTree = Any
 
 DEFAULT_CAPACITY = 8
-
-
-def _leaf_paths(tree: PyTree) -> list[str]:
-    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def _first_structure_difference(template: PyTree, params: PyTree) -> str:
-    """Names the first leaf path present in one tree and not the other."""
-    want, got = _leaf_paths(template), _leaf_paths(params)
-    for i, (w, g) in enumerate(zip(want, got)):
-        if w != g:
-            return f"leaf {i}: expected {w}, got {g}"
-    if len(want) > len(got):
-        return f"missing leaf {want[len(got)]}"
-    if len(got) > len(want):
-        return f"unexpected extra leaf {got[len(want)]}"
-    return "same leaf paths but different container types"
-
-
-@jax.jit
-def _finite_flags(leaves: list[jax.Array]) -> jax.Array:
-    """One bool per leaf: are all its values finite? (one fused reduction per add)."""
-    return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])
 
 
 def _write_slot_impl(stacked: list[jax.Array], new: list[jax.Array], slot: jax.Array) -> list[jax.Array]:
@@ -67,12 +39,6 @@ def _write_slots_impl(stacked: list[jax.Array], new: list[jax.Array], slots: jax
 
 
 _write_slots = jax.jit(_write_slots_impl, donate_argnums=(0,))
-
-
-@jax.jit
-def _finite_flags_per_row(leaves: list[jax.Array]) -> jax.Array:
-    """[leaves, n] bools: is row i of each stacked leaf all finite?"""
-    return jnp.stack([jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1) for leaf in leaves])
 
 
 def _zeros(specs: tuple[jax.ShapeDtypeStruct, ...], capacity: int, device: jax.Device) -> list[jax.Array]:
@@ -140,7 +106,7 @@ class TenantStore:
         if not leaves:
             raise ParamMismatchError("example_params has no array leaves")
         self.template = example_params
-        self.leaf_paths: tuple[str, ...] = tuple(_leaf_paths(example_params))
+        self.leaf_paths: tuple[str, ...] = tuple(leaf_paths(example_params))
         self.leaf_specs: tuple[jax.ShapeDtypeStruct, ...] = tuple(
             jax.ShapeDtypeStruct(np.shape(leaf), jnp.asarray(leaf).dtype if not hasattr(leaf, "dtype") else leaf.dtype)
             for leaf in leaves
@@ -359,59 +325,14 @@ class TenantStore:
 
     # -------------------------------------------------------------- internals
     def _validate(self, tenant_id: Hashable, params: PyTree) -> list[jax.Array]:
-        leaves, treedef = jax.tree_util.tree_flatten(params)
-        if treedef != self._treedef:
-            raise ParamMismatchError(
-                f"tenant {tenant_id!r}: params pytree structure differs from the template "
-                f"({_first_structure_difference(self.template, params)})"
-            )
-        arrays = []
-        for path, spec, leaf in zip(self.leaf_paths, self.leaf_specs, leaves):
-            shape = tuple(np.shape(leaf))
-            dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
-            if shape != tuple(spec.shape) or np.dtype(dtype) != np.dtype(spec.dtype):
-                raise ParamMismatchError(
-                    f"tenant {tenant_id!r}: leaf {path} is {np.dtype(dtype).name}{list(shape)}, "
-                    f"expected {np.dtype(spec.dtype).name}{list(spec.shape)}"
-                )
-            arrays.append(leaf)
-        arrays = jax.device_put(arrays, self.device)  # one transfer call for every leaf
-        floating = [a for a, f in zip(arrays, self._floating) if f]
-        if floating:
-            flags = np.asarray(_finite_flags(floating))
-            if not flags.all():
-                bad = int(np.argmin(flags))
-                path = [p for p, f in zip(self.leaf_paths, self._floating) if f][bad]
-                raise NonFiniteParamsError(f"tenant {tenant_id!r}: leaf {path} holds NaN or Inf values")
-        return arrays
+        return validate_params(tenant_id, params, **self._template_checks())
 
     def _validate_stacked(self, tenant_ids: list[Hashable], stacked_params: PyTree) -> list[jax.Array]:
-        leaves, treedef = jax.tree_util.tree_flatten(stacked_params)
-        if treedef != self._treedef:
-            raise ParamMismatchError(
-                f"stacked params of tenants {tenant_ids!r}: pytree structure differs from the template "
-                f"({_first_structure_difference(self.template, stacked_params)})"
-            )
-        n = len(tenant_ids)
-        arrays = []
-        for path, spec, leaf in zip(self.leaf_paths, self.leaf_specs, leaves):
-            shape = tuple(np.shape(leaf))
-            dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
-            if shape != (n, *spec.shape) or np.dtype(dtype) != np.dtype(spec.dtype):
-                raise ParamMismatchError(
-                    f"stacked leaf {path} is {np.dtype(dtype).name}{list(shape)}, expected "
-                    f"{np.dtype(spec.dtype).name}{[n, *spec.shape]} (one row per tenant of {n})"
-                )
-            arrays.append(jax.device_put(leaf, self.device))
-        floating = [(p, a) for p, a, f in zip(self.leaf_paths, arrays, self._floating) if f]
-        if floating and n:
-            flags = np.asarray(_finite_flags_per_row([a for _, a in floating]))  # [leaves, n]
-            if not flags.all():
-                leaf_index, row = np.argwhere(~flags)[0]
-                raise NonFiniteParamsError(
-                    f"tenant {tenant_ids[row]!r}: leaf {floating[leaf_index][0]} holds NaN or Inf values"
-                )
-        return arrays
+        return validate_stacked(tenant_ids, stacked_params, **self._template_checks())
+
+    def _template_checks(self) -> dict[str, Any]:
+        return {"template": self.template, "treedef": self._treedef, "paths": self.leaf_paths,
+                "specs": self.leaf_specs, "floating": self._floating, "device": self.device}
 
     def _check_free_slots(self, slots: Sequence[int], count: int) -> np.ndarray:
         slots = np.asarray(slots, np.int64).reshape(-1)

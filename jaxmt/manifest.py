@@ -1,0 +1,143 @@
+"""Reading a batch manifest: its lines, resolved to tenants and input arrays, checked up front.
+
+The manifest is a CSV file with a header, or JSON lines, with the columns ``tenant`` (a
+tenant id of the store), ``input`` (a .npy or .npz file of rows [n, *row_shape], relative
+to the manifest), optional ``key`` (the array of a .npz holding several) and optional
+``output`` (the output name; default ``<tenant>__<input stem>[__<key>]``). Inputs are only
+peeked at (shape, dtype), so a bad line is found before any prediction runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import pathlib
+import re
+import zipfile
+from collections.abc import Hashable
+from typing import Any
+
+import numpy as np
+
+from jaxmt.errors import ManifestError
+from jaxmt.model import MultiTenantModel
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclasses.dataclass
+class Entry:
+    """One manifest entry, resolved: its rows are computed once and written as one output."""
+
+    line: int
+    tenant: Hashable
+    input: pathlib.Path
+    key: str | None
+    output: str
+    rows: int = 0
+    x: Any = None  # the input rows once loaded (a memory map for .npy)
+    y: list[np.ndarray] | None = None  # output leaves [rows, ...], filled step by step
+    filled: int = 0
+
+
+def _records(manifest: pathlib.Path) -> list[tuple[int, Any]]:
+    """(line number, record dict or the exception that line raised) for each non-blank line."""
+    text = manifest.read_text()
+    stripped = text.lstrip()
+    if manifest.suffix.lower() in (".jsonl", ".ndjson", ".json") or (manifest.suffix.lower() != ".csv" and stripped.startswith("{")):
+        out = []
+        for number, raw in enumerate(text.splitlines(), start=1):
+            if raw.strip():
+                try:
+                    record = json.loads(raw)
+                    out.append((number, record if isinstance(record, dict) else TypeError(f"expected a JSON object, got {raw.strip()[:40]!r}")))
+                except ValueError as exc:
+                    out.append((number, exc))
+        return out
+    reader = csv.DictReader(text.splitlines())
+    if not reader.fieldnames or not {"tenant", "input"} <= {f.strip() for f in reader.fieldnames}:
+        raise ManifestError(f"manifest {manifest}: the CSV header must name the columns tenant and input (optional key, output); got {reader.fieldnames}", 1)
+    return [(reader.line_num, {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k}) for row in reader]
+
+
+def _resolve_tenant(raw: Any, model: MultiTenantModel) -> Hashable:
+    """The resident id a manifest value names ("3" names tenant 3 if the store has no "3")."""
+    if isinstance(raw, list):
+        raw = tuple(raw)
+    if raw in model:
+        return raw
+    if isinstance(raw, str):
+        try:
+            number = int(raw)
+        except ValueError:
+            number = None
+        if number is not None and number in model:
+            return number
+    raise KeyError(f"unknown tenant {raw!r} ({len(model)} tenants are in the checkpoint)")
+
+
+def _peek(path: pathlib.Path, key: str | None) -> tuple[tuple[int, ...], np.dtype, str | None]:
+    """Shape and dtype of an input array without reading its data."""
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        if key:
+            raise ValueError(f"key {key!r} given for the .npy file {path.name}")
+        array = np.load(path, mmap_mode="r")
+        return array.shape, array.dtype, None
+    if suffix != ".npz":
+        raise ValueError(f"input {path.name} is neither .npy nor .npz")
+    with zipfile.ZipFile(path) as archive:
+        names = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
+        if key is None:
+            if len(names) != 1:
+                raise ValueError(f"{path.name} holds arrays {names}: give a key")
+            key = names[0]
+        if key not in names:
+            raise KeyError(f"{path.name} has no array {key!r} (it has {names})")
+        with archive.open(key + ".npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+    return tuple(shape), np.dtype(dtype), key
+
+
+def read_entries(manifest: pathlib.Path, model: MultiTenantModel, fail) -> tuple[list[Entry], tuple | None, int]:
+    """Resolved entries in manifest order, the (row shape, dtype) they share, and the line count.
+
+    ``fail(line, message)`` handles each bad line. Without a row shape fixed by the model,
+    the first readable input fixes it.
+    """
+    entries, lines_of_output = [], {}
+    row_spec = None if model.row_shape is None else (tuple(model.row_shape), np.dtype(model.row_dtype))
+    records = _records(manifest)
+    for line, record in records:
+        try:
+            if isinstance(record, Exception):
+                raise ValueError(f"unreadable line: {record}")
+            if record.get("tenant") in (None, "") or not record.get("input"):
+                raise ValueError("the tenant and input columns must not be empty")
+            tenant = _resolve_tenant(record["tenant"], model)
+            path = manifest.parent / str(record["input"])
+            key = record.get("key") or None
+            output = str(record.get("output") or "").removesuffix(".npz")
+            if not output:
+                output = re.sub(r"[^A-Za-z0-9._-]+", "_", "__".join(str(p) for p in (record["tenant"], path.stem, key) if p)).lstrip("._")
+            elif not _SAFE_NAME.fullmatch(output):
+                raise ValueError(f"output name {output!r} must be letters, digits, '.', '_' or '-' (no path)")
+            if output in lines_of_output:
+                raise ValueError(f"output name {output!r} is also the output of line {lines_of_output[output]}; give an output column")
+            shape, dtype, key = _peek(path, key)
+            row_spec = row_spec or (shape[1:], dtype)
+            if len(shape) < 1 or shape[1:] != row_spec[0]:
+                raise ValueError(f"input {path.name}{f'[{key}]' if key else ''} has shape {list(shape)}, expected [rows, {', '.join(map(str, row_spec[0]))}]")
+            if not np.can_cast(dtype, row_spec[1], "same_kind"):
+                raise ValueError(f"input {path.name} has dtype {dtype.name}, which does not cast to {row_spec[1].name}")
+        except (KeyError, ValueError, TypeError, OSError, zipfile.BadZipFile) as exc:
+            fail(line, str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
+            continue
+        lines_of_output[output] = line
+        entries.append(Entry(line, tenant, path, key, output, rows=int(shape[0])))
+    return entries, row_spec, len(records)
