@@ -25,6 +25,7 @@ from jaxmt.errors import (
     UnknownTenantError,
 )
 from jaxmt.metrics import to_prometheus
+from jaxmt.lowering import LoweringPolicy, describe_lowering, tenant_batched
 from jaxmt.model import MultiTenantModel, PendingPrediction
 from jaxmt.programs import ProgramCache, ProgramKey, enable_persistent_compilation_cache
 from jaxmt.scheduler import Scheduler, SchedulerConfig
@@ -45,6 +46,7 @@ __all__ = [
     "ExclusiveServer",
     "InputError",
     "JaxmtError",
+    "LoweringPolicy",
     "ManifestError",
     "MultiTenantModel",
     "MultiTenantTrainer",
@@ -66,6 +68,7 @@ __all__ = [
     "TimeOnlyServer",
     "UnknownTenantError",
     "add_tenant_from_checkpoint",
+    "describe_lowering",
     "enable_persistent_compilation_cache",
     "exclusive_predict",
     "make_plan",
@@ -74,6 +77,7 @@ __all__ = [
     "restore_store",
     "save_store",
     "shuffled_batch_indices",
+    "tenant_batched",
     "tenant_mesh",
     "time_only_predict",
     "to_prometheus",
