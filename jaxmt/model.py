@@ -26,7 +26,7 @@ from jaxmt.store import TenantStore
 
 PyTree = Any
 
-NONFINITE_INPUT_POLICIES = ("pass", "reject")
+NONFINITE_INPUT_POLICIES = ("ignore", "pass", "reject")
 
 
 def _step_program(apply_kb: Callable, treedef: Any, leaves: list[jax.Array], slots: jax.Array, x_kb: PyTree) -> PyTree:
@@ -93,10 +93,12 @@ class MultiTenantModel:
         "rule", a conv lowering forced everywhere (e.g. "einsum", "loop"), a mapping of
         per-layer overrides, or a ``jaxmt.lowering.LoweringPolicy``.
       device: where the store and programs live (default: the first JAX device).
-      nonfinite_inputs: what a floating input row holding NaN or Inf gets: "pass" (computed
-        as given, its tenant's answer is the model's; counted in ``stats()["nonfinite_rows"]``
-        and listed in ``PendingPrediction.nonfinite_rows``) or "reject" (``InputError`` naming
-        the first such row and its tenant; nothing is computed).
+      nonfinite_inputs: what a floating input row holding NaN or Inf gets: "ignore" (the
+        default: computed as given and not looked for, so the host does no pass over the
+        input bytes; a tenant's NaN rows still affect only that tenant's answers), "pass"
+        (computed as given, counted in ``stats()["nonfinite_rows"]`` and listed in
+        ``PendingPrediction.nonfinite_rows``) or "reject" (``InputError`` naming the first
+        such row and its tenant; nothing is computed).
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, jaxmt
@@ -129,7 +131,7 @@ class MultiTenantModel:
         max_programs: int = 256,
         lowering: "str | LoweringPolicy | Mapping[str, str]" = "auto",
         device: jax.Device | None = None,
-        nonfinite_inputs: str = "pass",
+        nonfinite_inputs: str = "ignore",
     ):
         if not callable(apply_fn):
             raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")

@@ -201,3 +201,16 @@ def test_a_step_over_the_whole_store_skips_the_gather_and_stays_exact(rng):
     mt.remove_tenant("t2")  # three tenants now: a gathered step again, still exact
     ids = ["t3", "t0", "t1"]
     assert rel_error(mt.predict(ids, x[:3]), reference_predict(spec.apply_fn, params, ids, x[:3])) < 1e-5
+
+
+def test_by_default_nonfinite_inputs_are_computed_unchecked_and_stay_in_their_tenant(rng):
+    spec, mt, params = _model_with_tenants("mlp", 3, 14)
+    x = spec.random_input(rng, 4)
+    x[1, 0] = np.nan  # tenant t1's row
+    ids = ["t0", "t1", "t2", "t0"]
+    got = mt.predict(ids, x)
+    assert np.isnan(got[1]).any() and np.isfinite(got[[0, 2, 3]]).all()
+    keep = [0, 2, 3]
+    want = reference_predict(spec.apply_fn, params, [ids[i] for i in keep], x[keep])
+    assert rel_error(got[keep], want) < 1e-5
+    assert mt.stats()["nonfinite_rows"] == 0  # not looked for under "ignore"
