@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmt.errors import CapacityError, DuplicateTenantError, ParamMismatchError, UnknownTenantError
-from jaxmt.validation import leaf_paths, validate_params, validate_stacked
+from jaxmt.validation import check_tenant_ids, leaf_paths, validate_params, validate_stacked
 
 PyTree = Any
 
@@ -207,10 +207,7 @@ class TenantStore:
           NonFiniteParamsError: a floating leaf holds NaN or Inf.
           CapacityError: the store is full and cannot grow.
         """
-        try:
-            hash(tenant_id)
-        except TypeError:
-            raise TypeError(f"tenant id must be hashable, got {type(tenant_id).__name__} {tenant_id!r}") from None
+        check_tenant_ids([tenant_id])
         with self.lock:
             if tenant_id in self._slot_of:
                 raise DuplicateTenantError(f"tenant {tenant_id!r} is already resident; use update_tenant to replace its weights")
@@ -266,15 +263,7 @@ class TenantStore:
           NonFiniteParamsError: a tenant's floating leaf holds NaN or Inf.
           CapacityError: the tenants do not fit under ``max_capacity``.
         """
-        tenant_ids = list(tenant_ids)
-        for tenant_id in tenant_ids:
-            try:
-                hash(tenant_id)
-            except TypeError:
-                raise TypeError(f"tenant id must be hashable, got {type(tenant_id).__name__} {tenant_id!r}") from None
-        if len(set(tenant_ids)) != len(tenant_ids):
-            repeated = next(t for i, t in enumerate(tenant_ids) if t in tenant_ids[:i])
-            raise DuplicateTenantError(f"tenant {repeated!r} appears more than once in tenant_ids")
+        tenant_ids = check_tenant_ids(tenant_ids)
         with self.lock:
             for tenant_id in tenant_ids:
                 if tenant_id in self._slot_of:

@@ -30,6 +30,7 @@ import optax
 
 from jaxmt.errors import InputError, NonFiniteLossError, ParamMismatchError, UnknownTenantError
 from jaxmt.lowering import LoweringPolicy
+from jaxmt.validation import check_tenant_ids
 from jaxmt.train_step import (
     LossFn,
     PyTree,
@@ -419,18 +420,9 @@ class MultiTenantTrainer:
 
 
 def _check_ids(tenant_ids: Sequence[Hashable]) -> list[Hashable]:
-    ids = list(tenant_ids)
-    if not ids:
+    if not list(tenant_ids):
         raise ValueError("a trainer needs at least one tenant")
-    for tenant_id in ids:
-        try:
-            hash(tenant_id)
-        except TypeError:
-            raise TypeError(f"tenant id must be hashable, got {type(tenant_id).__name__} {tenant_id!r}") from None
-    if len(set(ids)) != len(ids):
-        repeated = next(t for i, t in enumerate(ids) if t in ids[:i])
-        raise ValueError(f"tenant {repeated!r} appears more than once")
-    return ids
+    return check_tenant_ids(tenant_ids)
 
 
 def _stack(*leaves: Any) -> Any:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmt.errors import NonFiniteParamsError, ParamMismatchError
+from jaxmt.errors import DuplicateTenantError, NonFiniteParamsError, ParamMismatchError
 
 PyTree = Any
 
@@ -48,6 +48,25 @@ def _finite_flags(leaves: list[jax.Array]) -> jax.Array:
 def _finite_flags_per_row(leaves: list[jax.Array]) -> jax.Array:
     """[leaves, n] bools: is row i of each stacked leaf all finite?"""
     return jnp.stack([jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1) for leaf in leaves])
+
+
+def check_tenant_ids(tenant_ids: Sequence[Hashable]) -> list[Hashable]:
+    """The ids as a list, once each is hashable and none repeats.
+
+    Raises:
+      TypeError: an id is not hashable.
+      DuplicateTenantError: an id appears more than once.
+    """
+    ids = list(tenant_ids)
+    for tenant_id in ids:
+        try:
+            hash(tenant_id)
+        except TypeError:
+            raise TypeError(f"tenant id must be hashable, got {type(tenant_id).__name__} {tenant_id!r}") from None
+    if len(set(ids)) != len(ids):
+        repeated = next(t for i, t in enumerate(ids) if t in ids[:i])
+        raise DuplicateTenantError(f"tenant {repeated!r} appears more than once in tenant_ids")
+    return ids
 
 
 def validate_params(
