@@ -209,15 +209,19 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(f"{args.tenants} tenants of {args.arch} ({args.size}) on {jax.devices()[0].device_kind}; "
               f"programs compiling ...", file=sys.stderr, flush=True)
-    results = [find_capacity(kind, spec, mt, inputs, args) for kind in args.servers]
+    out = "serving_quick" if args.quick else "serving"
+    config = {k: v for k, v in vars(args).items() if k not in ("quiet", "no_readme")}
+    results: list[dict] = []
+    for kind in args.servers:  # written after each server, so a run cut short keeps what it measured
+        results.append(find_capacity(kind, spec, mt, inputs, args))
+        write_json(out, {"args": config, "partial": kind != args.servers[-1], "results": results,
+                         "wall_s": round(time.perf_counter() - start, 1)})
     summary = summarize(results)
     text = table(results)
     print(text)
     for name, verdict in summary["targets"].items():
         print(f"{name}: {verdict}")
-    out = "serving_quick" if args.quick else "serving"
-    config = {k: v for k, v in vars(args).items() if k not in ("quiet", "no_readme")}
-    path = write_json(out, {"args": config, "summary": summary, "results": results,
+    path = write_json(out, {"args": config, "partial": False, "summary": summary, "results": results,
                             "mt_stats": mt.stats(), "wall_s": round(time.perf_counter() - start, 1)})
     print(f"wrote {path}")
     if not args.no_readme and not args.quick:

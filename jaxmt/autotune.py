@@ -2,8 +2,9 @@
 
 ``Planner.choose(sig, params)`` answers, in order: the in-memory memo; the on-disk cache
 (JSON, keyed by platform, device kind, jax version and the signature key, so that a cache
-copied to another GPU or kept across a jax upgrade is not trusted); a measurement on the
-device if autotuning is on (every applicable candidate is compiled, checked against the
+copied to another GPU or kept across a jax upgrade is not trusted); with autotuning on, the
+choice measured for the same layer at a size within ``measure_spread`` of this one, else a
+measurement on the device (every applicable candidate is compiled, checked against the
 ``vmap`` reference on random inputs, warmed up and timed: median of repeats, each repeat a
 burst of asynchronous calls closed by ``block_until_ready``); else the choice cached for
 the same layer at the nearest K x N (``Planner.nearest``); else ``default_rule``.
@@ -39,6 +40,8 @@ from jaxmt.lowering_ops import CONV_LOWERINGS, ConvParams, ConvSignature, applic
 
 CACHE_ENV = "JAXMT_LOWERING_CACHE"
 AUTOTUNE_ENV = "JAXMT_AUTOTUNE"
+SPREAD_ENV = "JAXMT_AUTOTUNE_SPREAD"
+DEFAULT_MEASURE_SPREAD = 8.0
 CACHE_FORMAT = 1
 
 # Lowerings the autotuner times, by layer kind: those that won at least one layer shape on
@@ -309,14 +312,29 @@ def autotune_default() -> bool:
 class Planner:
     """Chooses a lowering per conv signature: memo, disk cache, measurement, rule.
 
+    A model served over a bucket ladder meets each conv layer at every K x B of the ladder
+    (28 sizes for K up to 64 and B up to 8): measuring each would cost minutes of compiles
+    per layer at warm-up. So a layer is measured once per ``measure_spread`` factor of work
+    (K x N): a size within that factor of one already measured for the same layer and dtype
+    on this device takes that choice ("nearest"), which bounds the measurements to a few
+    per layer over the whole ladder.
+
     Args:
       autotune: measure on the device when the cache has no entry (None: ``autotune_default()``).
       cache_path: the JSON file (None: ``default_cache_path()``); ``cache=False`` keeps
         choices in memory only.
+      measure_spread: sizes within this factor of work of a measured one are not measured
+        again (1.0: measure every size; default ``$JAXMT_AUTOTUNE_SPREAD`` or 8).
     """
 
-    def __init__(self, autotune: bool | None = None, cache_path: str | os.PathLike | None = None, *, cache: bool = True):
+    def __init__(self, autotune: bool | None = None, cache_path: str | os.PathLike | None = None, *, cache: bool = True,
+                 measure_spread: float | None = None):
         self.autotune = autotune_default() if autotune is None else bool(autotune)
+        if measure_spread is None:
+            measure_spread = float(os.environ.get(SPREAD_ENV) or DEFAULT_MEASURE_SPREAD)
+        if not measure_spread >= 1.0:
+            raise ValueError(f"measure_spread must be >= 1 (1: measure every size), got {measure_spread}")
+        self.measure_spread = float(measure_spread)
         self.cache = LoweringCache(cache_path) if cache else None
         self._memo: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
@@ -338,6 +356,10 @@ class Planner:
             choice, source = (near, "nearest") if near is not None else (default_rule(sig), "rule")
             self._memo[key] = (choice, source)
             return choice, source
+        near = self.nearest(sig, within=self.measure_spread, any_dtype=False) if self.measure_spread > 1.0 else None
+        if near is not None:
+            self._memo[key] = (near, "nearest")
+            return near, "nearest"
         # Called while a program is being traced: run the measurement eagerly, outside it.
         with jax.ensure_compile_time_eval():
             timings = measure(sig, params)
@@ -348,20 +370,24 @@ class Planner:
             self.cache.put(key, cache_entry(sig, choice, timings))
         return choice, "autotune"
 
-    def nearest(self, sig: ConvSignature) -> str | None:
+    def nearest(self, sig: ConvSignature, *, within: float | None = None, any_dtype: bool = True) -> str | None:
         """The choice measured on this device and jax for the same layer at the closest K x N
-        (same dtype first, then any dtype); None if the cache holds no such layer."""
+        (same dtype first, then, if ``any_dtype``, any dtype); None if the cache holds no
+        such layer, or none whose work is within a factor ``within`` of this one's."""
         if self.cache is None:
             return None
         prefix = cache_key(sig).split("|conv ", 1)[0] + "|"
         work = sig.tenants * sig.lhs_shape[0]
         entries = self.cache.entries()
-        for field, family in (("family", sig.family()), ("family_any_dtype", sig.family(with_dtype=False))):
+        fields = [("family", sig.family())] + ([("family_any_dtype", sig.family(with_dtype=False))] if any_dtype else [])
+        for field, family in fields:
             matches = [
                 e for k, e in entries.items()
                 if k.startswith(prefix) and e.get(field) == family and e.get("choice") in CONV_LOWERINGS
                 and applicable(e["choice"], sig) and isinstance(e.get("work"), int) and e["work"] > 0
             ]
             if matches:
-                return min(matches, key=lambda e: abs(np.log(e["work"] / work)))["choice"]
+                best = min(matches, key=lambda e: abs(np.log(e["work"] / work)))
+                if within is None or abs(np.log(best["work"] / work)) <= np.log(within) + 1e-9:
+                    return best["choice"]
         return None

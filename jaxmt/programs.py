@@ -10,10 +10,11 @@ traced on a hit. The cache is an LRU bounded by ``max_programs``.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -41,12 +42,16 @@ class ProgramCache:
       build: ``build(key) -> compiled executable``; called on a miss, timed, and any
         exception it raises is re-raised as ``CompileError`` naming the key.
       max_programs: how many executables are kept; the least recently used goes first.
+      lower: ``lower(key) -> jax.stages.Lowered``, the traced but uncompiled program;
+        with it, ``ensure_many`` compiles several programs at once on worker threads.
     """
 
-    def __init__(self, build: Callable[[ProgramKey], Any], max_programs: int = 256):
+    def __init__(self, build: Callable[[ProgramKey], Any], max_programs: int = 256,
+                 lower: Callable[[ProgramKey], Any] | None = None):
         if max_programs < 1:
             raise ValueError(f"max_programs must be >= 1, got {max_programs}")
         self._build = build
+        self._lower = lower
         self.max_programs = max_programs
         self._programs: collections.OrderedDict[ProgramKey, Any] = collections.OrderedDict()
         self._lock = threading.RLock()
@@ -82,6 +87,55 @@ class ProgramCache:
             self._compile(key)
             return True
 
+    def ensure_many(self, keys: Iterable[ProgramKey], workers: int = 1) -> int:
+        """Compiles every key not cached yet; returns how many were compiled.
+
+        With ``workers > 1`` (and a ``lower`` function) the programs are traced one after
+        another on this thread (tracing holds the GIL, and the lowering planner may time
+        kernels on the device while tracing) and compiled by ``workers`` threads at once
+        (XLA compiles release the GIL). The first failure is raised as ``CompileError``
+        after the other compiles finish; the programs that compiled are kept.
+        """
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        missing = list(dict.fromkeys(k for k in keys if k not in self._programs))
+        if workers == 1 or self._lower is None or len(missing) < 2:
+            return sum(self.ensure(key) for key in missing)
+        lowered, failures = [], []
+        for key in missing:
+            start = time.perf_counter()
+            try:
+                lowered.append((key, self._lower(key), time.perf_counter() - start))
+            except Exception as exc:
+                failures.append((key, exc, time.perf_counter() - start))
+
+        def compile_one(item: tuple[ProgramKey, Any, float]) -> tuple[ProgramKey, Any, BaseException | None, float]:
+            key, low, lower_s = item
+            start = time.perf_counter()
+            try:
+                return key, low.compile(), None, lower_s + time.perf_counter() - start
+            except Exception as exc:
+                return key, None, exc, lower_s + time.perf_counter() - start
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxmt-compile") as pool:
+            done = list(pool.map(compile_one, lowered))
+        compiled = 0
+        with self._lock:
+            for key, program, exc, seconds in done:
+                self.compile_seconds += seconds
+                if exc is not None:
+                    failures.append((key, exc, 0.0))
+                elif key not in self._programs:
+                    self._insert(key, program)
+                    compiled += 1
+            for _, _, seconds in failures:
+                self.compile_seconds += seconds
+            self.compile_failures += len(failures)
+        if failures:
+            key, exc, _ = failures[0]
+            raise CompileError(f"building the program for {key} failed: {type(exc).__name__}: {exc}") from exc
+        return compiled
+
     def clear(self) -> None:
         with self._lock:
             self._programs.clear()
@@ -106,12 +160,15 @@ class ProgramCache:
             raise CompileError(f"building the program for {key} failed: {type(exc).__name__}: {exc}") from exc
         finally:
             self.compile_seconds += time.perf_counter() - start
+        self._insert(key, program)
+        return program
+
+    def _insert(self, key: ProgramKey, program: Any) -> None:
         self.compiles += 1
         self._programs[key] = program
         while len(self._programs) > self.max_programs:
             self._programs.popitem(last=False)
             self.evictions += 1
-        return program
 
 
 def enable_persistent_compilation_cache(path: str, min_compile_seconds: float = 0.0) -> None:

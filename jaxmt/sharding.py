@@ -278,7 +278,7 @@ class ShardedMultiTenantModel(MultiTenantModel):
         slots, x_kb = jax.device_put((step.slots, x_kb), self.entry_sharding)  # block d -> device d only
         return program(self.store.stacked_leaves, slots, x_kb)
 
-    def _build_program(self, key: ProgramKey) -> Any:
+    def _lower_program(self, key: ProgramKey) -> Any:
         k = key.tenant_bucket * self.devices  # the key counts entries per device
         leaves = [
             jax.ShapeDtypeStruct((key.capacity, *s.shape), s.dtype, sharding=self.store.sharding) for s in self.store.leaf_specs
@@ -288,7 +288,7 @@ class ShardedMultiTenantModel(MultiTenantModel):
         fn = functools.partial(
             _sharded_step_program, self._apply_kb, self.store._treedef, self.mesh, key.capacity // self.devices
         )
-        return jax.jit(fn).lower(leaves, slots, x_kb).compile()
+        return jax.jit(fn).lower(leaves, slots, x_kb)
 
     def stats(self) -> dict[str, Any]:
         """``MultiTenantModel.stats()`` plus the device count and the tenant spread over devices."""

@@ -311,3 +311,22 @@ def test_a_layer_measured_at_another_size_lends_its_choice(tmp_path):
     assert planner.choose(other_n) == ("batch_group", "nearest")
     assert planner.choose(other_dtype) == ("batch_group", "nearest")  # no bf16 entry: any dtype
     assert planner.choose(other_layer)[1] == "rule"
+
+
+def test_autotuning_measures_a_layer_once_per_spread_of_sizes(tmp_path):
+    """A bucket ladder meets each layer at many K x N: sizes within ``measure_spread`` of a
+    measured one reuse its choice, farther ones (and other dtypes) are measured."""
+    path = tmp_path / "c.json"
+    planner = autotune.Planner(autotune=True, cache_path=path, measure_spread=4.0)
+    first, source = planner.choose(_small_sig(k=2))
+    assert source == "autotune" and planner.measurements == 1
+    assert planner.choose(_small_sig(k=8)) == (first, "nearest")  # 4x the work: within the spread
+    assert planner.measurements == 1
+    assert planner.choose(_small_sig(k=9))[1] == "autotune"  # 4.5x: measured
+    assert planner.choose(_small_sig(k=2, dtype="bfloat16"))[1] == "autotune"  # dtypes are not mixed
+    assert planner.measurements == 3
+    every_size = autotune.Planner(autotune=True, cache_path=tmp_path / "d.json", measure_spread=1.0)
+    every_size.choose(_small_sig(k=2))
+    assert every_size.choose(_small_sig(k=3))[1] == "autotune" and every_size.measurements == 2
+    with pytest.raises(ValueError, match="measure_spread"):
+        autotune.Planner(measure_spread=0.5)

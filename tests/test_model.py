@@ -62,6 +62,21 @@ def test_compiles_are_bounded_by_the_ladder_and_zero_after_warmup(rng):
     assert stats["cache_misses"] == 0 and stats["cache_hits"] == stats["steps"] > 0
 
 
+@pytest.mark.parametrize("arch", ["mlp", "resnet18"])
+@pytest.mark.parametrize("workers", [1, 3])
+def test_warmup_on_worker_threads_compiles_the_whole_ladder_once(arch, workers, rng):
+    spec, mt, params = _model_with_tenants(arch, 6, 4, declare_rows=True)
+    assert mt.warmup(workers=workers) == len(POLICY.shapes)
+    assert mt.warmup(workers=workers) == 0
+    compiled = mt.stats()["compiles"]
+    for _ in range(4):
+        active = rng.choice(list(params), size=rng.integers(1, 7), replace=False)
+        ids = list(rng.choice(active, size=int(rng.integers(1, 20))))
+        x = spec.random_input(rng, len(ids))
+        assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+    assert mt.stats()["compiles"] == compiled and mt.stats()["cache_misses"] == 0
+
+
 def test_a_random_workload_compiles_at_most_the_ladder(rng):
     spec, mt, params = _model_with_tenants("mlp", 10, 5)
     for _ in range(30):

@@ -49,3 +49,24 @@ def test_a_bucket_whose_trace_fails_does_not_take_down_others():
         mt.predict(["a", "a"], x)
     np.testing.assert_allclose(mt.predict(["a"], x[:1]), 2 * x[:1])
     assert mt.stats()["compile_failures"] == 1
+
+
+def test_parallel_compiles_keep_the_good_programs_and_name_the_failing_one():
+    import jax
+    import jax.numpy as jnp
+
+    def lower(key):
+        if key.tenant_bucket == 3:
+            raise ValueError("boom at trace")
+        return jax.jit(lambda x: x * key.tenant_bucket).lower(jnp.zeros(key.row_shape, jnp.float32))
+
+    cache = ProgramCache(lambda key: lower(key).compile(), lower=lower)
+    assert cache.ensure_many([_key(1), _key(2), _key(4)], workers=3) == 3
+    assert cache.stats()["compiles"] == 3 and cache.stats()["cache_misses"] == 0
+    np.testing.assert_allclose(cache.get(_key(4))(np.ones(3, np.float32)), 4.0)
+    with pytest.raises(CompileError, match="tenant_bucket=3.*boom at trace"):
+        cache.ensure_many([_key(3), _key(8), _key(1)], workers=2)
+    assert _key(8) in cache and _key(3) not in cache
+    assert cache.stats()["compile_failures"] == 1 and cache.stats()["compiles"] == 4
+    with pytest.raises(ValueError, match="workers"):
+        cache.ensure_many([_key(1)], workers=0)
