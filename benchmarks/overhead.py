@@ -11,6 +11,8 @@ gather and transfer, the dispatch, the copy back and the scatter to request orde
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import common  # noqa: F401  (puts the repository on sys.path)
 import jax
@@ -56,8 +58,10 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
     bare = time_call(lambda: [program(leaves, slots, x_kb) for program, slots, x_kb in calls], warmup=20, repeats=repeats)
     full = time_call(lambda: mt.predict(ids, x), warmup=20, repeats=repeats)
     launch = time_call(lambda: mt.dispatch(ids, x).outputs, warmup=20, repeats=repeats)
+    phases = breakdown(mt, ids, x, calls, repeats)
     recompiles = mt.stats()["compiles"] - compiles_before
     return {
+        "phases_us": phases,
         "tenants": tenants,
         "rows": rows,
         "steps": [[step.tenant_bucket, step.row_bucket] for step in plan.steps],
@@ -68,6 +72,44 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
         "recompiles_in_steady_state": recompiles,
         "relative_error": err,
         "repeats": repeats,
+    }
+
+
+def _median_us(fn, repeats: int) -> float:
+    samples = []
+    for i in range(repeats + 10):
+        start = time.perf_counter()
+        fn()
+        if i >= 10:
+            samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e6
+
+
+def breakdown(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: list, repeats: int) -> dict[str, float]:
+    """Where ``predict``'s time goes, each phase timed alone (medians, us).
+
+    host_plan: validation, slot lookup, the plan and the input gather (NumPy only);
+    to_device: the step inputs (slots, rows) copied to the device, waited for;
+    launch: one step program dispatched on device-resident inputs, not waited for;
+    program: the same, waited for; to_host: a finished output copied to a NumPy array.
+    """
+    def host_plan():
+        checked = mt._check_input(ids, x)
+        plan = mt._plan(mt.store.slots_of(ids))
+        return [checked[step.row_index] for step in plan.steps]
+
+    leaves = mt.store.stacked_leaves
+    program, slots, x_kb = calls[0]
+    host_inputs = (np.asarray(slots), np.asarray(x_kb))
+    ready = [program(leaves, slots, x_kb) for _ in range(repeats + 10)]
+    jax.block_until_ready(ready)
+    fresh = iter(ready)
+    return {
+        "host_plan": _median_us(host_plan, repeats),
+        "to_device": _median_us(lambda: jax.block_until_ready(jax.device_put(host_inputs, mt.store.device)), repeats),
+        "launch": _median_us(lambda: program(leaves, slots, x_kb), repeats),
+        "program": _median_us(lambda: jax.block_until_ready(program(leaves, slots, x_kb)), repeats),
+        "to_host": _median_us(lambda: np.asarray(next(fresh)), repeats),
     }
 
 
@@ -87,14 +129,17 @@ def main(argv: list[str] | None = None) -> None:
         [[env["device"], f"{args.tenants} x {args.rows}", ", ".join(f"{k}x{b}" for k, b in result["steps"]), result["bare_program_us"], result["predict_us"],
           result["overhead_us"], result["dispatch_only_us"], result["recompiles_in_steady_state"]]],
     )
+    phases = markdown_table(list(result["phases_us"]), [[round(v, 1) for v in result["phases_us"].values()]])
     print(table)
+    print(phases)
     print(f"wrote {path}")
     if not args.no_readme:
         update_readme_section(
             "Host overhead",
             "`PYTHONPATH=. python benchmarks/overhead.py` (medians of "
             f"{args.repeats} calls; jax {env['jax']}, commit {env['commit']}). Target: overhead under 100 us, "
-            "no recompiles in steady state.\n\n" + table,
+            "no recompiles in steady state.\n\n" + table + "\n\nWhere the time of one step goes, each phase timed alone "
+            "(us; `breakdown` in the script says what each holds):\n\n" + phases,
         )
 
 

@@ -66,7 +66,7 @@ def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.n
                "overload_policy": args.overload_policy, "overload_factor": args.overload_factor}
     with simulate.make_server(kind, mt, **options) as server:
         start = time.perf_counter()
-        server.warmup()
+        server.warmup(workers=args.compile_workers) if kind == "jaxmt" else server.warmup()
         compile_s = time.perf_counter() - start
         error = check_answers(kind, server, spec, mt, np.random.default_rng(args.seed))
     if error > args.tolerance:
@@ -184,6 +184,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-rows-bucket", type=int, default=8, help="largest row bucket (and time/space batch size)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--tolerance", type=float, default=1e-2, help="relative error allowed vs the reference (TF32)")
+    parser.add_argument("--compile-workers", type=int, default=1, help="threads compiling jaxmt's bucket programs at warm-up")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
     parser.add_argument("--quiet", action="store_true", help="no per-trial progress lines")

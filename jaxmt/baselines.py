@@ -110,6 +110,11 @@ class _TenantPrograms:
                 self._params[tenant_id] = self.mt.get_params(tenant_id)
             return self._params[tenant_id]
 
+    def preload(self, tenant_ids: Sequence[Hashable]) -> None:
+        """Slices these tenants' params now, as separately deployed models are loaded before traffic."""
+        for tenant_id in tenant_ids:
+            jax.block_until_ready(self.params(tenant_id))
+
     def launch(self, params: PyTree, x: np.ndarray) -> _HostPending:
         """Dispatches x [n, ...] without waiting for the device."""
         largest, chunks, padded, compiled = self.batch_sizes[-1], [], 0, False
@@ -149,11 +154,20 @@ class _LaneServer(_ServerBase):
         self._busy: set[Hashable] = set()  # lanes a worker is serving (space-only)
 
     def warmup(self) -> int:
-        """Compiles the program for every batch size now; returns how many were new."""
+        """Compiles the program for every batch size and loads every lane's params now (a
+        deployment of separate models has them in place before traffic); returns how many
+        programs were new."""
         shape, dtype = self.mt.row_shape or self._row_shape, self.mt.row_dtype or self._row_dtype
         if shape is None or not len(self.mt):
             raise InputError("warmup needs a resident tenant and the input row shape (from the model or a first request)")
+        with self.mt.store.lock:
+            tenants = self._tenants_to_preload()
+        self._programs.preload(tenants)
         return self._programs.warmup(self._params_for(self.mt.tenants[0]), shape, dtype)
+
+    def _tenants_to_preload(self) -> list[Hashable]:
+        """The tenants whose own params serve requests (all resident ones; none for exclusive)."""
+        return self.mt.tenants
 
     def _params_for(self, lane: Hashable) -> PyTree:
         return self._programs.params(lane)
@@ -308,6 +322,9 @@ class ExclusiveServer(_LaneServer):
 
     def _params_for(self, lane: Hashable) -> PyTree:
         return self._params
+
+    def _tenants_to_preload(self) -> list[Hashable]:
+        return []
 
     def _steps_ahead_locked(self, req: _Request) -> float:
         return self._in_flight + self._lane_steps_locked(None, req)

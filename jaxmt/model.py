@@ -258,6 +258,7 @@ class MultiTenantModel:
             try:
                 plan = self._plan(slots)
                 outputs = [self._launch(step, x) for step in plan.steps]
+                _start_copies_to_host(outputs)
                 empty_output = self._output_row_spec()
             except BaseException:
                 if fixes_rows:
@@ -407,6 +408,15 @@ class MultiTenantModel:
 
 
 _NO_ROWS = np.zeros(0, np.int64)
+
+
+def _start_copies_to_host(outputs: list[PyTree]) -> None:
+    """Queues each output's device-to-host copy behind its step, so that ``result()`` finds
+    the bytes on the host (or on their way) instead of asking for them after the step ends."""
+    for leaf in jax.tree_util.tree_leaves(outputs):
+        copy = getattr(leaf, "copy_to_host_async", None)
+        if copy is not None:
+            copy()
 
 
 def _nonfinite_row_indices(x: np.ndarray) -> np.ndarray:
