@@ -31,12 +31,14 @@ if str(BENCH_DIR.parent) not in sys.path:  # run as a script from anywhere in th
 
 def environment() -> dict[str, Any]:
     """Device, software versions and commit: what a figure needs to be reproduced."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("JAXMT_COMMIT", "unknown")
+    commit = os.environ.get("JAXMT_COMMIT")  # set where the tree travels without its history
+    if not commit:
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
     device = jax.devices()[0]
     return {
         "device": getattr(device, "device_kind", str(device)),
