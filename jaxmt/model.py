@@ -304,9 +304,11 @@ class MultiTenantModel:
         (``store.reserve``) if tenants are still to come.
 
         ``workers > 1`` compiles that many programs at once on threads (tracing stays on
-        this one): on a many-core host the ladder compiles several times faster. The
-        default stays 1 because on a GPU XLA's own autotuner times kernels while it
-        compiles, and concurrent compiles share the device during those timings.
+        this one). That pays where compiles are CPU-bound (a 2-core CPU compiled the tiny
+        ResNet-18's 12-program ladder in 10 s with 3 workers, 14 s with one); on a GPU it did not: XLA's
+        autotuner times kernels on the device while it compiles, and on an H200 the 32
+        programs of a ResNet-18 ladder took 151 s with 8 workers against 104 s with one
+        (benchmarks/serving.py, ``--compile-workers``). Hence the default of 1.
         """
         if self._row_shape is None:
             raise InputError("warmup needs the input row shape: pass row_shape/row_dtype to the constructor or call predict first")
