@@ -59,19 +59,9 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
     full = time_call(lambda: mt.predict(ids, x), warmup=20, repeats=repeats)
     launch = time_call(lambda: mt.dispatch(ids, x).outputs, warmup=20, repeats=repeats)
     phases = breakdown(mt, ids, x, calls, repeats)
-    # The other way of handing step inputs to the device, side by side (the default is
-    # MultiTenantModel.explicit_transfer: a device_put on accelerators, NumPy on CPUs).
-    default_transfer = mt.explicit_transfer
-    transfer = {}
-    for explicit in (default_transfer, not default_transfer):
-        mt.explicit_transfer = explicit
-        transfer["device_put" if explicit else "numpy_arguments"] = time_call(lambda: mt.predict(ids, x), warmup=20, repeats=repeats)["median_s"] * 1e6
-    mt.explicit_transfer = default_transfer
     recompiles = mt.stats()["compiles"] - compiles_before
     return {
         "phases_us": phases,
-        "predict_us_by_transfer": transfer,
-        "default_transfer": "device_put" if default_transfer else "numpy_arguments",
         "tenants": tenants,
         "rows": rows,
         "steps": [[step.tenant_bucket, step.row_bucket] for step in plan.steps],
@@ -102,8 +92,6 @@ def breakdown(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: list, repea
     to_device: the step inputs (slots, rows) copied to the device, waited for;
     launch: one step program dispatched on device-resident inputs, not waited for;
     program: the same, waited for; to_host: a finished output copied to a NumPy array.
-    The last columns time the whole ``predict`` with each way of handing the step inputs
-    to the device (``MultiTenantModel.explicit_transfer``), the default first.
     """
     def host_plan():
         checked = mt._check_input(ids, x)
@@ -141,9 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         [[env["device"], f"{args.tenants} x {args.rows}", ", ".join(f"{k}x{b}" for k, b in result["steps"]), result["bare_program_us"], result["predict_us"],
           result["overhead_us"], result["dispatch_only_us"], result["recompiles_in_steady_state"]]],
     )
-    by_transfer = {f"predict, {k} (us)": v for k, v in result["predict_us_by_transfer"].items()}
-    phases = markdown_table([*result["phases_us"], *by_transfer],
-                            [[round(v, 1) for v in [*result["phases_us"].values(), *by_transfer.values()]]])
+    phases = markdown_table(list(result["phases_us"]), [[round(v, 1) for v in result["phases_us"].values()]])
     print(table)
     print(phases)
     print(f"wrote {path}")

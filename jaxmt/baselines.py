@@ -67,20 +67,11 @@ class _Program:
         with self.lock:
             new = key not in self.compiled
             self.compiled.add(key)
-        # Transferred explicitly and the answer's copy back queued at once, as jaxmt's steps do.
-        device = _device_of(params)
-        explicit = device is not None and device.platform != "cpu"  # as MultiTenantModel.explicit_transfer
-        y = self.fn(params, jax.device_put(x, device) if explicit else x)
+        # The answer's copy back is queued at once, as jaxmt's steps do.
+        y = self.fn(params, x)
         for leaf in jax.tree_util.tree_leaves(y):
             leaf.copy_to_host_async()
         return y, new
-
-
-def _device_of(params: PyTree) -> Any:
-    """The device holding a tenant's params (where its program runs)."""
-    leaf = jax.tree_util.tree_leaves(params)[0]
-    devices = getattr(leaf, "devices", None)
-    return next(iter(devices())) if devices is not None and len(devices()) == 1 else None
 
 
 @functools.lru_cache(maxsize=64)

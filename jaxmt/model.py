@@ -152,11 +152,6 @@ class MultiTenantModel:
         if (self._row_shape is None) != (self._row_dtype is None):
             raise ValueError("give row_shape and row_dtype together, or neither")
         self._row_output: PyTree | None = None
-        # How step inputs reach an accelerator: one device_put of (slots, rows) before the
-        # call, rather than NumPy arguments that the executable copies itself. On a CPU the
-        # NumPy arguments are cheaper (a device_put there copies: +120 us a step measured).
-        # benchmarks/overhead.py times both.
-        self.explicit_transfer = self.store.device.platform != "cpu"
         self._counter_lock = threading.Lock()
         self._steps = 0
         self._rows = 0
@@ -281,9 +276,9 @@ class MultiTenantModel:
         k = step.tenant_bucket
         whole_store = k == self.store.capacity and bool(np.all(step.slots == np.arange(k)))
         program = self.programs.get(self._key(k, step.row_bucket, whole_store))
-        if self.explicit_transfer:
-            slots, x_kb = jax.device_put((step.slots, x_kb), self.store.device)
-            return program(self.store.stacked_leaves, slots, x_kb)
+        # NumPy inputs go to the executable as they are: an explicit device_put of (slots,
+        # rows) first measured slower on an H200 host (1256 vs 1009 us a predict,
+        # benchmarks/results/overhead_device_put.json).
         return program(self.store.stacked_leaves, step.slots, x_kb)
 
     def _launch(self, step: Step, x: np.ndarray) -> PyTree:
