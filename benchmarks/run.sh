@@ -7,7 +7,8 @@
 # fails or runs out of time is reported and the next one still runs. Each script writes its
 # JSON to benchmarks/results/ and its section of benchmarks/README.md; when $OUT is set, both
 # are packed into $OUT/results.tgz (the way results come back from a lent GPU machine).
-# Extra arguments for a step: BENCH_ARGS_<NAME>="..." (e.g. BENCH_ARGS_serving="--trial-s 3").
+# Extra arguments for a step: BENCH_ARGS_<NAME>="..." in this script's environment, exported
+# or on the same command line (e.g. BENCH_ARGS_serving="--trial-s 3" benchmarks/run.sh serving).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
