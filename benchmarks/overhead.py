@@ -89,9 +89,13 @@ def breakdown(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: list, repea
     """Where ``predict``'s time goes, each phase timed alone (medians, us).
 
     host_plan: validation, slot lookup, the plan and the input gather (NumPy only);
-    to_device: the step inputs (slots, rows) copied to the device, waited for;
+    to_device: the step inputs (slots, rows) copied to the device by one ``device_put``,
+    waited for (``predict`` hands the NumPy arrays to the executable, which copies them
+    itself: the same bytes, a measure of what moving them costs);
     launch: one step program dispatched on device-resident inputs, not waited for;
-    program: the same, waited for; to_host: a finished output copied to a NumPy array.
+    program: the same, waited for;
+    to_host: a finished output copied to a NumPy array, asked for only then (``predict``
+    starts that copy when it dispatches the step, so part of it can overlap).
     """
     def host_plan():
         checked = mt._check_input(ids, x)

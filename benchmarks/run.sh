@@ -19,6 +19,9 @@ for item in "$@"; do
   name=${item%%:*}
   cap=${item#*:}
   [[ "$cap" == "$item" ]] && cap=600
+  if ! [[ "$cap" =~ ^[0-9]+$ ]] || (( cap < 30 )); then
+    echo "[run.sh] $name: the cap must be a whole number of seconds >= 30, got '$cap'" >&2; status=2; continue
+  fi
   extra_var="BENCH_ARGS_${name}"
   extra=${!extra_var:-}
   case "$name" in
@@ -41,6 +44,6 @@ for item in "$@"; do
   [[ $rc -ne 0 ]] && status=1
 done
 if [[ -n "${OUT:-}" ]]; then
-  tar czf "$OUT/results.tgz" benchmarks/results benchmarks/README.md
+  tar czf "$OUT/results.tgz" benchmarks/results benchmarks/README.md || status=1
 fi
 exit $status

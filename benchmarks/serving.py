@@ -212,7 +212,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
     parser.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
-    parser.add_argument("--report-only", nargs="?", metavar="FILE", const="results/serving.json",
+    parser.add_argument("--report-only", nargs="?", metavar="FILE", const=str(BENCH_DIR / "results" / "serving.json"),
                         help="measure nothing: print the table and rewrite the README section from a results file")
     args = parser.parse_args(argv)
     if args.quick:
@@ -247,17 +247,23 @@ def _argv_of(config: dict) -> list[str]:
     return argv
 
 
-def report_only(path: str) -> int:
-    """Rebuilds the summary, the table and the README section from a results file."""
+def report_only(path: str, readme: bool) -> int:
+    """Rebuilds the summary, the table and (unless ``readme`` is False) the README section
+    from a results file. A partial file (a run cut short) is refused: its summary would
+    compare jaxmt with fewer baselines than the run meant to."""
     import json
 
     data = json.loads(open(path).read())
+    if data.get("partial"):
+        print(f"{path} holds a run cut short (servers measured: {[r['scheduler'] for r in data['results']]}); "
+              "nothing reported", file=sys.stderr)
+        return 1
     args = argparse.Namespace(**data["args"])
     summary = summarize(data["results"])
     print(table(data["results"]))
     for name, verdict in summary["targets"].items():
         print(f"{name}: {verdict}")
-    if not args.quick:
+    if readme and not args.quick:
         argv = data.get("argv") or _argv_of(data["args"])
         readme_section(args, argv, data["results"], summary, data["environment"])
     return 0
@@ -266,10 +272,9 @@ def report_only(path: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    if "--report-only" in argv:
-        rest = [a for a in argv if a != "--report-only"]
-        return report_only(rest[0] if rest else str(BENCH_DIR / "results" / "serving.json"))
     args = parse_args(argv)
+    if args.report_only:
+        return report_only(args.report_only, readme=not args.no_readme)
     jaxmt.enable_persistent_compilation_cache(str(BENCH_DIR.parent / ".jaxmt_cache"), min_compile_seconds=1.0)
     start = time.perf_counter()
     spec, mt = simulate.build_model(args.arch, args.size, args.tenants, max_tenants=args.max_tenants_bucket,

@@ -55,6 +55,15 @@ class _Launched:
     programs: int = 1  # program calls the step was launched as
 
 
+class _PartlyFailed(Exception):
+    """Some program calls of one step failed: ``answered`` pairs each call's requests with
+    its answers (None for a call that failed), ``error`` is the first failure."""
+
+    def __init__(self, error: BaseException, answered: list[tuple[list[_Request], Any]]):
+        super().__init__(str(error))
+        self.error, self.answered = error, answered
+
+
 class _Totals:
     """Rows queued in all lanes of a server (kept by the lanes, read at every submit)."""
 

@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxmt._queue import _Batch, _EdfQueue, _Launched, _Request, _Totals
+from jaxmt._queue import _Batch, _EdfQueue, _Launched, _PartlyFailed, _Request, _Totals
 from jaxmt.errors import InputError, Overloaded, SchedulerClosed, UnknownTenantError
 from jaxmt.metrics import LatencyRecorder, StepRecorder
 
@@ -360,6 +360,14 @@ class _ServerBase:
                 self._in_flight -= 1
         return launched
 
+    def _finish_rows(self, requests: list[_Request], answers: Any) -> None:
+        """Completes each request with its rows of ``answers`` (the requests' rows in order)."""
+        offset = 0
+        for req in requests:
+            rows_of_req = slice(offset, offset + req.rows)
+            offset += req.rows
+            self._finish(req, result=jax.tree_util.tree_map(lambda a, s=rows_of_req: a[s], answers))
+
     def _complete(self, launched: _Launched, pipelined: bool) -> None:
         """Waits for a step's results and completes its futures (off the dispatch path)."""
         requests = launched.requests
@@ -380,20 +388,22 @@ class _ServerBase:
             with self._cond:
                 self._in_flight -= 1
             counted = True
-            offset = 0
-            for req in requests:
-                rows_of_req = slice(offset, offset + req.rows)
-                offset += req.rows
-                self._finish(req, result=jax.tree_util.tree_map(lambda a, s=rows_of_req: a[s], answers))
+            self._finish_rows(requests, answers)
         except Exception as exc:  # noqa: BLE001 (the step's futures carry it)
             self._steps.record_failure()
             logger.warning("%s: a step of %d requests failed: %s: %s", self.kind, len(requests), type(exc).__name__, exc)
             if not counted:
                 with self._cond:
                     self._in_flight -= 1
+            # Of a step launched as several program calls, the calls that answered still count.
+            answered = exc.answered if isinstance(exc, _PartlyFailed) else []
+            error = exc.error if isinstance(exc, _PartlyFailed) else exc
+            for call_requests, answers in answered:
+                if answers is not None:
+                    self._finish_rows(call_requests, answers)
             for req in requests:
                 if not req.future.done():
-                    self._finish(req, error=exc)
+                    self._finish(req, error=error)
 
 
 # Servers whose threads may still run. Their threads are daemons (a forgotten server must not

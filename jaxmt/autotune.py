@@ -324,16 +324,23 @@ class Planner:
       cache_path: the JSON file (None: ``default_cache_path()``); ``cache=False`` keeps
         choices in memory only.
       measure_spread: sizes within this factor of work of a measured one are not measured
-        again (1.0: measure every size; default ``$JAXMT_AUTOTUNE_SPREAD`` or 8).
+        again (1.0: measure every size; default ``$JAXMT_AUTOTUNE_SPREAD`` or 8). The
+        measured sizes are looked up in the cache, so with ``cache=False`` every size is
+        measured.
     """
 
     def __init__(self, autotune: bool | None = None, cache_path: str | os.PathLike | None = None, *, cache: bool = True,
                  measure_spread: float | None = None):
         self.autotune = autotune_default() if autotune is None else bool(autotune)
+        source = "measure_spread"
         if measure_spread is None:
-            measure_spread = float(os.environ.get(SPREAD_ENV) or DEFAULT_MEASURE_SPREAD)
+            source, raw = f"${SPREAD_ENV}", os.environ.get(SPREAD_ENV) or DEFAULT_MEASURE_SPREAD
+            try:
+                measure_spread = float(raw)
+            except ValueError:
+                raise ValueError(f"{source} must be a number >= 1, got {raw!r}") from None
         if not measure_spread >= 1.0:
-            raise ValueError(f"measure_spread must be >= 1 (1: measure every size), got {measure_spread}")
+            raise ValueError(f"{source} must be >= 1 (1: measure every size), got {measure_spread}")
         self.measure_spread = float(measure_spread)
         self.cache = LoweringCache(cache_path) if cache else None
         self._memo: dict[str, tuple[str, str]] = {}
@@ -374,10 +381,10 @@ class Planner:
         """The choice measured on this device and jax for the same layer at the closest K x N
         (same dtype first, then, if ``any_dtype``, any dtype); None if the cache holds no
         such layer, or none whose work is within a factor ``within`` of this one's."""
-        if self.cache is None:
+        work = sig.tenants * sig.lhs_shape[0]
+        if self.cache is None or work <= 0:
             return None
         prefix = cache_key(sig).split("|conv ", 1)[0] + "|"
-        work = sig.tenants * sig.lhs_shape[0]
         entries = self.cache.entries()
         fields = [("family", sig.family())] + ([("family_any_dtype", sig.family(with_dtype=False))] if any_dtype else [])
         for field, family in fields:

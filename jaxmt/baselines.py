@@ -115,9 +115,12 @@ class _TenantPrograms:
             return self._params[tenant_id]
 
     def preload(self, tenant_ids: Sequence[Hashable]) -> None:
-        """Slices these tenants' params now, as separately deployed models are loaded before traffic."""
-        for tenant_id in tenant_ids:
-            jax.block_until_ready(self.params(tenant_id))
+        """Slices these tenants' params now, as separately deployed models are loaded before
+        traffic. Each is a copy beside the store (separate models hold their own weights),
+        so a baseline over N tenants holds twice their weights on the device."""
+        with self.mt.store.lock:  # the store's buffers are replaced (donated) by adds and updates
+            for tenant_id in tenant_ids:
+                jax.block_until_ready(self.params(tenant_id))
 
     def launch(self, params: PyTree, x: np.ndarray) -> _HostPending:
         """Dispatches x [n, ...] without waiting for the device."""
@@ -166,7 +169,7 @@ class _LaneServer(_ServerBase):
             raise InputError("warmup needs a resident tenant and the input row shape (from the model or a first request)")
         with self.mt.store.lock:
             tenants = self._tenants_to_preload()
-        self._programs.preload(tenants)
+            self._programs.preload(tenants)
         return self._programs.warmup(self._params_for(self.mt.tenants[0]), shape, dtype)
 
     def _tenants_to_preload(self) -> list[Hashable]:

@@ -162,10 +162,12 @@ def make_plan(slots: Sequence[int] | np.ndarray, policy: BucketPolicy) -> Plan:
     if n == 0:
         return Plan(steps=(), rows=0)
     order, entry_slot, entry_start, entry_count = _split_entries(slots, policy)
+    max_tenants = policy.max_tenants
+    if len(entry_slot) <= max_tenants:  # one step; entries come in slot order already
+        return Plan(steps=(_make_step(order, entry_slot, entry_start, entry_count, policy),), rows=n)
     # Largest entries first, so each step holds entries of similar size.
     by_size = np.argsort(-entry_count, kind="stable")
     steps = []
-    max_tenants = policy.max_tenants
     for first in range(0, len(by_size), max_tenants):
         chosen = by_size[first : first + max_tenants]
         # Entries in slot order: a step that holds every slot once then reads the store as is.
@@ -182,7 +184,10 @@ def _split_entries(slots: np.ndarray, policy: BucketPolicy) -> tuple[np.ndarray,
     """
     # Group rows by slot, keeping request order inside each group (stable sort).
     order = np.argsort(slots, kind="stable")
-    unique_slots, starts, counts = np.unique(slots[order], return_index=True, return_counts=True)
+    sorted_slots = slots[order]
+    starts = np.flatnonzero(np.concatenate(([True], sorted_slots[1:] != sorted_slots[:-1])))
+    counts = np.diff(np.append(starts, sorted_slots.shape[0]))
+    unique_slots = sorted_slots[starts]
     # Split groups larger than the chosen entry size into entries of at most max_rows rows.
     max_rows = _entry_rows(counts, policy)
     pieces = -(-counts // max_rows)

@@ -315,15 +315,13 @@ class MultiTenantModel:
         for b in bs:
             if b not in self.buckets.row_buckets:
                 raise ValueError(f"row bucket {b} is not on the ladder {self.buckets.row_buckets}")
-        shapes = [(k, b) for k in ks for b in bs]
-        if progress:
-            from tqdm.auto import tqdm
-
-            shapes = tqdm(shapes, desc="compiling", unit="program")
-        keys = [self._key(k, b, whole) for k, b in shapes for whole in (False, True) if not whole or k == self.store.capacity]
-        if workers > 1:
+        keys = [self._key(k, b, whole) for k in ks for b in bs for whole in (False, True) if not whole or k == self.store.capacity]
+        if not progress:
             return self.programs.ensure_many(keys, workers=workers)
-        return sum(self.programs.ensure(key) for key in keys)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=sum(key not in self.programs for key in keys), desc="compiling", unit="program") as bar:
+            return self.programs.ensure_many(keys, workers=workers, on_built=lambda key: bar.update())
 
     def stats(self) -> dict[str, Any]:
         """Counters: compiles, cache hits and misses, compile seconds, padding, tenants, bytes."""

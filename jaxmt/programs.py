@@ -42,8 +42,12 @@ class ProgramCache:
       build: ``build(key) -> compiled executable``; called on a miss, timed, and any
         exception it raises is re-raised as ``CompileError`` naming the key.
       max_programs: how many executables are kept; the least recently used goes first.
-      lower: ``lower(key) -> jax.stages.Lowered``, the traced but uncompiled program;
-        with it, ``ensure_many`` compiles several programs at once on worker threads.
+      lower: ``lower(key) -> jax.stages.Lowered``, the traced but uncompiled program, with
+        ``lower(key).compile()`` the same program as ``build(key)``; with it,
+        ``ensure_many`` compiles several programs at once on worker threads.
+
+    ``compile_seconds`` adds up the time of every build; builds on worker threads overlap,
+    so it can exceed the wall-clock time they took.
     """
 
     def __init__(self, build: Callable[[ProgramKey], Any], max_programs: int = 256,
@@ -87,53 +91,70 @@ class ProgramCache:
             self._compile(key)
             return True
 
-    def ensure_many(self, keys: Iterable[ProgramKey], workers: int = 1) -> int:
+    def ensure_many(self, keys: Iterable[ProgramKey], workers: int = 1,
+                    on_built: Callable[[ProgramKey], None] | None = None) -> int:
         """Compiles every key not cached yet; returns how many were compiled.
 
         With ``workers > 1`` (and a ``lower`` function) the programs are traced one after
         another on this thread (tracing holds the GIL, and the lowering planner may time
-        kernels on the device while tracing) and compiled by ``workers`` threads at once
-        (XLA compiles release the GIL). The first failure is raised as ``CompileError``
-        after the other compiles finish; the programs that compiled are kept.
+        kernels on the device while tracing) and each is handed to one of ``workers``
+        threads to compile as soon as it is traced (XLA compiles release the GIL).
+        ``on_built(key)`` is called once per key when its build has finished, failed or
+        not. On threads, failures are raised together as one ``CompileError`` naming every
+        failing key, after the other builds finish; with one worker the first failure is
+        raised at once. Either way the programs that compiled are kept.
         """
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         missing = list(dict.fromkeys(k for k in keys if k not in self._programs))
+        done_one = on_built or (lambda key: None)
         if workers == 1 or self._lower is None or len(missing) < 2:
-            return sum(self.ensure(key) for key in missing)
-        lowered, failures = [], []
-        for key in missing:
-            start = time.perf_counter()
-            try:
-                lowered.append((key, self._lower(key), time.perf_counter() - start))
-            except Exception as exc:
-                failures.append((key, exc, time.perf_counter() - start))
+            compiled = 0
+            for key in missing:
+                try:
+                    compiled += self.ensure(key)
+                finally:
+                    done_one(key)
+            return compiled
 
-        def compile_one(item: tuple[ProgramKey, Any, float]) -> tuple[ProgramKey, Any, BaseException | None, float]:
-            key, low, lower_s = item
+        def compile_one(key: ProgramKey, lowered: Any, lower_s: float) -> tuple[ProgramKey, Any, BaseException | None, float]:
             start = time.perf_counter()
             try:
-                return key, low.compile(), None, lower_s + time.perf_counter() - start
+                return key, lowered.compile(), None, lower_s + time.perf_counter() - start
             except Exception as exc:
                 return key, None, exc, lower_s + time.perf_counter() - start
+            finally:
+                done_one(key)
 
+        failures: list[tuple[ProgramKey, BaseException]] = []
+        trace_seconds = 0.0
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxmt-compile") as pool:
-            done = list(pool.map(compile_one, lowered))
+            futures = []
+            for key in missing:
+                start = time.perf_counter()
+                try:
+                    lowered = self._lower(key)
+                except Exception as exc:
+                    trace_seconds += time.perf_counter() - start
+                    failures.append((key, exc))
+                    done_one(key)
+                    continue
+                futures.append(pool.submit(compile_one, key, lowered, time.perf_counter() - start))
+            done = [future.result() for future in futures]
         compiled = 0
         with self._lock:
+            self.compile_seconds += trace_seconds
             for key, program, exc, seconds in done:
                 self.compile_seconds += seconds
                 if exc is not None:
-                    failures.append((key, exc, 0.0))
-                elif key not in self._programs:
+                    failures.append((key, exc))
+                elif key not in self._programs:  # not built meanwhile by a get() on another thread
                     self._insert(key, program)
                     compiled += 1
-            for _, _, seconds in failures:
-                self.compile_seconds += seconds
             self.compile_failures += len(failures)
         if failures:
-            key, exc, _ = failures[0]
-            raise CompileError(f"building the program for {key} failed: {type(exc).__name__}: {exc}") from exc
+            named = "; ".join(f"{key}: {type(exc).__name__}: {exc}" for key, exc in failures)
+            raise CompileError(f"building {len(failures)} program(s) failed: {named}") from failures[0][1]
         return compiled
 
     def clear(self) -> None:

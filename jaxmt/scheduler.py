@@ -17,6 +17,7 @@ requests that became hopeless) or is served and counted late (policy "serve_late
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -25,10 +26,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxmt._queue import _Batch, _Launched, _Request
+from jaxmt._queue import _Batch, _Launched, _PartlyFailed, _Request
 from jaxmt._server import MAX_SLO_MS, _ServerBase
 
 OVERLOAD_POLICIES = ("reject", "serve_late")
+
+logger = logging.getLogger("jaxmt")
 
 
 def _check_real(name: str, value: Any, low: float, high: float, low_open: bool = False) -> float:
@@ -282,17 +285,28 @@ class Scheduler(_ServerBase):
             live, gone = self._split_resident(batch.requests)
             segments = self._segments(live) if live else []
             compiles = mt.programs.compiles
-            pendings = []
+            pendings, launched, failed = [], [], []
             for segment in segments:
                 tenant_ids = [r.tenant_id for r in segment for _ in range(r.rows)]
                 x = segment[0].x if len(segment) == 1 else np.concatenate([r.x for r in segment])
-                pendings.append(mt.dispatch(tenant_ids, x))
+                try:
+                    pendings.append(mt.dispatch(tenant_ids, x))
+                    launched.append(segment)
+                except Exception as exc:  # noqa: BLE001 (that call's futures carry it; the others go on)
+                    failed.append((segment, exc))
             timed = mt.programs.compiles == compiles
         self._fail_unknown(gone)
-        if not live:
+        if failed and not launched:  # every call failed: the step failed as a whole
+            raise failed[0][1]
+        for segment, exc in failed:
+            self._steps.record_failure()
+            logger.warning("%s: launching %d requests of a step failed: %s: %s", self.kind, len(segment), type(exc).__name__, exc)
+            for req in segment:
+                self._finish(req, error=exc)
+        if not launched:
             return None
-        ordered = [r for segment in segments for r in segment]
-        pending = _Joined(pendings)
+        ordered = [r for segment in launched for r in segment]
+        pending = _Joined(pendings, launched)
         tenants = len({r.tenant_id for r in live})
         return _Launched(ordered, pending, started_s, tenants, pending.padded_rows, timed, pending.programs)
 
@@ -301,17 +315,29 @@ class Scheduler(_ServerBase):
 
 
 class _Joined:
-    """Several dispatched predictions answered as one: rows in the order of the calls."""
+    """Several dispatched predictions answered as one: rows in the order of the calls.
 
-    def __init__(self, pendings: list[Any]):
-        self.pendings = pendings
+    A call that fails does not take the others' answers with it: ``result()`` then raises
+    ``_PartlyFailed`` carrying each call's requests and answers.
+    """
+
+    def __init__(self, pendings: list[Any], requests_per_call: list[list[_Request]]):
+        self.pendings, self.requests_per_call = pendings, requests_per_call
         self.padded_rows = sum(p.plan.padded_rows for p in pendings)
         self.programs = sum(len(p.plan.steps) for p in pendings)
 
     def result(self) -> Any:
-        parts = [p.result() for p in self.pendings]
-        if len(parts) == 1:
-            return parts[0]
+        if len(self.pendings) == 1:
+            return self.pendings[0].result()
+        parts, first_error = [], None
+        for pending in self.pendings:
+            try:
+                parts.append(pending.result())
+            except Exception as exc:  # noqa: BLE001 (carried to the futures of that call)
+                parts.append(None)
+                first_error = first_error or exc
+        if first_error is not None:
+            raise _PartlyFailed(first_error, list(zip(self.requests_per_call, parts)))
         return jax.tree_util.tree_map(lambda *leaves: np.concatenate(leaves), *parts)
 
 

@@ -43,8 +43,8 @@ _write_slots = jax.jit(_write_slots_impl, donate_argnums=(0,))
 
 @jax.jit
 def _read_slot(stacked: list[jax.Array], slot: jax.Array) -> list[jax.Array]:
-    """One slot of every stacked leaf, in one program (an eager slice per leaf costs a
-    dispatch each: a hundred for a ResNet)."""
+    """One slot of every stacked leaf of a single-device store, in one program (an eager
+    slice per leaf costs a dispatch each: a hundred for a ResNet)."""
     return [jax.lax.dynamic_index_in_dim(s, slot, 0, keepdims=False) for s in stacked]
 
 
@@ -182,7 +182,11 @@ class TenantStore:
     def get(self, tenant_id: Hashable) -> PyTree:
         """One tenant's params, sliced out of the store."""
         slot = self.slot_of(tenant_id)
-        return jax.tree_util.tree_unflatten(self._treedef, _read_slot(self._leaves, jnp.int32(slot)))
+        if self.sharding is None:
+            return jax.tree_util.tree_unflatten(self._treedef, _read_slot(self._leaves, jnp.int32(slot)))
+        # A jitted dynamic index over the split slot axis would gather the whole store onto
+        # every device first; a static slice moves only the owner's one slot.
+        return jax.tree_util.tree_unflatten(self._treedef, [leaf[slot] for leaf in self._leaves])
 
     @property
     def bytes_per_tenant(self) -> int:

@@ -70,3 +70,40 @@ def test_parallel_compiles_keep_the_good_programs_and_name_the_failing_one():
     assert cache.stats()["compile_failures"] == 1 and cache.stats()["compiles"] == 4
     with pytest.raises(ValueError, match="workers"):
         cache.ensure_many([_key(1)], workers=0)
+
+
+class _FakeLowered:
+    """Stands in for ``jax.stages.Lowered``: records the thread its compile ran on."""
+
+    def __init__(self, key, threads, fail=False):
+        self.key, self.threads, self.fail = key, threads, fail
+
+    def compile(self):
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        if self.fail:
+            raise RuntimeError(f"no kernel for K={self.key.tenant_bucket}")
+        return f"program{self.key.tenant_bucket}"
+
+
+def test_compiles_run_on_worker_threads_and_every_failing_key_is_named():
+    threads, built = [], []
+
+    def lower(key):
+        return _FakeLowered(key, threads, fail=key.tenant_bucket in (3, 5))
+
+    cache = ProgramCache(lambda key: lower(key).compile(), lower=lower)
+    keys = [_key(k) for k in (1, 2, 3, 4, 5)]
+    with pytest.raises(CompileError, match=r"2 program\(s\).*tenant_bucket=3.*K=3.*tenant_bucket=5.*K=5"):
+        cache.ensure_many(keys, workers=2, on_built=built.append)
+    assert all(name.startswith("jaxmt-compile") for name in threads) and len(threads) == 5
+    assert sorted(k.tenant_bucket for k in built) == [1, 2, 3, 4, 5]  # every key reported once
+    assert [k for k in keys if k in cache] == [_key(1), _key(2), _key(4)]
+    stats = cache.stats()
+    assert stats["compiles"] == 3 and stats["compile_failures"] == 2
+    # One worker builds on this thread through ``build``, stopping at the first failure.
+    threads.clear()
+    with pytest.raises(CompileError, match="tenant_bucket=3"):
+        cache.ensure_many(keys, workers=1)
+    assert threads and not any(name.startswith("jaxmt-compile") for name in threads)

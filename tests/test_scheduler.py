@@ -423,6 +423,32 @@ def test_a_tenant_with_many_rows_gets_its_own_program_call(served, monkeypatch, 
     assert steps["padding_waste"] == pytest.approx(1 - 8 / 9, abs=1e-5)  # 1 + 7 real rows, 1 + 8 computed
 
 
+@pytest.mark.parametrize("where", ["launch", "result"])
+def test_a_failing_program_call_spares_the_other_calls_of_its_step(served, monkeypatch, rng, where):
+    """A step launched as two program calls (as in the test above): the call holding a
+    poisoned row fails its own requests only; the other call's requests are answered."""
+    mt, params = served
+    held = RecordingDispatch(mt, hold=True)
+    setattr(held, f"raise_on_{where}", lambda x: bool(np.any(x == 1234.0)))
+    monkeypatch.setattr(mt, "dispatch", held)
+    with jaxmt.Scheduler(mt, max_delay_ms=0.0, pipeline_depth=1, overload_policy="serve_late") as sched:
+        blocker = sched.submit("t5", rows(rng))
+        held.wait_calls(1)
+        poisoned = rows(rng, 4)
+        poisoned[2] = 1234.0
+        queued = [("t0", poisoned), ("t1", rows(rng)), ("t2", rows(rng)), ("t3", rows(rng))]
+        futures = [(t, x, sched.submit(t, x)) for t, x in queued]
+        held.release.set()
+        blocker.result(TIMEOUT_S)
+        with pytest.raises(RuntimeError, match="injected"):
+            futures[0][2].result(TIMEOUT_S)
+        answered = [(t, x, f.result(TIMEOUT_S)) for t, x, f in futures[1:]]
+        steps = sched.metrics()["steps"]
+    assert [sorted(set(ids)) for ids, _ in held.calls[1:]] == [["t0"], ["t1", "t2", "t3"]]
+    check_against_reference(params, answered)
+    assert steps["failed_steps"] == 1
+
+
 def test_step_cost_model_learns_the_launch_cost():
     from jaxmt.scheduler import _StepCost
 

@@ -1,0 +1,59 @@
+"""benchmarks/serving.py: a CPU smoke run, its summary, and rebuilding a report from its file.
+
+The smoke run drives two real servers with a short Poisson load; nothing here checks speed,
+only that the benchmark measures, writes a complete file and reports it faithfully.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def serving():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("jaxmt_serving_bench", BENCH / "serving.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.path.remove(str(BENCH))
+
+
+def _trial(counts_and_means):
+    per_tenant = {f"t{i}": {"count": n, "ok": n, "p50_ms": mean, "p99_ms": 2 * mean, "mean_ms": mean, "slo_attainment": 1.0}
+                  for i, (n, mean) in enumerate(counts_and_means)}
+    return {"per_tenant": per_tenant}
+
+
+def test_the_well_sampled_spread_leaves_out_rarely_seen_tenants(serving):
+    trial = _trial([(500, 5.0), (150, 5.2), (12, 9.0)])
+    sampled = serving.well_sampled_spread(trial, min_count=100)
+    assert sampled["tenants_counted"] == 2 and sampled["mean_latency_gap"] == pytest.approx(0.04)
+    assert serving.well_sampled_spread(trial, min_count=10)["mean_latency_gap"] == pytest.approx(0.8)
+    assert serving.well_sampled_spread(None)["tenants_counted"] == 0
+
+
+def test_a_quick_run_writes_a_complete_file_that_reports_again(serving, tmp_path, monkeypatch, capsys):
+    import common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    assert serving.main(["--quick", "--no-readme", "--quiet", "--servers", "jaxmt,time"]) == 0
+    data = json.loads((tmp_path / "serving_quick.json").read_text())
+    assert data["partial"] is False and [r["scheduler"] for r in data["results"]] == ["jaxmt", "time"]
+    for result in data["results"]:
+        assert result["max_rel_error"] < 1e-4 and result["trials"]
+    assert set(data["summary"]["max_rate_rps"]) == {"jaxmt", "time"}
+    capsys.readouterr()
+    path = str(tmp_path / "serving_quick.json")
+    assert serving.main(["--report-only", path, "--no-readme"]) == 0
+    assert "| jaxmt |" in capsys.readouterr().out
+    data["partial"] = True  # a run cut short is not reported as if it were whole
+    (tmp_path / "partial.json").write_text(json.dumps(data))
+    assert serving.main(["--report-only", str(tmp_path / "partial.json")]) == 1
