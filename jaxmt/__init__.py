@@ -26,7 +26,8 @@ from jaxmt.errors import (
 )
 from jaxmt.metrics import to_prometheus
 from jaxmt.lowering import LoweringPolicy, describe_lowering, tenant_batched
-from jaxmt.model import MultiTenantModel, PendingPrediction
+from jaxmt.model import MultiTenantModel
+from jaxmt.steps import PendingPrediction
 from jaxmt.programs import ProgramCache, ProgramKey, enable_persistent_compilation_cache
 from jaxmt.scheduler import Scheduler, SchedulerConfig
 from jaxmt.sharding import ShardedMultiTenantModel, tenant_mesh

@@ -8,7 +8,6 @@ import pathlib
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from conftest import reference_predict, rel_error, tiny_spec

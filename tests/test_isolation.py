@@ -9,7 +9,6 @@ change, and writing valid weights back must restore them.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

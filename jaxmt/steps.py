@@ -1,0 +1,90 @@
+"""What one step is: its jitted programs, and a launched prediction waiting on the device.
+
+The step programs take the store's stacked leaves, the K slots of the step and its input
+block [K, B, ...]; ``PendingPrediction`` holds the dispatched steps of one request and
+scatters their rows back to request order when asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmt.buckets import Plan
+
+PyTree = Any
+
+
+def _step_program(apply_kb: Callable, treedef: Any, leaves: list[jax.Array], slots: jax.Array, x_kb: PyTree) -> PyTree:
+    """One step: gather K slots of every stacked leaf, run the tenant-batched model."""
+    params_k = jax.tree_util.tree_unflatten(treedef, [jnp.take(leaf, slots, axis=0) for leaf in leaves])
+    return apply_kb(params_k, x_kb)
+
+
+def _whole_store_program(apply_kb: Callable, treedef: Any, leaves: list[jax.Array], slots: jax.Array, x_kb: PyTree) -> PyTree:
+    """A step whose K entries are slots 0..K-1 of a store of capacity K: the stacked leaves
+    are the batched weights already, so the per-step copy of every tenant's weights that the
+    gather costs is skipped (``slots`` is taken only to keep one calling convention)."""
+    del slots
+    return apply_kb(jax.tree_util.tree_unflatten(treedef, leaves), x_kb)
+
+
+@dataclasses.dataclass
+class PendingPrediction:
+    """Steps dispatched to the device whose outputs have not been copied back yet.
+
+    ``result()`` blocks on the device, scatters rows back to request order and returns
+    NumPy arrays; the dispatch itself never waits for the device.
+    """
+
+    plan: Plan
+    outputs: list[PyTree]
+    empty_output: PyTree  # ShapeDtypeStruct pytree of one row, for allocating the answer
+    # Request rows holding NaN or Inf, passed through under nonfinite_inputs="pass".
+    nonfinite_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def result(self) -> PyTree:
+        flat_spec, treedef = jax.tree_util.tree_flatten(self.empty_output)
+        answers = [np.empty((self.plan.rows, *s.shape), dtype=s.dtype) for s in flat_spec]
+        for step, y_kb in zip(self.plan.steps, self.outputs):
+            for answer, leaf in zip(answers, jax.tree_util.tree_leaves(y_kb)):
+                host = np.asarray(leaf)
+                flat = host.reshape(step.padded_rows, *host.shape[2:])
+                answer[step.out_rows] = flat[step.out_positions]
+        return jax.tree_util.tree_unflatten(treedef, answers)
+
+    def block_until_ready(self) -> "PendingPrediction":
+        jax.block_until_ready(self.outputs)
+        return self
+
+
+_NO_ROWS = np.zeros(0, np.int64)
+
+
+def _start_copies_to_host(outputs: list[PyTree]) -> None:
+    """Queues each output's device-to-host copy behind its step, so that ``result()`` finds
+    the bytes on the host (or on their way) instead of asking for them after the step ends."""
+    for leaf in jax.tree_util.tree_leaves(outputs):
+        copy = getattr(leaf, "copy_to_host_async", None)
+        if copy is not None:
+            copy()
+
+
+def _nonfinite_row_indices(x: np.ndarray) -> np.ndarray:
+    """Indices of the rows of x holding NaN or Inf (none for integer inputs): one pass over x."""
+    if x.shape[0] == 0 or not np.issubdtype(x.dtype, np.inexact):
+        return _NO_ROWS
+    finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
+    return _NO_ROWS if finite.all() else np.flatnonzero(~finite)
+
+
+def _row_output_spec(apply_fn: Callable, template: PyTree, row_shape: Sequence[int], row_dtype: Any) -> PyTree:
+    """ShapeDtypeStruct pytree of ONE output row for input rows of the given shape and dtype."""
+    x1 = jax.ShapeDtypeStruct((1, *row_shape), row_dtype)
+    out = jax.eval_shape(apply_fn, template, x1)
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), out)
