@@ -317,7 +317,8 @@ class Planner:
     per layer at warm-up. So a layer is measured once per ``measure_spread`` factor of work
     (K x N): a size within that factor of one already measured for the same layer and dtype
     on this device takes that choice ("nearest"), which bounds the measurements to a few
-    per layer over the whole ladder.
+    per layer over the whole ladder. Which sizes are the measured ones follows the order in
+    which programs are traced (warm up the sizes that matter most first).
 
     Args:
       autotune: measure on the device when the cache has no entry (None: ``autotune_default()``).
