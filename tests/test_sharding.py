@@ -167,6 +167,23 @@ def test_multi_device_predict_equals_reference_without_moving_weights(name, seed
 
 
 @multi_device
+def test_multi_device_warmup_on_worker_threads_then_no_compiles(rng):
+    spec, mt, params = _sharded_model("mlp", jax.device_count() + 1, 4, row_shape=tiny_spec("mlp").input_shape,
+                                      row_dtype=tiny_spec("mlp").input_dtype)
+    built = mt.warmup(workers=3)
+    assert built > 0 and mt.warmup(workers=3) == 0
+    for _ in range(3):
+        ids, x = _random_request(spec, params, rng)
+        assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+    assert mt.stats()["compiles"] == built and mt.stats()["cache_misses"] == 0
+    for tenant, p in params.items():  # a slot read from the sharded store is the tenant's own params
+        np.testing.assert_array_equal(
+            np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(mt.get_params(tenant))]),
+            np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(p)]),
+        )
+
+
+@multi_device
 def test_multi_device_growth_keeps_each_tenant_on_its_device(rng):
     n_devices = jax.device_count()
     spec, mt, params = _sharded_model("mlp", n_devices, 2, capacity=n_devices)
