@@ -175,12 +175,14 @@ def table(results: list[dict]) -> str:
         lat, spread, sampled = best.get("latency_ms", {}), best.get("spread", {}), well_sampled_spread(best)
         steps = best.get("server", {}).get("steps", {})
         dash = lambda v: "-" if v is None else v  # noqa: E731
-        rows.append([r["scheduler"], r["max_rate_rps"] or "-", lat.get("p50_ms", "-"), lat.get("p99_ms", "-"),
+        wait, in_step = steps.get("queue_wait_ms") or {}, steps.get("in_step_ms") or {}
+        fmt = lambda part: f"{dash(part.get('p50_ms'))} / {dash(part.get('p99_ms'))}"  # noqa: E731
+        rows.append([r["scheduler"], r["max_rate_rps"] or "-", lat.get("p50_ms", "-"), lat.get("p99_ms", "-"), fmt(wait), fmt(in_step),
                      f"{100 * best['slo_attainment']:.2f}%" if best else "-", dash(spread.get("max_p99_over_p50")),
                      dash(spread.get("mean_latency_gap")), dash(sampled["max_p99_over_p50"]), dash(sampled["mean_latency_gap"]),
                      sampled["tenants_counted"], steps.get("mean_tenants_per_step", "-"),
                      steps.get("mean_rows_per_step", "-"), len(r["trials"]), "yes" if r["generator_limited"] else ""])
-    return markdown_table(["server", "max req/s", "p50 ms", "p99 ms", "in SLO", "p99/p50 (worst tenant)",
+    return markdown_table(["server", "max req/s", "p50 ms", "p99 ms", "queue wait p50 / p99 ms", "in step p50 / p99 ms", "in SLO", "p99/p50 (worst tenant)",
                            "mean gap", f"p99/p50, >= {WELL_SAMPLED} req", f"mean gap, >= {WELL_SAMPLED} req",
                            f"tenants >= {WELL_SAMPLED} req", "tenants/step", "rows/step", "trials", "generator-bound"], rows)
 

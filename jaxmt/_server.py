@@ -117,7 +117,8 @@ class _ServerBase:
 
     def metrics(self) -> dict[str, Any]:
         """Per tenant and overall: counts, latency percentiles (ms), SLO attainment, queue
-        depth; step counters (steps, mean tenants and rows per step, padding waste)."""
+        depth; step counters (steps, mean tenants and rows per step, padding waste) and
+        where answered requests spent their latency (``queue_wait_ms``, ``in_step_ms``)."""
         with self._cond:
             depth: dict[Hashable, tuple[int, int]] = {}
             for lane in self._lanes.values():
@@ -382,6 +383,8 @@ class _ServerBase:
             rows = sum(r.rows for r in requests)
             service_s = ready_s - start_s if launched.timed else None
             self._steps.record(launched.tenants, rows, launched.padded_rows, service_s, launched.programs)
+            self._steps.record_latency_parts((1e3 * (launched.started_s - r.submitted_s) for r in requests),
+                                             1e3 * (ready_s - launched.started_s))
             if service_s is not None:
                 self._observe_service(launched, service_s)
             self._latency.note_step({r.tenant_id for r in requests})

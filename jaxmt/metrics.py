@@ -189,17 +189,24 @@ class LatencyRecorder:
 
 
 class StepRecorder:
-    """Step counters (tenants, rows, padding) and an EWMA of the step service time.
+    """Step counters (tenants, rows, padding), an EWMA of the step service time, and where
+    answered requests spent their latency.
 
     The service time of a step is how long the device needed for it: from its launch, or
     from the completion of the step before it when they overlapped, to its results on the
-    host. The scheduler predicts completion times from ``estimate_s``.
+    host. The scheduler predicts completion times from ``estimate_s``. A request's latency
+    splits into its queue wait (submit to the launch of its step) and its time in the step
+    (launch to results on the host): the recent ``window`` of each is kept.
     """
 
-    def __init__(self, ewma_alpha: float = 0.2):
+    def __init__(self, ewma_alpha: float = 0.2, window: int = 4096):
         if not 0.0 < ewma_alpha <= 1.0:
             raise ValueError(f"ewma_alpha must be in (0, 1], got {ewma_alpha}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
         self.ewma_alpha = float(ewma_alpha)
+        self._wait_ms: collections.deque[float] = collections.deque(maxlen=window)
+        self._in_step_ms: collections.deque[float] = collections.deque(maxlen=window)
         self._lock = threading.Lock()
         self.steps = 0
         self.failed_steps = 0
@@ -229,6 +236,13 @@ class StepRecorder:
         with self._lock:
             self.failed_steps += 1
 
+    def record_latency_parts(self, waits_ms: Iterable[float], in_step_ms: float) -> None:
+        """The queue waits of one answered step's requests and the time they spent in it."""
+        with self._lock:
+            for wait in waits_ms:
+                self._wait_ms.append(float(wait))
+                self._in_step_ms.append(float(in_step_ms))
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             steps = self.steps
@@ -240,6 +254,8 @@ class StepRecorder:
                 "programs_per_step": None if steps == 0 else round(self.programs / steps, 4),
                 "padding_waste": 0.0 if self.padded_rows == 0 else round(1.0 - self.rows / self.padded_rows, 6),
                 "est_step_ms": None if self._estimate_s is None else round(1e3 * self._estimate_s, 4),
+                "queue_wait_ms": percentiles(self._wait_ms),
+                "in_step_ms": percentiles(self._in_step_ms),
             }
 
 

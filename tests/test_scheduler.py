@@ -486,6 +486,24 @@ def test_slo_misses_are_counted_and_a_straggler_is_flagged(served, monkeypatch, 
     assert any("'t0'" in r.getMessage() and "SLO" in r.getMessage() for r in caplog.records)
 
 
+def test_latency_splits_into_queue_wait_and_time_in_the_step(served, monkeypatch, rng):
+    mt, _ = served
+    clock = FakeClock()
+    held = RecordingDispatch(mt, clock=clock, step_s=0.1, hold=True)  # each step: 100 ms
+    monkeypatch.setattr(mt, "dispatch", held)
+    options = {"max_delay_ms": 0.0, "clock": clock, "pipeline_depth": 1, "overload_policy": "serve_late"}
+    with jaxmt.Scheduler(mt, **options) as sched:
+        first = sched.submit("t0", rows(rng))
+        held.wait_calls(1)
+        second = sched.submit("t1", rows(rng))  # queued behind the step in flight
+        held.release.set()
+        first.result(TIMEOUT_S)
+        second.result(TIMEOUT_S)
+        steps = sched.metrics()["steps"]
+    assert steps["queue_wait_ms"]["max_ms"] == pytest.approx(100.0) and steps["queue_wait_ms"]["mean_ms"] == pytest.approx(50.0)
+    assert steps["in_step_ms"]["p50_ms"] == pytest.approx(100.0) and steps["in_step_ms"]["max_ms"] == pytest.approx(100.0)
+
+
 @pytest.mark.parametrize("policy", ["reject", "serve_late"])
 def test_overload_fails_fast_or_is_served_late(served, monkeypatch, rng, policy):
     mt, params = served

@@ -49,6 +49,8 @@ def test_a_quick_run_writes_a_complete_file_that_reports_again(serving, tmp_path
     assert data["partial"] is False and [r["scheduler"] for r in data["results"]] == ["jaxmt", "time"]
     for result in data["results"]:
         assert result["max_rel_error"] < 1e-4 and result["trials"]
+        steps = result["trials"][0]["server"]["steps"]  # where the answered requests' latency went
+        assert steps["queue_wait_ms"]["p50_ms"] >= 0 and steps["in_step_ms"]["p50_ms"] > 0
     assert set(data["summary"]["max_rate_rps"]) == {"jaxmt", "time"}
     capsys.readouterr()
     path = str(tmp_path / "serving_quick.json")
