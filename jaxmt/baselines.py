@@ -37,6 +37,7 @@ from jaxmt._server import _ServerBase
 from jaxmt.buckets import BucketPolicy
 from jaxmt.errors import InputError
 from jaxmt.scheduler import SchedulerConfig, make_config
+from jaxmt.steps import _start_copies_to_host
 
 PyTree = Any
 logger = logging.getLogger("jaxmt")
@@ -67,10 +68,8 @@ class _Program:
         with self.lock:
             new = key not in self.compiled
             self.compiled.add(key)
-        # The answer's copy back is queued at once, as jaxmt's steps do.
         y = self.fn(params, x)
-        for leaf in jax.tree_util.tree_leaves(y):
-            leaf.copy_to_host_async()
+        _start_copies_to_host([y])  # as jaxmt's steps do
         return y, new
 
 
@@ -117,10 +116,10 @@ class _TenantPrograms:
     def preload(self, tenant_ids: Sequence[Hashable]) -> None:
         """Slices these tenants' params now, as separately deployed models are loaded before
         traffic. Each is a copy beside the store (separate models hold their own weights),
-        so a baseline over N tenants holds twice their weights on the device."""
-        with self.mt.store.lock:  # the store's buffers are replaced (donated) by adds and updates
-            for tenant_id in tenant_ids:
-                jax.block_until_ready(self.params(tenant_id))
+        so a baseline over N tenants holds twice their weights on the device. The caller
+        holds ``store.lock``: adds and updates replace (donate) the store's buffers."""
+        for tenant_id in tenant_ids:
+            jax.block_until_ready(self.params(tenant_id))
 
     def launch(self, params: PyTree, x: np.ndarray) -> _HostPending:
         """Dispatches x [n, ...] without waiting for the device."""

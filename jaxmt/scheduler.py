@@ -17,7 +17,6 @@ requests that became hopeless) or is served and counted late (policy "serve_late
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -28,10 +27,9 @@ import numpy as np
 
 from jaxmt._queue import _Batch, _Launched, _PartlyFailed, _Request
 from jaxmt._server import MAX_SLO_MS, _ServerBase
+from jaxmt.buckets import Plan
 
 OVERLOAD_POLICIES = ("reject", "serve_late")
-
-logger = logging.getLogger("jaxmt")
 
 
 def _check_real(name: str, value: Any, low: float, high: float, low_open: bool = False) -> float:
@@ -285,33 +283,37 @@ class Scheduler(_ServerBase):
             live, gone = self._split_resident(batch.requests)
             segments = self._segments(live) if live else []
             compiles = mt.programs.compiles
-            pendings, launched, failed = [], [], []
+            pendings = []
             for segment in segments:
                 tenant_ids = [r.tenant_id for r in segment for _ in range(r.rows)]
                 x = segment[0].x if len(segment) == 1 else np.concatenate([r.x for r in segment])
                 try:
                     pendings.append(mt.dispatch(tenant_ids, x))
-                    launched.append(segment)
                 except Exception as exc:  # noqa: BLE001 (that call's futures carry it; the others go on)
-                    failed.append((segment, exc))
+                    pendings.append(_FailedCall(exc))
             timed = mt.programs.compiles == compiles
         self._fail_unknown(gone)
-        if failed and not launched:  # every call failed: the step failed as a whole
-            raise failed[0][1]
-        for segment, exc in failed:
-            self._steps.record_failure()
-            logger.warning("%s: launching %d requests of a step failed: %s: %s", self.kind, len(segment), type(exc).__name__, exc)
-            for req in segment:
-                self._finish(req, error=exc)
-        if not launched:
+        if not live:
             return None
-        ordered = [r for segment in launched for r in segment]
-        pending = _Joined(pendings, launched)
+        ordered = [r for segment in segments for r in segment]
+        pending = _Joined(pendings, segments)
         tenants = len({r.tenant_id for r in live})
         return _Launched(ordered, pending, started_s, tenants, pending.padded_rows, timed, pending.programs)
 
     def _observe_service(self, launched: _Launched, service_s: float) -> None:
         self._cost.observe(launched.programs, launched.padded_rows, service_s)
+
+
+class _FailedCall:
+    """A program call whose launch raised: it answers nothing and raises at ``result()``."""
+
+    plan = Plan(steps=(), rows=0)
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def result(self) -> Any:
+        raise self.error
 
 
 class _Joined:
