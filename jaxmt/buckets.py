@@ -105,12 +105,17 @@ class Step:
         of the same entry, so padded positions compute real (discarded) values.
       out_positions: int64 [m]: flat positions k * B + b of this step's real rows.
       out_rows: int64 [m]: the request row each of those positions answers.
+      slots_in_order: whether ``slots`` is 0, 1, ..., K-1 (every entry real, one per slot):
+        decided here on the host, so that a step whose slots were moved to the device is not
+        read back to tell; on a store of capacity K such a step reads the stacked weights as
+        they are, with no gather.
     """
 
     slots: np.ndarray
     row_index: np.ndarray
     out_positions: np.ndarray
     out_rows: np.ndarray
+    slots_in_order: bool = False
 
     @property
     def tenant_bucket(self) -> int:
@@ -244,4 +249,5 @@ def _make_step(
     e_idx, j_idx = np.nonzero(real)
     out_positions = e_idx * b + j_idx
     out_rows = order[entry_start[e_idx] + j_idx]
-    return Step(slots=slots, row_index=row_index, out_positions=out_positions, out_rows=out_rows)
+    in_order = entries == k and bool((entry_slot == np.arange(k)).all())
+    return Step(slots=slots, row_index=row_index, out_positions=out_positions, out_rows=out_rows, slots_in_order=in_order)

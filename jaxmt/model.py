@@ -239,11 +239,13 @@ class MultiTenantModel:
     def run_step(self, step: Step, x_kb: np.ndarray) -> PyTree:
         """Launches one planned step on already-gathered input [K, B, *row_shape] (caller holds ``store.lock``)."""
         k = step.tenant_bucket
-        whole_store = k == self.store.capacity and bool(np.all(step.slots == np.arange(k)))
+        whole_store = step.slots_in_order and k == self.store.capacity
         program = self.programs.get(self._key(k, step.row_bucket, whole_store))
         # NumPy inputs go to the executable as they are: an explicit device_put of (slots,
         # rows) first measured slower on an H200 host (1256 vs 1009 us a predict,
         # benchmarks/results/overhead_device_put.json).
+        if whole_store:
+            return program(self.store.stacked_leaves, x_kb)
         return program(self.store.stacked_leaves, step.slots, x_kb)
 
     def _launch(self, step: Step, x: np.ndarray) -> PyTree:
@@ -325,9 +327,9 @@ class MultiTenantModel:
         leaves = [jax.ShapeDtypeStruct((key.capacity, *s.shape), s.dtype, sharding=on_device) for s in self.store.leaf_specs]
         slots = jax.ShapeDtypeStruct((key.tenant_bucket,), jnp.int32, sharding=on_device)
         x_kb = jax.ShapeDtypeStruct((key.tenant_bucket, key.row_bucket, *key.row_shape), key.row_dtype, sharding=on_device)
-        program = _whole_store_program if key.whole_store else _step_program
-        fn = functools.partial(program, self._apply_kb, self.store._treedef)
-        return jax.jit(fn).lower(leaves, slots, x_kb)
+        if key.whole_store:
+            return jax.jit(functools.partial(_whole_store_program, self._apply_kb, self.store._treedef)).lower(leaves, x_kb)
+        return jax.jit(functools.partial(_step_program, self._apply_kb, self.store._treedef)).lower(leaves, slots, x_kb)
 
     def _check_input(self, tenant_ids: Sequence[Hashable], x: Any) -> np.ndarray:
         if isinstance(tenant_ids, (str, bytes)) or not hasattr(tenant_ids, "__len__"):

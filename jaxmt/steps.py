@@ -1,7 +1,7 @@
 """What one step is: its jitted programs, and a launched prediction waiting on the device.
 
-The step programs take the store's stacked leaves, the K slots of the step and its input
-block [K, B, ...]; ``PendingPrediction`` holds the dispatched steps of one request and
+The step programs take the store's stacked leaves, the K slots of the step (unless the step
+reads the whole store in slot order) and its input block [K, B, ...]; ``PendingPrediction`` holds the dispatched steps of one request and
 scatters their rows back to request order when asked.
 """
 
@@ -26,11 +26,10 @@ def _step_program(apply_kb: Callable, treedef: Any, leaves: list[jax.Array], slo
     return apply_kb(params_k, x_kb)
 
 
-def _whole_store_program(apply_kb: Callable, treedef: Any, leaves: list[jax.Array], slots: jax.Array, x_kb: PyTree) -> PyTree:
+def _whole_store_program(apply_kb: Callable, treedef: Any, leaves: list[jax.Array], x_kb: PyTree) -> PyTree:
     """A step whose K entries are slots 0..K-1 of a store of capacity K: the stacked leaves
     are the batched weights already, so the per-step copy of every tenant's weights that the
-    gather costs is skipped (``slots`` is taken only to keep one calling convention)."""
-    del slots
+    gather costs is skipped, and no slots travel to the device."""
     return apply_kb(jax.tree_util.tree_unflatten(treedef, leaves), x_kb)
 
 

@@ -16,6 +16,7 @@ def _check_plan(slots: np.ndarray, policy: BucketPolicy) -> None:
         k, b = step.row_index.shape
         assert k in policy.tenant_buckets and b in policy.row_buckets
         assert step.slots.shape == (k,) and step.slots.dtype == np.int32
+        assert step.slots_in_order == np.array_equal(step.slots, np.arange(k))
         # every position (real or padding) reads a row of the slot it computes
         assert np.all(slots[step.row_index] == step.slots[:, None])
         # the real positions answer their rows

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -213,6 +215,18 @@ def test_a_step_over_the_whole_store_skips_the_gather_and_stays_exact(rng):
     x = spec.random_input(rng, len(ids))
     assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
     assert any(key.whole_store for key in mt.programs._programs)
+    # A server-style step with its slots and rows already on the device takes the same
+    # program (decided from the plan, not by reading the slots back) and stays exact.
+    (step,) = mt.dispatch(ids, x).plan.steps
+    assert step.slots_in_order
+    on_device = dataclasses.replace(step, slots=jax.device_put(step.slots))
+    misses = mt.stats()["cache_misses"]
+    with mt.store.lock:
+        y_kb = np.asarray(mt.run_step(on_device, jax.device_put(x[step.row_index])))
+    assert mt.stats()["cache_misses"] == misses
+    got = np.empty_like(np.asarray(mt.predict(ids, x)))
+    got[step.out_rows] = y_kb.reshape(-1, *y_kb.shape[2:])[step.out_positions]
+    assert rel_error(got, reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
     mt.remove_tenant("t2")  # three tenants now: a gathered step again, still exact
     ids = ["t3", "t0", "t1"]
     assert rel_error(mt.predict(ids, x[:3]), reference_predict(spec.apply_fn, params, ids, x[:3])) < 1e-5
