@@ -65,6 +65,11 @@ class _ServerBase:
         self._completions: queue.Queue[_Launched | None] = queue.Queue()
         self._slots = threading.Semaphore(config.pipeline_depth)
         self._last_ready_s: float | None = None
+        # When the device is expected to finish the steps in flight (clock seconds), and an
+        # EWMA of the host time one launch takes: a policy may hold a step until just before
+        # the device is free, so that company arriving meanwhile still joins it.
+        self._busy_until_s = -math.inf
+        self._launch_ewma_s = 0.0
         self._outstanding: dict[int, _Request] = {}  # accepted, future not completed yet
 
     # ------------------------------------------------------------------ public
@@ -347,8 +352,9 @@ class _ServerBase:
             return None
         with self._cond:
             self._in_flight += 1
+        launch_s = self._clock()
         try:
-            launched = self._launch(batch, self._clock())
+            launched = self._launch(batch, launch_s)
         except Exception as exc:  # noqa: BLE001 (the step's futures carry it)
             launched = None
             self._steps.record_failure()
@@ -356,10 +362,25 @@ class _ServerBase:
             for req in batch.requests:
                 if not req.future.done():
                     self._finish(req, error=exc)
-        if launched is None:
-            with self._cond:
+        with self._cond:
+            self._cond.notify_all()
+            if launched is None:
                 self._in_flight -= 1
+            else:
+                done_s = self._clock()
+                alpha = self.config.ewma_alpha
+                self._launch_ewma_s += alpha * ((done_s - launch_s) - self._launch_ewma_s)
+                est = self._steps.estimate_s
+                if est is not None:
+                    self._busy_until_s = max(done_s, self._busy_until_s) + est
         return launched
+
+    def _step_done_locked(self, ready_s: float) -> None:
+        """A step left the pipeline: the rest in flight should end one estimate apart from now."""
+        self._in_flight -= 1
+        est = self._steps.estimate_s
+        self._busy_until_s = ready_s + (est or 0.0) * self._in_flight if self._in_flight else -math.inf
+        self._cond.notify_all()
 
     def _finish_rows(self, requests: list[_Request], answers: Any) -> None:
         """Completes each request with its rows of ``answers`` (the requests' rows in order)."""
@@ -389,7 +410,7 @@ class _ServerBase:
                 self._observe_service(launched, service_s)
             self._latency.note_step({r.tenant_id for r in requests})
             with self._cond:
-                self._in_flight -= 1
+                self._step_done_locked(ready_s)
             counted = True
             self._finish_rows(requests, answers)
         except Exception as exc:  # noqa: BLE001 (the step's futures carry it)
@@ -397,7 +418,7 @@ class _ServerBase:
             logger.warning("%s: a step of %d requests failed: %s: %s", self.kind, len(requests), type(exc).__name__, exc)
             if not counted:
                 with self._cond:
-                    self._in_flight -= 1
+                    self._step_done_locked(self._clock())
             # Of a step launched as several program calls, the calls that answered still count.
             answered = exc.answered if isinstance(exc, _PartlyFailed) else []
             error = exc.error if isinstance(exc, _PartlyFailed) else exc

@@ -1,8 +1,10 @@
 """Scheduler: single requests of many tenants, with latency objectives, become shared steps.
 
 Requests wait in one earliest-deadline-first queue. A dispatch thread forms a step when the
-queue can fill the largest tenant bucket, when its oldest request has waited ``max_delay_ms``,
-or when the most urgent deadline leaves no more time; it takes requests deadline-first up to
+queue can fill the largest tenant bucket, when its oldest request has waited ``max_delay_ms``
+and the device is about to be free (while steps are in flight, launching sooner would only
+queue the step on the device, and the requests arriving meanwhile could not join it), or when
+the most urgent deadline leaves no more time; it takes requests deadline-first up to
 the largest bucket (the rest wait for the next step), trims optional company that would only
 pad the tenant bucket, and launches the step with ``MultiTenantModel.dispatch`` without waiting
 for the device. A completion thread copies results back and completes futures, so step n+1 is
@@ -54,7 +56,10 @@ class SchedulerConfig:
     """How the scheduler (and the baselines) batch, shed load and account latency.
 
     Attributes:
-      max_delay_ms: longest a request waits for company before its step goes.
+      max_delay_ms: longest a request waits for company while the device is free. While
+        steps are in flight, the Scheduler forms the next step when the device is expected to
+        be free, less twice the host time of a launch (from the step-time estimate), unless a
+        full bucket or a deadline sends it sooner; the baselines launch at max_delay_ms.
       default_slo_ms: latency objective of requests submitted without ``slo_ms``.
       overload_policy: "reject" (fail fast with ``Overloaded``) or "serve_late" (serve, count).
       overload_factor: a request is overloaded when its predicted completion lies past its
@@ -176,7 +181,10 @@ class Scheduler(_ServerBase):
             return None, None
         est = self._steps.estimate_s
         due_s = queue.oldest_submitted() + self.config.max_delay_ms / 1e3
-        if est is not None:  # the most urgent request must leave now to make its deadline
+        if est is not None:
+            if self._in_flight:  # launched earlier, the step would only wait on the device
+                due_s = max(due_s, self._busy_until_s - 2.0 * self._launch_ewma_s)
+            # the most urgent request must leave now to make its deadline
             due_s = min(due_s, queue.earliest_deadline() - est)
         full = queue.entries >= self.mt.buckets.max_tenants
         if not (self._closed or full or now >= due_s):

@@ -364,6 +364,44 @@ def test_pipeline_launches_the_next_step_while_one_runs(served, monkeypatch, rng
         check_against_reference(params, [("t0", first[0], futures[0].result(TIMEOUT_S)), ("t1", first[1], futures[1].result(TIMEOUT_S))])
 
 
+def test_while_a_step_runs_the_next_is_formed_when_the_device_is_about_to_be_free(served, monkeypatch, rng):
+    """Launched sooner, a step would only queue on the device; held, later arrivals join it.
+    A deadline that the hold would miss sends the step sooner."""
+    mt, params = served
+    clock = FakeClock()
+    held = RecordingDispatch(mt, clock=clock, step_s=0.010)  # every step takes 10 ms
+    monkeypatch.setattr(mt, "dispatch", held)
+    with jaxmt.Scheduler(mt, max_delay_ms=1.0, pipeline_depth=2, clock=clock, overload_policy="serve_late") as sched:
+        x0 = rows(rng)
+        first = sched.submit("t0", x0)
+        clock.advance(0.001)
+        y0 = first.result(TIMEOUT_S)  # the step-time estimate is now 10 ms
+        held.release.clear()
+        x1 = rows(rng)
+        running = sched.submit("t1", x1)
+        clock.advance(0.001)
+        held.wait_calls(2)  # launched at max_delay: the device was free
+        with sched._cond:  # and its launch has returned: the device is busy until 10 ms from now
+            assert sched._cond.wait_for(lambda: sched._busy_until_s == pytest.approx(clock() + 0.010), TIMEOUT_S)
+        x2 = rows(rng)
+        company = sched.submit("t2", x2)
+        clock.advance(0.002)  # t2 has waited 2 ms > max_delay_ms, but the device is busy for 8 ms more
+        with sched._cond:
+            batch, wait_s = sched._next_batch_locked(clock())
+        assert batch is None and wait_s == pytest.approx(0.008, abs=1e-6)
+        x3 = rows(rng)
+        urgent = sched.submit("t3", x3, slo_ms=12.0)  # must leave within 2 ms to make its deadline
+        with sched._cond:
+            batch, wait_s = sched._next_batch_locked(clock())
+        assert batch is None and wait_s == pytest.approx(0.002, abs=1e-6)
+        clock.advance(0.002)
+        held.wait_calls(3)
+        held.release.set()
+        answers = [("t0", x0, y0)] + [(t, x, f.result(TIMEOUT_S)) for t, x, f in [("t1", x1, running), ("t2", x2, company), ("t3", x3, urgent)]]
+    check_against_reference(params, answers)
+    assert sorted(set(held.calls[2][0])) == ["t2", "t3"]  # the held company went together
+
+
 def test_steps_are_deadline_first_up_to_the_largest_bucket(served, monkeypatch, rng):
     mt, _ = served
     clock = FakeClock()
