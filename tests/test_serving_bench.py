@@ -59,3 +59,38 @@ def test_a_quick_run_writes_a_complete_file_that_reports_again(serving, tmp_path
     data["partial"] = True  # a run cut short is not reported as if it were whole
     (tmp_path / "partial.json").write_text(json.dumps(data))
     assert serving.main(["--report-only", str(tmp_path / "partial.json")]) == 1
+
+
+def test_a_trial_spoiled_by_a_process_pause_is_run_once_more_and_both_are_kept(serving, monkeypatch):
+    """A failed trial whose load generator itself fell behind (a pause of the whole process)
+    is rerun once (both kept); a failure without such a stall is final."""
+    args = serving.parse_args(["--no-readme", "--quiet", "--start-rate", "100", "--bisect", "0"])
+    # rate -> the generator lag (ms) and attainment its trials get, in order
+    script = {100.0: [(1.0, 1.0)], 200.0: [(150.0, 0.9), (1.0, 1.0)], 400.0: [(1.0, 0.5)]}
+
+    def fake_run_trial(server, workload, inputs, tenants):
+        lag, attainment = script[workload.rate].pop(0)
+        return {"_latencies_ms": [], "slo_attainment": attainment, "unfinished": 0, "sent_s": 1.0, "schedule_s": 1.0,
+                "generator_lag_ms": {"max_ms": lag}, "offered_rps": workload.rate}
+
+    class FakeServer:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def warmup(self, **kwargs):
+            return 0
+
+        def submit(self, tenant, x, slo_ms=None):
+            raise AssertionError("not used")
+
+    monkeypatch.setattr(serving.simulate, "run_trial", fake_run_trial)
+    monkeypatch.setattr(serving.simulate, "make_server", lambda kind, mt, **options: FakeServer())
+    monkeypatch.setattr(serving, "check_answers", lambda *a: 0.0)
+    result = serving.find_capacity("jaxmt", None, type("Model", (), {"tenants": ["t0"]})(), None, args)
+    assert [(t["offered_rps"], t["passed"], t["rerun"]) for t in result["trials"]] == [
+        (100.0, True, False), (200.0, False, False), (200.0, True, True), (400.0, False, False)]
+    assert result["max_rate_rps"] == 200.0
+    assert serving._trial_count(result["trials"]) == "4 (1 rerun after a stall)"
