@@ -58,7 +58,7 @@ def build(kind: str, spec: models.ModelSpec, args: argparse.Namespace, devices: 
     """A model of ``args.tenants`` tenants (tenant i = ``spec.init(seed + i)``), on one or all devices."""
     policy = BucketPolicy.powers_of_two(args.tenants, args.rows)
     common_kw = {"capacity": args.tenants, "buckets": policy, "row_shape": spec.input_shape, "row_dtype": args.dtype,
-                 "lowering": args.lowering}
+                 "lowering": args.lowering, "outputs_to_host": False}  # both kinds keep answers on the devices
     example = jax.eval_shape(lambda: spec.init(0, args.dtype))
     example = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), example)
     if kind == "single":

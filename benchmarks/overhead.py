@@ -23,20 +23,20 @@ import models
 from jaxmt import BucketPolicy, MultiTenantModel
 
 
+def _model(spec, params: dict, outputs_to_host: bool | None) -> MultiTenantModel:
+    mt = MultiTenantModel(spec.apply_fn, next(iter(params.values())), capacity=len(params), buckets=BucketPolicy(),
+                          row_shape=spec.input_shape, row_dtype=spec.input_dtype, outputs_to_host=outputs_to_host)
+    for tenant, p in params.items():
+        mt.add_tenant(tenant, p)
+    return mt
+
+
 def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
     spec = models.make("mlp", "tiny")
     rng = np.random.default_rng(seed)
     params = {f"t{i}": spec.init(seed + i) for i in range(tenants)}
-    mt = MultiTenantModel(
-        spec.apply_fn,
-        params["t0"],
-        capacity=tenants,
-        buckets=BucketPolicy(),
-        row_shape=spec.input_shape,
-        row_dtype=spec.input_dtype,
-    )
-    for tenant, p in params.items():
-        mt.add_tenant(tenant, p)
+    mt = _model(spec, params, None)  # the default: answers into host memory on a GPU
+    on_device = _model(spec, params, False)  # the same, answers left on the device
     # A fixed request (fresh random content), so the step shape is the same every call.
     ids = list(rng.choice(list(params), size=rows))
     ids[:tenants] = list(params)  # every tenant present: K = tenants
@@ -57,6 +57,12 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
     compiles_before = mt.stats()["compiles"]
     bare = time_call(lambda: [program(leaves, slots, x_kb) for program, slots, x_kb in calls], warmup=20, repeats=repeats)
     full = time_call(lambda: mt.predict(ids, x), warmup=20, repeats=repeats)
+    np.testing.assert_allclose(on_device.predict(ids, x), y, rtol=1e-6, atol=1e-6)
+    dev_program = on_device.programs.get(on_device._key(plan.steps[0].tenant_bucket, plan.steps[0].row_bucket))
+    dev_calls = [(dev_program, slots, x_kb) for _, slots, x_kb in calls]
+    dev_leaves = on_device.store.stacked_leaves
+    bare_dev = time_call(lambda: [program(dev_leaves, slots, x_kb) for program, slots, x_kb in dev_calls], warmup=20, repeats=repeats)
+    full_dev = time_call(lambda: on_device.predict(ids, x), warmup=20, repeats=repeats)
     launch = time_call(lambda: mt.dispatch(ids, x).outputs, warmup=20, repeats=repeats)
     phases = breakdown(mt, ids, x, calls, repeats)
     transfers = packed_transfer(mt, plan.steps[0], x, repeats)
@@ -67,6 +73,12 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
         "tenants": tenants,
         "rows": rows,
         "steps": [[step.tenant_bucket, step.row_bucket] for step in plan.steps],
+        "outputs_to_host": mt.output_sharding is not None,
+        "answers_left_on_device": {
+            "bare_program_us": bare_dev["median_s"] * 1e6,
+            "predict_us": full_dev["median_s"] * 1e6,
+            "overhead_us": (full_dev["median_s"] - bare_dev["median_s"]) * 1e6,
+        },
         "bare_program_us": bare["median_s"] * 1e6,
         "predict_us": full["median_s"] * 1e6,
         "dispatch_only_us": launch["median_s"] * 1e6,
@@ -170,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     phases = markdown_table(list(result["phases_us"]), [[round(v, 1) for v in result["phases_us"].values()]])
     transfers = result["one_step_with_host_inputs_us"]
+    dev = result["answers_left_on_device"]
+    print(f"answers into host memory: {result['outputs_to_host']}; with answers left on the device instead: "
+          f"predict {dev['predict_us']:.1f} us, bare program {dev['bare_program_us']:.1f} us, overhead {dev['overhead_us']:.1f} us")
     print(table)
     print(phases)
     print(f"one step, host inputs to host answer: two inputs {transfers['two_inputs']:.1f} us, "
@@ -181,7 +196,10 @@ def main(argv: list[str] | None = None) -> None:
             "`PYTHONPATH=. python benchmarks/overhead.py` (medians of "
             f"{args.repeats} calls; jax {env['jax']}, commit {env['commit']}). Target: overhead under 100 us, "
             "no recompiles in steady state.\n\n" + table + "\n\nWhere the time of one step goes, each phase timed alone "
-            "(us; `breakdown` in the script says what each holds):\n\n" + phases,
+            "(us; `breakdown` in the script says what each holds):\n\n" + phases
+            + f"\n\nAnswers written into host memory by the step program: {result['outputs_to_host']}. The same model with "
+            f"answers left on the device (`outputs_to_host=False`), in the same run: predict {dev['predict_us']:.0f} us, "
+            f"bare program {dev['bare_program_us']:.0f} us, overhead {dev['overhead_us']:.0f} us.",
         )
 
 

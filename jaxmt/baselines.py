@@ -58,8 +58,9 @@ def _check_batch_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
 class _Program:
     """``jax.jit(apply_fn)`` and the input shapes it has compiled (first calls are untimed)."""
 
-    def __init__(self, apply_fn: Any):
-        self.fn = jax.jit(apply_fn)
+    def __init__(self, apply_fn: Any, output_sharding: Any = None):
+        # Answers go where jaxmt's steps put theirs (MultiTenantModel.output_sharding).
+        self.fn = jax.jit(apply_fn) if output_sharding is None else jax.jit(apply_fn, out_shardings=output_sharding)
         self.compiled: set[tuple] = set()
         self.lock = threading.Lock()
 
@@ -74,8 +75,8 @@ class _Program:
 
 
 @functools.lru_cache(maxsize=64)
-def _program_for(apply_fn: Any) -> _Program:
-    return _Program(apply_fn)
+def _program_for(apply_fn: Any, output_sharding: Any = None) -> _Program:
+    return _Program(apply_fn, output_sharding)
 
 
 class _HostPending:
@@ -98,7 +99,7 @@ class _TenantPrograms:
     def __init__(self, mt: Any, batch_sizes: Sequence[int]):
         self.mt = mt
         self.batch_sizes = _check_batch_sizes(batch_sizes)
-        self.program = _program_for(mt.apply_fn)
+        self.program = _program_for(mt.apply_fn, getattr(mt, "output_sharding", None))
         self._params: dict[Hashable, PyTree] = {}
         self._version = None
         self._lock = threading.Lock()

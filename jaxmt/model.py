@@ -28,6 +28,7 @@ from jaxmt.steps import (
     _row_output_spec,
     _start_copies_to_host,
     _step_program,
+    host_output_sharding,
     _whole_store_program,
 )
 from jaxmt.store import TenantStore
@@ -64,6 +65,11 @@ class MultiTenantModel:
         (computed as given, counted in ``stats()["nonfinite_rows"]`` and listed in
         ``PendingPrediction.nonfinite_rows``) or "reject" (``InputError`` naming the first
         such row and its tenant; nothing is computed).
+      outputs_to_host: where step programs write their answers. None (default): into
+        pinned host memory on a GPU (the program copies its answer out as its last
+        operation, cheaper than a copy asked for afterwards), on the device elsewhere; True:
+        host memory on any device that has it; False: the device. ``run_step`` returns
+        arrays in that memory.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, jaxmt
@@ -97,6 +103,7 @@ class MultiTenantModel:
         lowering: "str | LoweringPolicy | Mapping[str, str]" = "auto",
         device: jax.Device | None = None,
         nonfinite_inputs: str = "ignore",
+        outputs_to_host: bool | None = None,
     ):
         if not callable(apply_fn):
             raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
@@ -108,6 +115,7 @@ class MultiTenantModel:
         self.apply_fn = apply_fn
         self.buckets = buckets if buckets is not None else BucketPolicy()
         self.store = self._make_store(example_params, capacity, max_capacity, device)
+        self.output_sharding = self._output_sharding(outputs_to_host)
         self.lowering = lowering
         self._lowering_key = lowering_key(lowering)  # validates; distinct programs per policy
         self._apply_kb = tenant_batched(apply_fn, lowering)
@@ -310,6 +318,10 @@ class MultiTenantModel:
         """The store (a hook: ``jaxmt.sharding`` lays it over a device mesh)."""
         return TenantStore(example_params, capacity, max_capacity=max_capacity, device=device)
 
+    def _output_sharding(self, outputs_to_host: bool | None) -> jax.sharding.Sharding | None:
+        """Where step programs put their outputs (a hook: ``jaxmt.sharding`` keeps them on the mesh)."""
+        return host_output_sharding(self.store.device, outputs_to_host)
+
     def _plan(self, slots: np.ndarray) -> Plan:
         """The steps answering rows with these slots (a hook: ``jaxmt.sharding`` plans per device)."""
         return make_plan(slots, self.buckets)
@@ -327,9 +339,10 @@ class MultiTenantModel:
         leaves = [jax.ShapeDtypeStruct((key.capacity, *s.shape), s.dtype, sharding=on_device) for s in self.store.leaf_specs]
         slots = jax.ShapeDtypeStruct((key.tenant_bucket,), jnp.int32, sharding=on_device)
         x_kb = jax.ShapeDtypeStruct((key.tenant_bucket, key.row_bucket, *key.row_shape), key.row_dtype, sharding=on_device)
+        out = {} if self.output_sharding is None else {"out_shardings": self.output_sharding}
         if key.whole_store:
-            return jax.jit(functools.partial(_whole_store_program, self._apply_kb, self.store._treedef)).lower(leaves, x_kb)
-        return jax.jit(functools.partial(_step_program, self._apply_kb, self.store._treedef)).lower(leaves, slots, x_kb)
+            return jax.jit(functools.partial(_whole_store_program, self._apply_kb, self.store._treedef), **out).lower(leaves, x_kb)
+        return jax.jit(functools.partial(_step_program, self._apply_kb, self.store._treedef), **out).lower(leaves, slots, x_kb)
 
     def _check_input(self, tenant_ids: Sequence[Hashable], x: Any) -> np.ndarray:
         if isinstance(tenant_ids, (str, bytes)) or not hasattr(tenant_ids, "__len__"):

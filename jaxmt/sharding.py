@@ -258,6 +258,11 @@ class ShardedMultiTenantModel(MultiTenantModel):
         self.entry_sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
         super().__init__(apply_fn, example_params, capacity, buckets, **kwargs)
 
+    def _output_sharding(self, outputs_to_host: bool | None) -> None:
+        if outputs_to_host:
+            raise ValueError("ShardedMultiTenantModel keeps step outputs on the mesh; outputs_to_host=True is not supported")
+        return None
+
     def _make_store(self, example_params: PyTree, capacity: int | None, max_capacity: int | None, device: Any) -> TenantStore:
         return TenantStore(example_params, capacity, max_capacity=max_capacity, sharding=self.entry_sharding)
 

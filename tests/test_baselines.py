@@ -98,6 +98,21 @@ def test_many_threads_match_the_reference(served, kind):
         assert metrics["steps"]["mean_tenants_per_step"] == 1.0  # one tenant's program per step
 
 
+@pytest.mark.parametrize("kind", list(SERVERS))
+def test_with_answers_in_host_memory_every_server_matches_the_reference(kind, rng):
+    """The baselines put their answers where jaxmt's steps do, so that both pay the same copy."""
+    params = {f"t{i}": make_params(40 + i) for i in range(3)}
+    mt = jaxmt.MultiTenantModel(apply_fn, make_params(0), capacity=4, buckets=jaxmt.BucketPolicy.powers_of_two(4, 4),
+                                row_shape=(ROW,), row_dtype=np.float32, outputs_to_host=True)
+    for name, p in params.items():
+        mt.add_tenant(name, p)
+    with SERVERS[kind](mt) as server:
+        requests = [(f"t{i % 3}", rows(rng, 1 + i % 2)) for i in range(9)]
+        futures = [(t, x, server.submit(t, x)) for t, x in requests]
+        for tenant, x, future in futures:
+            np.testing.assert_allclose(future.result(TIMEOUT_S), expected(kind, params, tenant, x, server), rtol=1e-5, atol=1e-5)
+
+
 def test_synchronous_helpers_match_the_reference(served, rng):
     mt, params = served
     ids = [f"t{i}" for i in rng.integers(len(params), size=23)]

@@ -42,6 +42,27 @@ def test_predict_equals_per_tenant_reference(name, seed):
         assert rel_error(got, want) < 1e-5, name
 
 
+@pytest.mark.parametrize("name", ["mlp", "resnet18", "transformer"])
+def test_answers_written_to_host_memory_equal_answers_kept_on_the_device(name, rng):
+    """outputs_to_host=True (the GPU default, where the program copies its answer out)
+    changes where the answer lands, not what it is; run_step's outputs then live in host memory."""
+    spec = tiny_spec(name)
+    params = {f"t{i}": spec.init(700 + i) for i in range(5)}
+    on_host, on_device = (MultiTenantModel(spec.apply_fn, params["t0"], capacity=8, buckets=POLICY, outputs_to_host=where)
+                          for where in (True, False))
+    for mt in (on_host, on_device):
+        for tenant, p in params.items():
+            mt.add_tenant(tenant, p)
+    ids = [f"t{i}" for i in rng.integers(5, size=11)]
+    x = spec.random_input(rng, len(ids))
+    got = on_host.predict(ids, x)
+    assert rel_error(got, reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+    np.testing.assert_array_equal(got, on_device.predict(ids, x))
+    kinds = {leaf.sharding.memory_kind for leaf in jax.tree_util.tree_leaves(on_host.dispatch(ids, x).outputs)}
+    assert kinds == {"pinned_host"}
+    assert on_device.output_sharding is None
+
+
 def test_rows_beyond_the_largest_buckets_are_split_not_rejected(rng):
     spec, mt, params = _model_with_tenants("mlp", 12, 3)
     ids = list(rng.choice(list(params), size=150))  # 12 tenants > 8 per step, ~12 rows > 4 per entry

@@ -90,6 +90,7 @@ def _measure_model(name: str, counts: list[int], seed: int, quick: bool, lowerin
         spec.apply_fn, params[0], capacity=n_max,
         buckets=BucketPolicy(tenant_buckets=tuple(sorted(set(counts))), row_buckets=(1,)),
         row_shape=spec.input_shape, row_dtype=spec.input_dtype, lowering=lowering,
+        outputs_to_host=False,  # device-resident steps, as the other contenders' (predict then copies back)
     )
     for i in range(n_max):
         mt.add_tenant(i, params[i])

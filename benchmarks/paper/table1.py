@@ -120,6 +120,7 @@ def _measure_jax_shape(shape_name: str, shape: dict, dtype_name: str, counts: li
         apply_fn, {"w": np.zeros((k, m), dtype)}, capacity=r_max,
         buckets=BucketPolicy(tenant_buckets=tuple(sorted(set(counts))), row_buckets=(n,)),
         row_shape=(k,), row_dtype=dtype,
+        outputs_to_host=False,  # device-resident steps, as the other contenders' (predict then copies back)
     )
     for r in range(r_max):
         mt.add_tenant(r, {"w": w_list[r]})
