@@ -229,6 +229,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(a pause of the whole process) is run once more; both are kept")
     parser.add_argument("--compile-workers", type=int, default=1, help="threads compiling jaxmt's bucket programs at warm-up")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="results/<out>.json (default: serving, or serving_<arch> for another arch)")
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
     parser.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
     parser.add_argument("--report-only", nargs="?", metavar="FILE", const=str(BENCH_DIR / "results" / "serving.json"),
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(f"{args.tenants} tenants of {args.arch} ({args.size}) on {jax.devices()[0].device_kind}; "
               f"programs compiling ...", file=sys.stderr, flush=True)
-    out = "serving_quick" if args.quick else "serving"
+    out = "serving_quick" if args.quick else args.out or ("serving" if args.arch == "resnet18" else f"serving_{args.arch}")
     config = {k: v for k, v in vars(args).items() if k not in ("quiet", "no_readme")}
     results: list[dict] = []
     for kind in args.servers:  # written after each server, so a run cut short keeps what it measured
