@@ -229,6 +229,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(a pause of the whole process) is run once more; both are kept")
     parser.add_argument("--compile-workers", type=int, default=1, help="threads compiling jaxmt's bucket programs at warm-up")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--outputs-to-host", action="store_true",
+                        help="step programs write answers into pinned host memory (MultiTenantModel outputs_to_host)")
     parser.add_argument("--out", default=None, help="results/<out>.json (default: serving, or serving_<arch> for another arch)")
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
     parser.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
@@ -298,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     jaxmt.enable_persistent_compilation_cache(str(BENCH_DIR.parent / ".jaxmt_cache"), min_compile_seconds=1.0)
     start = time.perf_counter()
     spec, mt = simulate.build_model(args.arch, args.size, args.tenants, max_tenants=args.max_tenants_bucket,
-                                    max_rows=args.max_rows_bucket, seed=args.seed, dtype=jax.numpy.dtype(args.dtype))
+                                    max_rows=args.max_rows_bucket, seed=args.seed, dtype=jax.numpy.dtype(args.dtype),
+                                    outputs_to_host=args.outputs_to_host)
     inputs = spec.random_input(np.random.default_rng(args.seed + 1), args.tenants * 4)
     inputs = inputs.reshape(args.tenants, 4, 1, *spec.input_shape)
     if not args.quiet:

@@ -65,11 +65,10 @@ class MultiTenantModel:
         (computed as given, counted in ``stats()["nonfinite_rows"]`` and listed in
         ``PendingPrediction.nonfinite_rows``) or "reject" (``InputError`` naming the first
         such row and its tenant; nothing is computed).
-      outputs_to_host: where step programs write their answers. None (default): into
-        pinned host memory on a GPU (the program copies its answer out as its last
-        operation, cheaper than a copy asked for afterwards), on the device elsewhere; True:
-        host memory on any device that has it; False: the device. ``run_step`` returns
-        arrays in that memory.
+      outputs_to_host: step programs write their answers into pinned host memory (the
+        program copies its answer out as its last operation, cheaper on a GPU than a copy
+        asked for afterwards; see ``jaxmt.steps.host_output_sharding`` for what was
+        measured and why it is off by default). ``run_step`` then returns host arrays.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, jaxmt
@@ -103,7 +102,7 @@ class MultiTenantModel:
         lowering: "str | LoweringPolicy | Mapping[str, str]" = "auto",
         device: jax.Device | None = None,
         nonfinite_inputs: str = "ignore",
-        outputs_to_host: bool | None = None,
+        outputs_to_host: bool = False,
     ):
         if not callable(apply_fn):
             raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
@@ -318,7 +317,7 @@ class MultiTenantModel:
         """The store (a hook: ``jaxmt.sharding`` lays it over a device mesh)."""
         return TenantStore(example_params, capacity, max_capacity=max_capacity, device=device)
 
-    def _output_sharding(self, outputs_to_host: bool | None) -> jax.sharding.Sharding | None:
+    def _output_sharding(self, outputs_to_host: bool) -> jax.sharding.Sharding | None:
         """Where step programs put their outputs (a hook: ``jaxmt.sharding`` keeps them on the mesh)."""
         return host_output_sharding(self.store.device, outputs_to_host)
 

@@ -65,25 +65,21 @@ class PendingPrediction:
 _NO_ROWS = np.zeros(0, np.int64)
 
 
-def host_output_sharding(device: jax.Device, outputs_to_host: bool | None = None) -> jax.sharding.Sharding | None:
+def host_output_sharding(device: jax.Device, outputs_to_host: bool = False) -> jax.sharding.Sharding | None:
     """Where a step program should write its outputs: pinned host memory, or None (device).
 
-    On a GPU the program itself can copy its answer into page-locked host memory as its
-    last operation, and reading it as NumPy then costs a memcpy. A separate copy of a
-    device-resident answer after the step measured 226 us against 77 us on an H200 host for
-    a few kilobytes (``benchmarks/overhead.py``). ``outputs_to_host``: None (the default)
-    picks host memory where the device offers it and is a GPU; True asks for it on any
-    device that has it (raising ValueError elsewhere); False keeps answers on the device.
+    With ``outputs_to_host`` the program itself copies its answer into page-locked host
+    memory as its last operation, and reading it as NumPy then costs a memcpy: on an H200
+    host that took ``predict`` of a tiny model from 634 to 459 us (``benchmarks/overhead.py``).
+    It is off by default: in one serving run of MobileNetV2 with it on, the first steps of
+    the larger programs took 0.7-2.5 s, and whether host-memory outputs caused that was not
+    measured. Raises ValueError if the device has no pinned host memory.
     """
-    if outputs_to_host is False:
+    if not outputs_to_host:
         return None
     kinds = {memory.kind for memory in device.addressable_memories()}
     if "pinned_host" not in kinds:
-        if outputs_to_host:
-            raise ValueError(f"outputs_to_host=True, but device {device} has no pinned host memory (it has {sorted(kinds)})")
-        return None
-    if outputs_to_host is None and device.platform != "gpu":
-        return None
+        raise ValueError(f"outputs_to_host=True, but device {device} has no pinned host memory (it has {sorted(kinds)})")
     return jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
 
 

@@ -105,7 +105,7 @@ def arrival_schedule(workload: Workload) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_model(arch: str, size: str, tenants: int, *, max_tenants: int = 0, max_rows: int = 16, seed: int = 0,
-                dtype: Any = np.float32) -> tuple[models.ModelSpec, jaxmt.MultiTenantModel]:
+                dtype: Any = np.float32, outputs_to_host: bool = False) -> tuple[models.ModelSpec, jaxmt.MultiTenantModel]:
     """``tenants`` tenants ("t0", "t1", ...) of a zoo architecture in one MultiTenantModel.
 
     The tenant bucket ladder reaches ``max_tenants`` (default: tenants rounded up to a power
@@ -115,7 +115,7 @@ def build_model(arch: str, size: str, tenants: int, *, max_tenants: int = 0, max
     max_tenants = max_tenants or min(64, 1 << max(0, tenants - 1).bit_length())
     mt = jaxmt.MultiTenantModel(
         spec.apply_fn, spec.init(seed), capacity=tenants, buckets=jaxmt.BucketPolicy.powers_of_two(max_tenants, max_rows),
-        row_shape=spec.input_shape, row_dtype=spec.input_dtype,
+        row_shape=spec.input_shape, row_dtype=spec.input_dtype, outputs_to_host=outputs_to_host,
     )
     for i in range(tenants):
         mt.add_tenant(f"t{i}", spec.init(seed + 1 + i))

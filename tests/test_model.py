@@ -44,7 +44,7 @@ def test_predict_equals_per_tenant_reference(name, seed):
 
 @pytest.mark.parametrize("name", ["mlp", "resnet18", "transformer"])
 def test_answers_written_to_host_memory_equal_answers_kept_on_the_device(name, rng):
-    """outputs_to_host=True (the GPU default, where the program copies its answer out)
+    """outputs_to_host=True (the program copies its answer out into pinned host memory)
     changes where the answer lands, not what it is; run_step's outputs then live in host memory."""
     spec = tiny_spec(name)
     params = {f"t{i}": spec.init(700 + i) for i in range(5)}
