@@ -265,8 +265,14 @@ class MultiTenantModel:
         *,
         progress: bool = False,
         workers: int = 1,
+        execute: bool = True,
     ) -> int:
         """Compiles the programs of the bucket ladder now; returns how many were built.
+
+        With ``execute`` (the default) each program then runs once on zeros, waited for, so
+        that what a program's first run costs on the device (loading its kernels, growing
+        the runtime's buffers) is paid here and not by the first requests that need it; the
+        baselines' warm-up runs its programs too.
 
         Needs the row shape and dtype (given to the constructor or fixed by a first
         ``predict``). Programs are specific to the store capacity: grow it first
@@ -291,11 +297,33 @@ class MultiTenantModel:
                 raise ValueError(f"row bucket {b} is not on the ladder {self.buckets.row_buckets}")
         keys = [self._key(k, b, whole) for k in ks for b in bs for whole in (False, True) if not whole or k == self.store.capacity]
         if not progress:
-            return self.programs.ensure_many(keys, workers=workers)
-        from tqdm.auto import tqdm
+            built = self.programs.ensure_many(keys, workers=workers)
+        else:
+            from tqdm.auto import tqdm
 
-        with tqdm(total=sum(key not in self.programs for key in keys), desc="compiling", unit="program") as bar:
-            return self.programs.ensure_many(keys, workers=workers, on_built=lambda key: bar.update())
+            with tqdm(total=sum(key not in self.programs for key in keys), desc="compiling", unit="program") as bar:
+                built = self.programs.ensure_many(keys, workers=workers, on_built=lambda key: bar.update())
+        if execute:
+            self._run_once(keys)
+        return built
+
+    def _run_once(self, keys: list[ProgramKey]) -> None:
+        """Runs each cached program of ``keys`` once on zero inputs and waits for all of them."""
+        outputs = []
+        with self.store.lock:
+            leaves = self.store.stacked_leaves
+            for key in keys:
+                program = self.programs.peek(key)
+                if program is None or key.capacity != self.store.capacity:
+                    continue
+                outputs.append(program(leaves, *self._zero_step_inputs(key)))
+        jax.block_until_ready(outputs)
+
+    def _zero_step_inputs(self, key: ProgramKey) -> tuple:
+        """Valid inputs of the program of ``key`` after the stacked leaves: (slots, rows), or
+        rows alone for a whole-store program (a hook: ``jaxmt.sharding`` places them per device)."""
+        x_kb = np.zeros((key.tenant_bucket, key.row_bucket, *key.row_shape), key.row_dtype)
+        return (x_kb,) if key.whole_store else (np.zeros(key.tenant_bucket, np.int32), x_kb)
 
     def stats(self) -> dict[str, Any]:
         """Counters: compiles, cache hits and misses, compile seconds, padding, tenants, bytes."""

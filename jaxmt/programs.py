@@ -83,6 +83,11 @@ class ProgramCache:
             self.misses += 1
             return self._compile(key)
 
+    def peek(self, key: ProgramKey) -> Any | None:
+        """The cached executable for ``key`` or None, counting neither a hit nor a miss."""
+        with self._lock:
+            return self._programs.get(key)
+
     def ensure(self, key: ProgramKey) -> bool:
         """Compiles ``key`` unless cached, without counting a hit or miss; True if compiled."""
         with self._lock:

@@ -283,6 +283,12 @@ class ShardedMultiTenantModel(MultiTenantModel):
         slots, x_kb = jax.device_put((step.slots, x_kb), self.entry_sharding)  # block d -> device d only
         return program(self.store.stacked_leaves, slots, x_kb)
 
+    def _zero_step_inputs(self, key: ProgramKey) -> tuple:
+        k = key.tenant_bucket
+        slots = np.repeat(np.arange(self.devices, dtype=np.int32) * self.slots_per_device, k)  # block d: a slot of device d
+        x_kb = np.zeros((k * self.devices, key.row_bucket, *key.row_shape), key.row_dtype)
+        return jax.device_put((slots, x_kb), self.entry_sharding)
+
     def _lower_program(self, key: ProgramKey) -> Any:
         k = key.tenant_bucket * self.devices  # the key counts entries per device
         leaves = [

@@ -100,6 +100,32 @@ def test_warmup_on_worker_threads_compiles_the_whole_ladder_once(arch, workers, 
     assert mt.stats()["compiles"] == compiled and mt.stats()["cache_misses"] == 0
 
 
+def test_warmup_runs_every_program_once_so_first_requests_pay_no_first_run(rng):
+    spec, mt, params = _model_with_tenants("mlp", 4, 21, declare_rows=True)
+    runs: dict = {}
+    build = mt.programs._build
+
+    def counting_build(key):
+        program = build(key)
+
+        def run(*args):
+            runs[key] = runs.get(key, 0) + 1
+            return program(*args)
+
+        return run
+
+    mt.programs._build = counting_build
+    built = mt.warmup()
+    assert built == len(mt.programs) and set(runs) == set(mt.programs._programs) and set(runs.values()) == {1}
+    assert any(key.whole_store for key in runs)  # capacity 4 is on the ladder: its whole-store program ran too
+    assert (mt.stats()["cache_hits"], mt.stats()["cache_misses"]) == (0, 0)
+    mt.warmup(execute=False)
+    assert set(runs.values()) == {1}
+    ids = ["t1", "t3", "t0"]
+    x = spec.random_input(rng, 3)
+    assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+
+
 def test_a_random_workload_compiles_at_most_the_ladder(rng):
     spec, mt, params = _model_with_tenants("mlp", 10, 5)
     for _ in range(30):
