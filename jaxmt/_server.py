@@ -79,8 +79,8 @@ class _ServerBase:
         Returns:
           A ``concurrent.futures.Future`` whose result is the NumPy output rows [r, ...] in
           order; it fails with ``Overloaded`` at once when the request is predicted to miss
-          its deadline by more than ``overload_factor`` x SLO (policy "reject") or the queue
-          is full, with ``UnknownTenantError`` when the tenant is removed while queued, with
+          its deadline by more than ``overload_factor`` x SLO (policy "reject"; an idle
+          server serves it anyway, counted late) or the queue is full, with ``UnknownTenantError`` when the tenant is removed while queued, with
           ``SchedulerClosed`` on ``close(drain=False)``, or with the exception of its step.
 
         Raises:
@@ -226,7 +226,11 @@ class _ServerBase:
         predicted_s = now + est * self._steps_ahead_locked(req)
         if predicted_s - req.deadline_s <= cfg.overload_factor * req.slo_ms / 1e3:
             return None
-        if cfg.overload_policy == "serve_late":
+        idle = self._in_flight == 0 and self._totals.rows == 0
+        if cfg.overload_policy == "serve_late" or idle:
+            # Idle, the request's step starts now and measures the step time afresh: refusing
+            # it on the estimate alone could refuse every request after one outlier step, and
+            # with no step run the estimate would never recover. It is counted late.
             req.late = True
             return None
         return Overloaded(
@@ -249,11 +253,14 @@ class _ServerBase:
         return None
 
     def _hopeless(self, req: _Request, now: float, est: float | None) -> bool:
-        """Under policy "reject": would the request, sent now, miss its overload bound?"""
+        """Under policy "reject": would the request, sent now, miss its overload bound? While
+        nothing is in flight only the time it has already waited counts, not the estimate:
+        the step being formed measures the step time afresh (see ``_admit_locked``)."""
         cfg = self.config
         if cfg.overload_policy != "reject" or est is None:
             return False
-        return now + est - req.deadline_s > cfg.overload_factor * req.slo_ms / 1e3
+        step_s = est if self._in_flight else 0.0
+        return now + step_s - req.deadline_s > cfg.overload_factor * req.slo_ms / 1e3
 
     def _finish(self, req: _Request, result: Any = None, error: BaseException | None = None) -> None:
         """Records the request's latency and outcome, then completes its future."""

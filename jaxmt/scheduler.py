@@ -13,7 +13,10 @@ planned and launched while step n runs; at most ``pipeline_depth`` steps are in 
 Overload is explicit: an EWMA of observed step times and the queue ahead give each request a
 predicted completion; when it lies past the deadline by more than ``overload_factor`` x SLO,
 the request fails at once with ``Overloaded`` (policy "reject", which also sheds queued
-requests that became hopeless) or is served and counted late (policy "serve_late").
+requests that became hopeless) or is served and counted late (policy "serve_late"). An idle
+server (nothing in flight or queued) serves the request whatever the estimate says, and
+counts it late: its step measures the step time again, so one outlier step cannot make the
+server refuse everything from then on.
 """
 
 from __future__ import annotations

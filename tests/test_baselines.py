@@ -183,12 +183,17 @@ def test_overload_control_is_shared(served, rng, monkeypatch):
     clock = FakeClock()
     server = jaxmt.TimeOnlyServer(mt, max_delay_ms=0.0, clock=clock)
     launch = server._programs.launch
+    release = threading.Event()
+    release.set()
+    launched = threading.Semaphore(0)
 
     def slow_launch(params, x):  # each batch takes one (fake) second
         pending = launch(params, x)
         inner = pending.result
+        launched.release()
 
         def result():
+            assert release.wait(TIMEOUT_S)
             clock.now += 1.0
             return inner()
 
@@ -198,8 +203,13 @@ def test_overload_control_is_shared(served, rng, monkeypatch):
     monkeypatch.setattr(server._programs, "launch", slow_launch)
     with server:
         server.submit("t0", rows(rng), slo_ms=10_000.0).result(TIMEOUT_S)
+        release.clear()
+        ahead = server.submit("t0", rows(rng), slo_ms=10_000.0)
+        assert launched.acquire(timeout=TIMEOUT_S) and launched.acquire(timeout=TIMEOUT_S)  # one in flight now
         with pytest.raises(jaxmt.Overloaded):
             server.submit("t1", rows(rng), slo_ms=50.0).result(timeout=0)
+        release.set()
+        ahead.result(TIMEOUT_S)
     assert server.metrics()["overall"]["rejected"] == 1
 
 

@@ -546,20 +546,42 @@ def test_latency_splits_into_queue_wait_and_time_in_the_step(served, monkeypatch
 def test_overload_fails_fast_or_is_served_late(served, monkeypatch, rng, policy):
     mt, params = served
     clock = FakeClock()
-    monkeypatch.setattr(mt, "dispatch", RecordingDispatch(mt, clock=clock, step_s=1.0))  # every step: 1 s
+    held = RecordingDispatch(mt, clock=clock, step_s=1.0)  # every step: 1 s
+    monkeypatch.setattr(mt, "dispatch", held)
     with jaxmt.Scheduler(mt, max_delay_ms=0.0, clock=clock, overload_policy=policy) as sched:
         sched.submit("t0", rows(rng), slo_ms=5_000.0).result(TIMEOUT_S)  # teaches the 1 s step time
+        held.release.clear()
+        ahead = sched.submit("t0", rows(rng), slo_ms=5_000.0)
+        held.wait_calls(2)  # a step in flight: the next request has work ahead of it
         x = rows(rng)
-        future = sched.submit("t1", x, slo_ms=50.0)  # predicted 1000 ms: past 50 ms by > 1 x SLO
+        future = sched.submit("t1", x, slo_ms=50.0)  # predicted 2000 ms: past 50 ms by > 1 x SLO
         if policy == "reject":
             assert future.done()  # failed fast, before any step
             with pytest.raises(jaxmt.Overloaded, match="t1"):
                 future.result()
-        else:
+        held.release.set()
+        ahead.result(TIMEOUT_S)
+        if policy != "reject":
             check_against_reference(params, [("t1", x, future.result(TIMEOUT_S))])
         metrics = sched.metrics()["tenants"]["t1"]
     assert (metrics["rejected"], metrics["admitted_late"]) == ((1, 0) if policy == "reject" else (0, 1))
     assert metrics["slo_met"] == 0
+
+
+def test_an_idle_server_serves_a_request_its_estimate_would_refuse_and_measures_again(served, monkeypatch, rng):
+    """One outlier step (10 s) must not make an idle server refuse everything: with nothing
+    in flight a request runs, and the step time is measured again."""
+    mt, params = served
+    clock = FakeClock()
+    held = RecordingDispatch(mt, clock=clock, step_s=10.0)
+    monkeypatch.setattr(mt, "dispatch", held)
+    with jaxmt.Scheduler(mt, max_delay_ms=0.0, clock=clock, overload_policy="reject") as sched:
+        sched.submit("t0", rows(rng), slo_ms=60_000.0).result(TIMEOUT_S)  # estimate: 10 s a step
+        held.step_s = 0.001
+        x = rows(rng)
+        y = sched.submit("t1", x, slo_ms=50.0).result(TIMEOUT_S)  # predicted 10 s, but the server is idle
+        assert sched.metrics()["steps"]["est_step_ms"] < 10_000.0
+    check_against_reference(params, [("t1", x, y)])
 
 
 def test_queued_requests_that_became_hopeless_are_shed(served, monkeypatch, rng):
