@@ -69,7 +69,8 @@ class _ServerBase:
         # EWMA of the host time one launch takes: a policy may hold a step until just before
         # the device is free, so that company arriving meanwhile still joins it.
         self._busy_until_s = -math.inf
-        self._launch_ewma_s = 0.0
+        self._launch_ewma_s: float | None = None
+        self._running = 0  # launched steps whose launch has returned and which have not completed
         self._outstanding: dict[int, _Request] = {}  # accepted, future not completed yet
 
     # ------------------------------------------------------------------ public
@@ -359,6 +360,7 @@ class _ServerBase:
             return None
         with self._cond:
             self._in_flight += 1
+            self._cond.notify_all()
         launch_s = self._clock()
         try:
             launched = self._launch(batch, launch_s)
@@ -375,18 +377,22 @@ class _ServerBase:
                 self._in_flight -= 1
             else:
                 done_s = self._clock()
-                alpha = self.config.ewma_alpha
-                self._launch_ewma_s += alpha * ((done_s - launch_s) - self._launch_ewma_s)
+                took_s = done_s - launch_s
+                old = self._launch_ewma_s
+                self._launch_ewma_s = took_s if old is None else old + self.config.ewma_alpha * (took_s - old)
+                self._running += 1
                 est = self._steps.estimate_s
-                if est is not None:
+                if est is not None:  # the device takes this step after those already running
                     self._busy_until_s = max(done_s, self._busy_until_s) + est
         return launched
 
     def _step_done_locked(self, ready_s: float) -> None:
-        """A step left the pipeline: the rest in flight should end one estimate apart from now."""
+        """A launched step left the pipeline: the others running should end one estimate apart
+        from now (a step still being launched is added when its launch returns)."""
         self._in_flight -= 1
+        self._running -= 1
         est = self._steps.estimate_s
-        self._busy_until_s = ready_s + (est or 0.0) * self._in_flight if self._in_flight else -math.inf
+        self._busy_until_s = ready_s + (est or 0.0) * self._running if self._running else -math.inf
         self._cond.notify_all()
 
     def _finish_rows(self, requests: list[_Request], answers: Any) -> None:

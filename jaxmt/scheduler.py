@@ -166,7 +166,7 @@ class Scheduler(_ServerBase):
         self._start_pipeline()
 
     def warmup(self, **kwargs: Any) -> int:
-        """Compiles the model's bucket programs now (``MultiTenantModel.warmup``)."""
+        """Compiles the model's bucket programs now and runs each once (``MultiTenantModel.warmup``)."""
         return self.mt.warmup(**kwargs)
 
     # --------------------------------------------------------------- policy
@@ -186,7 +186,7 @@ class Scheduler(_ServerBase):
         due_s = queue.oldest_submitted() + self.config.max_delay_ms / 1e3
         if est is not None:
             if self._in_flight:  # launched earlier, the step would only wait on the device
-                due_s = max(due_s, self._busy_until_s - 2.0 * self._launch_ewma_s)
+                due_s = max(due_s, self._busy_until_s - 2.0 * (self._launch_ewma_s or 0.0))
             # the most urgent request must leave now to make its deadline
             due_s = min(due_s, queue.earliest_deadline() - est)
         full = queue.entries >= self.mt.buckets.max_tenants

@@ -402,6 +402,43 @@ def test_while_a_step_runs_the_next_is_formed_when_the_device_is_about_to_be_fre
     assert sorted(set(held.calls[2][0])) == ["t2", "t3"]  # the held company went together
 
 
+def test_a_step_that_ends_while_the_next_is_launching_is_not_counted_twice(served, monkeypatch, rng):
+    """The device is expected busy for one step after a launch that returns once the step
+    before it has ended (not for two: the ended step no longer holds the device)."""
+    mt, _ = served
+    clock = FakeClock()
+    held = RecordingDispatch(mt, clock=clock, step_s=0.010)
+    launch_gate = threading.Event()
+    launch_gate.set()
+
+    def gated(tenant_ids, x):
+        assert launch_gate.wait(TIMEOUT_S)
+        return held(tenant_ids, x)
+
+    monkeypatch.setattr(mt, "dispatch", gated)
+    with jaxmt.Scheduler(mt, max_delay_ms=0.0, pipeline_depth=2, clock=clock, overload_policy="serve_late") as sched:
+        sched.submit("t0", rows(rng)).result(TIMEOUT_S)  # the step-time estimate is now 10 ms
+        held.release.clear()
+        first = sched.submit("t1", rows(rng))
+        with sched._cond:  # its launch has returned
+            assert sched._cond.wait_for(lambda: sched._running == 1, TIMEOUT_S)
+        launch_gate.clear()
+        second = sched.submit("t2", rows(rng))
+        clock.advance(0.011)  # due now (the device is about to be free); its launch waits at the gate
+        with sched._cond:
+            assert sched._cond.wait_for(lambda: sched._in_flight == 2, TIMEOUT_S)
+        held.release.set()
+        first.result(TIMEOUT_S)  # the first step ends while the second is being launched
+        held.release.clear()  # the second step stays on the device
+        ended = clock()
+        launch_gate.set()
+        with sched._cond:
+            assert sched._cond.wait_for(lambda: sched._running == 1, TIMEOUT_S)
+            assert sched._busy_until_s == pytest.approx(ended + sched._steps.estimate_s, abs=1e-9)
+        held.release.set()
+        second.result(TIMEOUT_S)
+
+
 def test_steps_are_deadline_first_up_to_the_largest_bucket(served, monkeypatch, rng):
     mt, _ = served
     clock = FakeClock()
