@@ -117,6 +117,12 @@ class Step:
     out_rows: np.ndarray
     slots_in_order: bool = False
 
+    def __post_init__(self) -> None:
+        # A copy with other host slots (dataclasses.replace) must not keep a stale claim; slots
+        # moved to the device are taken as the same slots (checking them would read them back).
+        if self.slots_in_order and isinstance(self.slots, np.ndarray) and not np.array_equal(self.slots, np.arange(len(self.slots))):
+            raise ValueError(f"slots_in_order=True but slots are {self.slots.tolist()}, not 0..{len(self.slots) - 1}")
+
     @property
     def tenant_bucket(self) -> int:
         return int(self.row_index.shape[0])

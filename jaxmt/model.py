@@ -267,7 +267,7 @@ class MultiTenantModel:
         workers: int = 1,
         execute: bool = True,
     ) -> int:
-        """Compiles the programs of the bucket ladder now; returns how many were built.
+        """Compiles the programs of the bucket ladder now and runs each once; returns how many were built.
 
         With ``execute`` (the default) each program then runs once on zeros, waited for, so
         that what a program's first run costs on the device (loading its kernels, growing
@@ -295,7 +295,8 @@ class MultiTenantModel:
         for b in bs:
             if b not in self.buckets.row_buckets:
                 raise ValueError(f"row bucket {b} is not on the ladder {self.buckets.row_buckets}")
-        keys = [self._key(k, b, whole) for k in ks for b in bs for whole in (False, True) if not whole or k == self.store.capacity]
+        wholes = (False, True) if self._whole_store_steps else (False,)
+        keys = [self._key(k, b, whole) for k in ks for b in bs for whole in wholes if not whole or k == self.store.capacity]
         if not progress:
             built = self.programs.ensure_many(keys, workers=workers)
         else:
@@ -308,16 +309,14 @@ class MultiTenantModel:
         return built
 
     def _run_once(self, keys: list[ProgramKey]) -> None:
-        """Runs each cached program of ``keys`` once on zero inputs and waits for all of them."""
-        outputs = []
+        """Runs each cached program of ``keys`` once on zero inputs, one at a time (so that only
+        one program's output is alive at once)."""
         with self.store.lock:
             leaves = self.store.stacked_leaves
             for key in keys:
                 program = self.programs.peek(key)
-                if program is None or key.capacity != self.store.capacity:
-                    continue
-                outputs.append(program(leaves, *self._zero_step_inputs(key)))
-        jax.block_until_ready(outputs)
+                if program is not None and key.capacity == self.store.capacity:
+                    jax.block_until_ready(program(leaves, *self._zero_step_inputs(key)))
 
     def _zero_step_inputs(self, key: ProgramKey) -> tuple:
         """Valid inputs of the program of ``key`` after the stacked leaves: (slots, rows), or
@@ -344,6 +343,10 @@ class MultiTenantModel:
     def _make_store(self, example_params: PyTree, capacity: int | None, max_capacity: int | None, device: Any) -> TenantStore:
         """The store (a hook: ``jaxmt.sharding`` lays it over a device mesh)."""
         return TenantStore(example_params, capacity, max_capacity=max_capacity, device=device)
+
+    # Whether a step covering the whole store in slot order runs its own gather-free
+    # program (``jaxmt.sharding`` has none).
+    _whole_store_steps = True
 
     def _output_sharding(self, outputs_to_host: bool) -> jax.sharding.Sharding | None:
         """Where step programs put their outputs (a hook: ``jaxmt.sharding`` keeps them on the mesh)."""

@@ -258,6 +258,8 @@ class ShardedMultiTenantModel(MultiTenantModel):
         self.entry_sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
         super().__init__(apply_fn, example_params, capacity, buckets, **kwargs)
 
+    _whole_store_steps = False  # run_step always gathers per device
+
     def _output_sharding(self, outputs_to_host: bool) -> None:
         if outputs_to_host:
             raise ValueError("ShardedMultiTenantModel keeps step outputs on the mesh; outputs_to_host=True is not supported")

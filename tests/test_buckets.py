@@ -1,5 +1,7 @@
 """Plans: every request row is answered exactly once, by its own slot, in bucketed steps."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -85,3 +87,11 @@ def test_policy_is_hashable_and_defaults_are_powers_of_two():
     assert policy.tenant_buckets == (1, 2, 4, 8, 16, 32, 64)
     assert BucketPolicy.powers_of_two(6, 3).tenant_buckets == (1, 2, 4, 6)
     assert len(policy.shapes) == len(policy.tenant_buckets) * len(policy.row_buckets)
+
+
+def test_a_step_cannot_claim_slots_in_order_that_are_not():
+    (step,) = make_plan(np.array([1, 0, 1]), BucketPolicy.powers_of_two(4, 4)).steps
+    assert step.slots_in_order  # slots 0, 1: the whole of a 2-slot store, in order
+    with pytest.raises(ValueError, match="slots_in_order"):
+        dataclasses.replace(step, slots=np.array([1, 0], np.int32))
+    assert not dataclasses.replace(step, slots=np.array([1, 0], np.int32), slots_in_order=False).slots_in_order

@@ -62,11 +62,12 @@ def test_a_quick_run_writes_a_complete_file_that_reports_again(serving, tmp_path
 
 
 def test_a_trial_spoiled_by_a_process_pause_is_run_once_more_and_both_are_kept(serving, monkeypatch):
-    """A failed trial whose load generator itself fell behind (a pause of the whole process)
-    is rerun once (both kept); a failure without such a stall is final."""
+    """A trial whose load generator itself fell behind (a pause of the whole process) is run
+    once more, pass or fail, and the rerun's verdict stands (both kept); without a stall a
+    trial's verdict is final."""
     args = serving.parse_args(["--no-readme", "--quiet", "--start-rate", "100", "--bisect", "0"])
     # rate -> the generator lag (ms) and attainment its trials get, in order
-    script = {100.0: [(1.0, 1.0)], 200.0: [(150.0, 0.9), (1.0, 1.0)], 400.0: [(1.0, 0.5)]}
+    script = {100.0: [(1.0, 1.0)], 200.0: [(150.0, 0.9), (1.0, 1.0)], 400.0: [(150.0, 1.0), (1.0, 0.5)], 800.0: [(1.0, 0.5)]}
 
     def fake_run_trial(server, workload, inputs, tenants):
         lag, attainment = script[workload.rate].pop(0)
@@ -91,6 +92,6 @@ def test_a_trial_spoiled_by_a_process_pause_is_run_once_more_and_both_are_kept(s
     monkeypatch.setattr(serving, "check_answers", lambda *a: 0.0)
     result = serving.find_capacity("jaxmt", None, type("Model", (), {"tenants": ["t0"]})(), None, args)
     assert [(t["offered_rps"], t["passed"], t["rerun"]) for t in result["trials"]] == [
-        (100.0, True, False), (200.0, False, False), (200.0, True, True), (400.0, False, False)]
-    assert result["max_rate_rps"] == 200.0
-    assert serving._trial_count(result["trials"]) == "4 (1 rerun after a stall)"
+        (100.0, True, False), (200.0, False, False), (200.0, True, True), (400.0, True, False), (400.0, False, True)]
+    assert result["max_rate_rps"] == 200.0 and result["at_max_rate"] is result["trials"][2]
+    assert serving._trial_count(result["trials"]) == "5 (2 reruns after a stall)"
