@@ -81,7 +81,8 @@ class _ServerBase:
           A ``concurrent.futures.Future`` whose result is the NumPy output rows [r, ...] in
           order; it fails with ``Overloaded`` at once when the request is predicted to miss
           its deadline by more than ``overload_factor`` x SLO (policy "reject"; an idle
-          server serves it anyway, counted late) or the queue is full, with ``UnknownTenantError`` when the tenant is removed while queued, with
+          server serves it anyway, counted late) or the queue is full, with
+          ``UnknownTenantError`` when the tenant is removed while queued, with
           ``SchedulerClosed`` on ``close(drain=False)``, or with the exception of its step.
 
         Raises:

@@ -28,8 +28,8 @@ from jaxmt.steps import (
     _row_output_spec,
     _start_copies_to_host,
     _step_program,
-    host_output_sharding,
     _whole_store_program,
+    host_output_sharding,
 )
 from jaxmt.store import TenantStore
 

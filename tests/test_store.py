@@ -48,6 +48,7 @@ def test_add_writes_its_slot_in_place_and_leaves_others():
     if jax.default_backend() in ("cpu", "gpu"):  # both honour donation: no copy of the store
         assert [leaf.unsafe_buffer_pointer() for leaf in store.stacked_leaves] == pointers
     slot_a, slot_b = store.slot_of("a"), store.slot_of("b")
+    assert slot_a != slot_b
     for old, new in zip(before, store.stacked_leaves):
         np.testing.assert_array_equal(old[slot_a], np.asarray(new)[slot_a])
     got = store.get("b")
