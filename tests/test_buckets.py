@@ -95,3 +95,22 @@ def test_a_step_cannot_claim_slots_in_order_that_are_not():
     with pytest.raises(ValueError, match="slots_in_order"):
         dataclasses.replace(step, slots=np.array([1, 0], np.int32))
     assert not dataclasses.replace(step, slots=np.array([1, 0], np.int32), slots_in_order=False).slots_in_order
+
+
+@given(
+    slots=st.lists(st.integers(0, 20), min_size=1, max_size=40),
+    max_tenants=st.sampled_from([1, 3, 4, 16, 64]),
+    max_rows=st.sampled_from([1, 2, 5, 8, 64]),
+)
+@settings(max_examples=300, deadline=None)
+def test_small_requests_get_exactly_the_plan_of_the_array_path(slots, max_tenants, max_rows):
+    from jaxmt import buckets
+
+    policy = BucketPolicy.powers_of_two(max_tenants, max_rows)
+    got, want = make_plan(slots, policy), buckets._plan_arrays(np.array(slots, np.int64), policy)
+    assert got.rows == want.rows and len(got.steps) == len(want.steps)
+    for a, b in zip(got.steps, want.steps):
+        assert a.slots_in_order == b.slots_in_order
+        for field in ("slots", "row_index", "out_positions", "out_rows"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), field
