@@ -61,6 +61,7 @@ class _Program:
     def __init__(self, apply_fn: Any, output_sharding: Any = None):
         # Answers go where jaxmt's steps put theirs (MultiTenantModel.output_sharding).
         self.fn = jax.jit(apply_fn) if output_sharding is None else jax.jit(apply_fn, out_shardings=output_sharding)
+        self.outputs_on_device = output_sharding is None
         self.compiled: set[tuple] = set()
         self.lock = threading.Lock()
 
@@ -70,7 +71,8 @@ class _Program:
             new = key not in self.compiled
             self.compiled.add(key)
         y = self.fn(params, x)
-        _start_copies_to_host([y])  # as jaxmt's steps do
+        if self.outputs_on_device:
+            _start_copies_to_host([y])  # as jaxmt's steps do
         return y, new
 
 
@@ -99,7 +101,7 @@ class _TenantPrograms:
     def __init__(self, mt: Any, batch_sizes: Sequence[int]):
         self.mt = mt
         self.batch_sizes = _check_batch_sizes(batch_sizes)
-        self.program = _program_for(mt.apply_fn, getattr(mt, "output_sharding", None))
+        self.program = _program_for(mt.apply_fn, mt.output_sharding)
         self._params: dict[Hashable, PyTree] = {}
         self._version = None
         self._lock = threading.Lock()

@@ -230,7 +230,8 @@ class MultiTenantModel:
             try:
                 plan = self._plan(slots)
                 outputs = [self._launch(step, x) for step in plan.steps]
-                _start_copies_to_host(outputs)
+                if self.output_sharding is None:  # else the programs wrote them to the host
+                    _start_copies_to_host(outputs)
                 empty_output = self._output_row_spec()
             except BaseException:
                 if fixes_rows:

@@ -1,8 +1,9 @@
 """What one step is: its jitted programs, and a launched prediction waiting on the device.
 
 The step programs take the store's stacked leaves, the K slots of the step (unless the step
-reads the whole store in slot order) and its input block [K, B, ...]; ``PendingPrediction`` holds the dispatched steps of one request and
-scatters their rows back to request order when asked.
+reads the whole store in slot order) and its input block [K, B, ...]; ``PendingPrediction``
+holds the dispatched steps of one request and scatters their rows back to request order
+when asked.
 """
 
 from __future__ import annotations
@@ -85,10 +86,11 @@ def host_output_sharding(device: jax.Device, outputs_to_host: bool = False) -> j
 
 def _start_copies_to_host(outputs: list[PyTree]) -> None:
     """Queues each output's device-to-host copy behind its step, so that ``result()`` finds
-    the bytes on the host (or on their way) instead of asking for them after the step ends."""
+    the bytes on the host (or on their way) instead of asking for them after the step ends.
+    Callers whose programs write their outputs to host memory skip it."""
     for leaf in jax.tree_util.tree_leaves(outputs):
         copy = getattr(leaf, "copy_to_host_async", None)
-        if copy is not None and leaf.sharding.memory_kind != "pinned_host":
+        if copy is not None:
             copy()
 
 
