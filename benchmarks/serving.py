@@ -22,7 +22,6 @@ tenant's p99/p50 <= 1.5 and the slowest and fastest tenants' mean latencies diff
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 import sys
 import time
@@ -82,9 +81,9 @@ def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.n
         # Seeded by the rate: every server (and a rerun) gets the same arrivals at a given rate.
         workload = simulate.Workload(rate=rate, duration_s=args.trial_s, tenants=args.tenants, zipf=args.zipf,
                                      arrival=args.arrival, slo_ms=args.slo_ms, seed=args.seed + int(round(rate * 1000)))
-        gc.collect()  # every server's trial starts with the same clean heap
         with simulate.make_server(kind, mt, **options) as server:
             server.warmup()  # compiled already: each program runs once, outside the trial
+            simulate.settle_heap(args.gc_freeze)  # every server's trial starts from the same heap
             result = simulate.run_trial(server, workload, inputs, mt.tenants)
         result.pop("_latencies_ms")
         behind = result["sent_s"] > 1.1 * result["schedule_s"] + 0.05  # the generator, not the server, was the limit
@@ -94,6 +93,8 @@ def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.n
         trials.append(result)
         if not args.quiet:
             stalled = f" (the load generator itself stalled {result['generator_lag_ms']['max_ms']:.0f} ms)" if result["stalled"] else ""
+            pauses = result["gc"]
+            stalled += f"; {pauses['collections'][2]} full collections, longest pause {pauses['max_ms']:.0f} ms" if pauses["collections"][2] else ""
             print(f"  [{kind}] {rate:9.1f} req/s: {100 * result['slo_attainment']:6.2f}% in SLO, "
                   f"p99 {result['latency_ms']['p99_ms']} ms -> {'pass' if result['passed'] else 'fail'}{stalled}", file=sys.stderr, flush=True)
         if result["stalled"] and not rerun:
@@ -199,10 +200,12 @@ def table(results: list[dict]) -> str:
                      f"{100 * best['slo_attainment']:.2f}%" if best else "-", dash(spread.get("max_p99_over_p50")),
                      dash(spread.get("mean_latency_gap")), dash(sampled["max_p99_over_p50"]), dash(sampled["mean_latency_gap"]),
                      sampled["tenants_counted"], steps.get("mean_tenants_per_step", "-"),
-                     steps.get("mean_rows_per_step", "-"), _trial_count(r["trials"]), "yes" if r["generator_limited"] else ""])
+                     steps.get("mean_rows_per_step", "-"), dash(best.get("gc", {}).get("max_ms")), _trial_count(r["trials"]),
+                     "yes" if r["generator_limited"] else ""])
     return markdown_table(["server", "max req/s", "p50 ms", "p99 ms", "queue wait p50 / p99 ms", "in step p50 / p99 ms", "in SLO", "p99/p50 (worst tenant)",
                            "mean gap", f"p99/p50, >= {WELL_SAMPLED} req", f"mean gap, >= {WELL_SAMPLED} req",
-                           f"tenants >= {WELL_SAMPLED} req", "tenants/step", "rows/step", "trials", "generator-bound"], rows)
+                           f"tenants >= {WELL_SAMPLED} req", "tenants/step", "rows/step", "longest GC pause ms", "trials",
+                           "generator-bound"], rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -231,6 +234,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stall-ms", type=float, default=20.0,
                         help="a trial in which the load generator itself fell this far behind its schedule "
                              "(a pause of the whole process) is run once more and the rerun's verdict stands; both are kept")
+    parser.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+                        help="do not freeze the heap before each trial: full garbage collections then walk every "
+                             "object JAX and the model left, stalling all threads (jaxmt.freeze_heap)")
     parser.add_argument("--compile-workers", type=int, default=1, help="threads compiling jaxmt's bucket programs at warm-up")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--outputs-to-host", action="store_true",

@@ -24,9 +24,11 @@ from jaxmt.errors import (
     SchedulerClosed,
     UnknownTenantError,
 )
+from jaxmt.gc_pauses import GcPauses, freeze_heap
 from jaxmt.metrics import to_prometheus
 from jaxmt.lowering import LoweringPolicy, describe_lowering, tenant_batched
 from jaxmt.model import MultiTenantModel
+from jaxmt.rows import RowParts
 from jaxmt.steps import PendingPrediction
 from jaxmt.programs import ProgramCache, ProgramKey, enable_persistent_compilation_cache
 from jaxmt.scheduler import Scheduler, SchedulerConfig
@@ -45,6 +47,7 @@ __all__ = [
     "CompileError",
     "DuplicateTenantError",
     "ExclusiveServer",
+    "GcPauses",
     "InputError",
     "JaxmtError",
     "LoweringPolicy",
@@ -59,6 +62,7 @@ __all__ = [
     "Plan",
     "ProgramCache",
     "ProgramKey",
+    "RowParts",
     "Scheduler",
     "SchedulerClosed",
     "SchedulerConfig",
@@ -72,6 +76,7 @@ __all__ = [
     "describe_lowering",
     "enable_persistent_compilation_cache",
     "exclusive_predict",
+    "freeze_heap",
     "make_plan",
     "predict_manifest",
     "restore_model",

@@ -36,6 +36,7 @@ from jaxmt._queue import _Batch, _Launched, _Request
 from jaxmt._server import _ServerBase
 from jaxmt.buckets import BucketPolicy
 from jaxmt.errors import InputError
+from jaxmt.rows import RowParts, take_rows
 from jaxmt.scheduler import SchedulerConfig, make_config
 from jaxmt.steps import _start_copies_to_host
 
@@ -124,15 +125,17 @@ class _TenantPrograms:
         for tenant_id in tenant_ids:
             jax.block_until_ready(self.params(tenant_id))
 
-    def launch(self, params: PyTree, x: np.ndarray) -> _HostPending:
-        """Dispatches x [n, ...] without waiting for the device."""
+    def launch(self, params: PyTree, x: "np.ndarray | RowParts") -> _HostPending:
+        """Dispatches x [n, ...] without waiting for the device (a ``RowParts``: the requests'
+        rows, copied once into each padded batch, as jaxmt's steps copy theirs)."""
         largest, chunks, padded, compiled = self.batch_sizes[-1], [], 0, False
         for start in range(0, x.shape[0], largest):
-            part = x[start : start + largest]
-            n = part.shape[0]
+            n = min(largest, x.shape[0] - start)
             size = self.batch_sizes[int(np.searchsorted(self.batch_sizes, n))]
-            if size != n:  # padding repeats real rows, so padded positions compute real values
-                part = part[np.arange(size) % n]
+            if size == n and not isinstance(x, RowParts):
+                part = x[start : start + n]
+            else:  # padding repeats real rows, so padded positions compute real values
+                part = take_rows(x, start + np.arange(size) % n)
             y, new = self.program(params, part)
             chunks.append((y, n))
             padded, compiled = padded + size, compiled or new
@@ -218,8 +221,7 @@ class _LaneServer(_ServerBase):
         self._fail_unknown(gone)
         if not live:
             return None
-        x = live[0].x if len(live) == 1 else np.concatenate([r.x for r in live])
-        pending = self._programs.launch(params, x)
+        pending = self._programs.launch(params, live[0].x if len(live) == 1 else RowParts([r.x for r in live]))
         tenants = len({r.tenant_id for r in live})
         return _Launched(live, pending, started_s, tenants, pending.padded_rows, not pending.compiled)
 

@@ -21,6 +21,7 @@ from jaxmt.buckets import BucketPolicy, Plan, Step, make_plan
 from jaxmt.errors import InputError
 from jaxmt.lowering import LoweringPolicy, lowering_key, tenant_batched
 from jaxmt.programs import ProgramCache, ProgramKey
+from jaxmt.rows import RowParts, take_rows
 from jaxmt.steps import (
     _NO_ROWS,
     PendingPrediction,
@@ -211,8 +212,11 @@ class MultiTenantModel:
         """
         return self.dispatch(tenant_ids, x).result()
 
-    def dispatch(self, tenant_ids: Sequence[Hashable], x: Any) -> PendingPrediction:
+    def dispatch(self, tenant_ids: Sequence[Hashable], x: "np.ndarray | RowParts") -> PendingPrediction:
         """Validates, plans and launches the steps without waiting for the device.
+
+        ``x`` may also be a ``jaxmt.rows.RowParts`` (several requests' rows, read as their
+        concatenation): each step's input block is then copied from the parts directly.
 
         Raises what ``predict`` raises, and leaves the model as it was: in particular a
         first request that fails does not fix the input row shape, and a zero-row request
@@ -256,8 +260,8 @@ class MultiTenantModel:
             return program(self.store.stacked_leaves, x_kb)
         return program(self.store.stacked_leaves, step.slots, x_kb)
 
-    def _launch(self, step: Step, x: np.ndarray) -> PyTree:
-        return self.run_step(step, x[step.row_index])
+    def _launch(self, step: Step, x: "np.ndarray | RowParts") -> PyTree:
+        return self.run_step(step, take_rows(x, step.row_index))
 
     def warmup(
         self,
@@ -375,10 +379,11 @@ class MultiTenantModel:
             return jax.jit(functools.partial(_whole_store_program, self._apply_kb, self.store._treedef), **out).lower(leaves, x_kb)
         return jax.jit(functools.partial(_step_program, self._apply_kb, self.store._treedef), **out).lower(leaves, slots, x_kb)
 
-    def _check_input(self, tenant_ids: Sequence[Hashable], x: Any) -> np.ndarray:
+    def _check_input(self, tenant_ids: Sequence[Hashable], x: Any) -> "np.ndarray | RowParts":
         if isinstance(tenant_ids, (str, bytes)) or not hasattr(tenant_ids, "__len__"):
             raise InputError(f"tenant_ids must be a sequence of ids (one per row), got {type(tenant_ids).__name__}")
-        x = np.asarray(x)
+        if not isinstance(x, RowParts):
+            x = np.asarray(x)
         if x.ndim == 0:
             raise InputError("x must have a leading row axis, got a scalar")
         if len(tenant_ids) != x.shape[0]:
@@ -392,7 +397,7 @@ class MultiTenantModel:
         self.check_finite(tenant_ids, x)
         return x
 
-    def check_finite(self, tenant_ids: Sequence[Hashable], x: np.ndarray) -> None:
+    def check_finite(self, tenant_ids: Sequence[Hashable], x: "np.ndarray | RowParts") -> None:
         """Under ``nonfinite_inputs="reject"``, raises InputError naming the first row of ``x``
         holding NaN or Inf and its tenant; a no-op under "pass". Servers call it at submit, so
         that one bad request is refused alone instead of failing a step it shares."""

@@ -33,6 +33,7 @@ import numpy as np
 from jaxmt._queue import _Batch, _Launched, _PartlyFailed, _Request
 from jaxmt._server import MAX_SLO_MS, _ServerBase
 from jaxmt.buckets import Plan
+from jaxmt.rows import RowParts
 
 OVERLOAD_POLICIES = ("reject", "serve_late")
 
@@ -297,7 +298,7 @@ class Scheduler(_ServerBase):
             pendings = []
             for segment in segments:
                 tenant_ids = [r.tenant_id for r in segment for _ in range(r.rows)]
-                x = segment[0].x if len(segment) == 1 else np.concatenate([r.x for r in segment])
+                x = segment[0].x if len(segment) == 1 else RowParts([r.x for r in segment])
                 try:
                     pendings.append(mt.dispatch(tenant_ids, x))
                 except Exception as exc:  # noqa: BLE001 (that call's futures carry it; the others go on)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmt.buckets import Plan
+from jaxmt.rows import RowParts
 
 PyTree = Any
 
@@ -94,8 +95,11 @@ def _start_copies_to_host(outputs: list[PyTree]) -> None:
             copy()
 
 
-def _nonfinite_row_indices(x: np.ndarray) -> np.ndarray:
+def _nonfinite_row_indices(x: "np.ndarray | RowParts") -> np.ndarray:
     """Indices of the rows of x holding NaN or Inf (none for integer inputs): one pass over x."""
+    if isinstance(x, RowParts):
+        found = [start + _nonfinite_row_indices(part) for start, part in zip(x.starts.tolist(), x.parts)]
+        return np.concatenate(found) if any(f.size for f in found) else _NO_ROWS
     if x.shape[0] == 0 or not np.issubdtype(x.dtype, np.inexact):
         return _NO_ROWS
     finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)

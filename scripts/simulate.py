@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import gc
 import json
 import pathlib
 import sys
@@ -129,6 +130,17 @@ def make_server(kind: str, mt: jaxmt.MultiTenantModel, **options: Any) -> Any:
     return SERVERS[kind](mt, **options)
 
 
+def settle_heap(freeze: bool = True) -> None:
+    """Before a trial: the garbage of earlier ones collected and, with ``freeze``, every live
+    object frozen out of the collections during the trial (``jaxmt.freeze_heap``), as a
+    serving process would after its warm-up; every server's trial starts from the same heap."""
+    gc.unfreeze()
+    if freeze:
+        jaxmt.freeze_heap()
+    else:
+        gc.collect()
+
+
 def run_trial(server: Any, workload: Workload, inputs: np.ndarray, tenant_ids: Sequence[Any],
               *, timeout_s: float = 120.0) -> dict[str, Any]:
     """Drives ``server`` with the workload's arrivals; returns the client-side measurements.
@@ -147,23 +159,24 @@ def run_trial(server: Any, workload: Workload, inputs: np.ndarray, tenant_ids: S
         done_at.append(finished)
         recorder.record(tenant, 1e3 * (finished - submitted), workload.slo_ms, future.exception())
 
-    start = time.perf_counter()
-    for i, (due, k) in enumerate(zip(times, tenant_index)):
-        wait = start + due - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
-        submitted = time.perf_counter()
-        lag_s.append(max(0.0, submitted - start - due))
-        tenant = tenant_ids[k]
-        try:
-            future = server.submit(tenant, inputs[k, i % pool], workload.slo_ms)
-        except Exception as exc:  # noqa: BLE001 (a refused request is a miss, not a crash of the generator)
-            recorder.record(tenant, 0.0, workload.slo_ms, exc)
-            continue
-        future.add_done_callback(lambda f, t=tenant, s=submitted: on_done(t, s, f))
-        futures.append(future)
-    sent_s = time.perf_counter() - start
-    _, not_done = concurrent.futures.wait(futures, timeout=timeout_s)
+    with jaxmt.GcPauses() as pauses:  # the collector's pauses during the trial
+        start = time.perf_counter()
+        for i, (due, k) in enumerate(zip(times, tenant_index)):
+            wait = start + due - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            submitted = time.perf_counter()
+            lag_s.append(max(0.0, submitted - start - due))
+            tenant = tenant_ids[k]
+            try:
+                future = server.submit(tenant, inputs[k, i % pool], workload.slo_ms)
+            except Exception as exc:  # noqa: BLE001 (a refused request is a miss, not a crash of the generator)
+                recorder.record(tenant, 0.0, workload.slo_ms, exc)
+                continue
+            future.add_done_callback(lambda f, t=tenant, s=submitted: on_done(t, s, f))
+            futures.append(future)
+        sent_s = time.perf_counter() - start
+        _, not_done = concurrent.futures.wait(futures, timeout=timeout_s)
     elapsed_s = (max(done_at) if done_at else time.perf_counter()) - start
     metrics = recorder.snapshot()
     overall = metrics["overall"]
@@ -186,6 +199,7 @@ def run_trial(server: Any, workload: Workload, inputs: np.ndarray, tenant_ids: S
         "spread": tenant_spread(metrics),
         "per_tenant": {str(t): {k: m[k] for k in ("count", "ok", "p50_ms", "p99_ms", "mean_ms", "slo_attainment")}
                        for t, m in metrics["tenants"].items()},
+        "gc": pauses.snapshot(),
         "generator_lag_ms": {k: v for k, v in percentiles(1e3 * np.asarray(lag_s)).items() if k in ("p50_ms", "p99_ms", "max_ms")},
         "elapsed_s": round(elapsed_s, 4),
         "server": {"steps": server.metrics()["steps"]},
@@ -195,8 +209,8 @@ def run_trial(server: Any, workload: Workload, inputs: np.ndarray, tenant_ids: S
 
 def simulate(workload: Workload, schedulers: Sequence[str], *, arch: str = "mlp", size: str = "tiny",
              max_tenants: int = 0, max_rows: int = 16, pool: int = 16, progress: bool = False,
-             **server_options: Any) -> dict[str, Any]:
-    """Builds the model, then for each scheduler: a fresh server, warm-up, one trial."""
+             gc_freeze: bool = True, **server_options: Any) -> dict[str, Any]:
+    """Builds the model, then for each scheduler: a fresh server, warm-up, ``settle_heap``, one trial."""
     spec, mt = build_model(arch, size, workload.tenants, max_tenants=max_tenants, max_rows=max_rows, seed=workload.seed)
     rng = np.random.default_rng(workload.seed + 1)
     inputs = spec.random_input(rng, workload.tenants * pool * workload.rows)
@@ -209,6 +223,7 @@ def simulate(workload: Workload, schedulers: Sequence[str], *, arch: str = "mlp"
             server.warmup()
             if progress:
                 print(f"[{kind}] {workload.rate:g} req/s for {workload.duration_s:g} s ...", file=sys.stderr, flush=True)
+            settle_heap(gc_freeze)
             results.append(run_trial(server, workload, inputs, mt.tenants))
     device = jax.devices()[0]
     return {
@@ -291,6 +306,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tenants-bucket", type=int, default=0, help="largest tenant bucket (0: tenants, pow2, <= 64)")
     parser.add_argument("--max-rows-bucket", type=int, default=16, help="largest row bucket")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+                        help="do not freeze the heap before each trial (see jaxmt.freeze_heap)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON here")
     parser.add_argument("--plot", metavar="PATH", help="write the latency CDF as PNG here")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -307,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     schedulers = list(SERVERS) if args.scheduler == "all" else [args.scheduler]
     report = simulate(workload, schedulers, arch=args.arch, size=args.size, max_tenants=args.max_tenants_bucket,
-                      max_rows=args.max_rows_bucket, progress=not args.quiet, max_delay_ms=args.max_delay_ms,
+                      max_rows=args.max_rows_bucket, progress=not args.quiet, gc_freeze=args.gc_freeze,
+                      max_delay_ms=args.max_delay_ms,
                       overload_policy=args.overload_policy, overload_factor=args.overload_factor)
     print(format_table(report["results"]))
     if args.json:

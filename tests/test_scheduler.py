@@ -85,9 +85,9 @@ class RecordingDispatch:
 
     def __call__(self, tenant_ids, x):
         with self.called:
-            self.calls.append((list(tenant_ids), np.array(x)))
+            self.calls.append((list(tenant_ids), np.array(x)))  # a RowParts reads as its concatenation
             self.called.notify_all()
-        if self.raise_on_launch is not None and self.raise_on_launch(x):
+        if self.raise_on_launch is not None and self.raise_on_launch(np.asarray(x)):
             raise RuntimeError("injected launch failure")
         pending = self.inner(tenant_ids, x)
         outer = self
@@ -99,7 +99,7 @@ class RecordingDispatch:
                 assert outer.release.wait(TIMEOUT_S)
                 if outer.clock is not None:
                     outer.clock.advance(outer.step_s)
-                if outer.raise_on_result is not None and outer.raise_on_result(x):
+                if outer.raise_on_result is not None and outer.raise_on_result(np.asarray(x)):
                     raise RuntimeError("injected device failure")
                 return pending.result()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import pathlib
@@ -55,7 +56,13 @@ def test_help_and_bad_arguments(capsys):
     assert simulate.main(["--rate", "-1", "--quiet"]) == 2
 
 
-def test_smoke_run_writes_json_and_plot(tmp_path, capsys):
+@pytest.fixture
+def unfreeze_after():
+    yield
+    gc.unfreeze()  # the run froze the heap of this test process
+
+
+def test_smoke_run_writes_json_and_plot(tmp_path, capsys, unfreeze_after):
     json_path, plot_path = tmp_path / "sim.json", tmp_path / "cdf.png"
     code = simulate.main(["--scheduler", "all", "--tenants", "3", "--rate", "150", "--duration", "0.3",
                           "--max-rows-bucket", "2", "--overload-policy", "serve_late", "--slo-ms", "1000",
@@ -70,4 +77,6 @@ def test_smoke_run_writes_json_and_plot(tmp_path, capsys):
         assert result["unfinished"] == 0 and result["errors"] == 0
         assert set(result["latency_ms"]) == {"p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms"}
         assert 0.0 <= result["slo_attainment"] <= 1.0 and "spread" in result and result["per_tenant"]
+        assert len(result["gc"]["collections"]) == 3 and result["gc"]["max_ms"] >= 0.0
+    assert gc.get_freeze_count() > 0  # settle_heap froze the heap before the trials
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,97 @@
+"""The rows of several requests, read as one input without first concatenating them.
+
+A server's step answers many requests, each holding its own rows. Concatenating them and
+then gathering the step's padded block ``[K, B, ...]`` copies every row twice; for images
+(a 224x224x3 float32 row is 588 KiB) those copies are most of the host's work per request.
+``RowParts.take`` copies each row once, straight from its request into the block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+# Rows at least this large are copied one by one from their request; smaller ones are
+# concatenated first and gathered by NumPy, whose per-row cost is lower than a Python loop's.
+# On a 2-core CPU, a block of 8 positions from 6 one-row requests took
+# 0.52 ms row by row against 0.71 ms concatenated and gathered for 224x224x3 float32 rows
+# (64 positions from 48 requests: 7.6 against 10.2 ms), and 10 against 3 us for rows of 64
+# floats; the two met between 12 KiB (32x32x3) and 27 KiB (48x48x3) rows.
+DIRECT_ROW_BYTES = 16 * 1024
+
+
+class RowParts:
+    """Arrays ``[r_i, *row_shape]`` of one dtype, addressed as their concatenation.
+
+    Args:
+      parts: one or more arrays of the same row shape and dtype (each request's rows).
+
+    Raises:
+      ValueError: no parts, or parts of different row shapes or dtypes (naming the first).
+    """
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        parts = [np.asarray(p) for p in parts]
+        if not parts:
+            raise ValueError("RowParts needs at least one array")
+        first = parts[0]
+        if first.ndim == 0:
+            raise ValueError("each part needs a leading row axis, got a scalar")
+        for i, part in enumerate(parts):
+            if part.ndim == 0 or part.shape[1:] != first.shape[1:] or part.dtype != first.dtype:
+                raise ValueError(
+                    f"part {i} has shape {list(part.shape)} and dtype {part.dtype.name}, expected rows of shape "
+                    f"{list(first.shape[1:])} and dtype {first.dtype.name} (as part 0)"
+                )
+        self.parts = parts
+        lengths = np.array([p.shape[0] for p in parts], np.int64)
+        self._ends = np.cumsum(lengths)
+        self._starts = self._ends - lengths
+        self.shape: tuple[int, ...] = (int(self._ends[-1]), *first.shape[1:])
+        self.dtype: np.dtype = first.dtype
+        self.ndim = len(self.shape)
+        self._joined: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def starts(self) -> np.ndarray:
+        """Index of each part's first row in the concatenation."""
+        return self._starts
+
+    @property
+    def row_nbytes(self) -> int:
+        return int(self.dtype.itemsize * np.prod(self.shape[1:], dtype=np.int64))
+
+    def joined(self) -> np.ndarray:
+        """The concatenation (built once, on first use)."""
+        if self._joined is None:
+            self._joined = self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
+        return self._joined
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        joined = self.joined()
+        return joined if dtype is None else joined.astype(dtype, copy=False)
+
+    def take(self, index: np.ndarray) -> np.ndarray:
+        """``np.concatenate(parts)[index]`` for an int array ``index`` of any shape."""
+        index = np.asarray(index)
+        if len(self.parts) == 1 or self._joined is not None or self.row_nbytes < DIRECT_ROW_BYTES:
+            return self.joined()[index]
+        flat = index.reshape(-1).astype(np.int64, copy=False)
+        if flat.size and (flat.min() < 0 or flat.max() >= self.shape[0]):
+            raise IndexError(f"row index out of range for {self.shape[0]} rows")
+        which = np.searchsorted(self._ends, flat, side="right")
+        offsets = flat - self._starts[which]
+        out = np.empty((flat.size, *self.shape[1:]), self.dtype)
+        parts = self.parts
+        for position, (part, offset) in enumerate(zip(which.tolist(), offsets.tolist())):
+            out[position] = parts[part][offset]
+        return out.reshape(*index.shape, *self.shape[1:])
+
+
+def take_rows(x: "np.ndarray | RowParts", index: np.ndarray) -> np.ndarray:
+    """``x[index]`` for an array or a ``RowParts``."""
+    return x.take(index) if isinstance(x, RowParts) else x[index]
