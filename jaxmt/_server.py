@@ -378,9 +378,9 @@ class _ServerBase:
                 self._in_flight -= 1
             else:
                 done_s = self._clock()
-                took_s = done_s - launch_s
-                old = self._launch_ewma_s
-                self._launch_ewma_s = took_s if old is None else old + self.config.ewma_alpha * (took_s - old)
+                if launched.timed:  # a launch that compiled a program says nothing of the next one
+                    took_s, old = done_s - launch_s, self._launch_ewma_s
+                    self._launch_ewma_s = took_s if old is None else old + self.config.ewma_alpha * (took_s - old)
                 self._running += 1
                 est = self._steps.estimate_s
                 if est is not None:  # the device takes this step after those already running

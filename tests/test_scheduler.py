@@ -439,6 +439,27 @@ def test_a_step_that_ends_while_the_next_is_launching_is_not_counted_twice(serve
         second.result(TIMEOUT_S)
 
 
+def test_a_launch_that_compiles_is_not_taken_as_the_launch_time(rng, monkeypatch):
+    """The hold before the next step uses the host time of a launch; a launch that compiled a
+    program (a cache miss) took far longer than launches will, and is left out."""
+    mt, _ = make_model(2)  # not warmed up: the first step compiles its program
+    clock = FakeClock()
+    inner = mt.dispatch
+
+    def timed_dispatch(tenant_ids, x):
+        compiles = mt.programs.compiles
+        pending = inner(tenant_ids, x)
+        clock.advance(0.5 if mt.programs.compiles != compiles else 0.001)
+        return pending
+
+    monkeypatch.setattr(mt, "dispatch", timed_dispatch)
+    with jaxmt.Scheduler(mt, max_delay_ms=0.0, clock=clock, overload_policy="serve_late") as sched:
+        sched.submit("t0", rows(rng)).result(TIMEOUT_S)
+        assert mt.programs.compiles == 1 and sched._launch_ewma_s is None
+        sched.submit("t0", rows(rng)).result(TIMEOUT_S)
+        assert mt.programs.compiles == 1 and sched._launch_ewma_s == pytest.approx(0.001)
+
+
 def test_steps_are_deadline_first_up_to_the_largest_bucket(served, monkeypatch, rng):
     mt, _ = served
     clock = FakeClock()
