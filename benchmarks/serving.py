@@ -22,6 +22,7 @@ tenant's p99/p50 <= 1.5 and the slowest and fastest tenants' mean latencies diff
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import sys
 import time
@@ -47,6 +48,45 @@ def _load_simulate() -> Any:
 
 simulate = _load_simulate()
 BASELINES = ("time", "space")
+
+
+def _host_only_apply(params: dict, x: jax.Array) -> jax.Array:
+    """16 numbers of each row through a per-tenant dense layer: next to no device work."""
+    return x.reshape(x.shape[0], -1)[:, :16].astype(jax.numpy.float32) @ params["w"] + params["b"]
+
+
+@dataclasses.dataclass(frozen=True)
+class HostOnlySpec:
+    """The input rows of an architecture with almost no device work (``--host-only``): a
+    trial then measures what the host does per request (submit, queues, copies of the rows,
+    dispatch, transfers, completion) at that input size, not the model."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    input_dtype: np.dtype
+    random_input: Any
+
+    apply_fn = staticmethod(_host_only_apply)
+
+    def init(self, seed: int) -> dict:
+        rng = np.random.default_rng(seed)
+        return {"w": rng.normal(size=(16, 10)).astype(np.float32), "b": rng.normal(size=10).astype(np.float32)}
+
+
+def build_host_only(args: argparse.Namespace) -> tuple[HostOnlySpec, jaxmt.MultiTenantModel]:
+    """``args.tenants`` tenants of ``HostOnlySpec`` for ``args.arch``'s input rows, with the
+    ladders ``simulate.build_model`` would give the real model."""
+    import models
+
+    base = models.make(args.arch, args.size, dtype=jax.numpy.dtype(args.dtype))  # a definition: no weights built
+    spec = HostOnlySpec(f"host-only {args.arch}", base.input_shape, base.input_dtype, base.random_input)
+    max_tenants = args.max_tenants_bucket or min(64, 1 << max(0, args.tenants - 1).bit_length())
+    mt = jaxmt.MultiTenantModel(spec.apply_fn, spec.init(args.seed), capacity=args.tenants, lowering="vmap",
+                                buckets=jaxmt.BucketPolicy.powers_of_two(max_tenants, args.max_rows_bucket),
+                                row_shape=spec.input_shape, row_dtype=spec.input_dtype, outputs_to_host=args.outputs_to_host)
+    for i in range(args.tenants):
+        mt.add_tenant(f"t{i}", spec.init(args.seed + 1 + i))
+    return spec, mt
 
 
 def check_answers(kind: str, server: Any, spec: Any, mt: jaxmt.MultiTenantModel, rng: np.random.Generator) -> float:
@@ -239,6 +279,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "object JAX and the model left, stalling all threads (jaxmt.freeze_heap)")
     parser.add_argument("--compile-workers", type=int, default=1, help="threads compiling jaxmt's bucket programs at warm-up")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--host-only", action="store_true",
+                        help="the architecture's input rows through a model with next to no device work: what the "
+                             "host path alone sustains (results/serving_host_<arch>.json, README section 'Serving: host path')")
     parser.add_argument("--outputs-to-host", action="store_true",
                         help="step programs write answers into pinned host memory (MultiTenantModel outputs_to_host)")
     parser.add_argument("--out", default=None, help="results/<out>.json (default: serving, or serving_<arch> for another arch)")
@@ -257,14 +300,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def default_out(args: Any) -> str:
+    """results/<name>.json of a run: serving (ResNet-18), serving_<arch>, serving_host_<arch>."""
+    if getattr(args, "host_only", False):
+        return f"serving_host_{args.arch}"
+    return "serving" if args.arch == "resnet18" else f"serving_{args.arch}"
+
+
 def readme_section(args: Any, argv: list[str], results: list[dict], summary: dict, environment: dict) -> None:
+    model = f"{args.arch} ({args.size}, {args.dtype})"
+    if getattr(args, "host_only", False):
+        model = f"{args.arch}-sized input rows through next to no device work (`--host-only`)"
     body = (f"Highest rate with >= {100 * args.target:g}% of requests within {args.slo_ms:g} ms; "
-            f"{args.tenants} tenants of {args.arch} ({args.size}, {args.dtype}), Zipf {args.zipf:g}, {args.arrival} "
+            f"{args.tenants} tenants of {model}, Zipf {args.zipf:g}, {args.arrival} "
             f"arrivals, {args.trial_s:g} s trials; {environment['device']}, jax {environment['jax']}, commit "
             f"{environment['commit']}, {environment['date']}.\n\n    PYTHONPATH=. python benchmarks/serving.py "
             + " ".join(argv) + "\n\n" + table(results) + "\n\n"
             + "\n".join(f"- {k}: {v}" for k, v in summary["targets"].items()))
-    update_readme_section("Serving", body)
+    update_readme_section("Serving: host path" if getattr(args, "host_only", False) else "Serving", body)
 
 
 def _argv_of(config: dict) -> list[str]:
@@ -309,15 +362,18 @@ def main(argv: list[str] | None = None) -> int:
         return report_only(args.report_only, readme=not args.no_readme)
     jaxmt.enable_persistent_compilation_cache(str(BENCH_DIR.parent / ".jaxmt_cache"), min_compile_seconds=1.0)
     start = time.perf_counter()
-    spec, mt = simulate.build_model(args.arch, args.size, args.tenants, max_tenants=args.max_tenants_bucket,
-                                    max_rows=args.max_rows_bucket, seed=args.seed, dtype=jax.numpy.dtype(args.dtype),
-                                    outputs_to_host=args.outputs_to_host)
+    if args.host_only:
+        spec, mt = build_host_only(args)
+    else:
+        spec, mt = simulate.build_model(args.arch, args.size, args.tenants, max_tenants=args.max_tenants_bucket,
+                                        max_rows=args.max_rows_bucket, seed=args.seed, dtype=jax.numpy.dtype(args.dtype),
+                                        outputs_to_host=args.outputs_to_host)
     inputs = spec.random_input(np.random.default_rng(args.seed + 1), args.tenants * 4)
     inputs = inputs.reshape(args.tenants, 4, 1, *spec.input_shape)
     if not args.quiet:
         print(f"{args.tenants} tenants of {args.arch} ({args.size}) on {jax.devices()[0].device_kind}; "
               f"programs compiling ...", file=sys.stderr, flush=True)
-    out = "serving_quick" if args.quick else args.out or ("serving" if args.arch == "resnet18" else f"serving_{args.arch}")
+    out = "serving_quick" if args.quick else args.out or default_out(args)
     config = {k: v for k, v in vars(args).items() if k not in ("quiet", "no_readme")}
     results: list[dict] = []
     for kind in args.servers:  # written after each server, so a run cut short keeps what it measured

@@ -65,9 +65,11 @@ class _PartlyFailed(Exception):
 
 
 class _Totals:
-    """Rows queued in all lanes of a server (kept by the lanes, read at every submit)."""
+    """Rows queued in all lanes of a server, and the batches of at most ``entry_rows`` rows
+    they fill lane by lane (kept by the lanes, read at every submit without a pass over them)."""
 
     rows = 0
+    lane_batches = 0
 
 
 class _EdfQueue:
@@ -105,7 +107,9 @@ class _EdfQueue:
         have = self.tenant_rows.get(t, 0)
         now = have + sign * req.rows
         self.entries += self._pieces(now) - self._pieces(have)
-        self.rows += sign * req.rows
+        lane_rows = self.rows + sign * req.rows
+        self.totals.lane_batches += self._pieces(lane_rows) - self._pieces(self.rows)
+        self.rows = lane_rows
         self.totals.rows += sign * req.rows
         count = self.tenant_requests.get(t, 0) + sign
         if count:
@@ -143,5 +147,6 @@ class _EdfQueue:
     def drain(self) -> list[_Request]:
         requests = sorted(self._live.values(), key=lambda r: r.seq)
         self.totals.rows -= self.rows
+        self.totals.lane_batches -= self._pieces(self.rows)
         self.__init__(self.entry_rows, self.totals)
         return requests

@@ -224,3 +224,23 @@ def test_space_only_workers_and_exclusive_defaults(served):
         assert exclusive._programs.batch_sizes == (1, 2, 4, 8, 16)  # up to one full jaxmt step
     with pytest.raises(jaxmt.UnknownTenantError):
         jaxmt.ExclusiveServer(mt, tenant_id="nobody")
+
+
+def test_time_only_counts_every_lane_ahead_of_a_request(served, rng):
+    """Time-only serves one lane after another: a request waits for the batches of every
+    queued lane, its own lane holding it too (a count kept up to date as lanes change)."""
+    from jaxmt._queue import _Request
+
+    mt, _ = served
+    clock = FakeClock()  # still: no batch falls due, every request stays queued
+    with jaxmt.TimeOnlyServer(mt, max_delay_ms=1000.0, clock=clock, overload_policy="serve_late") as server:
+        for tenant, count in [("t0", 3), ("t1", 1), ("t2", 2)]:
+            for _ in range(count):  # below the largest batch (4 rows): not due
+                server.submit(tenant, rng.normal(size=(1, ROW)).astype(np.float32))
+        with server._cond:
+            for tenant, rows in [("t0", 1), ("t0", 2), ("t3", 4), ("t1", 3), ("t4", 1)]:
+                probe = _Request(tenant, np.zeros((rows, ROW), np.float32), None, clock(), clock() + 1.0, 1000.0, -1)
+                want = sum(-(-(lane.rows + (rows if key == tenant else 0)) // 4) for key, lane in server._lanes.items())
+                want += 0 if tenant in server._lanes else -(-rows // 4)
+                assert server._steps_ahead_locked(probe) == server._in_flight + want
+        clock.now += 10.0  # due: the queue drains on close

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxmt
-from jaxmt._queue import _EdfQueue, _Request
+from jaxmt._queue import _EdfQueue, _Request, _Totals
 
 TIMEOUT_S = 60.0  # generous: only to turn a hang into a failure
 ROW = 6
@@ -696,3 +696,22 @@ def test_edf_queue_pops_by_deadline_and_keeps_counts(ops):
             assert queue.oldest_submitted() == min(r.submitted_s for r in live)
             assert queue.earliest_deadline() == min(r.deadline_s for r in live)
     assert [r.seq for r in queue.drain()] == sorted(r.seq for r in live) and len(queue) == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 9), st.booleans()), max_size=40), st.integers(0, 3))
+def test_lanes_keep_the_sum_of_their_batches(ops, drained):
+    """Lanes sharing one ``_Totals`` keep its rows and its batches of at most ``entry_rows``
+    rows lane by lane equal to a count over the lanes, through pushes, pops and a drain."""
+    totals = _Totals()
+    lanes = {key: _EdfQueue(entry_rows=4, totals=totals) for key in range(4)}
+    for seq, (key, n_rows, pop) in enumerate(ops):
+        if pop:
+            lanes[key].pop()
+        else:
+            lanes[key].push(_Request(f"t{key}", np.zeros((n_rows, 1)), None, float(seq), float(seq), 1.0, seq))
+        assert totals.rows == sum(lane.rows for lane in lanes.values())
+        assert totals.lane_batches == sum(-(-lane.rows // 4) for lane in lanes.values())
+    lanes[drained].drain()
+    assert totals.rows == sum(lane.rows for lane in lanes.values())
+    assert totals.lane_batches == sum(-(-lane.rows // 4) for lane in lanes.values())
