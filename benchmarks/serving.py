@@ -133,7 +133,7 @@ def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.n
         trials.append(result)
         if not args.quiet:
             stalled = f" (the load generator itself stalled {result['generator_lag_ms']['max_ms']:.0f} ms)" if result["stalled"] else ""
-            pauses = result["gc"]
+            pauses = result.get("gc") or {"collections": [0, 0, 0]}
             stalled += f"; {pauses['collections'][2]} full collections, longest pause {pauses['max_ms']:.0f} ms" if pauses["collections"][2] else ""
             print(f"  [{kind}] {rate:9.1f} req/s: {100 * result['slo_attainment']:6.2f}% in SLO, "
                   f"p99 {result['latency_ms']['p99_ms']} ms -> {'pass' if result['passed'] else 'fail'}{stalled}", file=sys.stderr, flush=True)

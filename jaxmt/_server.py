@@ -74,8 +74,14 @@ class _ServerBase:
         self._outstanding: dict[int, _Request] = {}  # accepted, future not completed yet
 
     # ------------------------------------------------------------------ public
-    def submit(self, tenant_id: Hashable, x: Any, slo_ms: float | None = None) -> Future:
+    def submit(self, tenant_id: Hashable, x: Any, slo_ms: float | None = None, *, copy: bool = True) -> Future:
         """Queues one request: the rows ``x`` [r, *row_shape] for ``tenant_id``.
+
+        ``x`` is copied, so the caller may reuse its buffer at once. With ``copy=False`` the
+        server keeps ``x`` itself (when it is already a NumPy array of the model's dtype) and
+        the caller must not change it until the future is done: for rows decoded into a fresh
+        array per request, that saves one copy of every row (for a 224x224x3 float32 image,
+        22-62 us on a 2-core CPU, from cache and from memory).
 
         Returns:
           A ``concurrent.futures.Future`` whose result is the NumPy output rows [r, ...] in
@@ -94,7 +100,7 @@ class _ServerBase:
         slo_ms = _check_slo(slo_ms, self.config.default_slo_ms)
         if tenant_id not in self.mt:
             raise UnknownTenantError(tenant_id, len(self.mt))
-        x = np.array(x)  # a copy: the caller may reuse its buffer at once
+        x = np.array(x) if copy else np.asarray(x)
         if x.ndim == 0 or x.shape[0] == 0:
             raise InputError(f"a request needs rows [r >= 1, ...], got shape {list(x.shape)}")
         self.mt.check_finite([tenant_id] * x.shape[0], x)  # refused alone, not with a shared step
@@ -118,9 +124,9 @@ class _ServerBase:
             self._finish(req, error=error)
         return future
 
-    async def submit_async(self, tenant_id: Hashable, x: Any, slo_ms: float | None = None) -> Any:
+    async def submit_async(self, tenant_id: Hashable, x: Any, slo_ms: float | None = None, *, copy: bool = True) -> Any:
         """``await``-able ``submit``: the output rows, or the request's exception."""
-        return await asyncio.wrap_future(self.submit(tenant_id, x, slo_ms))
+        return await asyncio.wrap_future(self.submit(tenant_id, x, slo_ms, copy=copy))
 
     def metrics(self) -> dict[str, Any]:
         """Per tenant and overall: counts, latency percentiles (ms), SLO attainment, queue

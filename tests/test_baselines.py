@@ -244,3 +244,25 @@ def test_time_only_counts_every_lane_ahead_of_a_request(served, rng):
                 want += 0 if tenant in server._lanes else -(-rows // 4)
                 assert server._steps_ahead_locked(probe) == server._in_flight + want
         clock.now += 10.0  # due: the queue drains on close
+
+
+@pytest.mark.parametrize("kind", list(SERVERS))
+def test_rows_are_copied_at_submit_unless_the_caller_hands_them_over(served, rng, kind):
+    mt, params = served
+    clock = FakeClock()  # still: the requests stay queued while their buffers change
+    server = SERVERS[kind](mt, max_delay_ms=1000.0, clock=clock, overload_policy="serve_late")
+    try:
+        reused = rng.normal(size=(1, ROW)).astype(np.float32)
+        sent = reused.copy()
+        copied = server.submit("t1", reused)
+        reused[:] = np.nan  # the caller reuses its buffer at once
+        handed = rng.normal(size=(1, ROW)).astype(np.float32)
+        kept = server.submit("t2", handed, copy=False)
+        with server._cond:
+            assert any(req.x is handed for req in server._outstanding.values())
+        clock.now += 10.0
+        owner = lambda tenant: server.tenant_id if kind == "exclusive" else tenant  # noqa: E731
+        np.testing.assert_allclose(copied.result(TIMEOUT_S), reference_predict(apply_fn, params, [owner("t1")], sent), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(kept.result(TIMEOUT_S), reference_predict(apply_fn, params, [owner("t2")], handed), rtol=1e-5, atol=1e-5)
+    finally:
+        server.close()

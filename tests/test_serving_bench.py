@@ -21,9 +21,11 @@ def serving():
     sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location("jaxmt_serving_bench", BENCH / "serving.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     yield module
     sys.path.remove(str(BENCH))
+    del sys.modules[spec.name]
 
 
 def _trial(counts_and_means):
@@ -59,6 +61,20 @@ def test_a_quick_run_writes_a_complete_file_that_reports_again(serving, tmp_path
     data["partial"] = True  # a run cut short is not reported as if it were whole
     (tmp_path / "partial.json").write_text(json.dumps(data))
     assert serving.main(["--report-only", str(tmp_path / "partial.json")]) == 1
+
+
+def test_host_only_keeps_the_input_rows_and_answers_like_its_reference(serving, tmp_path, monkeypatch):
+    """``--host-only``: the architecture's input rows through next to no device work, checked
+    against the stand-in's own per-tenant reference like any run."""
+    import common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    args = serving.parse_args(["--host-only", "--arch", "resnet18", "--size", "tiny", "--tenants", "3"])
+    spec, mt = serving.build_host_only(args)
+    assert spec.input_shape == mt.row_shape and len(mt) == 3 and serving.default_out(args) == "serving_host_resnet18"
+    assert serving.main(["--quick", "--host-only", "--no-readme", "--quiet", "--servers", "jaxmt"]) == 0
+    data = json.loads((tmp_path / "serving_quick.json").read_text())
+    assert data["args"]["host_only"] and data["results"][0]["max_rel_error"] < 1e-4
 
 
 def test_a_trial_spoiled_by_a_process_pause_is_run_once_more_and_both_are_kept(serving, monkeypatch):
