@@ -53,6 +53,7 @@ class _Launched:
     padded_rows: int
     timed: bool = True  # False when launching compiled a program: not a service time sample
     programs: int = 1  # program calls the step was launched as
+    predicted_s: float | None = None  # device time the server expected for it at launch
 
 
 class _PartlyFailed(Exception):

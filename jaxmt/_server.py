@@ -71,6 +71,7 @@ class _ServerBase:
         self._busy_until_s = -math.inf
         self._launch_ewma_s: float | None = None
         self._running = 0  # launched steps whose launch has returned and which have not completed
+        self._running_predicted_s = 0.0  # the device time predicted for those steps, together
         self._outstanding: dict[int, _Request] = {}  # accepted, future not completed yet
 
     # ------------------------------------------------------------------ public
@@ -388,18 +389,26 @@ class _ServerBase:
                     took_s, old = done_s - launch_s, self._launch_ewma_s
                     self._launch_ewma_s = took_s if old is None else old + self.config.ewma_alpha * (took_s - old)
                 self._running += 1
-                est = self._steps.estimate_s
-                if est is not None:  # the device takes this step after those already running
-                    self._busy_until_s = max(done_s, self._busy_until_s) + est
+                launched.predicted_s = self._predict_service_s(launched)
+                if launched.predicted_s is not None:  # the device takes this step after those already running
+                    self._running_predicted_s += launched.predicted_s
+                    self._busy_until_s = max(done_s, self._busy_until_s) + launched.predicted_s
         return launched
 
-    def _step_done_locked(self, ready_s: float) -> None:
-        """A launched step left the pipeline: the others running should end one estimate apart
-        from now (a step still being launched is added when its launch returns)."""
+    def _predict_service_s(self, launched: _Launched) -> float | None:
+        """How long the device will take for a launched step (None: nothing observed yet); a
+        subclass with a cost model predicts from the step's size, the default is the EWMA."""
+        return self._steps.estimate_s
+
+    def _step_done_locked(self, launched: _Launched, ready_s: float) -> None:
+        """A launched step left the pipeline: the others running should end their predicted
+        times after now (a step still being launched is added when its launch returns)."""
         self._in_flight -= 1
         self._running -= 1
-        est = self._steps.estimate_s
-        self._busy_until_s = ready_s + (est or 0.0) * self._running if self._running else -math.inf
+        self._running_predicted_s -= launched.predicted_s or 0.0
+        self._busy_until_s = ready_s + max(self._running_predicted_s, 0.0) if self._running else -math.inf
+        if not self._running:
+            self._running_predicted_s = 0.0  # no rounding residue carried over
         self._cond.notify_all()
 
     def _finish_rows(self, requests: list[_Request], answers: Any) -> None:
@@ -430,7 +439,7 @@ class _ServerBase:
                 self._observe_service(launched, service_s)
             self._latency.note_step({r.tenant_id for r in requests})
             with self._cond:
-                self._step_done_locked(ready_s)
+                self._step_done_locked(launched, ready_s)
             counted = True
             self._finish_rows(requests, answers)
         except Exception as exc:  # noqa: BLE001 (the step's futures carry it)
@@ -438,7 +447,7 @@ class _ServerBase:
             logger.warning("%s: a step of %d requests failed: %s: %s", self.kind, len(requests), type(exc).__name__, exc)
             if not counted:
                 with self._cond:
-                    self._step_done_locked(self._clock())
+                    self._step_done_locked(launched, self._clock())
             # Of a step launched as several program calls, the calls that answered still count.
             answered = exc.answered if isinstance(exc, _PartlyFailed) else []
             error = exc.error if isinstance(exc, _PartlyFailed) else exc

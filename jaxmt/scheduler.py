@@ -315,6 +315,12 @@ class Scheduler(_ServerBase):
     def _observe_service(self, launched: _Launched, service_s: float) -> None:
         self._cost.observe(launched.programs, launched.padded_rows, service_s)
 
+    def _predict_service_s(self, launched: _Launched) -> float | None:
+        """From the step's size once the cost model knows it (steps of a few rows and of a
+        full bucket differ several-fold), else the EWMA of recent steps."""
+        predicted = self._cost.predict_s(launched.programs, launched.padded_rows)
+        return predicted if predicted is not None else self._steps.estimate_s
+
 
 class _FailedCall:
     """A program call whose launch raised: it answers nothing and raises at ``result()``."""
@@ -371,16 +377,31 @@ class _StepCost:
         self._moment = self.forget * self._moment + features * seconds
         self.samples += 1
 
-    def launch_cost_rows(self, default: float) -> float:
-        """What one more program launch costs, in padded rows (``default`` until known)."""
+    def coefficients(self) -> tuple[float, float] | None:
+        """(launch_s, row_s) of the fit, or None while they are not identifiable (too few
+        steps, or steps whose sizes never varied) or the fit is not physical (row_s <= 0)."""
         (g00, g01), (_, g11) = self._gram
         det = g00 * g11 - g01 * g01
-        if self.samples < self.min_samples or det <= 1e-9 * g00 * g11:  # sizes never varied: not identifiable
-            return default
+        if self.samples < self.min_samples or det <= 1e-9 * g00 * g11:
+            return None
         launch_s, row_s = np.linalg.solve(self._gram, self._moment)
-        if row_s <= 0:
+        return None if row_s <= 0 else (float(launch_s), float(row_s))
+
+    def launch_cost_rows(self, default: float) -> float:
+        """What one more program launch costs, in padded rows (``default`` until known)."""
+        fit = self.coefficients()
+        if fit is None:
             return default
+        launch_s, row_s = fit
         return float(min(max(launch_s / row_s, 0.0), 1e6))
+
+    def predict_s(self, programs: int, padded_rows: int) -> float | None:
+        """Seconds a step of this many program calls and padded rows should take (None until known)."""
+        fit = self.coefficients()
+        if fit is None:
+            return None
+        launch_s, row_s = fit
+        return max(launch_s, 0.0) * programs + row_s * padded_rows
 
 
 __all__ = ["OVERLOAD_POLICIES", "Scheduler", "SchedulerConfig", "make_config"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 
 import jax
@@ -553,10 +554,43 @@ def test_step_cost_model_learns_the_launch_cost():
     for programs, padded in [(1, 4), (1, 16), (2, 8), (1, 64), (3, 32), (2, 128)]:
         cost.observe(programs, padded, 0.002 * programs + 0.0001 * padded)
     assert cost.launch_cost_rows(default=7.0) == pytest.approx(20.0)
+    assert cost.predict_s(2, 40) == pytest.approx(0.004 + 0.004)  # a size it never saw
     constant = _StepCost(min_samples=2)
     for _ in range(5):
         constant.observe(1, 16, 0.01)  # sizes never vary: launch and row costs not separable
-    assert constant.launch_cost_rows(default=7.0) == 7.0
+    assert constant.launch_cost_rows(default=7.0) == 7.0 and constant.predict_s(1, 16) is None
+    assert _StepCost().predict_s(1, 16) is None  # nothing observed
+
+
+def test_the_device_is_expected_busy_for_each_running_step_by_its_own_size(served, monkeypatch, rng):
+    """Once the cost model knows the step sizes, a step in flight is expected to hold the
+    device for its own predicted time (not the average step's), and that time leaves the
+    expectation when the step ends."""
+    mt, _ = served
+    clock = FakeClock()
+    held = RecordingDispatch(mt, clock=clock, step_s=0.0)
+    monkeypatch.setattr(mt, "dispatch", held)
+    with jaxmt.Scheduler(mt, max_delay_ms=0.0, clock=clock, overload_policy="serve_late", pipeline_depth=2) as sched:
+        sched.submit("t0", rows(rng)).result(TIMEOUT_S)  # a step time is known: steps in flight hold the next
+        monkeypatch.setattr(sched._cost, "predict_s", lambda programs, padded_rows: 0.001 * padded_rows)
+        held.release.clear()
+        small = sched.submit("t0", rows(rng))  # one tenant, one row: 1 padded row
+        with sched._cond:
+            assert sched._cond.wait_for(lambda: sched._running == 1, TIMEOUT_S)
+            assert sched._busy_until_s == pytest.approx(clock() + 0.001)
+        big = [sched.submit(f"t{i}", rows(rng, 3)) for i in (1, 2, 3)]  # held until the device is about free
+        clock.advance(0.001)
+        with sched._cond:  # three tenants of 3 rows: K=4, B=4, 16 padded rows
+            assert sched._cond.wait_for(lambda: sched._running == 2, TIMEOUT_S)
+            assert sched._busy_until_s == pytest.approx(clock() + 0.016)
+        assert sorted(set(held.calls[-1][0])) == ["t1", "t2", "t3"]
+        held.release.set()
+        small.result(TIMEOUT_S)
+        for future in big:
+            future.result(TIMEOUT_S)
+        with sched._cond:
+            assert sched._cond.wait_for(lambda: sched._running == 0, TIMEOUT_S)
+            assert sched._busy_until_s == -math.inf and sched._running_predicted_s == 0.0
 
 
 # ------------------------------------------------------------------ SLO accounting and overload
