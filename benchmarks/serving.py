@@ -315,8 +315,9 @@ def readme_section(args: Any, argv: list[str], results: list[dict], summary: dic
             f"{args.tenants} tenants of {model}, Zipf {args.zipf:g}, {args.arrival} "
             f"arrivals, {args.trial_s:g} s trials; {environment['device']}, jax {environment['jax']}, commit "
             f"{environment['commit']}, {environment['date']}.\n\n    PYTHONPATH=. python benchmarks/serving.py "
-            + " ".join(argv) + "\n\n" + table(results) + "\n\n"
-            + "\n".join(f"- {k}: {v}" for k, v in summary["targets"].items()))
+            + " ".join(argv) + "\n\n" + table(results))
+    if not getattr(args, "host_only", False):  # the targets are of the real model's serving
+        body += "\n\n" + "\n".join(f"- {k}: {v}" for k, v in summary["targets"].items())
     update_readme_section("Serving: host path" if getattr(args, "host_only", False) else "Serving", body)
 
 
