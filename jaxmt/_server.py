@@ -72,6 +72,7 @@ class _ServerBase:
         self._launch_ewma_s: float | None = None
         self._running = 0  # launched steps whose launch has returned and which have not completed
         self._running_predicted_s = 0.0  # the device time predicted for those steps, together
+        self._running_unpredicted = 0  # those of them launched before any step time was known
         self._outstanding: dict[int, _Request] = {}  # accepted, future not completed yet
 
     # ------------------------------------------------------------------ public
@@ -389,8 +390,14 @@ class _ServerBase:
                     took_s, old = done_s - launch_s, self._launch_ewma_s
                     self._launch_ewma_s = took_s if old is None else old + self.config.ewma_alpha * (took_s - old)
                 self._running += 1
-                launched.predicted_s = self._predict_service_s(launched)
-                if launched.predicted_s is not None:  # the device takes this step after those already running
+                try:
+                    launched.predicted_s = self._predict_service_s(launched)
+                except Exception:  # noqa: BLE001 (a cost model's failure must not stop the dispatch loop)
+                    logger.exception("%s: predicting a step's time failed; using the average step's", self.kind)
+                    launched.predicted_s = self._steps.estimate_s
+                if launched.predicted_s is None:  # nothing observed yet: counted at the next estimate
+                    self._running_unpredicted += 1
+                else:  # the device takes this step after those already running
                     self._running_predicted_s += launched.predicted_s
                     self._busy_until_s = max(done_s, self._busy_until_s) + launched.predicted_s
         return launched
@@ -402,12 +409,19 @@ class _ServerBase:
 
     def _step_done_locked(self, launched: _Launched, ready_s: float) -> None:
         """A launched step left the pipeline: the others running should end their predicted
-        times after now (a step still being launched is added when its launch returns)."""
+        times after now, a step launched before any prediction could be made counting as the
+        average step (a step still being launched is added when its launch returns)."""
         self._in_flight -= 1
         self._running -= 1
-        self._running_predicted_s -= launched.predicted_s or 0.0
-        self._busy_until_s = ready_s + max(self._running_predicted_s, 0.0) if self._running else -math.inf
-        if not self._running:
+        if launched.predicted_s is None:
+            self._running_unpredicted -= 1
+        else:
+            self._running_predicted_s -= launched.predicted_s
+        if self._running:
+            unpredicted_s = (self._steps.estimate_s or 0.0) * self._running_unpredicted
+            self._busy_until_s = ready_s + max(self._running_predicted_s, 0.0) + unpredicted_s
+        else:
+            self._busy_until_s = -math.inf
             self._running_predicted_s = 0.0  # no rounding residue carried over
         self._cond.notify_all()
 

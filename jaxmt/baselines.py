@@ -132,8 +132,8 @@ class _TenantPrograms:
         for start in range(0, x.shape[0], largest):
             n = min(largest, x.shape[0] - start)
             size = self.batch_sizes[int(np.searchsorted(self.batch_sizes, n))]
-            if size == n and not isinstance(x, RowParts):
-                part = x[start : start + n]
+            if size == n:
+                part = x.rows(start, start + n) if isinstance(x, RowParts) else x[start : start + n]
             else:  # padding repeats real rows, so padded positions compute real values
                 part = take_rows(x, start + np.arange(size) % n)
             y, new = self.program(params, part)

@@ -41,7 +41,9 @@ class GcPauses:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Re-entrant: a collection can start inside ``snapshot`` (it allocates), and its
+        # callback then takes the lock on the same thread.
+        self._lock = threading.RLock()
         self._started: float | None = None
         self._counts = [0, 0, 0]
         self._max_s = self._total_s = self._gen2_max_s = 0.0
@@ -72,9 +74,10 @@ class GcPauses:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {
-                "collections": list(self._counts),
-                "max_ms": round(1e3 * self._max_s, 3),
-                "total_ms": round(1e3 * self._total_s, 3),
-                "gen2_max_ms": round(1e3 * self._gen2_max_s, 3),
-            }
+            counts, max_s, total_s, gen2_max_s = tuple(self._counts), self._max_s, self._total_s, self._gen2_max_s
+        return {
+            "collections": list(counts),
+            "max_ms": round(1e3 * max_s, 3),
+            "total_ms": round(1e3 * total_s, 3),
+            "gen2_max_ms": round(1e3 * gen2_max_s, 3),
+        }

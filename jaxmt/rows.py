@@ -66,14 +66,34 @@ class RowParts:
         return int(self.dtype.itemsize * np.prod(self.shape[1:], dtype=np.int64))
 
     def joined(self) -> np.ndarray:
-        """The concatenation (built once, on first use)."""
+        """The concatenation, built once on first use (read-only: later takes read it; with
+        one part, the part itself)."""
         if self._joined is None:
-            self._joined = self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
+            if len(self.parts) == 1:
+                self._joined = self.parts[0]
+            else:
+                self._joined = np.concatenate(self.parts)
+                self._joined.flags.writeable = False
         return self._joined
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         joined = self.joined()
+        if copy:
+            return joined.astype(dtype or joined.dtype, copy=True)
+        if copy is False and dtype is not None and np.dtype(dtype) != joined.dtype:
+            raise ValueError(f"RowParts of {joined.dtype.name} cannot become {np.dtype(dtype).name} without a copy")
         return joined if dtype is None else joined.astype(dtype, copy=False)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the concatenation as one array: a view when they lie in one
+        part, else copied once (small rows: a slice of the concatenation)."""
+        part = int(np.searchsorted(self._ends, start, side="right"))
+        if part < len(self.parts) and stop <= self._ends[part]:
+            first = int(self._starts[part])
+            return self.parts[part][start - first : stop - first]
+        if self._joined is not None or self.row_nbytes < DIRECT_ROW_BYTES:
+            return self.joined()[start:stop]
+        return self.take(np.arange(start, stop))
 
     def take(self, index: np.ndarray) -> np.ndarray:
         """``np.concatenate(parts)[index]`` for an int array ``index`` of any shape."""

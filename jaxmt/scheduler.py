@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -370,21 +371,25 @@ class _StepCost:
         self._gram = np.zeros((2, 2))
         self._moment = np.zeros(2)
         self.samples = 0
+        self._lock = threading.Lock()  # observed on the completion thread, read on the dispatch thread
 
     def observe(self, programs: int, padded_rows: int, seconds: float) -> None:
         features = np.array([float(programs), float(padded_rows)])
-        self._gram = self.forget * self._gram + np.outer(features, features)
-        self._moment = self.forget * self._moment + features * seconds
-        self.samples += 1
+        with self._lock:
+            self._gram = self.forget * self._gram + np.outer(features, features)
+            self._moment = self.forget * self._moment + features * seconds
+            self.samples += 1
 
     def coefficients(self) -> tuple[float, float] | None:
         """(launch_s, row_s) of the fit, or None while they are not identifiable (too few
         steps, or steps whose sizes never varied) or the fit is not physical (row_s <= 0)."""
-        (g00, g01), (_, g11) = self._gram
+        with self._lock:
+            gram, moment, samples = self._gram, self._moment, self.samples
+        (g00, g01), (_, g11) = gram
         det = g00 * g11 - g01 * g01
-        if self.samples < self.min_samples or det <= 1e-9 * g00 * g11:
+        if samples < self.min_samples or det <= 1e-9 * g00 * g11:
             return None
-        launch_s, row_s = np.linalg.solve(self._gram, self._moment)
+        launch_s, row_s = np.linalg.solve(gram, moment)
         return None if row_s <= 0 else (float(launch_s), float(row_s))
 
     def launch_cost_rows(self, default: float) -> float:

@@ -165,12 +165,15 @@ def run_trial(server: Any, workload: Workload, inputs: np.ndarray, tenant_ids: S
 
     def on_done(tenant: Any, submitted: float, future: concurrent.futures.Future) -> None:
         finished = time.perf_counter()
-        done_at.append(finished)
-        recorder.record(tenant, 1e3 * (finished - submitted), workload.slo_ms, future.exception())
-        with pending_lock:
-            pending.discard(future)
-            if not sending and not pending:
-                all_done.set()
+        try:
+            done_at.append(finished)
+            error = concurrent.futures.CancelledError() if future.cancelled() else future.exception()
+            recorder.record(tenant, 1e3 * (finished - submitted), workload.slo_ms, error)
+        finally:
+            with pending_lock:
+                pending.discard(future)
+                if not sending and not pending:
+                    all_done.set()
 
     with jaxmt.GcPauses() as pauses:  # the collector's pauses during the trial
         start = time.perf_counter()

@@ -120,3 +120,30 @@ def test_servers_answer_steps_of_large_rows_from_many_requests(server):
     assert steps["steps"] < len(requests)  # requests did share steps
     for (tenant, x), got in zip(requests, answers):
         np.testing.assert_allclose(got, apply_fn(params[tenant], x), rtol=1e-5, atol=1e-5)
+
+
+def test_as_an_array_it_copies_when_asked_and_is_read_only_otherwise():
+    rng = np.random.default_rng(9)
+    parts = _parts(rng, (3,), 3)
+    rows = RowParts(parts)
+    copied = np.array(rows, copy=True)
+    copied[...] = 0.0
+    np.testing.assert_array_equal(rows.take(np.arange(len(rows))), np.concatenate(parts))
+    shared = np.asarray(rows)
+    with pytest.raises(ValueError):
+        shared[0] = 0.0  # later takes read the concatenation
+    single = RowParts([parts[0]])
+    assert np.asarray(single) is parts[0] and np.array(single, copy=True) is not parts[0]
+    assert np.asarray(rows, dtype=np.float64).dtype == np.float64
+
+
+@pytest.mark.parametrize("row_shape", ROW_SHAPES)
+def test_rows_are_a_view_inside_one_part_and_copied_across_parts(row_shape):
+    rng = np.random.default_rng(10)
+    parts = [rng.normal(size=(n, *row_shape)).astype(np.float32) for n in (3, 1, 4)]
+    joined = np.concatenate(parts)
+    rows = RowParts(parts)
+    inside = rows.rows(4, 8)
+    assert np.shares_memory(inside, parts[2])
+    for start, stop in [(0, 3), (1, 2), (2, 5), (0, 8), (3, 4)]:
+        np.testing.assert_array_equal(rows.rows(start, stop), joined[start:stop])

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import jaxmt
 from jaxmt._queue import _EdfQueue, _Request, _Totals
+from jaxmt.rows import RowParts
 
 TIMEOUT_S = 60.0  # generous: only to turn a hang into a failure
 ROW = 6
@@ -85,10 +86,13 @@ class RecordingDispatch:
         self.raise_on_result = None
 
     def __call__(self, tenant_ids, x):
+        # A RowParts reads as its concatenation (built here from its parts, so that the
+        # dispatch still takes the step's rows from the parts).
+        rows_sent = np.concatenate(x.parts) if isinstance(x, RowParts) else np.array(x)
         with self.called:
-            self.calls.append((list(tenant_ids), np.array(x)))  # a RowParts reads as its concatenation
+            self.calls.append((list(tenant_ids), rows_sent))
             self.called.notify_all()
-        if self.raise_on_launch is not None and self.raise_on_launch(np.asarray(x)):
+        if self.raise_on_launch is not None and self.raise_on_launch(rows_sent):
             raise RuntimeError("injected launch failure")
         pending = self.inner(tenant_ids, x)
         outer = self
@@ -100,7 +104,7 @@ class RecordingDispatch:
                 assert outer.release.wait(TIMEOUT_S)
                 if outer.clock is not None:
                     outer.clock.advance(outer.step_s)
-                if outer.raise_on_result is not None and outer.raise_on_result(np.asarray(x)):
+                if outer.raise_on_result is not None and outer.raise_on_result(rows_sent):
                     raise RuntimeError("injected device failure")
                 return pending.result()
 
@@ -459,6 +463,48 @@ def test_a_launch_that_compiles_is_not_taken_as_the_launch_time(rng, monkeypatch
         assert mt.programs.compiles == 1 and sched._launch_ewma_s is None
         sched.submit("t0", rows(rng)).result(TIMEOUT_S)
         assert mt.programs.compiles == 1 and sched._launch_ewma_s == pytest.approx(0.001)
+
+
+def test_steps_launched_before_any_step_time_was_known_count_as_the_average_step(served, monkeypatch, rng):
+    """Steps launched while no step time was known get no prediction; once one is known,
+    each of them still running is expected to hold the device for the average step."""
+    mt, _ = served
+    clock = FakeClock()
+    inner, gates = mt.dispatch, []
+
+    class Gated:  # a step that ends, 10 ms later on the clock, when its gate opens
+        def __init__(self, pending, gate):
+            self.plan, self.pending, self.gate = pending.plan, pending, gate
+
+        def result(self):
+            assert self.gate.wait(TIMEOUT_S)
+            clock.advance(0.010)
+            return self.pending.result()
+
+    def dispatch(tenant_ids, x):
+        gates.append(threading.Event())
+        return Gated(inner(tenant_ids, x), gates[-1])
+
+    monkeypatch.setattr(mt, "dispatch", dispatch)
+    with jaxmt.Scheduler(mt, max_delay_ms=0.0, clock=clock, overload_policy="serve_late", pipeline_depth=2) as sched:
+        first = sched.submit("t0", rows(rng))
+        with sched._cond:
+            assert sched._cond.wait_for(lambda: sched._running == 1, TIMEOUT_S)
+        second = sched.submit("t1", rows(rng))
+        with sched._cond:
+            assert sched._cond.wait_for(lambda: sched._running == 2, TIMEOUT_S)
+            assert sched._running_unpredicted == 2 and sched._busy_until_s == -math.inf
+        gates[0].set()
+        first.result(TIMEOUT_S)
+        with sched._cond:
+            assert sched._cond.wait_for(lambda: sched._running == 1, TIMEOUT_S)
+            assert sched._steps.estimate_s == pytest.approx(0.010)
+            assert sched._busy_until_s == pytest.approx(clock() + 0.010)  # the second step, still running
+        gates[1].set()
+        second.result(TIMEOUT_S)
+        with sched._cond:
+            assert sched._cond.wait_for(lambda: sched._running == 0, TIMEOUT_S)
+            assert sched._running_unpredicted == 0 and sched._busy_until_s == -math.inf
 
 
 def test_steps_are_deadline_first_up_to_the_largest_bucket(served, monkeypatch, rng):

@@ -6,6 +6,7 @@ only that the benchmark measures, writes a complete file and reports it faithful
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import sys
@@ -26,6 +27,7 @@ def serving():
     yield module
     sys.path.remove(str(BENCH))
     del sys.modules[spec.name]
+    gc.unfreeze()  # its runs froze the heap of this test process
 
 
 def _trial(counts_and_means):

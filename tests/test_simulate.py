@@ -58,6 +58,7 @@ def test_help_and_bad_arguments(capsys):
 
 @pytest.fixture
 def unfreeze_after():
+    gc.unfreeze()  # so that a frozen heap afterwards is this run's doing
     yield
     gc.unfreeze()  # the run froze the heap of this test process
 
