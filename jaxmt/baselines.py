@@ -141,11 +141,15 @@ class _TenantPrograms:
             padded, compiled = padded + size, compiled or new
         return _HostPending(chunks, padded, compiled)
 
-    def warmup(self, params: PyTree, row_shape: Sequence[int], row_dtype: Any) -> int:
-        """Compiles every batch size now; returns how many were new."""
+    def warmup(self, params: PyTree, row_shape: Sequence[int], row_dtype: Any, execute: bool = True) -> int:
+        """Compiles every batch size now, running each once (with ``execute=False``, only
+        those not compiled yet); returns how many were new."""
         new_count = 0
         for size in self.batch_sizes:
-            y, new = self.program(params, np.zeros((size, *row_shape), row_dtype))
+            x = np.zeros((size, *row_shape), row_dtype)
+            if not execute and (x.shape, x.dtype.str) in self.program.compiled:
+                continue
+            y, new = self.program(params, x)
             jax.block_until_ready(y)
             new_count += new
         return new_count
@@ -165,17 +169,18 @@ class _LaneServer(_ServerBase):
         self._entry_rows = self._max_batch
         self._busy: set[Hashable] = set()  # lanes a worker is serving (space-only)
 
-    def warmup(self) -> int:
+    def warmup(self, execute: bool = True) -> int:
         """Compiles the program for every batch size and loads every lane's params now (a
         deployment of separate models has them in place before traffic); returns how many
-        programs were new."""
+        programs were new. Each program runs once unless ``execute`` is False, which runs
+        only those not compiled yet (as ``MultiTenantModel.warmup``)."""
         shape, dtype = self.mt.row_shape or self._row_shape, self.mt.row_dtype or self._row_dtype
         if shape is None or not len(self.mt):
             raise InputError("warmup needs a resident tenant and the input row shape (from the model or a first request)")
         with self.mt.store.lock:
             tenants = self._tenants_to_preload()
             self._programs.preload(tenants)
-        return self._programs.warmup(self._params_for(self.mt.tenants[0]), shape, dtype)
+        return self._programs.warmup(self._params_for(self.mt.tenants[0]), shape, dtype, execute=execute)
 
     def _tenants_to_preload(self) -> list[Hashable]:
         """The tenants whose own params serve requests (all resident ones; none for exclusive)."""

@@ -266,3 +266,23 @@ def test_rows_are_copied_at_submit_unless_the_caller_hands_them_over(served, rng
         np.testing.assert_allclose(kept.result(TIMEOUT_S), reference_predict(apply_fn, params, [owner("t2")], handed), rtol=1e-5, atol=1e-5)
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("kind", ["exclusive", "time", "space"])
+def test_warmup_without_execute_runs_only_programs_not_compiled_yet(served, monkeypatch, kind):
+    mt, _ = served
+    with SERVERS[kind](mt) as first:
+        first.warmup()  # compiles (or finds compiled) and runs every batch size
+        program = first._programs.program
+        runs = []
+        real_fn = program.fn
+        monkeypatch.setattr(program, "fn", lambda params, x: runs.append(x.shape) or real_fn(params, x))
+        assert first.warmup(execute=False) == 0 and runs == []
+        first.warmup()
+        assert sorted(shape[0] for shape in runs) == sorted(first._programs.batch_sizes)
+        compiled_before = set(program.compiled)
+        program.compiled.clear()  # as if never compiled: execute=False runs them all
+        runs.clear()
+        first.warmup(execute=False)
+        assert len(runs) == len(first._programs.batch_sizes)
+        program.compiled |= compiled_before
