@@ -4,7 +4,7 @@ A process that has imported JAX and built a model holds some 10^5 tracked object
 (generation 2) collection walks all of them with the GIL held, so the dispatch, completion
 and client threads all stop. On a 2-core CPU such a collection took 40 ms after setup and
 65-93 ms during serving trials (``benchmarks/serving.py --host-only --no-gc-freeze``), long
-enough to push a 50 ms SLO's tail over; with the heap frozen no pause exceeded 0.6 ms. Two tools:
+enough to push a 50 ms SLO's tail over; with the heap frozen no pause exceeded 1.5 ms. Two tools:
 
 - ``freeze_heap()`` collects once, then moves every surviving object into the permanent
   generation (``gc.freeze``), so later collections walk only what was allocated since:
