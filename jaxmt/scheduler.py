@@ -63,8 +63,10 @@ class SchedulerConfig:
     Attributes:
       max_delay_ms: longest a request waits for company while the device is free. While
         steps are in flight, the Scheduler forms the next step when the device is expected to
-        be free, less twice the host time of a launch (from the step-time estimate), unless a
-        full bucket or a deadline sends it sooner; the baselines launch at max_delay_ms.
+        be free (each step in flight taking the time the step-cost fit predicts for its size,
+        or the average step's until the fit knows sizes), less twice the host time of a
+        launch, unless a full bucket or a deadline sends it sooner; the baselines launch at
+        max_delay_ms.
       default_slo_ms: latency objective of requests submitted without ``slo_ms``.
       overload_policy: "reject" (fail fast with ``Overloaded``) or "serve_late" (serve, count).
       overload_factor: a request is overloaded when its predicted completion lies past its
