@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -373,26 +372,29 @@ class _StepCost:
         self._gram = np.zeros((2, 2))
         self._moment = np.zeros(2)
         self.samples = 0
-        self._lock = threading.Lock()  # observed on the completion thread, read on the dispatch thread
+        # The fit is solved when a step is observed (on the completion thread), so that the
+        # dispatch thread only reads it; one tuple, replaced whole.
+        self._fit: tuple[float, float] | None = None
 
     def observe(self, programs: int, padded_rows: int, seconds: float) -> None:
         features = np.array([float(programs), float(padded_rows)])
-        with self._lock:
-            self._gram = self.forget * self._gram + np.outer(features, features)
-            self._moment = self.forget * self._moment + features * seconds
-            self.samples += 1
+        self._gram = self.forget * self._gram + np.outer(features, features)
+        self._moment = self.forget * self._moment + features * seconds
+        self.samples += 1
+        self._fit = self._solve()
+
+    def _solve(self) -> tuple[float, float] | None:
+        (g00, g01), (_, g11) = self._gram
+        det = g00 * g11 - g01 * g01
+        if self.samples < self.min_samples or det <= 1e-9 * g00 * g11:
+            return None
+        launch_s, row_s = np.linalg.solve(self._gram, self._moment)
+        return None if row_s <= 0 else (float(launch_s), float(row_s))
 
     def coefficients(self) -> tuple[float, float] | None:
         """(launch_s, row_s) of the fit, or None while they are not identifiable (too few
         steps, or steps whose sizes never varied) or the fit is not physical (row_s <= 0)."""
-        with self._lock:
-            gram, moment, samples = self._gram, self._moment, self.samples
-        (g00, g01), (_, g11) = gram
-        det = g00 * g11 - g01 * g01
-        if samples < self.min_samples or det <= 1e-9 * g00 * g11:
-            return None
-        launch_s, row_s = np.linalg.solve(gram, moment)
-        return None if row_s <= 0 else (float(launch_s), float(row_s))
+        return self._fit
 
     def launch_cost_rows(self, default: float) -> float:
         """What one more program launch costs, in padded rows (``default`` until known)."""
