@@ -21,9 +21,10 @@ from common import markdown_table, time_call, update_readme_section, write_json
 
 import models
 from jaxmt import BucketPolicy, MultiTenantModel
+from jaxmt.steps import host_output_sharding
 
 
-def _model(spec, params: dict, outputs_to_host: bool) -> MultiTenantModel:
+def _model(spec, params: dict, outputs_to_host: bool | None) -> MultiTenantModel:
     mt = MultiTenantModel(spec.apply_fn, next(iter(params.values())), capacity=len(params), buckets=BucketPolicy(),
                           row_shape=spec.input_shape, row_dtype=spec.input_dtype, outputs_to_host=outputs_to_host)
     for tenant, p in params.items():
@@ -35,8 +36,9 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
     spec = models.make("mlp", "tiny")
     rng = np.random.default_rng(seed)
     params = {f"t{i}": spec.init(seed + i) for i in range(tenants)}
-    mt = _model(spec, params, False)  # the default: answers stay on the device until result()
-    on_host = _model(spec, params, True)  # the same, answers written into pinned host memory
+    mt = _model(spec, params, None)  # the default placement of answers (pinned host memory on a GPU)
+    in_host = mt.output_sharding is not None
+    other = _model(spec, params, not in_host)  # the same model with its answers placed the other way
     # A fixed request (fresh random content), so the step shape is the same every call.
     ids = list(rng.choice(list(params), size=rows))
     ids[:tenants] = list(params)  # every tenant present: K = tenants
@@ -57,12 +59,12 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
     compiles_before = mt.stats()["compiles"]
     bare = time_call(lambda: [program(leaves, slots, x_kb) for program, slots, x_kb in calls], warmup=20, repeats=repeats)
     full = time_call(lambda: mt.predict(ids, x), warmup=20, repeats=repeats)
-    np.testing.assert_allclose(on_host.predict(ids, x), y, rtol=1e-6, atol=1e-6)
-    host_program = on_host.programs.get(on_host._key(plan.steps[0].tenant_bucket, plan.steps[0].row_bucket))
-    host_calls = [(host_program, slots, x_kb) for _, slots, x_kb in calls]
-    host_leaves = on_host.store.stacked_leaves
-    bare_host = time_call(lambda: [program(host_leaves, slots, x_kb) for program, slots, x_kb in host_calls], warmup=20, repeats=repeats)
-    full_host = time_call(lambda: on_host.predict(ids, x), warmup=20, repeats=repeats)
+    np.testing.assert_allclose(other.predict(ids, x), y, rtol=1e-6, atol=1e-6)
+    other_program = other.programs.get(other._key(plan.steps[0].tenant_bucket, plan.steps[0].row_bucket))
+    other_calls = [(other_program, slots, x_kb) for _, slots, x_kb in calls]
+    other_leaves = other.store.stacked_leaves
+    bare_other = time_call(lambda: [program(other_leaves, slots, x_kb) for program, slots, x_kb in other_calls], warmup=20, repeats=repeats)
+    full_other = time_call(lambda: other.predict(ids, x), warmup=20, repeats=repeats)
     launch = time_call(lambda: mt.dispatch(ids, x).outputs, warmup=20, repeats=repeats)
     phases = breakdown(mt, ids, x, calls, repeats)
     transfers = packed_transfer(mt, plan.steps[0], x, repeats)
@@ -73,11 +75,12 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
         "tenants": tenants,
         "rows": rows,
         "steps": [[step.tenant_bucket, step.row_bucket] for step in plan.steps],
-        "outputs_to_host": False,
-        "answers_in_host_memory": {  # outputs_to_host=True, same run
-            "bare_program_us": bare_host["median_s"] * 1e6,
-            "predict_us": full_host["median_s"] * 1e6,
-            "overhead_us": (full_host["median_s"] - bare_host["median_s"]) * 1e6,
+        "outputs_to_host": in_host,
+        "other_placement": {  # the same model, answers placed the other way, same run
+            "outputs_to_host": not in_host,
+            "bare_program_us": bare_other["median_s"] * 1e6,
+            "predict_us": full_other["median_s"] * 1e6,
+            "overhead_us": (full_other["median_s"] - bare_other["median_s"]) * 1e6,
         },
         "bare_program_us": bare["median_s"] * 1e6,
         "predict_us": full["median_s"] * 1e6,
@@ -164,6 +167,46 @@ def packed_transfer(mt: MultiTenantModel, step, x: np.ndarray, repeats: int) -> 
     return {"two_inputs": _median_us(two, repeats), "one_packed_input": _median_us(one, repeats)}
 
 
+TRANSFER_SIZES = {"8 KiB": 8 << 10, "588 KiB (one 224x224x3 float32 image)": 224 * 224 * 3 * 4, "4.6 MiB (8 such)": 8 * 224 * 224 * 3 * 4}
+
+
+def transfer_paths(repeats: int, seed: int) -> dict[str, dict[str, float]]:
+    """Each way of moving a step's bytes, at a few sizes, as a whole call (medians, us).
+
+    into_program_*: a jitted sum of a float32 vector, waited for, given as a NumPy array (the
+    executable copies it in) or already on the device; answer_*: a jitted copy of a
+    device-resident vector, read as NumPy, written by the program to the device (then copied
+    out when asked) or into pinned host memory (``outputs_to_host``). Inputs are random and
+    rotate among four buffers; every answer is checked before timing.
+    """
+    import jax.numpy as jnp
+
+    device = jax.devices()[0]
+    on_device = jax.sharding.SingleDeviceSharding(device)
+    kinds = {m.kind for m in device.addressable_memories()}
+    rng = np.random.default_rng(seed)
+    out = {}
+    for label, nbytes in TRANSFER_SIZES.items():
+        xs = [rng.standard_normal(nbytes // 4).astype(np.float32) for _ in range(4)]
+        held = [jax.device_put(x, on_device) for x in xs]
+        turn = iter(range(1 << 62))
+        pick = lambda arrays: arrays[next(turn) % 4]  # noqa: E731
+        total = jax.jit(lambda v: jnp.sum(v, dtype=jnp.float32))
+        np.testing.assert_allclose(float(total(xs[0])), float(np.sum(xs[0], dtype=np.float64)), rtol=1e-3, atol=1e-2)
+        row = {
+            "into_program_numpy": _median_us(lambda: total(pick(xs)).block_until_ready(), repeats),
+            "into_program_on_device": _median_us(lambda: total(pick(held)).block_until_ready(), repeats),
+        }
+        copies = {"answer_on_device": jax.jit(lambda v: v * 1.0)}
+        if "pinned_host" in kinds:
+            copies["answer_in_pinned_host"] = jax.jit(lambda v: v * 1.0, out_shardings=host_output_sharding(device, True))
+        for name, copy in copies.items():
+            np.testing.assert_array_equal(np.asarray(copy(held[1])), xs[1])
+            row[name] = _median_us(lambda copy=copy: np.asarray(copy(pick(held))), repeats)
+        out[label] = {k: round(v, 1) for k, v in row.items()}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tenants", type=int, default=16)
@@ -173,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
     args = parser.parse_args(argv)
     result = measure(args.tenants, args.rows, args.repeats, args.seed)
+    result["transfers_us"] = transfer_paths(min(args.repeats, 100), args.seed)
     path = write_json("overhead", {"result": result})
     env = common.environment()
     table = markdown_table(
@@ -182,9 +226,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     phases = markdown_table(list(result["phases_us"]), [[round(v, 1) for v in result["phases_us"].values()]])
     transfers = result["one_step_with_host_inputs_us"]
-    host = result["answers_in_host_memory"]
-    print(f"with answers written into host memory (outputs_to_host=True): predict {host['predict_us']:.1f} us, "
-          f"bare program {host['bare_program_us']:.1f} us, overhead {host['overhead_us']:.1f} us")
+    other = result["other_placement"]
+    where = {True: "written into pinned host memory", False: "left on the device"}
+    print(f"answers {where[other['outputs_to_host']]} (outputs_to_host={other['outputs_to_host']}): predict {other['predict_us']:.1f} us, "
+          f"bare program {other['bare_program_us']:.1f} us, overhead {other['overhead_us']:.1f} us")
+    moves = markdown_table(["bytes", *next(iter(result["transfers_us"].values()))],
+                           [[label, *row.values()] for label, row in result["transfers_us"].items()])
+    print(moves)
     print(table)
     print(phases)
     print(f"one step, host inputs to host answer: two inputs {transfers['two_inputs']:.1f} us, "
@@ -197,9 +245,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.repeats} calls; jax {env['jax']}, commit {env['commit']}). Target: overhead under 100 us, "
             "no recompiles in steady state.\n\n" + table + "\n\nWhere the time of one step goes, each phase timed alone "
             "(us; `breakdown` in the script says what each holds):\n\n" + phases
-            + "\n\nThe same model with answers written into pinned host memory by the step program "
-            f"(`outputs_to_host=True`), in the same run: predict {host['predict_us']:.0f} us, "
-            f"bare program {host['bare_program_us']:.0f} us, overhead {host['overhead_us']:.0f} us.",
+            + f"\n\nAnswers {where[result['outputs_to_host']]} (the default here). The same model with answers "
+            f"{where[other['outputs_to_host']]} (`outputs_to_host={other['outputs_to_host']}`), in the same run: "
+            f"predict {other['predict_us']:.0f} us, bare program {other['bare_program_us']:.0f} us, overhead {other['overhead_us']:.0f} us."
+            "\n\nMoving a step's bytes, each way as a whole call (us; `transfer_paths` in the script says what each holds):\n\n" + moves,
         )
 
 

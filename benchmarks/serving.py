@@ -37,6 +37,10 @@ import jaxmt
 from jaxmt.metrics import tenant_spread
 
 
+# --outputs: MultiTenantModel's outputs_to_host for each choice.
+OUTPUTS = {"auto": None, "host": True, "device": False}
+
+
 def _load_simulate() -> Any:
     path = BENCH_DIR.parent / "scripts" / "simulate.py"
     spec = importlib.util.spec_from_file_location("jaxmt_simulate", path)
@@ -83,7 +87,7 @@ def build_host_only(args: argparse.Namespace) -> tuple[HostOnlySpec, jaxmt.Multi
     max_tenants = args.max_tenants_bucket or min(64, 1 << max(0, args.tenants - 1).bit_length())
     mt = jaxmt.MultiTenantModel(spec.apply_fn, spec.init(args.seed), capacity=args.tenants, lowering="vmap",
                                 buckets=jaxmt.BucketPolicy.powers_of_two(max_tenants, args.max_rows_bucket),
-                                row_shape=spec.input_shape, row_dtype=spec.input_dtype, outputs_to_host=args.outputs_to_host)
+                                row_shape=spec.input_shape, row_dtype=spec.input_dtype, outputs_to_host=OUTPUTS[args.outputs])
     for i in range(args.tenants):
         mt.add_tenant(f"t{i}", spec.init(args.seed + 1 + i))
     return spec, mt
@@ -286,8 +290,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host-only", action="store_true",
                         help="the architecture's input rows through a model with next to no device work: what the "
                              "host path alone sustains (results/serving_host_<arch>.json, README section 'Serving: host path')")
-    parser.add_argument("--outputs-to-host", action="store_true",
-                        help="step programs write answers into pinned host memory (MultiTenantModel outputs_to_host)")
+    parser.add_argument("--outputs", default="auto", choices=sorted(OUTPUTS),
+                        help="where step programs write their answers: pinned host memory or the device "
+                             "(MultiTenantModel outputs_to_host; auto: host memory on a GPU)")
     parser.add_argument("--out", default=None, help="results/<out>.json (default: serving, or serving_<arch> for another arch)")
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
     parser.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
@@ -317,7 +322,8 @@ def readme_section(args: Any, argv: list[str], results: list[dict], summary: dic
         model = f"{args.arch}-sized input rows through next to no device work (`--host-only`)"
     body = (f"Highest rate with >= {100 * args.target:g}% of requests within {args.slo_ms:g} ms; "
             f"{args.tenants} tenants of {model}, Zipf {args.zipf:g}, {args.arrival} "
-            f"arrivals, {args.trial_s:g} s trials; {environment['device']}, jax {environment['jax']}, commit "
+            f"arrivals, {args.trial_s:g} s trials, answers written to "
+            f"{'pinned host memory' if getattr(args, 'outputs_in_host_memory', False) else 'the device'}; {environment['device']}, jax {environment['jax']}, commit "
             f"{environment['commit']}, {environment['date']}.\n\n    PYTHONPATH=. python benchmarks/serving.py "
             + " ".join(argv) + "\n\n" + table(results))
     if not getattr(args, "host_only", False):  # the targets are of the real model's serving
@@ -372,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         spec, mt = simulate.build_model(args.arch, args.size, args.tenants, max_tenants=args.max_tenants_bucket,
                                         max_rows=args.max_rows_bucket, seed=args.seed, dtype=jax.numpy.dtype(args.dtype),
-                                        outputs_to_host=args.outputs_to_host)
+                                        outputs_to_host=OUTPUTS[args.outputs])
+    args.outputs_in_host_memory = mt.output_sharding is not None  # what --outputs resolved to, kept in the results
     inputs = spec.random_input(np.random.default_rng(args.seed + 1), args.tenants * 4)
     inputs = inputs.reshape(args.tenants, 4, 1, *spec.input_shape)
     if not args.quiet:

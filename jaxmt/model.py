@@ -66,10 +66,11 @@ class MultiTenantModel:
         (computed as given, counted in ``stats()["nonfinite_rows"]`` and listed in
         ``PendingPrediction.nonfinite_rows``) or "reject" (``InputError`` naming the first
         such row and its tenant; nothing is computed).
-      outputs_to_host: step programs write their answers into pinned host memory (the
-        program copies its answer out as its last operation, cheaper on a GPU than a copy
-        asked for afterwards; see ``jaxmt.steps.host_output_sharding`` for what was
-        measured and why it is off by default). ``run_step`` then returns host arrays.
+      outputs_to_host: whether step programs write their answers into pinned host memory
+        (the program copies its answer out as its last operation, cheaper on a GPU than a
+        copy asked for afterwards; ``jaxmt.steps.host_output_sharding`` says what was
+        measured). None (the default): on a GPU that has pinned host memory, else not.
+        ``run_step`` then returns host arrays.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, jaxmt
@@ -103,7 +104,7 @@ class MultiTenantModel:
         lowering: "str | LoweringPolicy | Mapping[str, str]" = "auto",
         device: jax.Device | None = None,
         nonfinite_inputs: str = "ignore",
-        outputs_to_host: bool = False,
+        outputs_to_host: bool | None = None,
     ):
         if not callable(apply_fn):
             raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
@@ -353,7 +354,7 @@ class MultiTenantModel:
     # program (``jaxmt.sharding`` has none).
     _whole_store_steps = True
 
-    def _output_sharding(self, outputs_to_host: bool) -> jax.sharding.Sharding | None:
+    def _output_sharding(self, outputs_to_host: bool | None) -> jax.sharding.Sharding | None:
         """Where step programs put their outputs (a hook: ``jaxmt.sharding`` keeps them on the mesh)."""
         return host_output_sharding(self.store.device, outputs_to_host)
 

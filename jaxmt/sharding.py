@@ -260,7 +260,7 @@ class ShardedMultiTenantModel(MultiTenantModel):
 
     _whole_store_steps = False  # run_step always gathers per device
 
-    def _output_sharding(self, outputs_to_host: bool) -> None:
+    def _output_sharding(self, outputs_to_host: bool | None) -> None:
         if outputs_to_host:
             raise ValueError("ShardedMultiTenantModel keeps step outputs on the mesh; outputs_to_host=True is not supported")
         return None

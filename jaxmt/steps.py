@@ -67,19 +67,24 @@ class PendingPrediction:
 _NO_ROWS = np.zeros(0, np.int64)
 
 
-def host_output_sharding(device: jax.Device, outputs_to_host: bool = False) -> jax.sharding.Sharding | None:
+def host_output_sharding(device: jax.Device, outputs_to_host: bool | None = None) -> jax.sharding.Sharding | None:
     """Where a step program should write its outputs: pinned host memory, or None (device).
 
     With ``outputs_to_host`` the program itself copies its answer into page-locked host
-    memory as its last operation, and reading it as NumPy then costs a memcpy: on an H200
-    host that took ``predict`` of a tiny model from 634 to 459 us (``benchmarks/overhead.py``).
-    It is off by default: in one serving run of MobileNetV2 with it on, the first steps of
-    the larger programs took 0.7-2.5 s, and whether host-memory outputs caused that was not
-    measured. Raises ValueError if the device has no pinned host memory.
+    memory as its last operation, and reading it as NumPy then costs a memcpy. On an H200
+    host, reading a finished answer of 8 KiB took 75 us that way against 296 us for a copy
+    asked for afterwards, and 80 against 657 us at 600 KiB (``.../h2d`` probe in
+    benchmarks/README.md, Host overhead); ``predict`` of the overhead benchmark's tiny
+    model fell from 1,149 to 618 us. ``None`` picks it where that was measured: on a GPU
+    with pinned host memory. A CPU backend keeps outputs where they are (its "device" is
+    host memory already; pinned outputs measured slower there). Raises ValueError if
+    ``outputs_to_host=True`` and the device has no pinned host memory.
     """
+    kinds = {memory.kind for memory in device.addressable_memories()}
+    if outputs_to_host is None:
+        outputs_to_host = device.platform == "gpu" and "pinned_host" in kinds
     if not outputs_to_host:
         return None
-    kinds = {memory.kind for memory in device.addressable_memories()}
     if "pinned_host" not in kinds:
         raise ValueError(f"outputs_to_host=True, but device {device} has no pinned host memory (it has {sorted(kinds)})")
     return jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")

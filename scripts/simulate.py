@@ -107,7 +107,7 @@ def arrival_schedule(workload: Workload) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_model(arch: str, size: str, tenants: int, *, max_tenants: int = 0, max_rows: int = 16, seed: int = 0,
-                dtype: Any = np.float32, outputs_to_host: bool = False) -> tuple[models.ModelSpec, jaxmt.MultiTenantModel]:
+                dtype: Any = np.float32, outputs_to_host: bool | None = None) -> tuple[models.ModelSpec, jaxmt.MultiTenantModel]:
     """``tenants`` tenants ("t0", "t1", ...) of a zoo architecture in one MultiTenantModel.
 
     The tenant bucket ladder reaches ``max_tenants`` (default: tenants rounded up to a power

@@ -63,6 +63,18 @@ def test_answers_written_to_host_memory_equal_answers_kept_on_the_device(name, r
     assert on_device.output_sharding is None
 
 
+def test_answers_go_to_pinned_host_memory_by_default_only_on_a_gpu():
+    """outputs_to_host=None (the default) picks pinned host memory where it was measured to
+    pay, a GPU; a CPU device keeps its answers where they are."""
+    spec = tiny_spec("mlp")
+    mt = MultiTenantModel(spec.apply_fn, spec.init(0), capacity=2, buckets=POLICY)
+    device = mt.store.device
+    on_gpu = device.platform == "gpu" and "pinned_host" in {m.kind for m in device.addressable_memories()}
+    assert (mt.output_sharding is not None) == on_gpu
+    if on_gpu:
+        assert mt.output_sharding.memory_kind == "pinned_host"
+
+
 def test_rows_beyond_the_largest_buckets_are_split_not_rejected(rng):
     spec, mt, params = _model_with_tenants("mlp", 12, 3)
     ids = list(rng.choice(list(params), size=150))  # 12 tenants > 8 per step, ~12 rows > 4 per entry
