@@ -82,7 +82,7 @@ def build_host_only(args: argparse.Namespace) -> tuple[HostOnlySpec, jaxmt.Multi
     ladders ``simulate.build_model`` would give the real model."""
     import models
 
-    base = models.make(args.arch, args.size, dtype=jax.numpy.dtype(args.dtype))  # a definition: no weights built
+    base = models.make(args.arch, args.size, dtype=jax.numpy.dtype(args.dtype), pixels=args.pixels)  # a definition: no weights built
     spec = HostOnlySpec(f"host-only {args.arch}", base.input_shape, base.input_dtype, base.random_input)
     max_tenants = args.max_tenants_bucket or min(64, 1 << max(0, args.tenants - 1).bit_length())
     mt = jaxmt.MultiTenantModel(spec.apply_fn, spec.init(args.seed), capacity=args.tenants, lowering="vmap",
@@ -278,6 +278,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tenants-bucket", type=int, default=0, help="largest tenant bucket (0: tenants, pow2, <= 64)")
     parser.add_argument("--max-rows-bucket", type=int, default=8, help="largest row bucket (and time/space batch size)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--pixels", action="store_true",
+                        help="requests carry uint8 pixels, mapped to [-1, 1] on the device (models.make(..., pixels=True)): "
+                             "a quarter of float32's bytes per row")
     parser.add_argument("--tolerance", type=float, default=1e-2, help="relative error allowed vs the reference (TF32)")
     parser.add_argument("--stall-ms", type=float, default=20.0,
                         help="a trial in which the load generator itself fell this far behind its schedule "
@@ -310,14 +313,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def default_out(args: Any) -> str:
-    """results/<name>.json of a run: serving (ResNet-18), serving_<arch>, serving_host_<arch>."""
+    """results/<name>.json of a run: serving (ResNet-18), serving_<arch>, serving_host_<arch>;
+    ``_pixels`` appended for uint8 pixel rows."""
+    pixels = "_pixels" if getattr(args, "pixels", False) else ""
     if getattr(args, "host_only", False):
-        return f"serving_host_{args.arch}"
-    return "serving" if args.arch == "resnet18" else f"serving_{args.arch}"
+        return f"serving_host_{args.arch}{pixels}"
+    return ("serving" if args.arch == "resnet18" else f"serving_{args.arch}") + pixels
+
+
+def section_title(args: Any) -> str:
+    """The benchmarks/README.md section of a run: one per architecture, input and mode, so
+    that a run rewrites its own section and no other."""
+    title = "Serving: host path" if getattr(args, "host_only", False) else "Serving"
+    details = [] if args.arch == "resnet18" else [args.arch]
+    if getattr(args, "pixels", False):
+        details.append("uint8 pixels")
+    if not details:
+        return title
+    return f"{title}, {', '.join(details)}" if title.endswith("host path") else f"{title}: {', '.join(details)}"
 
 
 def readme_section(args: Any, argv: list[str], results: list[dict], summary: dict, environment: dict) -> None:
-    model = f"{args.arch} ({args.size}, {args.dtype})"
+    model = f"{args.arch} ({args.size}, {args.dtype}{', uint8 pixel rows' if getattr(args, 'pixels', False) else ''})"
     if getattr(args, "host_only", False):
         model = f"{args.arch}-sized input rows through next to no device work (`--host-only`)"
     body = (f"Highest rate with >= {100 * args.target:g}% of requests within {args.slo_ms:g} ms; "
@@ -328,7 +345,7 @@ def readme_section(args: Any, argv: list[str], results: list[dict], summary: dic
             + " ".join(argv) + "\n\n" + table(results))
     if not getattr(args, "host_only", False):  # the targets are of the real model's serving
         body += "\n\n" + "\n".join(f"- {k}: {v}" for k, v in summary["targets"].items())
-    update_readme_section("Serving: host path" if getattr(args, "host_only", False) else "Serving", body)
+    update_readme_section(section_title(args), body)
 
 
 def _argv_of(config: dict) -> list[str]:
@@ -378,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         spec, mt = simulate.build_model(args.arch, args.size, args.tenants, max_tenants=args.max_tenants_bucket,
                                         max_rows=args.max_rows_bucket, seed=args.seed, dtype=jax.numpy.dtype(args.dtype),
-                                        outputs_to_host=OUTPUTS[args.outputs])
+                                        outputs_to_host=OUTPUTS[args.outputs], pixels=args.pixels)
     args.outputs_in_host_memory = mt.output_sharding is not None  # what --outputs resolved to, kept in the results
     inputs = spec.random_input(np.random.default_rng(args.seed + 1), args.tenants * 4)
     inputs = inputs.reshape(args.tenants, 4, 1, *spec.input_shape)

@@ -107,13 +107,15 @@ def arrival_schedule(workload: Workload) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_model(arch: str, size: str, tenants: int, *, max_tenants: int = 0, max_rows: int = 16, seed: int = 0,
-                dtype: Any = np.float32, outputs_to_host: bool | None = None) -> tuple[models.ModelSpec, jaxmt.MultiTenantModel]:
-    """``tenants`` tenants ("t0", "t1", ...) of a zoo architecture in one MultiTenantModel.
+                dtype: Any = np.float32, outputs_to_host: bool | None = None,
+                pixels: bool = False) -> tuple[models.ModelSpec, jaxmt.MultiTenantModel]:
+    """``tenants`` tenants ("t0", "t1", ...) of a zoo architecture in one MultiTenantModel
+    (``pixels``: an image model taking uint8 pixel rows).
 
     The tenant bucket ladder reaches ``max_tenants`` (default: tenants rounded up to a power
     of two, at most 64); the row ladder reaches ``max_rows``.
     """
-    spec = models.make(arch, size, dtype=dtype)
+    spec = models.make(arch, size, dtype=dtype, pixels=pixels)
     max_tenants = max_tenants or min(64, 1 << max(0, tenants - 1).bit_length())
     mt = jaxmt.MultiTenantModel(
         spec.apply_fn, spec.init(seed), capacity=tenants, buckets=jaxmt.BucketPolicy.powers_of_two(max_tenants, max_rows),

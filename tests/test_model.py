@@ -42,6 +42,22 @@ def test_predict_equals_per_tenant_reference(name, seed):
         assert rel_error(got, want) < 1e-5, name
 
 
+@pytest.mark.parametrize("name", models.IMAGE_ARCHITECTURES)
+def test_predict_of_a_uint8_pixel_model_equals_per_tenant_reference(name, rng):
+    """Pixel models (uint8 rows, mapped to floats inside the program) batch like any other;
+    float rows are refused with the dtype the model takes."""
+    spec = models.make(name, "tiny", pixels=True)
+    params = {f"t{i}": spec.init(900 + i) for i in range(4)}
+    mt = MultiTenantModel(spec.apply_fn, params["t0"], capacity=4, buckets=POLICY, row_shape=spec.input_shape, row_dtype=spec.input_dtype)
+    for tenant, p in params.items():
+        mt.add_tenant(tenant, p)
+    ids = [f"t{i}" for i in rng.integers(4, size=9)]
+    x = spec.random_input(rng, len(ids))
+    assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+    with pytest.raises(InputError, match="expected uint8"):
+        mt.predict(ids, x.astype(np.float32))
+
+
 @pytest.mark.parametrize("name", ["mlp", "resnet18", "transformer"])
 def test_answers_written_to_host_memory_equal_answers_kept_on_the_device(name, rng):
     """outputs_to_host=True (the program copies its answer out into pinned host memory)

@@ -160,6 +160,25 @@ def test_equal_arguments_give_the_same_spec_and_apply_fn(arch: str) -> None:
     assert spec.apply_fn != models.make(arch, dtype=jnp.bfloat16).apply_fn
 
 
+@pytest.mark.parametrize("arch", models.IMAGE_ARCHITECTURES)
+def test_pixel_models_take_uint8_and_equal_the_float_model_on_pixels_mapped_to_minus_one_one(arch: str) -> None:
+    """make(..., pixels=True): the same weights and layers, fed uint8 pixels p as (2p/255 - 1)."""
+    pixel_spec, float_spec = models.make(arch, "tiny", pixels=True), _spec(arch)
+    variables = pixel_spec.init(5)
+    assert _leaves_equal(variables, float_spec.init(5))
+    x = pixel_spec.random_input(np.random.default_rng(), 4)
+    assert x.dtype == np.uint8 == pixel_spec.input_dtype and x.shape == (4, *float_spec.input_shape)
+    assert 0 < x.mean() < 255 and x.std() > 30  # spread over the range, not constant
+    want = float_spec.apply_fn(variables, x.astype(np.float32) * (2 / 255) - 1)
+    assert _max_rel_error(pixel_spec.apply_fn(variables, x), want) < 1e-6
+
+
+@pytest.mark.parametrize("arch", ["mlp", "gru", "transformer"])
+def test_pixels_are_refused_for_models_that_do_not_take_images(arch: str) -> None:
+    with pytest.raises(ValueError, match="pixels=True needs an image model"):
+        models.make(arch, "tiny", pixels=True)
+
+
 def test_make_rejects_unknown_architecture() -> None:
     with pytest.raises(ValueError, match="resnet50") as excinfo:
         models.make("resnet51")

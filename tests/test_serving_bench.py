@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -77,6 +78,28 @@ def test_host_only_keeps_the_input_rows_and_answers_like_its_reference(serving, 
     assert serving.main(["--quick", "--host-only", "--no-readme", "--quiet", "--servers", "jaxmt"]) == 0
     data = json.loads((tmp_path / "serving_quick.json").read_text())
     assert data["args"]["host_only"] and data["results"][0]["max_rel_error"] < 1e-4
+
+
+@pytest.mark.parametrize("argv, out, title", [
+    ([], "serving", "Serving"),
+    (["--pixels"], "serving_pixels", "Serving: uint8 pixels"),
+    (["--arch", "mobilenetv2"], "serving_mobilenetv2", "Serving: mobilenetv2"),
+    (["--arch", "mobilenetv2", "--pixels"], "serving_mobilenetv2_pixels", "Serving: mobilenetv2, uint8 pixels"),
+    (["--host-only"], "serving_host_resnet18", "Serving: host path"),
+    (["--host-only", "--pixels"], "serving_host_resnet18_pixels", "Serving: host path, uint8 pixels"),
+])
+def test_each_kind_of_run_has_its_own_results_file_and_readme_section(serving, argv, out, title):
+    args = serving.parse_args(argv)
+    assert serving.default_out(args) == out and serving.section_title(args) == title
+
+
+def test_pixel_runs_serve_uint8_rows_to_every_server_kind(serving):
+    """``--pixels``: the model and the host-only stand-in both take uint8 rows."""
+    args = serving.parse_args(["--pixels", "--size", "tiny", "--tenants", "3"])
+    spec, mt = serving.simulate.build_model(args.arch, args.size, args.tenants, max_rows=args.max_rows_bucket, pixels=args.pixels)
+    assert spec.pixels and mt.row_dtype == np.uint8
+    host_spec, host_mt = serving.build_host_only(serving.parse_args(["--pixels", "--host-only", "--size", "tiny", "--tenants", "3"]))
+    assert host_mt.row_dtype == np.uint8 and host_spec.random_input(0, 2).dtype == np.uint8
 
 
 def test_a_trial_spoiled_by_a_process_pause_is_run_once_more_and_both_are_kept(serving, monkeypatch):
