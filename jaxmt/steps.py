@@ -72,13 +72,13 @@ def host_output_sharding(device: jax.Device, outputs_to_host: bool | None = None
 
     With ``outputs_to_host`` the program itself copies its answer into page-locked host
     memory as its last operation, and reading it as NumPy then costs a memcpy. On an H200
-    host, reading a finished answer of 8 KiB took 75 us that way against 296 us for a copy
-    asked for afterwards, and 80 against 657 us at 600 KiB (``.../h2d`` probe in
-    benchmarks/README.md, Host overhead); ``predict`` of the overhead benchmark's tiny
-    model fell from 1,149 to 618 us. ``None`` picks it where that was measured: on a GPU
-    with pinned host memory. A CPU backend keeps outputs where they are (its "device" is
-    host memory already; pinned outputs measured slower there). Raises ValueError if
-    ``outputs_to_host=True`` and the device has no pinned host memory.
+    host a program copying 8 KiB took 78 us to a NumPy answer that way, against 285 us
+    with the answer left on the device and copied when asked for (84 against 540 us at
+    588 KiB), and ``predict`` of the overhead benchmark's tiny model took 682 against
+    939 us (``benchmarks/overhead.py``, one run). ``None`` picks it where that was
+    measured: on a GPU with pinned host memory. A CPU backend keeps outputs where they are
+    (its "device" is host memory already; the two came within noise there). Raises
+    ValueError if ``outputs_to_host=True`` and the device has no pinned host memory.
     """
     kinds = {memory.kind for memory in device.addressable_memories()}
     if outputs_to_host is None:
