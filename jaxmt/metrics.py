@@ -141,6 +141,11 @@ class LatencyRecorder:
             stats.flagged = False
             logger.info("%s: tenant %r meets its SLO again (%.1f%% of its last %d requests)", self.name, tenant_id, 100 * attainment, len(recent))
 
+    def samples_by_tenant(self) -> dict[Hashable, np.ndarray]:
+        """Each tenant's latency window (float64 ms), for ``spread_by_chance``."""
+        with self._lock:
+            return {t: np.asarray(s.latencies_ms, dtype=np.float64) for t, s in self._tenants.items()}
+
     def samples_ms(self, tenant_id: Hashable | None = None) -> np.ndarray:
         """The latency window of one tenant, or of every tenant together (float64 ms)."""
         with self._lock:
@@ -274,6 +279,38 @@ def tenant_spread(metrics: Mapping[str, Any], min_count: int = 10) -> dict[str, 
         "max_p99_over_p50": round(max(m["p99_ms"] / m["p50_ms"] for m in rows), 4),
         "mean_latency_gap": None if len(rows) < 2 else round((max(means) - min(means)) / min(means), 4),
     }
+
+
+def spread_by_chance(
+    samples_by_tenant: Mapping[Hashable, Sequence[float] | np.ndarray], min_count: int = 10, draws: int = 200, seed: int = 0
+) -> dict[str, Any]:
+    """The ``tenant_spread`` of a server that treats every tenant alike, for comparison.
+
+    The trial's latencies (every tenant's samples, pooled) are dealt out at random to the
+    tenants that ``tenant_spread`` counts, each keeping its number of samples, ``draws``
+    times. What that gives is the spread that sampling alone produces at this latency
+    distribution and these request counts: a measured mean-latency gap near it says the
+    tenants were served alike and the gap is noise; a measured gap well above it says some
+    tenants were served worse. Returns the median and the 95th percentile over the draws of
+    each statistic (None without two counted tenants).
+    """
+    samples = {t: np.asarray(v, dtype=np.float64) for t, v in samples_by_tenant.items()}
+    counts = [v.size for v in samples.values() if v.size >= min_count]
+    result: dict[str, Any] = {"tenants_counted": len(counts), "draws": int(draws)}
+    if len(counts) < 2:
+        return {**result, "max_p99_over_p50": None, "mean_latency_gap": None}
+    pooled = np.concatenate(list(samples.values()))
+    bounds = np.cumsum(counts)[:-1]
+    rng = np.random.default_rng(seed)
+    ratios, gaps = np.empty(draws), np.empty(draws)
+    for i in range(draws):
+        dealt = np.split(rng.permutation(pooled)[: sum(counts)], bounds)
+        p50, p99 = np.array([np.percentile(d, [50, 99]) for d in dealt]).T
+        means = np.array([d.mean() for d in dealt])
+        ratios[i] = np.max(p99 / p50)
+        gaps[i] = (means.max() - means.min()) / means.min()
+    summary = lambda v: {"median": round(float(np.median(v)), 4), "p95": round(float(np.percentile(v, 95)), 4)}  # noqa: E731
+    return {**result, "max_p99_over_p50": summary(ratios), "mean_latency_gap": summary(gaps)}
 
 
 def _label(value: object) -> str:

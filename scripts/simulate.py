@@ -38,7 +38,7 @@ import numpy as np
 
 import jaxmt
 import models
-from jaxmt.metrics import LatencyRecorder, percentiles, tenant_spread
+from jaxmt.metrics import LatencyRecorder, percentiles, spread_by_chance, tenant_spread
 
 SERVERS: dict[str, type] = {
     "jaxmt": jaxmt.Scheduler,
@@ -204,6 +204,7 @@ def run_trial(server: Any, workload: Workload, inputs: np.ndarray, tenant_ids: S
             unfinished = len(pending)
     elapsed_s = (max(done_at) if done_at else time.perf_counter()) - start
     metrics = recorder.snapshot()
+    samples = recorder.samples_by_tenant()
     overall = metrics["overall"]
     return {
         "scheduler": server.kind,
@@ -222,6 +223,7 @@ def run_trial(server: Any, workload: Workload, inputs: np.ndarray, tenant_ids: S
         "slo_attainment": overall["slo_met"] / max(1, times.shape[0]),
         "latency_ms": {k: overall[k] for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms")},
         "spread": tenant_spread(metrics),
+        "spread_by_chance": spread_by_chance(samples),  # the same latencies dealt to tenants at random
         "per_tenant": {str(t): {k: m[k] for k in ("count", "ok", "p50_ms", "p99_ms", "mean_ms", "slo_attainment")}
                        for t, m in metrics["tenants"].items()},
         "gc": pauses.snapshot(),
@@ -229,6 +231,7 @@ def run_trial(server: Any, workload: Workload, inputs: np.ndarray, tenant_ids: S
         "elapsed_s": round(elapsed_s, 4),
         "server": {"steps": server.metrics()["steps"]},
         "_latencies_ms": recorder.samples_ms(),  # for the CDF; left out of the JSON
+        "_samples_by_tenant": samples,  # for other spreads by chance; left out of the JSON
     }
 
 

@@ -13,6 +13,7 @@ from jaxmt.metrics import (
     LatencyRecorder,
     StepRecorder,
     percentiles,
+    spread_by_chance,
     tenant_spread,
     to_prometheus,
 )
@@ -128,3 +129,47 @@ def test_recorder_forgets_removed_tenants():
             recorder.record(tenant, latency, slo_ms=10.0)
     assert recorder.forget_absent(lambda tenant: tenant == "stay") == 1
     assert recorder.samples_ms("stay").size == 3 and recorder.samples_ms("gone").size == 0
+
+
+def _recorded(samples_by_tenant: dict) -> LatencyRecorder:
+    recorder = LatencyRecorder()
+    for tenant, samples in samples_by_tenant.items():
+        for latency in samples:
+            recorder.record(tenant, float(latency), slo_ms=1e9)
+    return recorder
+
+
+def test_a_fair_server_has_the_spread_of_chance_and_an_unfair_one_does_not(rng):
+    """Every tenant's latencies from one distribution: the measured mean-latency gap lies
+    within what dealing the same latencies out at random gives. One tenant served 50% slower:
+    the measured gap is far above it."""
+    counts = [800, 400, 300, 250, 200, 200]
+    fair = {f"t{i}": rng.gamma(4.0, 4.0, size=n) for i, n in enumerate(counts)}
+    unfair = {**fair, "t5": fair["t5"] * 1.5}
+    for samples, fair_server in ((fair, True), (unfair, False)):
+        recorder = _recorded(samples)
+        assert recorder.samples_by_tenant().keys() == samples.keys()
+        measured = tenant_spread(recorder.snapshot(), min_count=100)["mean_latency_gap"]
+        chance = spread_by_chance(recorder.samples_by_tenant(), min_count=100, draws=300, seed=int(rng.integers(1 << 30)))
+        assert chance["tenants_counted"] == len(counts) and chance["draws"] == 300
+        gap = chance["mean_latency_gap"]
+        assert 0 < gap["median"] <= gap["p95"]
+        # A mean of 200 gamma(4, 4) samples has a standard error of 0.57 (3.5% of the mean 16):
+        # by chance 6 such means span ~8% (95th percentile ~13%); a 50% slower tenant's gap
+        # is 50% +- 10%.
+        if fair_server:
+            assert measured < 2 * gap["p95"]
+        else:
+            assert measured > 2 * gap["p95"]
+
+
+def test_spread_by_chance_counts_the_tenants_tenant_spread_counts():
+    """Tenants under min_count are not dealt to (their samples are pooled); identical latencies
+    give no spread at all; fewer than two counted tenants give None."""
+    samples = {"a": [5.0] * 50, "b": [5.0] * 30, "c": [5.0] * 3}
+    chance = spread_by_chance(samples, min_count=10, draws=5)
+    assert chance["tenants_counted"] == 2
+    assert chance["max_p99_over_p50"] == {"median": 1.0, "p95": 1.0}
+    assert chance["mean_latency_gap"] == {"median": 0.0, "p95": 0.0}
+    assert spread_by_chance(samples, min_count=40)["mean_latency_gap"] is None
+    assert spread_by_chance({}, min_count=1)["tenants_counted"] == 0
