@@ -202,12 +202,29 @@ def well_sampled_spread(trial: dict | None, min_count: int = WELL_SAMPLED) -> di
     return tenant_spread({"tenants": trial["per_tenant"]}, min_count=min_count)
 
 
+def first_failing_rate(result: dict) -> float | None:
+    """The lowest rate above the reported one at which a trial failed (its verdict standing):
+    the server's capacity lies between the two. None when no trial above it failed (the
+    search stopped at --max-rate or at the load generator's own limit)."""
+    best = result.get("max_rate_rps")
+    failed = [t["offered_rps"] for t in result.get("trials", [])
+              if not t["passed"] and not t.get("superseded") and (best is None or t["offered_rps"] > best)]
+    return min(failed) if failed else None
+
+
 def summarize(results: list[dict]) -> dict:
     rate = {r["scheduler"]: r["max_rate_rps"] for r in results}
+    failing = {r["scheduler"]: first_failing_rate(r) for r in results}
     best_baseline = max((rate[k] or 0.0 for k in BASELINES if k in rate), default=0.0)
-    summary: dict[str, Any] = {"max_rate_rps": rate}
+    summary: dict[str, Any] = {"max_rate_rps": rate, "first_failing_rps": failing}
     if rate.get("jaxmt") and best_baseline:
         summary["jaxmt_over_best_baseline"] = round(rate["jaxmt"] / best_baseline, 3)
+        # Each capacity is only known to lie between its passing and first failing rates: the
+        # ratio lies between these bounds (None: unbounded on that side).
+        baseline = max((k for k in BASELINES if rate.get(k)), key=lambda k: rate[k])
+        low = None if failing[baseline] is None else round(rate["jaxmt"] / failing[baseline], 3)
+        high = None if failing["jaxmt"] is None else round(failing["jaxmt"] / rate[baseline], 3)
+        summary["jaxmt_over_best_baseline_bounds"] = [low, high]
     if rate.get("jaxmt") and rate.get("exclusive"):
         summary["jaxmt_over_exclusive"] = round(rate["jaxmt"] / rate["exclusive"], 3)
     jaxmt_result = next((r for r in results if r["scheduler"] == "jaxmt"), None)
@@ -218,7 +235,8 @@ def summarize(results: list[dict]) -> dict:
     if "spread_by_chance_well_sampled" in at_best:  # what equal treatment of every tenant would give
         summary["jaxmt_spread_by_chance_well_sampled"] = at_best["spread_by_chance_well_sampled"]
     summary["targets"] = {
-        "jaxmt >= 3x best baseline": _meets(summary.get("jaxmt_over_best_baseline"), lambda v: v >= 3.0),
+        "jaxmt >= 3x best baseline": _meets(summary.get("jaxmt_over_best_baseline"), lambda v: v >= 3.0)
+        + _bounds(summary.get("jaxmt_over_best_baseline_bounds")),
         "per-tenant p99/p50 <= 1.5": _meets(spread.get("max_p99_over_p50"), lambda v: v <= 1.5),
         "mean latency gap <= 5%": _meets(spread.get("mean_latency_gap"), lambda v: v <= 0.05),
         f"per-tenant p99/p50 <= 1.5, tenants with >= {WELL_SAMPLED} requests":
@@ -227,6 +245,13 @@ def summarize(results: list[dict]) -> dict:
             _meets(sampled.get("mean_latency_gap"), lambda v: v <= 0.05),
     }
     return summary
+
+
+def _bounds(bounds: list | None) -> str:
+    if not bounds:
+        return ""
+    low, high = ("?" if v is None else f"{v:g}" for v in bounds)
+    return f", between {low} and {high} by the searches' brackets"
 
 
 def _meets(value: float | None, test) -> str:
@@ -254,13 +279,14 @@ def table(results: list[dict]) -> str:
         dash = lambda v: "-" if v is None else v  # noqa: E731
         wait, in_step = steps.get("queue_wait_ms") or {}, steps.get("in_step_ms") or {}
         fmt = lambda part: f"{dash(part.get('p50_ms'))} / {dash(part.get('p99_ms'))}"  # noqa: E731
-        rows.append([r["scheduler"], r["max_rate_rps"] or "-", lat.get("p50_ms", "-"), lat.get("p99_ms", "-"), fmt(wait), fmt(in_step),
+        failing = first_failing_rate(r)
+        rows.append([r["scheduler"], r["max_rate_rps"] or "-", "-" if failing is None else round(failing, 1), lat.get("p50_ms", "-"), lat.get("p99_ms", "-"), fmt(wait), fmt(in_step),
                      f"{100 * best['slo_attainment']:.2f}%" if best else "-", dash(spread.get("max_p99_over_p50")),
                      dash(spread.get("mean_latency_gap")), dash(sampled["max_p99_over_p50"]), dash(sampled["mean_latency_gap"]),
                      _by_chance(best.get("spread_by_chance_well_sampled")), sampled["tenants_counted"], steps.get("mean_tenants_per_step", "-"),
                      steps.get("mean_rows_per_step", "-"), dash(best.get("gc", {}).get("max_ms")), _trial_count(r["trials"]),
                      "yes" if r["generator_limited"] else ""])
-    return markdown_table(["server", "max req/s", "p50 ms", "p99 ms", "queue wait p50 / p99 ms", "in step p50 / p99 ms", "in SLO", "p99/p50 (worst tenant)",
+    return markdown_table(["server", "max req/s", "first failing req/s", "p50 ms", "p99 ms", "queue wait p50 / p99 ms", "in step p50 / p99 ms", "in SLO", "p99/p50 (worst tenant)",
                            "mean gap", f"p99/p50, >= {WELL_SAMPLED} req", f"mean gap, >= {WELL_SAMPLED} req",
                            f"by chance: p99/p50, mean gap, >= {WELL_SAMPLED} req", f"tenants >= {WELL_SAMPLED} req", "tenants/step", "rows/step", "longest GC pause ms", "trials",
                            "generator-bound"], rows)

@@ -45,6 +45,24 @@ def test_the_well_sampled_spread_leaves_out_rarely_seen_tenants(serving):
     assert serving.well_sampled_spread(None)["tenants_counted"] == 0
 
 
+def test_the_ratio_is_bounded_by_each_searchs_passing_and_first_failing_rates(serving):
+    """A capacity lies between the highest passing rate and the lowest failing one above it
+    (a superseded trial's verdict does not count); the ratio's bounds follow from both."""
+    def result(kind, verdicts):
+        trials = [{"offered_rps": rate, "passed": ok, **({"superseded": True} if sup else {})} for rate, ok, sup in verdicts]
+        best = max((t["offered_rps"] for t in trials if t["passed"] and not t.get("superseded")), default=None)
+        return {"scheduler": kind, "max_rate_rps": best, "trials": trials}
+
+    jaxmt = result("jaxmt", [(100, True, False), (400, True, False), (800, False, True), (800, False, False), (600, False, False)])
+    time_only = result("time", [(100, True, False), (200, False, False), (141.4, True, False)])
+    space = result("space", [(100, True, False)])  # never failed: unbounded above
+    assert serving.first_failing_rate(jaxmt) == 600 and serving.first_failing_rate(space) is None
+    summary = serving.summarize([jaxmt, time_only, space])
+    assert summary["jaxmt_over_best_baseline"] == pytest.approx(400 / 141.4, abs=1e-3)
+    assert summary["jaxmt_over_best_baseline_bounds"] == [pytest.approx(2.0), pytest.approx(600 / 141.4, abs=1e-3)]
+    assert "between 2 and 4.243" in summary["targets"]["jaxmt >= 3x best baseline"]
+
+
 def test_a_quick_run_writes_a_complete_file_that_reports_again(serving, tmp_path, monkeypatch, capsys):
     import common
 
