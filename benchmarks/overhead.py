@@ -111,8 +111,10 @@ def breakdown(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: list, repea
     itself: the same bytes, a measure of what moving them costs);
     launch: one step program dispatched on device-resident inputs, not waited for;
     program: the same, waited for;
-    to_host: a finished output copied to a NumPy array, asked for only then (``predict``
-    starts that copy when it dispatches the step, so part of it can overlap).
+    to_host: a finished output read as a NumPy array: a memcpy when the program wrote it to
+    pinned host memory (the default on a GPU; ``program`` then includes that write), else a
+    copy from the device asked for only then (``predict`` starts that copy when it
+    dispatches the step, so part of it can overlap).
     """
     def host_plan():
         checked = mt._check_input(ids, x)
@@ -155,7 +157,8 @@ def packed_transfer(mt: MultiTenantModel, step, x: np.ndarray, repeats: int) -> 
         rows_d = jax.lax.bitcast_convert_type(buf[slot_bytes:].reshape(-1, x_kb.itemsize), x_kb.dtype).reshape(x_kb.shape)
         return step_fn(leaves, slots_d, rows_d)
 
-    packed_program = jax.jit(unpack_and_run)
+    # Answers placed as the model's own programs place them, so that only the packing differs.
+    packed_program = jax.jit(unpack_and_run, **({} if mt.output_sharding is None else {"out_shardings": mt.output_sharding}))
     program = mt.programs.get(mt._key(step.tenant_bucket, step.row_bucket))
 
     def pack():

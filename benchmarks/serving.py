@@ -34,6 +34,7 @@ import numpy as np
 from common import BENCH_DIR, markdown_table, update_readme_section, write_json
 
 import jaxmt
+import models
 from jaxmt.metrics import spread_by_chance, tenant_spread
 
 
@@ -80,8 +81,6 @@ class HostOnlySpec:
 def build_host_only(args: argparse.Namespace) -> tuple[HostOnlySpec, jaxmt.MultiTenantModel]:
     """``args.tenants`` tenants of ``HostOnlySpec`` for ``args.arch``'s input rows, with the
     ladders ``simulate.build_model`` would give the real model."""
-    import models
-
     base = models.make(args.arch, args.size, dtype=jax.numpy.dtype(args.dtype), pixels=args.pixels)  # a definition: no weights built
     spec = HostOnlySpec(f"host-only {args.arch}", base.input_shape, base.input_dtype, base.random_input)
     max_tenants = args.max_tenants_bucket or min(64, 1 << max(0, args.tenants - 1).bit_length())
@@ -332,7 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--outputs", default="auto", choices=sorted(OUTPUTS),
                         help="where step programs write their answers: pinned host memory or the device "
                              "(MultiTenantModel outputs_to_host; auto: host memory on a GPU)")
-    parser.add_argument("--out", default=None, help="results/<out>.json (default: serving, or serving_<arch> for another arch)")
+    parser.add_argument("--out", default=None, help="results/<out>.json (default: serving, serving_<arch> for another arch, "
+                                                    "serving_host_<arch> with --host-only; _pixels appended with --pixels)")
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
     parser.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
     parser.add_argument("--report-only", nargs="?", metavar="FILE", const=str(BENCH_DIR / "results" / "serving.json"),
@@ -341,6 +341,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.arch, args.size, args.tenants = "mlp", "tiny", 8
         args.trial_s, args.start_rate, args.bisect, args.max_rows_bucket = 0.5, 250.0, 2, 4
+    if args.pixels and args.arch not in models.IMAGE_ARCHITECTURES:
+        parser.error(f"--pixels needs an image model ({', '.join(models.IMAGE_ARCHITECTURES)}), not {args.arch}")
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = sorted(set(args.servers) - set(simulate.SERVERS))
     if unknown:
@@ -369,6 +371,12 @@ def section_title(args: Any) -> str:
     return f"{title}, {', '.join(details)}" if title.endswith("host path") else f"{title}: {', '.join(details)}"
 
 
+def _outputs_in_host_memory(args: Any) -> bool:
+    """Where a run's step programs wrote their answers (older results files say it as
+    ``outputs_to_host``, and kept answers on the device unless it was set)."""
+    return bool(getattr(args, "outputs_in_host_memory", getattr(args, "outputs_to_host", False)))
+
+
 def readme_section(args: Any, argv: list[str], results: list[dict], summary: dict, environment: dict) -> None:
     model = f"{args.arch} ({args.size}, {args.dtype}{', uint8 pixel rows' if getattr(args, 'pixels', False) else ''})"
     if getattr(args, "host_only", False):
@@ -376,7 +384,7 @@ def readme_section(args: Any, argv: list[str], results: list[dict], summary: dic
     body = (f"Highest rate with >= {100 * args.target:g}% of requests within {args.slo_ms:g} ms; "
             f"{args.tenants} tenants of {model}, Zipf {args.zipf:g}, {args.arrival} "
             f"arrivals, {args.trial_s:g} s trials, answers written to "
-            f"{'pinned host memory' if getattr(args, 'outputs_in_host_memory', False) else 'the device'}; {environment['device']}, jax {environment['jax']}, commit "
+            f"{'pinned host memory' if _outputs_in_host_memory(args) else 'the device'}; {environment['device']}, jax {environment['jax']}, commit "
             f"{environment['commit']}, {environment['date']}.\n\n    PYTHONPATH=. python benchmarks/serving.py "
             + " ".join(argv) + "\n\n" + table(results))
     if not getattr(args, "host_only", False):  # the targets are of the real model's serving

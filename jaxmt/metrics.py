@@ -286,30 +286,35 @@ def spread_by_chance(
 ) -> dict[str, Any]:
     """The ``tenant_spread`` of a server that treats every tenant alike, for comparison.
 
-    The trial's latencies (every tenant's samples, pooled) are dealt out at random to the
-    tenants that ``tenant_spread`` counts, each keeping its number of samples, ``draws``
-    times. What that gives is the spread that sampling alone produces at this latency
-    distribution and these request counts: a measured mean-latency gap near it says the
-    tenants were served alike and the gap is noise; a measured gap well above it says some
-    tenants were served worse. Returns the median and the 95th percentile over the draws of
-    each statistic (None without two counted tenants).
+    The latencies of the tenants that ``tenant_spread`` counts (those with at least
+    ``min_count`` samples), pooled, are dealt out to those tenants again at random, each
+    keeping its number of samples, ``draws`` times. What that gives is the spread that
+    sampling alone produces at their latency distribution and request counts: a measured
+    spread near it says the tenants were served alike and the rest is noise; a measured
+    spread well above it says some were served worse. Returns the median and the 95th
+    percentile over the draws of each statistic (None without two counted tenants).
     """
-    samples = {t: np.asarray(v, dtype=np.float64) for t, v in samples_by_tenant.items()}
-    counts = [v.size for v in samples.values() if v.size >= min_count]
-    result: dict[str, Any] = {"tenants_counted": len(counts), "draws": int(draws)}
-    if len(counts) < 2:
+    counted = [v for v in (np.asarray(x, dtype=np.float64) for x in samples_by_tenant.values()) if v.size >= min_count]
+    result: dict[str, Any] = {"tenants_counted": len(counted), "draws": int(draws)}
+    if len(counted) < 2:
         return {**result, "max_p99_over_p50": None, "mean_latency_gap": None}
-    pooled = np.concatenate(list(samples.values()))
-    bounds = np.cumsum(counts)[:-1]
+    pooled = np.concatenate(counted)
+    bounds = np.cumsum([v.size for v in counted])[:-1]
     rng = np.random.default_rng(seed)
-    ratios, gaps = np.empty(draws), np.empty(draws)
-    for i in range(draws):
-        dealt = np.split(rng.permutation(pooled)[: sum(counts)], bounds)
+    ratios, gaps = [], []
+    for _ in range(draws):
+        dealt = np.split(rng.permutation(pooled), bounds)
         p50, p99 = np.array([np.percentile(d, [50, 99]) for d in dealt]).T
         means = np.array([d.mean() for d in dealt])
-        ratios[i] = np.max(p99 / p50)
-        gaps[i] = (means.max() - means.min()) / means.min()
-    summary = lambda v: {"median": round(float(np.median(v)), 4), "p95": round(float(np.percentile(v, 95)), 4)}  # noqa: E731
+        served = p50 > 0  # as tenant_spread: a tenant whose median is 0 has no ratio
+        if served.any():
+            ratios.append(float(np.max(p99[served] / p50[served])))
+        if means.min() > 0:
+            gaps.append(float((means.max() - means.min()) / means.min()))
+
+    def summary(values: list[float]) -> dict[str, float] | None:
+        return {"median": round(float(np.median(values)), 4), "p95": round(float(np.percentile(values, 95)), 4)} if values else None
+
     return {**result, "max_p99_over_p50": summary(ratios), "mean_latency_gap": summary(gaps)}
 
 

@@ -77,9 +77,11 @@ def host_output_sharding(device: jax.Device, outputs_to_host: bool | None = None
     588 KiB), and ``predict`` of the overhead benchmark's tiny model took 682 against
     939 us (``benchmarks/overhead.py``, one run). ``None`` picks it where that was
     measured: on a GPU with pinned host memory. A CPU backend keeps outputs where they are
-    (its "device" is host memory already; the two came within noise there). Raises
-    ValueError if ``outputs_to_host=True`` and the device has no pinned host memory.
+    (its "device" is host memory already). Raises ValueError if ``outputs_to_host=True``
+    and the device has no pinned host memory.
     """
+    if outputs_to_host is False:
+        return None
     kinds = {memory.kind for memory in device.addressable_memories()}
     if outputs_to_host is None:
         outputs_to_host = device.platform == "gpu" and "pinned_host" in kinds

@@ -44,7 +44,8 @@ class ModelSpec:
       size: "tiny" (CPU tests) or "full" (the real architecture, for GPU benchmarks).
       module: the Flax linen module; BatchNorm layers use their running averages.
       input_shape: shape of one row, without the batch axis, e.g. (32, 32, 3) or (8,).
-      input_dtype: float32 for images and sequences of features, int32 for token ids.
+      input_dtype: float32 for images and sequences of features, int32 for token ids, uint8
+        for images of a pixel model (``pixels``).
       num_classes: width of the logits.
       vocab_size: token ids lie in [0, vocab_size); None for float inputs.
       pixels: inputs are uint8 pixels in [0, 255] (the bytes a camera or an image decoder
@@ -96,7 +97,8 @@ class ModelSpec:
     def random_input(
         self, seed_or_rng: int | np.random.Generator, n: int, dtype: Any = None
     ) -> np.ndarray:
-        """A random batch [n, *input_shape]: standard normal floats, or ids in [0, vocab_size).
+        """A random batch [n, *input_shape]: standard normal floats, ids in [0, vocab_size),
+        or uniform uint8 pixels in [0, 255] for a pixel model.
 
         Args:
           seed_or_rng: an integer seed or a numpy Generator (which is advanced).

@@ -163,13 +163,18 @@ def test_a_fair_server_has_the_spread_of_chance_and_an_unfair_one_does_not(rng):
             assert measured > 2 * gap["p95"]
 
 
-def test_spread_by_chance_counts_the_tenants_tenant_spread_counts():
-    """Tenants under min_count are not dealt to (their samples are pooled); identical latencies
-    give no spread at all; fewer than two counted tenants give None."""
-    samples = {"a": [5.0] * 50, "b": [5.0] * 30, "c": [5.0] * 3}
-    chance = spread_by_chance(samples, min_count=10, draws=5)
-    assert chance["tenants_counted"] == 2
-    assert chance["max_p99_over_p50"] == {"median": 1.0, "p95": 1.0}
-    assert chance["mean_latency_gap"] == {"median": 0.0, "p95": 0.0}
-    assert spread_by_chance(samples, min_count=40)["mean_latency_gap"] is None
+def test_spread_by_chance_deals_only_among_the_tenants_tenant_spread_counts(rng):
+    """Tenants under min_count are left out of the pool as tenant_spread leaves them out: one
+    rare tenant a thousand times slower changes nothing. Identical latencies give no spread;
+    fewer than two counted tenants give None."""
+    samples = {"a": rng.gamma(4.0, 4.0, 300), "b": rng.gamma(4.0, 4.0, 200), "rare": np.full(5, 16_000.0)}
+    recorder = _recorded(samples)
+    counted = tenant_spread(recorder.snapshot(), min_count=100)["tenants_counted"]
+    chance = spread_by_chance(recorder.samples_by_tenant(), min_count=100, draws=50)
+    assert chance["tenants_counted"] == counted == 2
+    assert chance["mean_latency_gap"]["p95"] < 0.5  # the rare tenant's latencies were not dealt out
+    same = spread_by_chance({"a": [5.0] * 50, "b": [5.0] * 30, "c": [5.0] * 3}, min_count=10, draws=5)
+    assert same["max_p99_over_p50"] == {"median": 1.0, "p95": 1.0}
+    assert same["mean_latency_gap"] == {"median": 0.0, "p95": 0.0}
+    assert spread_by_chance(samples, min_count=250)["mean_latency_gap"] is None
     assert spread_by_chance({}, min_count=1)["tenants_counted"] == 0

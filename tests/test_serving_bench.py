@@ -114,8 +114,9 @@ def test_each_kind_of_run_has_its_own_results_file_and_readme_section(serving, a
     assert serving.default_out(args) == out and serving.section_title(args) == title
 
 
-def test_pixel_runs_serve_uint8_rows_to_every_server_kind(serving):
-    """``--pixels``: the model and the host-only stand-in both take uint8 rows."""
+def test_pixel_runs_build_uint8_models_for_the_real_run_and_the_host_only_stand_in(serving):
+    """``--pixels``: the model and the host-only stand-in both take uint8 rows (the servers
+    share the model, so every kind is fed them)."""
     args = serving.parse_args(["--pixels", "--size", "tiny", "--tenants", "3"])
     spec, mt = serving.simulate.build_model(args.arch, args.size, args.tenants, max_rows=args.max_rows_bucket, pixels=args.pixels)
     assert spec.pixels and mt.row_dtype == np.uint8
