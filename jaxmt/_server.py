@@ -130,6 +130,11 @@ class _ServerBase:
         """``await``-able ``submit``: the output rows, or the request's exception."""
         return await asyncio.wrap_future(self.submit(tenant_id, x, slo_ms, copy=copy))
 
+    def latencies_by_tenant(self) -> dict[Hashable, np.ndarray]:
+        """Each tenant's recent answered-request latencies (ms; the window the percentiles of
+        ``metrics()`` come from), e.g. for ``jaxmt.metrics.spread_by_chance``."""
+        return self._latency.samples_by_tenant()
+
     def metrics(self) -> dict[str, Any]:
         """Per tenant and overall: counts, latency percentiles (ms), SLO attainment, queue
         depth; step counters (steps, mean tenants and rows per step, padding waste) and

@@ -180,9 +180,13 @@ def test_many_threads_thousands_of_requests_match_reference(served, monkeypatch)
             w.join()
         answered = [(t, x, f.result(timeout=TIMEOUT_S)) for part in results for t, x, f in part]
         metrics = sched.metrics()
+        latencies = sched.latencies_by_tenant()
     check_against_reference(params, answered)
     total = threads * per_thread
     assert metrics["overall"]["count"] == metrics["overall"]["ok"] == total
+    # The latencies behind the percentiles, per tenant: one per answered request.
+    assert {t: len(v) for t, v in latencies.items()} == {t: m["ok"] for t, m in metrics["tenants"].items()}
+    assert all(float(np.median(latencies[t])) == pytest.approx(m["p50_ms"], abs=1e-3) for t, m in metrics["tenants"].items())
     assert sum(m["count"] for m in metrics["tenants"].values()) == total
     assert metrics["overall"]["queue_depth"] == 0 and metrics["steps"]["in_flight"] == 0 and not sched._outstanding
     # Steps respect the largest bucket: every program call of a step is one planned program.
