@@ -265,13 +265,15 @@ def simulate(workload: Workload, schedulers: Sequence[str], *, arch: str = "mlp"
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:
     headers = ["scheduler", "offered/s", "served/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "SLO met",
-               "rejected", "p99/p50 max", "mean gap", "rows/step", "tenants/step"]
+               "rejected", "p99/p50 max", "by chance", "mean gap", "by chance", "rows/step", "tenants/step"]
     rows = []
     for r in results:
         lat, steps, spread = r["latency_ms"], r["server"]["steps"], r["spread"]
+        chance = {k: (v or {}).get("median") for k, v in r.get("spread_by_chance", {}).items() if k in ("max_p99_over_p50", "mean_latency_gap")}
         rows.append([r["scheduler"], r["offered_rps"], r["throughput_rps"], lat["p50_ms"], lat["p90_ms"], lat["p99_ms"],
                      lat["max_ms"], f"{100 * r['slo_attainment']:.2f}%", r["rejected"], spread["max_p99_over_p50"],
-                     spread["mean_latency_gap"], steps["mean_rows_per_step"], steps["mean_tenants_per_step"]])
+                     chance.get("max_p99_over_p50"), spread["mean_latency_gap"], chance.get("mean_latency_gap"),
+                     steps["mean_rows_per_step"], steps["mean_tenants_per_step"]])
 
     def fmt(value: Any) -> str:
         if value is None:

@@ -70,6 +70,7 @@ def test_smoke_run_writes_json_and_plot(tmp_path, capsys, unfreeze_after):
                           "--json", str(json_path), "--plot", str(plot_path), "--quiet"])
     assert code == 0
     out = capsys.readouterr().out
+    assert "by chance" in out
     report = json.loads(json_path.read_text())
     assert [r["scheduler"] for r in report["results"]] == ["jaxmt", "exclusive", "time", "space"]
     for result in report["results"]:
@@ -78,6 +79,7 @@ def test_smoke_run_writes_json_and_plot(tmp_path, capsys, unfreeze_after):
         assert result["unfinished"] == 0 and result["errors"] == 0
         assert set(result["latency_ms"]) == {"p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms"}
         assert 0.0 <= result["slo_attainment"] <= 1.0 and "spread" in result and result["per_tenant"]
+        assert result["spread_by_chance"]["tenants_counted"] == result["spread"]["tenants_counted"]
         assert len(result["gc"]["collections"]) == 3 and result["gc"]["max_ms"] >= 0.0
     assert gc.get_freeze_count() > 0  # settle_heap froze the heap before the trials
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
