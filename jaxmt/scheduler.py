@@ -321,7 +321,7 @@ class Scheduler(_ServerBase):
         """From the step's size once the cost model knows it (steps of a few rows and of a
         full bucket differ several-fold), else the EWMA of recent steps."""
         predicted = self._cost.predict_s(launched.programs, launched.padded_rows)
-        return predicted if predicted is not None else self._steps.estimate_s
+        return predicted if predicted is not None else super()._predict_service_s(launched)
 
 
 class _FailedCall:
