@@ -83,7 +83,7 @@ def build_host_only(args: argparse.Namespace) -> tuple[HostOnlySpec, jaxmt.Multi
     ladders ``simulate.build_model`` would give the real model."""
     base = models.make(args.arch, args.size, dtype=jax.numpy.dtype(args.dtype), pixels=args.pixels)  # a definition: no weights built
     spec = HostOnlySpec(f"host-only {args.arch}", base.input_shape, base.input_dtype, base.random_input)
-    max_tenants = args.max_tenants_bucket or min(64, 1 << max(0, args.tenants - 1).bit_length())
+    max_tenants = simulate.largest_tenant_bucket(args.tenants, args.max_tenants_bucket)
     mt = jaxmt.MultiTenantModel(spec.apply_fn, spec.init(args.seed), capacity=args.tenants, lowering="vmap",
                                 buckets=jaxmt.BucketPolicy.powers_of_two(max_tenants, args.max_rows_bucket),
                                 row_shape=spec.input_shape, row_dtype=spec.input_dtype, outputs_to_host=OUTPUTS[args.outputs])
@@ -373,7 +373,7 @@ def section_title(args: Any) -> str:
         details.append("uint8 pixels")
     if not details:
         return title
-    return f"{title}, {', '.join(details)}" if title.endswith("host path") else f"{title}: {', '.join(details)}"
+    return title + (", " if getattr(args, "host_only", False) else ": ") + ", ".join(details)
 
 
 def _outputs_in_host_memory(args: Any) -> bool:

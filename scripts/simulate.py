@@ -106,6 +106,12 @@ def arrival_schedule(workload: Workload) -> tuple[np.ndarray, np.ndarray]:
     return times, tenants
 
 
+def largest_tenant_bucket(tenants: int, max_tenants: int = 0) -> int:
+    """The top of the tenant bucket ladder: ``max_tenants``, or by default the tenant count
+    rounded up to a power of two, at most 64."""
+    return max_tenants or min(64, 1 << max(0, tenants - 1).bit_length())
+
+
 def build_model(arch: str, size: str, tenants: int, *, max_tenants: int = 0, max_rows: int = 16, seed: int = 0,
                 dtype: Any = np.float32, outputs_to_host: bool | None = None,
                 pixels: bool = False) -> tuple[models.ModelSpec, jaxmt.MultiTenantModel]:
@@ -116,7 +122,7 @@ def build_model(arch: str, size: str, tenants: int, *, max_tenants: int = 0, max
     of two, at most 64); the row ladder reaches ``max_rows``.
     """
     spec = models.make(arch, size, dtype=dtype, pixels=pixels)
-    max_tenants = max_tenants or min(64, 1 << max(0, tenants - 1).bit_length())
+    max_tenants = largest_tenant_bucket(tenants, max_tenants)
     mt = jaxmt.MultiTenantModel(
         spec.apply_fn, spec.init(seed), capacity=tenants, buckets=jaxmt.BucketPolicy.powers_of_two(max_tenants, max_rows),
         row_shape=spec.input_shape, row_dtype=spec.input_dtype, outputs_to_host=outputs_to_host,
