@@ -108,7 +108,8 @@ def check_answers(kind: str, server: Any, spec: Any, mt: jaxmt.MultiTenantModel,
 def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.ndarray, args: argparse.Namespace) -> dict:
     """Exponential search, then bisection, of the highest passing rate for one server."""
     options = {"default_slo_ms": args.slo_ms, "max_delay_ms": args.max_delay_ms,
-               "overload_policy": args.overload_policy, "overload_factor": args.overload_factor}
+               "overload_policy": args.overload_policy, "overload_factor": args.overload_factor,
+               "stage_inputs": simulate.STAGE_INPUTS[args.stage]}
     with simulate.make_server(kind, mt, **options) as server:
         start = time.perf_counter()
         server.warmup(workers=args.compile_workers) if kind == "jaxmt" else server.warmup()
@@ -274,6 +275,18 @@ def _by_chance(spread: dict | None) -> str:
     return f"{spread['max_p99_over_p50']['median']:g} / {spread['mean_latency_gap']['median']:g}"
 
 
+def _staged(trial: dict) -> str:
+    """Share of a trial's requests whose rows were on the device by their launch ("off":
+    rows copied at launch; older results files say nothing)."""
+    staging = trial.get("server", {}).get("staging")
+    if not staging:
+        return "-"
+    if not staging["enabled"]:
+        return "off"
+    launched = staging["staged_requests"] + staging["host_requests"]
+    return f"{100 * staging['staged_requests'] / max(launched, 1):.0f}%"
+
+
 def table(results: list[dict]) -> str:
     rows = []
     for r in results:
@@ -288,11 +301,11 @@ def table(results: list[dict]) -> str:
                      f"{100 * best['slo_attainment']:.2f}%" if best else "-", dash(spread.get("max_p99_over_p50")),
                      dash(spread.get("mean_latency_gap")), dash(sampled["max_p99_over_p50"]), dash(sampled["mean_latency_gap"]),
                      _by_chance(best.get("spread_by_chance_well_sampled")), sampled["tenants_counted"], steps.get("mean_tenants_per_step", "-"),
-                     steps.get("mean_rows_per_step", "-"), dash(best.get("gc", {}).get("max_ms")), _trial_count(r["trials"]),
+                     steps.get("mean_rows_per_step", "-"), _staged(best), dash(best.get("gc", {}).get("max_ms")), _trial_count(r["trials"]),
                      "yes" if r["generator_limited"] else ""])
     return markdown_table(["server", "max req/s", "first failing req/s", "p50 ms", "p99 ms", "queue wait p50 / p99 ms", "in step p50 / p99 ms", "in SLO", "p99/p50 (worst tenant)",
                            "mean gap", f"p99/p50, >= {WELL_SAMPLED} req", f"mean gap, >= {WELL_SAMPLED} req",
-                           f"by chance: p99/p50, mean gap, >= {WELL_SAMPLED} req", f"tenants >= {WELL_SAMPLED} req", "tenants/step", "rows/step", "longest GC pause ms", "trials",
+                           f"by chance: p99/p50, mean gap, >= {WELL_SAMPLED} req", f"tenants >= {WELL_SAMPLED} req", "tenants/step", "rows/step", "rows staged", "longest GC pause ms", "trials",
                            "generator-bound"], rows)
 
 
@@ -336,6 +349,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--outputs", default="auto", choices=sorted(OUTPUTS),
                         help="where step programs write their answers: pinned host memory or the device "
                              "(MultiTenantModel outputs_to_host; auto: host memory on a GPU)")
+    parser.add_argument("--stage", default="auto", choices=sorted(simulate.STAGE_INPUTS),
+                        help="copy each request's rows to the device at submit, for every server alike "
+                             "(SchedulerConfig.stage_inputs; auto: on a GPU)")
     parser.add_argument("--out", default=None, help="results/<out>.json (default: serving, serving_<arch> for another arch, "
                                                     "serving_host_<arch> with --host-only; _pixels appended with --pixels)")
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
@@ -382,13 +398,23 @@ def _outputs_in_host_memory(args: Any) -> bool:
     return bool(getattr(args, "outputs_in_host_memory", getattr(args, "outputs_to_host", False)))
 
 
+def _staging_words(results: list[dict]) -> str:
+    """How a run's servers took request rows ("rows staged" column: share staged in time)."""
+    states = {_staged(r["at_max_rate"] or {}) for r in results}
+    if states <= {"-"}:
+        return "rows copied at launch"
+    if states == {"off"}:
+        return "rows copied at launch (`--stage off`)"
+    return "rows staged on the device at submit (`SchedulerConfig.stage_inputs`)"
+
+
 def readme_section(args: Any, argv: list[str], results: list[dict], summary: dict, environment: dict) -> None:
     model = f"{args.arch} ({args.size}, {args.dtype}{', uint8 pixel rows' if getattr(args, 'pixels', False) else ''})"
     if getattr(args, "host_only", False):
         model = f"{args.arch}-sized input rows through next to no device work (`--host-only`)"
     body = (f"Highest rate with >= {100 * args.target:g}% of requests within {args.slo_ms:g} ms; "
             f"{args.tenants} tenants of {model}, Zipf {args.zipf:g}, {args.arrival} "
-            f"arrivals, {args.trial_s:g} s trials, answers written to "
+            f"arrivals, {args.trial_s:g} s trials, {_staging_words(results)}, answers written to "
             f"{'pinned host memory' if _outputs_in_host_memory(args) else 'the device'}; {environment['device']}, jax {environment['jax']}, commit "
             f"{environment['commit']}, {environment['date']}.\n\n    PYTHONPATH=. python benchmarks/serving.py "
             + " ".join(argv) + "\n\n" + table(results))

@@ -27,6 +27,7 @@ class _Request:
     seq: int
     late: bool = False  # admitted although predicted past its overload bound
     token: int = -1  # identifies the live queue entries of this request (lazy deletion)
+    staged: Any = None  # jaxmt.staging.StagedRows: the rows on their way to the device
 
     @property
     def rows(self) -> int:

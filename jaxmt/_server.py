@@ -32,6 +32,8 @@ import numpy as np
 from jaxmt._queue import _Batch, _EdfQueue, _Launched, _PartlyFailed, _Request, _Totals
 from jaxmt.errors import InputError, Overloaded, SchedulerClosed, UnknownTenantError
 from jaxmt.metrics import LatencyRecorder, StepRecorder
+from jaxmt.rows import RowParts
+from jaxmt.staging import RowStager, warm_join
 
 logger = logging.getLogger("jaxmt")
 
@@ -74,6 +76,10 @@ class _ServerBase:
         self._running_predicted_s = 0.0  # the device time predicted for those steps, together
         self._running_unpredicted = 0  # those of them launched before any step time was known
         self._outstanding: dict[int, _Request] = {}  # accepted, future not completed yet
+        self._stager = _make_stager(mt, config.stage_inputs)
+        self._staging_lock = threading.Lock()
+        self._staged_requests = 0  # launched with their rows on the device already
+        self._host_requests = 0  # launched with their rows taken from the host
 
     # ------------------------------------------------------------------ public
     def submit(self, tenant_id: Hashable, x: Any, slo_ms: float | None = None, *, copy: bool = True) -> Future:
@@ -116,6 +122,8 @@ class _ServerBase:
             error = self._admit_locked(req, now)
             if error is None:
                 self._outstanding[req.seq] = req
+                if self._stager is not None:
+                    req.staged = self._stager.stage(x)
                 lane = self._lane(req.tenant_id)
                 lane.push(req)
                 if self._wakes_locked(lane, req):
@@ -148,6 +156,10 @@ class _ServerBase:
             in_flight = self._in_flight
         snapshot = {"server": self.kind, **self._latency.snapshot(depth)}
         snapshot["steps"] = {**self._steps.snapshot(), "in_flight": in_flight}
+        with self._staging_lock:
+            snapshot["staging"] = {"enabled": self._stager is not None, "staged_requests": self._staged_requests,
+                                   "host_requests": self._host_requests,
+                                   "failures": 0 if self._stager is None else self._stager.failures}
         snapshot["config"] = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config) if f.name != "clock"}
         return snapshot
 
@@ -164,6 +176,8 @@ class _ServerBase:
         for thread in self._threads:
             if thread is not me:
                 thread.join(timeout)
+        if self._stager is not None:
+            self._stager.close()
 
     @property
     def closed(self) -> bool:
@@ -199,6 +213,26 @@ class _ServerBase:
 
     def _has_work_locked(self) -> bool:
         return any(len(lane) for lane in self._lanes.values())
+
+    # ------------------------------------------------------------- for subclasses
+    def _rows_of(self, requests: list[_Request]) -> "np.ndarray | RowParts":
+        """The requests' rows as one input, in order: with staging, a ``RowParts`` that joins
+        the staged rows on the device (host rows for requests whose copy is not issued yet)."""
+        if self._stager is None:
+            return requests[0].x if len(requests) == 1 else RowParts([r.x for r in requests])
+        staged = [r.staged for r in requests]
+        ready = sum(s is not None and s.device_rows() is not None for s in staged)
+        with self._staging_lock:
+            self._staged_requests += ready
+            self._host_requests += len(requests) - ready
+        return RowParts([r.x for r in requests], staged, self._stager.device)
+
+    def _warm_staging(self, position_shapes: list[tuple[int, ...]]) -> None:
+        """Compiles the join program of each step block shape, when rows are staged."""
+        shape = self.mt.row_shape or self._row_shape
+        dtype = self.mt.row_dtype or self._row_dtype
+        if self._stager is not None and shape is not None:
+            warm_join(position_shapes, shape, dtype, self._stager.device)
 
     # ------------------------------------------------------------- internals
     def _shut(self, drain: bool) -> None:
@@ -488,6 +522,19 @@ _LIVE_SERVERS: weakref.WeakSet[_ServerBase] = weakref.WeakSet()
 def _close_at_exit() -> None:
     for server in list(_LIVE_SERVERS):
         server.close(drain=False, timeout=5.0)
+
+
+def _make_stager(mt: Any, stage_inputs: bool | None) -> RowStager | None:
+    """The stager of a server (see ``SchedulerConfig.stage_inputs``), or None."""
+    device = mt.input_device
+    if stage_inputs is None:
+        stage_inputs = device is not None and device.platform == "gpu"
+    if not stage_inputs:
+        return None
+    if device is None:
+        raise ValueError(f"stage_inputs=True, but {type(mt).__name__} places each step's rows itself; "
+                         "leave stage_inputs at None or False")
+    return RowStager(device)
 
 
 def _check_slo(slo_ms: Any, default_ms: float) -> float:

@@ -66,8 +66,8 @@ class _Program:
         self.compiled: set[tuple] = set()
         self.lock = threading.Lock()
 
-    def __call__(self, params: PyTree, x: np.ndarray) -> tuple[PyTree, bool]:
-        key = (x.shape, x.dtype.str)
+    def __call__(self, params: PyTree, x: "np.ndarray | jax.Array") -> tuple[PyTree, bool]:
+        key = _input_key(x)
         with self.lock:
             new = key not in self.compiled
             self.compiled.add(key)
@@ -75,6 +75,12 @@ class _Program:
         if self.outputs_on_device:
             _start_copies_to_host([y])  # as jaxmt's steps do
         return y, new
+
+
+def _input_key(x: "np.ndarray | jax.Array") -> tuple:
+    """What a jitted program compiles for: shape, dtype, and whether x is a device array
+    (staged rows) or host rows: jit compiles each apart."""
+    return (tuple(x.shape), np.dtype(x.dtype).str, isinstance(x, jax.Array))
 
 
 @functools.lru_cache(maxsize=64)
@@ -141,17 +147,20 @@ class _TenantPrograms:
             padded, compiled = padded + size, compiled or new
         return _HostPending(chunks, padded, compiled)
 
-    def warmup(self, params: PyTree, row_shape: Sequence[int], row_dtype: Any, execute: bool = True) -> int:
+    def warmup(self, params: PyTree, row_shape: Sequence[int], row_dtype: Any, execute: bool = True,
+               device: jax.Device | None = None) -> int:
         """Compiles every batch size now, running each once (with ``execute=False``, only
-        those not compiled yet); returns how many were new."""
+        those not compiled yet); with ``device`` (rows are staged there), for device inputs
+        as well as host ones. Returns how many were new."""
         new_count = 0
         for size in self.batch_sizes:
             x = np.zeros((size, *row_shape), row_dtype)
-            if not execute and (x.shape, x.dtype.str) in self.program.compiled:
-                continue
-            y, new = self.program(params, x)
-            jax.block_until_ready(y)
-            new_count += new
+            for x in [x] if device is None else [x, jax.device_put(x, device)]:
+                if not execute and _input_key(x) in self.program.compiled:
+                    continue
+                y, new = self.program(params, x)
+                jax.block_until_ready(y)
+                new_count += new
         return new_count
 
 
@@ -180,7 +189,10 @@ class _LaneServer(_ServerBase):
         with self.mt.store.lock:
             tenants = self._tenants_to_preload()
             self._programs.preload(tenants)
-        return self._programs.warmup(self._params_for(self.mt.tenants[0]), shape, dtype, execute=execute)
+        device = None if self._stager is None else self._stager.device
+        new = self._programs.warmup(self._params_for(self.mt.tenants[0]), shape, dtype, execute=execute, device=device)
+        self._warm_staging([(size,) for size in self._programs.batch_sizes])
+        return new
 
     def _tenants_to_preload(self) -> list[Hashable]:
         """The tenants whose own params serve requests (all resident ones; none for exclusive)."""
@@ -226,7 +238,7 @@ class _LaneServer(_ServerBase):
         self._fail_unknown(gone)
         if not live:
             return None
-        pending = self._programs.launch(params, live[0].x if len(live) == 1 else RowParts([r.x for r in live]))
+        pending = self._programs.launch(params, self._rows_of(live))
         tenants = len({r.tenant_id for r in live})
         return _Launched(live, pending, started_s, tenants, pending.padded_rows, not pending.compiled)
 

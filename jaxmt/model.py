@@ -197,6 +197,12 @@ class MultiTenantModel:
         return self._row_dtype
 
     # ------------------------------------------------------------ inference
+    @property
+    def input_device(self) -> jax.Device | None:
+        """The device a step's input block lives on, for rows staged there ahead of a step
+        (``jaxmt.staging``); None where the model places each step's rows itself."""
+        return self.store.device
+
     def predict(self, tenant_ids: Sequence[Hashable], x: Any) -> PyTree:
         """Runs each row of ``x`` through the model of its tenant.
 

@@ -9,8 +9,12 @@ then gathering the step's padded block ``[K, B, ...]`` copies every row twice; f
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import jax
 import numpy as np
+
+from jaxmt.staging import join_rows
 
 # Rows at least this large are copied one by one from their request; smaller ones are
 # concatenated first and gathered by NumPy, whose per-row cost is lower than a Python loop's.
@@ -26,12 +30,17 @@ class RowParts:
 
     Args:
       parts: one or more arrays of the same row shape and dtype (each request's rows).
+      staged: per part, its ``jaxmt.staging.StagedRows`` or None. When any part's rows are on
+        the device, ``take`` (and ``rows``) return a device block joined from them, taking
+        the rows of the other parts from the host.
+      device: where host rows go in that case (the staged rows' device).
 
     Raises:
-      ValueError: no parts, or parts of different row shapes or dtypes (naming the first).
+      ValueError: no parts, parts of different row shapes or dtypes (naming the first), or
+        ``staged`` not one entry per part.
     """
 
-    def __init__(self, parts: Sequence[np.ndarray]):
+    def __init__(self, parts: Sequence[np.ndarray], staged: Sequence[Any] | None = None, device: Any = None):
         parts = [np.asarray(p) for p in parts]
         if not parts:
             raise ValueError("RowParts needs at least one array")
@@ -44,7 +53,11 @@ class RowParts:
                     f"part {i} has shape {list(part.shape)} and dtype {part.dtype.name}, expected rows of shape "
                     f"{list(first.shape[1:])} and dtype {first.dtype.name} (as part 0)"
                 )
+        if staged is not None and len(staged) != len(parts):
+            raise ValueError(f"staged needs one entry per part: {len(staged)} for {len(parts)} parts")
         self.parts = parts
+        self.staged = None if staged is None or all(s is None for s in staged) else list(staged)
+        self.device = device
         lengths = np.array([p.shape[0] for p in parts], np.int64)
         self._ends = np.cumsum(lengths)
         self._starts = self._ends - lengths
@@ -84,9 +97,12 @@ class RowParts:
             raise ValueError(f"RowParts of {joined.dtype.name} cannot become {np.dtype(dtype).name} without a copy")
         return joined if dtype is None else joined.astype(dtype, copy=False)
 
-    def rows(self, start: int, stop: int) -> np.ndarray:
+    def rows(self, start: int, stop: int) -> Any:
         """Rows ``start:stop`` of the concatenation as one array: a view when they lie in one
-        part, else copied once (small rows: a slice of the concatenation)."""
+        part, else copied once (small rows: a slice of the concatenation); a device block
+        when some parts are staged (see ``take``)."""
+        if self.staged is not None:
+            return self.take(np.arange(start, stop))
         part = int(np.searchsorted(self._ends, start, side="right"))
         if part < len(self.parts) and stop <= self._ends[part]:
             first = int(self._starts[part])
@@ -95,23 +111,50 @@ class RowParts:
             return self.joined()[start:stop]
         return self.take(np.arange(start, stop))
 
-    def take(self, index: np.ndarray) -> np.ndarray:
-        """``np.concatenate(parts)[index]`` for an int array ``index`` of any shape."""
+    def take(self, index: np.ndarray) -> Any:
+        """``np.concatenate(parts)[index]`` for an int array ``index`` of any shape: a NumPy
+        array, or a device array when some parts' rows are staged on the device."""
         index = np.asarray(index)
+        if self.staged is not None:
+            device_rows = [None if s is None else s.device_rows() for s in self.staged]
+            if any(rows is not None for rows in device_rows):
+                return self._join(index, device_rows)
         if len(self.parts) == 1 or self._joined is not None or self.row_nbytes < DIRECT_ROW_BYTES:
             return self.joined()[index]
-        flat = index.reshape(-1).astype(np.int64, copy=False)
-        if flat.size and (flat.min() < 0 or flat.max() >= self.shape[0]):
-            raise IndexError(f"row index out of range for {self.shape[0]} rows")
-        which = np.searchsorted(self._ends, flat, side="right")
-        offsets = flat - self._starts[which]
-        out = np.empty((flat.size, *self.shape[1:]), self.dtype)
+        which, offsets = self._locate(index)
+        out = np.empty((which.size, *self.shape[1:]), self.dtype)
         parts = self.parts
         for position, (part, offset) in enumerate(zip(which.tolist(), offsets.tolist())):
             out[position] = parts[part][offset]
         return out.reshape(*index.shape, *self.shape[1:])
 
+    def _locate(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(part, offset in it) of each entry of ``index``, flattened; IndexError if out of range."""
+        flat = index.reshape(-1).astype(np.int64, copy=False)
+        if flat.size and (flat.min() < 0 or flat.max() >= self.shape[0]):
+            raise IndexError(f"row index out of range for {self.shape[0]} rows")
+        which = np.searchsorted(self._ends, flat, side="right")
+        return which, flat - self._starts[which]
 
-def take_rows(x: "np.ndarray | RowParts", index: np.ndarray) -> np.ndarray:
-    """``x[index]`` for an array or a ``RowParts``."""
+    def _join(self, index: np.ndarray, device_rows: list) -> Any:
+        """The block of ``index`` joined on the device from staged rows (and host rows, for the
+        parts whose copy is not issued yet, put on the device first in one call)."""
+        which, offsets = self._locate(index)
+        rows: list[Any] = []
+        from_host: list[int] = []
+        for part, offset in zip(which.tolist(), offsets.tolist()):
+            staged = device_rows[part]
+            if staged is None:
+                from_host.append(len(rows))
+                rows.append(self.parts[part][offset : offset + 1])
+            else:
+                rows.append(staged[offset])
+        if from_host:
+            for position, row in zip(from_host, jax.device_put([rows[p] for p in from_host], self.device)):
+                rows[position] = row
+        return join_rows(rows, (*index.shape, *self.shape[1:]))
+
+
+def take_rows(x: "np.ndarray | RowParts", index: np.ndarray) -> Any:
+    """``x[index]`` for an array or a ``RowParts`` (a device array when its rows are staged)."""
     return x.take(index) if isinstance(x, RowParts) else x[index]

@@ -33,7 +33,6 @@ import numpy as np
 from jaxmt._queue import _Batch, _Launched, _PartlyFailed, _Request
 from jaxmt._server import MAX_SLO_MS, _ServerBase
 from jaxmt.buckets import Plan
-from jaxmt.rows import RowParts
 
 OVERLOAD_POLICIES = ("reject", "serve_late")
 
@@ -78,6 +77,10 @@ class SchedulerConfig:
         and a log warning) when fewer than ``flag_below_attainment`` of its last
         ``flag_window`` requests (at least ``flag_min_requests``) met their SLO.
       latency_window: latency samples kept per tenant for percentiles.
+      stage_inputs: copy each request's rows to the device at submit, on a thread of the
+        server's, so that a step's launch joins device rows instead of copying host rows
+        (``jaxmt.staging``). None: on a GPU, for a model on one device. True on a model
+        that places its rows itself (``ShardedMultiTenantModel``) raises ValueError.
       clock: seconds, monotonic; injectable for tests.
     """
 
@@ -92,6 +95,7 @@ class SchedulerConfig:
     flag_min_requests: int = 16
     flag_below_attainment: float = 0.9
     latency_window: int = 4096
+    stage_inputs: bool | None = None
     clock: Callable[[], float] = dataclasses.field(default=time.monotonic, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +113,8 @@ class SchedulerConfig:
         set_("flag_min_requests", _check_int("flag_min_requests", self.flag_min_requests, 1))
         set_("flag_below_attainment", _check_real("flag_below_attainment", self.flag_below_attainment, 0.0, 1.0))
         set_("latency_window", _check_int("latency_window", self.latency_window, 1))
+        if self.stage_inputs not in (None, True, False):
+            raise ValueError(f"stage_inputs must be None, True or False, got {self.stage_inputs!r}")
         if not callable(self.clock):
             raise TypeError(f"clock must be callable, got {type(self.clock).__name__}")
 
@@ -169,8 +175,13 @@ class Scheduler(_ServerBase):
         self._start_pipeline()
 
     def warmup(self, **kwargs: Any) -> int:
-        """Compiles the model's bucket programs now and runs each once (``MultiTenantModel.warmup``)."""
-        return self.mt.warmup(**kwargs)
+        """Compiles the model's bucket programs now and runs each once (``MultiTenantModel.warmup``),
+        and, when rows are staged, the program joining each bucket's block; returns how many
+        model programs were new."""
+        new = self.mt.warmup(**kwargs)
+        buckets = self.mt.buckets
+        self._warm_staging([(k, b) for k in buckets.tenant_buckets for b in buckets.row_buckets])
+        return new
 
     # --------------------------------------------------------------- policy
     def _steps_ahead_locked(self, req: _Request) -> float:
@@ -300,7 +311,7 @@ class Scheduler(_ServerBase):
             pendings = []
             for segment in segments:
                 tenant_ids = [r.tenant_id for r in segment for _ in range(r.rows)]
-                x = segment[0].x if len(segment) == 1 else RowParts([r.x for r in segment])
+                x = self._rows_of(segment)
                 try:
                     pendings.append(mt.dispatch(tenant_ids, x))
                 except Exception as exc:  # noqa: BLE001 (that call's futures carry it; the others go on)

@@ -260,6 +260,11 @@ class ShardedMultiTenantModel(MultiTenantModel):
 
     _whole_store_steps = False  # run_step always gathers per device
 
+    @property
+    def input_device(self) -> None:
+        """None: each step's rows are placed per device (block d on device d), not staged."""
+        return None
+
     def _output_sharding(self, outputs_to_host: bool | None) -> None:
         if outputs_to_host:
             raise ValueError("ShardedMultiTenantModel keeps step outputs on the mesh; outputs_to_host=True is not supported")

@@ -84,6 +84,10 @@ class Workload:
             raise ValueError(f"zipf must be >= 0 and burst >= 1: {self}")
 
 
+# --stage: SchedulerConfig.stage_inputs (None: on a GPU, for a model on one device).
+STAGE_INPUTS = {"auto": None, "on": True, "off": False}
+
+
 def zipf_weights(tenants: int, exponent: float) -> np.ndarray:
     """Popularity of each tenant (sums to 1): weight 1 / (rank ** exponent)."""
     weights = 1.0 / np.arange(1, tenants + 1, dtype=np.float64) ** exponent
@@ -209,6 +213,7 @@ def run_trial(server: Any, workload: Workload, inputs: np.ndarray, tenant_ids: S
         with pending_lock:
             unfinished = len(pending)
     elapsed_s = (max(done_at) if done_at else time.perf_counter()) - start
+    server_metrics = server.metrics()
     metrics = recorder.snapshot()
     samples = recorder.samples_by_tenant()
     overall = metrics["overall"]
@@ -234,7 +239,7 @@ def run_trial(server: Any, workload: Workload, inputs: np.ndarray, tenant_ids: S
         "gc": pauses.snapshot(),
         "generator_lag_ms": {k: v for k, v in percentiles(1e3 * np.asarray(lag_s)).items() if k in ("p50_ms", "p99_ms", "max_ms")},
         "elapsed_s": round(elapsed_s, 4),
-        "server": {"steps": server.metrics()["steps"]},
+        "server": {key: server_metrics[key] for key in ("steps", "staging")},
         "_latencies_ms": recorder.samples_ms(),  # for the CDF; left out of the JSON
         "_samples_by_tenant": samples,  # for spread_by_chance, of the trials reported; left out of the JSON
     }
@@ -343,6 +348,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tenants-bucket", type=int, default=0, help="largest tenant bucket (0: tenants, pow2, <= 64)")
     parser.add_argument("--max-rows-bucket", type=int, default=16, help="largest row bucket")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stage", default="auto", choices=sorted(STAGE_INPUTS),
+                        help="copy each request's rows to the device at submit (SchedulerConfig.stage_inputs; auto: on a GPU)")
     parser.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
                         help="do not freeze the heap before each trial (see jaxmt.freeze_heap)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON here")
@@ -362,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     schedulers = list(SERVERS) if args.scheduler == "all" else [args.scheduler]
     report = simulate(workload, schedulers, arch=args.arch, size=args.size, max_tenants=args.max_tenants_bucket,
                       max_rows=args.max_rows_bucket, progress=not args.quiet, gc_freeze=args.gc_freeze,
-                      max_delay_ms=args.max_delay_ms,
+                      max_delay_ms=args.max_delay_ms, stage_inputs=STAGE_INPUTS[args.stage],
                       overload_policy=args.overload_policy, overload_factor=args.overload_factor)
     print(format_table(report["results"]))
     if args.json:

@@ -1,0 +1,194 @@
+"""Rows staged on the device at submit give the same answers as rows copied at launch.
+
+Staging is on by default on a GPU only; these tests force it on (``stage_inputs=True``) on
+whatever device runs them, and check every server against the per-tenant reference, the
+joined blocks against NumPy indexing, the fallback to host rows when a copy is not issued by
+the launch, and that nothing compiles after warm-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import jax
+import numpy as np
+import pytest
+from conftest import reference_predict
+from test_baselines import ROW, SERVERS, apply_fn, expected, make_model, make_params, rows
+
+import jaxmt
+from jaxmt import staging
+from jaxmt.rows import RowParts
+
+TIMEOUT_S = 60.0
+DEVICE = jax.devices()[0]
+
+
+class NotIssued:
+    """A StagedRows whose copy has not been issued (the launch must take the host rows)."""
+
+    def device_rows(self):
+        return None
+
+
+def staged_parts(rng, dtype, row_shape, ready: list[bool | None]):
+    """Parts of 1-4 rows; per part: staged (True), copy not issued (False) or no staging (None)."""
+    parts, staged = [], []
+    stager = staging.RowStager(DEVICE)
+    try:
+        for state in ready:
+            part = (rng.standard_normal((int(rng.integers(1, 5)), *row_shape)) * 50).astype(dtype)
+            parts.append(part)
+            if state is None:
+                staged.append(None)
+            elif state:
+                rows_ = stager.stage(part)
+                assert rows_.wait(TIMEOUT_S) is not None
+                staged.append(rows_)
+            else:
+                staged.append(NotIssued())
+    finally:
+        stager.close()
+    return parts, staged
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+@pytest.mark.parametrize("row_shape", [(5,), (3, 4, 2)])
+@pytest.mark.parametrize("ready", [[True, True, True], [True, False, None, True], [False, True], [None, None]])
+def test_take_joins_staged_rows_like_numpy_indexing(rng, dtype, row_shape, ready):
+    parts, staged = staged_parts(rng, dtype, row_shape, ready)
+    x = RowParts(parts, staged, DEVICE)
+    joined = np.concatenate(parts)
+    for index_shape in [(7,), (3, 2), (len(joined),)]:
+        index = rng.integers(len(joined), size=index_shape)
+        got = x.take(index)
+        np.testing.assert_array_equal(np.asarray(got), joined[index])
+        assert got.dtype == dtype and got.shape == (*index_shape, *row_shape)
+        # a device block exactly when some part's rows are on the device
+        assert isinstance(got, jax.Array) == any(r is True for r in ready)
+    start, stop = 1, len(joined) - 1
+    np.testing.assert_array_equal(np.asarray(x.rows(start, stop)), joined[start:stop])
+    np.testing.assert_array_equal(np.asarray(x), joined)
+    with pytest.raises(IndexError):
+        x.take(np.array([len(joined)]))
+
+
+def test_row_parts_needs_one_staged_entry_per_part(rng):
+    with pytest.raises(ValueError, match="one entry per part"):
+        RowParts([rows(rng, 2), rows(rng, 1)], [None])
+
+
+def test_a_closed_stager_stages_nothing(rng):
+    stager = staging.RowStager(DEVICE)
+    stager.close()
+    stager.close()  # idempotent
+    assert stager.stage(rows(rng, 2)) is None
+    with pytest.raises(ValueError, match="threads"):
+        staging.RowStager(DEVICE, threads=0)
+
+
+def test_a_failed_copy_falls_back_to_host_rows_and_warns_once(rng, caplog):
+    stager = staging.RowStager(DEVICE)
+    bad = np.array([[object()] * ROW], dtype=object)  # device_put refuses object arrays
+    with caplog.at_level(logging.WARNING, logger="jaxmt"):
+        first, second = stager.stage(bad), stager.stage(bad)
+        assert first.wait(TIMEOUT_S) is None and second.wait(TIMEOUT_S) is None
+    stager.close()
+    assert first.device_rows() is None and stager.failures == 2
+    assert sum("staging rows" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("kind", list(SERVERS))
+def test_every_server_with_staged_rows_matches_the_reference(kind):
+    mt, params = make_model()
+    answered, lock = [], threading.Lock()
+
+    def client(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        mine = []
+        for _ in range(60):
+            tenant = f"t{rng.integers(len(params))}"
+            x = rows(rng, int(rng.integers(1, 7)))  # 5 and 6 rows: split at the largest batch
+            mine.append((tenant, x, server.submit(tenant, x)))
+        with lock:
+            answered.extend(mine)
+
+    with SERVERS[kind](mt, max_delay_ms=0.5, overload_policy="serve_late", stage_inputs=True) as server:
+        server.warmup()
+        clients = [threading.Thread(target=client, args=(100 * s,)) for s in range(4)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
+        results = [(t, x, f.result(TIMEOUT_S)) for t, x, f in answered]
+        metrics = server.metrics()
+    for tenant, x, y in results:
+        np.testing.assert_allclose(y, expected(kind, params, tenant, x, server), rtol=1e-5, atol=1e-5)
+    counts = metrics["staging"]
+    assert counts["enabled"] and counts["failures"] == 0
+    assert counts["staged_requests"] + counts["host_requests"] >= len(answered)  # a split request counts per launch
+    assert counts["staged_requests"] > 0
+
+
+@pytest.mark.parametrize("kind", list(SERVERS))
+def test_requests_whose_copy_is_not_issued_are_served_from_the_host(kind, rng, monkeypatch):
+    """The launch never waits for a staging copy: until it is issued, the host rows serve."""
+    release = threading.Event()
+    real_put = staging.RowStager._put
+
+    def held_put(self, x):
+        release.wait(TIMEOUT_S)
+        return real_put(self, x)
+
+    monkeypatch.setattr(staging.RowStager, "_put", held_put)
+    mt, params = make_model(3)
+    with SERVERS[kind](mt, max_delay_ms=0.5, stage_inputs=True) as server:
+        requests = [(f"t{i % 3}", rows(rng, 1 + i % 3)) for i in range(8)]
+        futures = [(t, x, server.submit(t, x)) for t, x in requests]
+        results = [(t, x, f.result(TIMEOUT_S)) for t, x, f in futures]
+        release.set()
+        counts = server.metrics()["staging"]
+    for tenant, x, y in results:
+        np.testing.assert_allclose(y, expected(kind, params, tenant, x, server), rtol=1e-5, atol=1e-5)
+    assert counts["staged_requests"] == 0 and counts["host_requests"] >= len(requests)
+
+
+@pytest.mark.parametrize("kind", list(SERVERS))
+def test_after_warmup_staged_steps_compile_nothing(kind, rng):
+    mt, params = make_model()
+    with SERVERS[kind](mt, max_delay_ms=0.5, stage_inputs=True) as server:
+        server.warmup()
+        compiled = lambda: (staging._join._cache_size(), mt.programs.compiles,  # noqa: E731
+                            server._programs.program.fn._cache_size() if kind != "jaxmt" else 0)
+        before = compiled()
+        futures = []
+        for i in range(40):
+            tenant = f"t{rng.integers(len(params))}"
+            x = rows(rng, int(rng.integers(1, 7)))
+            futures.append((tenant, x, server.submit(tenant, x)))
+            if i % 8 == 7:
+                [f.result(TIMEOUT_S) for _, _, f in futures]
+        for tenant, x, f in futures:
+            np.testing.assert_allclose(f.result(TIMEOUT_S), expected(kind, params, tenant, x, server), rtol=1e-5, atol=1e-5)
+        assert server.metrics()["staging"]["staged_requests"] > 0
+        assert compiled() == before  # join programs, jaxmt's step programs, the baselines' jitted model
+
+
+def test_staging_defaults_to_gpus_and_refuses_models_that_place_rows_themselves(rng):
+    mt, _ = make_model(2)
+    with jaxmt.Scheduler(mt) as server:
+        assert server.metrics()["staging"]["enabled"] == (DEVICE.platform == "gpu")
+    with jaxmt.TimeOnlyServer(mt, stage_inputs=False) as server:
+        assert not server.metrics()["staging"]["enabled"]
+    with pytest.raises(ValueError, match="stage_inputs"):
+        jaxmt.Scheduler(mt, stage_inputs="yes")
+    sharded = jaxmt.ShardedMultiTenantModel(apply_fn, make_params(0), capacity=2, row_shape=(ROW,), row_dtype=np.float32)
+    sharded.add_tenant("a", make_params(1))
+    with pytest.raises(ValueError, match="places each step's rows itself"):
+        jaxmt.Scheduler(sharded, stage_inputs=True)
+    with jaxmt.Scheduler(sharded) as server:  # the default leaves it off
+        x = rows(rng, 2)
+        np.testing.assert_allclose(server.submit("a", x).result(TIMEOUT_S),
+                                   reference_predict(apply_fn, {"a": make_params(1)}, ["a", "a"], x), rtol=1e-5, atol=1e-5)
+        assert not server.metrics()["staging"]["enabled"]
