@@ -33,7 +33,7 @@ from jaxmt._queue import _Batch, _EdfQueue, _Launched, _PartlyFailed, _Request, 
 from jaxmt.errors import InputError, Overloaded, SchedulerClosed, UnknownTenantError
 from jaxmt.metrics import LatencyRecorder, StepRecorder
 from jaxmt.rows import RowParts
-from jaxmt.staging import RowStager, warm_join
+from jaxmt.staging import RowStager, stage_by_default, warm_join
 
 logger = logging.getLogger("jaxmt")
 
@@ -76,7 +76,15 @@ class _ServerBase:
         self._running_predicted_s = 0.0  # the device time predicted for those steps, together
         self._running_unpredicted = 0  # those of them launched before any step time was known
         self._outstanding: dict[int, _Request] = {}  # accepted, future not completed yet
-        self._stager = _make_stager(mt, config.stage_inputs)
+        # Rows are staged (jaxmt.staging) when asked, or by default where it pays, which
+        # depends on the row size: decided once the rows are known (the model's, or the first
+        # request's), under self._cond.
+        self._stager: RowStager | None = None
+        self._staging_decided = config.stage_inputs is False
+        if config.stage_inputs and mt.input_device is None:
+            raise ValueError(f"stage_inputs=True, but {type(mt).__name__} places each step's rows itself; "
+                             "leave stage_inputs at None or False")
+        self._decide_staging_locked(mt.row_shape, mt.row_dtype)
         self._staging_lock = threading.Lock()
         self._staged_requests = 0  # launched with their rows on the device already
         self._host_requests = 0  # launched with their rows taken from the host
@@ -117,6 +125,8 @@ class _ServerBase:
             if self._closed:
                 raise SchedulerClosed(f"{self.kind} is closed; request for tenant {tenant_id!r} not accepted")
             self._check_rows_locked(x)
+            if not self._staging_decided:
+                self._decide_staging_locked(x.shape[1:], x.dtype)
             now = self._clock()
             req = _Request(tenant_id, x, future, now, now + slo_ms / 1e3, slo_ms, next(self._seq))
             error = self._admit_locked(req, now)
@@ -227,12 +237,28 @@ class _ServerBase:
             self._host_requests += len(requests) - ready
         return RowParts([r.x for r in requests], staged, self._stager.device)
 
+    def _decide_staging_locked(self, row_shape: Any, row_dtype: Any) -> None:
+        """Starts the stager if rows of this shape and dtype are staged (see
+        ``SchedulerConfig.stage_inputs``); a no-op once decided or while the rows are unknown."""
+        if self._staging_decided or row_shape is None:
+            return
+        self._staging_decided = True
+        device = self.mt.input_device
+        row_nbytes = np.dtype(row_dtype).itemsize * math.prod(row_shape)
+        if self.config.stage_inputs or (self.config.stage_inputs is None and stage_by_default(device, row_nbytes)):
+            self._stager = RowStager(device)
+
+    def _staging_device(self) -> Any:
+        """Where rows are staged (None: they are not); decides it if the rows are known now."""
+        with self._cond:
+            self._decide_staging_locked(self.mt.row_shape or self._row_shape, self.mt.row_dtype or self._row_dtype)
+            return None if self._stager is None else self._stager.device
+
     def _warm_staging(self, position_shapes: list[tuple[int, ...]]) -> None:
         """Compiles the join program of each step block shape, when rows are staged."""
-        shape = self.mt.row_shape or self._row_shape
-        dtype = self.mt.row_dtype or self._row_dtype
-        if self._stager is not None and shape is not None:
-            warm_join(position_shapes, shape, dtype, self._stager.device)
+        device = self._staging_device()
+        if device is not None:
+            warm_join(position_shapes, self.mt.row_shape or self._row_shape, self.mt.row_dtype or self._row_dtype, device)
 
     # ------------------------------------------------------------- internals
     def _shut(self, drain: bool) -> None:
@@ -522,19 +548,6 @@ _LIVE_SERVERS: weakref.WeakSet[_ServerBase] = weakref.WeakSet()
 def _close_at_exit() -> None:
     for server in list(_LIVE_SERVERS):
         server.close(drain=False, timeout=5.0)
-
-
-def _make_stager(mt: Any, stage_inputs: bool | None) -> RowStager | None:
-    """The stager of a server (see ``SchedulerConfig.stage_inputs``), or None."""
-    device = mt.input_device
-    if stage_inputs is None:
-        stage_inputs = device is not None and device.platform == "gpu"
-    if not stage_inputs:
-        return None
-    if device is None:
-        raise ValueError(f"stage_inputs=True, but {type(mt).__name__} places each step's rows itself; "
-                         "leave stage_inputs at None or False")
-    return RowStager(device)
 
 
 def _check_slo(slo_ms: Any, default_ms: float) -> float:

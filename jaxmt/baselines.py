@@ -189,7 +189,7 @@ class _LaneServer(_ServerBase):
         with self.mt.store.lock:
             tenants = self._tenants_to_preload()
             self._programs.preload(tenants)
-        device = None if self._stager is None else self._stager.device
+        device = self._staging_device()
         new = self._programs.warmup(self._params_for(self.mt.tenants[0]), shape, dtype, execute=execute, device=device)
         self._warm_staging([(size,) for size in self._programs.batch_sizes])
         return new

@@ -79,8 +79,10 @@ class SchedulerConfig:
       latency_window: latency samples kept per tenant for percentiles.
       stage_inputs: copy each request's rows to the device at submit, on a thread of the
         server's, so that a step's launch joins device rows instead of copying host rows
-        (``jaxmt.staging``). None: on a GPU, for a model on one device. True on a model
-        that places its rows itself (``ShardedMultiTenantModel``) raises ValueError.
+        (``jaxmt.staging``). None: on a GPU, for a model on one device, when a row holds at
+        least ``jaxmt.staging.STAGE_MIN_ROW_BYTES`` (256 KiB: a 224x224x3 float32 image, not
+        its uint8 pixels), decided once the rows are known. True on a model that places its
+        rows itself (``ShardedMultiTenantModel``) raises ValueError.
       clock: seconds, monotonic; injectable for tests.
     """
 

@@ -2,13 +2,14 @@
 
 Without staging, the dispatch thread copies every row of a step (padding included) into one
 host block and hands it to the program, which copies it to the device: on an H200 host a
-step of 16 float32 224x224x3 rows spent 2.25 ms there, most of a ResNet-18 step's host time.
-With staging, a ``RowStager`` thread puts each request's rows on the device while the
+step of 16 float32 224x224x3 rows spent 2.25 ms there. With staging, a ``RowStager`` thread puts each request's rows on the device while the
 request waits in its queue; the launch then joins device rows into the step's block with one
-small program (16 rows: 0.13 ms on the same host). The copy costs the host about the same
-(one ``device_put`` a row, 142 us for such a row), but off the dispatch thread, during the
+small program (16 rows: 0.13 ms on the same host). The copy still costs the host (56-97
+us a row in ``device_put``, see ``RowStager``), but off the dispatch thread, during the
 queue wait, and padding rows are not copied at all. Rows whose copy has not been issued by
-the launch are taken from the host, so staging never delays a step.
+the launch are taken from the host, so staging never delays a step. Servers stage rows by
+default on a GPU when a row holds at least ``STAGE_MIN_ROW_BYTES`` (below it staging
+measured slower than copying at launch); ``SchedulerConfig.stage_inputs`` forces it.
 
 The join program is one per block shape (a bucket's K x B, or a baseline's batch size);
 ``warm_join`` compiles them ahead of traffic. Every row handed to it is a committed device
@@ -30,6 +31,22 @@ import jax.numpy as jnp
 import numpy as np
 
 logger = logging.getLogger("jaxmt")
+
+
+# Rows at least this large are staged by default on a GPU. On an H200 host, ResNet-18
+# serving of 588 KiB float32 rows sustained 2,691 req/s with staging against 1,600 without
+# on one lease (3,200 with queued requests copied together, on another), while 147 KiB uint8 rows sustained 1,903-2,075 req/s staged
+# against 3,644-4,525 copied at launch (other leases, time-only alike on all): a launch's
+# copy of small rows costs the dispatch thread less than staging costs the staging thread,
+# which competes with it (benchmarks/README.md, Serving: staged rows).
+STAGE_MIN_ROW_BYTES = 256 * 1024
+
+
+def stage_by_default(device: Any, row_nbytes: int) -> bool:
+    """Whether rows of ``row_nbytes`` bytes are staged on ``device`` unless told otherwise: on
+    a GPU, for rows of at least ``STAGE_MIN_ROW_BYTES``; never where the model places its rows
+    itself (``device`` None)."""
+    return device is not None and device.platform == "gpu" and row_nbytes >= STAGE_MIN_ROW_BYTES
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -84,9 +101,9 @@ class RowStager:
     """Puts requests' rows on one device from a thread of its own.
 
     The thread takes every request queued since its last copy and puts all their rows in one
-    ``jax.device_put`` call: each call costs the host a fixed amount besides its bytes (on
-    an H200 host about 100 us for one 150 KiB row, 142 us for a 588 KiB one, holding the
-    interpreter), so under load the fixed part is paid once per batch, not once per request.
+    ``jax.device_put`` call: on an H200 host a call cost its thread 97 us for one 588 KiB
+    row and 56 us a row for 16 or more, so under load the fixed part is paid once per batch,
+    not once per request (ResNet-18 serving: 3,200 against 2,691 req/s on one lease).
 
     Args:
       device: where the rows go (the device the step programs run on).

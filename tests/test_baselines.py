@@ -68,32 +68,38 @@ def expected(kind, params, tenant, x, server=None):
     return reference_predict(apply_fn, params, [owner] * len(x), x)
 
 
-@pytest.mark.parametrize("kind", ["exclusive", "time", "space"])
-def test_many_threads_match_the_reference(served, kind):
-    mt, params = served
+def submit_from_threads(server, params: dict, clients: int = 4, requests: int = 120, seed: int = 0) -> list:
+    """Each client thread submits ``requests`` random requests of 1-6 rows (5 and 6: split at
+    the largest batch size) for random tenants; returns (tenant, x, answer) of every one."""
     answered, lock = [], threading.Lock()
 
     def client(seed: int) -> None:
         rng = np.random.default_rng(seed)
         mine = []
-        for _ in range(120):
+        for _ in range(requests):
             tenant = f"t{rng.integers(len(params))}"
-            x = rows(rng, int(rng.integers(1, 7)))  # 5 and 6 rows: split at the largest batch size
+            x = rows(rng, int(rng.integers(1, 7)))
             mine.append((tenant, x, server.submit(tenant, x)))
         with lock:
             answered.extend(mine)
 
+    threads = [threading.Thread(target=client, args=(seed + s,)) for s in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [(t, x, f.result(TIMEOUT_S)) for t, x, f in answered]
+
+
+@pytest.mark.parametrize("kind", ["exclusive", "time", "space"])
+def test_many_threads_match_the_reference(served, kind):
+    mt, params = served
     with SERVERS[kind](mt, max_delay_ms=0.5, overload_policy="serve_late") as server:
-        clients = [threading.Thread(target=client, args=(s,)) for s in range(4)]
-        for c in clients:
-            c.start()
-        for c in clients:
-            c.join()
-        results = [(t, x, f.result(TIMEOUT_S)) for t, x, f in answered]
+        results = submit_from_threads(server, params)
         metrics = server.metrics()
     for tenant, x, y in results:
         np.testing.assert_allclose(y, expected(kind, params, tenant, x, server), rtol=1e-5, atol=1e-5)
-    assert metrics["server"] == kind and metrics["overall"]["ok"] == len(answered) == 480
+    assert metrics["server"] == kind and metrics["overall"]["ok"] == len(results) == 480
     if kind != "exclusive":
         assert metrics["steps"]["mean_tenants_per_step"] == 1.0  # one tenant's program per step
 

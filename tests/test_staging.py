@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import reference_predict
-from test_baselines import ROW, SERVERS, apply_fn, expected, make_model, make_params, rows
+from test_baselines import ROW, SERVERS, apply_fn, expected, make_model, make_params, rows, submit_from_threads
 
 import jaxmt
 from jaxmt import staging
@@ -128,26 +128,9 @@ def test_requests_queued_together_are_copied_in_one_call(rng):
 @pytest.mark.parametrize("kind", list(SERVERS))
 def test_every_server_with_staged_rows_matches_the_reference(kind):
     mt, params = make_model()
-    answered, lock = [], threading.Lock()
-
-    def client(seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        mine = []
-        for _ in range(60):
-            tenant = f"t{rng.integers(len(params))}"
-            x = rows(rng, int(rng.integers(1, 7)))  # 5 and 6 rows: split at the largest batch
-            mine.append((tenant, x, server.submit(tenant, x)))
-        with lock:
-            answered.extend(mine)
-
     with SERVERS[kind](mt, max_delay_ms=0.5, overload_policy="serve_late", stage_inputs=True) as server:
         server.warmup()
-        clients = [threading.Thread(target=client, args=(100 * s,)) for s in range(4)]
-        for c in clients:
-            c.start()
-        for c in clients:
-            c.join()
-        results = [(t, x, f.result(TIMEOUT_S)) for t, x, f in answered]
+        results = submit_from_threads(server, params, requests=60, seed=100)
         metrics = server.metrics()
     for tenant, x, y in results:
         np.testing.assert_allclose(y, expected(kind, params, tenant, x, server), rtol=1e-5, atol=1e-5)
@@ -155,7 +138,7 @@ def test_every_server_with_staged_rows_matches_the_reference(kind):
     assert counts["enabled"] and counts["failures"] == 0
     # each launch counts its requests, staged in time or not (which, depends on timing here;
     # test_after_warmup_staged_steps_compile_nothing pins it down)
-    assert counts["staged_requests"] + counts["host_requests"] >= len(answered)
+    assert counts["staged_requests"] + counts["host_requests"] >= len(results)
 
 
 @pytest.mark.parametrize("kind", list(SERVERS))
@@ -214,10 +197,40 @@ def test_after_warmup_staged_steps_compile_nothing(kind, rng):
         assert compiled() == before  # join programs, jaxmt's step programs, the baselines' jitted model
 
 
+class FakeDevice:
+    def __init__(self, platform: str):
+        self.platform = platform
+
+
+@pytest.mark.parametrize(("platform", "row_nbytes", "staged"), [
+    ("gpu", 224 * 224 * 3 * 4, True),  # a float32 image
+    ("gpu", 224 * 224 * 3, False),  # its uint8 pixels
+    ("gpu", staging.STAGE_MIN_ROW_BYTES, True),
+    ("cpu", 224 * 224 * 3 * 4, False),
+    (None, 224 * 224 * 3 * 4, False),  # a model that places its rows itself
+])
+def test_rows_are_staged_by_default_on_a_gpu_when_large(platform, row_nbytes, staged):
+    device = None if platform is None else FakeDevice(platform)
+    assert staging.stage_by_default(device, row_nbytes) == staged
+
+
+@pytest.mark.parametrize("kind", list(SERVERS))
+def test_without_known_rows_the_first_request_decides_staging(kind, rng):
+    params = {"a": make_params(1)}
+    mt = jaxmt.MultiTenantModel(apply_fn, make_params(0), capacity=2, buckets=jaxmt.BucketPolicy.powers_of_two(2, 2))
+    mt.add_tenant("a", params["a"])
+    with SERVERS[kind](mt, stage_inputs=True) as server:
+        assert not server.metrics()["staging"]["enabled"]  # no rows known yet
+        x = rows(rng, 3)
+        np.testing.assert_allclose(server.submit("a", x).result(TIMEOUT_S), expected(kind, params, "a", x, server),
+                                   rtol=1e-5, atol=1e-5)
+        assert server.metrics()["staging"]["enabled"]
+
+
 def test_staging_defaults_to_gpus_and_refuses_models_that_place_rows_themselves(rng):
     mt, _ = make_model(2)
-    with jaxmt.Scheduler(mt) as server:
-        assert server.metrics()["staging"]["enabled"] == (DEVICE.platform == "gpu")
+    with jaxmt.Scheduler(mt) as server:  # rows of 5 floats: not worth staging anywhere
+        assert not server.metrics()["staging"]["enabled"]
     with jaxmt.TimeOnlyServer(mt, stage_inputs=False) as server:
         assert not server.metrics()["staging"]["enabled"]
     with pytest.raises(ValueError, match="stage_inputs"):
