@@ -138,6 +138,8 @@ class _EdfQueue:
             heapq.heappop(self._by_deadline)
             del self._live[req.token]
             self._count(req, -1)
+            if not self._live:  # the arrival heap's stale entries would keep their requests alive
+                self._by_arrival.clear()
         return req
 
     def earliest_deadline(self) -> float:

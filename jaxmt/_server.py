@@ -78,8 +78,9 @@ class _ServerBase:
         self._outstanding: dict[int, _Request] = {}  # accepted, future not completed yet
         # Rows are staged (jaxmt.staging) when asked, or by default where it pays, which
         # depends on the row size: decided once the rows are known (the model's, or the first
-        # request's), under self._cond.
+        # request's), under self._cond; the stager starts with the server's threads.
         self._stager: RowStager | None = None
+        self._staging_wanted = False
         self._staging_decided = config.stage_inputs is False
         if config.stage_inputs and mt.input_device is None:
             raise ValueError(f"stage_inputs=True, but {type(mt).__name__} places each step's rows itself; "
@@ -186,8 +187,10 @@ class _ServerBase:
         for thread in self._threads:
             if thread is not me:
                 thread.join(timeout)
-        if self._stager is not None:
-            self._stager.close()
+        with self._cond:
+            stager = self._stager
+        if stager is not None:
+            stager.close(timeout)
 
     @property
     def closed(self) -> bool:
@@ -230,12 +233,18 @@ class _ServerBase:
         the staged rows on the device (host rows for requests whose copy is not issued yet)."""
         if self._stager is None:
             return requests[0].x if len(requests) == 1 else RowParts([r.x for r in requests])
-        staged = [r.staged for r in requests]
-        ready = sum(s is not None and s.device_rows() is not None for s in staged)
+        device_rows = []
+        for req in requests:  # one look at each copy: a request is served as counted
+            staged, req.staged = req.staged, None
+            rows = None if staged is None else staged.device_rows()
+            if staged is not None:
+                staged.abandon()  # this launch holds the rows now, or its host rows serve (a copy not made yet is skipped)
+            device_rows.append(rows)
+        ready = sum(rows is not None for rows in device_rows)
         with self._staging_lock:
             self._staged_requests += ready
             self._host_requests += len(requests) - ready
-        return RowParts([r.x for r in requests], staged, self._stager.device)
+        return RowParts([r.x for r in requests], device_rows, self._stager.device)
 
     def _decide_staging_locked(self, row_shape: Any, row_dtype: Any) -> None:
         """Starts the stager if rows of this shape and dtype are staged (see
@@ -245,8 +254,15 @@ class _ServerBase:
         self._staging_decided = True
         device = self.mt.input_device
         row_nbytes = np.dtype(row_dtype).itemsize * math.prod(row_shape)
-        if self.config.stage_inputs or (self.config.stage_inputs is None and stage_by_default(device, row_nbytes)):
-            self._stager = RowStager(device)
+        self._staging_wanted = bool(self.config.stage_inputs or (self.config.stage_inputs is None
+                                                                 and stage_by_default(device, row_nbytes)))
+        self._start_stager_locked()
+
+    def _start_stager_locked(self) -> None:
+        """The stager's thread, once staging is wanted and the server runs (a constructor that
+        fails leaves no thread behind, a closed server starts none)."""
+        if self._staging_wanted and self._stager is None and self._threads and not self._closed:
+            self._stager = RowStager(self.mt.input_device)
 
     def _staging_device(self) -> Any:
         """Where rows are staged (None: they are not); decides it if the rows are known now."""
@@ -340,6 +356,7 @@ class _ServerBase:
     def _finish(self, req: _Request, result: Any = None, error: BaseException | None = None) -> None:
         """Records the request's latency and outcome, then completes its future."""
         self._outstanding.pop(req.seq, None)
+        _let_go_of_staged(req)
         self._latency.record(req.tenant_id, 1e3 * (self._clock() - req.submitted_s), req.slo_ms, error)
         if isinstance(error, UnknownTenantError):  # the tenant left: keep no stats for it
             self._latency.forget_absent(lambda tenant_id: tenant_id in self.mt)
@@ -357,6 +374,7 @@ class _ServerBase:
                 self._finish(req, error=error)
             else:  # cancelled by its owner
                 self._outstanding.pop(req.seq, None)
+                _let_go_of_staged(req)
 
     def _split_resident(self, requests: list[_Request]) -> tuple[list[_Request], list[_Request]]:
         """(requests whose tenant is resident, the others); call under ``mt.store.lock``."""
@@ -375,6 +393,8 @@ class _ServerBase:
             thread = threading.Thread(target=target, name=f"jaxmt-{self.kind}-{name}", daemon=True)
             self._threads.append(thread)
             thread.start()
+        with self._cond:
+            self._start_stager_locked()
 
     def _start_pipeline(self) -> None:
         """One dispatch thread and one completion thread, at most ``pipeline_depth`` steps apart."""
@@ -429,6 +449,7 @@ class _ServerBase:
         if len(running) < len(batch.requests):
             for req in set(batch.requests) - set(running):  # cancelled by their owners
                 self._outstanding.pop(req.seq, None)
+                _let_go_of_staged(req)
             batch.requests = running
         if not batch.requests:
             return None
@@ -548,6 +569,13 @@ _LIVE_SERVERS: weakref.WeakSet[_ServerBase] = weakref.WeakSet()
 def _close_at_exit() -> None:
     for server in list(_LIVE_SERVERS):
         server.close(drain=False, timeout=5.0)
+
+
+def _let_go_of_staged(req: _Request) -> None:
+    """A request that is done needs its staged rows no more (a pending copy is skipped)."""
+    staged, req.staged = req.staged, None
+    if staged is not None:
+        staged.abandon()
 
 
 def _check_slo(slo_ms: Any, default_ms: float) -> float:

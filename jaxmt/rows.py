@@ -30,9 +30,10 @@ class RowParts:
 
     Args:
       parts: one or more arrays of the same row shape and dtype (each request's rows).
-      staged: per part, its ``jaxmt.staging.StagedRows`` or None. When any part's rows are on
-        the device, ``take`` (and ``rows``) return a device block joined from them, taking
-        the rows of the other parts from the host.
+      staged: per part, its rows on the device (one [1, *row_shape] array per row, as
+        ``jaxmt.staging.StagedRows.device_rows()`` gives them) or None. When any part has
+        them, ``take`` (and ``rows``) return a device block joined from them, taking the
+        rows of the other parts from the host.
       device: where host rows go in that case (the staged rows' device).
 
     Raises:
@@ -55,6 +56,9 @@ class RowParts:
                 )
         if staged is not None and len(staged) != len(parts):
             raise ValueError(f"staged needs one entry per part: {len(staged)} for {len(parts)} parts")
+        for i, (part, rows) in enumerate(zip(parts, staged or ())):
+            if rows is not None and len(rows) != part.shape[0]:
+                raise ValueError(f"part {i} has {part.shape[0]} rows but {len(rows)} staged rows")
         self.parts = parts
         self.staged = None if staged is None or all(s is None for s in staged) else list(staged)
         self.device = device
@@ -116,9 +120,7 @@ class RowParts:
         array, or a device array when some parts' rows are staged on the device."""
         index = np.asarray(index)
         if self.staged is not None:
-            device_rows = [None if s is None else s.device_rows() for s in self.staged]
-            if any(rows is not None for rows in device_rows):
-                return self._join(index, device_rows)
+            return self._join(index, self.staged)
         if len(self.parts) == 1 or self._joined is not None or self.row_nbytes < DIRECT_ROW_BYTES:
             return self.joined()[index]
         which, offsets = self._locate(index)

@@ -75,11 +75,11 @@ def warm_join(position_shapes: Iterable[Sequence[int]], row_shape: Sequence[int]
 class StagedRows:
     """One request's rows on their way to the device: one [1, *row_shape] array per row."""
 
-    __slots__ = ("_rows", "_failed", "_done")
+    __slots__ = ("_rows", "_abandoned", "_done")
 
     def __init__(self) -> None:
         self._rows: list[jax.Array] | None = None
-        self._failed = False
+        self._abandoned = False
         self._done = threading.Event()
 
     def device_rows(self) -> list[jax.Array] | None:
@@ -92,8 +92,14 @@ class StagedRows:
         self._done.wait(timeout)
         return self._rows
 
+    def abandon(self) -> None:
+        """Nobody will read these rows (their request was launched from host rows, or is
+        done): a copy not started yet is skipped, and rows already copied are let go."""
+        self._abandoned = True
+        self._rows = None
+
     def _resolve(self, rows: list[jax.Array] | None) -> None:
-        self._rows, self._failed = rows, rows is None
+        self._rows = None if self._abandoned else rows
         self._done.set()
 
 
@@ -133,8 +139,8 @@ class RowStager:
             return staged
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Waits until every request staged so far has its copy issued (or failed); False on
-        timeout. (One thread copies in queue order, so a marker staged now is copied last.)"""
+        """Waits until every request staged so far has its copy issued (or failed, or skipped);
+        False on timeout. (One thread copies in queue order, so a marker staged now is last.)"""
         marker = self.stage(np.zeros((0,), np.float32))
         return True if marker is None else marker._done.wait(timeout)
 
@@ -155,10 +161,24 @@ class RowStager:
                     break
                 batch.append(item)
             self._copy(batch)
+        while True:  # closed: what is left is not copied
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[1]._resolve(None)
 
     def _copy(self, batch: list[tuple[np.ndarray, StagedRows]]) -> None:
         """Puts the batch's rows on the device in one call; if that fails, request by request,
-        so that only the requests whose rows cannot be copied fall back to host rows."""
+        so that only the requests whose rows cannot be copied fall back to host rows. Rows
+        abandoned while they waited are not copied."""
+        for _, staged in batch:
+            if staged._abandoned or self._closed:
+                staged._resolve(None)
+        batch = [(x, staged) for x, staged in batch if not (staged._abandoned or self._closed)]
+        if not batch:
+            return
         try:
             placed = self._put_batch([x for x, _ in batch])
         except Exception:  # noqa: BLE001 (retried one by one below)
@@ -198,11 +218,11 @@ class RowStager:
         """Requests whose rows could not be copied (their steps took host rows)."""
         return self._failures
 
-    def close(self) -> None:
-        """Stops taking rows; rows already queued are still copied. Idempotent."""
+    def close(self, timeout: float | None = None) -> None:
+        """Stops taking rows; rows queued and not being copied yet are left to the host (their
+        ``device_rows()`` stays None). Waits up to ``timeout`` for the thread. Idempotent."""
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._queue.put(None)
-        self._thread.join()
+            if not self._closed:
+                self._closed = True
+                self._queue.put(None)
+        self._thread.join(timeout)

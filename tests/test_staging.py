@@ -25,29 +25,20 @@ TIMEOUT_S = 60.0
 DEVICE = jax.devices()[0]
 
 
-class NotIssued:
-    """A StagedRows whose copy has not been issued (the launch must take the host rows)."""
-
-    def device_rows(self):
-        return None
-
-
-def staged_parts(rng, dtype, row_shape, ready: list[bool | None]):
-    """Parts of 1-4 rows; per part: staged (True), copy not issued (False) or no staging (None)."""
+def staged_parts(rng, dtype, row_shape, staged_mask: list[bool]):
+    """Parts of 1-4 rows, and per part its rows on the device (where the mask says) or None."""
     parts, staged = [], []
     stager = staging.RowStager(DEVICE)
     try:
-        for state in ready:
+        for on_device in staged_mask:
             part = (rng.standard_normal((int(rng.integers(1, 5)), *row_shape)) * 50).astype(dtype)
             parts.append(part)
-            if state is None:
-                staged.append(None)
-            elif state:
-                rows_ = stager.stage(part)
-                assert rows_.wait(TIMEOUT_S) is not None
+            if on_device:
+                rows_ = stager.stage(part).wait(TIMEOUT_S)
+                assert rows_ is not None
                 staged.append(rows_)
             else:
-                staged.append(NotIssued())
+                staged.append(None)
     finally:
         stager.close()
     return parts, staged
@@ -55,9 +46,9 @@ def staged_parts(rng, dtype, row_shape, ready: list[bool | None]):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.uint8])
 @pytest.mark.parametrize("row_shape", [(5,), (3, 4, 2)])
-@pytest.mark.parametrize("ready", [[True, True, True], [True, False, None, True], [False, True], [None, None]])
-def test_take_joins_staged_rows_like_numpy_indexing(rng, dtype, row_shape, ready):
-    parts, staged = staged_parts(rng, dtype, row_shape, ready)
+@pytest.mark.parametrize("mask", [[True, True, True], [True, False, False, True], [False, True], [False, False]])
+def test_take_joins_staged_rows_like_numpy_indexing(rng, dtype, row_shape, mask):
+    parts, staged = staged_parts(rng, dtype, row_shape, mask)
     x = RowParts(parts, staged, DEVICE)
     joined = np.concatenate(parts)
     for index_shape in [(7,), (3, 2), (len(joined),)]:
@@ -66,7 +57,7 @@ def test_take_joins_staged_rows_like_numpy_indexing(rng, dtype, row_shape, ready
         np.testing.assert_array_equal(np.asarray(got), joined[index])
         assert got.dtype == dtype and got.shape == (*index_shape, *row_shape)
         # a device block exactly when some part's rows are on the device
-        assert isinstance(got, jax.Array) == any(r is True for r in ready)
+        assert isinstance(got, jax.Array) == any(mask)
     start, stop = 1, len(joined) - 1
     np.testing.assert_array_equal(np.asarray(x.rows(start, stop)), joined[start:stop])
     np.testing.assert_array_equal(np.asarray(x), joined)
@@ -74,9 +65,11 @@ def test_take_joins_staged_rows_like_numpy_indexing(rng, dtype, row_shape, ready
         x.take(np.array([len(joined)]))
 
 
-def test_row_parts_needs_one_staged_entry_per_part(rng):
+def test_row_parts_needs_one_staged_entry_per_part_and_row(rng):
     with pytest.raises(ValueError, match="one entry per part"):
         RowParts([rows(rng, 2), rows(rng, 1)], [None])
+    with pytest.raises(ValueError, match="part 0 has 2 rows but 1 staged rows"):
+        RowParts([rows(rng, 2)], [[jax.device_put(rows(rng, 1), DEVICE)]])
 
 
 def test_a_closed_stager_stages_nothing(rng):
@@ -88,13 +81,20 @@ def test_a_closed_stager_stages_nothing(rng):
         staging.RowStager(DEVICE, max_batch=0)
 
 
+def held_stager(**kwargs):
+    """A stager whose copies wait for ``release``; ``entered`` is set when one starts."""
+    entered, release = threading.Event(), threading.Event()
+    stager = staging.RowStager(DEVICE, **kwargs)
+    real = stager._put_batch
+    stager._put_batch = lambda xs: (entered.set(), release.wait(TIMEOUT_S), real(xs))[2]
+    return stager, entered, release
+
+
 def test_a_failed_copy_falls_back_to_host_rows_and_warns_once(rng, caplog):
     """A request whose rows cannot be copied fails alone, not the requests copied with it."""
-    release = threading.Event()
-    stager = staging.RowStager(DEVICE)
-    stager.stage(np.zeros((0, ROW), np.float32))  # a placeholder the thread waits on below
-    real = stager._put_batch
-    stager._put_batch = lambda xs: (release.wait(TIMEOUT_S), real(xs))[1]
+    stager, entered, release = held_stager()
+    stager.stage(rows(rng, 1))
+    assert entered.wait(TIMEOUT_S)  # the thread is copying that one: the next three queue up
     bad = np.array([[object()] * ROW], dtype=object)  # device_put refuses object arrays
     good = rows(rng, 3)
     with caplog.at_level(logging.WARNING, logger="jaxmt"):
@@ -108,11 +108,34 @@ def test_a_failed_copy_falls_back_to_host_rows_and_warns_once(rng, caplog):
     assert sum("staging rows" in r.message for r in caplog.records) == 1
 
 
+def test_abandoned_and_closed_rows_are_not_copied(rng):
+    stager, entered, release = held_stager()
+    first = stager.stage(rows(rng, 1))
+    assert entered.wait(TIMEOUT_S)
+    dropped, kept = stager.stage(rows(rng, 2)), stager.stage(rows(rng, 2))
+    dropped.abandon()  # e.g. its request was launched from host rows meanwhile
+    release.set()
+    assert kept.wait(TIMEOUT_S) is not None and dropped.wait(TIMEOUT_S) is None
+    assert first.wait(TIMEOUT_S) is not None and stager.calls == 2
+    first.abandon()
+    assert first.device_rows() is None  # let go
+    release.clear()
+    entered.clear()
+    busy = stager.stage(rows(rng, 1))
+    assert entered.wait(TIMEOUT_S)
+    left = stager.stage(rows(rng, 1))
+    closing = threading.Thread(target=stager.close)
+    closing.start()
+    while not stager._closed:
+        pass
+    release.set()
+    closing.join(TIMEOUT_S)
+    assert busy.wait(TIMEOUT_S) is not None  # being copied when close came
+    assert left.wait(TIMEOUT_S) is None and stager.calls == 3  # queued behind it: left to the host
+
+
 def test_requests_queued_together_are_copied_in_one_call(rng):
-    entered, release = threading.Event(), threading.Event()
-    stager = staging.RowStager(DEVICE, max_batch=8)
-    real = stager._put_batch
-    stager._put_batch = lambda xs: (entered.set(), release.wait(TIMEOUT_S), real(xs))[2]
+    stager, entered, release = held_stager(max_batch=8)
     first = stager.stage(rows(rng, 1))
     assert entered.wait(TIMEOUT_S)  # the thread took it alone and is copying it
     xs = [rows(rng, int(rng.integers(1, 4))) for _ in range(12)]
@@ -195,6 +218,30 @@ def test_after_warmup_staged_steps_compile_nothing(kind, rng):
         counts = server.metrics()["staging"]
         assert counts["staged_requests"] == len(answered) and counts["host_requests"] == 0
         assert compiled() == before  # join programs, jaxmt's step programs, the baselines' jitted model
+
+
+@pytest.mark.parametrize("kind", list(SERVERS))
+def test_a_server_lets_go_of_staged_rows_once_requests_are_done(kind, rng, monkeypatch):
+    created = []
+    real_stage = staging.RowStager.stage
+    monkeypatch.setattr(staging.RowStager, "stage", lambda self, x: created.append(real_stage(self, x)) or created[-1])
+    mt, params = make_model(3)
+    with SERVERS[kind](mt, max_delay_ms=0.5, stage_inputs=True) as server:
+        futures = [server.submit(f"t{i % 3}", rows(rng, 1 + i % 3)) for i in range(12)]
+        for future in futures:
+            future.result(TIMEOUT_S)
+        assert len(created) == 12
+        assert all(s.device_rows() is None for s in created)
+
+
+def test_a_server_that_fails_to_start_leaves_no_staging_thread():
+    mt, _ = make_model(2)
+    before = sum(t.name == "jaxmt-stage" for t in threading.enumerate())
+    with pytest.raises(jaxmt.UnknownTenantError):
+        jaxmt.ExclusiveServer(mt, tenant_id="nobody", stage_inputs=True)
+    with pytest.raises(ValueError):
+        jaxmt.TimeOnlyServer(mt, batch_sizes=[4, 2], stage_inputs=True)
+    assert sum(t.name == "jaxmt-stage" for t in threading.enumerate()) == before
 
 
 class FakeDevice:
