@@ -35,10 +35,11 @@ logger = logging.getLogger("jaxmt")
 
 # Rows at least this large are staged by default on a GPU. On an H200 host, ResNet-18
 # serving of 588 KiB float32 rows sustained 2,691 req/s with staging against 1,600 without
-# on one lease (3,200 with queued requests copied together, on another), while 147 KiB uint8 rows sustained 1,903-2,075 req/s staged
-# against 3,644-4,525 copied at launch (other leases, time-only alike on all): a launch's
-# copy of small rows costs the dispatch thread less than staging costs the staging thread,
-# which competes with it (benchmarks/README.md, Serving: staged rows).
+# on one lease (3,200 with queued requests copied together, on another), while 147 KiB
+# uint8 rows sustained 1,903-2,075 req/s staged against 3,644-4,525 copied at launch (other
+# leases, time-only alike on all): a launch's copy of small rows costs the dispatch thread
+# less than staging costs the staging thread, which competes with it (benchmarks/README.md,
+# Serving: staged rows).
 STAGE_MIN_ROW_BYTES = 256 * 1024
 
 
