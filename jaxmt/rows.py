@@ -3,7 +3,9 @@
 A server's step answers many requests, each holding its own rows. Concatenating them and
 then gathering the step's padded block ``[K, B, ...]`` copies every row twice; for images
 (a 224x224x3 float32 row is 588 KiB) those copies are most of the host's work per request.
-``RowParts.take`` copies each row once, straight from its request into the block.
+``RowParts.take`` copies each row once, straight from its request into the block; when the
+server staged the requests' rows on the device (``jaxmt.staging``), it joins them there
+instead and copies no row on the host.
 """
 
 from __future__ import annotations

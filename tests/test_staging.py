@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 
+import hypothesis.strategies as st
 import jax
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
 from conftest import reference_predict
 from test_baselines import ROW, SERVERS, apply_fn, expected, make_model, make_params, rows, submit_from_threads
 
@@ -63,6 +65,24 @@ def test_take_joins_staged_rows_like_numpy_indexing(rng, dtype, row_shape, mask)
     np.testing.assert_array_equal(np.asarray(x), joined)
     with pytest.raises(IndexError):
         x.take(np.array([len(joined)]))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(1, 4), min_size=1, max_size=5), data=st.data())
+def test_any_mix_of_staged_and_host_parts_takes_like_numpy(lengths, data):
+    """Property: for any parts, any of them staged, and any index (repeats, any order, one or
+    two position axes), the joined block equals NumPy indexing of the concatenation."""
+    rng = np.random.default_rng(len(lengths) * 7 + sum(lengths))
+    parts = [rng.integers(0, 255, size=(n, 3, 2)).astype(np.uint8) for n in lengths]
+    mask = data.draw(st.lists(st.booleans(), min_size=len(parts), max_size=len(parts)))
+    staged = [list(jax.device_put([p[i : i + 1] for i in range(len(p))], DEVICE)) if on else None
+              for p, on in zip(parts, mask)]
+    total = sum(lengths)
+    shape = data.draw(st.sampled_from([(1,), (4,), (8,), (2, 2), (4, 2)]))
+    index = np.array(data.draw(st.lists(st.integers(0, total - 1), min_size=int(np.prod(shape)),
+                                        max_size=int(np.prod(shape))))).reshape(shape)
+    got = RowParts(parts, staged, DEVICE).take(index)
+    np.testing.assert_array_equal(np.asarray(got), np.concatenate(parts)[index])
 
 
 def test_row_parts_needs_one_staged_entry_per_part_and_row(rng):
