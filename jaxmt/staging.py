@@ -2,15 +2,15 @@
 
 Without staging, the dispatch thread copies every row of a step (padding included) into one
 host block and hands it to the program, which copies it to the device: on an H200 host a
-step of 16 float32 224x224x3 rows spent 2.25 ms there. With staging, a ``RowStager``
-thread puts each request's rows on the device while the request waits in its queue; the
-launch then joins device rows into the step's block with one small program (16 rows:
-0.13 ms on the same host). The copy still costs the host (56-97
-us a row in ``device_put``, see ``RowStager``), but off the dispatch thread, during the
-queue wait, and padding rows are not copied at all. Rows whose copy has not been issued by
-the launch are taken from the host, so staging never delays a step. Servers stage rows by
-default on a GPU when a row holds at least ``STAGE_MIN_ROW_BYTES`` (below it staging
-measured slower than copying at launch); ``SchedulerConfig.stage_inputs`` forces it.
+step of 16 float32 224x224x3 rows spent 2.25 ms there. With staging, a ``RowStager`` thread
+puts each request's rows on the device while the request waits in its queue; the launch
+then joins device rows into the step's block with one small program (16 rows: 0.13 ms on
+the same host). The copy still costs the host (56-97 us a row in ``device_put``, see
+``RowStager``), but off the dispatch thread, during the queue wait, and padding rows are
+not copied at all. Rows whose copy has not been issued by the launch are taken from the
+host, so staging never delays a step. Servers stage rows by default on a GPU when a row
+holds at least ``STAGE_MIN_ROW_BYTES`` (below it staging measured slower than copying at
+launch); ``SchedulerConfig.stage_inputs`` forces it.
 
 The join program is one per block shape (a bucket's K x B, or a baseline's batch size);
 ``warm_join`` compiles them ahead of traffic. Every row handed to it is a committed device
