@@ -311,3 +311,34 @@ def test_staging_defaults_to_gpus_and_refuses_models_that_place_rows_themselves(
         np.testing.assert_allclose(server.submit("a", x).result(TIMEOUT_S),
                                    reference_predict(apply_fn, {"a": make_params(1)}, ["a", "a"], x), rtol=1e-5, atol=1e-5)
         assert not server.metrics()["staging"]["enabled"]
+
+
+@pytest.mark.parametrize("kind", list(SERVERS))
+def test_with_staged_rows_close_without_drain_completes_every_future(kind, rng):
+    mt, params = make_model(3)
+    server = SERVERS[kind](mt, max_delay_ms=60_000.0, stage_inputs=True)  # nothing is due: all stay queued
+    requests = [(f"t{i % 3}", rows(rng)) for i in range(9)]
+    futures = [(t, x, server.submit(t, x)) for t, x in requests]
+    assert server._stager.flush(TIMEOUT_S)
+    server.close(drain=False)
+    for tenant, x, future in futures:
+        assert future.done()
+        if future.exception() is None:  # a step already launched still answers
+            np.testing.assert_allclose(future.result(), expected(kind, params, tenant, x, server), rtol=1e-5, atol=1e-5)
+        else:
+            assert isinstance(future.exception(), jaxmt.SchedulerClosed)
+    assert not server._stager._thread.is_alive()
+
+
+@pytest.mark.parametrize("kind", list(SERVERS))
+def test_with_staged_rows_a_tenant_removed_while_queued_fails_alone(kind, rng):
+    mt, params = make_model(3)
+    options = {"tenant_id": "t1"} if kind == "exclusive" else {}
+    with SERVERS[kind](mt, max_delay_ms=200.0, stage_inputs=True, **options) as server:
+        x_kept = rows(rng, 2)
+        gone, kept = server.submit("t0", rows(rng)), server.submit("t1", x_kept)
+        mt.remove_tenant("t0")
+        with pytest.raises(jaxmt.UnknownTenantError, match="t0"):
+            gone.result(TIMEOUT_S)
+        np.testing.assert_allclose(kept.result(TIMEOUT_S), expected(kind, params, "t1", x_kept, server),
+                                   rtol=1e-5, atol=1e-5)
