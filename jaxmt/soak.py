@@ -165,6 +165,7 @@ def run_soak(
     max_device_growth_mb: float = 1.0,
     future_timeout_s: float = 120.0,
     latency_window: int = 64,
+    stage_inputs: bool | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> SoakReport:
     """Runs one soak and returns its report (see the module docstring).
@@ -183,6 +184,8 @@ def run_soak(
       latency_window: latency samples the scheduler keeps per tenant. Bounded, but its
         bound is reached only after that many requests of every tenant: a small window
         fills during warm-up, so that host memory growing after it is a leak, not the window.
+      stage_inputs: ``SchedulerConfig.stage_inputs`` (True: every request's rows staged on
+        the device at submit, the path large rows take on a GPU).
       progress: called with the number of finished requests, from a monitor thread.
     """
     import models
@@ -218,7 +221,6 @@ def run_soak(
 
     for _ in range(tenants):
         add_new()
-    mt.warmup()
 
     per_thread = [requests // threads + (i < requests % threads) for i in range(threads)]
     # The thread that submits request number n (of all threads) replaces a tenant first.
@@ -281,8 +283,10 @@ def run_soak(
             samples["rss"].append(rss)
             samples["device"].append(dev)
 
-    start = time.perf_counter()
-    with Scheduler(mt, max_delay_ms=max_delay_ms, default_slo_ms=slo_ms, latency_window=latency_window) as sched:
+    with Scheduler(mt, max_delay_ms=max_delay_ms, default_slo_ms=slo_ms, latency_window=latency_window,
+                   stage_inputs=stage_inputs) as sched:
+        sched.warmup()  # the model's programs, and the joins of staged rows
+        start = time.perf_counter()
         watcher = threading.Thread(target=monitor, name="soak-monitor")
         workers = [threading.Thread(target=worker, args=(i,), name=f"soak-worker-{i}") for i in range(threads)]
         for thread in [watcher, *workers]:
@@ -291,7 +295,7 @@ def run_soak(
             thread.join()
         done.set()
         watcher.join()
-        steps = sched.metrics()["steps"]
+        steps = {**sched.metrics()["steps"], "staging": sched.metrics()["staging"]}
     seconds = time.perf_counter() - start
     end_rss, end_device = host_rss_mb(), device_mb()
     if not warm:  # a run too short to sample after warm-up
@@ -314,7 +318,7 @@ def run_soak(
         config={
             "arch": arch, "threads": threads, "tenants": tenants, "churn": churn, "max_rows": max_rows, "window": window,
             "slo_ms": slo_ms, "max_delay_ms": max_delay_ms, "seed": seed, "latency_window": latency_window,
-            "warm_fraction": warm_fraction, "device": str(jax.devices()[0]),
+            "warm_fraction": warm_fraction, "device": str(jax.devices()[0]), "stage_inputs": stage_inputs,
         },
         max_rss_growth_mb=max_rss_growth_mb,
         max_device_growth_mb=max_device_growth_mb,
@@ -342,6 +346,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="latency samples the scheduler keeps per tenant (default 64: full after warm-up, so later growth is a leak)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stage", default="auto", choices=["auto", "on", "off"],
+                        help="stage request rows on the device at submit (SchedulerConfig.stage_inputs; auto: large rows on a GPU)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON after the summary line")
     parser.add_argument(
         "--record", action="store_true", help="write benchmarks/results/soak.json and the '## Soak' section of benchmarks/README.md"
@@ -382,7 +388,8 @@ def run(args: argparse.Namespace) -> int:
     report = run_soak(
         requests=args.requests, threads=args.threads, tenants=args.tenants, churn=args.churn, arch=args.arch,
         max_rows=args.max_rows, window=args.window, slo_ms=args.slo_ms, max_delay_ms=args.max_delay_ms, seed=args.seed,
-        latency_window=args.latency_window, progress=progress,
+        latency_window=args.latency_window, stage_inputs={"auto": None, "on": True, "off": False}[args.stage],
+        progress=progress,
     )  # fmt: skip
     bar.close()
     print(report.summary_line())

@@ -30,9 +30,11 @@ def _assert_passed(report, requests: int, churn: int) -> None:
     assert f"requests={requests} " in report.summary_line() and " lost=0 " in report.summary_line()
 
 
-def test_short_soak_loses_nothing_and_answers_right():
-    report = run_soak(requests=4000, threads=8, tenants=16, churn=12, window=16, seed=1)
+@pytest.mark.parametrize("stage_inputs", [False, True])
+def test_short_soak_loses_nothing_and_answers_right(stage_inputs):
+    report = run_soak(requests=4000, threads=8, tenants=16, churn=12, window=16, seed=1, stage_inputs=stage_inputs)
     _assert_passed(report, 4000, 12)
+    assert report.steps["staging"]["enabled"] == stage_inputs
 
 
 def test_soak_command_line_prints_the_summary_and_json(capsys):
