@@ -36,6 +36,7 @@ from common import BENCH_DIR, markdown_table, update_readme_section, write_json
 import jaxmt
 import models
 from jaxmt.metrics import spread_by_chance, tenant_spread
+from jaxmt.staging import STAGE_CHOICES, STAGE_HELP
 
 
 # --outputs: MultiTenantModel's outputs_to_host for each choice.
@@ -109,7 +110,7 @@ def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.n
     """Exponential search, then bisection, of the highest passing rate for one server."""
     options = {"default_slo_ms": args.slo_ms, "max_delay_ms": args.max_delay_ms,
                "overload_policy": args.overload_policy, "overload_factor": args.overload_factor,
-               "stage_inputs": simulate.STAGE_INPUTS[args.stage]}
+               "stage_inputs": STAGE_CHOICES[args.stage]}
     with simulate.make_server(kind, mt, **options) as server:
         start = time.perf_counter()
         server.warmup(workers=args.compile_workers) if kind == "jaxmt" else server.warmup()
@@ -349,9 +350,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--outputs", default="auto", choices=sorted(OUTPUTS),
                         help="where step programs write their answers: pinned host memory or the device "
                              "(MultiTenantModel outputs_to_host; auto: host memory on a GPU)")
-    parser.add_argument("--stage", default="auto", choices=sorted(simulate.STAGE_INPUTS),
-                        help="copy each request's rows to the device at submit, for every server alike "
-                             "(SchedulerConfig.stage_inputs; auto: on a GPU)")
+    parser.add_argument("--stage", default="auto", choices=sorted(STAGE_CHOICES), help=STAGE_HELP + ", every server alike")
     parser.add_argument("--out", default=None, help="results/<out>.json (default: serving, serving_<arch> for another arch, "
                                                     "serving_host_<arch> with --host-only; _pixels appended with --pixels)")
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")

@@ -237,8 +237,8 @@ class _ServerBase:
         for req in requests:  # one look at each copy: a request is served as counted
             staged, req.staged = req.staged, None
             rows = None if staged is None else staged.device_rows()
-            if staged is not None:
-                staged.abandon()  # this launch holds the rows now, or its host rows serve (a copy not made yet is skipped)
+            if staged is not None:  # this launch holds the rows now, or takes host rows (a copy
+                staged.abandon()  # not made yet is then skipped)
             device_rows.append(rows)
         ready = sum(rows is not None for rows in device_rows)
         with self._staging_lock:
@@ -264,17 +264,22 @@ class _ServerBase:
         if self._staging_wanted and self._stager is None and self._threads and not self._closed:
             self._stager = RowStager(self.mt.input_device)
 
-    def _staging_device(self) -> Any:
-        """Where rows are staged (None: they are not); decides it if the rows are known now."""
-        with self._cond:
-            self._decide_staging_locked(self.mt.row_shape or self._row_shape, self.mt.row_dtype or self._row_dtype)
-            return None if self._stager is None else self._stager.device
+    def _known_rows(self) -> tuple[tuple[int, ...] | None, np.dtype | None]:
+        """The input rows' shape and dtype: the model's, else the first request's (None: unknown)."""
+        if self.mt.row_shape is not None:
+            return self.mt.row_shape, self.mt.row_dtype
+        return self._row_shape, self._row_dtype
 
-    def _warm_staging(self, position_shapes: list[tuple[int, ...]]) -> None:
-        """Compiles the join program of each step block shape, when rows are staged."""
-        device = self._staging_device()
+    def _warm_staging(self, position_shapes: list[tuple[int, ...]]) -> jax.Device | None:
+        """When rows are staged (deciding it if the rows are known now), compiles the join
+        program of each step block shape; returns where rows are staged (None: nowhere)."""
+        shape, dtype = self._known_rows()
+        with self._cond:
+            self._decide_staging_locked(shape, dtype)
+            device = None if self._stager is None else self._stager.device
         if device is not None:
-            warm_join(position_shapes, self.mt.row_shape or self._row_shape, self.mt.row_dtype or self._row_dtype, device)
+            warm_join(position_shapes, shape, dtype, device)
+        return device
 
     # ------------------------------------------------------------- internals
     def _shut(self, drain: bool) -> None:
@@ -293,9 +298,7 @@ class _ServerBase:
         return lane
 
     def _check_rows_locked(self, x: np.ndarray) -> None:
-        shape, dtype = self.mt.row_shape, self.mt.row_dtype
-        if shape is None:
-            shape, dtype = self._row_shape, self._row_dtype
+        shape, dtype = self._known_rows()
         if shape is None:  # the first request fixes the rows, as the model's first predict does
             self._row_shape, self._row_dtype = tuple(x.shape[1:]), x.dtype
             return

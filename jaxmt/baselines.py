@@ -183,16 +183,14 @@ class _LaneServer(_ServerBase):
         deployment of separate models has them in place before traffic); returns how many
         programs were new. Each program runs once unless ``execute`` is False, which runs
         only those not compiled yet (as ``MultiTenantModel.warmup``)."""
-        shape, dtype = self.mt.row_shape or self._row_shape, self.mt.row_dtype or self._row_dtype
+        shape, dtype = self._known_rows()
         if shape is None or not len(self.mt):
             raise InputError("warmup needs a resident tenant and the input row shape (from the model or a first request)")
         with self.mt.store.lock:
             tenants = self._tenants_to_preload()
             self._programs.preload(tenants)
-        device = self._staging_device()
-        new = self._programs.warmup(self._params_for(self.mt.tenants[0]), shape, dtype, execute=execute, device=device)
-        self._warm_staging([(size,) for size in self._programs.batch_sizes])
-        return new
+        device = self._warm_staging([(size,) for size in self._programs.batch_sizes])
+        return self._programs.warmup(self._params_for(self.mt.tenants[0]), shape, dtype, execute=execute, device=device)
 
     def _tenants_to_preload(self) -> list[Hashable]:
         """The tenants whose own params serve requests (all resident ones; none for exclusive)."""

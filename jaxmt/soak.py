@@ -33,6 +33,7 @@ import numpy as np
 from jaxmt.buckets import BucketPolicy
 from jaxmt.model import MultiTenantModel
 from jaxmt.scheduler import Scheduler
+from jaxmt.staging import STAGE_CHOICES, STAGE_HELP
 
 POOL_ROWS = 64  # input rows every request draws from; references are computed on all of them
 
@@ -346,8 +347,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="latency samples the scheduler keeps per tenant (default 64: full after warm-up, so later growth is a leak)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stage", default="auto", choices=["auto", "on", "off"],
-                        help="stage request rows on the device at submit (SchedulerConfig.stage_inputs; auto: large rows on a GPU)")
+    parser.add_argument("--stage", default="auto", choices=sorted(STAGE_CHOICES), help=STAGE_HELP)
     parser.add_argument("--json", action="store_true", help="print the report as JSON after the summary line")
     parser.add_argument(
         "--record", action="store_true", help="write benchmarks/results/soak.json and the '## Soak' section of benchmarks/README.md"
@@ -388,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
     report = run_soak(
         requests=args.requests, threads=args.threads, tenants=args.tenants, churn=args.churn, arch=args.arch,
         max_rows=args.max_rows, window=args.window, slo_ms=args.slo_ms, max_delay_ms=args.max_delay_ms, seed=args.seed,
-        latency_window=args.latency_window, stage_inputs={"auto": None, "on": True, "off": False}[args.stage],
+        latency_window=args.latency_window, stage_inputs=STAGE_CHOICES[args.stage],
         progress=progress,
     )  # fmt: skip
     bar.close()

@@ -43,6 +43,11 @@ logger = logging.getLogger("jaxmt")
 # Serving: staged rows).
 STAGE_MIN_ROW_BYTES = 256 * 1024
 
+# The command lines' --stage choices, as SchedulerConfig.stage_inputs.
+STAGE_CHOICES = {"auto": None, "on": True, "off": False}
+STAGE_HELP = (f"stage each request's rows on the device at submit (SchedulerConfig.stage_inputs; auto: on a GPU "
+              f"for rows of at least {STAGE_MIN_ROW_BYTES // 1024} KiB)")
+
 
 def stage_by_default(device: Any, row_nbytes: int) -> bool:
     """Whether rows of ``row_nbytes`` bytes are staged on ``device`` unless told otherwise: on
@@ -90,7 +95,7 @@ class StagedRows:
         return self._rows
 
     def wait(self, timeout: float | None = None) -> list[jax.Array] | None:
-        """Blocks until the copy is issued or has failed (tests and warm-up); None when it failed."""
+        """Blocks until the copy is issued, has failed or was skipped; None unless issued."""
         self._done.wait(timeout)
         return self._rows
 

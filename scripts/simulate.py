@@ -39,6 +39,7 @@ import numpy as np
 import jaxmt
 import models
 from jaxmt.metrics import LatencyRecorder, percentiles, spread_by_chance, tenant_spread
+from jaxmt.staging import STAGE_CHOICES, STAGE_HELP
 
 SERVERS: dict[str, type] = {
     "jaxmt": jaxmt.Scheduler,
@@ -82,10 +83,6 @@ class Workload:
             raise ValueError(f"arrival must be one of {ARRIVALS}, got {self.arrival!r}")
         if self.zipf < 0 or self.burst < 1:
             raise ValueError(f"zipf must be >= 0 and burst >= 1: {self}")
-
-
-# --stage: SchedulerConfig.stage_inputs (None: on a GPU, for a model on one device).
-STAGE_INPUTS = {"auto": None, "on": True, "off": False}
 
 
 def zipf_weights(tenants: int, exponent: float) -> np.ndarray:
@@ -348,8 +345,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tenants-bucket", type=int, default=0, help="largest tenant bucket (0: tenants, pow2, <= 64)")
     parser.add_argument("--max-rows-bucket", type=int, default=16, help="largest row bucket")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stage", default="auto", choices=sorted(STAGE_INPUTS),
-                        help="copy each request's rows to the device at submit (SchedulerConfig.stage_inputs; auto: on a GPU)")
+    parser.add_argument("--stage", default="auto", choices=sorted(STAGE_CHOICES), help=STAGE_HELP)
     parser.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
                         help="do not freeze the heap before each trial (see jaxmt.freeze_heap)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON here")
@@ -369,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     schedulers = list(SERVERS) if args.scheduler == "all" else [args.scheduler]
     report = simulate(workload, schedulers, arch=args.arch, size=args.size, max_tenants=args.max_tenants_bucket,
                       max_rows=args.max_rows_bucket, progress=not args.quiet, gc_freeze=args.gc_freeze,
-                      max_delay_ms=args.max_delay_ms, stage_inputs=STAGE_INPUTS[args.stage],
+                      max_delay_ms=args.max_delay_ms, stage_inputs=STAGE_CHOICES[args.stage],
                       overload_policy=args.overload_policy, overload_factor=args.overload_factor)
     print(format_table(report["results"]))
     if args.json:
