@@ -117,7 +117,7 @@ def breakdown(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: list, repea
     dispatches the step, so part of it can overlap).
     """
     def host_plan():
-        checked = mt._check_input(ids, x)
+        checked = mt.check_input(ids, x)
         plan = mt._plan(mt.store.slots_of(ids))
         return [checked[step.row_index] for step in plan.steps]
 

@@ -57,8 +57,6 @@ class _ServerBase:
         self._totals = _Totals()
         self._entry_rows = 1
         self._in_flight = 0  # launched steps not completed yet
-        self._row_shape: tuple[int, ...] | None = None
-        self._row_dtype: np.dtype | None = None
         self._latency = LatencyRecorder(
             config.latency_window, config.flag_window, config.flag_min_requests, config.flag_below_attainment, self.kind
         )
@@ -77,8 +75,8 @@ class _ServerBase:
         self._running_unpredicted = 0  # those of them launched before any step time was known
         self._outstanding: dict[int, _Request] = {}  # accepted, future not completed yet
         # Rows are staged (jaxmt.staging) when asked, or by default where it pays, which
-        # depends on the row size: decided once the rows are known (the model's, or the first
-        # request's), under self._cond; the stager starts with the server's threads.
+        # depends on the row size: decided once the rows are known (the model's, fixed by the
+        # first request at the latest), under self._cond; the stager starts with the server's threads.
         self._stager: RowStager | None = None
         self._staging_wanted = False
         self._staging_decided = config.stage_inputs is False
@@ -117,15 +115,19 @@ class _ServerBase:
         slo_ms = _check_slo(slo_ms, self.config.default_slo_ms)
         if tenant_id not in self.mt:
             raise UnknownTenantError(tenant_id, len(self.mt))
-        x = np.array(x) if copy else np.asarray(x)
+        try:
+            x = np.array(x) if copy else np.asarray(x)
+        except ValueError as exc:  # ragged nested sequences
+            raise InputError(f"x is not one array of rows: {exc}") from exc
         if x.ndim == 0 or x.shape[0] == 0:
             raise InputError(f"a request needs rows [r >= 1, ...], got shape {list(x.shape)}")
-        self.mt.check_finite([tenant_id] * x.shape[0], x)  # refused alone, not with a shared step
+        x = self.mt.check_input([tenant_id] * x.shape[0], x)  # refused alone, not with a shared step
+        if self.mt.row_shape is None:  # the first request fixes the rows, so that queued ones share them
+            self.mt.fix_rows(x.shape[1:], x.dtype)
         future: Future = Future()
         with self._cond:
             if self._closed:
                 raise SchedulerClosed(f"{self.kind} is closed; request for tenant {tenant_id!r} not accepted")
-            self._check_rows_locked(x)
             if not self._staging_decided:
                 self._decide_staging_locked(x.shape[1:], x.dtype)
             now = self._clock()
@@ -264,18 +266,11 @@ class _ServerBase:
         if self._staging_wanted and self._stager is None and self._threads and not self._closed:
             self._stager = RowStager(self.mt.input_device)
 
-    def _known_rows(self) -> tuple[tuple[int, ...] | None, np.dtype | None]:
-        """The input rows' shape and dtype: the model's, else the first request's (None: unknown)."""
-        if self.mt.row_shape is not None:
-            return self.mt.row_shape, self.mt.row_dtype
-        return self._row_shape, self._row_dtype
-
     def _warm_staging(self, position_shapes: list[tuple[int, ...]]) -> jax.Device | None:
         """When rows are staged (deciding it if the rows are known now), compiles the join
         program of each step block shape; returns where rows are staged (None: nowhere)."""
-        shape, dtype = self._known_rows()
         with self._cond:
-            self._decide_staging_locked(shape, dtype)
+            self._decide_staging_locked(self.mt.row_shape, self.mt.row_dtype)
             device = None if self._stager is None else self._stager.device
         if device is not None:
             warm_join(position_shapes, shape, dtype, device)
@@ -296,16 +291,6 @@ class _ServerBase:
         if lane is None:
             lane = self._lanes[key] = _EdfQueue(self._entry_rows, self._totals)
         return lane
-
-    def _check_rows_locked(self, x: np.ndarray) -> None:
-        shape, dtype = self._known_rows()
-        if shape is None:  # the first request fixes the rows, as the model's first predict does
-            self._row_shape, self._row_dtype = tuple(x.shape[1:]), x.dtype
-            return
-        if tuple(x.shape[1:]) != tuple(shape):
-            raise InputError(f"x rows have shape {list(x.shape[1:])}, expected {list(shape)} (x is {list(x.shape)})")
-        if x.dtype != dtype:
-            raise InputError(f"x has dtype {x.dtype.name}, expected {np.dtype(dtype).name}")
 
     def _admit_locked(self, req: _Request, now: float) -> Overloaded | None:
         cfg = self.config

@@ -183,7 +183,7 @@ class _LaneServer(_ServerBase):
         deployment of separate models has them in place before traffic); returns how many
         programs were new. Each program runs once unless ``execute`` is False, which runs
         only those not compiled yet (as ``MultiTenantModel.warmup``)."""
-        shape, dtype = self._known_rows()
+        shape, dtype = self.mt.row_shape, self.mt.row_dtype
         if shape is None or not len(self.mt):
             raise InputError("warmup needs a resident tenant and the input row shape (from the model or a first request)")
         with self.mt.store.lock:
@@ -372,15 +372,6 @@ def _sync_programs(mt: Any, batch_sizes: Sequence[int]) -> _TenantPrograms:
     return per_model[key]
 
 
-def _check_x(mt: Any, x: Any) -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim == 0:
-        raise InputError("x must have a leading row axis, got a scalar")
-    if mt.row_shape is not None and (x.shape[1:] != mt.row_shape or x.dtype != mt.row_dtype):
-        raise InputError(f"x is {x.dtype.name}{list(x.shape)}, expected rows {mt.row_dtype.name}{list(mt.row_shape)}")
-    return x
-
-
 def time_only_predict(mt: Any, tenant_ids: Sequence[Hashable], x: Any, batch_sizes: Sequence[int] | None = None) -> PyTree:
     """``mt.predict`` computed the time-multiplexed way: each tenant's rows through its own
     program call, tenants one after another (launched asynchronously, then copied back).
@@ -389,9 +380,7 @@ def time_only_predict(mt: Any, tenant_ids: Sequence[Hashable], x: Any, batch_siz
       UnknownTenantError: an id is not resident (nothing is computed).
       InputError: lengths differ, or x's rows are not the model's.
     """
-    x = _check_x(mt, x)
-    if len(tenant_ids) != x.shape[0]:
-        raise InputError(f"len(tenant_ids) is {len(tenant_ids)} but x has {x.shape[0]} rows")
+    x = mt.check_input(tenant_ids, x)
     if x.shape[0] == 0:
         return mt.predict(tenant_ids, x)
     programs = _sync_programs(mt, batch_sizes or mt.buckets.row_buckets)
@@ -416,8 +405,9 @@ def time_only_predict(mt: Any, tenant_ids: Sequence[Hashable], x: Any, batch_siz
 def exclusive_predict(mt: Any, x: Any, tenant_id: Hashable | None = None, batch_sizes: Sequence[int] | None = None) -> PyTree:
     """Every row of ``x`` through one tenant's model (default the first resident) as one
     batched program: the exclusive-access upper bound."""
-    x = _check_x(mt, x)
     tenant_id = mt.tenants[0] if tenant_id is None and len(mt) else tenant_id
+    x = np.asarray(x)
+    x = mt.check_input([tenant_id] * (x.shape[0] if x.ndim else 1), x)
     programs = _sync_programs(mt, batch_sizes or _exclusive_sizes(mt))
     return programs.launch(programs.params(tenant_id), x).result()
 

@@ -126,6 +126,7 @@ class MultiTenantModel:
         if (self._row_shape is None) != (self._row_dtype is None):
             raise ValueError("give row_shape and row_dtype together, or neither")
         self._row_output: PyTree | None = None
+        self._probed_rows: tuple[tuple[int, ...], np.dtype, PyTree] | None = None  # the last rows traced while unfixed
         self._counter_lock = threading.Lock()
         self._steps = 0
         self._rows = 0
@@ -229,21 +230,23 @@ class MultiTenantModel:
         first request that fails does not fix the input row shape, and a zero-row request
         never does.
         """
-        x = self._check_input(tenant_ids, x)
+        x = self.check_input(tenant_ids, x)
         nonfinite_rows = _nonfinite_row_indices(x) if self.nonfinite_inputs == "pass" else _NO_ROWS
         with self.store.lock:
             slots = self.store.slots_of(tenant_ids)
             if slots.size == 0:
-                return PendingPrediction(make_plan(slots, self.buckets), [], self._empty_output_spec(x))
+                return PendingPrediction(make_plan(slots, self.buckets), [], self._output_spec_for(x.shape[1:], x.dtype))
             fixes_rows = self._row_shape is None  # the first valid request fixes the input rows
             if fixes_rows:
-                self._row_shape, self._row_dtype = tuple(x.shape[1:]), x.dtype
+                self._fix_rows_locked(x.shape[1:], x.dtype)
+            else:  # checked again here: another thread's first request may have fixed them meanwhile
+                self._check_rows(x)
             try:
                 plan = self._plan(slots)
                 outputs = [self._launch(step, x) for step in plan.steps]
                 if self.output_sharding is None:  # else the programs wrote them to the host
                     _start_copies_to_host(outputs)
-                empty_output = self._output_row_spec()
+                empty_output = self._output_spec_for(self._row_shape, self._row_dtype)
             except BaseException:
                 if fixes_rows:
                     self._row_shape = self._row_dtype = self._row_output = None
@@ -386,23 +389,58 @@ class MultiTenantModel:
             return jax.jit(functools.partial(_whole_store_program, self._apply_kb, self.store._treedef), **out).lower(leaves, x_kb)
         return jax.jit(functools.partial(_step_program, self._apply_kb, self.store._treedef), **out).lower(leaves, slots, x_kb)
 
-    def _check_input(self, tenant_ids: Sequence[Hashable], x: Any) -> "np.ndarray | RowParts":
+    def check_input(self, tenant_ids: Sequence[Hashable], x: Any) -> "np.ndarray | RowParts":
+        """``x`` as an array (a ``RowParts`` stays one), checked as ``predict`` checks it: one row
+        per id, rows of the model's shape and dtype (rows not fixed yet: rows the model can be
+        traced on), and no NaN or Inf rows under ``nonfinite_inputs="reject"``. Servers call it
+        at submit, so that a bad request is refused alone instead of failing a step it shares.
+
+        Raises:
+          InputError: naming what differs (and, for a non-finite row, its tenant).
+        """
         if isinstance(tenant_ids, (str, bytes)) or not hasattr(tenant_ids, "__len__"):
             raise InputError(f"tenant_ids must be a sequence of ids (one per row), got {type(tenant_ids).__name__}")
         if not isinstance(x, RowParts):
-            x = np.asarray(x)
+            try:
+                x = np.asarray(x)
+            except ValueError as exc:  # ragged nested sequences
+                raise InputError(f"x is not one array of rows: {exc}") from exc
         if x.ndim == 0:
             raise InputError("x must have a leading row axis, got a scalar")
         if len(tenant_ids) != x.shape[0]:
             raise InputError(f"len(tenant_ids) is {len(tenant_ids)} but x has {x.shape[0]} rows")
         if self._row_shape is None:
-            return x
+            self._output_spec_for(x.shape[1:], x.dtype)  # rows the model cannot take fail here
+        else:
+            self._check_rows(x)
+        self.check_finite(tenant_ids, x)
+        return x
+
+    def fix_rows(self, row_shape: Sequence[int], row_dtype: Any) -> None:
+        """Fixes the input rows, as a first ``predict`` does: a server fixes them from its first
+        request, so that requests queued together share one row shape. A no-op if these are
+        the model's rows already.
+
+        Raises:
+          InputError: other rows are fixed already, or the model cannot be traced on these.
+        """
+        row_shape, row_dtype = tuple(int(d) for d in row_shape), np.dtype(row_dtype)
+        with self.store.lock:
+            if self._row_shape is None:
+                self._fix_rows_locked(row_shape, row_dtype)
+            elif (row_shape, row_dtype) != (self._row_shape, self._row_dtype):
+                raise InputError(f"rows {row_dtype.name}{list(row_shape)} asked for, but the model's are "
+                                 f"{self._row_dtype.name}{list(self._row_shape)}")
+
+    def _fix_rows_locked(self, row_shape: tuple[int, ...], row_dtype: np.dtype) -> None:
+        self._row_output = self._output_spec_for(row_shape, row_dtype)
+        self._row_shape, self._row_dtype = tuple(row_shape), row_dtype
+
+    def _check_rows(self, x: "np.ndarray | RowParts") -> None:
         if x.shape[1:] != self._row_shape:
             raise InputError(f"x rows have shape {list(x.shape[1:])}, expected {list(self._row_shape)} (x is {list(x.shape)})")
         if x.dtype != self._row_dtype:
             raise InputError(f"x has dtype {x.dtype.name}, expected {self._row_dtype.name}")
-        self.check_finite(tenant_ids, x)
-        return x
 
     def check_finite(self, tenant_ids: Sequence[Hashable], x: "np.ndarray | RowParts") -> None:
         """Under ``nonfinite_inputs="reject"``, raises InputError naming the first row of ``x``
@@ -418,16 +456,26 @@ class MultiTenantModel:
                 f"{bad.size} of {x.shape[0]} rows do (nonfinite_inputs='reject')"
             )
 
-    def _output_row_spec(self) -> PyTree:
-        if self._row_output is None:
-            self._row_output = _row_output_spec(self.apply_fn, self.store.template, self._row_shape, self._row_dtype)
-        return self._row_output
+    def _output_spec_for(self, row_shape: Sequence[int], row_dtype: Any) -> PyTree:
+        """ShapeDtypeStruct pytree of one output row for input rows of this shape and dtype
+        (the fixed rows' spec is kept; other rows are traced once each time they change).
 
-    def _empty_output_spec(self, x: np.ndarray) -> PyTree:
-        """Output row spec for a zero-row request, which must not fix the row shape."""
-        if self._row_shape is not None:
-            return self._output_row_spec()
+        Raises:
+          InputError: the model cannot be traced on such rows (wrong shape or dtype).
+        """
+        row_shape, row_dtype = tuple(row_shape), np.dtype(row_dtype)
+        fixed = row_shape == self._row_shape and row_dtype == self._row_dtype
+        if fixed and self._row_output is not None:
+            return self._row_output
+        probed = self._probed_rows
+        if not fixed and probed is not None and probed[:2] == (row_shape, row_dtype):
+            return probed[2]
         try:
-            return _row_output_spec(self.apply_fn, self.store.template, x.shape[1:], x.dtype)
+            spec = _row_output_spec(self.apply_fn, self.store.template, row_shape, row_dtype)
         except Exception as exc:
-            raise InputError(f"x rows of shape {list(x.shape[1:])} and dtype {x.dtype.name} do not fit the model: {exc}") from exc
+            raise InputError(f"x rows of shape {list(row_shape)} and dtype {row_dtype.name} do not fit the model: {exc}") from exc
+        if fixed:
+            self._row_output = spec
+        else:
+            self._probed_rows = (row_shape, row_dtype, spec)
+        return spec

@@ -142,14 +142,15 @@ def _with_nonfinite(spec, rng, value: float):
     return ids, x
 
 
+@pytest.mark.parametrize("declare_rows", [True, False], ids=["rows-declared", "first-request"])
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
-def test_nonfinite_rows_are_rejected_naming_the_first_row_and_tenant(value, rng):
-    spec, mt, params = _served(nonfinite_inputs="reject")
+def test_nonfinite_rows_are_rejected_naming_the_first_row_and_tenant(value, declare_rows, rng):
+    spec, mt, params = _served(nonfinite_inputs="reject", declare_rows=declare_rows)
     before = _snapshot(mt)
     ids, x = _with_nonfinite(spec, rng, value)
     with pytest.raises(InputError, match=r"row 3 \(tenant 'a'\) holds NaN or Inf values; 2 of 5 rows"):
         mt.predict(ids, x)
-    _assert_unchanged(mt, before)
+    _assert_unchanged(mt, before)  # a refused first request fixes no rows either
     _assert_everyone_still_served(spec, mt, params, rng)
 
 
@@ -182,14 +183,35 @@ def test_unknown_nonfinite_policy_is_a_value_error():
 
 
 # ------------------------------------------------------------------------- first request rows
-def test_a_failed_first_request_does_not_fix_the_row_shape(rng):
+def test_a_first_request_the_model_cannot_take_is_refused_before_compiling(rng):
     spec, mt, params = _served(declare_rows=False)
     before = _snapshot(mt)
-    with pytest.raises(CompileError, match=r"row_shape=\(15,\)"):  # the model cannot take 15 features
+    with pytest.raises(InputError, match=r"shape \[15\] and dtype float32 do not fit the model"):  # 15 features, not 16
         mt.predict(["a", "b"], rng.standard_normal((2, 15), dtype=np.float32))
+    assert mt.row_shape is None and mt.row_dtype is None
+    assert mt.stats()["compiles"] == 0 and mt.stats()["compile_failures"] == 0
+    _assert_unchanged(mt, before)
+    _assert_everyone_still_served(spec, mt, params, rng)
+    assert mt.row_shape == spec.input_shape
+
+
+def test_a_first_request_whose_program_fails_to_compile_does_not_fix_the_row_shape(rng, monkeypatch):
+    spec, mt, params = _served(declare_rows=False)
+    before = _snapshot(mt)
+    build = mt.programs._build
+
+    def fail_once(key):
+        monkeypatch.setattr(mt.programs, "_build", build)
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while compiling")
+
+    monkeypatch.setattr(mt.programs, "_build", fail_once)
+    with pytest.raises(CompileError, match="RESOURCE_EXHAUSTED"):
+        mt.predict(["a", "b"], spec.random_input(rng, 2))
     assert mt.row_shape is None and mt.row_dtype is None
     assert mt.stats()["compile_failures"] == 1
     _assert_unchanged(mt, before)
+    _assert_everyone_still_served(spec, mt, params, rng)  # the next build succeeds
+    assert mt.row_shape == spec.input_shape
     _assert_everyone_still_served(spec, mt, params, rng)
     assert mt.row_shape == spec.input_shape
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import reference_predict, rel_error, tiny_spec
@@ -220,10 +222,16 @@ def test_empty_request_returns_empty_result(rng):
     assert mt.stats()["steps"] == 0
 
 
-def test_first_bad_request_does_not_fix_the_row_shape(rng):
+@pytest.mark.parametrize("bad", ["unknown tenant", "rows the model cannot take"])
+def test_first_bad_request_does_not_fix_the_row_shape(rng, bad):
     spec, mt, _ = _model_with_tenants("mlp", 2, 10)
-    with pytest.raises(UnknownTenantError):
-        mt.predict(["ghost"], np.ones((1, 99), np.float32))
+    if bad == "unknown tenant":
+        with pytest.raises(UnknownTenantError, match="ghost"):
+            mt.predict(["ghost"], spec.random_input(rng, 1))
+    else:  # traced before anything is compiled: an InputError, not a compile failure
+        with pytest.raises(InputError, match=r"shape \[99\].*do not fit the model"):
+            mt.predict(["t0"], np.ones((1, 99), np.float32))
+        assert mt.stats()["compiles"] == 0
     assert mt.row_shape is None
     mt.predict(["t0"], spec.random_input(rng, 1))
     assert mt.row_shape == spec.input_shape
@@ -318,3 +326,39 @@ def test_by_default_nonfinite_inputs_are_computed_unchecked_and_stay_in_their_te
     want = reference_predict(spec.apply_fn, params, [ids[i] for i in keep], x[keep])
     assert rel_error(got[keep], want) < 1e-5
     assert mt.stats()["nonfinite_rows"] == 0  # not looked for under "ignore"
+
+
+def test_two_first_requests_of_different_rows_at_once_one_fixes_them_the_other_gets_input_error(rng):
+    """Both pass the checks made before the store lock while the rows are unknown; the one
+    that takes the lock second finds them fixed and is refused, not run on the wrong program."""
+    mt = MultiTenantModel(lambda p, x: x * p["s"], {"s": jnp.float32(1.0)}, capacity=2, lowering="vmap")
+    mt.add_tenant("a", {"s": jnp.float32(2.0)})
+    checked, go_on = threading.Event(), threading.Event()
+    check = mt.check_input
+
+    def check_then_wait(ids, x):
+        x = check(ids, x)
+        checked.set()
+        assert go_on.wait(60)
+        return x
+
+    mt.check_input = check_then_wait
+    outcome = {}
+
+    def second():
+        try:
+            outcome["y"] = mt.predict(["a"], np.ones((1, 4), np.float32))
+        except Exception as exc:  # noqa: BLE001 (the test reads which)
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    assert checked.wait(60)
+    del mt.check_input  # the first request runs unhindered and fixes rows of 3
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    np.testing.assert_allclose(mt.predict(["a", "a"], x), 2 * x, rtol=1e-6)
+    go_on.set()
+    thread.join(60)
+    assert isinstance(outcome.get("error"), InputError), outcome
+    assert "shape [4], expected [3]" in str(outcome["error"])
+    assert mt.row_shape == (3,)

@@ -239,6 +239,30 @@ def test_bad_requests_raise_at_submit_and_never_enter_the_queue(served, rng):
         assert overall["count"] == 0 and overall["queue_depth"] == 0
 
 
+@pytest.mark.parametrize("server", ["scheduler", "time"])
+def test_a_first_request_the_model_cannot_take_is_refused_and_fixes_nothing(server, rng):
+    """Rows not known yet: the first request's rows are traced at submit, so a bad one fails
+    alone with InputError and the next, good one fixes the rows and is served."""
+    params = {f"t{i}": make_params(i + 1) for i in range(2)}
+    mt = jaxmt.MultiTenantModel(apply_fn, make_params(0), capacity=2, buckets=jaxmt.BucketPolicy.powers_of_two(2, 2),
+                                nonfinite_inputs="reject")
+    for name, p in params.items():
+        mt.add_tenant(name, p)
+    make = {"scheduler": lambda: jaxmt.Scheduler(mt, max_delay_ms=1.0), "time": lambda: jaxmt.TimeOnlyServer(mt, max_delay_ms=1.0)}
+    with make[server]() as sched:
+        with pytest.raises(jaxmt.InputError, match=r"shape \[7\].*do not fit the model"):
+            sched.submit("t0", rng.standard_normal((1, ROW + 1)).astype(np.float32))
+        nan_rows = rows(rng, 2)
+        nan_rows[1, 0] = np.nan
+        with pytest.raises(jaxmt.InputError, match="row 1 .*'t1'.*NaN"):
+            sched.submit("t1", nan_rows)
+        assert mt.row_shape is None and mt.stats()["compiles"] == 0
+        x = rows(rng, 2)
+        got = sched.submit("t1", x).result(TIMEOUT_S)
+    assert mt.row_shape == (ROW,)
+    check_against_reference(params, [("t1", x, got)])
+
+
 # ------------------------------------------------------------------ close
 def test_close_drain_serves_everything_queued(served, rng):
     mt, params = served
