@@ -1,7 +1,8 @@
 """Requests and the earliest-deadline-first queue that servers keep them in (host code only).
 
 A request may leave and re-enter a queue (a step formed without it puts it back); the heaps
-delete lazily: an entry is live while its token is the request's current one.
+delete lazily: an entry is live while its token is the request's current one. Heap entries
+hold the token, not the request, so that a stale entry keeps no request (or its rows) alive.
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ class _EdfQueue:
     def __init__(self, entry_rows: int, totals: _Totals | None = None):
         self.entry_rows = int(entry_rows)
         self.totals = totals if totals is not None else _Totals()
-        self._by_deadline: list[tuple[float, int, int, _Request]] = []
-        self._by_arrival: list[tuple[float, int, int, _Request]] = []
+        self._by_deadline: list[tuple[float, int, int]] = []  # (deadline_s, seq, token)
+        self._by_arrival: list[tuple[float, int, int]] = []  # (submitted_s, seq, token)
         self._live: dict[int, _Request] = {}  # token -> request
         self.tenant_rows: dict[Hashable, int] = {}
         self.tenant_requests: dict[Hashable, int] = {}
@@ -122,14 +123,14 @@ class _EdfQueue:
     def push(self, req: _Request) -> None:
         req.token = next(self._tokens)
         self._live[req.token] = req
-        heapq.heappush(self._by_deadline, (req.deadline_s, req.seq, req.token, req))
-        heapq.heappush(self._by_arrival, (req.submitted_s, req.seq, req.token, req))
+        heapq.heappush(self._by_deadline, (req.deadline_s, req.seq, req.token))
+        heapq.heappush(self._by_arrival, (req.submitted_s, req.seq, req.token))
         self._count(req, +1)
 
     def _top(self, heap: list) -> _Request | None:
         while heap and heap[0][2] not in self._live:
             heapq.heappop(heap)
-        return heap[0][3] if heap else None
+        return self._live[heap[0][2]] if heap else None
 
     def pop(self) -> _Request | None:
         """The request with the earliest deadline, removed; None when empty."""
@@ -138,8 +139,9 @@ class _EdfQueue:
             heapq.heappop(self._by_deadline)
             del self._live[req.token]
             self._count(req, -1)
-            if not self._live:  # the arrival heap's stale entries would keep their requests alive
-                self._by_arrival.clear()
+            if len(self._by_arrival) > 2 * len(self._live) + 64:  # stale entries: drop them (amortised O(1))
+                self._by_arrival = [entry for entry in self._by_arrival if entry[2] in self._live]
+                heapq.heapify(self._by_arrival)
         return req
 
     def earliest_deadline(self) -> float:

@@ -183,12 +183,20 @@ class _ServerBase:
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stops accepting requests; with ``drain`` serves every queued one first, without it
         fails them with ``SchedulerClosed`` (steps already launched still complete). Waits
-        for the server's threads. Idempotent."""
+        for the server's threads, except when called on one of them (from a future's
+        done-callback, which runs on the completion thread): the dispatch thread may be
+        waiting for that very callback to return, so the wait is left to a helper thread
+        and ``close`` returns at once. Idempotent."""
         self._shut(drain)
-        me = threading.current_thread()
+        if threading.current_thread() in self._threads:
+            threading.Thread(target=self._wait_for_threads, args=(timeout,), name=f"jaxmt-{self.kind}-close", daemon=True).start()
+            return
+        self._wait_for_threads(timeout)
+
+    def _wait_for_threads(self, timeout: float | None) -> None:
+        """Joins the dispatch and completion threads, then stops the stager."""
         for thread in self._threads:
-            if thread is not me:
-                thread.join(timeout)
+            thread.join(timeout)
         with self._cond:
             stager = self._stager
         if stager is not None:
@@ -269,8 +277,9 @@ class _ServerBase:
     def _warm_staging(self, position_shapes: list[tuple[int, ...]]) -> jax.Device | None:
         """When rows are staged (deciding it if the rows are known now), compiles the join
         program of each step block shape; returns where rows are staged (None: nowhere)."""
+        shape, dtype = self.mt.row_shape, self.mt.row_dtype
         with self._cond:
-            self._decide_staging_locked(self.mt.row_shape, self.mt.row_dtype)
+            self._decide_staging_locked(shape, dtype)
             device = None if self._stager is None else self._stager.device
         if device is not None:
             warm_join(position_shapes, shape, dtype, device)

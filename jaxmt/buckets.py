@@ -85,7 +85,9 @@ class BucketPolicy:
 
     @property
     def shapes(self) -> list[tuple[int, int]]:
-        """Every (K, B) pair of the ladder: the programs ``warmup`` compiles."""
+        """Every (K, B) pair of the ladder: one program each for ``warmup`` to compile, and
+        one more for the K equal to the store capacity, whose steps over the whole store in
+        slot order run a program without the weight gather."""
         return [(k, b) for k in self.tenant_buckets for b in self.row_buckets]
 
 

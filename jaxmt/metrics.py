@@ -31,6 +31,7 @@ def percentiles(samples_ms: Sequence[float] | np.ndarray, qs: Iterable[float] = 
     there are no samples (JSON ``null``), never NaN.
     """
     samples = np.asarray(samples_ms, dtype=np.float64)
+    qs = tuple(qs)  # read twice: a generator would be used up by the names
     names = [f"p{q:g}_ms" for q in qs] + ["max_ms", "mean_ms"]
     if samples.size == 0:
         return dict.fromkeys(names, None)
@@ -322,6 +323,14 @@ def _label(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def _sample(value: float) -> str:
+    """A sample value in full: integers as integers, floats to every digit (``:g`` would
+    round a count of 1,234,567 to 1.23457e+06, and ``rate()`` would see it stand still)."""
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return repr(float(value))
+
+
 def to_prometheus(metrics: Mapping[str, Any], prefix: str = "jaxmt") -> str:
     """The metrics dict of a server (``Scheduler.metrics()``) in Prometheus text format.
 
@@ -347,14 +356,14 @@ def to_prometheus(metrics: Mapping[str, Any], prefix: str = "jaxmt") -> str:
         for labels, values in groups:
             value = values.get(key)
             if value is not None:
-                lines.append(f'{prefix}_{name}{{{labels}server="{server}"}} {float(value):g}')
+                lines.append(f'{prefix}_{name}{{{labels}server="{server}"}} {_sample(value)}')
     lines += [f"# HELP {prefix}_latency_ms request latency, submit to result", f"# TYPE {prefix}_latency_ms summary"]
     for labels, values in groups:
         for q in QUANTILES:
             value = values.get(f"p{q:g}_ms")
             if value is not None:
-                lines.append(f'{prefix}_latency_ms{{{labels}server="{server}",quantile="{q / 100:g}"}} {value:g}')
+                lines.append(f'{prefix}_latency_ms{{{labels}server="{server}",quantile="{q / 100:g}"}} {_sample(value)}')
     for key, value in metrics.get("steps", {}).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            lines += [f"# TYPE {prefix}_step_{key} gauge", f'{prefix}_step_{key}{{server="{server}"}} {float(value):g}']
+            lines += [f"# TYPE {prefix}_step_{key} gauge", f'{prefix}_step_{key}{{server="{server}"}} {_sample(value)}']
     return "\n".join(lines) + "\n"

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmt.errors import CapacityError, DuplicateTenantError, ParamMismatchError, UnknownTenantError
-from jaxmt.validation import check_tenant_ids, leaf_paths, validate_params, validate_stacked
+from jaxmt.validation import check_tenant_ids, leaf_dtype, leaf_paths, validate_params, validate_stacked
 
 PyTree = Any
 
@@ -115,8 +115,7 @@ class TenantStore:
         self.template = example_params
         self.leaf_paths: tuple[str, ...] = tuple(leaf_paths(example_params))
         self.leaf_specs: tuple[jax.ShapeDtypeStruct, ...] = tuple(
-            jax.ShapeDtypeStruct(np.shape(leaf), jnp.asarray(leaf).dtype if not hasattr(leaf, "dtype") else leaf.dtype)
-            for leaf in leaves
+            jax.ShapeDtypeStruct(np.shape(leaf), leaf_dtype(leaf)) for leaf in leaves
         )
         self._floating = tuple(jnp.issubdtype(s.dtype, jnp.inexact) for s in self.leaf_specs)
         self.device = device if device is not None else jax.devices()[0]
@@ -155,9 +154,7 @@ class TenantStore:
         """The slot holding ``tenant_id``; raises UnknownTenantError."""
         try:
             return self._slot_of[tenant_id]
-        except KeyError:
-            raise UnknownTenantError(tenant_id, len(self._slot_of)) from None
-        except TypeError:
+        except (KeyError, TypeError):  # TypeError: an unhashable id is not resident either
             raise UnknownTenantError(tenant_id, len(self._slot_of)) from None
 
     def slots_of(self, tenant_ids) -> np.ndarray:

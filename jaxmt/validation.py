@@ -69,6 +69,25 @@ def check_tenant_ids(tenant_ids: Sequence[Hashable]) -> list[Hashable]:
     return ids
 
 
+def leaf_dtype(leaf: Any) -> np.dtype:
+    """A leaf's dtype as the store keeps it: an array's own, else what ``jnp.asarray`` makes
+    of it (a Python float is float32 then, as in the template, not NumPy's float64)."""
+    return np.dtype(leaf.dtype if hasattr(leaf, "dtype") else jnp.asarray(leaf).dtype)
+
+
+def _check_leaves(leaves: Sequence[Any], paths: Sequence[str], specs: Sequence[jax.ShapeDtypeStruct],
+                  lead: tuple[int, ...], who: str) -> None:
+    """Raises ParamMismatchError for the first leaf whose shape is not ``lead + spec.shape``
+    or whose dtype is not the spec's; ``who`` starts the message (it names the tenants)."""
+    for path, spec, leaf in zip(paths, specs, leaves):
+        shape, dtype = tuple(np.shape(leaf)), leaf_dtype(leaf)
+        want = (*lead, *spec.shape)
+        if shape != want or dtype != np.dtype(spec.dtype):
+            per_tenant = f" (one row per tenant of {lead[0]})" if lead else ""
+            raise ParamMismatchError(f"{who} {path} is {dtype.name}{list(shape)}, expected "
+                                     f"{np.dtype(spec.dtype).name}{list(want)}{per_tenant}")
+
+
 def validate_params(
     tenant_id: Hashable,
     params: PyTree,
@@ -95,17 +114,8 @@ def validate_params(
             f"tenant {tenant_id!r}: params pytree structure differs from the template "
             f"({first_structure_difference(template, params)})"
         )
-    arrays = []
-    for path, spec, leaf in zip(paths, specs, leaves):
-        shape = tuple(np.shape(leaf))
-        dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
-        if shape != tuple(spec.shape) or np.dtype(dtype) != np.dtype(spec.dtype):
-            raise ParamMismatchError(
-                f"tenant {tenant_id!r}: leaf {path} is {np.dtype(dtype).name}{list(shape)}, "
-                f"expected {np.dtype(spec.dtype).name}{list(spec.shape)}"
-            )
-        arrays.append(leaf)
-    arrays = jax.device_put(arrays, device)  # one transfer call for every leaf
+    _check_leaves(leaves, paths, specs, (), f"tenant {tenant_id!r}: leaf")
+    arrays = jax.device_put(list(leaves), device)  # one transfer call for every leaf
     floating_arrays = [a for a, f in zip(arrays, floating) if f]
     if floating_arrays:
         flags = np.asarray(_finite_flags(floating_arrays))
@@ -140,16 +150,8 @@ def validate_stacked(
             f"({first_structure_difference(template, stacked_params)})"
         )
     n = len(tenant_ids)
-    arrays = []
-    for path, spec, leaf in zip(paths, specs, leaves):
-        shape = tuple(np.shape(leaf))
-        dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
-        if shape != (n, *spec.shape) or np.dtype(dtype) != np.dtype(spec.dtype):
-            raise ParamMismatchError(
-                f"stacked leaf {path} is {np.dtype(dtype).name}{list(shape)}, expected "
-                f"{np.dtype(spec.dtype).name}{[n, *spec.shape]} (one row per tenant of {n})"
-            )
-        arrays.append(jax.device_put(leaf, device))
+    _check_leaves(leaves, paths, specs, (n,), f"stacked params of tenants {tenant_ids!r}: leaf")
+    arrays = [jax.device_put(leaf, device) for leaf in leaves]
     floating_arrays = [(p, a) for p, a, f in zip(paths, arrays, floating) if f]
     if floating_arrays and n:
         flags = np.asarray(_finite_flags_per_row([a for _, a in floating_arrays]))  # [leaves, n]

@@ -28,6 +28,7 @@ def test_percentiles_match_numpy(rng):
     assert got["mean_ms"] == pytest.approx(samples.mean(), abs=1e-4)
     assert percentiles([]) == {"p50_ms": None, "p90_ms": None, "p99_ms": None, "max_ms": None, "mean_ms": None}
     assert percentiles([3.0], qs=(25,)) == {"p25_ms": 3.0, "max_ms": 3.0, "mean_ms": 3.0}
+    assert percentiles([1.0, 2.0, 3.0, 10.0], qs=(q for q in (50,))) == {"p50_ms": 2.5, "max_ms": 10.0, "mean_ms": 4.0}
 
 
 def test_recorder_counts_outcomes_per_tenant_and_overall():
@@ -118,6 +119,17 @@ def test_prometheus_text_format():
     assert 'jaxmt_latency_ms{tenant="7",server="jaxmt",quantile="0.99"} 70' in text
     assert 'jaxmt_step_in_flight{server="jaxmt"} 1' in text
     assert "est_step_ms" not in text  # unknown yet (None): left out, never NaN
+
+
+def test_prometheus_counts_are_written_in_full():
+    """A counter rounded to six digits would stand still under rate() between scrapes."""
+    metrics = {"server": "jaxmt", "overall": {"count": 1_234_567, "slo_met": 1_234_561, "slo_attainment": 0.9999951},
+               "tenants": {}, "steps": {"steps": 9_876_543}}
+    text = to_prometheus(metrics)
+    assert 'jaxmt_requests_total{server="jaxmt"} 1234567\n' in text
+    assert 'jaxmt_requests_slo_met_total{server="jaxmt"} 1234561\n' in text
+    assert 'jaxmt_step_steps{server="jaxmt"} 9876543\n' in text
+    assert 'jaxmt_slo_attainment{server="jaxmt"} 0.9999951\n' in text
 
 
 def test_recorder_forgets_removed_tenants():

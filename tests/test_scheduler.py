@@ -7,9 +7,11 @@ clock and steps gated by events; waits use generous timeouts only to avoid hangi
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import threading
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -296,6 +298,26 @@ def test_close_without_drain_fails_queued_and_finishes_in_flight(served, monkeyp
     check_against_reference(params, [("t2", x0, in_flight.result(timeout=TIMEOUT_S))])
     overall = sched.metrics()["overall"]
     assert (overall["count"], overall["ok"], overall["errors"]) == (5, 1, 4)
+
+
+def test_close_from_a_done_callback_drains_instead_of_hanging(served, rng):
+    """A future's callback runs on the server's completion thread, which the dispatch thread
+    waits for (pipeline_depth=1): close() there must return, and the queue still drains."""
+    mt, params = served
+    sched = jaxmt.Scheduler(mt, max_delay_ms=0.0, pipeline_depth=1)
+    closed_in_callback = threading.Event()
+
+    def close_on_first_answer(future):
+        sched.close(drain=True)
+        closed_in_callback.set()
+
+    requests = [("t0", rows(rng)) for _ in range(5)]
+    futures = [sched.submit(t, x) for t, x in requests]
+    futures[0].add_done_callback(close_on_first_answer)
+    assert closed_in_callback.wait(TIMEOUT_S)
+    check_against_reference(params, [(t, x, f.result(timeout=TIMEOUT_S)) for (t, x), f in zip(requests, futures)])
+    sched.close()
+    assert sched.closed and not any(thread.is_alive() for thread in sched._threads)
 
 
 def test_with_block_drains_on_exit(served, rng):
@@ -804,6 +826,21 @@ def test_edf_queue_pops_by_deadline_and_keeps_counts(ops):
             assert queue.oldest_submitted() == min(r.submitted_s for r in live)
             assert queue.earliest_deadline() == min(r.deadline_s for r in live)
     assert [r.seq for r in queue.drain()] == sorted(r.seq for r in live) and len(queue) == 0
+
+
+def test_a_popped_request_is_not_kept_alive_by_the_queue_behind_an_older_one():
+    """One old request with a late deadline waits while thousands with early deadlines come
+    and go: the queue must not hold on to the served ones (nor their rows)."""
+    queue = _EdfQueue(entry_rows=4)
+    queue.push(_Request("old", np.zeros((1, 1)), None, 0.0, 1e9, 1.0, 0))
+    served = []
+    for seq in range(1, 2001):
+        queue.push(_Request("busy", np.zeros((1, 1)), None, float(seq), float(seq), 1.0, seq))
+        served.append(weakref.ref(queue.pop()))
+    assert len(queue) == 1 and queue.oldest_submitted() == 0.0
+    gc.collect()
+    assert sum(ref() is not None for ref in served) == 0
+    assert len(queue._by_arrival) <= 2 * len(queue) + 64  # stale entries are dropped as they pile up
 
 
 @settings(max_examples=60, deadline=None)

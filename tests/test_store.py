@@ -142,6 +142,18 @@ def test_bad_params_raise_naming_the_leaf_and_change_nothing(make_params, error,
     _assert_unchanged(store, before)
 
 
+def test_python_scalar_leaves_take_the_dtype_jax_gives_them():
+    """A template leaf given as a Python float is float32 in the store (as jnp.asarray makes
+    it); tenants written the same way match it, and a float64 array does not."""
+    template = {"w": jnp.ones((3, 2)), "scale": 1.0}
+    store = TenantStore(template, capacity=2)
+    store.add("same as template", template)
+    store.add("scalar", {"w": jnp.zeros((3, 2)), "scale": 2.5})
+    assert store.get("scalar")["scale"].dtype == jnp.float32 and float(store.get("scalar")["scale"]) == 2.5
+    with pytest.raises(ParamMismatchError, match=r"leaf \['scale'\] is float64\[\], expected float32\[\]"):
+        store.add("float64", {"w": jnp.zeros((3, 2)), "scale": np.float64(2.5)})
+
+
 def test_duplicate_and_unknown_ids():
     store = TenantStore(_params(0), capacity=2)
     store.add("a", _params(1))

@@ -502,8 +502,9 @@ def test_add_stacked_rejects_bad_input_and_changes_nothing(case):
     error, match = {
         "repeated": (DuplicateTenantError, "tenant 'a' appears more than once"),
         "resident": (DuplicateTenantError, "tenant 'x' is already resident"),
-        "rows": (ParamMismatchError, r"stacked leaf \['params'\]\['Dense_0'\]\['bias'\] is float32\[2, 32\], expected float32\[3, 32\]"),
-        "shape": (ParamMismatchError, r"stacked leaf \['params'\]\['Dense_0'\]\['bias'\] is float32\[2, 33\], expected float32\[2, 32\]"),
+        "rows": (ParamMismatchError, r"stacked params of tenants \['a', 'b', 'c'\]: leaf \['params'\]\['Dense_0'\]\['bias'\] "
+                                     r"is float32\[2, 32\], expected float32\[3, 32\] \(one row per tenant of 3\)"),
+        "shape": (ParamMismatchError, r"tenants \['a', 'b'\]: leaf \['params'\]\['Dense_0'\]\['bias'\] is float32\[2, 33\], expected float32\[2, 32\]"),
         "dtype": (ParamMismatchError, r"is bfloat16\[2, 32\], expected float32\[2, 32\]"),
         "nan": (NonFiniteParamsError, r"tenant 'b': leaf \['params'\]\['Dense_1'\]\['kernel'\] holds NaN"),
         "capacity": (CapacityError, "4 new tenants do not fit: 1 resident, max_capacity=4"),
