@@ -32,8 +32,6 @@ from jaxmt.errors import JaxmtError, ManifestError
 from jaxmt.manifest import Entry, read_entries
 from jaxmt.model import MultiTenantModel
 
-DESCRIPTION = "predict a manifest of (tenant, input file) entries from a store checkpoint, resumably"
-
 
 # ---------------------------------------------------------------------------- outputs
 def _atomic_savez(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:

@@ -39,6 +39,7 @@ from jaxmt.buckets import BucketPolicy
 from jaxmt.errors import CheckpointError
 from jaxmt.model import MultiTenantModel
 from jaxmt.store import TenantStore
+from jaxmt.validation import leaf_dtype
 
 PyTree = Any
 StrPath = str | os.PathLike
@@ -313,7 +314,9 @@ def _load_store_checkpoint(directory: StrPath, example_params: PyTree | None) ->
         capacity = int(metadata["capacity"])
         specs = [(str(leaf["path"]), tuple(int(d) for d in leaf["shape"]), jnp.dtype(leaf["dtype"])) for leaf in metadata["leaves"]]
         template = _decode_structure(metadata["structure"], [np.zeros(shape, dtype) for _, shape, dtype in specs])
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        saved_buckets = (metadata.get("model") or {}).get("buckets")
+        buckets = None if not saved_buckets else BucketPolicy(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in saved_buckets.items()})
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise CheckpointError(f"{directory / STORE_FILE} is malformed: {type(exc).__name__}: {exc}") from exc
     n = len(tenant_ids)
     if len(slots) != n or len(set(slots)) != n or len(set(tenant_ids)) != n or any(not 0 <= s < capacity for s in slots):
@@ -324,14 +327,18 @@ def _load_store_checkpoint(directory: StrPath, example_params: PyTree | None) ->
     found = _read_arrays(directory, metadata.get("arrays"), expected)
     stacked_leaves = [found.get(f"leaf_{i:05d}", np.zeros((n, *shape), dtype)) for i, (_, shape, dtype) in enumerate(specs)]
     treedef = jax.tree_util.tree_structure(template)
-    stacked = jax.tree_util.tree_unflatten(treedef, stacked_leaves)
-    return {"template": template, "tenant_ids": tenant_ids, "slots": slots, "capacity": capacity, "stacked": stacked, "model": metadata.get("model")}
+    try:
+        stacked = jax.tree_util.tree_unflatten(treedef, stacked_leaves)
+    except ValueError as exc:  # a structure whose leaves are not the listed ones
+        raise CheckpointError(f"{directory / STORE_FILE} is malformed: {type(exc).__name__}: {exc}") from exc
+    return {"template": template, "tenant_ids": tenant_ids, "slots": slots, "capacity": capacity, "stacked": stacked,
+            "model": metadata.get("model"), "buckets": buckets}
 
 
 def _check_template(directory: pathlib.Path, specs: list, example_params: PyTree) -> PyTree:
     """The caller's template if the checkpoint's leaves match it, as zeros of its structure."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(example_params)
-    want = [(jax.tree_util.keystr(p), tuple(np.shape(leaf)), jnp.dtype(leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype)) for p, leaf in flat]
+    want = [(jax.tree_util.keystr(p), tuple(np.shape(leaf)), leaf_dtype(leaf)) for p, leaf in flat]  # dtypes as the store keeps them
     for i, (saved, expected) in enumerate(zip(specs, want)):
         if saved != expected:
             raise CheckpointError(
@@ -415,8 +422,8 @@ def restore_model(
     model_kwargs.setdefault("capacity", loaded["capacity"])
     if "row_shape" not in model_kwargs and "row_dtype" not in model_kwargs and saved.get("row_shape") is not None:
         model_kwargs.update(row_shape=tuple(saved["row_shape"]), row_dtype=jnp.dtype(saved["row_dtype"]))
-    if "buckets" not in model_kwargs and saved.get("buckets"):
-        model_kwargs["buckets"] = BucketPolicy(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in saved["buckets"].items()})
+    if "buckets" not in model_kwargs and loaded["buckets"] is not None:
+        model_kwargs["buckets"] = loaded["buckets"]
     model = MultiTenantModel(apply_fn, loaded["template"], **model_kwargs)
     _fill(model.store, loaded)
     return model

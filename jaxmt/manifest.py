@@ -43,7 +43,7 @@ class Entry:
 
 def _records(manifest: pathlib.Path) -> list[tuple[int, Any]]:
     """(line number, record dict or the exception that line raised) for each non-blank line."""
-    text = manifest.read_text()
+    text = manifest.read_text(encoding="utf-8-sig")  # a byte-order mark (as spreadsheet tools write) is not part of the header
     stripped = text.lstrip()
     if manifest.suffix.lower() in (".jsonl", ".ndjson", ".json") or (manifest.suffix.lower() != ".csv" and stripped.startswith("{")):
         out = []
@@ -124,7 +124,7 @@ def read_entries(manifest: pathlib.Path, model: MultiTenantModel, fail) -> tuple
             key = record.get("key") or None
             output = str(record.get("output") or "").removesuffix(".npz")
             if not output:
-                output = re.sub(r"[^A-Za-z0-9._-]+", "_", "__".join(str(p) for p in (record["tenant"], path.stem, key) if p)).lstrip("._")
+                output = re.sub(r"[^A-Za-z0-9._-]+", "_", "__".join(str(p) for p in (record["tenant"], path.stem, key) if p is not None and p != "")).lstrip("._")
             elif not _SAFE_NAME.fullmatch(output):
                 raise ValueError(f"output name {output!r} must be letters, digits, '.', '_' or '-' (no path)")
             if output in lines_of_output:

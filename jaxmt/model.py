@@ -216,7 +216,8 @@ class MultiTenantModel:
 
         Raises:
           UnknownTenantError: an id is not resident (nothing is computed).
-          InputError: lengths differ, or x's row shape or dtype is not the model's.
+          InputError: lengths differ, x's row shape or dtype is not the model's, or (rows
+            not fixed yet) the model cannot be traced on them; nothing is compiled then.
         """
         return self.dispatch(tenant_ids, x).result()
 
@@ -246,7 +247,9 @@ class MultiTenantModel:
                 outputs = [self._launch(step, x) for step in plan.steps]
                 if self.output_sharding is None:  # else the programs wrote them to the host
                     _start_copies_to_host(outputs)
-                empty_output = self._output_spec_for(self._row_shape, self._row_dtype)
+                empty_output = self._row_output
+                if empty_output is None:  # rows given to the constructor: traced at the first step
+                    empty_output = self._output_spec_for(self._row_shape, self._row_dtype)
             except BaseException:
                 if fixes_rows:
                     self._row_shape = self._row_dtype = self._row_output = None

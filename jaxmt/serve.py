@@ -207,7 +207,7 @@ class TenantReplica:
             raise InputError(f"no tenant: send the {TENANT_HEADER} header (it routes the request to the tenant's replica)")
         try:
             rows = np.asarray(body["rows"], dtype=self.model.row_dtype)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: e.g. 300 or -1 as uint8
             raise InputError(f"rows of tenant {tenant_id!r} are not a numeric array of {self.model.row_dtype}: {exc}") from None
         if rows.shape[1:] != tuple(self.model.row_shape):
             raise InputError(

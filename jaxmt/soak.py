@@ -350,14 +350,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", default="auto", choices=sorted(STAGE_CHOICES), help=STAGE_HELP)
     parser.add_argument("--json", action="store_true", help="print the report as JSON after the summary line")
     parser.add_argument(
-        "--record", action="store_true", help="write benchmarks/results/soak.json and the '## Soak' section of benchmarks/README.md"
+        "--record", action="store_true",
+        help="write benchmarks/results/soak.json and the '## Soak' section of benchmarks/README.md "
+             "(with --stage on or off: soak_stage_on.json and '## Soak: --stage on')"
     )
 
 
-def _record(report: SoakReport, argv_line: str) -> None:
-    from benchmarks.common import markdown_table, update_readme_section, write_json
+# The options that make a soak what it is, in the order a recorded command line gives them.
+_RECORDED_OPTIONS = ("requests", "threads", "tenants", "churn", "arch", "max_rows", "window", "slo_ms", "max_delay_ms",
+                     "latency_window", "seed", "stage")
 
-    write_json("soak", report.to_json())
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command that reruns this soak, every option spelled out."""
+    return "python -m jaxmt soak " + " ".join(f"--{name.replace('_', '-')} {getattr(args, name)}" for name in _RECORDED_OPTIONS)
+
+
+def _benchmarks_common() -> Any:
+    """``benchmarks.common`` of the checkout this package runs from (``--record`` writes
+    into its benchmarks/ folder); raises SystemExit if there is none, before any soak runs."""
+    import importlib
+    import pathlib
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "common.py").exists():
+        raise SystemExit(f"--record writes into benchmarks/ of a jaxmt checkout; there is none at {root}")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module("benchmarks.common")
+
+
+def _record(report: SoakReport, args: argparse.Namespace) -> None:
+    """Writes results/soak*.json and the README section of this soak: "Soak" for the
+    default staging, "Soak: --stage on" (or off) otherwise, so that one does not replace the other."""
+    common = _benchmarks_common()
+    markdown_table, update_readme_section, write_json = common.markdown_table, common.update_readme_section, common.write_json
+    argv_line = _command_line(args)
+    suffix = "" if args.stage == "auto" else f"_stage_{args.stage}"
+    write_json(f"soak{suffix}", report.to_json())
     errors = ", ".join(f"{k} {v}" for k, v in sorted(report.errors.items())) or "none"
     cfg = report.config
     table = markdown_table(
@@ -373,11 +404,14 @@ def _record(report: SoakReport, argv_line: str) -> None:
         f"to the end; the scheduler keeps {cfg['latency_window']} latency samples per tenant.\n\n"
         f"{table}\n\nResult: **{'OK' if report.ok else 'FAILED'}** ({report.summary_line()})"
     )
-    update_readme_section("Soak", body)
+    update_readme_section("Soak" if args.stage == "auto" else f"Soak: --stage {args.stage}", body)
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
+
+    if args.record:
+        _benchmarks_common()  # fails now, not after the soak, when there is nowhere to record
 
     jax.config.update("jax_default_matmul_precision", "highest")  # answers are compared at float32 precision
     bar = tqdm(total=args.requests, desc="soak", unit="req", smoothing=0.1)
@@ -396,9 +430,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2, default=str))
     if args.record:
-        line = (
-            f"python -m jaxmt soak --requests {args.requests} --threads {args.threads} --tenants {args.tenants} "
-            f"--churn {args.churn} --arch {args.arch} --latency-window {args.latency_window}"
-        )
-        _record(report, line)
+        _record(report, args)
     return 0 if report.ok else 1

@@ -324,6 +324,16 @@ class TenantStore:
     def _validate(self, tenant_id: Hashable, params: PyTree) -> list[jax.Array]:
         return validate_params(tenant_id, params, **self._template_checks())
 
+    def check_stacked(self, tenant_ids: Sequence[Hashable], stacked_params: PyTree) -> None:
+        """Checks tenants stacked along a leading axis as ``add_stacked`` does, writing nothing:
+        for a caller about to write several of them (some added, some updated) that must fail
+        before the first write.
+
+        Raises:
+          ParamMismatchError, NonFiniteParamsError: as ``add_stacked``, naming the tenant.
+        """
+        self._validate_stacked(list(tenant_ids), stacked_params)
+
     def _validate_stacked(self, tenant_ids: list[Hashable], stacked_params: PyTree) -> list[jax.Array]:
         return validate_stacked(tenant_ids, stacked_params, **self._template_checks())
 

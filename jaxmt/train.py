@@ -9,8 +9,8 @@ optimizer states stacked on that axis and runs ``jit(vmap(step))`` over
 (``optax.inject_hyperparams``), so different learning rates or weight decays are array
 values of one program, not different programs.
 
-Non-finite losses: with ``on_nonfinite="freeze"`` (default) a tenant whose loss or gradients
-are NaN or Inf in a step keeps its params and optimizer state from before that step, is
+Non-finite losses: with ``on_nonfinite="freeze"`` (default) a tenant whose loss, gradients or
+updated params are NaN or Inf in a step keeps its params and optimizer state from before that step, is
 listed in ``diverged`` and trains no further; the other tenants go on, and a RuntimeWarning
 names it. With ``on_nonfinite="raise"`` the step raises ``NonFiniteLossError`` naming the
 tenants and no tenant is updated.
@@ -255,8 +255,8 @@ class MultiTenantTrainer:
         Raises:
           UnknownTenantError: a key is not a tenant (nothing is computed).
           InputError: a tenant has no batch, or its batch differs in structure or shape.
-          NonFiniteLossError: with on_nonfinite="raise", a tenant's loss or gradients are
-            not finite (no tenant is updated).
+          NonFiniteLossError: with on_nonfinite="raise", a tenant's loss, gradients or
+            updated params are not finite (no tenant is updated).
         """
         if not isinstance(batches_by_tenant, Mapping):
             raise InputError(f"step takes a mapping tenant -> batch, got {type(batches_by_tenant).__name__}; use step_stacked for stacked batches")
@@ -296,7 +296,7 @@ class MultiTenantTrainer:
         step_index = len(self._losses)
         if bad and self.on_nonfinite == "raise":
             raise NonFiniteLossError(
-                f"step {step_index}: loss or gradients are NaN or Inf for tenants {bad!r} "
+                f"step {step_index}: loss, gradients or updated params are NaN or Inf for tenants {bad!r} "
                 f"(losses {[float(losses[self._index[t]]) for t in bad]}); no tenant was updated. "
                 f"Lower their learning rates or stop them with freeze()",
                 bad,
@@ -308,7 +308,7 @@ class MultiTenantTrainer:
             self.diverged[tenant_id] = step_index
         if bad:
             warnings.warn(
-                f"step {step_index}: tenants {bad!r} diverged (NaN or Inf loss or gradients); they keep the "
+                f"step {step_index}: tenants {bad!r} diverged (NaN or Inf loss, gradients or updated params); they keep the "
                 f"params from before this step and train no further",
                 RuntimeWarning,
                 stacklevel=2,
@@ -333,15 +333,18 @@ class MultiTenantTrainer:
         """
         if name not in self._hyper_names:
             raise KeyError(f"{name!r} is not a per-tenant hyperparameter; known: {list(self._hyper_names)}")
-        current = np.asarray(self._opt_state.hyperparams[name]).copy()
+        current = np.asarray(self._opt_state.hyperparams[name])
         if isinstance(values, Mapping):
+            new = current.astype(np.float64)  # as given, until checked against the stored dtype
             for tenant_id, value in values.items():
-                current[self._position(tenant_id)] = value
-            new = current
+                new[self._position(tenant_id)] = value
         else:
-            new = split_hyperparams({name: values}, self._tenants)[1][name]
+            new = np.asarray(split_hyperparams({name: values}, self._tenants)[1][name], np.float64)
         if not np.all(np.isfinite(new)):
             raise ValueError(f"hyperparameter {name!r} must be finite, got {new.tolist()}")
+        if current.dtype.kind in "iu" and not np.array_equal(new, np.round(new)):
+            raise ValueError(f"hyperparameter {name!r} holds integers (it was given as {current.tolist()}); "
+                             f"{new.tolist()} would be truncated: give it as a float (e.g. 0.0) to the constructor")
         hyperparams = dict(self._opt_state.hyperparams)
         hyperparams[name] = jnp.asarray(new, current.dtype)
         self._opt_state = self._opt_state._replace(hyperparams=hyperparams)
@@ -361,27 +364,34 @@ class MultiTenantTrainer:
 
         Default: every tenant that did not diverge. New tenants go in with one validated
         scatter (``TenantStore.add_stacked``); with ``replace=True`` resident ones are updated
-        in place, otherwise a resident id raises DuplicateTenantError before any change.
+        in place, otherwise a resident id raises DuplicateTenantError before any change. All
+        or nothing: every row is checked before the first is written.
 
         Raises:
           UnknownTenantError: an id is not a tenant of this trainer (nothing is exported).
           ParamMismatchError: the model's template differs from these params.
+          NonFiniteParamsError: a tenant's params hold NaN or Inf (naming it; nothing is exported).
         """
         ids = [t for t in self._tenants if t not in self.diverged] if tenant_ids is None else list(tenant_ids)
         positions = [self._position(t) for t in ids]
-        new = [(t, p) for t, p in zip(ids, positions) if not (replace and t in model)]
-        if new:
-            if [p for _, p in new] == list(range(len(self._tenants))):
-                rows = self._params  # every tenant in order: no gather needed
-            else:
-                index = jax.device_put(np.asarray([p for _, p in new], np.int32))  # explicit: indices only
-                rows = jax.tree.map(lambda leaf: jnp.take(leaf, index, axis=0), self._params)
-            model.store.add_stacked([t for t, _ in new], rows)
-        if replace:
-            for tenant_id, position in zip(ids, positions):
-                if (tenant_id, position) not in new:
-                    model.update_tenant(tenant_id, jax.tree.map(lambda leaf: leaf[position], self._params))
+        with model.store.lock:
+            new = [(t, p) for t, p in zip(ids, positions) if not (replace and t in model)]
+            if replace and len(new) < len(ids):  # some are updated: check every row before the first write
+                model.store.check_stacked(ids, self._rows_at(positions))
+            if new:
+                model.store.add_stacked([t for t, _ in new], self._rows_at([p for _, p in new]))
+            if replace:
+                for tenant_id, position in zip(ids, positions):
+                    if (tenant_id, position) not in new:
+                        model.update_tenant(tenant_id, jax.tree.map(lambda leaf: leaf[position], self._params))
         return ids
+
+    def _rows_at(self, positions: list[int]) -> PyTree:
+        """The stacked params of the tenants at these positions, on the device."""
+        if positions == list(range(len(self._tenants))):
+            return self._params  # every tenant in order: no gather needed
+        index = jax.device_put(np.asarray(positions, np.int32))  # explicit: indices only
+        return jax.tree.map(lambda leaf: jnp.take(leaf, index, axis=0), self._params)
 
     def to_model(
         self, tenant_ids: Sequence[Hashable] | None = None, *, apply_fn: Callable[[PyTree, Any], Any] | None = None, **model_kwargs: Any

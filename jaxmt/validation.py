@@ -70,9 +70,11 @@ def check_tenant_ids(tenant_ids: Sequence[Hashable]) -> list[Hashable]:
 
 
 def leaf_dtype(leaf: Any) -> np.dtype:
-    """A leaf's dtype as the store keeps it: an array's own, else what ``jnp.asarray`` makes
-    of it (a Python float is float32 then, as in the template, not NumPy's float64)."""
-    return np.dtype(leaf.dtype if hasattr(leaf, "dtype") else jnp.asarray(leaf).dtype)
+    """A leaf's dtype as the store keeps it on the device: JAX's canonical form of the
+    array's own dtype, or of what ``jnp.asarray`` makes of a Python scalar. Without 64-bit
+    mode JAX keeps float64 and int64 as float32 and int32, so a template or tenant given
+    in NumPy's float64 is a float32 model, and its checkpoint says so."""
+    return np.dtype(jax.dtypes.canonicalize_dtype(leaf.dtype if hasattr(leaf, "dtype") else jnp.asarray(leaf).dtype))
 
 
 def _check_leaves(leaves: Sequence[Any], paths: Sequence[str], specs: Sequence[jax.ShapeDtypeStruct],

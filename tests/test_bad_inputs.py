@@ -270,8 +270,8 @@ def _wrong_shape(params):
     return params, "bias"
 
 
-def _wrong_dtype(params):
-    return jax.tree.map(lambda leaf: np.asarray(leaf, np.float64), params), "float64"
+def _wrong_dtype(params):  # (float64 would do: JAX keeps it as float32, and so does the store)
+    return jax.tree.map(lambda leaf: np.asarray(leaf, np.float16), params), "float16"
 
 
 def _nan_weight(params):

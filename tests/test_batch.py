@@ -78,7 +78,7 @@ def _expected(tmp_path: pathlib.Path, spec, params, record: dict) -> np.ndarray:
 def _output_name(record: dict) -> str:
     if record.get("output"):
         return record["output"]
-    return "__".join(str(p) for p in (record["tenant"], pathlib.Path(record["input"]).stem, record.get("key")) if p)
+    return "__".join(str(p) for p in (record["tenant"], pathlib.Path(record["input"]).stem, record.get("key")) if p not in (None, ""))
 
 
 @pytest.mark.parametrize(("store", "manifest_name"), [("mlp", "m.csv"), ("mlp", "m.jsonl"), ("resnet18", "m.jsonl")], indirect=["store"])
@@ -97,6 +97,29 @@ def test_outputs_equal_the_per_tenant_reference(tmp_path, rng, store, manifest_n
     assert summary["failed"] == 0 and summary["skipped_existing"] == 0
     assert summary["steps"] >= total / 32 and summary["compiles"] >= 1 and 0 <= summary["padding_waste"] < 1
     assert summary["rows_per_second"] > 0 and summary["seconds"] > 0
+
+
+@pytest.mark.parametrize("manifest_name", ["m.jsonl", "m.csv", "m-with-bom.csv"])
+def test_a_tenant_id_of_zero_names_its_outputs_alike_in_every_manifest_format(tmp_path, rng, manifest_name):
+    """Output names are <tenant>__<stem> whichever format lists the entry (a resumed job
+    finds them), also for a falsy id such as 0; a CSV may start with a byte-order mark."""
+    spec = tiny_spec("mlp")
+    params = {0: spec.init(1), "b": spec.init(2)}
+    model = MultiTenantModel(spec.apply_fn, params[0], capacity=2)
+    for tenant, p in params.items():
+        model.add_tenant(tenant, p)
+    (tmp_path / "in").mkdir()
+    x = spec.random_input(rng, 3)
+    np.save(tmp_path / "in" / "x0.npy", x)
+    records = [{"tenant": 0, "input": "in/x0.npy"}, {"tenant": "b", "input": "in/x0.npy"}]
+    manifest = _write_manifest(tmp_path / manifest_name, records)
+    if "bom" in manifest_name:
+        manifest.write_bytes(b"\xef\xbb\xbf" + manifest.read_bytes())
+    summary = jaxmt.predict_manifest(model, manifest, tmp_path / "out")
+    assert summary["computed"] == 2 and summary["failed"] == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.npz")) == ["0__x0.npz", "b__x0.npz"]
+    got = np.load(tmp_path / "out" / "0__x0.npz")["y"]
+    assert rel_error(got, reference_predict(spec.apply_fn, params, [0] * 3, x)) < 1e-5
 
 
 def test_one_output_file_keyed_by_entry(tmp_path, rng, store):

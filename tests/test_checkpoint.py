@@ -64,6 +64,25 @@ def test_store_round_trip_keeps_ids_order_slots_values_and_predictions(tmp_path,
     assert bare.tenants == mt.tenants and _leaves_equal(bare.get("beta"), params["beta"])
 
 
+def test_a_template_in_numpy_float64_round_trips_as_the_float32_model_jax_keeps(tmp_path, rng):
+    """Without 64-bit mode the store holds float32 for NumPy's float64: the checkpoint must
+    say what it holds, and restore with or without the original template."""
+    def apply_fn(params, x):
+        return x @ params["w"] * params["scale"]
+
+    template = {"w": rng.standard_normal((3, 2)), "scale": 1.0}  # float64 and a Python float
+    mt = jaxmt.MultiTenantModel(apply_fn, template, capacity=2)
+    mt.add_tenant("a", template)
+    mt.add_tenant("b", {"w": rng.standard_normal((3, 2)), "scale": 2.0})
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    want = mt.predict(["a", "b", "b", "a"], x)
+    jaxmt.save_store(mt, tmp_path / "ckpt")
+    for example in (None, template):
+        restored = jaxmt.restore_model(tmp_path / "ckpt", apply_fn, example_params=example)
+        np.testing.assert_array_equal(restored.predict(["a", "b", "b", "a"], x), want)
+        assert restored.store.leaf_specs == mt.store.leaf_specs
+
+
 def test_saved_structure_of_lists_tuples_and_none_is_restored(tmp_path, rng):
     def apply_fn(p, x):
         return (x @ p["layers"][0]["w"]) @ p["layers"][1]["w"] * p["pair"][0] + p["pair"][1]
@@ -215,6 +234,9 @@ DAMAGE = {
     "missing field": _edit_json(lambda m: m.pop("slots")),
     "future version": _edit_json(lambda m: m.update(version=99)),
     "slot beyond capacity": _edit_json(lambda m: m.update(slots=[0, 1, 2, 3, 4, 99])),
+    "structure names a leaf not listed": _edit_json(lambda m: m.update(structure={"leaf": 99})),
+    "structure names one leaf twice": _edit_json(lambda m: m.update(structure={"dict": [["a", {"leaf": 0}], ["b", {"leaf": 0}]]})),
+    "bucket ladder not a ladder": _edit_json(lambda m: m["model"]["buckets"].update(tenant_buckets=[0])),
 }
 
 

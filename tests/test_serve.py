@@ -177,3 +177,20 @@ def test_metrics_and_tenants_routes(server):
 def test_build_app_validates():
     with pytest.raises(ValueError, match="num_replicas"):
         jaxmt.serve.build_app(make_model, load_params, num_replicas=0)
+
+
+@pytest.mark.parametrize("rows", [[[1, 2, 300]], [[1, 2, -1]], [[1, 2, {"a": 1}]], "not rows"])
+def test_rows_a_pixel_model_cannot_hold_are_input_errors_not_server_errors(monkeypatch, rows):
+    """uint8 rows out of range (300, -1) raise OverflowError in NumPy: a 400, not a 500."""
+    import asyncio
+    import types
+
+    monkeypatch.setattr(jaxmt.serve.serve, "get_multiplexed_model_id", lambda: "t0")
+    replica = types.SimpleNamespace(model=types.SimpleNamespace(row_dtype=np.dtype(np.uint8), row_shape=(3,)))
+
+    class Request:
+        async def body(self):
+            return json.dumps({"rows": rows}).encode()
+
+    with pytest.raises(jaxmt.InputError, match="rows of tenant 't0'"):
+        asyncio.run(jaxmt.serve.TenantReplica._decode(replica, Request()))

@@ -51,3 +51,18 @@ def test_soak_command_line_prints_the_summary_and_json(capsys):
 def test_full_soak():
     report = run_soak()  # 100k requests, 16 threads, 64 tenants, 100 replaced
     _assert_passed(report, 100_000, 100)
+
+
+def test_a_recorded_soak_names_every_option_that_shapes_it():
+    """The command line written with --record reruns the same soak: parsed again, it gives
+    the same options, the staging choice included."""
+    import shlex
+
+    from jaxmt.soak import _RECORDED_OPTIONS, _command_line
+
+    argv = ["soak", "--requests", "500", "--max-rows", "2", "--window", "8", "--slo-ms", "250", "--max-delay-ms", "1.5",
+            "--seed", "3", "--stage", "on", "--record"]
+    args = cli.build_parser("soak").parse_args(argv)
+    again = cli.build_parser("soak").parse_args(shlex.split(_command_line(args))[3:])
+    assert {name: getattr(again, name) for name in _RECORDED_OPTIONS} == {name: getattr(args, name) for name in _RECORDED_OPTIONS}
+    assert _command_line(args).startswith("python -m jaxmt soak ")

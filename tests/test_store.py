@@ -142,16 +142,23 @@ def test_bad_params_raise_naming_the_leaf_and_change_nothing(make_params, error,
     _assert_unchanged(store, before)
 
 
-def test_python_scalar_leaves_take_the_dtype_jax_gives_them():
-    """A template leaf given as a Python float is float32 in the store (as jnp.asarray makes
-    it); tenants written the same way match it, and a float64 array does not."""
-    template = {"w": jnp.ones((3, 2)), "scale": 1.0}
-    store = TenantStore(template, capacity=2)
+@pytest.mark.parametrize("template_w", ["jax float32", "numpy float64"])
+def test_leaves_take_the_dtype_jax_keeps_them_in(template_w):
+    """A Python float is float32 in the store, as jnp.asarray makes it, and so is NumPy's
+    float64 (JAX keeps no float64 without 64-bit mode): a template matches itself, tenants
+    written either way match it, and a dtype JAX does keep apart (float16) does not."""
+    w = jnp.ones((3, 2)) if template_w == "jax float32" else np.ones((3, 2))
+    template = {"w": w, "scale": 1.0}
+    store = TenantStore(template, capacity=4)
+    assert [np.dtype(s.dtype) for s in store.leaf_specs] == [np.float32, np.float32]
     store.add("same as template", template)
     store.add("scalar", {"w": jnp.zeros((3, 2)), "scale": 2.5})
-    assert store.get("scalar")["scale"].dtype == jnp.float32 and float(store.get("scalar")["scale"]) == 2.5
-    with pytest.raises(ParamMismatchError, match=r"leaf \['scale'\] is float64\[\], expected float32\[\]"):
-        store.add("float64", {"w": jnp.zeros((3, 2)), "scale": np.float64(2.5)})
+    store.add("numpy float64", {"w": np.zeros((3, 2)), "scale": np.float64(2.5)})
+    for tenant in ("scalar", "numpy float64"):
+        got = store.get(tenant)
+        assert got["scale"].dtype == jnp.float32 and float(got["scale"]) == 2.5 and got["w"].dtype == jnp.float32
+    with pytest.raises(ParamMismatchError, match=r"leaf \['w'\] is float16\[3, 2\], expected float32\[3, 2\]"):
+        store.add("float16", {"w": np.zeros((3, 2), np.float16), "scale": 2.5})
 
 
 def test_duplicate_and_unknown_ids():

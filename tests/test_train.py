@@ -279,6 +279,26 @@ def test_nonfinite_loss_raises_naming_the_tenant_and_updates_nobody(rng):
     assert trainer.num_steps == 2 and trainer.active == ["t1", "t2"]
 
 
+@pytest.mark.parametrize("on_nonfinite", ["freeze", "raise"])
+def test_an_update_that_overflows_to_inf_is_not_committed(on_nonfinite, rng):
+    """Loss and gradients finite, the learning rate huge: the new params would be Inf."""
+    trainer = _trainer("mlp", "sgd", seeds=(1, 2), hyperparams={"learning_rate": [0.01, 1e38]}, on_nonfinite=on_nonfinite)
+    data = _data(rng, (16,))
+    batch = _stacked_batches(data, shuffled_batch_indices(len(data["y"]), BATCH, (1, 2)))[0]
+    batch = {**batch, "x": batch["x"] * 100}
+    params = _copy(trainer.stacked_params)
+    if on_nonfinite == "raise":
+        with pytest.raises(NonFiniteLossError, match=r"updated params are NaN or Inf for tenants \['t2'\]"):
+            trainer.step_stacked(batch)
+        _assert_trees_equal(trainer.stacked_params, params)
+    else:
+        with pytest.warns(RuntimeWarning, match=r"tenants \['t2'\] diverged"):
+            trainer.step_stacked(batch)
+        _assert_trees_equal(trainer.params_of("t2"), jax.tree.map(lambda leaf: leaf[1], params))
+        assert trainer.to_model(buckets=POLICY).tenants == ["t1"]
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(trainer.params_of("t2")))
+
+
 def test_frozen_tenant_keeps_its_params(rng):
     trainer = _trainer("cnn")
     data = _data(rng, _CNN_ROW)
@@ -334,6 +354,15 @@ def test_set_hyperparam_rejects_bad_input_and_changes_nothing():
     with pytest.raises(ValueError, match="must be finite"):
         trainer.set_hyperparam("learning_rate", {"t3": np.inf})
     np.testing.assert_allclose(trainer.hyperparams["learning_rate"], [0.1, 0.2, 0.3], rtol=1e-7)
+
+
+def test_a_hyperparameter_given_as_an_integer_refuses_fractions_instead_of_truncating():
+    trainer = _trainer("mlp", "adamw", hyperparams={"learning_rate": 1e-3, "weight_decay": 0})
+    for fractional in (1e-2, {"t5": 0.05}, [0.0, 0.5, 1.0]):
+        with pytest.raises(ValueError, match="'weight_decay' holds integers .* would be truncated"):
+            trainer.set_hyperparam("weight_decay", fractional)
+    trainer.set_hyperparam("weight_decay", {"t5": 2})  # whole numbers still fit
+    np.testing.assert_array_equal(trainer.hyperparams["weight_decay"], [0, 2, 0])
 
 
 # ----------------------------------------------------------------- bad inputs
@@ -460,6 +489,14 @@ def test_export_to_rejects_resident_and_unknown_tenants_and_changes_nothing(rng)
     with pytest.raises(UnknownTenantError, match="unknown tenant 'ghost'"):
         trainer.export_to(model, ["t3", "ghost"])
     unchanged()
+    # Replacing: a resident tenant whose new params hold NaN fails the whole export before
+    # any write (the new tenants t3 and t7 are not added either).
+    good = trainer._params
+    trainer._params = jax.tree.map(lambda leaf: leaf.at[1].set(jnp.nan) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf, good)
+    with pytest.raises(NonFiniteParamsError, match="tenant 't5'"):
+        trainer.export_to(model, replace=True)
+    unchanged()
+    trainer._params = good
     assert trainer.export_to(model, replace=True) == ["t3", "t5", "t7"]
     assert model.tenants == ["t5", "t3", "t7"] and model.store.capacity == 4
     for tenant in trainer.tenants:
