@@ -65,7 +65,7 @@ def _bad_store_params(kind: str, seed: int) -> dict:
     elif kind == "shape":
         params["dense"]["w"] = params["dense"]["w"][:3]
     elif kind == "dtype":
-        params["dense"]["b"] = params["dense"]["b"].astype(np.float64)
+        params["dense"]["b"] = params["dense"]["b"].astype(np.float16)  # (float64 is float32 to JAX, and to the store)
     elif kind == "nan":
         params["dense"]["w"][1, 2] = np.nan
     elif kind == "inf":
