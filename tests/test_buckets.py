@@ -62,8 +62,21 @@ def test_one_busy_tenant_is_split_rather_than_padding_everyone():
     policy = BucketPolicy.powers_of_two(32, 64)
     slots = np.concatenate([np.zeros(40, int), np.arange(1, 16)])  # one tenant with 40 rows, 15 with one
     plan = make_plan(slots, policy)
-    # Padding all 16 tenants to 64 rows would compute 1024 rows; splitting the busy one does far less.
-    assert plan.padded_rows <= 128
+    # Padding all 16 tenants to 64 rows would compute 1024 rows; the busy one split into 20
+    # entries of 2 rows joins the others in one 32 x 2 step, the last 3 in a 4 x 1 step.
+    assert [(s.tenant_bucket, s.row_bucket) for s in plan.steps] == [(32, 2), (4, 1)] and plan.padded_rows == 68
+    _check_plan(slots, policy)
+
+
+@pytest.mark.parametrize(("step_cost_rows", "steps"), [(8.0, [(4, 4), (4, 4), (4, 1)]), (100.0, [(4, 8), (4, 1)])])
+def test_steps_group_entries_of_like_size_and_weigh_a_step_against_padding(step_cost_rows, steps):
+    """4 tenants of 8 rows and 4 of one, at most 4 tenants a step: the busy ones share steps
+    and the light ones share theirs (36 padded rows either way; mixing them pads to 48); a
+    dearer step keeps the busy tenants whole in one step instead of splitting them over two."""
+    policy = dataclasses.replace(BucketPolicy.powers_of_two(4, 8), step_cost_rows=step_cost_rows)
+    slots = np.concatenate([np.repeat([1, 3, 5, 7], 8), [0, 2, 4, 6]])  # busy and light slots interleaved
+    plan = make_plan(slots, policy)
+    assert [(s.tenant_bucket, s.row_bucket) for s in plan.steps] == steps and plan.padded_rows == 36
     _check_plan(slots, policy)
 
 

@@ -148,7 +148,8 @@ def test_bfloat16_compute_stays_close_to_float32(arch: str) -> None:
     x = spec_bf16.random_input(0, ROWS_PER_TENANT)
     logits = jax.jit(spec_bf16.apply_fn)(_variables(arch, 0, jnp.bfloat16), x)
     assert logits.dtype == jnp.bfloat16
-    assert _max_rel_error(logits, _jit_apply(arch)(_variables(arch, 0), x)) < 0.1
+    # Measured: 0.0035 (mlp), 0.0043 (resnet18), 0.0086 (transformer); a 5% weight error gives 0.09.
+    assert _max_rel_error(logits, _jit_apply(arch)(_variables(arch, 0), x)) < 3e-2
 
 
 @pytest.mark.parametrize("arch", models.ARCHITECTURES)

@@ -200,7 +200,7 @@ def test_many_threads_thousands_of_requests_match_reference(served, monkeypatch)
     assert 1.0 <= metrics["steps"]["mean_tenants_per_step"] <= 4.0
 
 
-def test_submit_async_and_pytree_of_rows(served, rng):
+def test_submit_async_answers_like_submit(served, rng):
     mt, params = served
 
     async def main(sched):
@@ -401,6 +401,7 @@ def test_tenant_removed_while_queued_fails_through_its_future():
         gone.result(timeout=TIMEOUT_S)
     assert isinstance(info.value, KeyError)
     check_against_reference(params, [("t1", x_kept, kept.result(timeout=TIMEOUT_S))])
+    assert "t0" not in sched.metrics()["tenants"] and "t1" in sched.metrics()["tenants"]  # a removed tenant's stats go too
 
 
 # ------------------------------------------------------------------ step formation
@@ -799,6 +800,96 @@ def test_full_queue_rejects_under_either_policy(served, rng):
         with pytest.raises(jaxmt.Overloaded, match="queue full"):
             sched.submit("t2", rows(rng)).result(timeout=0)
     assert all(f.result(TIMEOUT_S).shape == (2, 3) for f in accepted)
+
+
+# ------------------------------------------------------------------ step forming, timing, outputs
+def test_a_full_tenant_bucket_launches_without_waiting_for_max_delay(served, monkeypatch, rng):
+    """A step that fills the largest tenant bucket gains nothing by waiting: it goes at once."""
+    mt, params = served
+    clock = FakeClock()  # never advanced: only a full bucket can make the step due
+    rec = RecordingDispatch(mt)
+    monkeypatch.setattr(mt, "dispatch", rec)
+    with jaxmt.Scheduler(mt, max_delay_ms=60_000.0, clock=clock, overload_policy="serve_late") as sched:
+        futures = [sched.submit(f"t{i}", rows(rng)) for i in range(4)]  # 4 entries = max_tenants
+        rec.wait_calls(1)
+        assert sorted(set(rec.calls[0][0])) == ["t0", "t1", "t2", "t3"]
+        for f in futures:
+            f.result(TIMEOUT_S)
+
+
+def test_an_urgent_young_request_is_not_trimmed_into_the_next_step(served, monkeypatch, rng):
+    """Company that would only pad a step may wait for the next one; a request whose deadline
+    the next one would miss may not."""
+    mt, params = served
+    clock = FakeClock()
+    rec = RecordingDispatch(mt, clock=clock, step_s=0.010)
+    monkeypatch.setattr(mt, "dispatch", rec)
+    with jaxmt.Scheduler(mt, max_delay_ms=10.0, clock=clock, overload_policy="serve_late") as sched:
+        first = sched.submit("t5", rows(rng), slo_ms=5_000.0)
+        clock.advance(0.010)
+        first.result(TIMEOUT_S)  # estimate: 10 ms a step
+        old = sched.submit("t3", rows(rng), slo_ms=5_000.0)
+        clock.advance(0.005)
+        urgent = [sched.submit(t, rows(rng), slo_ms=14.0) for t in ("t1", "t2")]  # must leave within 4 ms
+        clock.advance(0.005)  # 3 entries would pad to 4, but none of them is optional
+        for f in (old, *urgent):
+            f.result(TIMEOUT_S)
+    assert sorted(set(rec.calls[1][0])) == ["t1", "t2", "t3"]
+
+
+def test_overload_prediction_counts_the_steps_in_flight(served, monkeypatch, rng):
+    """One 1 s step running and one request of its own: 2 steps of 1 s before the answer."""
+    mt, params = served
+    clock = FakeClock()
+    held = RecordingDispatch(mt, clock=clock, step_s=1.0)
+    monkeypatch.setattr(mt, "dispatch", held)
+    with jaxmt.Scheduler(mt, max_delay_ms=0.0, clock=clock, overload_policy="reject") as sched:
+        sched.submit("t0", rows(rng), slo_ms=5_000.0).result(TIMEOUT_S)
+        held.release.clear()
+        ahead = sched.submit("t0", rows(rng), slo_ms=5_000.0)
+        held.wait_calls(2)
+        f = sched.submit("t1", rows(rng), slo_ms=50.0)
+        with pytest.raises(jaxmt.Overloaded, match=r"predicted completion 2000\.0 ms"):
+            f.result(0)
+        held.release.set()
+        ahead.result(TIMEOUT_S)
+
+
+def test_a_pipelined_step_is_timed_from_when_the_one_before_it_ended(served, monkeypatch, rng):
+    """Two steps launched together run one after the other on the device: the second's
+    service time starts when the first ends, not at its launch."""
+    mt, params = served
+    clock = FakeClock()
+    held = RecordingDispatch(mt, clock=clock, step_s=0.010, hold=True)
+    monkeypatch.setattr(mt, "dispatch", held)
+    with jaxmt.Scheduler(mt, max_delay_ms=0.0, clock=clock, pipeline_depth=2, overload_policy="serve_late") as sched:
+        a = sched.submit("t0", rows(rng))
+        held.wait_calls(1)
+        b = sched.submit("t1", rows(rng))
+        held.wait_calls(2)  # both launched at the same clock time; each takes 10 ms on the device
+        held.release.set()
+        a.result(TIMEOUT_S)
+        b.result(TIMEOUT_S)
+        est = sched.metrics()["steps"]["est_step_ms"]
+    assert est == pytest.approx(10.0)  # not (10 + 0.2 * (20 - 10)) from timing b since its launch
+
+
+def test_scheduler_answers_pytree_outputs(rng):
+    """A model whose answer is a dict: every request gets its own rows of every leaf."""
+    def apply_tree(params, x):
+        h = x @ params["w"]
+        return {"logits": h, "norm": (h * h).sum(-1)}
+    params = {f"t{i}": {"w": rng.standard_normal((6, 3)).astype(np.float32)} for i in range(3)}
+    mt = jaxmt.MultiTenantModel(apply_tree, params["t0"], capacity=4, buckets=jaxmt.BucketPolicy.powers_of_two(4, 4))
+    for t, p in params.items():
+        mt.add_tenant(t, p)
+    with jaxmt.Scheduler(mt, max_delay_ms=0.5, overload_policy="serve_late") as sched:
+        reqs = [(f"t{i % 3}", rows(rng, 1 + i % 5)) for i in range(12)]
+        futs = [(t, x, sched.submit(t, x)) for t, x in reqs]
+        for t, x, f in futs:
+            got = f.result(TIMEOUT_S)
+            np.testing.assert_allclose(got["logits"], x @ params[t]["w"], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(got["norm"], ((x @ params[t]["w"]) ** 2).sum(-1), rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------ the queue itself

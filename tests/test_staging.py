@@ -196,7 +196,7 @@ def test_requests_whose_copy_is_not_issued_are_served_from_the_host(kind, rng, m
 
     monkeypatch.setattr(staging.RowStager, "_put_batch", held_put)
     mt, params = make_model(3)
-    with SERVERS[kind](mt, max_delay_ms=0.5, stage_inputs=True) as server:
+    with SERVERS[kind](mt, max_delay_ms=0.5, stage_inputs=True, overload_policy="serve_late") as server:
         requests = [(f"t{i % 3}", rows(rng, 1 + i % 3)) for i in range(8)]
         futures = [(t, x, server.submit(t, x)) for t, x in requests]
         results = [(t, x, f.result(TIMEOUT_S)) for t, x, f in futures]
@@ -246,7 +246,7 @@ def test_a_server_lets_go_of_staged_rows_once_requests_are_done(kind, rng, monke
     real_stage = staging.RowStager.stage
     monkeypatch.setattr(staging.RowStager, "stage", lambda self, x: created.append(real_stage(self, x)) or created[-1])
     mt, params = make_model(3)
-    with SERVERS[kind](mt, max_delay_ms=0.5, stage_inputs=True) as server:
+    with SERVERS[kind](mt, max_delay_ms=0.5, stage_inputs=True, overload_policy="serve_late") as server:
         futures = [server.submit(f"t{i % 3}", rows(rng, 1 + i % 3)) for i in range(12)]
         for future in futures:
             future.result(TIMEOUT_S)
