@@ -657,6 +657,11 @@ def test_step_cost_model_learns_the_launch_cost():
         constant.observe(1, 16, 0.01)  # sizes never vary: launch and row costs not separable
     assert constant.launch_cost_rows(default=7.0) == 7.0 and constant.predict_s(1, 16) is None
     assert _StepCost().predict_s(1, 16) is None  # nothing observed
+    unphysical = _StepCost(min_samples=2)
+    for programs, padded in [(1, 4), (1, 64), (2, 8), (1, 32)]:
+        unphysical.observe(programs, padded, 0.01 - 0.0001 * padded)  # bigger steps faster: row_s < 0
+    assert unphysical.coefficients() is None and unphysical.predict_s(1, 16) is None
+    assert unphysical.launch_cost_rows(default=7.0) == 7.0
 
 
 def test_the_device_is_expected_busy_for_each_running_step_by_its_own_size(served, monkeypatch, rng):
