@@ -32,7 +32,7 @@ import numpy as np
 from jaxmt._queue import _Batch, _EdfQueue, _Launched, _PartlyFailed, _Request, _Totals
 from jaxmt.errors import InputError, Overloaded, SchedulerClosed, UnknownTenantError
 from jaxmt.metrics import LatencyRecorder, StepRecorder
-from jaxmt.rows import RowParts
+from jaxmt.rows import RowParts, as_row_array
 from jaxmt.staging import RowStager, stage_by_default, warm_join
 
 logger = logging.getLogger("jaxmt")
@@ -115,10 +115,7 @@ class _ServerBase:
         slo_ms = _check_slo(slo_ms, self.config.default_slo_ms)
         if tenant_id not in self.mt:
             raise UnknownTenantError(tenant_id, len(self.mt))
-        try:
-            x = np.array(x) if copy else np.asarray(x)
-        except ValueError as exc:  # ragged nested sequences
-            raise InputError(f"x is not one array of rows: {exc}") from exc
+        x = as_row_array(x, copy)
         if x.ndim == 0 or x.shape[0] == 0:
             raise InputError(f"a request needs rows [r >= 1, ...], got shape {list(x.shape)}")
         x = self.mt.check_input([tenant_id] * x.shape[0], x)  # refused alone, not with a shared step

@@ -36,7 +36,7 @@ from jaxmt._queue import _Batch, _Launched, _Request
 from jaxmt._server import _ServerBase
 from jaxmt.buckets import BucketPolicy
 from jaxmt.errors import InputError
-from jaxmt.rows import RowParts, take_rows
+from jaxmt.rows import RowParts, as_row_array, take_rows
 from jaxmt.scheduler import SchedulerConfig, make_config
 from jaxmt.steps import _start_copies_to_host
 
@@ -408,8 +408,8 @@ def exclusive_predict(mt: Any, x: Any, tenant_id: Hashable | None = None, batch_
     """Every row of ``x`` through one tenant's model (default the first resident) as one
     batched program: the exclusive-access upper bound."""
     tenant_id = mt.tenants[0] if tenant_id is None and len(mt) else tenant_id
-    x = np.asarray(x)
-    x = mt.check_input([tenant_id] * (x.shape[0] if x.ndim else 1), x)
+    x = as_row_array(x)
+    x = mt.check_input([tenant_id] * (len(x) if x.ndim else 0), x)  # (a scalar x is refused for its rank)
     programs = _sync_programs(mt, batch_sizes or _exclusive_sizes(mt))
     return programs.launch(programs.params(tenant_id), x).result()
 

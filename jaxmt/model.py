@@ -21,7 +21,7 @@ from jaxmt.buckets import BucketPolicy, Plan, Step, make_plan
 from jaxmt.errors import InputError
 from jaxmt.lowering import LoweringPolicy, lowering_key, tenant_batched
 from jaxmt.programs import ProgramCache, ProgramKey
-from jaxmt.rows import RowParts, take_rows
+from jaxmt.rows import RowParts, as_row_array, take_rows
 from jaxmt.steps import (
     _NO_ROWS,
     PendingPrediction,
@@ -404,10 +404,7 @@ class MultiTenantModel:
         if isinstance(tenant_ids, (str, bytes)) or not hasattr(tenant_ids, "__len__"):
             raise InputError(f"tenant_ids must be a sequence of ids (one per row), got {type(tenant_ids).__name__}")
         if not isinstance(x, RowParts):
-            try:
-                x = np.asarray(x)
-            except ValueError as exc:  # ragged nested sequences
-                raise InputError(f"x is not one array of rows: {exc}") from exc
+            x = as_row_array(x)
         if x.ndim == 0:
             raise InputError("x must have a leading row axis, got a scalar")
         if len(tenant_ids) != x.shape[0]:

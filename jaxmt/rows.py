@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxmt.errors import InputError
 from jaxmt.staging import join_rows
 
 # Rows at least this large are copied one by one from their request; smaller ones are
@@ -157,6 +158,18 @@ class RowParts:
             for position, row in zip(from_host, jax.device_put([rows[p] for p in from_host], self.device)):
                 rows[position] = row
         return join_rows(rows, (*index.shape, *self.shape[1:]))
+
+
+def as_row_array(x: Any, copy: bool = False) -> np.ndarray:
+    """``x`` as one NumPy array of rows (copied with ``copy``).
+
+    Raises:
+      InputError: ``x`` is nested sequences of unequal lengths (not one array).
+    """
+    try:
+        return np.array(x) if copy else np.asarray(x)
+    except ValueError as exc:  # ragged nested sequences
+        raise InputError(f"x is not one array of rows: {exc}") from exc
 
 
 def take_rows(x: "np.ndarray | RowParts", index: np.ndarray) -> Any:

@@ -375,15 +375,14 @@ class MultiTenantTrainer:
         ids = [t for t in self._tenants if t not in self.diverged] if tenant_ids is None else list(tenant_ids)
         positions = [self._position(t) for t in ids]
         with model.store.lock:
+            updated = [(t, p) for t, p in zip(ids, positions) if replace and t in model]
             new = [(t, p) for t, p in zip(ids, positions) if not (replace and t in model)]
-            if replace and len(new) < len(ids):  # some are updated: check every row before the first write
-                model.store.check_stacked(ids, self._rows_at(positions))
+            if updated:  # checked before the first write; add_stacked checks the new ones itself, all or nothing
+                model.store.check_stacked([t for t, _ in updated], self._rows_at([p for _, p in updated]))
             if new:
                 model.store.add_stacked([t for t, _ in new], self._rows_at([p for _, p in new]))
-            if replace:
-                for tenant_id, position in zip(ids, positions):
-                    if (tenant_id, position) not in new:
-                        model.update_tenant(tenant_id, jax.tree.map(lambda leaf: leaf[position], self._params))
+            for tenant_id, position in updated:
+                model.update_tenant(tenant_id, jax.tree.map(lambda leaf: leaf[position], self._params))
         return ids
 
     def _rows_at(self, positions: list[int]) -> PyTree:

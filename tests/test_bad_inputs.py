@@ -467,3 +467,13 @@ def test_huge_submits_are_split_not_rejected(rows, rng):
         got = [f.result(timeout=120) for f in futures]
     assert rel_error(got[0], reference_predict(spec.apply_fn, params, ["a"] * rows, x)) < 1e-5
     assert rel_error(got[1], reference_predict(spec.apply_fn, params, ["b"] * 2, small)) < 1e-5
+
+
+def test_ragged_rows_are_an_input_error_at_predict_and_at_submit():
+    spec, mt, _ = _served()
+    ragged = [[0.0] * 16, [0.0] * 15]
+    with pytest.raises(InputError, match="not one array of rows"):
+        mt.predict(["a", "b"], ragged)
+    with Scheduler(mt, max_delay_ms=1.0) as sched:
+        with pytest.raises(InputError, match="not one array of rows"):
+            sched.submit("a", ragged)
