@@ -1,0 +1,53 @@
+"""benchmarks/step_time.py: a CPU smoke run measures, checks and reports each step.
+
+Nothing here checks speed: only that every step shape asked for is checked against the
+per-tenant reference, timed beside its two baselines, and written out consistently.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def step_time():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("jaxmt_step_time_bench", BENCH / "step_time.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.path.remove(str(BENCH))
+
+
+def test_shapes_parse_as_tenants_by_rows(step_time):
+    assert step_time.parse_shapes("1x1,16X2") == [(1, 1), (16, 2)]
+    with pytest.raises(ValueError):
+        step_time.parse_shapes("16")
+
+
+@pytest.mark.parametrize("arch", ["mlp", "resnet18"])
+def test_a_quick_run_times_every_shape_and_lowering_against_both_baselines(step_time, arch, tmp_path, monkeypatch):
+    import common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    argv = ["--quick", "--arch", arch, "--shapes", "1x1,4x2", "--lowerings", "auto,vmap", "--seed", "3"]
+    assert step_time.main(argv) == 0
+    data = json.loads((tmp_path / "step_time_quick.json").read_text())
+    steps = data["steps"]
+    assert [(s["lowering"], s["tenants"], s["rows_per_tenant"]) for s in steps] == [
+        ("auto", 1, 1), ("auto", 4, 2), ("vmap", 1, 1), ("vmap", 4, 2)]
+    exclusive = {int(n): s for n, s in data["exclusive"].items()}
+    assert set(exclusive) == {1, 2, 8}  # K*B rows for one model, and B rows for one time-only call
+    for s in steps:
+        assert 0 <= s["rel_error"] < 1e-5  # float32 on the CPU
+        assert s["exclusive_ms"] == pytest.approx(exclusive[s["tenants"] * s["rows_per_tenant"]] * 1e3)
+        assert s["time_only_ms"] == pytest.approx(s["tenants"] * exclusive[s["rows_per_tenant"]] * 1e3)
+        assert s["over_time_only"] == pytest.approx(s["time_only_ms"] / s["step_ms"])
+        assert s["of_exclusive"] == pytest.approx(s["exclusive_ms"] / s["step_ms"])
