@@ -117,7 +117,8 @@ def build_model(arch: str, size: str, tenants: int, *, max_tenants: int = 0, max
                 dtype: Any = np.float32, outputs_to_host: bool | None = None,
                 pixels: bool = False) -> tuple[models.ModelSpec, jaxmt.MultiTenantModel]:
     """``tenants`` tenants ("t0", "t1", ...) of a zoo architecture in one MultiTenantModel
-    (``pixels``: an image model taking uint8 pixel rows).
+    (``pixels``: an image model taking uint8 pixel rows), their weights stored in the compute
+    ``dtype`` (bfloat16 weights for a bfloat16 model, as a server would hold them).
 
     The tenant bucket ladder reaches ``max_tenants`` (default: tenants rounded up to a power
     of two, at most 64); the row ladder reaches ``max_rows``.
@@ -125,11 +126,11 @@ def build_model(arch: str, size: str, tenants: int, *, max_tenants: int = 0, max
     spec = models.make(arch, size, dtype=dtype, pixels=pixels)
     max_tenants = largest_tenant_bucket(tenants, max_tenants)
     mt = jaxmt.MultiTenantModel(
-        spec.apply_fn, spec.init(seed), capacity=tenants, buckets=jaxmt.BucketPolicy.powers_of_two(max_tenants, max_rows),
+        spec.apply_fn, spec.init(seed, dtype), capacity=tenants, buckets=jaxmt.BucketPolicy.powers_of_two(max_tenants, max_rows),
         row_shape=spec.input_shape, row_dtype=spec.input_dtype, outputs_to_host=outputs_to_host,
     )
     for i in range(tenants):
-        mt.add_tenant(f"t{i}", spec.init(seed + 1 + i))
+        mt.add_tenant(f"t{i}", spec.init(seed + 1 + i, dtype))
     return spec, mt
 
 
