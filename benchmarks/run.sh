@@ -3,7 +3,7 @@
 #
 #   benchmarks/run.sh overhead:60 figure5:250 serving:300      # NAME[:SECONDS] ...
 #
-# Names: overhead, serving, serving_pixels, serving_mobilenet, serving_host, figure5, table1, figure3, lowering. A step that
+# Names: overhead, step_time, serving, serving_pixels, serving_mobilenet, serving_host, figure5, table1, figure3, lowering. A step that
 # fails or runs out of time is reported and the next one still runs. Each script writes its
 # JSON to benchmarks/results/ and its section of benchmarks/README.md; when $OUT is set, both
 # are packed into $OUT/results.tgz (the way results come back from a lent GPU machine).
@@ -26,6 +26,7 @@ for item in "$@"; do
   extra=${!extra_var:-}
   case "$name" in
     overhead) cmd=("$PY" benchmarks/overhead.py) ;;
+    step_time) cmd=("$PY" benchmarks/step_time.py) ;;
     serving) cmd=("$PY" benchmarks/serving.py) ;;
     serving_pixels) cmd=("$PY" benchmarks/serving.py --pixels) ;;
     serving_mobilenet) cmd=("$PY" benchmarks/serving.py --arch mobilenetv2) ;;
