@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.util
+import sys
 import zlib
+from collections.abc import Iterator
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,6 +19,32 @@ import models
 # Equality to the reference is checked at full float32 precision on every backend (GPUs
 # otherwise run float32 matmuls in TF32, ~1e-3 relative error, which tests are not about).
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def load_script(path: Path, name: str):
+    """A script of the repository (not a package module) imported from its file as ``name``;
+    registered in sys.modules first, since dataclasses look their module up while it runs."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def benchmark_script(filename: str, name: str) -> Iterator:
+    """A script of benchmarks/ loaded with that folder on sys.path (its ``import common``),
+    both undone afterwards."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield load_script(BENCH / filename, name)
+    finally:
+        sys.path.remove(str(BENCH))
+        sys.modules.pop(name, None)
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,27 +7,17 @@ only that the benchmark measures, writes a complete file and reports it faithful
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def serving():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("jaxmt_serving_bench", BENCH / "serving.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    yield module
-    sys.path.remove(str(BENCH))
-    del sys.modules[spec.name]
+    with benchmark_script("serving.py", "jaxmt_serving_bench") as module:
+        yield module
     gc.unfreeze()  # its runs froze the heap of this test process
 
 

@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
-import pathlib
-import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, load_script
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load_simulate():
-    spec = importlib.util.spec_from_file_location("jaxmt_simulate", ROOT / "scripts" / "simulate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
-
-
-simulate = _load_simulate()
+simulate = load_script(ROOT / "scripts" / "simulate.py", "jaxmt_simulate")
 
 
 @pytest.mark.parametrize("arrival", ["poisson", "bursty"])

@@ -6,24 +6,16 @@ per-tenant reference, timed beside its two baselines, and written out consistent
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def step_time():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("jaxmt_step_time_bench", BENCH / "step_time.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.path.remove(str(BENCH))
+    with benchmark_script("step_time.py", "jaxmt_step_time_bench") as module:
+        yield module
 
 
 def test_shapes_parse_as_tenants_by_rows(step_time):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import reference_predict, rel_error, tiny_spec
+from conftest import ROOT, load_script, reference_predict, rel_error, tiny_spec
 
 from jaxmt import (
     BucketPolicy,
@@ -606,13 +606,7 @@ def test_train_cli_help_explains_the_options(capsys):
 
 
 def test_train_many_script_wraps_the_subcommand(capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "train_many.py"
-    spec = importlib.util.spec_from_file_location("train_many", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script(ROOT / "scripts" / "train_many.py", "train_many")
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--help"])
     assert exit_info.value.code == 0 and "--plot PNG" in capsys.readouterr().out
