@@ -45,7 +45,7 @@ def measure(arch: str, size: str, dtype_name: str, tenants: int, shapes: list[tu
             repeats: int, seed: int, tolerance: float) -> dict:
     spec = models.make(arch, size, dtype=jnp.dtype(dtype_name))
     rng = np.random.default_rng(seed)
-    params = [spec.init(seed + 1 + i) for i in range(tenants)]
+    params = [spec.init(seed + 1 + i, dtype_name) for i in range(tenants)]  # weights in the compute dtype
     apply = jax.jit(spec.apply_fn)
     result: dict = {"exclusive": {}, "steps": []}
 
@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.size, args.tenants, args.repeats = "tiny", 8, 3
     shapes = parse_shapes(args.shapes or ("1x1,4x1,4x2" if args.quick else DEFAULT_SHAPES))
+    if max(k for k, _ in shapes) > args.tenants:
+        parser.error(f"a step of {max(k for k, _ in shapes)} tenants needs at least as many in the store (--tenants {args.tenants})")
     result = measure(args.arch, args.size, args.dtype, args.tenants, shapes, args.lowerings.split(","), args.repeats,
                      args.seed, args.tolerance)
     name = "step_time_quick" if args.quick else f"step_time_{args.arch}_{args.dtype}"

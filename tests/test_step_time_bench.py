@@ -43,3 +43,9 @@ def test_a_quick_run_times_every_shape_and_lowering_against_both_baselines(step_
         assert s["time_only_ms"] == pytest.approx(s["tenants"] * exclusive[s["rows_per_tenant"]] * 1e3)
         assert s["over_time_only"] == pytest.approx(s["time_only_ms"] / s["step_ms"])
         assert s["of_exclusive"] == pytest.approx(s["exclusive_ms"] / s["step_ms"])
+
+
+def test_a_step_of_more_tenants_than_the_store_holds_is_refused(step_time, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        step_time.main(["--quick", "--shapes", "16x1"])  # --quick: 8 tenants
+    assert exit_info.value.code == 2 and "at least as many in the store" in capsys.readouterr().err
