@@ -14,6 +14,7 @@ against each tenant's own forward before it is timed.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import common  # noqa: F401  (puts the repository on sys.path)
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model, 8 tenants, 3 repeats: a CPU smoke run")
     parser.add_argument("--no-readme", action="store_true")
     args = parser.parse_args(argv)
-    args.argv = list(argv if argv is not None else __import__("sys").argv[1:])
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     if args.quick:
         args.size, args.tenants, args.repeats = "tiny", 8, 3
     shapes = parse_shapes(args.shapes or ("1x1,4x1,4x2" if args.quick else DEFAULT_SHAPES))
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args.arch, args.size, args.dtype, args.tenants, shapes, args.lowerings.split(","), args.repeats,
                      args.seed, args.tolerance)
     name = "step_time_quick" if args.quick else f"step_time_{args.arch}_{args.dtype}"
-    path = write_json(name, {"args": {k: v for k, v in vars(args).items()}, **result})
+    path = write_json(name, {"args": dict(vars(args)), **result})
     environment = common.environment()
     text = report(args, result, environment)
     print(text)
