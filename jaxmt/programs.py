@@ -33,6 +33,7 @@ class ProgramKey:
     row_dtype: str
     lowering: str = "vmap"
     whole_store: bool = False  # the step holds every slot once, in order: no weight gather
+    inputs_on_host: bool = False  # slots and rows arrive in pinned host memory (``inputs_from_host``)
 
 
 class ProgramCache:
@@ -71,6 +72,11 @@ class ProgramCache:
 
     def __contains__(self, key: ProgramKey) -> bool:
         return key in self._programs
+
+    def keys(self) -> list[ProgramKey]:
+        """The cached programs' keys, least recently used first."""
+        with self._lock:
+            return list(self._programs)
 
     def get(self, key: ProgramKey) -> Any:
         """The executable for ``key``, compiling it on a miss."""

@@ -179,11 +179,13 @@ class Scheduler(_ServerBase):
     def warmup(self, **kwargs: Any) -> int:
         """Compiles the model's bucket programs now and runs each once (``MultiTenantModel.warmup``),
         and, when rows are staged, the program joining each bucket's block; returns how many
-        model programs were new."""
-        new = self.mt.warmup(**kwargs)
-        buckets = self.mt.buckets
-        self._warm_staging([(k, b) for k in buckets.tenant_buckets for b in buckets.row_buckets])
-        return new
+        model programs were new. Staged rows reach programs on the device, so those are
+        compiled too where they differ (``MultiTenantModel(inputs_from_host=True)``)."""
+        if self.mt.row_shape is not None:  # else the model's warmup says what is missing
+            buckets = self.mt.buckets
+            staged_at = self._warm_staging([(k, b) for k in buckets.tenant_buckets for b in buckets.row_buckets])
+            kwargs.setdefault("device_rows", staged_at is not None)
+        return self.mt.warmup(**kwargs)
 
     # --------------------------------------------------------------- policy
     def _steps_ahead_locked(self, req: _Request) -> float:

@@ -93,6 +93,72 @@ def test_answers_go_to_pinned_host_memory_by_default_only_on_a_gpu():
         assert mt.output_sharding.memory_kind == "pinned_host"
 
 
+@pytest.mark.parametrize("name", ["mlp", "resnet18", "transformer"])
+def test_inputs_taken_from_host_memory_give_the_same_answers(name, rng):
+    """inputs_from_host=True (the program moves its slots and rows from pinned host memory to
+    the device itself) changes how inputs arrive, not the answers, for subset steps and for
+    steps over the whole store in slot order; its programs are keyed apart."""
+    spec = tiny_spec(name)
+    params = {f"t{i}": spec.init(750 + i) for i in range(4)}
+    hosted, plain = (MultiTenantModel(spec.apply_fn, params["t0"], capacity=4, buckets=POLICY, inputs_from_host=flag)
+                     for flag in (True, False))
+    for mt in (hosted, plain):
+        for tenant, p in params.items():
+            mt.add_tenant(tenant, p)
+    subset = [f"t{i}" for i in rng.integers(3, size=9)]
+    whole = list(params)  # one row of every tenant, in slot order: the whole-store program
+    for ids in (subset, whole):
+        x = spec.random_input(rng, len(ids))
+        got = hosted.predict(ids, x)
+        assert rel_error(got, reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+        np.testing.assert_array_equal(got, plain.predict(ids, x))
+    keys = hosted.programs.keys()
+    assert {key.whole_store for key in keys} == {True, False}
+    assert all(key.inputs_on_host for key in keys)
+    assert plain.input_sharding is None and not any(key.inputs_on_host for key in plain.programs.keys())
+
+
+def test_rows_already_on_the_device_go_to_programs_that_take_them_there(rng):
+    """A model taking host inputs from pinned host memory runs a step whose rows are already
+    on the device through the program for device rows; ``warmup(device_rows=True)`` compiles
+    both kinds, after which neither compiles."""
+    spec, _, params = _model_with_tenants("mlp", 4, 6)
+    mt = MultiTenantModel(spec.apply_fn, params["t0"], capacity=4, buckets=POLICY, inputs_from_host=True,
+                          row_shape=spec.input_shape, row_dtype=spec.input_dtype)
+    for tenant, p in params.items():
+        mt.add_tenant(tenant, p)
+    # each K x B step and each whole-store step (K = capacity), for host rows and for device rows
+    assert mt.warmup(device_rows=True) == 2 * (len(POLICY.shapes) + len(POLICY.row_buckets))
+    compiled = mt.stats()["compiles"]
+    ids = ["t2", "t0", "t2", "t1"]
+    x = spec.random_input(rng, len(ids))
+    want = reference_predict(spec.apply_fn, params, ids, x)
+    plan = mt._plan(mt.store.slots_of(ids))
+    for place in (np.asarray, lambda block: jax.device_put(block, mt.store.device)):
+        got = np.empty_like(want)
+        for step in plan.steps:
+            y_kb = np.asarray(mt.run_step(step, place(x[step.row_index])))
+            got[step.out_rows] = y_kb.reshape(step.padded_rows, *y_kb.shape[2:])[step.out_positions]
+        assert rel_error(got, want) < 1e-5
+    assert mt.stats()["compiles"] == compiled
+
+
+def test_inputs_from_host_needs_pinned_host_memory_and_one_device():
+    class DeviceWithoutHostMemory:
+        def addressable_memories(self):
+            return [type("Memory", (), {"kind": "device"})()]
+
+        def __str__(self):
+            return "fake:0"
+
+    with pytest.raises(ValueError, match="fake:0 has no pinned host memory"):
+        jaxmt.steps.host_input_sharding(DeviceWithoutHostMemory(), True)
+    assert jaxmt.steps.host_input_sharding(DeviceWithoutHostMemory(), False) is None
+    spec = tiny_spec("mlp")
+    with pytest.raises(ValueError, match="inputs_from_host=True is not supported"):
+        jaxmt.ShardedMultiTenantModel(spec.apply_fn, spec.init(0), capacity=2, inputs_from_host=True)
+
+
 def test_rows_beyond_the_largest_buckets_are_split_not_rejected(rng):
     spec, mt, params = _model_with_tenants("mlp", 12, 3)
     ids = list(rng.choice(list(params), size=150))  # 12 tenants > 8 per step, ~12 rows > 4 per entry
