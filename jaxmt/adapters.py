@@ -3,6 +3,13 @@
 The core knows only a pure function of one tenant and a params pytree. For linen the params
 are the ``variables`` dict as given. For nnx they are the module's state as a pure dict of
 arrays, so that the store, checkpoints and training treat both alike.
+
+An nnx module's RNG state (the ``nnx.Rngs`` streams that e.g. ``nnx.Dropout(rate, rngs=rngs)``
+holds: a typed key and a counter) is not served per tenant: a key is not a weight, and the
+store cannot stack a typed-key leaf. It is split off every module, and the template
+module's RNG state is merged back in at each call. Serving is inference: put the modules in
+eval mode (``module.eval()``), so that dropout is the identity and BatchNorm uses each
+tenant's running statistics, which are served per tenant like its weights.
 """
 
 from __future__ import annotations
@@ -18,12 +25,18 @@ def _linen_apply(module: Any, method: Any, apply_kwargs: tuple, variables: PyTre
     return module.apply(variables, x, method=method, **dict(apply_kwargs))
 
 
-def _nnx_apply(graphdef: Any, abstract_state: Any, method: Any, apply_kwargs: tuple, pure_state: PyTree, x: Any) -> Any:
+def _nnx_apply(graphdef: Any, rng_state: Any, abstract_state: Any, method: Any, apply_kwargs: tuple,
+               pure_state: PyTree, x: Any) -> Any:
+    """One tenant's call: the template's graph and RNG state with the tenant's other state.
+
+    Both states are copied first: ``replace_by_pure_dict`` fills in place, and ``nnx.merge``
+    shares Variables with the states it is given, so a call that advanced an RNG counter
+    would otherwise write a tracer into the template's state."""
     from flax import nnx
 
     state = _clone_state(abstract_state)
     nnx.replace_by_pure_dict(state, pure_state)  # fills the copy in place
-    module = nnx.merge(graphdef, state)
+    module = nnx.merge(graphdef, _clone_state(rng_state), state)
     call = module if method is None else (getattr(module, method) if isinstance(method, str) else functools.partial(method, module))
     return call(x, **dict(apply_kwargs))
 
@@ -35,9 +48,16 @@ def _clone_state(state: Any) -> Any:
 
 
 def _nnx_pure_state(value: Any) -> PyTree:
+    """A tenant's servable state as a pure dict: its module's or ``nnx.State``'s state less
+    the RNG state, which is not per tenant (see the module docstring)."""
     from flax import nnx
 
-    state = nnx.state(value) if isinstance(value, nnx.Module) else value
+    if isinstance(value, nnx.Module):
+        _, state = nnx.state(value, nnx.RngState, ...)
+    elif isinstance(value, nnx.State):
+        _, state = nnx.split_state(value, nnx.RngState, ...)
+    else:
+        state = value
     return nnx.to_pure_dict(state)
 
 
@@ -47,15 +67,18 @@ def flax_apply_and_params(
     method: str | Callable | None = None,
     apply_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[Callable[[PyTree, Any], Any], dict[Hashable, PyTree], PyTree]:
-    """Returns ``(apply_fn, params_by_tenant, example_params)`` for a linen or nnx module."""
+    """Returns ``(apply_fn, params_by_tenant, example_params)`` for a linen or nnx module.
+
+    For nnx, ``module``'s RNG state is kept by ``apply_fn`` and shared by every tenant;
+    the params are the rest of each module's state."""
     from flax import linen, nnx
 
     kwargs = tuple(sorted((apply_kwargs or {}).items()))
     if isinstance(module, nnx.Module):
-        graphdef, abstract_state = nnx.split(module)
+        graphdef, rng_state, abstract_state = nnx.split(module, nnx.RngState, ...)
         params_by_tenant = {t: _nnx_pure_state(v) for t, v in variables_by_tenant.items()}
         example = nnx.to_pure_dict(abstract_state)
-        apply_fn = functools.partial(_nnx_apply, graphdef, abstract_state, method, kwargs)
+        apply_fn = functools.partial(_nnx_apply, graphdef, rng_state, abstract_state, method, kwargs)
         return apply_fn, params_by_tenant, example
     if isinstance(module, linen.Module):
         if not variables_by_tenant:

@@ -283,7 +283,8 @@ def _model_metadata(model_or_store: Any) -> dict[str, Any] | None:
     return {
         "row_shape": None if row_shape is None else list(row_shape),
         "row_dtype": None if row_dtype is None else jnp.dtype(row_dtype).name,
-        "buckets": {"tenant_buckets": list(buckets.tenant_buckets), "row_buckets": list(buckets.row_buckets), "entry_cost_rows": buckets.entry_cost_rows},
+        "buckets": {"tenant_buckets": list(buckets.tenant_buckets), "row_buckets": list(buckets.row_buckets), "entry_cost_rows": buckets.entry_cost_rows,
+                    "step_cost_rows": buckets.step_cost_rows},
     }
 
 
@@ -433,10 +434,13 @@ def _fill(store: TenantStore, loaded: dict[str, Any]) -> None:
     if not loaded["tenant_ids"]:
         return
     slots = loaded["slots"]
-    store.reserve(max(slots) + 1)
+    # A sharded store balances slots over its devices itself; a plain one keeps the saved
+    # layout where its max_capacity allows it, and packs the tenants into free slots otherwise.
+    keep_layout = getattr(store, "sharding", None) is None and (store.max_capacity is None or max(slots) < store.max_capacity)
+    if keep_layout:
+        store.reserve(max(slots) + 1)
     free = set(range(store.capacity)) - set(store.slot_of(t) for t in store.tenants)
-    # A sharded store balances slots over its devices itself; a plain one keeps the saved layout.
-    at_slots = slots if getattr(store, "sharding", None) is None and set(slots) <= free else None
+    at_slots = slots if keep_layout and set(slots) <= free else None
     store.add_stacked(loaded["tenant_ids"], loaded["stacked"], at_slots=at_slots)
 
 

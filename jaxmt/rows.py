@@ -161,15 +161,17 @@ class RowParts:
 
 
 def as_row_array(x: Any, copy: bool = False) -> np.ndarray:
-    """``x`` as one NumPy array of rows (copied with ``copy``).
+    """``x`` as one NumPy array of rows in native byte order (copied with ``copy``, or when
+    its bytes are swapped, e.g. rows read from a big-endian file).
 
     Raises:
       InputError: ``x`` is nested sequences of unequal lengths (not one array).
     """
     try:
-        return np.array(x) if copy else np.asarray(x)
+        rows = np.array(x) if copy else np.asarray(x)
     except ValueError as exc:  # ragged nested sequences
         raise InputError(f"x is not one array of rows: {exc}") from exc
+    return rows if rows.dtype.isnative else rows.astype(rows.dtype.newbyteorder("="))
 
 
 def take_rows(x: "np.ndarray | RowParts", index: np.ndarray) -> Any:

@@ -138,7 +138,7 @@ def _nonfinite_row_indices(x: "np.ndarray | RowParts") -> np.ndarray:
     if isinstance(x, RowParts):
         found = [start + _nonfinite_row_indices(part) for start, part in zip(x.starts.tolist(), x.parts)]
         return np.concatenate(found) if any(f.size for f in found) else _NO_ROWS
-    if x.shape[0] == 0 or not np.issubdtype(x.dtype, np.inexact):
+    if x.shape[0] == 0 or not jnp.issubdtype(x.dtype, jnp.inexact):  # NumPy does not count bfloat16 as inexact
         return _NO_ROWS
     finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
     return _NO_ROWS if finite.all() else np.flatnonzero(~finite)

@@ -1,14 +1,16 @@
 """Checking a tenant's params against the store's template before they are written.
 
-A tenant's params must have the template's pytree structure, and every leaf its shape and
-dtype (one row per tenant more for a stacked batch of tenants); floating leaves must be
+A tenant's params must have the template's pytree structure (up to the type of its mappings:
+a flax FrozenDict stands for a dict and the reverse), and every leaf its shape and dtype
+(one row per tenant more for a stacked batch of tenants); floating leaves must be
 finite. The checks run before any slot is touched, so a rejected tenant leaves the store as
 it was, and the errors name the tenant, the leaf path and what was expected.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import reprlib
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -25,17 +27,124 @@ def leaf_paths(tree: PyTree) -> list[str]:
     return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def first_structure_difference(template: PyTree, params: PyTree) -> str:
-    """Names the first leaf path present in one tree and not the other."""
-    want, got = leaf_paths(template), leaf_paths(params)
-    for i, (w, g) in enumerate(zip(want, got)):
-        if w != g:
-            return f"leaf {i}: expected {w}, got {g}"
-    if len(want) > len(got):
-        return f"missing leaf {want[len(got)]}"
-    if len(got) > len(want):
-        return f"unexpected extra leaf {got[len(want)]}"
-    return "same leaf paths but different container types"
+class _StructureDifference(Exception):
+    """The first place where a params pytree's structure leaves the template's (internal:
+    the callers turn it into a ParamMismatchError that names the tenants)."""
+
+
+Children = list[tuple[Any, Any]]  # (key entry, child) pairs one level down
+
+
+def _one_level(node: Any) -> tuple[jax.tree_util.PyTreeDef, Children] | None:
+    """``node``'s own pytree node (its treedef with every child a leaf) and its keyed
+    children, or None for a leaf. None and empty containers are nodes without children."""
+    whole = jax.tree_util.tree_structure(node)
+    if whole.num_nodes == 1 and whole.num_leaves == 1:
+        return None
+    keyed, own = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda child: child is not node)
+    return own, [(path[0], child) for path, child in keyed]
+
+
+def _mapping_keys(node: Any, children: Children) -> list[Hashable] | None:
+    """The keys of a mapping node (a dict, a flax FrozenDict...), or None for another node."""
+    if isinstance(node, Mapping) and all(isinstance(k, jax.tree_util.DictKey) for k, _ in children):
+        return [k.key for k, _ in children]
+    return None
+
+
+def _describe(node: Any) -> str:
+    """What stands at a path, for messages: ``float32[3, 2]``, ``None``, ``tuple of 2``,
+    ``dict with keys ['b', 'w']``."""
+    level = _one_level(node)
+    if level is None:
+        try:
+            return f"{leaf_dtype(node).name}{list(np.shape(node))}"
+        except (TypeError, ValueError, OverflowError):
+            return f"{type(node).__name__} {reprlib.repr(node)}"
+    if node is None:
+        return "None"
+    _, children = level
+    keys = _mapping_keys(node, children)
+    if keys is not None:
+        return f"{type(node).__name__} with keys {keys}" if keys else f"empty {type(node).__name__}"
+    return f"{type(node).__name__} of {len(children)}"
+
+
+def _where(path: tuple) -> str:
+    return jax.tree_util.keystr(path) if path else "the top level"
+
+
+def _paired_mappings(template: Any, params: Any, want: Children, got: Children, path: tuple) -> list[tuple[Any, Any, Any]]:
+    """(key, template child, params child) in the template's order, once both mappings hold
+    the same keys; the mapping types may differ (see ``aligned_leaves``)."""
+    got_by_key = {k.key: (k, child) for k, child in got}
+    want_keys = {k.key for k, _ in want}
+    for key, child in want:
+        if key.key not in got_by_key:
+            raise _StructureDifference(f"{jax.tree_util.keystr((*path, key))} is missing, expected {_describe(child)}")
+    for key, child in got:
+        if key.key not in want_keys:
+            raise _StructureDifference(
+                f"unexpected extra entry {jax.tree_util.keystr((*path, key))} ({_describe(child)}), not in the template"
+            )
+    return [(key, child, got_by_key[key.key][1]) for key, child in want]
+
+
+def _collect_aligned(template: Any, params: Any, path: tuple, out: list[Any]) -> None:
+    """Appends ``params``' leaves under ``path`` to ``out`` in the template's leaf order,
+    walking both trees one level at a time; raises _StructureDifference at the first path
+    where the node type, the number of children or the keys differ."""
+    want, got = _one_level(template), _one_level(params)
+    if want is None and got is None:
+        out.append(params)
+        return
+    if want is None or got is None:
+        raise _StructureDifference(f"{_where(path)} is {_describe(params)}, expected {_describe(template)}")
+    (want_def, want_children), (got_def, got_children) = want, got
+    if _mapping_keys(template, want_children) is not None and _mapping_keys(params, got_children) is not None:
+        pairs = _paired_mappings(template, params, want_children, got_children, path)
+    elif want_def == got_def:
+        pairs = [(key, w, g) for (key, w), (_, g) in zip(want_children, got_children)]
+    else:
+        raise _StructureDifference(f"{_where(path)} is {_describe(params)}, expected {_describe(template)}")
+    for key, template_child, params_child in pairs:
+        _collect_aligned(template_child, params_child, (*path, key), out)
+
+
+def first_structure_difference(template: PyTree, params: PyTree) -> str | None:
+    """Names the first path where ``params``' structure differs from the template's (node
+    type, number of children, or keys), with what the template has there and what was
+    given; None where they differ only in the type of their mappings (accepted, see
+    ``_template_ordered_leaves``)."""
+    try:
+        _collect_aligned(template, params, (), [])
+    except _StructureDifference as difference:
+        return str(difference)
+    return None
+
+
+def _template_ordered_leaves(params: PyTree, template: PyTree, treedef: jax.tree_util.PyTreeDef, who: str) -> list[Any]:
+    """``params``' leaves in the template's flattening order.
+
+    Params whose structure is the template's up to the TYPE of its mappings are accepted: a
+    flax ``FrozenDict`` (what linen gave before flax 0.8, and what ``flax.core.freeze``
+    makes) where the template has a dict, or the reverse, holds the same entries; they are
+    matched by key, and the store keeps only the leaves, so nothing downstream sees the
+    given container types.
+
+    Raises:
+      ParamMismatchError: any other difference, naming the first path where the trees
+        differ; ``who`` starts the message (it names the tenants).
+    """
+    leaves, got_treedef = jax.tree_util.tree_flatten(params)
+    if got_treedef == treedef:
+        return leaves
+    aligned: list[Any] = []
+    try:
+        _collect_aligned(template, params, (), aligned)
+    except _StructureDifference as difference:
+        raise ParamMismatchError(f"{who} pytree structure differs from the template ({difference})") from None
+    return aligned
 
 
 @jax.jit
@@ -77,13 +186,31 @@ def leaf_dtype(leaf: Any) -> np.dtype:
     return np.dtype(jax.dtypes.canonicalize_dtype(leaf.dtype if hasattr(leaf, "dtype") else jnp.asarray(leaf).dtype))
 
 
+def _shape_and_dtype(leaf: Any, where: str, expected: str) -> tuple[tuple[int, ...], np.dtype]:
+    """A leaf's shape and the dtype the store would keep it in.
+
+    Raises:
+      ParamMismatchError: the leaf is not array-like (a string, an arbitrary object) or is a
+        Python int that does not fit the integer dtype JAX would make of it (int32 without
+        64-bit mode); ``where`` names the tenant and leaf, ``expected`` the template's leaf.
+    """
+    try:
+        return tuple(np.shape(leaf)), leaf_dtype(leaf)
+    except OverflowError as error:
+        raise ParamMismatchError(f"{where} is {type(leaf).__name__} {reprlib.repr(leaf)}, which JAX cannot hold "
+                                 f"({error}); expected {expected}") from error
+    except (TypeError, ValueError) as error:
+        raise ParamMismatchError(f"{where} is {type(leaf).__name__} {reprlib.repr(leaf)}, which is not "
+                                 f"array-like; expected {expected}") from error
+
+
 def _check_leaves(leaves: Sequence[Any], paths: Sequence[str], specs: Sequence[jax.ShapeDtypeStruct],
                   lead: tuple[int, ...], who: str) -> None:
     """Raises ParamMismatchError for the first leaf whose shape is not ``lead + spec.shape``
     or whose dtype is not the spec's; ``who`` starts the message (it names the tenants)."""
     for path, spec, leaf in zip(paths, specs, leaves):
-        shape, dtype = tuple(np.shape(leaf)), leaf_dtype(leaf)
         want = (*lead, *spec.shape)
+        shape, dtype = _shape_and_dtype(leaf, f"{who} {path}", f"{np.dtype(spec.dtype).name}{list(want)}")
         if shape != want or dtype != np.dtype(spec.dtype):
             per_tenant = f" (one row per tenant of {lead[0]})" if lead else ""
             raise ParamMismatchError(f"{who} {path} is {dtype.name}{list(shape)}, expected "
@@ -110,12 +237,7 @@ def validate_params(
       ParamMismatchError: structure, shape or dtype differ from the template.
       NonFiniteParamsError: a floating leaf holds NaN or Inf.
     """
-    leaves, got_treedef = jax.tree_util.tree_flatten(params)
-    if got_treedef != treedef:
-        raise ParamMismatchError(
-            f"tenant {tenant_id!r}: params pytree structure differs from the template "
-            f"({first_structure_difference(template, params)})"
-        )
+    leaves = _template_ordered_leaves(params, template, treedef, f"tenant {tenant_id!r}: params")
     _check_leaves(leaves, paths, specs, (), f"tenant {tenant_id!r}: leaf")
     arrays = jax.device_put(list(leaves), device)  # one transfer call for every leaf
     floating_arrays = [a for a, f in zip(arrays, floating) if f]
@@ -145,12 +267,7 @@ def validate_stacked(
       ParamMismatchError: structure, leading axis, shape or dtype differ from the template.
       NonFiniteParamsError: a tenant's floating leaf holds NaN or Inf (naming that tenant).
     """
-    leaves, got_treedef = jax.tree_util.tree_flatten(stacked_params)
-    if got_treedef != treedef:
-        raise ParamMismatchError(
-            f"stacked params of tenants {tenant_ids!r}: pytree structure differs from the template "
-            f"({first_structure_difference(template, stacked_params)})"
-        )
+    leaves = _template_ordered_leaves(stacked_params, template, treedef, f"stacked params of tenants {tenant_ids!r}:")
     n = len(tenant_ids)
     _check_leaves(leaves, paths, specs, (n,), f"stacked params of tenants {tenant_ids!r}: leaf")
     arrays = [jax.device_put(leaf, device) for leaf in leaves]

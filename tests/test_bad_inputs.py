@@ -18,6 +18,7 @@ import textwrap
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import reference_predict, rel_error, tiny_spec
@@ -166,6 +167,27 @@ def test_nonfinite_rows_pass_through_flagged_and_other_rows_are_exact(value, rng
     want = reference_predict(spec.apply_fn, params, [ids[i] for i in clean], x[clean])
     assert rel_error(got[clean], want) < 1e-5  # the poisoned rows do not leak into their neighbours
     assert not np.isfinite(got[3:]).all(axis=-1).any()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, jnp.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("policy", ["reject", "pass"])
+def test_nonfinite_rows_of_half_precision_inputs_are_seen(policy, dtype, rng):
+    """NaN in float16 or bfloat16 rows (bfloat16 is not a NumPy inexact type) is rejected or flagged."""
+    def apply_fn(params, x):
+        return x @ params["w"]
+
+    mt = MultiTenantModel(apply_fn, {"w": jnp.ones((3, 2), dtype)}, capacity=2, buckets=POLICY, nonfinite_inputs=policy)
+    mt.add_tenant("a", {"w": jnp.asarray(rng.standard_normal((3, 2)), dtype)})
+    x = rng.standard_normal((3, 3)).astype(dtype)
+    x[1, 2] = np.nan
+    if policy == "reject":
+        with pytest.raises(InputError, match=r"row 1 \(tenant 'a'\) holds NaN or Inf"):
+            mt.predict(["a"] * 3, x)
+        assert mt.stats()["steps"] == 0
+    else:
+        pending = mt.dispatch(["a"] * 3, x)
+        np.testing.assert_array_equal(pending.nonfinite_rows, [1])
+        assert mt.stats()["nonfinite_rows"] == 1 and np.isnan(pending.result()[1]).all()
 
 
 def test_integer_inputs_are_never_flagged(rng):

@@ -64,6 +64,35 @@ def test_store_round_trip_keeps_ids_order_slots_values_and_predictions(tmp_path,
     assert bare.tenants == mt.tenants and _leaves_equal(bare.get("beta"), params["beta"])
 
 
+def test_a_round_trip_keeps_every_field_of_the_bucket_policy(tmp_path):
+    spec = tiny_spec("mlp")
+    policy = BucketPolicy((1, 3, 6), (1, 2, 5), entry_cost_rows=2.5, step_cost_rows=0.0)
+    mt = MultiTenantModel(spec.apply_fn, spec.init(0), capacity=2, buckets=policy)
+    mt.add_tenant("a", spec.init(1))
+    restored = jaxmt.restore_model(jaxmt.save_store(mt, tmp_path / "ckpt"), spec.apply_fn)
+    assert restored.buckets == policy
+
+
+def test_tenants_saved_in_sparse_slots_are_packed_under_a_smaller_max_capacity(tmp_path, rng):
+    """Two tenants saved in slots 0 and 7 of 8 restore into a store of at most 4 slots (their
+    saved layout does not fit; they do) with their weights and answers intact."""
+    spec = tiny_spec("mlp")
+    params = {f"t{i}": spec.init(40 + i) for i in range(8)}
+    mt = MultiTenantModel(spec.apply_fn, params["t0"], capacity=8, buckets=POLICY)
+    for tenant, p in params.items():
+        mt.add_tenant(tenant, p)
+    for i in range(1, 7):
+        mt.remove_tenant(f"t{i}")
+    path = jaxmt.save_store(mt, tmp_path / "ckpt")
+    store = jaxmt.restore_store(path, capacity=2, max_capacity=4)
+    assert store.tenants == ["t0", "t7"] and store.capacity == 2
+    restored = jaxmt.restore_model(path, spec.apply_fn, capacity=2, max_capacity=4)
+    ids = ["t7", "t0", "t7"]
+    x = spec.random_input(rng, len(ids))
+    assert rel_error(restored.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+    assert jaxmt.restore_model(path, spec.apply_fn).store.slot_of("t7") == 7  # no limit: the saved layout
+
+
 def test_a_template_in_numpy_float64_round_trips_as_the_float32_model_jax_keeps(tmp_path, rng):
     """Without 64-bit mode the store holds float32 for NumPy's float64: the checkpoint must
     say what it holds, and restore with or without the original template."""

@@ -1,0 +1,65 @@
+"""from_flax with nnx modules that hold RNG state: served per tenant less their RNG streams."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import rel_error
+
+from jaxmt import BucketPolicy, MultiTenantModel
+
+POLICY = BucketPolicy.powers_of_two(8, 4)
+
+
+def _regularized_classifier(seed: int):
+    """An nnx model with the usual inference-time layers: BatchNorm (per-tenant running
+    statistics, made distinct per tenant) and Dropout holding an ``nnx.Rngs`` stream, in
+    eval mode as a served model is."""
+    from flax import nnx
+
+    class Classifier(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.hidden = nnx.Linear(5, 7, rngs=rngs)
+            self.norm = nnx.BatchNorm(7, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+            self.out = nnx.Linear(7, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(self.drop(nnx.gelu(self.norm(self.hidden(x)))))
+
+    model = Classifier(nnx.Rngs(seed))
+    stats = np.random.default_rng(seed)
+    model.norm.mean = nnx.BatchStat(stats.normal(size=(7,)).astype(np.float32))
+    model.norm.var = nnx.BatchStat(stats.uniform(0.5, 2.0, size=(7,)).astype(np.float32))
+    model.eval()
+    return model
+
+
+def _own_outputs(tenants: dict, ids: list, x: np.ndarray) -> np.ndarray:
+    return np.stack([np.asarray(tenants[t](x[i : i + 1]))[0] for i, t in enumerate(ids)])
+
+
+@pytest.mark.parametrize("lowering", ["auto", "vmap"])
+def test_nnx_model_with_dropout_and_batchnorm_serves_each_tenants_own_eval_output(rng, lowering):
+    tenants = {f"m{i}": _regularized_classifier(i + 1) for i in range(3)}
+    mt = MultiTenantModel.from_flax(_regularized_classifier(0), tenants, buckets=POLICY, lowering=lowering)
+    x = rng.normal(size=(6, 5)).astype(np.float32)
+    ids = ["m2", "m0", "m1", "m1", "m2", "m2"]
+    want = _own_outputs(tenants, ids, x)
+    assert rel_error(mt.predict(ids, x), want) < 1e-5
+    assert rel_error(mt.predict(ids, x), want) < 1e-5, "a second call answers the same (eval mode is deterministic)"
+
+
+def test_nnx_tenants_hold_no_rng_state_and_may_be_given_as_state(rng):
+    """The RNG streams are the template module's, shared by all tenants: a tenant's params
+    are its weights and BatchNorm statistics only, whether given as a module or its state."""
+    from flax import nnx
+
+    tenants = {"module": _regularized_classifier(1), "state": _regularized_classifier(2)}
+    given = {"module": tenants["module"], "state": nnx.state(tenants["state"])}
+    mt = MultiTenantModel.from_flax(_regularized_classifier(0), given, buckets=POLICY)
+    assert set(mt.get_params("state")) == {"hidden", "norm", "out"}
+    assert set(mt.get_params("state")["norm"]) == {"bias", "mean", "scale", "var"}
+    x = rng.normal(size=(4, 5)).astype(np.float32)
+    ids = ["state", "module", "state", "module"]
+    assert rel_error(mt.predict(ids, x), _own_outputs(tenants, ids, x)) < 1e-5
