@@ -59,12 +59,13 @@ class _Launched:
 
 
 class _PartlyFailed(Exception):
-    """Some program calls of one step failed: ``answered`` pairs each call's requests with
-    its answers (None for a call that failed), ``error`` is the first failure."""
+    """Some program calls of one step failed: ``calls`` holds (requests, answers, error) of
+    each call (answers None where it failed, error None where it answered); ``error`` is the
+    first failure."""
 
-    def __init__(self, error: BaseException, answered: list[tuple[list[_Request], Any]]):
+    def __init__(self, error: BaseException, calls: list[tuple[list[_Request], Any, BaseException | None]]):
         super().__init__(str(error))
-        self.error, self.answered = error, answered
+        self.error, self.calls = error, calls
 
 
 class _Totals:

@@ -74,6 +74,7 @@ class _ServerBase:
         self._running_predicted_s = 0.0  # the device time predicted for those steps, together
         self._running_unpredicted = 0  # those of them launched before any step time was known
         self._outstanding: dict[int, _Request] = {}  # accepted, future not completed yet
+        self._stats_version: int | None = None  # store version when removed tenants' stats were last forgotten
         # Rows are staged (jaxmt.staging) when asked, or by default where it pays, which
         # depends on the row size: decided once the rows are known (the model's, fixed by the
         # first request at the latest), under self._cond; the stager starts with the server's threads.
@@ -119,18 +120,15 @@ class _ServerBase:
         if x.ndim == 0 or x.shape[0] == 0:
             raise InputError(f"a request needs rows [r >= 1, ...], got shape {list(x.shape)}")
         x = self.mt.check_input([tenant_id] * x.shape[0], x)  # refused alone, not with a shared step
-        if self.mt.row_shape is None:  # the first request fixes the rows, so that queued ones share them
-            self.mt.fix_rows(x.shape[1:], x.dtype)
         future: Future = Future()
         with self._cond:
             if self._closed:
                 raise SchedulerClosed(f"{self.kind} is closed; request for tenant {tenant_id!r} not accepted")
-            if not self._staging_decided:
-                self._decide_staging_locked(x.shape[1:], x.dtype)
             now = self._clock()
             req = _Request(tenant_id, x, future, now, now + slo_ms / 1e3, slo_ms, next(self._seq))
             error = self._admit_locked(req, now)
             if error is None:
+                self._fix_rows_locked(x)
                 self._outstanding[req.seq] = req
                 if self._stager is not None:
                     req.staged = self._stager.stage(x)
@@ -157,6 +155,7 @@ class _ServerBase:
         """Per tenant and overall: counts, latency percentiles (ms), SLO attainment, queue
         depth; step counters (steps, mean tenants and rows per step, padding waste) and
         where answered requests spent their latency (``queue_wait_ms``, ``in_step_ms``)."""
+        self._forget_removed_tenants(force=True)
         with self._cond:
             depth: dict[Hashable, tuple[int, int]] = {}
             for lane in self._lanes.values():
@@ -252,6 +251,15 @@ class _ServerBase:
             self._staged_requests += ready
             self._host_requests += len(requests) - ready
         return RowParts([r.x for r in requests], device_rows, self._stager.device)
+
+    def _fix_rows_locked(self, x: np.ndarray) -> None:
+        """The first admitted request fixes the model's rows, so that queued ones share them; a
+        refused one (closed, queue full, overloaded) fixes nothing, or it would lock a model
+        whose rows are not given to a client's mistaken dtype."""
+        if self.mt.row_shape is None:
+            self.mt.fix_rows(x.shape[1:], x.dtype)  # InputError: another request fixed other rows
+        if not self._staging_decided:
+            self._decide_staging_locked(x.shape[1:], x.dtype)
 
     def _decide_staging_locked(self, row_shape: Any, row_dtype: Any) -> None:
         """Starts the stager if rows of this shape and dtype are staged (see
@@ -352,15 +360,29 @@ class _ServerBase:
         self._outstanding.pop(req.seq, None)
         _let_go_of_staged(req)
         self._latency.record(req.tenant_id, 1e3 * (self._clock() - req.submitted_s), req.slo_ms, error)
-        if isinstance(error, UnknownTenantError):  # the tenant left: keep no stats for it
-            self._latency.forget_absent(lambda tenant_id: tenant_id in self.mt)
+        # The tenant left (the store changed since the last look): keep no stats for it.
+        self._forget_removed_tenants(force=isinstance(error, UnknownTenantError))
         try:
             if error is None:
                 req.future.set_result(result)
             else:
                 req.future.set_exception(error)
-        except InvalidStateError:  # cancelled by its owner before it ran
+        except InvalidStateError:  # cancelled or completed by its owner
             pass
+        except BaseException:  # noqa: BLE001 (the state is set: only a done-callback raises here)
+            # concurrent.futures contains a callback's Exception but not its BaseException
+            # (asyncio.CancelledError, SystemExit): on a server thread it would end the loop
+            # that completes every later request.
+            logger.exception("%s: a done-callback of a request for tenant %r raised; ignored", self.kind, req.tenant_id)
+
+    def _forget_removed_tenants(self, force: bool = False) -> None:
+        """Folds the stats of tenants no longer resident into the overall totals, however they
+        left (idle or with requests queued), so that memory stays bounded under tenant churn;
+        looks only when the store changed since the last look, unless ``force``d."""
+        version = self.mt.store.version
+        if force or version != self._stats_version:
+            self._stats_version = version
+            self._latency.forget_absent(lambda tenant_id: tenant_id in self.mt)
 
     def _finish_dropped(self, batch: _Batch) -> None:
         for req, error in batch.dropped:
@@ -439,9 +461,9 @@ class _ServerBase:
 
     def _launch_guarded(self, batch: _Batch) -> _Launched | None:
         """Launches a batch; if launching raises, only its requests fail."""
-        running = [r for r in batch.requests if r.future.set_running_or_notify_cancel()]
+        running = [r for r in batch.requests if _claim(r.future)]
         if len(running) < len(batch.requests):
-            for req in set(batch.requests) - set(running):  # cancelled by their owners
+            for req in set(batch.requests) - set(running):  # cancelled or completed by their owners
                 self._outstanding.pop(req.seq, None)
                 _let_go_of_staged(req)
             batch.requests = running
@@ -542,15 +564,21 @@ class _ServerBase:
             if not counted:
                 with self._cond:
                     self._step_done_locked(launched, self._clock())
-            # Of a step launched as several program calls, the calls that answered still count.
-            answered = exc.answered if isinstance(exc, _PartlyFailed) else []
-            error = exc.error if isinstance(exc, _PartlyFailed) else exc
-            for call_requests, answers in answered:
-                if answers is not None:
+            # Of a step launched as several program calls, the calls that answered still count
+            # and each failed call's requests get that call's error.
+            calls = exc.calls if isinstance(exc, _PartlyFailed) else []
+            for call_requests, answers, call_error in calls:
+                if call_error is None:
                     self._finish_rows(call_requests, answers)
-            for req in requests:
-                if not req.future.done():
-                    self._finish(req, error=error)
+                else:
+                    self._fail_unfinished(call_requests, call_error)
+            self._fail_unfinished(requests, exc.error if isinstance(exc, _PartlyFailed) else exc)
+
+    def _fail_unfinished(self, requests: list[_Request], error: BaseException) -> None:
+        """Fails those of the requests not completed yet (others were answered or failed apart)."""
+        for req in requests:
+            if not req.future.done():
+                self._finish(req, error=error)
 
 
 # Servers whose threads may still run. Their threads are daemons (a forgotten server must not
@@ -563,6 +591,18 @@ _LIVE_SERVERS: weakref.WeakSet[_ServerBase] = weakref.WeakSet()
 def _close_at_exit() -> None:
     for server in list(_LIVE_SERVERS):
         server.close(drain=False, timeout=5.0)
+
+
+def _claim(future: Future) -> bool:
+    """Marks a request's future running; False when its owner cancelled it or completed it
+    (a client may time its own request out with ``set_exception``): the request is dropped,
+    where ``set_running_or_notify_cancel`` would raise and stop the server."""
+    if future.done() and not future.cancelled():  # (asked first: that call logs before it raises)
+        return False
+    try:
+        return future.set_running_or_notify_cancel()
+    except RuntimeError:  # completed by its owner since the look above
+        return False
 
 
 def _let_go_of_staged(req: _Request) -> None:

@@ -57,7 +57,8 @@ def _check_batch_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
 
 
 class _Program:
-    """``jax.jit(apply_fn)`` and the input shapes it has compiled (first calls are untimed)."""
+    """``jax.jit(apply_fn)`` and the (params, input) signatures it has compiled (first calls
+    are untimed). Shared by every model of that ``apply_fn``, whose params may differ in shape."""
 
     def __init__(self, apply_fn: Any, output_sharding: Any = None):
         # Answers go where jaxmt's steps put theirs (MultiTenantModel.output_sharding).
@@ -66,8 +67,9 @@ class _Program:
         self.compiled: set[tuple] = set()
         self.lock = threading.Lock()
 
-    def __call__(self, params: PyTree, x: "np.ndarray | jax.Array") -> tuple[PyTree, bool]:
-        key = _input_key(x)
+    def __call__(self, params: PyTree, x: "np.ndarray | jax.Array", params_key: Hashable) -> tuple[PyTree, bool]:
+        """``params_key``: the params' signature (``_params_key``), which jit compiles for too."""
+        key = (params_key, _input_key(x))
         with self.lock:
             new = key not in self.compiled
             self.compiled.add(key)
@@ -81,6 +83,14 @@ def _input_key(x: "np.ndarray | jax.Array") -> tuple:
     """What a jitted program compiles for: shape, dtype, and whether x is a device array
     (staged rows) or host rows: jit compiles each apart."""
     return (tuple(x.shape), np.dtype(x.dtype).str, isinstance(x, jax.Array))
+
+
+def _params_key(mt: Any) -> tuple:
+    """What a jitted program compiles for besides the rows: the structure, shapes and dtypes of
+    the params (every tenant's alike: the store's template), read once per model."""
+    store = mt.store
+    specs = tuple((tuple(spec.shape), np.dtype(spec.dtype).str) for spec in store.leaf_specs)
+    return (jax.tree_util.tree_structure(store.template), specs)
 
 
 @functools.lru_cache(maxsize=64)
@@ -109,6 +119,7 @@ class _TenantPrograms:
         self.mt = mt
         self.batch_sizes = _check_batch_sizes(batch_sizes)
         self.program = _program_for(mt.apply_fn, mt.output_sharding)
+        self.params_key = _params_key(mt)
         self._params: dict[Hashable, PyTree] = {}
         self._version = None
         self._lock = threading.Lock()
@@ -142,7 +153,7 @@ class _TenantPrograms:
                 part = x.rows(start, start + n) if isinstance(x, RowParts) else x[start : start + n]
             else:  # padding repeats real rows, so padded positions compute real values
                 part = take_rows(x, start + np.arange(size) % n)
-            y, new = self.program(params, part)
+            y, new = self.program(params, part, self.params_key)
             chunks.append((y, n))
             padded, compiled = padded + size, compiled or new
         return _HostPending(chunks, padded, compiled)
@@ -156,9 +167,9 @@ class _TenantPrograms:
         for size in self.batch_sizes:
             x = np.zeros((size, *row_shape), row_dtype)
             for x in [x] if device is None else [x, jax.device_put(x, device)]:
-                if not execute and _input_key(x) in self.program.compiled:
+                if not execute and (self.params_key, _input_key(x)) in self.program.compiled:
                     continue
-                y, new = self.program(params, x)
+                y, new = self.program(params, x, self.params_key)
                 jax.block_until_ready(y)
                 new_count += new
         return new_count
@@ -177,6 +188,7 @@ class _LaneServer(_ServerBase):
         self._max_batch = self._programs.batch_sizes[-1]
         self._entry_rows = self._max_batch
         self._busy: set[Hashable] = set()  # lanes a worker is serving (space-only)
+        self._lanes_version: int | None = None  # store version when lanes of absent tenants were last dropped
 
     def warmup(self, execute: bool = True) -> int:
         """Compiles the program for every batch size and loads every lane's params now (a
@@ -205,7 +217,27 @@ class _LaneServer(_ServerBase):
     def _has_work_locked(self) -> bool:
         return any(len(lane) for key, lane in self._lanes.items() if key not in self._busy)
 
+    def _lane_tenant_gone(self, key: Hashable) -> bool:
+        """Whether the tenant a lane queues for is no longer resident."""
+        return key not in self.mt
+
+    def _drop_lane_if_gone_locked(self, key: Hashable) -> None:
+        """Drops a lane that is empty and idle and whose tenant left: a lane kept per tenant id
+        ever seen would make every scan for the next batch grow with tenant churn."""
+        lane = self._lanes.get(key)
+        if lane is not None and not len(lane) and key not in self._busy and self._lane_tenant_gone(key):
+            del self._lanes[key]
+
+    def _drop_gone_lanes_locked(self) -> None:
+        """Once the store changed (tenants may have left), drops the lanes of absent tenants."""
+        version = self.mt.store.version
+        if version != self._lanes_version:
+            self._lanes_version = version
+            for key in list(self._lanes):
+                self._drop_lane_if_gone_locked(key)
+
     def _next_batch_locked(self, now: float) -> tuple[_Batch | None, float | None]:
+        self._drop_gone_lanes_locked()
         delay_s = self.config.max_delay_ms / 1e3
         found, best, best_deadline, next_due = False, None, math.inf, None
         for key, lane in self._lanes.items():
@@ -227,6 +259,7 @@ class _LaneServer(_ServerBase):
                 break
             batch.requests.append(req)
             rows += req.rows
+        self._drop_lane_if_gone_locked(best)  # emptied of a removed tenant's requests
         return batch, None
 
     def _launch(self, batch: _Batch, started_s: float) -> _Launched | None:
@@ -325,13 +358,24 @@ class SpaceOnlyServer(_LaneServer):
                 finally:
                     with self._cond:
                         self._busy.discard(batch.lane)
+                        self._drop_lane_if_gone_locked(batch.lane)
                         self._cond.notify_all()
         except BaseException as exc:  # a bug here must not strand requests
-            logger.exception("%s: a worker failed; failing its batch and the queued requests", self.kind)
+            logger.exception("%s: a worker failed; failing its batch and every request not started", self.kind)
             for req in batch.requests if batch is not None else []:
                 if not req.future.done():
                     self._finish(req, error=exc)
             self._shut(drain=False)
+            self._fail_not_started(exc)
+
+    def _fail_not_started(self, error: BaseException) -> None:
+        """Fails the accepted requests that no step has started: a request the failed worker
+        took off its lane is in no lane and no batch, and would never complete otherwise
+        (steps other workers started complete as usual)."""
+        with self._cond:
+            waiting = [r for r in self._outstanding.values() if not (r.future.running() or r.future.done())]
+        for req in waiting:
+            self._finish(req, error=error)
 
 
 class ExclusiveServer(_LaneServer):
@@ -354,6 +398,9 @@ class ExclusiveServer(_LaneServer):
 
     def _params_for(self, lane: Hashable) -> PyTree:
         return self._params
+
+    def _lane_tenant_gone(self, key: Hashable) -> bool:
+        return False  # its one lane queues for every tenant
 
     def _tenants_to_preload(self) -> list[Hashable]:
         return []

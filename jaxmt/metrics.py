@@ -42,6 +42,8 @@ def percentiles(samples_ms: Sequence[float] | np.ndarray, qs: Iterable[float] = 
 class _TenantStats:
     """Counters and recent samples of one tenant (guarded by the recorder's lock)."""
 
+    COUNTERS = ("count", "ok", "errors", "rejected", "slo_met", "admitted_late")
+
     def __init__(self, window: int, flag_window: int):
         self.count = 0  # finished requests: results and errors
         self.ok = 0
@@ -84,6 +86,9 @@ class LatencyRecorder:
         self.name = name
         self._lock = threading.Lock()
         self._tenants: dict[Hashable, _TenantStats] = {}
+        # The counters of forgotten tenants: overall totals are counters (Prometheus's), which
+        # must never go down when a removed tenant's stats are dropped. No samples are kept.
+        self._retired = _TenantStats(window=0, flag_window=0)
 
     def _stats(self, tenant_id: Hashable) -> _TenantStats:
         stats = self._tenants.get(tenant_id)
@@ -109,11 +114,14 @@ class LatencyRecorder:
 
     def forget_absent(self, resident: Callable[[Hashable], bool]) -> int:
         """Drops the records of tenants for which ``resident(tenant_id)`` is False (removed
-        tenants), so a server with tenant churn holds bounded memory; returns how many."""
+        tenants), so a server with tenant churn holds bounded memory; their counters stay in
+        the overall totals (their latency samples go). Returns how many were dropped."""
         with self._lock:
             gone = [t for t in self._tenants if not resident(t)]
             for tenant_id in gone:
-                del self._tenants[tenant_id]
+                stats = self._tenants.pop(tenant_id)
+                for name in _TenantStats.COUNTERS:
+                    setattr(self._retired, name, getattr(self._retired, name) + getattr(stats, name))
             return len(gone)
 
     def note_admitted_late(self, tenant_id: Hashable) -> None:
@@ -170,7 +178,7 @@ class LatencyRecorder:
                 tenants[t]["flagged"] = self._tenants[t].flagged
             depth = sum(d for d, _ in queue_depth.values())
             rows = sum(r for _, r in queue_depth.values())
-            overall = self._summary(list(self._tenants.values()), depth, rows)
+            overall = self._summary([*self._tenants.values(), self._retired], depth, rows)
             flagged = [t for t in tenant_ids if self._tenants[t].flagged]
         overall["flagged"] = len(flagged)
         return {"overall": overall, "tenants": tenants, "flagged_tenants": flagged}

@@ -179,13 +179,11 @@ class Scheduler(_ServerBase):
     def warmup(self, **kwargs: Any) -> int:
         """Compiles the model's bucket programs now and runs each once (``MultiTenantModel.warmup``),
         and, when rows are staged, the program joining each bucket's block; returns how many
-        model programs were new. Staged rows reach programs on the device, so those are
-        compiled too where they differ (``MultiTenantModel(inputs_from_host=True)``)."""
-        if self.mt.row_shape is not None:  # else the model's warmup says what is missing
-            buckets = self.mt.buckets
-            staged_at = self._warm_staging([(k, b) for k in buckets.tenant_buckets for b in buckets.row_buckets])
-            kwargs.setdefault("device_rows", staged_at is not None)
-        return self.mt.warmup(**kwargs)
+        model programs were new."""
+        new = self.mt.warmup(**kwargs)
+        buckets = self.mt.buckets
+        self._warm_staging([(k, b) for k in buckets.tenant_buckets for b in buckets.row_buckets])
+        return new
 
     # --------------------------------------------------------------- policy
     def _steps_ahead_locked(self, req: _Request) -> float:
@@ -355,7 +353,7 @@ class _Joined:
     """Several dispatched predictions answered as one: rows in the order of the calls.
 
     A call that fails does not take the others' answers with it: ``result()`` then raises
-    ``_PartlyFailed`` carrying each call's requests and answers.
+    ``_PartlyFailed`` carrying each call's requests with its answers or its own error.
     """
 
     def __init__(self, pendings: list[Any], requests_per_call: list[list[_Request]]):
@@ -366,16 +364,16 @@ class _Joined:
     def result(self) -> Any:
         if len(self.pendings) == 1:
             return self.pendings[0].result()
-        parts, first_error = [], None
-        for pending in self.pendings:
+        calls, first_error = [], None
+        for pending, requests in zip(self.pendings, self.requests_per_call):
             try:
-                parts.append(pending.result())
-            except Exception as exc:  # noqa: BLE001 (carried to the futures of that call)
-                parts.append(None)
+                calls.append((requests, pending.result(), None))
+            except Exception as exc:  # noqa: BLE001 (carried to the futures of that call, not of others)
+                calls.append((requests, None, exc))
                 first_error = first_error or exc
         if first_error is not None:
-            raise _PartlyFailed(first_error, list(zip(self.requests_per_call, parts)))
-        return jax.tree_util.tree_map(lambda *leaves: np.concatenate(leaves), *parts)
+            raise _PartlyFailed(first_error, calls)
+        return jax.tree_util.tree_map(lambda *leaves: np.concatenate(leaves), *[answers for _, answers, _ in calls])
 
 
 class _StepCost:

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import importlib.util
 import sys
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,23 @@ def benchmark_script(filename: str, name: str) -> Iterator:
 
 
 @functools.lru_cache(maxsize=None)
+class FakeClock:
+    """Seconds that move only when a test (or a gated step) says so: servers take it as their
+    ``clock``, so that no assertion depends on how fast this machine runs."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+
+
 def tiny_spec(name: str) -> models.ModelSpec:
     return models.make(name, "tiny")
 

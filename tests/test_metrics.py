@@ -143,6 +143,26 @@ def test_recorder_forgets_removed_tenants():
     assert recorder.samples_ms("stay").size == 3 and recorder.samples_ms("gone").size == 0
 
 
+def test_a_forgotten_tenants_counts_stay_in_the_overall_totals():
+    """Overall counts are exported as counters: forgetting a removed tenant's stats must not
+    make them go down (its latency samples go with it)."""
+    recorder = LatencyRecorder(window=8)
+    recorder.record("stay", 1.0, slo_ms=10.0)
+    recorder.record("gone", 2.0, slo_ms=10.0)
+    recorder.record("gone", 30.0, slo_ms=10.0, error=Overloaded("full"))
+    recorder.note_admitted_late("gone")
+    before = recorder.snapshot()["overall"]
+    assert recorder.forget_absent(lambda tenant: tenant == "stay") == 1
+    after = recorder.snapshot()
+    assert list(after["tenants"]) == ["stay"]
+    counters = ["count", "ok", "errors", "rejected", "slo_met", "admitted_late", "slo_attainment"]
+    assert {k: after["overall"][k] for k in counters} == {k: before[k] for k in counters}
+    assert (before["count"], before["errors"], before["admitted_late"]) == (3, 1, 1)
+    assert after["overall"]["p50_ms"] == 1.0
+    recorder.record("stay", 1.0, slo_ms=10.0)
+    assert recorder.snapshot()["overall"]["count"] == 4
+
+
 def _recorded(samples_by_tenant: dict) -> LatencyRecorder:
     recorder = LatencyRecorder()
     for tenant, samples in samples_by_tenant.items():

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import reference_predict
+from conftest import FakeClock, reference_predict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -54,22 +54,6 @@ def make_model(tenants: int, max_tenants: int = 4, max_rows: int = 4, warm: bool
 def served():
     """Six tenants, ladders K, B in (1, 2, 4), every program compiled once for the module."""
     return make_model(6, warm=True)
-
-
-class FakeClock:
-    """Seconds that move only when a test (or a gated step) says so."""
-
-    def __init__(self, start: float = 1000.0):
-        self.now = start
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self.now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self.now += seconds
 
 
 class RecordingDispatch:
@@ -641,6 +625,44 @@ def test_a_failing_program_call_spares_the_other_calls_of_its_step(served, monke
     assert [sorted(set(ids)) for ids, _ in held.calls[1:]] == [["t0"], ["t1", "t2", "t3"]]
     check_against_reference(params, answered)
     assert steps["failed_steps"] == 1
+
+
+@pytest.mark.parametrize("where", ["launch", "result"])
+def test_each_failed_program_call_fails_its_requests_with_its_own_error(served, monkeypatch, rng, where):
+    """The step of the tests above, launched as two program calls that both fail: each
+    call's requests carry that call's error, not the first call's."""
+    mt, _ = served
+    held = RecordingDispatch(mt, hold=True)
+    failing_calls = []
+
+    def dispatch(tenant_ids, x):
+        if not held.calls:  # the blocker
+            return held(tenant_ids, x)
+        tenants = sorted(set(tenant_ids))
+        failing_calls.append(tenants)
+        error = RuntimeError(f"the call for {tenants} failed")
+        if where == "launch":
+            raise error
+        pending = held.inner(tenant_ids, x)
+
+        class Failing:
+            plan = pending.plan
+
+            def result(self):
+                raise error
+
+        return Failing()
+
+    monkeypatch.setattr(mt, "dispatch", dispatch)
+    with jaxmt.Scheduler(mt, max_delay_ms=0.0, pipeline_depth=1, overload_policy="serve_late") as sched:
+        blocker = sched.submit("t5", rows(rng))
+        held.wait_calls(1)
+        futures = {t: sched.submit(t, rows(rng, 4 if t == "t0" else 1)) for t in ("t0", "t1", "t2", "t3")}
+        held.release.set()
+        blocker.result(TIMEOUT_S)
+        errors = {t: str(f.exception(TIMEOUT_S)) for t, f in futures.items()}
+    assert failing_calls == [["t0"], ["t1", "t2", "t3"]]
+    assert errors == {"t0": "the call for ['t0'] failed", **dict.fromkeys(["t1", "t2", "t3"], "the call for ['t1', 't2', 't3'] failed")}
 
 
 def test_step_cost_model_learns_the_launch_cost():

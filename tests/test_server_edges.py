@@ -1,0 +1,206 @@
+"""Edges of the contract every server shares (the Scheduler and the baselines alike).
+
+Whatever a client, a callback, a tenant's removal or a bug in a server thread does, every
+accepted request completes exactly once, the server serves on where it can, and what it
+counts and keeps stays true. No assertion depends on wall-clock speed: steps become due by
+an injected clock; waits use generous timeouts only to turn a hang into a failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FakeClock, reference_predict
+
+import jaxmt
+
+TIMEOUT_S = 60.0  # generous: only to turn a hang into a failure
+ROW = 5
+KINDS = ["jaxmt", "exclusive", "time", "space"]
+SERVERS = {"jaxmt": jaxmt.Scheduler, "exclusive": jaxmt.ExclusiveServer,
+           "time": jaxmt.TimeOnlyServer, "space": jaxmt.SpaceOnlyServer}
+# Steps go when the test advances the clock past max_delay_ms; an SLO of an hour and
+# "serve_late" keep the jumps of the clock from shedding anything.
+PATIENT = {"max_delay_ms": 10.0, "default_slo_ms": 3_600_000.0, "overload_policy": "serve_late"}
+
+
+def apply_fn(params, x):
+    return jnp.sin(x @ params["w"]) + params["b"]
+
+
+def make_params(seed: int) -> dict:
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return {"w": jax.random.normal(k1, (ROW, 4)), "b": jax.random.normal(k2, (4,))}
+
+
+def make_model(tenants: int = 4, rows_given: bool = True):
+    params = {f"t{i}": make_params(10 + i) for i in range(tenants)}
+    rows = {"row_shape": (ROW,), "row_dtype": np.float32} if rows_given else {}
+    mt = jaxmt.MultiTenantModel(apply_fn, make_params(0), capacity=max(2, tenants),
+                                buckets=jaxmt.BucketPolicy.powers_of_two(4, 4), **rows)
+    for name, p in params.items():
+        mt.add_tenant(name, p)
+    return mt, params
+
+
+def rows(rng, n: int = 1, dtype=np.float32) -> np.ndarray:
+    return rng.standard_normal((n, ROW)).astype(dtype)
+
+
+def check_answer(server, params: dict, tenant, x: np.ndarray, y: np.ndarray) -> None:
+    owner = server.tenant_id if isinstance(server, jaxmt.ExclusiveServer) else tenant
+    np.testing.assert_allclose(y, reference_predict(apply_fn, params, [owner] * len(x), x), rtol=1e-5, atol=1e-5)
+
+
+def served_after(clock: FakeClock, futures: list) -> list:
+    """Moves the clock past max_delay so the queued batches go, then waits for every answer."""
+    clock.advance(1.0)
+    return [f.result(TIMEOUT_S) for f in futures]
+
+
+# ------------------------------------------------------------------ clients and callbacks
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_request_its_client_completed_is_dropped_and_the_server_serves_on(kind, rng):
+    mt, params = make_model()
+    clock = FakeClock()
+    with SERVERS[kind](mt, clock=clock, **PATIENT) as server:
+        mine = server.submit("t0", rows(rng))
+        others = [(t, x, server.submit(t, x)) for t, x in [(f"t{i}", rows(rng)) for i in (1, 2, 3)]]
+        mine.set_exception(TimeoutError("the client gave up"))  # before its step launches
+        for (t, x, _), y in zip(others, served_after(clock, [f for _, _, f in others])):
+            check_answer(server, params, t, x, y)
+        assert not server.closed
+        x = rows(rng)
+        check_answer(server, params, "t1", x, served_after(clock, [server.submit("t1", x)])[0])
+    assert isinstance(mine.exception(), TimeoutError) and not server._outstanding
+
+
+class CallbackEscape(BaseException):
+    """What asyncio.CancelledError or SystemExit is to concurrent.futures: not an Exception."""
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_done_callback_raising_a_base_exception_stops_nothing(kind, rng, caplog):
+    mt, params = make_model()
+    clock = FakeClock()
+    server = SERVERS[kind](mt, clock=clock, pipeline_depth=1, **PATIENT)
+
+    def escape(future):
+        raise CallbackEscape
+
+    with caplog.at_level(logging.ERROR, logger="jaxmt"):
+        sent = [(f"t{i}", rows(rng)) for i in range(3)]
+        futures = [server.submit(t, x) for t, x in sent]
+        futures[0].add_done_callback(escape)  # still queued: the clock has not moved
+        for (t, x), y in zip(sent, served_after(clock, futures)):
+            check_answer(server, params, t, x, y)
+        x = rows(rng)
+        check_answer(server, params, "t3", x, served_after(clock, [server.submit("t3", x)])[0])
+        closer = threading.Thread(target=server.close, daemon=True)
+        closer.start()
+        closer.join(TIMEOUT_S)
+    assert not closer.is_alive() and not server._outstanding
+    assert any("done-callback" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------ a bug in a server thread
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_bug_in_a_server_thread_fails_the_requests_it_took_instead_of_losing_them(kind, monkeypatch, rng, caplog):
+    mt, _ = make_model(2)
+    server = SERVERS[kind](mt, max_delay_ms=0.0)
+    take = server._take_locked
+
+    def broken(*args, **kwargs):  # takes a request off its queue, then fails
+        if take(*args, **kwargs) is not None:
+            raise RuntimeError("injected server bug")
+        return None
+
+    monkeypatch.setattr(server, "_take_locked", broken)
+    with caplog.at_level(logging.ERROR, logger="jaxmt"):
+        future = server.submit("t0", rows(rng))
+        with pytest.raises(RuntimeError, match="injected server bug"):
+            future.result(TIMEOUT_S)
+    server.close(timeout=TIMEOUT_S)
+    assert server.closed and not server._outstanding
+
+
+# ------------------------------------------------------------------ tenants that leave
+@pytest.mark.parametrize("kind", KINDS)
+def test_overall_counts_never_go_down_when_removed_tenants_are_forgotten(kind, rng):
+    mt, _ = make_model(3)
+    clock = FakeClock()
+    options = {"tenant_id": "t1"} if kind == "exclusive" else {}
+    with SERVERS[kind](mt, clock=clock, **PATIENT, **options) as server:
+        for tenant in ("t0", "t1", "t2"):
+            served_after(clock, [server.submit(tenant, rows(rng))])
+        assert server.metrics()["overall"]["count"] == 3
+        mt.remove_tenant("t2")  # idle
+        queued = server.submit("t0", rows(rng))
+        mt.remove_tenant("t0")  # with a request queued
+        clock.advance(1.0)
+        with pytest.raises(jaxmt.UnknownTenantError, match="t0"):
+            queued.result(TIMEOUT_S)
+        metrics = server.metrics()
+    overall = metrics["overall"]
+    assert (overall["count"], overall["ok"], overall["errors"]) == (4, 3, 1)
+    assert list(metrics["tenants"]) == ["t1"]  # however a tenant left, its own stats go
+
+
+@pytest.mark.parametrize("kind", ["time", "space"])
+def test_lanes_are_kept_only_for_resident_tenants_under_churn(kind, rng):
+    mt, _ = make_model(1)
+    with SERVERS[kind](mt, max_delay_ms=0.0) as server:
+        for i in range(20):
+            tenant = f"churn{i}"
+            mt.add_tenant(tenant, make_params(50 + i))
+            server.submit(tenant, rows(rng)).result(TIMEOUT_S)
+            mt.remove_tenant(tenant)
+        with server._cond:
+            assert server._cond.wait_for(lambda: not server._busy, TIMEOUT_S)  # the last batch let go of its lane
+            server._next_batch_locked(server._clock())  # a scan for the next batch, as the servers' threads make
+            kept = set(server._lanes)
+    assert kept <= set(mt.tenants) and len(kept) <= len(mt)
+
+
+# ------------------------------------------------------------------ refused requests
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_refused_first_request_does_not_fix_the_models_rows(kind, rng):
+    mt, params = make_model(2, rows_given=False)
+    closed = SERVERS[kind](mt)
+    closed.close()
+    with pytest.raises(jaxmt.SchedulerClosed):
+        closed.submit("t0", rows(rng, dtype=np.float64))
+    assert mt.row_shape is None
+    with SERVERS[kind](mt, max_queue_rows=4) as server:
+        too_many = server.submit("t0", rows(rng, 8, dtype=np.float64))
+        assert isinstance(too_many.exception(TIMEOUT_S), jaxmt.Overloaded)
+        assert mt.row_shape is None
+        x = rows(rng)  # the model's rows after all: the first admitted request fixes them
+        check_answer(server, params, "t1", x, server.submit("t1", x).result(TIMEOUT_S))
+    assert (mt.row_shape, mt.row_dtype) == ((ROW,), np.float32)
+
+
+# ------------------------------------------------------------------ baselines' programs
+def test_models_of_one_apply_fn_with_other_param_shapes_compile_their_own_programs():
+    def apply_hidden(params, x):  # defined here: a program no other test shares
+        return jnp.tanh(x @ params["w1"]) @ params["w2"]
+
+    def model(hidden: int):
+        k1, k2 = jax.random.split(jax.random.key(hidden))
+        p = {"w1": jax.random.normal(k1, (ROW, hidden)), "w2": jax.random.normal(k2, (hidden, 2))}
+        mt = jaxmt.MultiTenantModel(apply_hidden, p, capacity=2, buckets=jaxmt.BucketPolicy.powers_of_two(2, 4),
+                                    row_shape=(ROW,), row_dtype=np.float32)
+        mt.add_tenant("t0", p)
+        return mt
+
+    new_programs = []
+    for mt in (model(4), model(32), model(4)):
+        with jaxmt.TimeOnlyServer(mt) as server:
+            new_programs.append(server.warmup(execute=False))
+    sizes = len(jaxmt.BucketPolicy.powers_of_two(2, 4).row_buckets)
+    assert new_programs == [sizes, sizes, 0]  # the third model's shapes were compiled for the first
