@@ -87,8 +87,7 @@ def build_host_only(args: argparse.Namespace) -> tuple[HostOnlySpec, jaxmt.Multi
     max_tenants = simulate.largest_tenant_bucket(args.tenants, args.max_tenants_bucket)
     mt = jaxmt.MultiTenantModel(spec.apply_fn, spec.init(args.seed), capacity=args.tenants, lowering="vmap",
                                 buckets=jaxmt.BucketPolicy.powers_of_two(max_tenants, args.max_rows_bucket),
-                                row_shape=spec.input_shape, row_dtype=spec.input_dtype, outputs_to_host=OUTPUTS[args.outputs],
-                                inputs_from_host=args.inputs_from_host)
+                                row_shape=spec.input_shape, row_dtype=spec.input_dtype, outputs_to_host=OUTPUTS[args.outputs])
     for i in range(args.tenants):
         mt.add_tenant(f"t{i}", spec.init(args.seed + 1 + i))
     return spec, mt
@@ -351,9 +350,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--outputs", default="auto", choices=sorted(OUTPUTS),
                         help="where step programs write their answers: pinned host memory or the device "
                              "(MultiTenantModel outputs_to_host; auto: host memory on a GPU)")
-    parser.add_argument("--inputs-from-host", action="store_true",
-                        help="jaxmt's step programs take host rows from pinned host memory "
-                             "(MultiTenantModel inputs_from_host; the baselines are unchanged)")
     parser.add_argument("--stage", default="auto", choices=sorted(STAGE_CHOICES), help=STAGE_HELP + ", every server alike")
     parser.add_argument("--out", default=None, help="results/<out>.json (default: serving, serving_<arch> for another arch, "
                                                     "serving_host_<arch> with --host-only; _pixels appended with --pixels)")
@@ -376,11 +372,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def default_out(args: Any) -> str:
     """results/<name>.json of a run: serving (ResNet-18), serving_<arch>, serving_host_<arch>;
-    ``_pixels`` appended for uint8 pixel rows."""
-    pixels = "_pixels" if getattr(args, "pixels", False) else ""
+    ``_bf16`` appended for a bfloat16 model, ``_pixels`` for uint8 pixel rows."""
+    suffix = ("_bf16" if getattr(args, "dtype", "float32") == "bfloat16" else "") + ("_pixels" if getattr(args, "pixels", False) else "")
     if getattr(args, "host_only", False):
-        return f"serving_host_{args.arch}{pixels}"
-    return ("serving" if args.arch == "resnet18" else f"serving_{args.arch}") + pixels
+        return f"serving_host_{args.arch}{suffix}"
+    return ("serving" if args.arch == "resnet18" else f"serving_{args.arch}") + suffix
 
 
 def section_title(args: Any) -> str:
@@ -388,6 +384,8 @@ def section_title(args: Any) -> str:
     that a run rewrites its own section and no other."""
     title = "Serving: host path" if getattr(args, "host_only", False) else "Serving"
     details = [] if args.arch == "resnet18" else [args.arch]
+    if getattr(args, "dtype", "float32") == "bfloat16":
+        details.append("bfloat16")
     if getattr(args, "pixels", False):
         details.append("uint8 pixels")
     if not details:
@@ -418,9 +416,7 @@ def readme_section(args: Any, argv: list[str], results: list[dict], summary: dic
     body = (f"Highest rate with >= {100 * args.target:g}% of requests within {args.slo_ms:g} ms; "
             f"{args.tenants} tenants of {model}, Zipf {args.zipf:g}, {args.arrival} "
             f"arrivals, {args.trial_s:g} s trials, {_staging_words(results)}, answers written to "
-            f"{'pinned host memory' if _outputs_in_host_memory(args) else 'the device'}"
-            f"{', jaxmt taking host rows from pinned host memory (`--inputs-from-host`)' if getattr(args, 'inputs_from_host', False) else ''}"
-            f"; {environment['device']}, jax {environment['jax']}, commit "
+            f"{'pinned host memory' if _outputs_in_host_memory(args) else 'the device'}; {environment['device']}, jax {environment['jax']}, commit "
             f"{environment['commit']}, {environment['date']}.\n\n    PYTHONPATH=. python benchmarks/serving.py "
             + " ".join(argv) + "\n\n" + table(results))
     if not getattr(args, "host_only", False):  # the targets are of the real model's serving
@@ -475,8 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         spec, mt = simulate.build_model(args.arch, args.size, args.tenants, max_tenants=args.max_tenants_bucket,
                                         max_rows=args.max_rows_bucket, seed=args.seed, dtype=jax.numpy.dtype(args.dtype),
-                                        outputs_to_host=OUTPUTS[args.outputs], inputs_from_host=args.inputs_from_host,
-                                        pixels=args.pixels)
+                                        outputs_to_host=OUTPUTS[args.outputs], pixels=args.pixels)
     args.outputs_in_host_memory = mt.output_sharding is not None  # what --outputs resolved to, kept in the results
     inputs = spec.random_input(np.random.default_rng(args.seed + 1), args.tenants * 4)
     inputs = inputs.reshape(args.tenants, 4, 1, *spec.input_shape)

@@ -29,9 +29,7 @@ from jaxmt.steps import (
     _row_output_spec,
     _start_copies_to_host,
     _step_program,
-    _moving_inputs_to,
     _whole_store_program,
-    host_input_sharding,
     host_output_sharding,
 )
 from jaxmt.store import TenantStore
@@ -73,11 +71,13 @@ class MultiTenantModel:
         copy asked for afterwards; ``jaxmt.steps.host_output_sharding`` says what was
         measured). None (the default): on a GPU that has pinned host memory, else not.
         ``run_step`` then returns host arrays.
-      inputs_from_host: whether step programs take their host inputs (slots and rows)
-        from pinned host memory and move them to the device themselves, instead of each
-        NumPy input being copied to the device before the program starts
-        (``jaxmt.steps.host_input_sharding``). Rows already on the device (staged by a
-        server) go to programs that take them there. Off by default.
+      whole_store_steps: whether a step holding every slot once, in slot order, runs a
+        program of its own that reads the stacked weights as they are instead of gathering
+        a copy (on an H100, ResNet-50 at 16 tenants x 8 images in bf16 ran at 0.80x of
+        exclusive access with the gather, 0.85x without: benchmarks/README.md, Lowering).
+        Such steps exist only when the capacity is on the K ladder, and add at most one
+        program per row bucket: a random workload compiles at most len(K ladder) x
+        len(B ladder) programs with False, and len(B ladder) more with True (the default).
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, jaxmt
@@ -112,7 +112,7 @@ class MultiTenantModel:
         device: jax.Device | None = None,
         nonfinite_inputs: str = "ignore",
         outputs_to_host: bool | None = None,
-        inputs_from_host: bool = False,
+        whole_store_steps: bool = True,
     ):
         if not callable(apply_fn):
             raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
@@ -125,7 +125,7 @@ class MultiTenantModel:
         self.buckets = buckets if buckets is not None else BucketPolicy()
         self.store = self._make_store(example_params, capacity, max_capacity, device)
         self.output_sharding = self._output_sharding(outputs_to_host)
-        self.input_sharding = self._input_sharding(inputs_from_host)
+        self._whole_store_steps = bool(whole_store_steps) and type(self)._whole_store_steps
         self.lowering = lowering
         self._lowering_key = lowering_key(lowering)  # validates; distinct programs per policy
         self._apply_kb = tenant_batched(apply_fn, lowering)
@@ -273,9 +273,8 @@ class MultiTenantModel:
     def run_step(self, step: Step, x_kb: np.ndarray) -> PyTree:
         """Launches one planned step on already-gathered input [K, B, *row_shape] (caller holds ``store.lock``)."""
         k = step.tenant_bucket
-        whole_store = step.slots_in_order and k == self.store.capacity
-        on_host = self.input_sharding is not None and isinstance(x_kb, np.ndarray)
-        program = self.programs.get(self._key(k, step.row_bucket, whole_store, on_host))
+        whole_store = self._whole_store_steps and step.slots_in_order and k == self.store.capacity
+        program = self.programs.get(self._key(k, step.row_bucket, whole_store))
         # NumPy inputs go to the executable as they are: an explicit device_put of (slots,
         # rows) first measured slower on an H200 host (1256 vs 1009 us a predict,
         # benchmarks/results/overhead_device_put.json).
@@ -294,7 +293,6 @@ class MultiTenantModel:
         progress: bool = False,
         workers: int = 1,
         execute: bool = True,
-        device_rows: bool = False,
     ) -> int:
         """Compiles the programs of the bucket ladder now and runs each once; returns how many were built.
 
@@ -313,10 +311,6 @@ class MultiTenantModel:
         autotuner times kernels on the device while it compiles, and on an H200 the 32
         programs of a ResNet-18 ladder took 151 s with 8 workers against 104 s with one
         (benchmarks/serving.py, ``--compile-workers``). Hence the default of 1.
-
-        ``device_rows`` also compiles the programs that take rows already on the device, where
-        they differ from those taking host rows (``inputs_from_host``): a server that stages
-        rows launches both.
         """
         if self._row_shape is None:
             raise InputError("warmup needs the input row shape: pass row_shape/row_dtype to the constructor or call predict first")
@@ -329,15 +323,7 @@ class MultiTenantModel:
             if b not in self.buckets.row_buckets:
                 raise ValueError(f"row bucket {b} is not on the ladder {self.buckets.row_buckets}")
         wholes = (False, True) if self._whole_store_steps else (False,)
-        placements = (True, False) if device_rows and self.input_sharding is not None else (None,)
-        keys = [
-            self._key(k, b, whole, on_host)
-            for k in ks
-            for b in bs
-            for whole in wholes
-            if not whole or k == self.store.capacity
-            for on_host in placements
-        ]
+        keys = [self._key(k, b, whole) for k in ks for b in bs for whole in wholes if not whole or k == self.store.capacity]
         if not progress:
             built = self.programs.ensure_many(keys, workers=workers)
         else:
@@ -393,21 +379,12 @@ class MultiTenantModel:
         """Where step programs put their outputs (a hook: ``jaxmt.sharding`` keeps them on the mesh)."""
         return host_output_sharding(self.store.device, outputs_to_host)
 
-    def _input_sharding(self, inputs_from_host: bool) -> jax.sharding.Sharding | None:
-        """Where step programs take host inputs from (a hook: ``jaxmt.sharding`` places them per device)."""
-        return host_input_sharding(self.store.device, inputs_from_host)
-
     def _plan(self, slots: np.ndarray) -> Plan:
         """The steps answering rows with these slots (a hook: ``jaxmt.sharding`` plans per device)."""
         return make_plan(slots, self.buckets)
 
-    def _key(self, k: int, b: int, whole_store: bool = False, inputs_on_host: bool | None = None) -> ProgramKey:
-        """The program of a K x B step; ``inputs_on_host`` None: as the model takes host rows."""
-        if inputs_on_host is None:
-            inputs_on_host = self.input_sharding is not None
-        return ProgramKey(
-            k, b, self.store.capacity, self._row_shape, self._row_dtype.name, self._lowering_key, whole_store, inputs_on_host
-        )
+    def _key(self, k: int, b: int, whole_store: bool = False) -> ProgramKey:
+        return ProgramKey(k, b, self.store.capacity, self._row_shape, self._row_dtype.name, self._lowering_key, whole_store)
 
     def _build_program(self, key: ProgramKey) -> Any:
         return self._lower_program(key).compile()
@@ -417,16 +394,12 @@ class MultiTenantModel:
         # device=<not the first device> would get programs that reject its own store.
         on_device = jax.sharding.SingleDeviceSharding(self.store.device)
         leaves = [jax.ShapeDtypeStruct((key.capacity, *s.shape), s.dtype, sharding=on_device) for s in self.store.leaf_specs]
-        inputs_at = self.input_sharding if key.inputs_on_host else on_device
-        slots = jax.ShapeDtypeStruct((key.tenant_bucket,), jnp.int32, sharding=inputs_at)
-        x_kb = jax.ShapeDtypeStruct((key.tenant_bucket, key.row_bucket, *key.row_shape), key.row_dtype, sharding=inputs_at)
+        slots = jax.ShapeDtypeStruct((key.tenant_bucket,), jnp.int32, sharding=on_device)
+        x_kb = jax.ShapeDtypeStruct((key.tenant_bucket, key.row_bucket, *key.row_shape), key.row_dtype, sharding=on_device)
         out = {} if self.output_sharding is None else {"out_shardings": self.output_sharding}
-        step = _whole_store_program if key.whole_store else _step_program
-        fn = functools.partial(step, self._apply_kb, self.store._treedef)
-        if key.inputs_on_host:
-            fn = _moving_inputs_to(self.store.device, fn)
-        inputs = (x_kb,) if key.whole_store else (slots, x_kb)
-        return jax.jit(fn, **out).lower(leaves, *inputs)
+        if key.whole_store:
+            return jax.jit(functools.partial(_whole_store_program, self._apply_kb, self.store._treedef), **out).lower(leaves, x_kb)
+        return jax.jit(functools.partial(_step_program, self._apply_kb, self.store._treedef), **out).lower(leaves, slots, x_kb)
 
     def check_input(self, tenant_ids: Sequence[Hashable], x: Any) -> "np.ndarray | RowParts":
         """``x`` as an array (a ``RowParts`` stays one), checked as ``predict`` checks it: one row

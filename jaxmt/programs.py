@@ -33,7 +33,6 @@ class ProgramKey:
     row_dtype: str
     lowering: str = "vmap"
     whole_store: bool = False  # the step holds every slot once, in order: no weight gather
-    inputs_on_host: bool = False  # slots and rows arrive in pinned host memory (``inputs_from_host``)
 
 
 class ProgramCache:

@@ -270,11 +270,6 @@ class ShardedMultiTenantModel(MultiTenantModel):
             raise ValueError("ShardedMultiTenantModel keeps step outputs on the mesh; outputs_to_host=True is not supported")
         return None
 
-    def _input_sharding(self, inputs_from_host: bool) -> None:
-        if inputs_from_host:
-            raise ValueError("ShardedMultiTenantModel places each step's inputs per device; inputs_from_host=True is not supported")
-        return None
-
     def _make_store(self, example_params: PyTree, capacity: int | None, max_capacity: int | None, device: Any) -> TenantStore:
         return TenantStore(example_params, capacity, max_capacity=max_capacity, sharding=self.entry_sharding)
 

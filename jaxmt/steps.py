@@ -92,37 +92,6 @@ def host_output_sharding(device: jax.Device, outputs_to_host: bool | None = None
     return jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
 
 
-def host_input_sharding(device: jax.Device, inputs_from_host: bool = False) -> jax.sharding.Sharding | None:
-    """Where a step program takes its host inputs (slots, rows) from: pinned host memory, or
-    None (the device, as an ordinary jitted call places NumPy arguments).
-
-    Handed a NumPy array, a program whose input lives on the device copies it there before
-    it starts, one transfer per array; on an H200 host each such input cost about 54 us
-    over one already on the device (``benchmarks/overhead.py``, Host overhead). With
-    ``inputs_from_host`` the arrays are written into page-locked host memory instead and the
-    program moves them to the device as its first operation, inside its own launch. Off by
-    default until measured; raises ValueError if asked for on a device without pinned host
-    memory.
-    """
-    if not inputs_from_host:
-        return None
-    kinds = {memory.kind for memory in device.addressable_memories()}
-    if "pinned_host" not in kinds:
-        raise ValueError(f"inputs_from_host=True, but device {device} has no pinned host memory (it has {sorted(kinds)})")
-    return jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
-
-
-def _moving_inputs_to(device: jax.Device, program: Callable) -> Callable:
-    """``program(leaves, *inputs)`` whose inputs arrive in host memory: each is moved to
-    ``device`` inside the program before ``program`` reads it."""
-    on_device = jax.sharding.SingleDeviceSharding(device)
-
-    def moved(leaves: list[jax.Array], *inputs: Any) -> PyTree:
-        return program(leaves, *(jax.device_put(value, on_device) for value in inputs))
-
-    return moved
-
-
 def _start_copies_to_host(outputs: list[PyTree]) -> None:
     """Queues each output's device-to-host copy behind its step, so that ``result()`` finds
     the bytes on the host (or on their way) instead of asking for them after the step ends.

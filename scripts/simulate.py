@@ -114,7 +114,7 @@ def largest_tenant_bucket(tenants: int, max_tenants: int = 0) -> int:
 
 
 def build_model(arch: str, size: str, tenants: int, *, max_tenants: int = 0, max_rows: int = 16, seed: int = 0,
-                dtype: Any = np.float32, outputs_to_host: bool | None = None, inputs_from_host: bool = False,
+                dtype: Any = np.float32, outputs_to_host: bool | None = None,
                 pixels: bool = False) -> tuple[models.ModelSpec, jaxmt.MultiTenantModel]:
     """``tenants`` tenants ("t0", "t1", ...) of a zoo architecture in one MultiTenantModel
     (``pixels``: an image model taking uint8 pixel rows), their weights stored in the compute
@@ -128,7 +128,6 @@ def build_model(arch: str, size: str, tenants: int, *, max_tenants: int = 0, max
     mt = jaxmt.MultiTenantModel(
         spec.apply_fn, spec.init(seed, dtype), capacity=tenants, buckets=jaxmt.BucketPolicy.powers_of_two(max_tenants, max_rows),
         row_shape=spec.input_shape, row_dtype=spec.input_dtype, outputs_to_host=outputs_to_host,
-        inputs_from_host=inputs_from_host,
     )
     for i in range(tenants):
         mt.add_tenant(f"t{i}", spec.init(seed + 1 + i, dtype))

@@ -35,10 +35,10 @@ def make_params(seed: int) -> dict:
     return {"w": jax.random.normal(k1, (ROW, 4)), "b": jax.random.normal(k2, (4,))}
 
 
-def make_model(tenants: int = 5, **options):
+def make_model(tenants: int = 5):
     params = {f"t{i}": make_params(10 + i) for i in range(tenants)}
     mt = jaxmt.MultiTenantModel(apply_fn, make_params(0), capacity=max(2, tenants),
-                                buckets=jaxmt.BucketPolicy.powers_of_two(4, 4), row_shape=(ROW,), row_dtype=np.float32, **options)
+                                buckets=jaxmt.BucketPolicy.powers_of_two(4, 4), row_shape=(ROW,), row_dtype=np.float32)
     for name, p in params.items():
         mt.add_tenant(name, p)
     return mt, params

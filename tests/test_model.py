@@ -93,70 +93,18 @@ def test_answers_go_to_pinned_host_memory_by_default_only_on_a_gpu():
         assert mt.output_sharding.memory_kind == "pinned_host"
 
 
-@pytest.mark.parametrize("name", ["mlp", "resnet18", "transformer"])
-def test_inputs_taken_from_host_memory_give_the_same_answers(name, rng):
-    """inputs_from_host=True (the program moves its slots and rows from pinned host memory to
-    the device itself) changes how inputs arrive, not the answers, for subset steps and for
-    steps over the whole store in slot order; its programs are keyed apart."""
-    spec = tiny_spec(name)
-    params = {f"t{i}": spec.init(750 + i) for i in range(4)}
-    hosted, plain = (MultiTenantModel(spec.apply_fn, params["t0"], capacity=4, buckets=POLICY, inputs_from_host=flag)
-                     for flag in (True, False))
-    for mt in (hosted, plain):
-        for tenant, p in params.items():
-            mt.add_tenant(tenant, p)
-    subset = [f"t{i}" for i in rng.integers(3, size=9)]
-    whole = list(params)  # one row of every tenant, in slot order: the whole-store program
-    for ids in (subset, whole):
-        x = spec.random_input(rng, len(ids))
-        got = hosted.predict(ids, x)
-        assert rel_error(got, reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
-        np.testing.assert_array_equal(got, plain.predict(ids, x))
-    keys = hosted.programs.keys()
-    assert {key.whole_store for key in keys} == {True, False}
-    assert all(key.inputs_on_host for key in keys)
-    assert plain.input_sharding is None and not any(key.inputs_on_host for key in plain.programs.keys())
-
-
-def test_rows_already_on_the_device_go_to_programs_that_take_them_there(rng):
-    """A model taking host inputs from pinned host memory runs a step whose rows are already
-    on the device through the program for device rows; ``warmup(device_rows=True)`` compiles
-    both kinds, after which neither compiles."""
-    spec, _, params = _model_with_tenants("mlp", 4, 6)
-    mt = MultiTenantModel(spec.apply_fn, params["t0"], capacity=4, buckets=POLICY, inputs_from_host=True,
-                          row_shape=spec.input_shape, row_dtype=spec.input_dtype)
-    for tenant, p in params.items():
-        mt.add_tenant(tenant, p)
-    # each K x B step and each whole-store step (K = capacity), for host rows and for device rows
-    assert mt.warmup(device_rows=True) == 2 * (len(POLICY.shapes) + len(POLICY.row_buckets))
-    compiled = mt.stats()["compiles"]
-    ids = ["t2", "t0", "t2", "t1"]
+def test_rows_in_swapped_byte_order_are_served_like_native_rows(rng):
+    """Rows read from a big-endian file are the model's dtype in another byte order: served,
+    on a first request and after the rows are fixed."""
+    spec, mt, params = _model_with_tenants("mlp", 3, 8)
+    ids = ["t2", "t0", "t2"]
     x = spec.random_input(rng, len(ids))
+    swapped = x.astype(x.dtype.newbyteorder(">" if x.dtype.isnative and np.little_endian else "<"))
+    assert not swapped.dtype.isnative
     want = reference_predict(spec.apply_fn, params, ids, x)
-    plan = mt._plan(mt.store.slots_of(ids))
-    for place in (np.asarray, lambda block: jax.device_put(block, mt.store.device)):
-        got = np.empty_like(want)
-        for step in plan.steps:
-            y_kb = np.asarray(mt.run_step(step, place(x[step.row_index])))
-            got[step.out_rows] = y_kb.reshape(step.padded_rows, *y_kb.shape[2:])[step.out_positions]
-        assert rel_error(got, want) < 1e-5
-    assert mt.stats()["compiles"] == compiled
-
-
-def test_inputs_from_host_needs_pinned_host_memory_and_one_device():
-    class DeviceWithoutHostMemory:
-        def addressable_memories(self):
-            return [type("Memory", (), {"kind": "device"})()]
-
-        def __str__(self):
-            return "fake:0"
-
-    with pytest.raises(ValueError, match="fake:0 has no pinned host memory"):
-        jaxmt.steps.host_input_sharding(DeviceWithoutHostMemory(), True)
-    assert jaxmt.steps.host_input_sharding(DeviceWithoutHostMemory(), False) is None
-    spec = tiny_spec("mlp")
-    with pytest.raises(ValueError, match="inputs_from_host=True is not supported"):
-        jaxmt.ShardedMultiTenantModel(spec.apply_fn, spec.init(0), capacity=2, inputs_from_host=True)
+    for _ in range(2):
+        assert rel_error(mt.predict(ids, swapped), want) < 1e-5
+    assert mt.row_dtype == x.dtype
 
 
 def test_rows_beyond_the_largest_buckets_are_split_not_rejected(rng):
@@ -229,6 +177,27 @@ def test_a_random_workload_compiles_at_most_the_ladder(rng):
         n = int(rng.integers(1, 60))
         mt.predict(list(rng.choice(active, size=n)), spec.random_input(rng, n))
     assert mt.stats()["compiles"] <= len(POLICY.tenant_buckets) * len(POLICY.row_buckets)
+
+
+@pytest.mark.parametrize("whole_store_steps", [True, False])
+def test_with_the_capacity_on_the_ladder_whole_store_steps_add_one_program_per_row_bucket(whole_store_steps, rng):
+    """Capacity 4 is a tenant bucket, so steps over every tenant in slot order may run the
+    gather-free program: at most len(B ladder) programs more than the ladder, none with the
+    option off, and every answer equal to the reference either way."""
+    spec = tiny_spec("mlp")
+    params = {f"t{i}": spec.init(60 + i) for i in range(4)}
+    mt = MultiTenantModel(spec.apply_fn, params["t0"], capacity=4, buckets=POLICY, whole_store_steps=whole_store_steps)
+    for tenant, p in params.items():
+        mt.add_tenant(tenant, p)
+    ladder = len(POLICY.tenant_buckets) * len(POLICY.row_buckets)
+    for i in range(40):
+        active = list(params) if i % 4 == 0 else list(rng.choice(list(params), size=rng.integers(1, 5), replace=False))
+        ids = [t for t in active for _ in range(int(rng.integers(1, 5)))] if i % 4 == 0 else list(rng.choice(active, size=int(rng.integers(1, 20))))
+        x = spec.random_input(rng, len(ids))
+        assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+    whole = sum(key.whole_store for key in mt.programs.keys())
+    assert (whole > 0) == whole_store_steps and whole <= len(POLICY.row_buckets)
+    assert mt.stats()["compiles"] <= ladder + (len(POLICY.row_buckets) if whole_store_steps else 0)
 
 
 def test_tenants_without_rows_are_not_computed(rng):

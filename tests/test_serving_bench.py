@@ -87,9 +87,9 @@ def test_host_only_keeps_the_input_rows_and_answers_like_its_reference(serving, 
     args = serving.parse_args(["--host-only", "--arch", "resnet18", "--size", "tiny", "--tenants", "3"])
     spec, mt = serving.build_host_only(args)
     assert spec.input_shape == mt.row_shape and len(mt) == 3 and serving.default_out(args) == "serving_host_resnet18"
-    assert serving.main(["--quick", "--host-only", "--inputs-from-host", "--no-readme", "--quiet", "--servers", "jaxmt"]) == 0
+    assert serving.main(["--quick", "--host-only", "--no-readme", "--quiet", "--servers", "jaxmt"]) == 0
     data = json.loads((tmp_path / "serving_quick.json").read_text())
-    assert data["args"]["host_only"] and data["args"]["inputs_from_host"] and data["results"][0]["max_rel_error"] < 1e-4
+    assert data["args"]["host_only"] and data["results"][0]["max_rel_error"] < 1e-4
 
 
 @pytest.mark.parametrize("argv, out, title", [
@@ -99,6 +99,8 @@ def test_host_only_keeps_the_input_rows_and_answers_like_its_reference(serving, 
     (["--arch", "mobilenetv2", "--pixels"], "serving_mobilenetv2_pixels", "Serving: mobilenetv2, uint8 pixels"),
     (["--host-only"], "serving_host_resnet18", "Serving: host path"),
     (["--host-only", "--pixels"], "serving_host_resnet18_pixels", "Serving: host path, uint8 pixels"),
+    (["--dtype", "bfloat16", "--pixels"], "serving_bf16_pixels", "Serving: bfloat16, uint8 pixels"),
+    (["--arch", "mobilenetv2", "--dtype", "bfloat16"], "serving_mobilenetv2_bf16", "Serving: mobilenetv2, bfloat16"),
 ])
 def test_each_kind_of_run_has_its_own_results_file_and_readme_section(serving, argv, out, title):
     args = serving.parse_args(argv)

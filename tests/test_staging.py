@@ -342,35 +342,3 @@ def test_with_staged_rows_a_tenant_removed_while_queued_fails_alone(kind, rng):
             gone.result(TIMEOUT_S)
         np.testing.assert_allclose(kept.result(TIMEOUT_S), expected(kind, params, "t1", x_kept, server),
                                    rtol=1e-5, atol=1e-5)
-
-
-def test_a_model_taking_inputs_from_host_memory_serves_staged_and_host_rows_without_compiling(rng, monkeypatch):
-    """With ``inputs_from_host`` the step programs for host rows and those for staged device
-    rows differ; the scheduler's warm-up compiles both, and a mix of the two compiles nothing."""
-    copies_open = threading.Event()
-    copies_open.set()
-    real_put = staging.RowStager._put_batch
-    monkeypatch.setattr(staging.RowStager, "_put_batch", lambda self, xs: copies_open.wait(TIMEOUT_S) and real_put(self, xs))
-    mt, params = make_model(inputs_from_host=True)
-    clock = FakeClock()
-    with jaxmt.Scheduler(mt, max_delay_ms=5.0, stage_inputs=True, clock=clock) as server:
-        server.warmup()
-        before = mt.programs.compiles
-        answered = []
-        for staged in (True, False, True):
-            group = [(f"t{t}", rows(rng)) for t in rng.choice(len(params), 3, replace=False)]
-            if not staged:  # copies held back: the launch takes these rows from the host
-                copies_open.clear()
-            futures = [(t, x, server.submit(t, x)) for t, x in group]
-            if staged:
-                assert server._stager.flush(TIMEOUT_S)
-            clock.now += 0.006  # the group is due
-            answered += [(t, x, f.result(TIMEOUT_S)) for t, x, f in futures]
-            copies_open.set()
-            assert server._stager.flush(TIMEOUT_S)
-        counts = server.metrics()["staging"]
-    for tenant, x, y in answered:
-        np.testing.assert_allclose(y, reference_predict(apply_fn, params, [tenant] * len(x), x), rtol=1e-5, atol=1e-5)
-    assert counts["staged_requests"] == 6 and counts["host_requests"] == 3
-    assert mt.programs.compiles == before
-    assert {key.inputs_on_host for key in mt.programs.keys()} == {True, False}
