@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import importlib
 import json
 import os
@@ -37,8 +38,12 @@ from jaxmt.model import MultiTenantModel
 def _atomic_savez(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+        # The archive np.savez writes, without its keywords: an array named "file" or
+        # "allow_pickle" (an output name, or an output leaf's path) must not become an argument.
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, array in arrays.items():
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -61,8 +66,11 @@ class _Outputs:
         self.dir = pathlib.Path(output_dir) if output_dir is not None else self.file.with_name(self.file.name + ".parts")
         self._combined = set()
         if self.file is not None and self.file.exists():
-            with np.load(self.file) as done:
-                self._combined = {name.split("/")[0] for name in done.files}
+            try:
+                with np.load(self.file) as done:
+                    self._combined = {name.split("/")[0] for name in done.files}
+            except (OSError, ValueError, AttributeError, zipfile.BadZipFile) as exc:  # AttributeError: a .npy has no .files
+                raise ValueError(f"output file {self.file} exists but is not a .npz archive of outputs (resume needs one): {exc}") from None
 
     def done(self, name: str) -> bool:
         return name in self._combined or (self.dir / f"{name}.npz").exists()
@@ -254,10 +262,19 @@ def _run(model: MultiTenantModel, todo: list[Entry], outputs: _Outputs, row_spec
         for ids, x, pieces in _batches([e for e in todo if e.rows], buckets.max_tenants, buckets.max_rows, row_dtype, fail):
             handle = model.dispatch(ids, x)  # the device runs this step while the last one is copied back
             if pending is not None:
-                collect(pending)
+                last, pending = pending, None
+                collect(last)
             pending = (handle, pieces)
         if pending is not None:
-            collect(pending)
+            last, pending = pending, None
+            collect(last)
+    except BaseException:
+        # A later line failed (or the job was stopped) with a step in flight: its finished
+        # entries are written still, so that the rerun does not compute them again.
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                collect(pending)
+        raise
     finally:
         bar.close()
     return written[0], written[1]

@@ -18,6 +18,7 @@ import zipfile
 from collections.abc import Hashable
 from typing import Any
 
+import jax
 import numpy as np
 
 from jaxmt.errors import ManifestError
@@ -43,7 +44,10 @@ class Entry:
 
 def _records(manifest: pathlib.Path) -> list[tuple[int, Any]]:
     """(line number, record dict or the exception that line raised) for each non-blank line."""
-    text = manifest.read_text(encoding="utf-8-sig")  # a byte-order mark (as spreadsheet tools write) is not part of the header
+    try:
+        text = manifest.read_text(encoding="utf-8-sig")  # a byte-order mark (as spreadsheet tools write) is not part of the header
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"manifest {manifest} cannot be read as UTF-8 text: {exc}") from None
     stripped = text.lstrip()
     if manifest.suffix.lower() in (".jsonl", ".ndjson", ".json") or (manifest.suffix.lower() != ".csv" and stripped.startswith("{")):
         out = []
@@ -58,7 +62,16 @@ def _records(manifest: pathlib.Path) -> list[tuple[int, Any]]:
     reader = csv.DictReader(text.splitlines())
     if not reader.fieldnames or not {"tenant", "input"} <= {f.strip() for f in reader.fieldnames}:
         raise ManifestError(f"manifest {manifest}: the CSV header must name the columns tenant and input (optional key, output); got {reader.fieldnames}", 1)
-    return [(reader.line_num, {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k}) for row in reader]
+    return [(reader.line_num, _csv_record(row, reader.fieldnames)) for row in reader]
+
+
+def _csv_record(row: dict, header: list[str]) -> dict | ValueError:
+    """The row's fields by stripped column name; a row with more fields than the header names
+    is an error (DictReader would drop the extra ones, e.g. a key or output with no column)."""
+    if row.get(None):
+        return ValueError(f"{len(header) + len(row[None])} fields, but the header names {len(header)} columns "
+                          f"({', '.join(header)}); extra fields {row[None]}")
+    return {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k}
 
 
 def _resolve_tenant(raw: Any, model: MultiTenantModel) -> Hashable:
@@ -104,6 +117,17 @@ def _peek(path: pathlib.Path, key: str | None) -> tuple[tuple[int, ...], np.dtyp
     return tuple(shape), np.dtype(dtype), key
 
 
+def _fitting_rows(model: MultiTenantModel, path: pathlib.Path, key: str | None, shape: tuple, dtype: np.dtype) -> tuple:
+    """(row shape, dtype) of this input, once the model is traced on such rows: an input the
+    model cannot take must fail its own line, not fix the rows that every later line is held to."""
+    try:
+        jax.eval_shape(model.apply_fn, model.store.template, jax.ShapeDtypeStruct((1, *shape[1:]), dtype))
+    except Exception as exc:
+        raise ValueError(f"input {path.name}{f'[{key}]' if key else ''} has rows of shape {list(shape[1:])} and dtype "
+                         f"{dtype.name}, which the model cannot take: {exc}") from None
+    return tuple(shape[1:]), dtype
+
+
 def read_entries(manifest: pathlib.Path, model: MultiTenantModel, fail) -> tuple[list[Entry], tuple | None, int]:
     """Resolved entries in manifest order, the (row shape, dtype) they share, and the line count.
 
@@ -130,9 +154,11 @@ def read_entries(manifest: pathlib.Path, model: MultiTenantModel, fail) -> tuple
             if output in lines_of_output:
                 raise ValueError(f"output name {output!r} is also the output of line {lines_of_output[output]}; give an output column")
             shape, dtype, key = _peek(path, key)
-            row_spec = row_spec or (shape[1:], dtype)
+            if row_spec is None and len(shape) >= 1:
+                row_spec = _fitting_rows(model, path, key, shape, dtype)
             if len(shape) < 1 or shape[1:] != row_spec[0]:
-                raise ValueError(f"input {path.name}{f'[{key}]' if key else ''} has shape {list(shape)}, expected [rows, {', '.join(map(str, row_spec[0]))}]")
+                row = "..." if row_spec is None else ", ".join(map(str, row_spec[0]))
+                raise ValueError(f"input {path.name}{f'[{key}]' if key else ''} has shape {list(shape)}, expected [rows, {row}]")
             if not np.can_cast(dtype, row_spec[1], "same_kind"):
                 raise ValueError(f"input {path.name} has dtype {dtype.name}, which does not cast to {row_spec[1].name}")
         except (KeyError, ValueError, TypeError, OSError, zipfile.BadZipFile) as exc:

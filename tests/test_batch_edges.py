@@ -1,0 +1,141 @@
+"""Batch jobs at their edges: rows fixed by the inputs, output names, unreadable manifests, failures mid-job."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+
+import jaxmt
+import jaxmt.batch
+from jaxmt import BucketPolicy, ManifestError, MultiTenantModel
+
+
+def _apply(params, x):
+    return x @ params["w"]
+
+
+def _model(rows_known: bool = True, **kwargs) -> tuple[MultiTenantModel, dict]:
+    """Tenants p and q of x @ w over rows of 6 floats (row shape given, or left to the inputs)."""
+    rng = np.random.default_rng(0)
+    params = {t: {"w": rng.normal(size=(6, 3)).astype(np.float32)} for t in "pq"}
+    rows = {"row_shape": (6,), "row_dtype": np.float32} if rows_known else {}
+    model = MultiTenantModel(_apply, params["p"], capacity=2, **rows, **kwargs)
+    for tenant, p in params.items():
+        model.add_tenant(tenant, p)
+    return model, params
+
+
+def _save(directory: pathlib.Path, name: str, rows: int, width: int = 6) -> np.ndarray:
+    x = np.random.default_rng(len(name) + rows).normal(size=(rows, width)).astype(np.float32)
+    np.save(directory / name, x)
+    return x
+
+
+def test_an_input_the_model_cannot_take_fails_its_own_line_not_the_lines_after_it(tmp_path):
+    """Without rows fixed by the model, the first input the model can take fixes them: a first
+    input of the wrong width is its own bad line, and the good lines after it run."""
+    model, params = _model(rows_known=False)
+    _save(tmp_path, "wide.npy", 4, width=7)
+    good = _save(tmp_path, "good.npy", 4)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("tenant,input,output\np,wide.npy,w\nq,good.npy,g\n")
+    with pytest.raises(ManifestError, match=r"line 2: input wide.npy has rows of shape \[7\]") as caught:
+        jaxmt.predict_manifest(model, manifest, tmp_path / "out")
+    assert caught.value.line == 2
+    summary = jaxmt.predict_manifest(model, manifest, tmp_path / "out", skip_errors=True)
+    assert summary["computed"] == 1 and [e["line"] for e in summary["errors"]] == [2]
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "g.npz")["y"], good @ params["q"]["w"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["file", "allow_pickle"])
+def test_outputs_named_like_savez_keywords_are_kept_in_one_output_file(tmp_path, name):
+    model, params = _model()
+    x = _save(tmp_path, "x.npy", 3)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"tenant,input,output\np,x.npy,{name}\nq,x.npy,other\n")
+    summary = jaxmt.predict_manifest(model, manifest, output_file=tmp_path / "all.npz")
+    assert summary["computed"] == 2
+    with np.load(tmp_path / "all.npz") as outputs:
+        assert sorted(outputs.files) == sorted([name, "other"])
+        np.testing.assert_allclose(outputs[name], x @ params["p"]["w"], rtol=1e-5)
+
+
+def _named_leaves(params, x):
+    return {"file": x @ params["w"], "allow_pickle": x.sum(axis=-1)}
+
+
+def test_output_leaves_named_like_savez_keywords_are_kept_in_an_output_dir(tmp_path):
+    model = MultiTenantModel(_named_leaves, {"w": np.ones((6, 3), np.float32)}, capacity=1, row_shape=(6,), row_dtype=np.float32)
+    model.add_tenant("p", {"w": np.ones((6, 3), np.float32)})
+    x = _save(tmp_path, "x.npy", 3)
+    (tmp_path / "m.csv").write_text("tenant,input,output\np,x.npy,out\n")
+    jaxmt.predict_manifest(model, tmp_path / "m.csv", tmp_path / "out")
+    with np.load(tmp_path / "out" / "out.npz") as got:
+        assert sorted(got.files) == ["allow_pickle", "file"]
+        np.testing.assert_allclose(got["allow_pickle"], x.sum(axis=-1), rtol=1e-5)
+
+
+def test_a_manifest_that_is_not_utf8_raises_manifest_error_naming_it(tmp_path):
+    model, _ = _model()
+    manifest = tmp_path / "latin1.csv"
+    manifest.write_bytes("tenant,input\np,caf\xe9.npy\n".encode("latin-1"))
+    with pytest.raises(ManifestError, match="latin1.csv cannot be read as UTF-8"):
+        jaxmt.predict_manifest(model, manifest, tmp_path / "out")
+
+
+def test_a_csv_row_with_more_fields_than_the_header_is_a_bad_line(tmp_path):
+    """The extra fields (here a key and an output under a two-column header) are not dropped silently."""
+    model, _ = _model()
+    np.savez(tmp_path / "x.npz", first=np.zeros((2, 6), np.float32))
+    _save(tmp_path, "y.npy", 2)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("tenant,input\np,x.npz,first,out-p\nq,y.npy\n")
+    with pytest.raises(ManifestError, match=r"line 2: .*4 fields, but the header names 2 columns") as caught:
+        jaxmt.predict_manifest(model, manifest, tmp_path / "out")
+    assert caught.value.line == 2
+    summary = jaxmt.predict_manifest(model, manifest, tmp_path / "out", skip_errors=True)
+    assert summary["computed"] == 1 and [p.name for p in (tmp_path / "out").glob("*.npz")] == ["q__y.npz"]
+
+
+def test_entries_finished_by_the_step_in_flight_are_written_when_a_later_input_fails(tmp_path, monkeypatch):
+    """One tenant per step: entry A's step is in flight when B's input turns out to be gone; A's
+    output is written, so the rerun computes only B."""
+    model, params = _model(buckets=BucketPolicy.powers_of_two(1, 8))
+    a = _save(tmp_path, "a.npy", 4)
+    _save(tmp_path, "b.npy", 4)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("tenant,input,output\np,a.npy,A\nq,b.npy,B\n")
+    read_entries = jaxmt.batch.read_entries
+
+    def read_then_lose_b(*args):
+        entries = read_entries(*args)
+        (tmp_path / "b.npy").unlink()  # removed while the job runs
+        return entries
+
+    monkeypatch.setattr(jaxmt.batch, "read_entries", read_then_lose_b)
+    with pytest.raises(ManifestError, match="line 3: reading b.npy failed"):
+        jaxmt.predict_manifest(model, manifest, tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").glob("*.npz")] == ["A.npz"]
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "A.npz")["y"], a @ params["p"]["w"], rtol=1e-5)
+
+
+def test_an_existing_output_file_that_is_not_an_npz_is_named(tmp_path):
+    model, _ = _model()
+    _save(tmp_path, "x.npy", 2)
+    (tmp_path / "m.csv").write_text("tenant,input\np,x.npy\n")
+    (tmp_path / "all.npz").write_bytes(b"not a zip archive")
+    with pytest.raises(ValueError, match=r"output file .*all.npz exists but is not a .npz archive"):
+        jaxmt.predict_manifest(model, tmp_path / "m.csv", output_file=tmp_path / "all.npz")
+    assert (tmp_path / "all.npz").read_bytes() == b"not a zip archive"
+
+
+def test_a_scalar_first_input_is_its_own_bad_line_when_the_model_has_no_rows_yet(tmp_path):
+    model, params = _model(rows_known=False)
+    np.save(tmp_path / "scalar.npy", np.float32(1))
+    good = _save(tmp_path, "good.npy", 2)
+    (tmp_path / "m.csv").write_text("tenant,input,output\np,scalar.npy,s\nq,good.npy,g\n")
+    summary = jaxmt.predict_manifest(model, tmp_path / "m.csv", tmp_path / "out", skip_errors=True)
+    assert summary["errors"] == [{"line": 2, "error": "input scalar.npy has shape [], expected [rows, ...]"}]
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "g.npz")["y"], good @ params["q"]["w"], rtol=1e-5)
