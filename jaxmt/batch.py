@@ -134,6 +134,7 @@ def _batches(entries: list[Entry], k_max: int, b_max: int, row_dtype: np.dtype, 
                         if entry.x.shape[0] != entry.rows:
                             raise ValueError(f"input {entry.input.name} changed while the job ran")
                     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+                        entry.x = None  # a skipped input is not held (or kept mapped) until the job ends
                         fail(entry.line, f"reading {entry.input.name} failed: {exc}")  # raises unless skipping
                         queue.popleft()
                         continue

@@ -139,3 +139,20 @@ def test_a_scalar_first_input_is_its_own_bad_line_when_the_model_has_no_rows_yet
     summary = jaxmt.predict_manifest(model, tmp_path / "m.csv", tmp_path / "out", skip_errors=True)
     assert summary["errors"] == [{"line": 2, "error": "input scalar.npy has shape [], expected [rows, ...]"}]
     np.testing.assert_allclose(np.load(tmp_path / "out" / "g.npz")["y"], good @ params["q"]["w"], rtol=1e-5)
+
+
+def test_an_input_that_changed_while_the_job_ran_is_skipped_and_let_go(tmp_path):
+    """With errors skipped, an input whose row count changed since the manifest was read is
+    reported on its line and not held (a .npy stays memory-mapped while referenced); the
+    other entries' rows are batched as before."""
+    from jaxmt.manifest import Entry
+
+    good = _save(tmp_path, "good", rows=3)
+    _save(tmp_path, "changed", rows=5)
+    entries = [Entry(2, "a", tmp_path / "changed.npy", None, "c", rows=4), Entry(3, "b", tmp_path / "good.npy", None, "g", rows=3)]
+    failures = []
+    batches = list(jaxmt.batch._batches(entries, 4, 4, np.dtype(np.float32), lambda line, message: failures.append((line, message))))
+    assert failures == [(2, "reading changed.npy failed: input changed.npy changed while the job ran")]
+    assert entries[0].x is None
+    assert [ids for ids, _, _ in batches] == [["b"] * 3]
+    np.testing.assert_array_equal(batches[0][1], good)
