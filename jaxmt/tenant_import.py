@@ -21,6 +21,7 @@ from jaxmt.checkpoint import STORE_FILE, StrPath, _key_name, _named_leaves, _orb
 from jaxmt.errors import CheckpointError, DuplicateTenantError
 from jaxmt.model import MultiTenantModel
 from jaxmt.store import TenantStore
+from jaxmt.validation import leaf_dtype
 
 PyTree = Any
 
@@ -63,6 +64,15 @@ def _views(found: dict[tuple[str, ...], Any], top_template: set[str]) -> list[tu
     return views
 
 
+def _kept_dtype(leaf: Any) -> np.dtype:
+    """The dtype JAX would keep the leaf in, as the store judges it: Orbax (and so Flax) saves a
+    NumPy scalar as a Python float, which reads back as float64 but is a float32 leaf."""
+    try:
+        return leaf_dtype(leaf)
+    except (TypeError, ValueError, OverflowError):  # not array-like: reported as what NumPy makes of it
+        return np.asarray(leaf).dtype
+
+
 def _match(path: pathlib.Path, store: TenantStore, restored: PyTree) -> PyTree:
     """The checkpoint's leaves in the template's structure; CheckpointError naming the first difference."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(store.template)
@@ -79,13 +89,13 @@ def _match(path: pathlib.Path, store: TenantStore, restored: PyTree) -> PyTree:
             continue
         leaves = []
         for name, spec, leaf_path in zip(want, store.leaf_specs, store.leaf_paths):
-            array = np.asarray(view[name])
-            if array.shape != tuple(spec.shape) or array.dtype != jnp.dtype(spec.dtype):
+            shape, dtype = np.shape(view[name]), _kept_dtype(view[name])
+            if shape != tuple(spec.shape) or dtype != jnp.dtype(spec.dtype):
                 raise CheckpointError(
-                    f"{path}: leaf {leaf_path} is {_spec_text(array.shape, array.dtype)} in the checkpoint, "
+                    f"{path}: leaf {leaf_path} is {_spec_text(shape, dtype)} in the checkpoint, "
                     f"expected {_spec_text(spec.shape, spec.dtype)}"
                 )
-            leaves.append(array)
+            leaves.append(np.asarray(view[name], dtype))
         return jax.tree_util.tree_unflatten(treedef, leaves)
     raise CheckpointError(f"{path}: the checkpoint's structure does not match the model's params; " + "; ".join(problems))
 

@@ -30,7 +30,7 @@ import optax
 
 from jaxmt.errors import InputError, NonFiniteLossError, ParamMismatchError, UnknownTenantError
 from jaxmt.lowering import LoweringPolicy
-from jaxmt.validation import check_tenant_ids
+from jaxmt.validation import _template_ordered_leaves, check_tenant_ids, first_structure_difference
 from jaxmt.train_step import (
     LossFn,
     PyTree,
@@ -61,7 +61,8 @@ class MultiTenantTrainer:
       hyperparams: keyword arguments of ``optimizer``. A number is shared by all tenants; a
         sequence of numbers gives one value per tenant (length = number of tenants). Numbers
         become per-tenant arrays in the optimizer state (``optax.inject_hyperparams``);
-        other values (bools, None, callables such as adamw's ``mask``) are passed as given.
+        other values (bools, None, callables or pytrees such as adamw's ``mask``) are passed
+        as given.
       trainable: ``trainable(leaf_path) -> bool`` on ``jax.tree_util.keystr`` paths; leaves
         it rejects (e.g. BatchNorm ``batch_stats``) are constants: no gradient, no optimizer
         state, never changed. Default: every leaf is trained.
@@ -175,21 +176,34 @@ class MultiTenantTrainer:
 
     @classmethod
     def from_params(cls, loss_fn: LossFn, params_by_tenant: Mapping[Hashable, PyTree], **kwargs: Any) -> "MultiTenantTrainer":
-        """Tenants from one params pytree each (validated against the first, then stacked)."""
+        """Tenants from one params pytree each (validated against the first, then stacked).
+
+        Mappings may differ in type only (a flax FrozenDict for a dict): their entries are
+        matched by key, and the stack has the first tenant's structure.
+        """
         tenant_ids = _check_ids(list(params_by_tenant))
         first = tenant_ids[0]
-        want_leaves, want_def = jax.tree_util.tree_flatten_with_path(params_by_tenant[first])
+        template = params_by_tenant[first]
+        want_leaves, want_def = jax.tree_util.tree_flatten_with_path(template)
+        leaves_by_tenant = {first: [leaf for _, leaf in want_leaves]}
         for tenant_id in tenant_ids[1:]:
             got_leaves, got_def = jax.tree_util.tree_flatten(params_by_tenant[tenant_id])
             if got_def != want_def:
-                raise ParamMismatchError(f"tenant {tenant_id!r}: params pytree structure differs from that of tenant {first!r}")
+                difference = first_structure_difference(template, params_by_tenant[tenant_id])
+                if difference is not None:
+                    raise ParamMismatchError(
+                        f"tenant {tenant_id!r}: params pytree structure differs from that of tenant {first!r}: {difference}"
+                    )
+                # Only the mapping types differ (a flax FrozenDict for a dict): the same entries, matched by key.
+                got_leaves = _template_ordered_leaves(params_by_tenant[tenant_id], template, want_def, f"tenant {tenant_id!r}: params")
+            leaves_by_tenant[tenant_id] = got_leaves
             for (path, want), got in zip(want_leaves, got_leaves):
                 if np.shape(got) != np.shape(want) or jnp.result_type(got) != jnp.result_type(want):
                     raise ParamMismatchError(
                         f"tenant {tenant_id!r}: leaf {jax.tree_util.keystr(path)} is "
                         f"{jnp.result_type(got)}{list(np.shape(got))}, expected {jnp.result_type(want)}{list(np.shape(want))}"
                     )
-        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(params_by_tenant[t] for t in tenant_ids))
+        stacked = want_def.unflatten([jnp.stack(leaves) for leaves in zip(*(leaves_by_tenant[t] for t in tenant_ids))])
         return cls(loss_fn, stacked, tenant_ids, **kwargs)
 
     # -------------------------------------------------------------------- queries
@@ -270,7 +284,9 @@ class MultiTenantTrainer:
         for tenant_id in self._tenants[1:]:
             got_leaves, got_def = jax.tree_util.tree_flatten(batches_by_tenant[tenant_id])
             if got_def != want_def:
-                raise InputError(f"tenant {tenant_id!r}: batch structure {got_def} differs from {want_def}, that of tenant {first!r}")
+                where = first_structure_difference(batches_by_tenant[first], batches_by_tenant[tenant_id])
+                where = where or f"mappings of other types, {got_def} for {want_def}"  # None: only mapping types differ
+                raise InputError(f"tenant {tenant_id!r}: batch structure differs from that of tenant {first!r}: {where}")
             for (path, want), got in zip(want_leaves, got_leaves):
                 if np.shape(got) != np.shape(want):
                     raise InputError(
@@ -282,15 +298,13 @@ class MultiTenantTrainer:
 
     def step_stacked(self, batch: PyTree) -> dict[Hashable, float]:
         """``step`` with the batches already stacked: every leaf [tenants, ...] in ``tenants`` order."""
-        n = len(self._tenants)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
-            if np.ndim(leaf) < 1 or np.shape(leaf)[0] != n:
-                raise InputError(
-                    f"batch leaf {jax.tree_util.keystr(path)} has shape {list(np.shape(leaf))}; "
-                    f"expected a leading tenant axis of {n}"
-                )
+        self._check_stacked_batch(batch)
         active = self._active.copy()
         params, opt_state, losses, finite = self._step_program(self._params, self._opt_state, jnp.asarray(active), batch)
+        if self.on_nonfinite == "freeze":
+            # The old buffers were donated: hold the new ones before waiting for the losses, so that an
+            # interrupt there (Ctrl-C) leaves the trainer with its weights (the step is then not counted).
+            self._params, self._opt_state = params, opt_state
         losses, finite = np.asarray(losses), np.asarray(finite)
         bad = [t for t, on, ok in zip(self._tenants, active, finite) if on and not ok]
         step_index = len(self._losses)
@@ -306,19 +320,24 @@ class MultiTenantTrainer:
         for tenant_id in bad:
             self._active[self._index[tenant_id]] = False
             self.diverged[tenant_id] = step_index
-        if bad:
+        self._losses.append(np.where(active, losses, np.nan).astype(np.float32))
+        if bad:  # after the bookkeeping: a warning filter that raises must not leave the step half recorded
             warnings.warn(
                 f"step {step_index}: tenants {bad!r} diverged (NaN or Inf loss, gradients or updated params); they keep the "
                 f"params from before this step and train no further",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        self._losses.append(np.where(active, losses, np.nan).astype(np.float32))
         return {t: float(losses[i]) for i, t in enumerate(self._tenants) if active[i]}
 
     def freeze(self, tenant_ids: Sequence[Hashable]) -> None:
-        """Stops updating these tenants (early stopping of a trial); their params stay as they are."""
-        positions = [self._position(t) for t in tenant_ids]
+        """Stops updating these tenants (early stopping of a trial); their params stay as they are.
+
+        Raises:
+          UnknownTenantError: an id is not a tenant (nobody is frozen).
+          TypeError: a lone string instead of a sequence of ids.
+        """
+        positions = [self._position(t) for t in _id_list(tenant_ids, "freeze")]
         self._active[positions] = False
 
     def set_hyperparam(self, name: str, values: float | Sequence[float] | Mapping[Hashable, float]) -> None:
@@ -337,16 +356,31 @@ class MultiTenantTrainer:
         if isinstance(values, Mapping):
             new = current.astype(np.float64)  # as given, until checked against the stored dtype
             for tenant_id, value in values.items():
-                new[self._position(tenant_id)] = value
+                position = self._position(tenant_id)
+                number = np.asarray(value)
+                if number.ndim != 0 or number.dtype.kind not in "iuf":
+                    raise ValueError(f"hyperparameter {name!r} of tenant {tenant_id!r} must be a number, got {value!r}")
+                new[position] = number
         else:
-            new = np.asarray(split_hyperparams({name: values}, self._tenants)[1][name], np.float64)
+            per_tenant = split_hyperparams({name: values}, self._tenants)[1]
+            if name not in per_tenant:  # a bool, None, a string or a callable: not a per-tenant number
+                raise ValueError(f"hyperparameter {name!r} must be a number or a sequence of {len(self._tenants)} numbers, got {values!r}")
+            new = np.asarray(per_tenant[name], np.float64)
         if not np.all(np.isfinite(new)):
             raise ValueError(f"hyperparameter {name!r} must be finite, got {new.tolist()}")
         if current.dtype.kind in "iu" and not np.array_equal(new, np.round(new)):
             raise ValueError(f"hyperparameter {name!r} holds integers (it was given as {current.tolist()}); "
                              f"{new.tolist()} would be truncated: give it as a float (e.g. 0.0) to the constructor")
+        with np.errstate(over="ignore", invalid="ignore"):
+            stored = new.astype(current.dtype)
+        as_float = stored.astype(np.float64)
+        unfit = ~np.isfinite(as_float) | ((as_float != new) if current.dtype.kind in "iu" else False)
+        if unfit.any():
+            i = int(np.argmax(unfit))
+            raise ValueError(f"hyperparameter {name!r} of tenant {self._tenants[i]!r} is held as {current.dtype.name}, "
+                             f"which cannot hold {float(new[i])!r} (it would become {stored[i].item()!r})")
         hyperparams = dict(self._opt_state.hyperparams)
-        hyperparams[name] = jnp.asarray(new, current.dtype)
+        hyperparams[name] = jnp.asarray(stored)
         self._opt_state = self._opt_state._replace(hyperparams=hyperparams)
 
     def evaluate(self, fn: Callable[[PyTree, PyTree], Any], batch: PyTree, *, stacked: bool = False) -> dict[Hashable, Any]:
@@ -354,7 +388,12 @@ class MultiTenantTrainer:
 
         ``batch`` is shared by all tenants (e.g. a validation set), or with ``stacked=True``
         has a leading tenant axis. The compiled program is cached per ``fn``.
+
+        Raises:
+          InputError: with ``stacked=True``, a batch leaf without a leading tenant axis.
         """
+        if stacked:
+            self._check_stacked_batch(batch)
         values = jax.tree.map(np.asarray, eval_program(fn, stacked, self.lowering)(self._params, batch))
         return {t: jax.tree.map(lambda v: v[i], values) for i, t in enumerate(self._tenants)}
 
@@ -369,10 +408,11 @@ class MultiTenantTrainer:
 
         Raises:
           UnknownTenantError: an id is not a tenant of this trainer (nothing is exported).
+          TypeError: a lone string instead of a sequence of ids.
           ParamMismatchError: the model's template differs from these params.
           NonFiniteParamsError: a tenant's params hold NaN or Inf (naming it; nothing is exported).
         """
-        ids = [t for t in self._tenants if t not in self.diverged] if tenant_ids is None else list(tenant_ids)
+        ids = [t for t in self._tenants if t not in self.diverged] if tenant_ids is None else _id_list(tenant_ids, "export_to")
         positions = [self._position(t) for t in ids]
         with model.store.lock:
             updated = [(t, p) for t, p in zip(ids, positions) if replace and t in model]
@@ -405,7 +445,7 @@ class MultiTenantTrainer:
         apply_fn = apply_fn if apply_fn is not None else self.apply_fn
         if apply_fn is None:
             raise ValueError("to_model needs an apply_fn: pass it here or to the trainer's constructor")
-        ids = [t for t in self._tenants if t not in self.diverged] if tenant_ids is None else list(tenant_ids)
+        ids = [t for t in self._tenants if t not in self.diverged] if tenant_ids is None else _id_list(tenant_ids, "to_model")
         example = self.params_of(ids[0] if ids else self._tenants[0])
         model_kwargs.setdefault("capacity", max(1, len(ids)))
         model_kwargs.setdefault("lowering", self.lowering)
@@ -414,6 +454,14 @@ class MultiTenantTrainer:
         return model
 
     # ------------------------------------------------------------------ internals
+    def _check_stacked_batch(self, batch: PyTree) -> None:
+        """InputError naming the first leaf of a stacked batch whose leading axis is not one row per tenant."""
+        n = len(self._tenants)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
+            if np.ndim(leaf) < 1 or np.shape(leaf)[0] != n:
+                where = f"leaf {jax.tree_util.keystr(path)}" if path else "array"
+                raise InputError(f"batch {where} has shape {list(np.shape(leaf))}; expected a leading tenant axis of {n}")
+
     def _position(self, tenant_id: Hashable) -> int:
         try:
             return self._index[tenant_id]
@@ -429,9 +477,17 @@ class MultiTenantTrainer:
 
 
 def _check_ids(tenant_ids: Sequence[Hashable]) -> list[Hashable]:
-    if not list(tenant_ids):
+    ids = list(tenant_ids)  # once: an iterator would be empty the second time
+    if not ids:
         raise ValueError("a trainer needs at least one tenant")
-    return check_tenant_ids(tenant_ids)
+    return check_tenant_ids(ids)
+
+
+def _id_list(tenant_ids: Sequence[Hashable], caller: str) -> list[Hashable]:
+    """The ids as a list; a lone string is refused: iterated, it would name its characters as tenants."""
+    if isinstance(tenant_ids, (str, bytes)):
+        raise TypeError(f"{caller} takes a sequence of tenant ids, got the string {tenant_ids!r}; pass [{tenant_ids!r}]")
+    return list(tenant_ids)
 
 
 def _stack(*leaves: Any) -> Any:

@@ -33,6 +33,8 @@ from jaxmt.train_step import shuffled_batch_indices
 
 OPTIMIZERS = {"adamw": optax.adamw, "sgd": optax.sgd}
 ARCHS = ("mlp", "cnn")
+DEFAULT_WD_RANGE = (1e-6, 1e-1)
+DEFAULT_COMPARE_STEPS = 50
 
 
 class DigitsCNN(nn.Module):
@@ -80,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS), help="Optax optimizer (default adamw)")
     parser.add_argument("--lr-range", type=float, nargs=2, default=(1e-4, 3e-1), metavar=("LOW", "HIGH"),
                         help="learning rates are drawn log-uniformly from [LOW, HIGH] (default 1e-4 3e-1)")
-    parser.add_argument("--wd-range", type=float, nargs=2, default=(1e-6, 1e-1), metavar=("LOW", "HIGH"),
+    parser.add_argument("--wd-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                         help="weight decays are drawn log-uniformly from [LOW, HIGH] (adamw only; default 1e-6 1e-1)")
     parser.add_argument("--lowering", default="auto",
                         help="how tenants' layers are batched (jaxmt.lowering): vmap, auto, rule or a conv lowering; "
@@ -88,20 +90,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.2, help="rows held out for validation (default 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the search, the split, and tenant t's init and data order (seed + t)")
     parser.add_argument("--compare", action="store_true", help="also time one program against N separate jitted training loops")
-    parser.add_argument("--compare-steps", type=int, default=50, help="timed steps of each tenant for --compare (default 50)")
+    parser.add_argument("--compare-steps", type=int, default=None, help="timed steps of each tenant for --compare (default 50)")
     parser.add_argument("--json", metavar="PATH", help="write results and curves as JSON ('-' for stdout; the table then goes to stderr)")
     parser.add_argument("--plot", metavar="PNG", help="plot loss and accuracy curves to this PNG file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _check_args(args: argparse.Namespace) -> str | None:
+    # An option that this run would ignore is refused rather than silently dropped.
+    if args.wd_range is not None and args.optimizer != "adamw":
+        return f"--wd-range applies to adamw only; --optimizer {args.optimizer} has no weight decay"
+    if args.compare_steps is not None and not args.compare:
+        return "--compare-steps needs --compare"
     if args.tenants < 1:
         return f"--tenants must be >= 1, got {args.tenants}"
-    if args.epochs < 1 or args.batch_size < 1 or args.compare_steps < 1:
+    if args.epochs < 1 or args.batch_size < 1 or (args.compare_steps is not None and args.compare_steps < 1):
         return "--epochs, --batch-size and --compare-steps must be >= 1"
-    for name, (low, high) in (("--lr-range", args.lr_range), ("--wd-range", args.wd_range)):
-        if not 0 < low <= high:
-            return f"{name} needs 0 < LOW <= HIGH, got {low} {high}"
+    for name, (low, high) in (("--lr-range", args.lr_range), ("--wd-range", args.wd_range or DEFAULT_WD_RANGE)):
+        if not 0 < low <= high < math.inf:
+            return f"{name} needs 0 < LOW <= HIGH < inf, got {low} {high}"
     if not 0 < args.val_fraction < 1:
         return f"--val-fraction must be in (0, 1), got {args.val_fraction}"
     try:
@@ -109,6 +116,16 @@ def _check_args(args: argparse.Namespace) -> str | None:
     except ValueError as exc:
         return f"--lowering: {exc}"
     return None
+
+
+def _with_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """The checked arguments with the defaults of options left out (None until checked, so
+    that an option given where it does not apply can be told from its default)."""
+    return argparse.Namespace(**{
+        **vars(args),
+        "wd_range": DEFAULT_WD_RANGE if args.wd_range is None else args.wd_range,
+        "compare_steps": DEFAULT_COMPARE_STEPS if args.compare_steps is None else args.compare_steps,
+    })
 
 
 def _search_space(args: argparse.Namespace) -> tuple[list[str], dict[str, Any], list[int]]:
@@ -129,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    args = _with_defaults(args)
     try:
         import sklearn  # noqa: F401
     except ImportError:
@@ -138,6 +156,10 @@ def run(args: argparse.Namespace) -> int:
 
     module, row_shape = digits_arch(args.arch)
     data = load_digits_split(row_shape, args.val_fraction, args.seed)
+    if not (len(data["y_train"]) and len(data["y_val"])):
+        print(f"error: --val-fraction {args.val_fraction} leaves {len(data['y_train'])} training and {len(data['y_val'])} "
+              "validation rows; each needs at least one", file=sys.stderr)
+        return 2
     names, hyper, seeds = _search_space(args)
 
     def init_fn(seed: jax.Array) -> Any:

@@ -187,7 +187,8 @@ def split_hyperparams(hyperparams: Mapping[str, Any], tenants: list[Hashable]) -
     per_tenant: dict[str, np.ndarray] = {}
     n = len(tenants)
     for name, value in hyperparams.items():
-        if value is None or isinstance(value, (bool, str)) or callable(value):
+        # Not numbers: passed to the optimizer as given (a pytree such as adamw's mask is a Mapping).
+        if value is None or isinstance(value, (bool, str, Mapping)) or callable(value):
             static[name] = value
             continue
         values = np.asarray(value)
@@ -195,9 +196,15 @@ def split_hyperparams(hyperparams: Mapping[str, Any], tenants: list[Hashable]) -
             raise ValueError(f"hyperparameter {name!r} must be a number or a sequence of {n} numbers, got {value!r}")
         if values.ndim == 1 and values.shape[0] != n:
             raise ValueError(f"hyperparameter {name!r} has {values.shape[0]} values for {n} tenants")
-        values = np.broadcast_to(values, (n,)).astype(np.float32 if values.dtype.kind == "f" else np.int32)
+        given = np.broadcast_to(values, (n,))
+        with np.errstate(over="ignore", invalid="ignore"):
+            values = given.astype(np.float32 if given.dtype.kind == "f" else np.int32)
         if not np.all(np.isfinite(values)):
             bad = tenants[int(np.argmin(np.isfinite(values)))]
             raise ValueError(f"hyperparameter {name!r} of tenant {bad!r} is not finite")
+        if values.dtype.kind == "i" and not np.array_equal(values, given):
+            i = int(np.argmin(values == given))
+            raise ValueError(f"hyperparameter {name!r} of tenant {tenants[i]!r} is the integer {given[i]}, "
+                             f"which int32 cannot hold: give it as a float")
         per_tenant[name] = values
     return static, per_tenant

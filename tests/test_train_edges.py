@@ -1,0 +1,309 @@
+"""Edges of MultiTenantTrainer, the train CLI and single-tenant import: bad input is refused
+with an error that names what is wrong, and leaves the trainer as it was.
+
+The model is a linear regression of three features (two leaves), so every test is fast;
+references are plain NumPy. Tolerances: exact where nothing is computed, relative 1e-6 in
+float32 where one SGD step is.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxmt import InputError, MultiTenantModel, MultiTenantTrainer, ParamMismatchError, TenantStore, add_tenant_from_checkpoint
+
+
+def _init(seed: int) -> dict:
+    return {"w": jax.random.normal(jax.random.key(seed), (3,)), "b": jnp.full((), 0.5 * seed)}
+
+
+def _loss(params, batch):
+    return jnp.mean((batch["x"] @ params["w"] + params["b"] - batch["y"]) ** 2)
+
+
+def _apply(params, x):
+    return x @ params["w"] + params["b"]
+
+
+def _batch(n_tenants: int, seed: int = 0) -> dict[str, np.ndarray]:
+    x = np.random.default_rng(seed).normal(size=(n_tenants, 8, 3)).astype(np.float32)
+    return {"x": x, "y": x.sum(-1)}
+
+
+def _trainer(ids=("a", "b", "c"), **kwargs) -> MultiTenantTrainer:
+    kwargs.setdefault("optimizer", optax.sgd)
+    kwargs.setdefault("hyperparams", {"learning_rate": [0.1, 0.2, 0.3][: len(ids)]})
+    return MultiTenantTrainer.from_init(_loss, _init, {t: i for i, t in enumerate(ids)}, apply_fn=_apply, **kwargs)
+
+
+def _host(tree):
+    return jax.tree.map(lambda leaf: np.array(leaf, copy=True), tree)
+
+
+def _flat(tree) -> np.ndarray:
+    return np.concatenate([np.ravel(np.asarray(leaf, np.float64)) for leaf in jax.tree.leaves(tree)])
+
+
+def _assert_trees_equal(a, b):
+    jax.tree.map(np.testing.assert_array_equal, _host(a), _host(b))
+
+
+def _snapshot(trainer: MultiTenantTrainer):
+    return _host(trainer.stacked_params), _host(trainer.opt_state), trainer.num_steps, trainer.active
+
+
+def _assert_unchanged(trainer: MultiTenantTrainer, snapshot) -> None:
+    params, opt_state, steps, active = snapshot
+    _assert_trees_equal(trainer.stacked_params, params)
+    _assert_trees_equal(trainer.opt_state, opt_state)
+    assert (trainer.num_steps, trainer.active) == (steps, active)
+
+
+# ------------------------------------------------------------------ from_params
+@pytest.mark.parametrize(
+    "other, where",
+    [
+        ({"w": np.zeros(3, np.float32)}, r"\['b'\] is missing, expected float32\[\]"),
+        ({"w": np.zeros(3, np.float32), "b": np.float32(0), "c": np.float32(0)}, r"unexpected extra entry \['c'\]"),
+        ({"w": {"kernel": np.zeros(3, np.float32)}, "b": np.float32(0)}, r"\['w'\] is dict with keys \['kernel'\], expected float32\[3\]"),
+        ({"w": (np.zeros(3, np.float32),), "b": np.float32(0)}, r"\['w'\] is tuple of 1, expected float32\[3\]"),
+    ],
+    ids=["missing", "extra", "dict for a leaf", "tuple for a leaf"],
+)
+def test_from_params_names_where_a_structure_differs_from_the_first_tenant(other, where):
+    params = {"a": jax.tree.map(np.asarray, _init(0)), "b": other}
+    with pytest.raises(ParamMismatchError, match=r"tenant 'b': params pytree structure differs from that of tenant 'a': " + where):
+        MultiTenantTrainer.from_params(_loss, params, optimizer=optax.sgd, hyperparams={"learning_rate": 0.1})
+
+
+@pytest.mark.parametrize("frozen", ["second", "first"])
+def test_from_params_takes_a_frozen_dict_for_a_dict_like_the_store_does(frozen):
+    plain = {"a": _init(0), "b": _init(1)}
+    mixed = {t: flax.core.freeze(p) if (t == "b") == (frozen == "second") else p for t, p in plain.items()}
+    sgd = dict(optimizer=optax.sgd, hyperparams={"learning_rate": [0.1, 0.2]})
+    got = MultiTenantTrainer.from_params(_loss, mixed, **sgd)
+    want = MultiTenantTrainer.from_params(_loss, plain, **sgd)
+    for tenant in ("a", "b"):
+        _assert_trees_equal(dict(got.params_of(tenant)), want.params_of(tenant))
+    got.step_stacked(_batch(2))
+    want.step_stacked(_batch(2))
+    for tenant in ("a", "b"):
+        _assert_trees_equal(dict(got.params_of(tenant)), want.params_of(tenant))
+
+
+def test_tenant_ids_may_come_from_an_iterator():
+    stack = jax.vmap(_init)(jnp.arange(2))
+    trainer = MultiTenantTrainer(_loss, stack, iter(["a", "b"]), optimizer=optax.sgd, hyperparams={"learning_rate": 0.1})
+    assert trainer.tenants == ["a", "b"]
+    _assert_trees_equal(trainer.params_of("b"), _init(1))
+
+
+# --------------------------------------------------------------- hyperparameters
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        (True, r"'learning_rate' must be a number or a sequence of 3 numbers, got True"),
+        (None, r"'learning_rate' must be a number or a sequence of 3 numbers, got None"),
+        ("fast", r"'learning_rate' must be a number or a sequence of 3 numbers, got 'fast'"),
+        ({"b": "fast"}, r"'learning_rate' of tenant 'b' must be a number, got 'fast'"),
+        ({"b": None}, r"'learning_rate' of tenant 'b' must be a number, got None"),
+        ({"b": [0.1, 0.2]}, r"'learning_rate' of tenant 'b' must be a number, got \[0.1, 0.2\]"),
+        ({"b": 1e39}, r"'learning_rate' of tenant 'b' is held as float32, which cannot hold 1e\+39 \(it would become inf\)"),
+    ],
+    ids=["bool", "None", "string", "tenant string", "tenant None", "tenant list", "float32 overflow"],
+)
+def test_set_hyperparam_rejects_what_is_not_a_number_it_can_hold_and_changes_nothing(values, match):
+    trainer = _trainer()
+    hyper = trainer.hyperparams["learning_rate"].copy()
+    with pytest.raises(ValueError, match=match):
+        trainer.set_hyperparam("learning_rate", values)
+    np.testing.assert_array_equal(trainer.hyperparams["learning_rate"], hyper)
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"b": 2**40}, r"'weight_decay' of tenant 'b' is held as int32, which cannot hold 1099511627776.0 \(it would become"),
+        ([0, 2**40, 0], r"'weight_decay' of tenant 'b' is the integer 1099511627776, which int32 cannot hold"),
+    ],
+    ids=["mapping", "sequence"],
+)
+def test_an_integer_hyperparameter_refuses_values_int32_cannot_hold(values, match):
+    trainer = _trainer(optimizer=optax.adamw, hyperparams={"learning_rate": 0.1, "weight_decay": 0})
+    with pytest.raises(ValueError, match=match):
+        trainer.set_hyperparam("weight_decay", values)
+    np.testing.assert_array_equal(trainer.hyperparams["weight_decay"], [0, 0, 0])
+
+
+def test_the_constructor_refuses_integers_int32_cannot_hold():
+    with pytest.raises(ValueError, match=r"'weight_decay' of tenant 'b' is the integer 1099511627776, which int32 cannot hold"):
+        _trainer(optimizer=optax.adamw, hyperparams={"learning_rate": 0.1, "weight_decay": [0, 2**40, 0]})
+
+
+# ------------------------------------------------------------------ divergence
+def test_a_divergence_warning_raised_as_an_error_leaves_the_step_recorded():
+    """Under ``-W error`` the warning is an exception: the step it reports is committed and
+    recorded all the same, so the history, the diverged steps and the params agree."""
+    trainer, reference = _trainer(), _trainer()
+    trainer.step_stacked(_batch(3, seed=0))
+    reference.step_stacked(_batch(3, seed=0))
+    bad = _batch(3, seed=1)
+    bad["x"][1, 0, 0] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning, match=r"step 1: tenants \['b'\] diverged"):
+            trainer.step_stacked(bad)
+    with pytest.warns(RuntimeWarning, match=r"step 1: tenants \['b'\] diverged"):
+        want_losses = reference.step_stacked(bad)
+    assert trainer.num_steps == reference.num_steps == 2 and trainer.diverged == reference.diverged == {"b": 1}
+    for tenant in trainer.tenants:
+        np.testing.assert_array_equal(trainer.history[tenant], reference.history[tenant])
+        _assert_trees_equal(trainer.params_of(tenant), reference.params_of(tenant))
+    np.testing.assert_array_equal(trainer.history["a"][1], np.float32(want_losses["a"]))
+
+
+# ---------------------------------------------------------------- tenant lists
+@pytest.mark.parametrize("call", ["freeze", "export_to", "to_model"])
+def test_a_lone_string_is_not_taken_for_a_list_of_tenants(call):
+    trainer = _trainer(ids=("a", "b", "ab"))
+    snapshot = _snapshot(trainer)
+    model = MultiTenantModel(_apply, trainer.params_of("a"), capacity=4)
+    with pytest.raises(TypeError, match=rf"{call} takes a sequence of tenant ids, got the string 'ab'; pass \['ab'\]"):
+        {"freeze": lambda: trainer.freeze("ab"), "export_to": lambda: trainer.export_to(model, "ab"),
+         "to_model": lambda: trainer.to_model("ab")}[call]()
+    _assert_unchanged(trainer, snapshot)
+    assert model.tenants == []
+    trainer.freeze(["ab"])
+    assert trainer.active == ["a", "b"]
+
+
+# ------------------------------------------------------------------ train CLI
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr-range", "0.1", "inf"], "--lr-range needs 0 < LOW <= HIGH < inf, got 0.1 inf"),
+        (["--optimizer", "adamw", "--wd-range", "1e-3", "inf"], "--wd-range needs 0 < LOW <= HIGH < inf"),
+        (["--val-fraction", "0.0001"], "--val-fraction 0.0001 leaves 1797 training and 0 validation rows"),
+        (["--val-fraction", "0.9999"], "--val-fraction 0.9999 leaves 0 training and 1797 validation rows"),
+        (["--optimizer", "sgd", "--wd-range", "1e-3", "1e-2"], "--wd-range applies to adamw only; --optimizer sgd has no weight decay"),
+        (["--compare-steps", "5"], "--compare-steps needs --compare"),
+    ],
+    ids=["infinite lr", "infinite wd", "no validation rows", "no training rows", "wd for sgd", "compare steps alone"],
+)
+def test_train_cli_rejects_arguments_it_cannot_use_with_exit_code_2(argv, message, capsys):
+    if "--val-fraction" in argv:
+        pytest.importorskip("sklearn")
+    from jaxmt.cli import main
+
+    assert main(["train", "--tenants", "2", "--epochs", "1", "--no-progress", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- single import
+def test_a_flax_checkpoint_with_a_numpy_scalar_leaf_imports_into_its_float32_template(tmp_path):
+    """Orbax (under flax.training.checkpoints) saves a NumPy scalar as a Python float, which
+    reads back as float64; JAX keeps it as float32, as the store does for any tenant."""
+    from flax.training import checkpoints
+
+    params = {"params": {"w": np.arange(3, dtype=np.float32), "temperature": np.float32(0.25)}}
+    checkpoints.save_checkpoint(tmp_path / "run", {"params": params["params"], "step": 7}, step=7)
+    store = TenantStore(jax.tree.map(np.zeros_like, params), capacity=2)
+    add_tenant_from_checkpoint(store, "imported", tmp_path / "run")
+    got = jax.tree.map(np.asarray, store.get("imported"))
+    assert got["params"]["temperature"].dtype == np.float32
+    _assert_trees_equal(got, params)
+
+
+# -------------------------------------------------------------------- evaluate
+@pytest.mark.parametrize("lowering", ["vmap", "rule"])
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_evaluate_refuses_a_stacked_batch_without_one_row_per_tenant(lowering, rows):
+    trainer = _trainer(lowering=lowering)
+    x = np.ones((rows, 4, 3), np.float32)
+    with pytest.raises(InputError, match=rf"batch array has shape \[{rows}, 4, 3\]; expected a leading tenant axis of 3"):
+        trainer.evaluate(_apply, x, stacked=True)
+    x = np.random.default_rng(0).normal(size=(3, 4, 3)).astype(np.float32)
+    got = trainer.evaluate(_apply, x, stacked=True)
+    for t, tenant in enumerate(trainer.tenants):
+        params = trainer.params_of(tenant)
+        np.testing.assert_allclose(got[tenant], x[t] @ np.asarray(params["w"]) + np.asarray(params["b"]), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------ step
+@pytest.mark.parametrize(
+    "other, where",
+    [
+        (lambda b: {"x": b["x"]}, r"\['y'\] is missing, expected float32\[8\]"),
+        (lambda b: {**b, "w": b["y"]}, r"unexpected extra entry \['w'\] \(float32\[8\]\), not in the template"),
+        (lambda b: {"x": (b["x"],), "y": b["y"]}, r"\['x'\] is tuple of 1, expected float32\[8, 3\]"),
+        (lambda b: flax.core.freeze(b), r"mappings of other types"),
+    ],
+    ids=["missing", "extra", "tuple for a leaf", "frozen dict"],
+)
+def test_step_names_where_a_batch_structure_differs_and_changes_nothing(other, where):
+    trainer = _trainer()
+    snapshot = _snapshot(trainer)
+    stacked = _batch(3)
+    batches = {t: {k: v[i] for k, v in stacked.items()} for i, t in enumerate(trainer.tenants)}
+    batches["c"] = other(batches["c"])
+    with pytest.raises(InputError, match=r"tenant 'c': batch structure differs from that of tenant 'a': " + where):
+        trainer.step(batches)
+    _assert_unchanged(trainer, snapshot)
+
+
+# ------------------------------------------------------------- optimizer options
+@pytest.mark.parametrize("mask", [{"w": True, "b": False}, lambda params: {"w": True, "b": False}], ids=["pytree", "callable"])
+def test_a_pytree_option_such_as_adamws_mask_is_passed_as_given(mask):
+    """adamw's mask may be a pytree of bools like the params, or a callable making one."""
+    hyper = {"learning_rate": [0.1, 0.05], "weight_decay": 0.5, "mask": mask}
+    trainer = _trainer(ids=("a", "b"), optimizer=optax.adamw, hyperparams=hyper)
+    batches = [_batch(2, seed=s) for s in range(3)]
+    for batch in batches:
+        trainer.step_stacked(batch)
+    for t, tenant in enumerate(trainer.tenants):
+        tx = optax.adamw(hyper["learning_rate"][t], weight_decay=0.5, mask=mask)
+        params = _init(t)
+        state = tx.init(params)
+        for batch in batches:
+            grads = jax.grad(_loss)(params, {k: v[t] for k, v in batch.items()})
+            updates, state = tx.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+        got, want = _flat(trainer.params_of(tenant)), _flat(params)
+        assert np.linalg.norm(got - want) < 1e-5 * np.linalg.norm(want), tenant  # Adam magnifies rounding differences
+
+
+# ------------------------------------------------------------------ interrupts
+class _Interrupt:
+    """Stands for the step's losses; reading them raises as Ctrl-C does while a program runs."""
+
+    def __array__(self, *args, **kwargs):
+        raise KeyboardInterrupt("while waiting for the losses")
+
+
+@pytest.mark.parametrize("on_nonfinite", ["freeze", "raise"])
+def test_an_interrupt_while_waiting_for_the_losses_leaves_usable_weights(on_nonfinite):
+    """With on_nonfinite="freeze" the step donates the old buffers: the trainer must hold the
+    new ones (the update is kept, the step not counted); with "raise" nothing is donated."""
+    trainer, reference = _trainer(on_nonfinite=on_nonfinite), _trainer()
+    real = trainer._step_program
+    trainer._step_program = lambda *args: (lambda out: (out[0], out[1], _Interrupt(), out[3]))(real(*args))
+    before = _host(trainer.stacked_params)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.step_stacked(_batch(3))
+    trainer._step_program = real
+    assert trainer.num_steps == 0 and trainer.active == ["a", "b", "c"]
+    if on_nonfinite == "freeze":
+        reference.step_stacked(_batch(3))
+        _assert_trees_equal(trainer.stacked_params, reference.stacked_params)
+        _assert_trees_equal(trainer.opt_state, reference.opt_state)
+    else:
+        _assert_trees_equal(trainer.stacked_params, before)
+    trainer.step_stacked(_batch(3, seed=1))  # and it trains on
+    assert trainer.num_steps == 1
