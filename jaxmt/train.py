@@ -30,7 +30,7 @@ import optax
 
 from jaxmt.errors import InputError, NonFiniteLossError, ParamMismatchError, UnknownTenantError
 from jaxmt.lowering import LoweringPolicy
-from jaxmt.validation import _template_ordered_leaves, check_tenant_ids, first_structure_difference
+from jaxmt.validation import check_tenant_ids, first_structure_difference, template_ordered_leaves
 from jaxmt.train_step import (
     LossFn,
     PyTree,
@@ -195,7 +195,7 @@ class MultiTenantTrainer:
                         f"tenant {tenant_id!r}: params pytree structure differs from that of tenant {first!r}: {difference}"
                     )
                 # Only the mapping types differ (a flax FrozenDict for a dict): the same entries, matched by key.
-                got_leaves = _template_ordered_leaves(params_by_tenant[tenant_id], template, want_def, f"tenant {tenant_id!r}: params")
+                got_leaves = template_ordered_leaves(params_by_tenant[tenant_id], template, want_def, f"tenant {tenant_id!r}: params")
             leaves_by_tenant[tenant_id] = got_leaves
             for (path, want), got in zip(want_leaves, got_leaves):
                 if np.shape(got) != np.shape(want) or jnp.result_type(got) != jnp.result_type(want):

@@ -115,7 +115,7 @@ def first_structure_difference(template: PyTree, params: PyTree) -> str | None:
     """Names the first path where ``params``' structure differs from the template's (node
     type, number of children, or keys), with what the template has there and what was
     given; None where they differ only in the type of their mappings (accepted, see
-    ``_template_ordered_leaves``)."""
+    ``template_ordered_leaves``)."""
     try:
         _collect_aligned(template, params, (), [])
     except _StructureDifference as difference:
@@ -123,7 +123,7 @@ def first_structure_difference(template: PyTree, params: PyTree) -> str | None:
     return None
 
 
-def _template_ordered_leaves(params: PyTree, template: PyTree, treedef: jax.tree_util.PyTreeDef, who: str) -> list[Any]:
+def template_ordered_leaves(params: PyTree, template: PyTree, treedef: jax.tree_util.PyTreeDef, who: str) -> list[Any]:
     """``params``' leaves in the template's flattening order.
 
     Params whose structure is the template's up to the TYPE of its mappings are accepted: a
@@ -237,7 +237,7 @@ def validate_params(
       ParamMismatchError: structure, shape or dtype differ from the template.
       NonFiniteParamsError: a floating leaf holds NaN or Inf.
     """
-    leaves = _template_ordered_leaves(params, template, treedef, f"tenant {tenant_id!r}: params")
+    leaves = template_ordered_leaves(params, template, treedef, f"tenant {tenant_id!r}: params")
     _check_leaves(leaves, paths, specs, (), f"tenant {tenant_id!r}: leaf")
     arrays = jax.device_put(list(leaves), device)  # one transfer call for every leaf
     floating_arrays = [a for a, f in zip(arrays, floating) if f]
@@ -267,7 +267,7 @@ def validate_stacked(
       ParamMismatchError: structure, leading axis, shape or dtype differ from the template.
       NonFiniteParamsError: a tenant's floating leaf holds NaN or Inf (naming that tenant).
     """
-    leaves = _template_ordered_leaves(stacked_params, template, treedef, f"stacked params of tenants {tenant_ids!r}:")
+    leaves = template_ordered_leaves(stacked_params, template, treedef, f"stacked params of tenants {tenant_ids!r}:")
     n = len(tenant_ids)
     _check_leaves(leaves, paths, specs, (n,), f"stacked params of tenants {tenant_ids!r}: leaf")
     arrays = [jax.device_put(leaf, device) for leaf in leaves]
