@@ -121,10 +121,11 @@ def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.n
     trials: list[dict] = []
     generator_limited = False
 
-    def trial(rate: float, rerun: bool = False) -> bool:
+    def trial(rate: float, rerun: bool = False, duration_s: float | None = None, record: list | None = None) -> bool:
         nonlocal generator_limited
+        record = trials if record is None else record
         # Seeded by the rate: every server (and a rerun) gets the same arrivals at a given rate.
-        workload = simulate.Workload(rate=rate, duration_s=args.trial_s, tenants=args.tenants, zipf=args.zipf,
+        workload = simulate.Workload(rate=rate, duration_s=duration_s or args.trial_s, tenants=args.tenants, zipf=args.zipf,
                                      arrival=args.arrival, slo_ms=args.slo_ms, seed=args.seed + int(round(rate * 1000)))
         with simulate.make_server(kind, mt, **options) as server:
             # Every program was compiled and run once at the search's start: a fresh server
@@ -139,7 +140,7 @@ def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.n
         result["passed"] = result["slo_attainment"] >= args.target and result["unfinished"] == 0 and not behind
         result["stalled"] = result["generator_lag_ms"]["max_ms"] > args.stall_ms
         result["rerun"] = rerun
-        trials.append(result)
+        record.append(result)
         if not args.quiet:
             stalled = f" (the load generator itself stalled {result['generator_lag_ms']['max_ms']:.0f} ms)" if result["stalled"] else ""
             pauses = result.get("gc") or {"collections": [0, 0, 0]}
@@ -151,8 +152,9 @@ def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.n
             # measured the pause as much as the server. It runs once more, and the rerun's
             # verdict stands, pass or fail; both are kept.
             result["superseded"] = True
-            return trial(rate, rerun=True)
-        generator_limited = generator_limited or behind
+            return trial(rate, rerun=True, duration_s=duration_s, record=record)
+        if record is trials:
+            generator_limited = generator_limited or behind
         return result["passed"]
 
     best, failing, rate = None, None, args.start_rate
@@ -184,6 +186,18 @@ def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.n
         at_best["spread_by_chance_well_sampled"] = spread_by_chance(samples, min_count=WELL_SAMPLED)
     for t in trials:
         t.pop("_samples_by_tenant", None)
+    spread_trials: list[dict] = []
+    if best is not None and args.spread_s > 0 and kind in args.spread_servers:
+        for load in args.spread_loads:
+            trial(best * load, duration_s=args.spread_s, record=spread_trials)
+            measured = spread_trials[-1]
+            measured["load"], measured["trial_s"] = load, args.spread_s
+            samples = measured.pop("_samples_by_tenant", {})
+            for count in SPREAD_COUNTS:
+                measured[f"spread_min_{count}"] = tenant_spread({"tenants": measured.get("per_tenant", {})}, min_count=count)
+                measured[f"spread_by_chance_min_{count}"] = spread_by_chance(samples, min_count=count)
+        for t in spread_trials:  # a superseded trial (the generator stalled) keeps its samples until here
+            t.pop("_samples_by_tenant", None)
     return {
         "scheduler": kind,
         "max_rate_rps": None if best is None else round(best, 2),
@@ -192,6 +206,7 @@ def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.n
         "max_rel_error": error,
         "at_max_rate": at_best,
         "trials": trials,
+        "spread_trials": spread_trials,
     }
 
 
@@ -199,6 +214,10 @@ def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.n
 # popularity the rarest tenants get ~10 requests a trial, and the max-min gap of ~60 means of
 # 10 samples each measures sampling noise (a standard error of ~10% each), not the server.
 WELL_SAMPLED = 100
+# The long trials of --spread-s count tenants at these request counts: at 1,000 requests the
+# standard error of a tenant's mean latency is about 1% (a coefficient of variation near 0.3),
+# so a 5% gap between means can be told from sampling noise.
+SPREAD_COUNTS = (WELL_SAMPLED, 1000)
 
 
 def well_sampled_spread(trial: dict | None, min_count: int = WELL_SAMPLED) -> dict:
@@ -250,7 +269,42 @@ def summarize(results: list[dict]) -> dict:
         f"mean latency gap <= 5%, tenants with >= {WELL_SAMPLED} requests":
             _meets(sampled.get("mean_latency_gap"), lambda v: v <= 0.05),
     }
+    long_trial = next((t for t in reversed((jaxmt_result or {}).get("spread_trials", []))
+                       if t.get("load") == 1 and not t.get("superseded")), None)
+    if long_trial is not None:
+        for count in SPREAD_COUNTS:
+            spread = long_trial[f"spread_min_{count}"]
+            where = f"{long_trial['trial_s']:g} s at the rate found, tenants with >= {count} requests"
+            summary["targets"][f"per-tenant p99/p50 <= 1.5, {where}"] = _meets(spread.get("max_p99_over_p50"), lambda v: v <= 1.5)
+            summary["targets"][f"mean latency gap <= 5%, {where}"] = _meets(spread.get("mean_latency_gap"), lambda v: v <= 0.05)
     return summary
+
+
+def spread_table(results: list[dict]) -> str | None:
+    """The --spread-s trials: spread per load, beside what equal treatment would give by chance."""
+    rows = []
+    for r in results:
+        for t in r.get("spread_trials", []):
+            if t.get("superseded"):
+                continue
+            lat, server_steps = t.get("latency_ms", {}), t.get("server", {}).get("steps", {})
+            row = [r["scheduler"], f"{t['load']:g} ({t['offered_rps']:,.0f})", f"{t['trial_s']:g}", t["requests"],
+                   f"{100 * t['slo_attainment']:.2f}%", lat.get("p50_ms", "-"), lat.get("p99_ms", "-"),
+                   round(lat["p99_ms"] / lat["p50_ms"], 3) if lat.get("p50_ms") else "-", server_steps.get("mean_tenants_per_step", "-")]
+            for count in SPREAD_COUNTS:
+                spread, chance = t[f"spread_min_{count}"], t[f"spread_by_chance_min_{count}"]
+                ratio, gap = chance.get("max_p99_over_p50"), chance.get("mean_latency_gap")
+                dash = lambda v: "-" if v is None else v  # noqa: E731
+                row += [spread["tenants_counted"], dash(spread["max_p99_over_p50"]), "-" if not ratio else f"{ratio['median']:g} / {ratio['p95']:g}",
+                        dash(spread["mean_latency_gap"]), "-" if not gap else f"{gap['median']:g} / {gap['p95']:g}"]
+            rows.append(row)
+    if not rows:
+        return None
+    header = ["server", "load (req/s)", "trial s", "requests", "in SLO", "p50 ms", "p99 ms", "p99/p50, all", "tenants/step"]
+    for count in SPREAD_COUNTS:
+        header += [f"tenants >= {count} req", f"worst p99/p50, >= {count}", "by chance (median / p95)",
+                   f"mean gap, >= {count}", "by chance (median / p95)"]
+    return markdown_table(header, rows)
 
 
 def _bounds(bounds: list | None) -> str:
@@ -331,6 +385,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overload-factor", type=float, default=1.0)
     parser.add_argument("--max-tenants-bucket", type=int, default=0, help="largest tenant bucket (0: tenants, pow2, <= 64)")
     parser.add_argument("--max-rows-bucket", type=int, default=8, help="largest row bucket (and time/space batch size)")
+    parser.add_argument("--tenant-ladder", default=None,
+                        help="jaxmt's tenant buckets, comma-separated and increasing (default: powers of two up to --max-tenants-bucket)")
+    parser.add_argument("--spread-s", type=float, default=0.0,
+                        help="after each search, trials of this many seconds at --spread-loads fractions of the rate found, "
+                             "for --spread-servers: per-tenant spread with enough requests per tenant to tell 5%% from noise (0: none)")
+    parser.add_argument("--spread-loads", default="1", help="fractions of the rate found, comma-separated, for the --spread-s trials")
+    parser.add_argument("--spread-servers", default="jaxmt", help="servers that get --spread-s trials, comma-separated")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--pixels", action="store_true",
                         help="requests carry uint8 pixels, mapped to [-1, 1] on the device (models.make(..., pixels=True)): "
@@ -364,6 +425,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.pixels and args.arch not in models.IMAGE_ARCHITECTURES:
         parser.error(f"--pixels needs an image model ({', '.join(models.IMAGE_ARCHITECTURES)}), not {args.arch}")
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    args.spread_servers = [s.strip() for s in args.spread_servers.split(",") if s.strip()]
+    try:
+        args.spread_loads = [float(v) for v in args.spread_loads.split(",") if v.strip()]
+        args.tenant_ladder = None if args.tenant_ladder is None else [int(v) for v in args.tenant_ladder.split(",") if v.strip()]
+    except ValueError as error:
+        parser.error(f"--spread-loads takes numbers and --tenant-ladder integers, comma-separated: {error}")
+    if args.spread_s < 0 or any(not 0 < v <= 4 for v in args.spread_loads):
+        parser.error("--spread-s must be >= 0 and each --spread-loads fraction in (0, 4]")
+    if args.tenant_ladder is not None and (not args.tenant_ladder or args.tenant_ladder != sorted(set(args.tenant_ladder))
+                                           or args.tenant_ladder[0] < 1):
+        parser.error(f"--tenant-ladder must be positive integers in increasing order, got {args.tenant_ladder}")
     unknown = sorted(set(args.servers) - set(simulate.SERVERS))
     if unknown:
         parser.error(f"unknown servers {unknown}; choose from {sorted(simulate.SERVERS)}")
@@ -419,6 +491,10 @@ def readme_section(args: Any, argv: list[str], results: list[dict], summary: dic
             f"{'pinned host memory' if _outputs_in_host_memory(args) else 'the device'}; {environment['device']}, jax {environment['jax']}, commit "
             f"{environment['commit']}, {environment['date']}.\n\n    PYTHONPATH=. python benchmarks/serving.py "
             + " ".join(argv) + "\n\n" + table(results))
+    spreads = spread_table(results)
+    if spreads:
+        body += ("\n\nPer-tenant spread in longer trials (`--spread-s`) at fractions of the rate found; \"by chance\" "
+                 "deals each trial's latencies to the same tenants at random (`jaxmt.metrics.spread_by_chance`):\n\n" + spreads)
     if not getattr(args, "host_only", False):  # the targets are of the real model's serving
         body += "\n\n" + "\n".join(f"- {k}: {v}" for k, v in summary["targets"].items())
     update_readme_section(section_title(args), body)
@@ -449,7 +525,8 @@ def report_only(path: str, readme: bool) -> int:
         return 1
     args = argparse.Namespace(**data["args"])
     summary = summarize(data["results"])
-    print(table(data["results"]))
+    spreads = spread_table(data["results"])
+    print(table(data["results"]) + ("\n\n" + spreads if spreads else ""))
     for name, verdict in summary["targets"].items():
         print(f"{name}: {verdict}")
     if readme and not args.quick:
@@ -471,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         spec, mt = simulate.build_model(args.arch, args.size, args.tenants, max_tenants=args.max_tenants_bucket,
                                         max_rows=args.max_rows_bucket, seed=args.seed, dtype=jax.numpy.dtype(args.dtype),
-                                        outputs_to_host=OUTPUTS[args.outputs], pixels=args.pixels)
+                                        outputs_to_host=OUTPUTS[args.outputs], pixels=args.pixels,
+                                        tenant_ladder=args.tenant_ladder)
     args.outputs_in_host_memory = mt.output_sharding is not None  # what --outputs resolved to, kept in the results
     inputs = spec.random_input(np.random.default_rng(args.seed + 1), args.tenants * 4)
     inputs = inputs.reshape(args.tenants, 4, 1, *spec.input_shape)
@@ -487,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
                          "wall_s": round(time.perf_counter() - start, 1)})
     summary = summarize(results)
     text = table(results)
-    print(text)
+    spreads = spread_table(results)
+    print(text + ("\n\n" + spreads if spreads else ""))
     for name, verdict in summary["targets"].items():
         print(f"{name}: {verdict}")
     path = write_json(out, {"args": config, "argv": argv, "partial": False, "summary": summary, "results": results,

@@ -114,19 +114,22 @@ def largest_tenant_bucket(tenants: int, max_tenants: int = 0) -> int:
 
 
 def build_model(arch: str, size: str, tenants: int, *, max_tenants: int = 0, max_rows: int = 16, seed: int = 0,
-                dtype: Any = np.float32, outputs_to_host: bool | None = None,
-                pixels: bool = False) -> tuple[models.ModelSpec, jaxmt.MultiTenantModel]:
+                dtype: Any = np.float32, outputs_to_host: bool | None = None, pixels: bool = False,
+                tenant_ladder: Sequence[int] | None = None) -> tuple[models.ModelSpec, jaxmt.MultiTenantModel]:
     """``tenants`` tenants ("t0", "t1", ...) of a zoo architecture in one MultiTenantModel
     (``pixels``: an image model taking uint8 pixel rows), their weights stored in the compute
     ``dtype`` (bfloat16 weights for a bfloat16 model, as a server would hold them).
 
-    The tenant bucket ladder reaches ``max_tenants`` (default: tenants rounded up to a power
-    of two, at most 64); the row ladder reaches ``max_rows``.
+    The tenant bucket ladder is ``tenant_ladder`` when given, else the powers of two up to
+    ``max_tenants`` (default: tenants rounded up to a power of two, at most 64); the row
+    ladder is the powers of two up to ``max_rows``.
     """
     spec = models.make(arch, size, dtype=dtype, pixels=pixels)
-    max_tenants = largest_tenant_bucket(tenants, max_tenants)
+    buckets = jaxmt.BucketPolicy.powers_of_two(largest_tenant_bucket(tenants, max_tenants), max_rows)
+    if tenant_ladder is not None:
+        buckets = dataclasses.replace(buckets, tenant_buckets=tuple(tenant_ladder))
     mt = jaxmt.MultiTenantModel(
-        spec.apply_fn, spec.init(seed, dtype), capacity=tenants, buckets=jaxmt.BucketPolicy.powers_of_two(max_tenants, max_rows),
+        spec.apply_fn, spec.init(seed, dtype), capacity=tenants, buckets=buckets,
         row_shape=spec.input_shape, row_dtype=spec.input_dtype, outputs_to_host=outputs_to_host,
     )
     for i in range(tenants):

@@ -151,3 +151,76 @@ def test_a_trial_spoiled_by_a_process_pause_is_run_once_more_and_both_are_kept(s
         (100.0, True, False), (200.0, False, False), (200.0, True, True), (400.0, True, False), (400.0, False, True)]
     assert result["max_rate_rps"] == 200.0 and result["at_max_rate"] is result["trials"][2]
     assert serving._trial_count(result["trials"]) == "5 (2 reruns after a stall)"
+
+
+def test_spread_trials_run_longer_at_fractions_of_the_rate_found_and_leave_the_search_alone(serving, monkeypatch):
+    """--spread-s: after the search, one trial of that length at each --spread-loads fraction
+    of the rate found, for --spread-servers only; their verdicts do not move the rate found,
+    and the trial at the full rate gives the spread targets' verdicts at >= 100 and >= 1000
+    requests per tenant."""
+    args = serving.parse_args(["--no-readme", "--quiet", "--start-rate", "100", "--bisect", "0", "--spread-s", "12",
+                               "--spread-loads", "0.5,1", "--spread-servers", "jaxmt"])
+    rng = np.random.default_rng()
+    calls = []
+
+    def fake_run_trial(server, workload, inputs, tenants):
+        calls.append((workload.rate, workload.duration_s))
+        long = workload.duration_s == 12
+        # A busy tenant and a rare one: the rare one is counted at >= 100 requests only.
+        samples = {"t0": rng.uniform(10, 14, 1500), "t1": rng.uniform(10, 18, 150)}
+        per_tenant = {k: {"count": v.size, "ok": v.size, "p50_ms": float(np.median(v)), "p99_ms": float(np.percentile(v, 99)),
+                          "mean_ms": float(v.mean())} for k, v in samples.items()}
+        passed = workload.rate <= 200 or long  # the long trial at 200 req/s misses the SLO: still not a search verdict
+        return {"_latencies_ms": [], "_samples_by_tenant": samples, "per_tenant": per_tenant, "requests": 1650,
+                "slo_attainment": 1.0 if passed else 0.5, "unfinished": 0, "sent_s": 1.0, "schedule_s": 1.0,
+                "generator_lag_ms": {"max_ms": 0.0}, "offered_rps": workload.rate, "latency_ms": {"p50_ms": 12.0, "p99_ms": 17.0}}
+
+    monkeypatch.setattr(serving.simulate, "run_trial", fake_run_trial)
+    monkeypatch.setattr(serving.simulate, "make_server", lambda kind, mt, **options: _NullServer())
+    monkeypatch.setattr(serving, "check_answers", lambda *a: 0.0)
+    model = type("Model", (), {"tenants": ["t0", "t1"]})()
+    jaxmt_result = serving.find_capacity("jaxmt", None, model, None, args)
+    assert jaxmt_result["max_rate_rps"] == 200.0
+    assert calls[-2:] == [(100.0, 12.0), (200.0, 12.0)]
+    trials = jaxmt_result["spread_trials"]
+    assert [(t["load"], t["trial_s"]) for t in trials] == [(0.5, 12.0), (1.0, 12.0)]
+    assert [t["spread_min_100"]["tenants_counted"] for t in trials] == [2, 2]
+    assert [t["spread_min_1000"]["tenants_counted"] for t in trials] == [1, 1]
+    assert trials[1]["spread_by_chance_min_100"]["mean_latency_gap"]["median"] >= 0
+    assert not any("_samples_by_tenant" in t for t in trials)
+
+    calls.clear()
+    time_result = serving.find_capacity("time", None, model, None, args)  # not a spread server
+    assert time_result["spread_trials"] == [] and all(duration == args.trial_s for _, duration in calls)
+
+    summary = serving.summarize([jaxmt_result, time_result])
+    at_1000 = summary["targets"]["mean latency gap <= 5%, 12 s at the rate found, tenants with >= 1000 requests"]
+    assert at_1000 == "n/a"  # one tenant counted: no gap
+    at_100 = trials[1]["spread_min_100"]["mean_latency_gap"]
+    assert summary["targets"]["mean latency gap <= 5%, 12 s at the rate found, tenants with >= 100 requests"].endswith(f"({at_100:g})")
+    table = serving.spread_table([jaxmt_result, time_result])
+    assert table.count("| jaxmt |") == 2 and "| 0.5 (100) |" in table and "| time |" not in table
+
+
+@pytest.mark.parametrize("argv", [["--spread-loads", "0"], ["--spread-loads", "a"], ["--spread-s", "-1"],
+                                  ["--tenant-ladder", "4,2"], ["--tenant-ladder", "0,2"], ["--tenant-ladder", "x"]])
+def test_spread_and_ladder_options_out_of_range_are_refused(serving, argv):
+    with pytest.raises(SystemExit):
+        serving.parse_args(argv)
+
+
+def test_a_tenant_ladder_sets_jaxmts_tenant_buckets(serving):
+    args = serving.parse_args(["--tenant-ladder", "1,2,3,6"])
+    spec, mt = serving.simulate.build_model("mlp", "tiny", 6, max_rows=2, tenant_ladder=args.tenant_ladder)
+    assert mt.buckets.tenant_buckets == (1, 2, 3, 6) and mt.buckets.row_buckets == (1, 2)
+
+
+class _NullServer:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def warmup(self, **kwargs):
+        return 0
