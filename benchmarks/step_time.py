@@ -24,7 +24,7 @@ import numpy as np
 from common import markdown_table, time_call, update_readme_section, write_json
 
 import models
-from jaxmt import BucketPolicy, MultiTenantModel
+from jaxmt import BucketPolicy, LoweringPolicy, MultiTenantModel
 
 DEFAULT_SHAPES = "1x1,1x2,4x1,8x1,8x2,16x1,16x2,32x1"
 
@@ -36,6 +36,15 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
         k, b = item.lower().split("x")
         shapes.append((int(k), int(b)))
     return shapes
+
+
+def as_lowering(text: str) -> str | LoweringPolicy:
+    """A --lowerings item: a lowering name, or "kind=choice+..." overrides on "auto"
+    (e.g. "kxk=im2col": every kxk conv as im2col, the rest as "auto" picks them)."""
+    if "=" not in text:
+        return text
+    pairs = [item.split("=", 1) for item in text.split("+")]
+    return LoweringPolicy(default="auto", overrides=tuple(sorted((k.strip(), v.strip()) for k, v in pairs)))
 
 
 def _ladder(values: set[int]) -> tuple[int, ...]:
@@ -58,7 +67,7 @@ def measure(arch: str, size: str, dtype_name: str, tenants: int, shapes: list[tu
     for lowering in lowerings:
         mt = MultiTenantModel(spec.apply_fn, params[0], capacity=tenants,
                               buckets=BucketPolicy(tenant_buckets=_ladder({k for k, _ in shapes}), row_buckets=_ladder({b for _, b in shapes})),
-                              row_shape=spec.input_shape, row_dtype=spec.input_dtype, lowering=lowering, outputs_to_host=False)
+                              row_shape=spec.input_shape, row_dtype=spec.input_dtype, lowering=as_lowering(lowering), outputs_to_host=False)
         for i, p in enumerate(params):
             mt.add_tenant(i, p)
         leaves = mt.store.stacked_leaves
@@ -107,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--tenants", type=int, default=64, help="tenants in the store")
     parser.add_argument("--shapes", default=None, help=f"steps to time, 'KxB,...' (default {DEFAULT_SHAPES}; --quick: 1x1,4x1,4x2)")
-    parser.add_argument("--lowerings", default="auto,vmap", help="comma-separated MultiTenantModel lowering choices")
+    parser.add_argument("--lowerings", default="auto,vmap", help="comma-separated MultiTenantModel lowering choices; "
+                        "'kxk=im2col' (several joined by '+') overrides one layer kind on 'auto'")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--tolerance", type=float, default=2e-2, help="largest relative error of a step (TF32, bf16)")
     parser.add_argument("--seed", type=int, default=0)
