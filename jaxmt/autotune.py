@@ -67,6 +67,11 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
       smaller window (an RGB stem): im2col, one batched matmul on slices (0.6-1.2x vs
       0.13-0.5x for vmap); other kxk convs: vmap (0.45-0.75x; the best form varies by
       shape and run, which is what autotuning is for).
+    * kxk convs of one image per tenant (the B = 1 steps a server forms for its rarely seen
+      tenants): im2col. Whole ResNet-18 steps of 16 and 32 tenants x 1 image ran 4-8%
+      faster in float32 and 14-28% in bfloat16 than with the grouped form; at 2 or more
+      images per tenant they ran 9-68% slower (benchmarks/README.md, "Step time: kxk
+      convs as im2col").
     * depthwise convs with a stride: a fused multiply-add (1.1x vs 0.4x); unstrided: vmap.
 
     On CPUs, XLA's grouped convolutions are a slow generic loop, so convs other than 1x1
@@ -84,7 +89,8 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
     if sig.kind == "kxk" and applicable("im2col", sig):
         small_output = int(np.prod(sig.out_spatial)) <= 49
         rgb_stem = sig.in_channels <= 4 and int(np.prod(sig.window)) <= 9
-        if small_output or rgb_stem:
+        one_image = sig.lhs_shape[0] == 1
+        if small_output or rgb_stem or one_image:
             return "im2col"
     return "vmap"
 

@@ -330,3 +330,30 @@ def test_autotuning_measures_a_layer_once_per_spread_of_sizes(tmp_path):
     assert every_size.choose(_small_sig(k=3))[1] == "autotune" and every_size.measurements == 2
     with pytest.raises(ValueError, match="measure_spread"):
         autotune.Planner(measure_spread=0.5)
+
+
+def _conv_sig(n, hw, c, window, o, stride=1, groups=1, tenants=16):
+    pad = ((window // 2, window // 2),) * 2
+    return autotune.ConvSignature(tenants, (n, hw, hw, c), (window, window, c // groups, o), (stride, stride), pad, (1, 1), (1, 1),
+                                  feature_group_count=groups, lhs_dtype="bfloat16", rhs_dtype="bfloat16")
+
+
+@pytest.mark.parametrize(
+    "sig, platform, expected",
+    [
+        (_conv_sig(8, 56, 64, 1, 256), "gpu", "einsum"),  # 1x1: batched matmul
+        (_conv_sig(8, 56, 64, 3, 64), "gpu", "vmap"),  # kxk, large output, several images: grouped form
+        (_conv_sig(1, 56, 64, 3, 64), "gpu", "im2col"),  # kxk of one image per tenant
+        (_conv_sig(2, 56, 64, 3, 64), "gpu", "vmap"),
+        (_conv_sig(8, 7, 512, 3, 512), "gpu", "im2col"),  # output of at most 7x7
+        (_conv_sig(8, 224, 3, 3, 32, stride=2), "gpu", "im2col"),  # RGB stem, 3x3 window
+        (_conv_sig(8, 224, 3, 7, 64, stride=2), "gpu", "vmap"),  # 7x7 stem of several images
+        (_conv_sig(8, 112, 96, 3, 96, stride=2, groups=96), "gpu", "depthwise_direct"),  # strided depthwise
+        (_conv_sig(8, 112, 32, 3, 32, groups=32), "gpu", "vmap"),  # unstrided depthwise
+        (_conv_sig(8, 56, 64, 3, 64), "cpu", "loop"),
+        (_conv_sig(1, 56, 64, 3, 64), "cpu", "loop"),
+    ],
+)
+def test_the_default_rule_picks_what_the_gpu_measurements_favoured(sig, platform, expected):
+    assert autotune.default_rule(sig, platform) == expected
+    assert autotune.applicable(expected, sig)
