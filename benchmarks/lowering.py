@@ -115,6 +115,8 @@ def bench_layers(args: argparse.Namespace, deadline: Deadline, cache: LoweringCa
                 params = ConvParams.of(sig)
                 # What the autotuner would time, or every applicable form (--all-lowerings).
                 todo = (tuple(n for n in LAYER_LOWERINGS if applicable(n, sig)) if args.all_lowerings else candidates(sig))
+                if args.layer_lowerings:  # the rule's choice stays, so that the pick is never worse than it
+                    todo = tuple(n for n in todo if n in args.layer_lowerings or n == todo[0])
                 timings = measure(sig, params, todo, seed=len(rows), repeats=args.layer_repeats)
                 x, w = random_operands(sig, len(rows))
                 dense = jax.jit(lambda a, f, _p=params: conv_one(a.reshape(-1, *a.shape[2:]), f[0], _p)).lower(x, w).compile()
@@ -238,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layer-budget-s", type=float, default=None, help="stop the per-layer part after this many seconds")
     parser.add_argument("--all-lowerings", action="store_true",
                         help="per layer, time every applicable lowering, not only the autotuner's candidates")
+    parser.add_argument("--layer-lowerings", default=None,
+                        help="per layer, time only these lowerings (comma-separated) besides the rule's choice")
     parser.add_argument("--no-e2e", action="store_true", help="per-layer only")
     parser.add_argument("--store", type=int, default=0, metavar="N",
                         help="for the first N end-to-end configs, also time the MultiTenantModel step program (slot gather included)")
@@ -265,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     args.models = [m for m in args.models.split(",") if m]
     args.layer_models = args.models if args.layer_models is None else [m for m in args.layer_models.split(",") if m]
     args.layer_configs = [] if args.layer_configs == "none" else parse_configs(args.layer_configs)
+    args.layer_lowerings = None if not args.layer_lowerings else {n.strip() for n in args.layer_lowerings.split(",") if n.strip()}
     deadline = Deadline(args.budget_s)
     env = common.environment()
     log(f"device {env['device']}, jax {env['jax']}, commit {env['commit']}")

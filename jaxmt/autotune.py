@@ -49,7 +49,7 @@ CACHE_FORMAT = 1
 # loop of convs never won a GPU layer but is the CPU rule's choice.
 _CANDIDATES: dict[str, tuple[str, ...]] = {
     "1x1": ("einsum", "vmap", "loop"),
-    "kxk": ("vmap", "batch_group", "grouped_nchw", "im2col", "shift_sum", "loop"),
+    "kxk": ("vmap", "batch_group", "grouped_nchw", "im2col", "shift_sum", "loop", "implicit_gemm"),
     "depthwise": ("vmap", "depthwise_direct", "grouped_nchw"),
     "grouped": ("vmap", "einsum", "grouped_nchw"),
 }

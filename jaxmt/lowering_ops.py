@@ -30,6 +30,10 @@ The lowerings (``CONV_LOWERINGS``):
                   strided slice (float32 accumulation).
   depthwise_direct  depthwise convs (one input channel per group) as a fused elementwise
                   multiply-add over the window offsets (float32 accumulation).
+  implicit_gemm   stride-1 "same" kxk convs as one Pallas kernel that accumulates the
+                  window's shifted matmuls per output tile, reading the activations in
+                  place (``jaxmt.pallas_conv``; float32 accumulation; GPU, or Pallas's
+                  interpreter elsewhere).
 
 The float32-accumulating forms (shift_sum, depthwise_direct) round once at the end, the
 others round as the conv or matmul they call; all agree with the reference within the
@@ -49,6 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxmt import pallas_conv
+
 CONV_LOWERINGS: tuple[str, ...] = (
     "vmap",
     "einsum",
@@ -59,6 +65,7 @@ CONV_LOWERINGS: tuple[str, ...] = (
     "im2col",
     "shift_sum",
     "depthwise_direct",
+    "implicit_gemm",
 )
 
 
@@ -373,6 +380,10 @@ def conv_depthwise_direct(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Arra
     return acc.astype(_out_dtype(x, p))
 
 
+def conv_implicit_gemm(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
+    return pallas_conv.conv_implicit_gemm(x, w)
+
+
 _IMPLS: dict[str, Callable[[jax.Array, jax.Array, ConvParams], jax.Array]] = {
     "vmap": conv_vmap,
     "einsum": conv_einsum,
@@ -383,6 +394,7 @@ _IMPLS: dict[str, Callable[[jax.Array, jax.Array, ConvParams], jax.Array]] = {
     "im2col": conv_im2col,
     "shift_sum": conv_shift_sum,
     "depthwise_direct": conv_depthwise_direct,
+    "implicit_gemm": conv_implicit_gemm,
 }
 
 
@@ -407,6 +419,11 @@ def applicable(choice: str, sig: ConvSignature) -> bool:
         return dense and no_lhs_dilation
     if choice == "depthwise_direct":
         return sig.is_depthwise and no_lhs_dilation
+    if choice == "implicit_gemm":
+        plain_types = sig.lhs_dtype == sig.rhs_dtype and sig.preferred_element_type in (None, sig.lhs_dtype) and sig.precision == "None"
+        return plain_types and pallas_conv.supports(
+            sig.lhs_shape, sig.rhs_shape, sig.window_strides, sig.padding, sig.lhs_dilation, sig.rhs_dilation,
+            sig.feature_group_count, sig.batch_group_count, sig.lhs_dtype)
     raise AssertionError(choice)
 
 

@@ -1,0 +1,131 @@
+"""A tenant-batched kxk convolution as one Pallas kernel (Triton on GPUs): an implicit GEMM.
+
+Why a kernel of our own: XLA lowers a conv with per-tenant filters as a grouped conv, which
+ran at 0.35-0.92x of the dense conv on an H100 for ResNet's 3x3 layers, and im2col
+materialises kh*kw copies of the activations before its batched matmul (0.05-0.63x;
+benchmarks/README.md, "Lowering"). This kernel reads each tenant's activations where they
+lie: the output rows of one tile (positions of the flattened N*H*W image) accumulate, for
+every window offset (dy, dx) and every chunk of input channels, the matmul of the input rows
+shifted by dy*W + dx (masked where the shift crosses the image border, which is the zero
+padding) with that offset's slice of the tenant's filter. Nothing but the output is written.
+
+Scope (``supports``): 2-d, stride 1, no dilation, odd windows with the padding that keeps the
+output size ((k - 1) / 2 on each side), no feature groups, channel counts that are multiples
+of 16, one dtype for both operands and the output. That covers every stride-1 3x3 conv of
+ResNet-18 and ResNet-50; the planner times it against the other lowerings per layer shape
+(``jaxmt.autotune``), so it runs only where it measured faster.
+
+Layouts are the canonical ones of ``jaxmt.lowering_ops``: x [K, N, H, W, C], w [K, kh, kw, C,
+O] -> y [K, N, H, W, O]. Off a GPU the kernel runs in Pallas's interpreter, which is slow
+and meant for tests.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+# Block sizes: output rows per tile, output channels per tile (at most), input channels per
+# matmul step (at most). 128 x 128 tiles with 64-deep steps are Triton's usual bf16 GEMM
+# shape on Hopper; narrower layers take their whole channel count.
+BLOCK_M = 128
+BLOCK_N = 128
+BLOCK_K = 64
+CHANNEL_MULTIPLE = 16
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def supports(lhs_shape: tuple[int, ...], rhs_shape: tuple[int, ...], window_strides: tuple[int, ...],
+             padding: tuple[tuple[int, int], ...], lhs_dilation: tuple[int, ...], rhs_dilation: tuple[int, ...],
+             feature_group_count: int, batch_group_count: int, dtype: str) -> bool:
+    """Whether ``conv_implicit_gemm`` computes this conv (one tenant's shapes, canonical layout)."""
+    if len(lhs_shape) != 4 or feature_group_count != 1 or batch_group_count != 1 or dtype not in DTYPES:
+        return False
+    *window, c_in, c_out = rhs_shape
+    if lhs_shape[-1] != c_in or c_in % CHANNEL_MULTIPLE or c_out % CHANNEL_MULTIPLE:
+        return False
+    if any(s != 1 for s in (*window_strides, *lhs_dilation, *rhs_dilation)):
+        return False
+    return all(r % 2 == 1 and r > 1 for r in window) and all(lo == hi == r // 2 for (lo, hi), r in zip(padding, window))
+
+
+def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, interpret: bool | None = None,
+                       block_m: int = BLOCK_M, block_n: int = BLOCK_N, block_k: int = BLOCK_K) -> jax.Array:
+    """Tenant k's ``x[k]`` convolved with its filter ``w[k]`` ("same" padding, stride 1).
+
+    Args:
+      x: [K, N, H, W, C].
+      w: [K, kh, kw, C, O] (odd kh and kw, C and O multiples of 16).
+      interpret: run in Pallas's interpreter (None: unless the default backend is a GPU).
+      block_m, block_n, block_k: tile sizes (powers of two); block_n and block_k are capped
+        at O and C.
+    """
+    tenants, n, h, wd, c = x.shape
+    _, kh, kw, c_w, o = w.shape
+    if c_w != c or w.shape[0] != tenants:
+        raise ValueError(f"filter {w.shape} does not match input {x.shape} (expected [{tenants}, kh, kw, {c}, O])")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    bn, bk = min(block_n, o), min(block_k, c)
+    if o % bn or c % bk:
+        raise ValueError(f"channels ({c} in, {o} out) must be multiples of the blocks ({bk}, {bn})")
+    m = n * h * wd
+    tiles_m = pl.cdiv(m, block_m)
+    # Guard rows before and after the flattened image keep every shifted tile in bounds; the
+    # border mask zeroes what they (and rows of neighbouring images) contribute.
+    guard = (kh // 2) * wd + kw // 2
+    tail = tiles_m * block_m - m + guard
+    x_rows = jnp.pad(x.reshape(tenants, m, c), ((0, 0), (guard, tail), (0, 0)))
+    taps = w.reshape(tenants, kh * kw, c, o)
+    kernel = functools.partial(_kernel, height=h, width=wd, kw=kw, guard=guard, chunks=c // bk,
+                               block_m=block_m, block_n=bn, block_k=bk)
+    params = {} if interpret else {"compiler_params": _triton_params()}
+    y = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((tenants, tiles_m * block_m, o), x.dtype),
+        grid=(tenants, tiles_m, o // bn),
+        interpret=interpret,
+        name="tenant_conv_implicit_gemm",
+        **params,
+    )(x_rows, taps)
+    return y[:, :m].reshape(tenants, n, h, wd, o)
+
+
+def _triton_params():
+    from jax.experimental.pallas import triton as plt
+
+    return plt.CompilerParams(num_warps=4, num_stages=3)
+
+
+def _masked_load(ref, mask: jax.Array) -> jax.Array:
+    """``ref`` where ``mask``, else 0 (Triton's masked load; the interpreter's select)."""
+    if jax.default_backend() == "gpu":
+        from jax.experimental.pallas import triton as plt
+
+        return plt.load(ref, mask=mask, other=0)
+    return jnp.where(mask, ref[...], jnp.zeros((), ref.dtype))
+
+
+def _kernel(x_ref, w_ref, y_ref, *, height: int, width: int, kw: int, guard: int, chunks: int,
+            block_m: int, block_n: int, block_k: int) -> None:
+    k, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = i * block_m + lax.broadcasted_iota(jnp.int32, (block_m, 1), 0)
+    yy, xx = (rows // width) % height, rows % width
+    half_h, half_w = (w_ref.shape[1] // kw) // 2, kw // 2
+
+    def step(s, acc):
+        tap, chunk = s // chunks, s % chunks
+        dy, dx = tap // kw - half_h, tap % kw - half_w
+        inside = (yy + dy >= 0) & (yy + dy < height) & (xx + dx >= 0) & (xx + dx < width)
+        start = guard + i * block_m + dy * width + dx
+        cols = pl.ds(pl.multiple_of(chunk * block_k, block_k), block_k)
+        a = _masked_load(x_ref.at[k, pl.ds(start, block_m), cols], jnp.broadcast_to(inside, (block_m, block_k)))
+        b = w_ref[k, tap, cols, pl.ds(j * block_n, block_n)]
+        return acc + jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, w_ref.shape[1] * chunks, step, jnp.zeros((block_m, block_n), jnp.float32))
+    y_ref[k, pl.ds(i * block_m, block_m), pl.ds(j * block_n, block_n)] = acc.astype(y_ref.dtype)

@@ -1,0 +1,81 @@
+"""jaxmt.pallas_conv: the implicit-GEMM kernel equals each tenant's own conv, whatever its tiling.
+
+On a CPU the kernel runs in Pallas's interpreter: these tests check what it computes, not its
+speed (benchmarks/lowering.py times it on a GPU).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import rel_error
+from jax import lax
+
+import jax.numpy as jnp
+from jaxmt import pallas_conv
+
+
+def _per_tenant(x, w):
+    k = w.shape[1]
+    return np.stack([
+        np.asarray(lax.conv_general_dilated(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), (1, 1), [(k // 2, k // 2)] * 2,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST))
+        for a, b in zip(x, w)
+    ])
+
+
+@pytest.mark.parametrize(
+    "tenants, n, h, w, c, o, window, blocks",
+    [
+        (2, 1, 6, 6, 16, 16, 3, (16, 16, 16)),  # one tile of rows per image row pair
+        (3, 2, 5, 7, 32, 48, 3, (32, 16, 16)),  # two channel chunks, three output-channel tiles, rows across images
+        (2, 1, 9, 9, 16, 32, 5, (64, 32, 16)),  # a 5x5 window: shifts of two rows and columns
+        (1, 3, 4, 4, 64, 16, 3, (128, 128, 64)),  # one tile larger than all rows of all images
+    ],
+)
+def test_the_kernel_equals_each_tenants_conv(rng, tenants, n, h, w, c, o, window, blocks):
+    x = rng.standard_normal((tenants, n, h, w, c)).astype(np.float32)
+    f = (rng.standard_normal((tenants, window, window, c, o)) / np.sqrt(window * window * c)).astype(np.float32)
+    block_m, block_n, block_k = blocks
+    got = pallas_conv.conv_implicit_gemm(jnp.asarray(x), jnp.asarray(f), block_m=block_m, block_n=block_n, block_k=block_k)
+    assert got.shape == (tenants, n, h, w, o) and got.dtype == jnp.float32
+    assert rel_error(got, _per_tenant(x, f)) < 1e-5
+
+
+def test_bfloat16_inputs_accumulate_in_float32(rng):
+    x = jnp.asarray(rng.standard_normal((2, 1, 6, 5, 32)), jnp.bfloat16)
+    f = jnp.asarray(rng.standard_normal((2, 3, 3, 32, 16)) / 17, jnp.bfloat16)
+    got = pallas_conv.conv_implicit_gemm(x, f, block_m=16, block_n=16, block_k=16)
+    assert got.dtype == jnp.bfloat16
+    assert rel_error(got, _per_tenant(np.asarray(x, np.float32), np.asarray(f, np.float32))) < 1e-2
+
+
+SAME3 = ((1, 1), (1, 1))
+
+
+@pytest.mark.parametrize(
+    "lhs, rhs, strides, padding, dilation, groups, dtype, ok",
+    [
+        ((8, 56, 56, 64), (3, 3, 64, 64), (1, 1), SAME3, (1, 1), 1, "bfloat16", True),
+        ((8, 7, 7, 512), (3, 3, 512, 512), (1, 1), SAME3, (1, 1), 1, "float32", True),
+        ((8, 56, 56, 64), (3, 3, 64, 64), (2, 2), SAME3, (1, 1), 1, "bfloat16", False),  # strided
+        ((8, 56, 56, 8), (3, 3, 8, 64), (1, 1), SAME3, (1, 1), 1, "bfloat16", False),  # 8 input channels
+        ((8, 56, 56, 64), (3, 3, 64, 24), (1, 1), SAME3, (1, 1), 1, "bfloat16", False),  # 24 output channels
+        ((8, 56, 56, 64), (2, 2, 64, 64), (1, 1), ((0, 1), (0, 1)), (1, 1), 1, "bfloat16", False),  # even window
+        ((8, 56, 56, 64), (3, 3, 64, 64), (1, 1), ((0, 0), (0, 0)), (1, 1), 1, "bfloat16", False),  # output shrinks
+        ((8, 56, 56, 64), (3, 3, 64, 64), (1, 1), SAME3, (2, 2), 1, "bfloat16", False),  # dilated filter
+        ((8, 56, 56, 64), (3, 3, 32, 64), (1, 1), SAME3, (1, 1), 2, "bfloat16", False),  # feature groups
+        ((8, 56, 56, 64), (1, 1, 64, 64), (1, 1), ((0, 0), (0, 0)), (1, 1), 1, "bfloat16", False),  # 1x1
+        ((8, 56, 56, 64), (3, 3, 64, 64), (1, 1), SAME3, (1, 1), 1, "int8", False),
+    ],
+)
+def test_the_kernel_takes_only_the_convs_it_computes(lhs, rhs, strides, padding, dilation, groups, dtype, ok):
+    assert pallas_conv.supports(lhs, rhs, strides, padding, (1, 1), dilation, groups, 1, dtype) is ok
+
+
+def test_mismatched_filters_and_blocks_are_refused(rng):
+    x = jnp.zeros((2, 1, 4, 4, 32), jnp.float32)
+    with pytest.raises(ValueError, match="does not match input"):
+        pallas_conv.conv_implicit_gemm(x, jnp.zeros((2, 3, 3, 16, 16), jnp.float32))
+    with pytest.raises(ValueError, match="multiples of the blocks"):
+        pallas_conv.conv_implicit_gemm(x, jnp.zeros((2, 3, 3, 32, 48), jnp.float32), block_n=32)
