@@ -575,10 +575,14 @@ class _ServerBase:
             self._fail_unfinished(requests, exc.error if isinstance(exc, _PartlyFailed) else exc)
 
     def _fail_unfinished(self, requests: list[_Request], error: BaseException) -> None:
-        """Fails those of the requests not completed yet (others were answered or failed apart)."""
+        """Fails those of the requests not completed yet; the others (answered or failed apart,
+        or completed by their owners while their step ran) are let go of all the same."""
         for req in requests:
             if not req.future.done():
                 self._finish(req, error=error)
+            else:
+                self._outstanding.pop(req.seq, None)
+                _let_go_of_staged(req)
 
 
 # Servers whose threads may still run. Their threads are daemons (a forgotten server must not

@@ -319,6 +319,14 @@ def _architecture(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     return apply_fn, example, {}
 
 
+def _write_summary(path: pathlib.Path, summary: dict) -> None:
+    """Writes the summary whole or not at all (a temporary file renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, path)
+
+
 def run(args: argparse.Namespace) -> int:
     from jaxmt.buckets import BucketPolicy
     from jaxmt.checkpoint import restore_model
@@ -330,14 +338,15 @@ def run(args: argparse.Namespace) -> int:
         summary = predict_manifest(
             model, args.manifest, args.output_dir, output_file=args.output_file, skip_errors=args.skip_errors, progress=not args.no_progress
         )
-    except (JaxmtError, ValueError, ImportError, AttributeError) as exc:
+    except (JaxmtError, ValueError, ImportError, AttributeError, OSError) as exc:  # OSError: an output path it cannot write
         print(f"error: {exc}", file=sys.stderr)
         return 1
     summary_path = pathlib.Path(args.summary or (pathlib.Path(args.output_dir) / "summary.json" if args.output_dir else args.output_file + ".summary.json"))
-    summary_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = summary_path.with_name(f".{summary_path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, summary_path)
+    try:
+        _write_summary(summary_path, summary)
+    except OSError as exc:
+        print(f"error: the outputs are written, but not the summary: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(summary))
     else:

@@ -477,7 +477,7 @@ class MultiTenantTrainer:
 
 
 def _check_ids(tenant_ids: Sequence[Hashable]) -> list[Hashable]:
-    ids = list(tenant_ids)  # once: an iterator would be empty the second time
+    ids = _id_list(tenant_ids, "MultiTenantTrainer")  # once: an iterator would be empty the second time
     if not ids:
         raise ValueError("a trainer needs at least one tenant")
     return check_tenant_ids(ids)

@@ -163,9 +163,12 @@ def check_tenant_ids(tenant_ids: Sequence[Hashable]) -> list[Hashable]:
     """The ids as a list, once each is hashable and none repeats.
 
     Raises:
-      TypeError: an id is not hashable.
+      TypeError: an id is not hashable, or ``tenant_ids`` is a lone string (iterated, it
+        would name its characters as tenants).
       DuplicateTenantError: an id appears more than once.
     """
+    if isinstance(tenant_ids, (str, bytes)):
+        raise TypeError(f"tenant_ids must be a sequence of tenant ids, got the string {tenant_ids!r}; pass [{tenant_ids!r}]")
     ids = list(tenant_ids)
     for tenant_id in ids:
         try:

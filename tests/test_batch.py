@@ -304,6 +304,22 @@ def test_model_from_an_import_path_with_pytree_outputs(tmp_path, rng, monkeypatc
         assert rel_error(got["logits"], want["logits"]) < 1e-5 and rel_error(got["norm"], want["norm"]) < 1e-5
 
 
+@pytest.mark.parametrize("where", ["output-dir", "summary"])
+def test_an_output_path_that_cannot_be_written_is_an_error_exit_not_a_traceback(tmp_path, rng, store, where, capsys):
+    arch, spec, _, directory = store
+    records = _inputs(tmp_path, spec, rng)[:2]
+    manifest = _write_manifest(tmp_path / "m.csv", records)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    out = tmp_path / "out"
+    paths = ["--output-dir", str(blocker / "out")] if where == "output-dir" else ["--output-dir", str(out), "--summary", str(blocker / "s.json")]
+    code = cli_main(["batch", str(manifest), "--checkpoint", str(directory), "--arch", arch, *paths, "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "a_file" in err and "Traceback" not in err
+    if where == "summary":  # the outputs were written before the summary failed
+        assert "not the summary" in err and sorted(p.stem for p in out.iterdir()) == sorted(_output_name(r) for r in records)
+
+
 @pytest.mark.parametrize("command", [[sys.executable, "-m", "jaxmt", "batch", "--help"],
                                      [sys.executable, str(ROOT / "scripts" / "batch_predict.py"), "--help"]])
 def test_help(command):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +79,32 @@ def test_a_request_its_client_completed_is_dropped_and_the_server_serves_on(kind
         x = rows(rng)
         check_answer(server, params, "t1", x, served_after(clock, [server.submit("t1", x)])[0])
     assert isinstance(mine.exception(), TimeoutError) and not server._outstanding
+
+
+def test_a_request_its_client_completes_while_its_failing_step_runs_is_let_go(rng, monkeypatch):
+    """Its step then fails: the server fails the other requests and keeps nothing of it."""
+    mt, _ = make_model()
+    clock, box, dispatch = FakeClock(), {}, mt.dispatch
+
+    class FailsAfterTheClient:
+        def __init__(self, pending):
+            self.plan = pending.plan
+
+        def result(self):
+            box["mine"].set_exception(TimeoutError("the client gave up"))
+            raise RuntimeError("the step failed")
+
+    monkeypatch.setattr(mt, "dispatch", lambda tenant_ids, x: FailsAfterTheClient(dispatch(tenant_ids, x)))
+    with jaxmt.Scheduler(mt, clock=clock, **PATIENT) as server:
+        box["mine"] = mine = server.submit("t0", rows(rng))
+        other = server.submit("t1", rows(rng))
+        clock.advance(1.0)
+        assert isinstance(other.exception(TIMEOUT_S), RuntimeError)
+        assert isinstance(mine.exception(TIMEOUT_S), TimeoutError)
+        deadline = time.monotonic() + TIMEOUT_S  # the completion thread goes on after other's future
+        while server._outstanding and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not server._outstanding and not server.closed
 
 
 class CallbackEscape(BaseException):

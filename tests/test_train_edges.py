@@ -184,6 +184,16 @@ def test_a_lone_string_is_not_taken_for_a_list_of_tenants(call):
     assert trainer.active == ["a", "b"]
 
 
+def test_the_constructor_and_add_stacked_refuse_a_lone_string_of_ids():
+    stack = jax.vmap(_init)(jnp.arange(2))
+    with pytest.raises(TypeError, match=r"MultiTenantTrainer takes a sequence of tenant ids, got the string 'ab'; pass \['ab'\]"):
+        MultiTenantTrainer(_loss, stack, "ab", optimizer=optax.sgd, hyperparams={"learning_rate": 0.1})
+    store = TenantStore(_init(0), capacity=4)
+    with pytest.raises(TypeError, match=r"got the string 'ab'; pass \['ab'\]"):
+        store.add_stacked("ab", stack)
+    assert len(store) == 0
+
+
 # ------------------------------------------------------------------ train CLI
 @pytest.mark.parametrize(
     "argv, message",
