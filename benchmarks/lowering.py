@@ -116,7 +116,8 @@ def bench_layers(args: argparse.Namespace, deadline: Deadline, cache: LoweringCa
                 # What the autotuner would time, or every applicable form (--all-lowerings).
                 todo = (tuple(n for n in LAYER_LOWERINGS if applicable(n, sig)) if args.all_lowerings else candidates(sig))
                 if args.layer_lowerings:  # the rule's choice stays, so that the pick is never worse than it
-                    todo = tuple(n for n in todo if n in args.layer_lowerings or n == todo[0])
+                    todo = tuple(dict.fromkeys(n for n in (todo[0], *LAYER_LOWERINGS)
+                                               if n == todo[0] or (n in args.layer_lowerings and applicable(n, sig))))
                 timings = measure(sig, params, todo, seed=len(rows), repeats=args.layer_repeats)
                 x, w = random_operands(sig, len(rows))
                 dense = jax.jit(lambda a, f, _p=params: conv_one(a.reshape(-1, *a.shape[2:]), f[0], _p)).lower(x, w).compile()
@@ -241,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--all-lowerings", action="store_true",
                         help="per layer, time every applicable lowering, not only the autotuner's candidates")
     parser.add_argument("--layer-lowerings", default=None,
-                        help="per layer, time only these lowerings (comma-separated) besides the rule's choice")
+                        help="per layer, time these applicable lowerings (comma-separated; any of jaxmt.lowering_ops, "
+                             "candidates of the autotuner or not) besides the rule's choice")
     parser.add_argument("--no-e2e", action="store_true", help="per-layer only")
     parser.add_argument("--store", type=int, default=0, metavar="N",
                         help="for the first N end-to-end configs, also time the MultiTenantModel step program (slot gather included)")

@@ -46,10 +46,12 @@ CACHE_FORMAT = 1
 
 # Lowerings the autotuner times, by layer kind: those that won at least one layer shape on
 # an H100 (benchmarks/results/lowering_explore.json) or are cheap to try. The per-tenant
-# loop of convs never won a GPU layer but is the CPU rule's choice.
+# loop of convs never won a GPU layer but is the CPU rule's choice. "implicit_gemm" (a
+# Pallas kernel) joins the kxk candidates once it has compiled and been timed on a GPU;
+# until then it runs only where a policy names it (benchmarks/lowering.py --layer-lowerings).
 _CANDIDATES: dict[str, tuple[str, ...]] = {
     "1x1": ("einsum", "vmap", "loop"),
-    "kxk": ("vmap", "batch_group", "grouped_nchw", "im2col", "shift_sum", "loop", "implicit_gemm"),
+    "kxk": ("vmap", "batch_group", "grouped_nchw", "im2col", "shift_sum", "loop"),
     "depthwise": ("vmap", "depthwise_direct", "grouped_nchw"),
     "grouped": ("vmap", "einsum", "grouped_nchw"),
 }

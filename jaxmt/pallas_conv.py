@@ -12,8 +12,10 @@ padding) with that offset's slice of the tenant's filter. Nothing but the output
 Scope (``supports``): 2-d, stride 1, no dilation, odd windows with the padding that keeps the
 output size ((k - 1) / 2 on each side), no feature groups, channel counts that are multiples
 of 16, one dtype for both operands and the output. That covers every stride-1 3x3 conv of
-ResNet-18 and ResNet-50; the planner times it against the other lowerings per layer shape
-(``jaxmt.autotune``), so it runs only where it measured faster.
+ResNet-18 and ResNet-50. It has been checked only in Pallas's interpreter so far, not
+compiled or timed on a GPU, so the autotuner does not try it yet (``jaxmt.autotune``); a
+lowering policy may name it (``{"kxk": "implicit_gemm"}`` where every kxk conv qualifies,
+or a ``conv:<i>`` selector), and ``benchmarks/lowering.py --layer-lowerings`` times it.
 
 Layouts are the canonical ones of ``jaxmt.lowering_ops``: x [K, N, H, W, C], w [K, kh, kw, C,
 O] -> y [K, N, H, W, O]. Off a GPU the kernel runs in Pallas's interpreter, which is slow
