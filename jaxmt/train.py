@@ -46,6 +46,9 @@ if TYPE_CHECKING:
     from jaxmt.model import MultiTenantModel
 
 _ON_NONFINITE = ("freeze", "raise")
+# What tracing raises where a traced number is read in Python (TracerBoolConversionError is a
+# ConcretizationTypeError).
+_CONCRETE_VALUE_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError)
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -63,6 +66,9 @@ class MultiTenantTrainer:
         become per-tenant arrays in the optimizer state (``optax.inject_hyperparams``);
         other values (bools, None, callables or pytrees such as adamw's ``mask``) are passed
         as given.
+      static_hyperparams: keyword arguments of ``optimizer`` passed as given, the same for
+        every tenant and never traced: numbers the optimizer reads in Python (adafactor's
+        ``min_dim_size_to_factor``, a schedule's step counts). Not settable per tenant.
       trainable: ``trainable(leaf_path) -> bool`` on ``jax.tree_util.keystr`` paths; leaves
         it rejects (e.g. BatchNorm ``batch_stats``) are constants: no gradient, no optimizer
         state, never changed. Default: every leaf is trained.
@@ -76,10 +82,12 @@ class MultiTenantTrainer:
         ``to_model`` serves with the same lowering.
 
     Raises:
-      TypeError: ``hyperparams`` miss a required argument of ``optimizer`` or name one it
-        does not take.
+      TypeError: ``hyperparams`` and ``static_hyperparams`` miss a required argument of
+        ``optimizer`` or name one it does not take, or the optimizer needs the concrete
+        value of a number given in ``hyperparams`` (the message names them).
       ValueError: a per-tenant hyperparameter has the wrong length or a non-finite value,
-        ids repeat, or ``on_nonfinite`` is unknown.
+        a name is in both ``hyperparams`` and ``static_hyperparams``, ids repeat, or
+        ``on_nonfinite`` is unknown.
       ParamMismatchError: a leaf of ``stacked_params`` has no tenant axis of the right size.
 
     Example:
@@ -105,6 +113,7 @@ class MultiTenantTrainer:
         *,
         optimizer: Callable[..., optax.GradientTransformation] = optax.adamw,
         hyperparams: Mapping[str, Any] | None = None,
+        static_hyperparams: Mapping[str, Any] | None = None,
         trainable: Callable[[str], bool] | None = None,
         on_nonfinite: str = "freeze",
         apply_fn: Callable[[PyTree, Any], Any] | None = None,
@@ -138,25 +147,40 @@ class MultiTenantTrainer:
         self.on_nonfinite = on_nonfinite
         self.lowering = LoweringPolicy.of(lowering)
 
-        hyperparams = dict(hyperparams or {})
+        hyperparams, fixed = dict(hyperparams or {}), dict(static_hyperparams or {})
+        name = getattr(optimizer, "__name__", repr(optimizer))
+        both = sorted(set(hyperparams) & set(fixed))
+        if both:
+            raise ValueError(f"{both} given both in hyperparams and in static_hyperparams; give each once")
         try:
-            inspect.signature(optimizer).bind(**hyperparams)
+            inspect.signature(optimizer).bind(**hyperparams, **fixed)
         except TypeError as exc:
-            name = getattr(optimizer, "__name__", repr(optimizer))
-            raise TypeError(f"hyperparams {sorted(hyperparams)} do not fit optimizer {name}: {exc}") from None
+            raise TypeError(f"hyperparams {sorted({**hyperparams, **fixed})} do not fit optimizer {name}: {exc}") from None
         static, per_tenant = split_hyperparams(hyperparams, self._tenants)
+        static.update(fixed)
         self._hyper_names = tuple(per_tenant)
         static_items = tuple(sorted(static.items()))
         # A copy: steps donate the trainer's buffers, which must not be the caller's arrays.
         self._params = jax.tree.map(lambda leaf: jnp.array(leaf, copy=True), stacked_params)
         train, _ = split_trainable(self._treedef, self._trainable, self._params)
-        self._opt_state = init_program(optimizer, static_items)(per_tenant, train)
+        try:
+            self._opt_state = init_program(optimizer, static_items)(per_tenant, train)
+        except _CONCRETE_VALUE_ERRORS as exc:
+            raise self._concrete_value_error(exc) from exc
         self._step_program = step_program(
             loss_fn, optimizer, static_items, self._hyper_names, self._treedef, self._trainable, self.lowering, on_nonfinite == "freeze"
         )
         self._active = np.ones(n, bool)
         self.diverged: dict[Hashable, int] = {}
         self._losses: list[np.ndarray] = []
+
+    def _concrete_value_error(self, exc: Exception) -> TypeError:
+        name = getattr(self.optimizer, "__name__", repr(self.optimizer))
+        return TypeError(
+            f"tracing optimizer {name} needed a concrete value ({type(exc).__name__}). Per-tenant "
+            f"hyperparameters {sorted(self._hyper_names)} are traced: if the optimizer reads one of them in Python, "
+            "pass it in static_hyperparams= (the same value for every tenant)"
+        )
 
     # --------------------------------------------------------------- constructors
     @classmethod
@@ -300,7 +324,10 @@ class MultiTenantTrainer:
         """``step`` with the batches already stacked: every leaf [tenants, ...] in ``tenants`` order."""
         self._check_stacked_batch(batch)
         active = self._active.copy()
-        params, opt_state, losses, finite = self._step_program(self._params, self._opt_state, jnp.asarray(active), batch)
+        try:
+            params, opt_state, losses, finite = self._step_program(self._params, self._opt_state, jnp.asarray(active), batch)
+        except _CONCRETE_VALUE_ERRORS as exc:  # raised while tracing: nothing ran, nothing changed
+            raise self._concrete_value_error(exc) from exc
         if self.on_nonfinite == "freeze":
             # The old buffers were donated: hold the new ones before waiting for the losses, so that an
             # interrupt there (Ctrl-C) leaves the trainer with its weights (the step is then not counted).

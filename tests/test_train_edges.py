@@ -317,3 +317,73 @@ def test_an_interrupt_while_waiting_for_the_losses_leaves_usable_weights(on_nonf
         _assert_trees_equal(trainer.stacked_params, before)
     trainer.step_stacked(_batch(3, seed=1))  # and it trains on
     assert trainer.num_steps == 1
+
+
+# ------------------------------------------------------------- static hyperparameters
+def _init_matrix(seed: int) -> dict:
+    return {"w": jax.random.normal(jax.random.key(seed), (3, 2))}  # adafactor factors matrices only
+
+
+def _loss_matrix(params, batch):
+    return jnp.mean((batch["x"] @ params["w"]).sum(-1) - batch["y"]) ** 2
+
+
+def test_static_hyperparams_reach_the_optimizer_as_given_and_train_like_each_alone():
+    """adafactor reads min_dim_size_to_factor in Python: given in static_hyperparams, every
+    tenant trains as optax.adafactor with that value trains it alone."""
+    lrs = {"a": 0.05, "b": 0.2}
+    trainer = MultiTenantTrainer.from_init(_loss_matrix, _init_matrix, {"a": 0, "b": 1}, optimizer=optax.adafactor,
+                                           hyperparams={"learning_rate": list(lrs.values())},
+                                           static_hyperparams={"min_dim_size_to_factor": 2})
+    start = {t: _host(trainer.params_of(t)) for t in lrs}
+    batches = [_batch(2, seed) for seed in range(3)]
+    for batch in batches:
+        trainer.step_stacked(batch)
+    for t, (tenant, lr) in enumerate(lrs.items()):
+        tx = optax.adafactor(learning_rate=lr, min_dim_size_to_factor=2)
+        params, state = start[tenant], tx.init(start[tenant])
+        for batch in batches:
+            grads = jax.grad(_loss_matrix)(params, {k: v[t] for k, v in batch.items()})
+            updates, state = tx.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+        got, want = _flat(trainer.params_of(tenant)), _flat(params)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert set(trainer.hyperparams) == {"learning_rate"}
+
+
+def test_a_traced_number_the_optimizer_reads_in_python_is_named_with_the_remedy():
+    with pytest.raises(TypeError, match=r"tracing optimizer adafactor needed a concrete value .*"
+                                        r"\['learning_rate', 'min_dim_size_to_factor'\] are traced.*static_hyperparams="):
+        MultiTenantTrainer.from_init(_loss_matrix, _init_matrix, {"a": 0, "b": 1}, optimizer=optax.adafactor,
+                                     hyperparams={"learning_rate": 0.1, "min_dim_size_to_factor": 2})
+
+
+def test_a_number_read_in_python_only_by_the_update_fails_its_first_step_and_changes_nothing():
+    """Vectors are never factored, so adafactor's init passes; a custom optimizer that reads
+    a hyperparameter in Python only in its update fails at the first step, with the remedy."""
+    def clipped_sgd(learning_rate, max_norm):
+        def update(grads, state, params=None):
+            scale = 1.0 if max_norm > 1e6 else 0.5  # a Python branch on a traced number
+            return jax.tree.map(lambda g: -learning_rate * scale * g, grads), state
+        return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+    trainer = _trainer(ids=("a", "b"), optimizer=clipped_sgd, hyperparams={"learning_rate": 0.1, "max_norm": 1.0})
+    snapshot = _snapshot(trainer)
+    with pytest.raises(TypeError, match=r"tracing optimizer clipped_sgd needed a concrete value .*static_hyperparams="):
+        trainer.step_stacked(_batch(2))
+    _assert_unchanged(trainer, snapshot)
+    fixed = _trainer(ids=("a", "b"), optimizer=clipped_sgd, hyperparams={"learning_rate": 0.1}, static_hyperparams={"max_norm": 1.0})
+    fixed.step_stacked(_batch(2))
+    assert fixed.num_steps == 1
+
+
+@pytest.mark.parametrize(
+    "hyperparams, static, error, match",
+    [
+        ({"learning_rate": 0.1}, {"learning_rate": 0.2}, ValueError, r"\['learning_rate'\] given both in hyperparams and in static_hyperparams"),
+        ({"learning_rate": 0.1}, {"no_such_option": 1}, TypeError, r"do not fit optimizer sgd"),
+    ],
+)
+def test_static_hyperparams_that_clash_or_do_not_fit_are_refused(hyperparams, static, error, match):
+    with pytest.raises(error, match=match):
+        _trainer(ids=("a", "b"), hyperparams=hyperparams, static_hyperparams=static)
