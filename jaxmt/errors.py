@@ -56,7 +56,7 @@ class SchedulerClosed(JaxmtError, RuntimeError):
 
 
 class NonFiniteLossError(JaxmtError, FloatingPointError):
-    """A training step whose loss, gradients or updated params are NaN or Inf for some tenants.
+    """A training step whose loss, gradients, updated params or optimizer state are NaN or Inf for some tenants.
 
     ``tenant_ids`` names them and ``step`` is the index of the rejected step.
     """

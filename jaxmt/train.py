@@ -9,8 +9,8 @@ optimizer states stacked on that axis and runs ``jit(vmap(step))`` over
 (``optax.inject_hyperparams``), so different learning rates or weight decays are array
 values of one program, not different programs.
 
-Non-finite losses: with ``on_nonfinite="freeze"`` (default) a tenant whose loss, gradients or
-updated params are NaN or Inf in a step keeps its params and optimizer state from before that step, is
+Non-finite losses: with ``on_nonfinite="freeze"`` (default) a tenant whose loss, gradients,
+updated params or updated optimizer state are NaN or Inf in a step keeps its params and optimizer state from before that step, is
 listed in ``diverged`` and trains no further; the other tenants go on, and a RuntimeWarning
 names it. With ``on_nonfinite="raise"`` the step raises ``NonFiniteLossError`` naming the
 tenants and no tenant is updated.
@@ -293,8 +293,8 @@ class MultiTenantTrainer:
         Raises:
           UnknownTenantError: a key is not a tenant (nothing is computed).
           InputError: a tenant has no batch, or its batch differs in structure or shape.
-          NonFiniteLossError: with on_nonfinite="raise", a tenant's loss, gradients or
-            updated params are not finite (no tenant is updated).
+          NonFiniteLossError: with on_nonfinite="raise", a tenant's loss, gradients,
+            updated params or optimizer state are not finite (no tenant is updated).
         """
         if not isinstance(batches_by_tenant, Mapping):
             raise InputError(f"step takes a mapping tenant -> batch, got {type(batches_by_tenant).__name__}; use step_stacked for stacked batches")
@@ -337,7 +337,7 @@ class MultiTenantTrainer:
         step_index = len(self._losses)
         if bad and self.on_nonfinite == "raise":
             raise NonFiniteLossError(
-                f"step {step_index}: loss, gradients or updated params are NaN or Inf for tenants {bad!r} "
+                f"step {step_index}: loss, gradients, updated params or optimizer state are NaN or Inf for tenants {bad!r} "
                 f"(losses {[float(losses[self._index[t]]) for t in bad]}); no tenant was updated. "
                 f"Lower their learning rates or stop them with freeze()",
                 bad,
@@ -350,7 +350,7 @@ class MultiTenantTrainer:
         self._losses.append(np.where(active, losses, np.nan).astype(np.float32))
         if bad:  # after the bookkeeping: a warning filter that raises must not leave the step half recorded
             warnings.warn(
-                f"step {step_index}: tenants {bad!r} diverged (NaN or Inf loss, gradients or updated params); they keep the "
+                f"step {step_index}: tenants {bad!r} diverged (NaN or Inf loss, gradients, updated params or optimizer state); they keep the "
                 f"params from before this step and train no further",
                 RuntimeWarning,
                 stacklevel=2,

@@ -49,13 +49,15 @@ def _update_one(
 ) -> tuple[PyTree, PyTree, jax.Array]:
     """One tenant's optimizer update; vmapped over tenants. Returns (train, opt_state, finite).
 
-    A tenant that is inactive, or whose loss, gradients or updated params are not finite
-    (a finite gradient times a huge learning rate can overflow), keeps its params and
-    optimizer state (a select inside the program: no tenant's failure leaks into another).
+    A tenant that is inactive, or whose loss, gradients, updated params or updated optimizer
+    state are not finite (a finite gradient times a huge learning rate can overflow; Adam's
+    second moment overflows on gradients above ~1e19 in float32 while the params stay finite
+    and stop moving), keeps its params and optimizer state (a select inside the program: no
+    tenant's failure leaks into another).
     """
     updates, new_opt_state = tx.update(grads, opt_state, train)
     new_train = optax.apply_updates(train, updates)
-    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_train)
+    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_train) & _all_finite(new_opt_state)
     commit = active & finite
     new_train = jax.tree.map(lambda new, old: jnp.where(commit, new, old), new_train, train)
     new_opt_state = jax.tree.map(lambda new, old: jnp.where(commit, new, old), new_opt_state, opt_state)

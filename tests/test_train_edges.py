@@ -387,3 +387,26 @@ def test_a_number_read_in_python_only_by_the_update_fails_its_first_step_and_cha
 def test_static_hyperparams_that_clash_or_do_not_fit_are_refused(hyperparams, static, error, match):
     with pytest.raises(error, match=match):
         _trainer(ids=("a", "b"), hyperparams=hyperparams, static_hyperparams=static)
+
+
+# ------------------------------------------------------------- optimizer state
+def _linear_loss(params, batch):
+    return jnp.sum(params["w"] * batch["s"])  # gradient = batch["s"], loss finite
+
+
+def test_an_optimizer_state_that_overflows_freezes_that_tenant_while_its_params_stay_finite():
+    """A gradient of 1e20 is finite, its square is not in float32: Adam's second moment turns
+    to inf and its updates to 0, so the params stay finite and stop moving. That tenant is
+    frozen and named; its state stays as it was; the other trains on."""
+    stack = {"w": jnp.ones((2, 3))}
+    trainer = MultiTenantTrainer(_linear_loss, stack, ["calm", "wild"], optimizer=optax.adam, hyperparams={"learning_rate": 0.1})
+    before = _host(trainer.opt_state)
+    batch = {"s": np.array([[1.0] * 3, [1e20] * 3], np.float32)}
+    with pytest.warns(RuntimeWarning, match="'wild'"):
+        trainer.step_stacked(batch)
+    assert trainer.diverged == {"wild": 0} and trainer.active == ["calm"]
+    after = _host(trainer.opt_state)
+    for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(new[1], old[1])  # wild's state as it was
+        assert np.all(np.isfinite(new)) if np.issubdtype(new.dtype, np.floating) else True
+    assert np.all(trainer.params_of("wild")["w"] == 1.0) and np.all(trainer.params_of("calm")["w"] < 1.0)
