@@ -113,17 +113,22 @@ def bench_layers(args: argparse.Namespace, deadline: Deadline, cache: LoweringCa
                     continue
                 seen.add(sig)
                 params = ConvParams.of(sig)
-                # What the autotuner would time, or every applicable form (--all-lowerings).
+                # What the autotuner would time, or every applicable form (--all-lowerings), or
+                # those named (--layer-lowerings) and the rule's choice, which pick() prefers
+                # within the noise, so the pick is never worse than the rule.
+                rule = candidates(sig)[0]
                 todo = (tuple(n for n in LAYER_LOWERINGS if applicable(n, sig)) if args.all_lowerings else candidates(sig))
-                if args.layer_lowerings:  # the rule's choice stays, so that the pick is never worse than it
-                    todo = tuple(dict.fromkeys(n for n in (todo[0], *LAYER_LOWERINGS)
-                                               if n == todo[0] or (n in args.layer_lowerings and applicable(n, sig))))
+                if args.layer_lowerings:
+                    todo = tuple(dict.fromkeys(n for n in (rule, *LAYER_LOWERINGS)
+                                               if n == rule or (n in args.layer_lowerings and applicable(n, sig))))
                 timings = measure(sig, params, todo, seed=len(rows), repeats=args.layer_repeats)
                 x, w = random_operands(sig, len(rows))
                 dense = jax.jit(lambda a, f, _p=params: conv_one(a.reshape(-1, *a.shape[2:]), f[0], _p)).lower(x, w).compile()
                 dense_us = burst_seconds(dense, (x, w), repeats=args.layer_repeats) * 1e6
                 choice = pick(sig, timings)
-                if cache is not None:
+                # A pick the autotuner would not make goes only to a choices file named with
+                # --cache, never to the default one that every "auto" model reads.
+                if cache is not None and (choice in candidates(sig) or args.cache_given):
                     cache.put(cache_key(sig), cache_entry(sig, choice, timings, source="benchmarks/lowering.py"))
                 us = {n: r["us"] for n, r in timings.items()}
                 row = {
@@ -258,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="lowering", help="results/<out>.json")
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
     args = parser.parse_args(argv)
+    args.cache_given = args.cache is not None
     if args.quick:
         args.size = "tiny"
         args.models = "resnet18,mobilenetv2,resnet50"
@@ -272,6 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     args.layer_models = args.models if args.layer_models is None else [m for m in args.layer_models.split(",") if m]
     args.layer_configs = [] if args.layer_configs == "none" else parse_configs(args.layer_configs)
     args.layer_lowerings = None if not args.layer_lowerings else {n.strip() for n in args.layer_lowerings.split(",") if n.strip()}
+    unknown = sorted((args.layer_lowerings or set()) - set(LAYER_LOWERINGS))
+    if unknown:
+        parser.error(f"--layer-lowerings: unknown lowerings {unknown}; choose from {list(LAYER_LOWERINGS)}")
     deadline = Deadline(args.budget_s)
     env = common.environment()
     log(f"device {env['device']}, jax {env['jax']}, commit {env['commit']}")

@@ -13,6 +13,12 @@ Targets (issue 4): jaxmt sustains >= 3x the rate of the best multiplexing baseli
 space-only; exclusive access is the upper bound, reported as a fraction); at that rate every
 tenant's p99/p50 <= 1.5 and the slowest and fastest tenants' mean latencies differ <= 5%.
 
+Trial length matters: on an H100, a rate that passed 3 s trials kept only 91% of requests in
+SLO over 10 s (benchmarks/README.md, "Serving: H100, 10 s trials"), so capacities are best
+searched with ``--trial-s 10``. The per-tenant spread needs many requests per tenant to tell
+5% from sampling noise: ``--spread-s`` adds longer trials at fractions of the rate found and
+counts tenants with >= 100 and >= 1,000 requests, beside the spread chance alone gives.
+
     PYTHONPATH=. python benchmarks/serving.py                    # GPU: resnet18, full, 64 tenants
     PYTHONPATH=. python benchmarks/serving.py --arch mobilenetv2
     PYTHONPATH=. python benchmarks/serving.py --quick            # CPU smoke run, ~1 minute
@@ -85,8 +91,10 @@ def build_host_only(args: argparse.Namespace) -> tuple[HostOnlySpec, jaxmt.Multi
     base = models.make(args.arch, args.size, dtype=jax.numpy.dtype(args.dtype), pixels=args.pixels)  # a definition: no weights built
     spec = HostOnlySpec(f"host-only {args.arch}", base.input_shape, base.input_dtype, base.random_input)
     max_tenants = simulate.largest_tenant_bucket(args.tenants, args.max_tenants_bucket)
-    mt = jaxmt.MultiTenantModel(spec.apply_fn, spec.init(args.seed), capacity=args.tenants, lowering="vmap",
-                                buckets=jaxmt.BucketPolicy.powers_of_two(max_tenants, args.max_rows_bucket),
+    buckets = jaxmt.BucketPolicy.powers_of_two(max_tenants, args.max_rows_bucket)
+    if getattr(args, "tenant_ladder", None) is not None:
+        buckets = dataclasses.replace(buckets, tenant_buckets=tuple(args.tenant_ladder))
+    mt = jaxmt.MultiTenantModel(spec.apply_fn, spec.init(args.seed), capacity=args.tenants, lowering="vmap", buckets=buckets,
                                 row_shape=spec.input_shape, row_dtype=spec.input_dtype, outputs_to_host=OUTPUTS[args.outputs])
     for i in range(args.tenants):
         mt.add_tenant(f"t{i}", spec.init(args.seed + 1 + i))
@@ -272,9 +280,12 @@ def summarize(results: list[dict]) -> dict:
     long_trial = next((t for t in reversed((jaxmt_result or {}).get("spread_trials", []))
                        if t.get("load") == 1 and not t.get("superseded")), None)
     if long_trial is not None:
+        # A long trial that missed the SLO target says the rate found does not hold that long:
+        # its spread is reported, marked as such, not as the spread at capacity.
+        held = "" if long_trial.get("passed") else f" (a trial that missed the SLO target: {100 * long_trial['slo_attainment']:.2f}% in SLO)"
         for count in SPREAD_COUNTS:
             spread = long_trial[f"spread_min_{count}"]
-            where = f"{long_trial['trial_s']:g} s at the rate found, tenants with >= {count} requests"
+            where = f"{long_trial['trial_s']:g} s at the rate found{held}, tenants with >= {count} requests"
             summary["targets"][f"per-tenant p99/p50 <= 1.5, {where}"] = _meets(spread.get("max_p99_over_p50"), lambda v: v <= 1.5)
             summary["targets"][f"mean latency gap <= 5%, {where}"] = _meets(spread.get("mean_latency_gap"), lambda v: v <= 0.05)
     return summary
@@ -436,7 +447,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tenant_ladder is not None and (not args.tenant_ladder or args.tenant_ladder != sorted(set(args.tenant_ladder))
                                            or args.tenant_ladder[0] < 1):
         parser.error(f"--tenant-ladder must be positive integers in increasing order, got {args.tenant_ladder}")
-    unknown = sorted(set(args.servers) - set(simulate.SERVERS))
+    unknown = sorted((set(args.servers) | set(args.spread_servers)) - set(simulate.SERVERS))
     if unknown:
         parser.error(f"unknown servers {unknown}; choose from {sorted(simulate.SERVERS)}")
     return args

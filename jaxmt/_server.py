@@ -479,9 +479,7 @@ class _ServerBase:
             launched = None
             self._steps.record_failure()
             logger.warning("%s: launching a step of %d requests failed: %s: %s", self.kind, len(batch.requests), type(exc).__name__, exc)
-            for req in batch.requests:
-                if not req.future.done():
-                    self._finish(req, error=exc)
+            self._fail_unfinished(batch.requests, exc)
         with self._cond:
             self._cond.notify_all()
             if launched is None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import statistics
 import tempfile
 import threading
@@ -62,15 +63,16 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
 
     ``platform`` defaults to JAX's default backend. Every choice below measured faster than
     vmap's grouped conv for its layer shape on an H100 (bf16, 16 tenants x 8 images;
-    benchmarks/README.md, "Lowering"), so the rule is never worse than plain vmap there:
+    benchmarks/README.md, "Lowering"; the one-image bullet: whole steps), so the rule is
+    never worse than plain vmap there:
 
     * 1x1 convs: a batched matmul (0.3-1.6x of the dense conv; vmap's grouped form 0.07-0.8x).
     * kxk convs whose output is at most 7x7, or with at most 4 input channels and a 3x3 or
       smaller window (an RGB stem): im2col, one batched matmul on slices (0.6-1.2x vs
       0.13-0.5x for vmap); other kxk convs: vmap (0.45-0.75x; the best form varies by
       shape and run, which is what autotuning is for).
-    * kxk convs of one image per tenant (the B = 1 steps a server forms for its rarely seen
-      tenants): im2col. Whole ResNet-18 steps of 16 and 32 tenants x 1 image ran 4-8%
+    * kxk convs of one image per tenant for several tenants (the B = 1 steps a server forms
+      for its rarely seen tenants): im2col. Whole ResNet-18 steps of 16 and 32 tenants x 1 image ran 4-8%
       faster in float32 and 14-28% in bfloat16 than with the grouped form; at 2 or more
       images per tenant they ran 9-68% slower (benchmarks/README.md, "Step time: kxk
       convs as im2col").
@@ -91,7 +93,7 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
     if sig.kind == "kxk" and applicable("im2col", sig):
         small_output = int(np.prod(sig.out_spatial)) <= 49
         rgb_stem = sig.in_channels <= 4 and int(np.prod(sig.window)) <= 9
-        one_image = sig.lhs_shape[0] == 1
+        one_image = sig.lhs_shape[0] == 1 and sig.tenants > 1  # one tenant: vmap's form is a plain conv
         if small_output or rgb_stem or one_image:
             return "im2col"
     return "vmap"
@@ -283,6 +285,12 @@ def measure(
     return results
 
 
+def _images_of(key: str) -> int | None:
+    """N (images per tenant) of the signature a cache key names (``... x=NxHxWxC ...``)."""
+    found = re.search(r" x=(\d+)x", key)
+    return int(found.group(1)) if found else None
+
+
 def cache_entry(sig: ConvSignature, choice: str, timings: dict[str, dict[str, Any]], **extra: Any) -> dict[str, Any]:
     """What the cache keeps of one measurement (the family fields serve ``Planner.nearest``)."""
     return {
@@ -396,11 +404,16 @@ class Planner:
         prefix = cache_key(sig).split("|conv ", 1)[0] + "|"
         entries = self.cache.entries()
         fields = [("family", sig.family())] + ([("family_any_dtype", sig.family(with_dtype=False))] if any_dtype else [])
+        # A kxk conv's best form flips between one image per tenant and several (im2col
+        # against the grouped form, benchmarks/README.md "Step time: kxk convs as im2col"):
+        # no choice is lent across that line.
+        one_image = sig.kind == "kxk" and sig.lhs_shape[0] == 1
         for field, family in fields:
             matches = [
                 e for k, e in entries.items()
                 if k.startswith(prefix) and e.get(field) == family and e.get("choice") in CONV_LOWERINGS
                 and applicable(e["choice"], sig) and isinstance(e.get("work"), int) and e["work"] > 0
+                and (sig.kind != "kxk" or (_images_of(k) == 1) == one_image)
             ]
             if matches:
                 best = min(matches, key=lambda e: abs(np.log(e["work"] / work)))

@@ -30,10 +30,10 @@ The lowerings (``CONV_LOWERINGS``):
                   strided slice (float32 accumulation).
   depthwise_direct  depthwise convs (one input channel per group) as a fused elementwise
                   multiply-add over the window offsets (float32 accumulation).
-  implicit_gemm   stride-1 "same" kxk convs as one Pallas kernel that accumulates the
-                  window's shifted matmuls per output tile, reading the activations in
-                  place (``jaxmt.pallas_conv``; float32 accumulation; GPU, or Pallas's
-                  interpreter elsewhere).
+  implicit_gemm   stride-1 "same" kxk convs in bfloat16 or float16 as one Pallas kernel
+                  that accumulates the window's shifted matmuls per output tile, building
+                  no patches (``jaxmt.pallas_conv``; float32 accumulation; GPU, or Pallas's
+                  interpreter elsewhere; XLA's conv gradient).
 
 The float32-accumulating forms (shift_sum, depthwise_direct) round once at the end, the
 others round as the conv or matmul they call; all agree with the reference within the

@@ -175,12 +175,15 @@ class MultiTenantTrainer:
         self._losses: list[np.ndarray] = []
 
     def _concrete_value_error(self, exc: Exception) -> TypeError:
+        """What tracing the optimizer or the loss raised where Python read a traced value,
+        with the remedy when the value may be a per-tenant hyperparameter."""
         name = getattr(self.optimizer, "__name__", repr(self.optimizer))
-        return TypeError(
-            f"tracing optimizer {name} needed a concrete value ({type(exc).__name__}). Per-tenant "
-            f"hyperparameters {sorted(self._hyper_names)} are traced: if the optimizer reads one of them in Python, "
-            "pass it in static_hyperparams= (the same value for every tenant)"
-        )
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        message = f"tracing the training step (optimizer {name}, loss_fn) needed a concrete value: {type(exc).__name__}: {first_line}"
+        if self._hyper_names:
+            message += (f". Per-tenant hyperparameters {sorted(self._hyper_names)} are traced: if the optimizer reads one "
+                        "of them in Python, pass it in static_hyperparams= (the same value for every tenant)")
+        return TypeError(message)
 
     # --------------------------------------------------------------- constructors
     @classmethod

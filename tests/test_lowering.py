@@ -92,10 +92,12 @@ def test_every_lowering_equals_the_per_tenant_reference(case, choice, rng):
 
 @pytest.mark.parametrize("choice", CONV_LOWERINGS)
 def test_every_lowering_in_bfloat16(choice, rng):
-    for case in CASES:  # the first case the lowering applies to
+    for case in CASES:  # the first case the lowering applies to in bfloat16
         x, w, p = _case_arrays(case, rng, np.float32)
-        if applicable(choice, _signature(x, w, p)):
+        if applicable(choice, _signature(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), p)):
             break
+    else:
+        pytest.fail(f"no case for {choice} in bfloat16")
     x16, w16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
     got = jax.jit(lambda a, b: lower_conv(choice, a, b, p))(x16, w16)
     assert got.dtype == jnp.bfloat16
@@ -315,6 +317,26 @@ def test_a_layer_measured_at_another_size_lends_its_choice(tmp_path):
     assert planner.choose(other_layer)[1] == "rule"
 
 
+def test_a_kxk_choice_is_not_lent_across_one_image_and_several(tmp_path):
+    """The best kxk form flips between one image per tenant and several: a choice measured on
+    one side is not lent to the other, which gets the rule; 1x1 choices are lent either way."""
+    import dataclasses
+
+    path = tmp_path / "c.json"
+    cache = autotune.LoweringCache(path)
+    several = _small_sig(k=8)
+    assert several.kind == "kxk" and several.lhs_shape[0] > 1
+    cache.put(autotune.cache_key(several), autotune.cache_entry(several, "batch_group", {}))
+    one = dataclasses.replace(several, lhs_shape=(1, *several.lhs_shape[1:]))
+    pointwise = dataclasses.replace(several, rhs_shape=(1, 1, *several.rhs_shape[2:]), padding=((0, 0), (0, 0)))
+    cache.put(autotune.cache_key(pointwise), autotune.cache_entry(pointwise, "vmap", {}))
+    planner = autotune.Planner(autotune=False, cache_path=path)
+    assert planner.choose(one) == (autotune.default_rule(one), "rule")
+    assert planner.choose(dataclasses.replace(one, tenants=3)) == (autotune.default_rule(one), "rule")
+    assert planner.choose(dataclasses.replace(several, tenants=3)) == ("batch_group", "nearest")
+    assert planner.choose(dataclasses.replace(pointwise, lhs_shape=(1, *several.lhs_shape[1:]))) == ("vmap", "nearest")
+
+
 def test_autotuning_measures_a_layer_once_per_spread_of_sizes(tmp_path):
     """A bucket ladder meets each layer at many K x N: sizes within ``measure_spread`` of a
     measured one reuse its choice, farther ones (and other dtypes) are measured."""
@@ -346,6 +368,7 @@ def _conv_sig(n, hw, c, window, o, stride=1, groups=1, tenants=16):
         (_conv_sig(8, 56, 64, 1, 256), "gpu", "einsum"),  # 1x1: batched matmul
         (_conv_sig(8, 56, 64, 3, 64), "gpu", "vmap"),  # kxk, large output, several images: grouped form
         (_conv_sig(1, 56, 64, 3, 64), "gpu", "im2col"),  # kxk of one image per tenant
+        (_conv_sig(1, 56, 64, 3, 64, tenants=1), "gpu", "vmap"),  # ... of one tenant: vmap's form is a plain conv
         (_conv_sig(2, 56, 64, 3, 64), "gpu", "vmap"),
         (_conv_sig(8, 7, 512, 3, 512), "gpu", "im2col"),  # output of at most 7x7
         (_conv_sig(8, 224, 3, 3, 32, stride=2), "gpu", "im2col"),  # RGB stem, 3x3 window

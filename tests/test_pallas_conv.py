@@ -6,12 +6,13 @@ speed (benchmarks/lowering.py times it on a GPU).
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_error
 from jax import lax
 
-import jax.numpy as jnp
 from jaxmt import pallas_conv
 
 
@@ -57,7 +58,13 @@ SAME3 = ((1, 1), (1, 1))
     "lhs, rhs, strides, padding, dilation, groups, dtype, ok",
     [
         ((8, 56, 56, 64), (3, 3, 64, 64), (1, 1), SAME3, (1, 1), 1, "bfloat16", True),
-        ((8, 7, 7, 512), (3, 3, 512, 512), (1, 1), SAME3, (1, 1), 1, "float32", True),
+        ((8, 7, 7, 512), (3, 3, 512, 512), (1, 1), SAME3, (1, 1), 1, "float16", True),
+        ((8, 28, 28, 128), (3, 3, 128, 256), (1, 1), SAME3, (1, 1), 1, "bfloat16", True),
+        ((8, 28, 28, 16), (3, 3, 16, 32), (1, 1), SAME3, (1, 1), 1, "bfloat16", True),
+        ((8, 7, 7, 512), (3, 3, 512, 512), (1, 1), SAME3, (1, 1), 1, "float32", False),  # IEEE float32 dots in Triton
+        ((8, 28, 28, 96), (3, 3, 96, 64), (1, 1), SAME3, (1, 1), 1, "bfloat16", False),  # 96 in: not 64-blocks
+        ((8, 28, 28, 64), (3, 3, 64, 192), (1, 1), SAME3, (1, 1), 1, "bfloat16", False),  # 192 out: not 128-blocks
+        ((8, 28, 28, 64), (3, 3, 64, 48), (1, 1), SAME3, (1, 1), 1, "bfloat16", False),  # 48 out: not a power of two
         ((8, 56, 56, 64), (3, 3, 64, 64), (2, 2), SAME3, (1, 1), 1, "bfloat16", False),  # strided
         ((8, 56, 56, 8), (3, 3, 8, 64), (1, 1), SAME3, (1, 1), 1, "bfloat16", False),  # 8 input channels
         ((8, 56, 56, 64), (3, 3, 64, 24), (1, 1), SAME3, (1, 1), 1, "bfloat16", False),  # 24 output channels
@@ -71,6 +78,25 @@ SAME3 = ((1, 1), (1, 1))
 )
 def test_the_kernel_takes_only_the_convs_it_computes(lhs, rhs, strides, padding, dilation, groups, dtype, ok):
     assert pallas_conv.supports(lhs, rhs, strides, padding, (1, 1), dilation, groups, 1, dtype) is ok
+
+
+@pytest.mark.parametrize("c, o", [(16, 16), (32, 128), (64, 256), (128, 64)])
+def test_every_channel_count_supports_accepts_runs_at_the_default_blocks(rng, c, o):
+    x = jnp.asarray(rng.standard_normal((2, 1, 3, 3, c)), jnp.bfloat16)
+    f = jnp.asarray(rng.standard_normal((2, 3, 3, c, o)) / np.sqrt(9 * c), jnp.bfloat16)
+    assert pallas_conv.supports(x.shape[1:], f.shape[1:], (1, 1), SAME3, (1, 1), (1, 1), 1, 1, "bfloat16")
+    got = pallas_conv.conv_implicit_gemm(x, f, block_m=16)
+    assert rel_error(got, _per_tenant(np.asarray(x, np.float32), np.asarray(f, np.float32))) < 2e-2
+
+
+def test_the_gradient_is_that_of_xlas_conv(rng):
+    x = jnp.asarray(rng.standard_normal((2, 1, 5, 4, 16)), jnp.float32)
+    f = jnp.asarray(rng.standard_normal((2, 3, 3, 16, 16)) / 12, jnp.float32)
+    cotangent = jnp.asarray(rng.standard_normal((2, 1, 5, 4, 16)), jnp.float32)
+    ours = jax.grad(lambda a, b: jnp.sum(pallas_conv.conv_implicit_gemm(a, b, block_m=16) * cotangent), argnums=(0, 1))(x, f)
+    xla = jax.grad(lambda a, b: jnp.sum(pallas_conv._xla_conv(a, b) * cotangent), argnums=(0, 1))(x, f)
+    for got, want in zip(ours, xla):
+        assert rel_error(got, want) < 1e-5
 
 
 def test_mismatched_filters_and_blocks_are_refused(rng):

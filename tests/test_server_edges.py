@@ -107,6 +107,28 @@ def test_a_request_its_client_completes_while_its_failing_step_runs_is_let_go(rn
         assert not server._outstanding and not server.closed
 
 
+def test_a_request_its_client_completes_while_its_launch_fails_is_let_go(rng, monkeypatch):
+    """The launch itself raises (planning the step's program calls, before any dispatch)."""
+    mt, _ = make_model()
+    clock, box = FakeClock(), {}
+
+    def failing_segments(self, requests):
+        box["mine"].set_exception(TimeoutError("the client gave up"))
+        raise RuntimeError("the launch failed")
+
+    monkeypatch.setattr(jaxmt.Scheduler, "_segments", failing_segments)
+    with jaxmt.Scheduler(mt, clock=clock, **PATIENT) as server:
+        box["mine"] = mine = server.submit("t0", rows(rng))
+        other = server.submit("t1", rows(rng))
+        clock.advance(1.0)
+        assert isinstance(other.exception(TIMEOUT_S), RuntimeError)
+        assert isinstance(mine.exception(TIMEOUT_S), TimeoutError)
+        deadline = time.monotonic() + TIMEOUT_S
+        while server._outstanding and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not server._outstanding and not server.closed
+
+
 class CallbackEscape(BaseException):
     """What asyncio.CancelledError or SystemExit is to concurrent.futures: not an Exception."""
 

@@ -352,8 +352,8 @@ def test_static_hyperparams_reach_the_optimizer_as_given_and_train_like_each_alo
 
 
 def test_a_traced_number_the_optimizer_reads_in_python_is_named_with_the_remedy():
-    with pytest.raises(TypeError, match=r"tracing optimizer adafactor needed a concrete value .*"
-                                        r"\['learning_rate', 'min_dim_size_to_factor'\] are traced.*static_hyperparams="):
+    with pytest.raises(TypeError, match=r"tracing the training step \(optimizer adafactor, loss_fn\) needed a concrete value: "
+                                        r"TracerBoolConversionError: .*\['learning_rate', 'min_dim_size_to_factor'\] are traced.*static_hyperparams="):
         MultiTenantTrainer.from_init(_loss_matrix, _init_matrix, {"a": 0, "b": 1}, optimizer=optax.adafactor,
                                      hyperparams={"learning_rate": 0.1, "min_dim_size_to_factor": 2})
 
@@ -369,7 +369,7 @@ def test_a_number_read_in_python_only_by_the_update_fails_its_first_step_and_cha
 
     trainer = _trainer(ids=("a", "b"), optimizer=clipped_sgd, hyperparams={"learning_rate": 0.1, "max_norm": 1.0})
     snapshot = _snapshot(trainer)
-    with pytest.raises(TypeError, match=r"tracing optimizer clipped_sgd needed a concrete value .*static_hyperparams="):
+    with pytest.raises(TypeError, match=r"optimizer clipped_sgd, loss_fn\) needed a concrete value: .*static_hyperparams="):
         trainer.step_stacked(_batch(2))
     _assert_unchanged(trainer, snapshot)
     fixed = _trainer(ids=("a", "b"), optimizer=clipped_sgd, hyperparams={"learning_rate": 0.1}, static_hyperparams={"max_norm": 1.0})
@@ -387,6 +387,18 @@ def test_a_number_read_in_python_only_by_the_update_fails_its_first_step_and_cha
 def test_static_hyperparams_that_clash_or_do_not_fit_are_refused(hyperparams, static, error, match):
     with pytest.raises(error, match=match):
         _trainer(ids=("a", "b"), hyperparams=hyperparams, static_hyperparams=static)
+
+
+def test_a_loss_that_branches_on_a_traced_value_is_reported_with_the_original_error_first():
+    def branching_loss(params, batch):
+        loss = _loss(params, batch)
+        return loss if loss > 0 else -loss  # Python reads a traced value
+
+    trainer = MultiTenantTrainer.from_init(branching_loss, _init, {"a": 0, "b": 1}, optimizer=optax.sgd,
+                                           static_hyperparams={"learning_rate": 0.1})
+    with pytest.raises(TypeError, match=r"needed a concrete value: TracerBoolConversionError: Attempted boolean conversion") as info:
+        trainer.step_stacked(_batch(2))
+    assert "static_hyperparams" not in str(info.value)  # no per-tenant hyperparameter to blame
 
 
 # ------------------------------------------------------------- optimizer state
