@@ -420,7 +420,8 @@ def applicable(choice: str, sig: ConvSignature) -> bool:
     if choice == "depthwise_direct":
         return sig.is_depthwise and no_lhs_dilation
     if choice == "implicit_gemm":
-        plain_types = sig.lhs_dtype == sig.rhs_dtype and sig.preferred_element_type in (None, sig.lhs_dtype) and sig.precision == "None"
+        # Any precision: 16-bit products are exact in the kernel and its sums are float32.
+        plain_types = sig.lhs_dtype == sig.rhs_dtype and sig.preferred_element_type in (None, sig.lhs_dtype)
         return plain_types and pallas_conv.supports(
             sig.lhs_shape, sig.rhs_shape, sig.window_strides, sig.padding, sig.lhs_dilation, sig.rhs_dilation,
             sig.feature_group_count, sig.batch_group_count, sig.lhs_dtype)

@@ -105,3 +105,33 @@ def test_mismatched_filters_and_blocks_are_refused(rng):
         pallas_conv.conv_implicit_gemm(x, jnp.zeros((2, 3, 3, 16, 16), jnp.float32))
     with pytest.raises(ValueError, match="multiples of the blocks"):
         pallas_conv.conv_implicit_gemm(x, jnp.zeros((2, 3, 3, 32, 48), jnp.float32), block_n=32)
+
+
+def test_a_model_served_with_the_kernel_where_it_applies_equals_each_tenants_forward(rng):
+    """A bfloat16 ResNet-18 (tiny) with every conv the kernel supports lowered by it: the
+    tenant-batched interpreter routes those layers to the kernel and predict still answers
+    each row with its own tenant's weights."""
+    import models
+    from conftest import reference_predict
+
+    import jaxmt
+    from jaxmt.lowering import describe_lowering
+
+    spec = models.make("resnet18", "tiny", dtype=jnp.bfloat16)
+    params = {t: spec.init(40 + i, jnp.bfloat16) for i, t in enumerate(["a", "b", "c"])}
+    x = spec.random_input(rng, 6)
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *params.values())
+    plan = describe_lowering(spec.apply_fn, stacked, jnp.asarray(x[:3])[:, None], "rule")
+    chosen = {f"conv:{c.index}": "implicit_gemm" for c in plan if pallas_conv.supports(
+        c.signature.lhs_shape, c.signature.rhs_shape, c.signature.window_strides, c.signature.padding, c.signature.lhs_dilation,
+        c.signature.rhs_dilation, c.signature.feature_group_count, c.signature.batch_group_count, c.signature.lhs_dtype)}
+    assert chosen, "the tiny model has no conv the kernel supports"
+    routed = describe_lowering(spec.apply_fn, stacked, jnp.asarray(x[:3])[:, None], chosen)
+    assert sorted(f"conv:{c.index}" for c in routed if c.lowering == "implicit_gemm") == sorted(chosen)
+    mt = jaxmt.MultiTenantModel(spec.apply_fn, params["a"], capacity=4, lowering=chosen)
+    for t, p in params.items():
+        mt.add_tenant(t, p)
+    ids = ["a", "c", "b", "a", "b", "c"]
+    got = mt.predict(ids, x)
+    want = reference_predict(spec.apply_fn, params, ids, x)
+    assert rel_error(np.asarray(got, np.float32), np.asarray(want, np.float32)) < 3e-2
