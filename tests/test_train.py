@@ -288,7 +288,7 @@ def test_an_update_that_overflows_to_inf_is_not_committed(on_nonfinite, rng):
     batch = {**batch, "x": batch["x"] * 100}
     params = _copy(trainer.stacked_params)
     if on_nonfinite == "raise":
-        with pytest.raises(NonFiniteLossError, match=r"updated params are NaN or Inf for tenants \['t2'\]"):
+        with pytest.raises(NonFiniteLossError, match=r"updated params or optimizer state are NaN or Inf for tenants \['t2'\]"):
             trainer.step_stacked(batch)
         _assert_trees_equal(trainer.stacked_params, params)
     else:
