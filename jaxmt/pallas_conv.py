@@ -18,8 +18,9 @@ channels in powers of two or a multiple of 128 (Triton's blocks are powers of tw
 covers every stride-1 3x3 conv of ResNet-18 and ResNet-50. float32 runs too (the tests use
 it) but is not offered: Triton's float32 dots are IEEE, not the TF32 of XLA's convs.
 
-It has been checked only in Pallas's interpreter so far, not compiled or timed on a GPU, so
-the autotuner does not try it yet (``jaxmt.autotune``); a lowering policy may name it
+Its answers are checked in Pallas's interpreter, and the tests lower it (and its gradient)
+to Triton IR for CUDA with ``jax.export`` on a CPU; it has not yet been compiled to GPU code
+or timed on a GPU, so the autotuner does not try it yet (``jaxmt.autotune``); a lowering policy may name it
 (``{"kxk": "implicit_gemm"}`` where every kxk conv qualifies, or a ``conv:<i>`` selector),
 and ``benchmarks/lowering.py --layer-lowerings`` times it. Its gradient is XLA's conv's
 (a custom VJP), so a trainer may use it too.
@@ -162,13 +163,17 @@ def _masked_load(ref, mask: jax.Array, interpret: bool) -> jax.Array:
 def _kernel(x_ref, w_ref, y_ref, *, height: int, width: int, kw: int, guard: int, chunks: int,
             block_m: int, block_n: int, block_k: int, interpret: bool) -> None:
     k, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    # Truncating lax.div/lax.rem on non-negative int32 (jnp's floor forms lower to more ops, and
+    # Triton's lowering takes a divisor of 1 for a bool).
+    div = lambda a, b: a if b == 1 else lax.div(a, jnp.int32(b))  # noqa: E731
+    rem = lambda a, b: jnp.zeros_like(a) if b == 1 else lax.rem(a, jnp.int32(b))  # noqa: E731
     rows = i * block_m + lax.broadcasted_iota(jnp.int32, (block_m, 1), 0)
-    yy, xx = (rows // width) % height, rows % width
+    yy, xx = rem(div(rows, width), height), rem(rows, width)
     half_h, half_w = (w_ref.shape[1] // kw) // 2, kw // 2
 
     def step(s, acc):
-        tap, chunk = s // chunks, s % chunks
-        dy, dx = tap // kw - half_h, tap % kw - half_w
+        tap, chunk = div(s, chunks), rem(s, chunks)
+        dy, dx = div(tap, kw) - half_h, rem(tap, kw) - half_w
         inside = (yy + dy >= 0) & (yy + dy < height) & (xx + dx >= 0) & (xx + dx < width)
         start = guard + i * block_m + dy * width + dx
         cols = pl.ds(pl.multiple_of(chunk * block_k, block_k), block_k)

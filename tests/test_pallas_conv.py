@@ -135,3 +135,23 @@ def test_a_model_served_with_the_kernel_where_it_applies_equals_each_tenants_for
     got = mt.predict(ids, x)
     want = reference_predict(spec.apply_fn, params, ids, x)
     assert rel_error(np.asarray(got, np.float32), np.asarray(want, np.float32)) < 3e-2
+
+
+@pytest.mark.parametrize("x_shape, w_shape", [
+    ((4, 8, 56, 56, 64), (4, 3, 3, 64, 64)),  # ResNet's first stage: one channel chunk, one output tile
+    ((16, 8, 28, 28, 128), (16, 3, 3, 128, 256)),  # two chunks, two output-channel tiles
+    ((32, 8, 7, 7, 512), (32, 3, 3, 512, 512)),  # eight chunks, four tiles, rows that do not fill a tile
+    ((2, 1, 9, 9, 16), (2, 5, 5, 16, 32)),  # a 5x5 window of 16 channels
+])
+def test_the_kernel_and_its_gradient_lower_to_triton_for_a_gpu(x_shape, w_shape):
+    """Without a GPU here, jax.export lowers for CUDA: the kernel's jaxpr must become Triton IR
+    (power-of-two blocks, ops Triton's lowering knows). Compiling that IR to GPU code is not
+    checked here."""
+    from jax import export
+
+    x, w = jax.ShapeDtypeStruct(x_shape, jnp.bfloat16), jax.ShapeDtypeStruct(w_shape, jnp.bfloat16)
+    triton = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    forward = jax.jit(lambda a, b: pallas_conv.conv_implicit_gemm(a, b, interpret=False))
+    assert "__gpu$xla.gpu.triton" in export.export(forward, platforms=["cuda"], disabled_checks=triton)(x, w).mlir_module()
+    backward = jax.jit(jax.grad(lambda a, b: jnp.sum(pallas_conv.conv_implicit_gemm(a, b, interpret=False).astype(jnp.float32)), argnums=(0, 1)))
+    export.export(backward, platforms=["cuda"], disabled_checks=triton)(x, w)
