@@ -194,9 +194,18 @@ def _small_one_step(slots: list[int], policy: BucketPolicy) -> Step | None:
     more than one step."""
     rows_of: dict[int, list[int]] = {}
     for row, slot in enumerate(slots):
-        rows_of.setdefault(slot, []).append(row)
+        group = rows_of.get(slot)
+        if group is None:
+            rows_of[slot] = [row]
+        else:
+            group.append(row)
+    if len(rows_of) > policy.max_tenants:  # at least one entry per slot: more than one step
+        return None
     unique = sorted(rows_of)
-    max_rows = _entry_rows_of([len(rows_of[slot]) for slot in unique], policy)
+    counts = [len(rows_of[slot]) for slot in unique]
+    max_rows = _entry_rows_of(counts, policy)
+    if max_rows == 1:  # an entry per row (B = 1, the common step of single-row requests)
+        return _one_row_entries(unique, counts, rows_of, len(slots), policy)
     entries = [(slot, rows_of[slot][start : start + max_rows]) for slot in unique for start in range(0, len(rows_of[slot]), max_rows)]
     if len(entries) > policy.max_tenants:
         return None
@@ -218,6 +227,24 @@ def _small_one_step(slots: list[int], policy: BucketPolicy) -> Step | None:
         out_positions=np.array(out_positions, np.int64),
         out_rows=np.array(out_rows, np.int64),
         slots_in_order=len(entries) == k and step_slots == list(range(k)),
+    )
+
+
+def _one_row_entries(unique: list[int], counts: list[int], rows_of: dict[int, list[int]], n: int, policy: BucketPolicy) -> Step | None:
+    """``_small_one_step`` where every entry holds one row: the rows in slot order, each its
+    own entry (the same Step, built without per-entry lists)."""
+    if n > policy.max_tenants:
+        return None
+    k = policy.tenant_bucket(n)
+    index = [row for slot in unique for row in rows_of[slot]]
+    step_slots = [slot for slot, count in zip(unique, counts) for _ in range(count)]
+    pad = k - n
+    return Step(
+        slots=np.array(step_slots + step_slots[:1] * pad, np.int32),
+        row_index=np.array(index + index[:1] * pad, np.int32).reshape(k, 1),
+        out_positions=np.arange(n, dtype=np.int64),
+        out_rows=np.array(index, np.int64),
+        slots_in_order=pad == 0 and step_slots == list(range(k)),
     )
 
 
