@@ -45,6 +45,8 @@ from jax.experimental import pallas as pl
 BLOCK_M = 128
 BLOCK_N = 128
 BLOCK_K = 64
+NUM_WARPS = 4
+NUM_STAGES = 3
 CHANNEL_MULTIPLE = 16
 DTYPES = ("bfloat16", "float16")
 
@@ -70,8 +72,9 @@ def supports(lhs_shape: tuple[int, ...], rhs_shape: tuple[int, ...], window_stri
     return all(r % 2 == 1 and r > 1 for r in window) and all(lo == hi == r // 2 for (lo, hi), r in zip(padding, window))
 
 
-def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, interpret: bool | None = None,
-                       block_m: int = BLOCK_M, block_n: int = BLOCK_N, block_k: int = BLOCK_K) -> jax.Array:
+def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, interpret: bool | None = None, block_m: int = BLOCK_M,
+                       block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
+                       num_stages: int = NUM_STAGES) -> jax.Array:
     """Tenant k's ``x[k]`` convolved with its filter ``w[k]`` ("same" padding, stride 1).
 
     Differentiable: the gradient is that of XLA's conv of the same arguments.
@@ -82,6 +85,7 @@ def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, interpret: bool | None = N
       interpret: run in Pallas's interpreter (None: unless the default backend is a GPU).
       block_m, block_n, block_k: tile sizes (powers of two); block_n and block_k are capped
         at O and C.
+      num_warps, num_stages: Triton's warps per tile and software-pipeline depth (GPU only).
     """
     tenants, n, h, wd, c = x.shape
     _, kh, kw, c_w, o = w.shape
@@ -92,11 +96,11 @@ def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, interpret: bool | None = N
     bn, bk = min(block_n, o), min(block_k, c)
     if o % bn or c % bk:
         raise ValueError(f"channels ({c} in, {o} out) must be multiples of the blocks ({bk}, {bn})")
-    return _with_xla_gradient(x, w, (bool(interpret), int(block_m), int(bn), int(bk)))
+    return _with_xla_gradient(x, w, (bool(interpret), int(block_m), int(bn), int(bk), int(num_warps), int(num_stages)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _with_xla_gradient(x: jax.Array, w: jax.Array, config: tuple[bool, int, int, int]) -> jax.Array:
+def _with_xla_gradient(x: jax.Array, w: jax.Array, config: tuple[bool, int, int, int, int, int]) -> jax.Array:
     return _forward(x, w, *config)
 
 
@@ -120,7 +124,7 @@ def _xla_conv(x: jax.Array, w: jax.Array) -> jax.Array:
     return jax.vmap(one)(x, w)
 
 
-def _forward(x: jax.Array, w: jax.Array, interpret: bool, block_m: int, bn: int, bk: int) -> jax.Array:
+def _forward(x: jax.Array, w: jax.Array, interpret: bool, block_m: int, bn: int, bk: int, num_warps: int, num_stages: int) -> jax.Array:
     tenants, n, h, wd, c = x.shape
     _, kh, kw, _, o = w.shape
     m = n * h * wd
@@ -133,7 +137,7 @@ def _forward(x: jax.Array, w: jax.Array, interpret: bool, block_m: int, bn: int,
     taps = w.reshape(tenants, kh * kw, c, o)
     kernel = functools.partial(_kernel, height=h, width=wd, kw=kw, guard=guard, chunks=c // bk,
                                block_m=block_m, block_n=bn, block_k=bk, interpret=interpret)
-    params = {} if interpret else {"compiler_params": _triton_params()}
+    params = {} if interpret else {"compiler_params": _triton_params(num_warps, num_stages)}
     y = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((tenants, tiles_m * block_m, o), x.dtype),
@@ -145,10 +149,10 @@ def _forward(x: jax.Array, w: jax.Array, interpret: bool, block_m: int, bn: int,
     return y[:, :m].reshape(tenants, n, h, wd, o)
 
 
-def _triton_params():
+def _triton_params(num_warps: int, num_stages: int):
     from jax.experimental.pallas import triton as plt
 
-    return plt.CompilerParams(num_warps=4, num_stages=3)
+    return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def _masked_load(ref, mask: jax.Array, interpret: bool) -> jax.Array:

@@ -1,0 +1,153 @@
+"""The implicit-GEMM conv kernel (jaxmt/pallas_conv.py) per layer, beside the other lowerings.
+
+For the stride-1 3x3 conv shapes of ResNet-18 and ResNet-50 at K tenants x B images: the
+dense conv of exclusive access (one tenant's filter on all K*B images, the target), XLA's
+grouped conv (``vmap``), ``grouped_nchw`` and ``im2col`` (jaxmt.lowering_ops), and the
+kernel at several tile configurations. Every form's answer is checked against vmap's before
+it is timed (``jaxmt.autotune.measure``: compile, check, median of bursts); a form that fails
+to compile or disagrees is reported with its error, not timed. Ratios are dense time over
+the form's time (1.0 = exclusive-access speed), all from one run.
+
+    PYTHONPATH=. python benchmarks/pallas_conv.py              # GPU: 32x8, 16x8 and 32x1 in bf16, ~2-3 min
+    PYTHONPATH=. python benchmarks/pallas_conv.py --quick      # CPU smoke run in Pallas's interpreter, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from typing import Any
+
+import common  # noqa: F401  (puts the repository on sys.path)
+import jax
+from common import markdown_table, update_readme_section, write_json
+
+from jaxmt import lowering_ops, pallas_conv
+from jaxmt.autotune import burst_seconds, measure, random_operands
+from jaxmt.lowering_ops import ConvParams, ConvSignature, applicable, conv_one
+
+# (spatial size, input channels, output channels) of ResNet's stride-1 3x3 convs.
+LAYERS = [(56, 64, 64), (28, 128, 128), (14, 256, 256), (7, 512, 512)]
+QUICK_LAYERS = [(6, 16, 16), (4, 32, 64)]
+OTHER_FORMS = ("vmap", "grouped_nchw", "im2col")
+# (block_m, block_n, block_k, num_warps, num_stages): the default first.
+KERNEL_CONFIGS = [
+    (pallas_conv.BLOCK_M, pallas_conv.BLOCK_N, pallas_conv.BLOCK_K, pallas_conv.NUM_WARPS, pallas_conv.NUM_STAGES),
+    (64, 128, 64, 4, 3),
+    (128, 64, 64, 4, 3),
+    (128, 128, 32, 4, 4),
+    (64, 64, 64, 4, 2),
+    (128, 128, 64, 8, 3),
+]
+QUICK_KERNEL_CONFIGS = [(16, 16, 16, 4, 3), (32, 32, 16, 4, 2)]
+
+
+def kernel_name(config: tuple[int, ...]) -> str:
+    return "kernel {}x{}x{} w{} s{}".format(*config)
+
+
+def signature(tenants: int, images: int, size: int, c_in: int, c_out: int, dtype: str) -> ConvSignature:
+    return ConvSignature(tenants, (images, size, size, c_in), (3, 3, c_in, c_out), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1),
+                         lhs_dtype=dtype, rhs_dtype=dtype)
+
+
+def bench_layer(sig: ConvSignature, kernel_configs: list[tuple[int, ...]], repeats: int, interpret: bool | None) -> dict[str, Any]:
+    """Dense time and every form's time and error for one layer."""
+    params = ConvParams.of(sig)
+    forms = tuple(f for f in OTHER_FORMS if applicable(f, sig))
+    timings = measure(sig, params, forms, repeats=repeats)
+    x, w = random_operands(sig, 0)
+    reference = jax.jit(lambda a, b: lowering_ops.lower_conv("vmap", a, b, params))(x, w)
+    for config in kernel_configs:
+        bm, bn, bk, warps, stages = config
+        fn = functools.partial(pallas_conv.conv_implicit_gemm, interpret=interpret, block_m=bm, block_n=bn, block_k=bk,
+                               num_warps=warps, num_stages=stages)
+        timings[kernel_name(config)] = _time_checked(fn, x, w, reference, sig.lhs_dtype, repeats)
+    dense = jax.jit(lambda a, f: conv_one(a.reshape(-1, *a.shape[2:]), f[0], params)).lower(x, w).compile()
+    dense_us = burst_seconds(dense, (x, w), repeats=repeats) * 1e6
+    return {"signature": sig.key, "dense_us": dense_us, "forms": timings}
+
+
+def _time_checked(fn: Any, x: jax.Array, w: jax.Array, reference: jax.Array, dtype: str, repeats: int) -> dict[str, Any]:
+    """As ``jaxmt.autotune.measure`` does for a lowering: compile, check, time, or say why not."""
+    import numpy as np
+
+    row: dict[str, Any] = {"us": None}
+    try:
+        start = time.perf_counter()
+        program = jax.jit(fn).lower(x, w).compile()
+        row["compile_s"] = round(time.perf_counter() - start, 3)
+        got, want = np.asarray(program(x, w), np.float64), np.asarray(reference, np.float64)
+        err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+        row["rel_err"] = err
+        tolerance = 2e-2 if dtype in ("bfloat16", "float16") else 1e-4
+        if not np.isfinite(err) or err > tolerance:
+            row["error"] = f"differs from the vmap reference: relative error {err:.3g} > {tolerance:g}"
+        else:
+            row["us"] = burst_seconds(program, (x, w), repeats=repeats) * 1e6
+    except Exception as exc:  # a configuration Triton rejects is reported, not fatal
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return row
+
+
+def table(rows: list[dict[str, Any]], kernel_configs: list[tuple[int, ...]]) -> str:
+    names = [*OTHER_FORMS, *(kernel_name(c) for c in kernel_configs)]
+    body = []
+    for r in rows:
+        cells = []
+        for name in names:
+            form = r["forms"].get(name)
+            if form is None:
+                cells.append("")
+            elif form["us"] is None:
+                cells.append("failed")
+            else:
+                cells.append(f"{r['dense_us'] / form['us']:.2f}")
+        body.append([f"{r['tenants']}x{r['images']}", r["layer"], f"{r['dense_us']:.1f}", *cells])
+    return markdown_table(["K x B", "layer (HxW, C -> O)", "dense us", *names], body)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default="32x8,16x8,32x1", help="tenants x images per tenant, comma-separated")
+    parser.add_argument("--dtype", default="bfloat16", choices=list(pallas_conv.DTYPES))
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="tiny layers in Pallas's interpreter: a CPU smoke run")
+    parser.add_argument("--out", default=None, help="results/<out>.json (default pallas_conv, pallas_conv_quick)")
+    parser.add_argument("--no-readme", action="store_true")
+    args = parser.parse_args(argv)
+    layers, kernel_configs, interpret = LAYERS, KERNEL_CONFIGS, None
+    if args.quick:
+        layers, kernel_configs, interpret = QUICK_LAYERS, QUICK_KERNEL_CONFIGS, True
+        args.configs, args.repeats = "2x1,2x2", 2
+    env = common.environment()
+    print(f"device {env['device']}, jax {env['jax']}, commit {env['commit']}", file=sys.stderr, flush=True)
+    rows = []
+    for config in args.configs.split(","):
+        tenants, images = (int(v) for v in config.lower().split("x"))
+        for size, c_in, c_out in layers:
+            sig = signature(tenants, images, size, c_in, c_out, args.dtype)
+            row = {"tenants": tenants, "images": images, "layer": f"{size}x{size}, {c_in} -> {c_out}",
+                   **bench_layer(sig, kernel_configs, args.repeats, interpret)}
+            rows.append(row)
+            ratios = " ".join(f"{n}={row['dense_us'] / f['us']:.2f}" if f["us"] else f"{n}=failed" for n, f in row["forms"].items())
+            print(f"[{config}] {row['layer']}: dense {row['dense_us']:.1f} us | {ratios}", file=sys.stderr, flush=True)
+    text = table(rows, kernel_configs)
+    print(text)
+    out = args.out or ("pallas_conv_quick" if args.quick else "pallas_conv")
+    write_json(out, {"environment": env, "args": vars(args), "kernel_configs": kernel_configs, "rows": rows})
+    if not args.no_readme and not args.quick:
+        update_readme_section(
+            "Pallas conv kernel",
+            f"`PYTHONPATH=. python benchmarks/pallas_conv.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
+            f"({env['device']}, jax {env['jax']}, commit {env['commit']}, {args.dtype}). Throughput of each form relative to "
+            "the dense conv on all K*B images with one filter (1.00 = exclusive-access speed; \"failed\": did not compile or "
+            f"disagreed with vmap, see results/{out}.json).\n\n" + text,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""benchmarks/pallas_conv.py: a CPU smoke run (the kernel in Pallas's interpreter) checks every
+form against vmap before timing it and writes each layer's ratios; nothing here checks speed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import benchmark_script
+
+
+@pytest.fixture(scope="module")
+def bench():
+    with benchmark_script("pallas_conv.py", "jaxmt_pallas_conv_bench") as module:
+        yield module
+
+
+def test_a_quick_run_checks_and_times_every_form_of_every_layer(bench, tmp_path, monkeypatch):
+    import common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    assert bench.main(["--quick", "--no-readme"]) == 0
+    data = json.loads((tmp_path / "pallas_conv_quick.json").read_text())
+    kernels = [bench.kernel_name(c) for c in bench.QUICK_KERNEL_CONFIGS]
+    assert len(data["rows"]) == 2 * len(bench.QUICK_LAYERS)  # two K x B configs
+    for row in data["rows"]:
+        assert row["dense_us"] > 0 and set(row["forms"]) == {*bench.OTHER_FORMS, *kernels}
+        for name, form in row["forms"].items():
+            assert (form["us"] is None) == ("error" in form), name  # timed, or said why not
+        for name in kernels:  # the kernel answers as vmap does, in the interpreter
+            assert row["forms"][name]["us"] > 0 and row["forms"][name]["rel_err"] < 2e-2
+
+
+def test_a_form_that_disagrees_or_fails_to_compile_is_reported_not_timed(bench):
+    import jax
+
+    sig = bench.signature(2, 1, 4, 16, 64, "bfloat16")
+    x, w = bench.random_operands(sig, 0)
+    params = bench.ConvParams.of(sig)
+    reference = jax.jit(lambda a, b: bench.lowering_ops.lower_conv("vmap", a, b, params))(x, w)
+    doubled = lambda a, b: bench.pallas_conv.conv_implicit_gemm(a, b, interpret=True, block_m=16) * 2  # noqa: E731
+    checked = bench._time_checked(doubled, x, w, reference, "bfloat16", 1)
+    assert checked["us"] is None and "differs from the vmap reference" in checked["error"]
+    odd_blocks = lambda a, b: bench.pallas_conv.conv_implicit_gemm(a, b, interpret=True, block_n=48)  # noqa: E731 (64 channels)
+    failed = bench._time_checked(odd_blocks, x, w, reference, "bfloat16", 1)
+    assert failed["us"] is None and failed["error"].startswith("ValueError: channels")
