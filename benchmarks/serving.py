@@ -397,7 +397,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tenants-bucket", type=int, default=0, help="largest tenant bucket (0: tenants, pow2, <= 64)")
     parser.add_argument("--max-rows-bucket", type=int, default=8, help="largest row bucket (and time/space batch size)")
     parser.add_argument("--tenant-ladder", default=None,
-                        help="jaxmt's tenant buckets, comma-separated and increasing (default: powers of two up to --max-tenants-bucket)")
+                        help="jaxmt's tenant buckets, comma-separated and increasing; replaces the powers of two up to --max-tenants-bucket")
     parser.add_argument("--spread-s", type=float, default=0.0,
                         help="after each search, trials of this many seconds at --spread-loads fractions of the rate found, "
                              "for --spread-servers: per-tenant spread with enough requests per tenant to tell 5%% from noise (0: none)")

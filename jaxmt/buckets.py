@@ -12,6 +12,7 @@ step's entries have similar sizes and little padding.
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 from collections.abc import Sequence
 
@@ -183,10 +184,12 @@ def make_plan(slots: Sequence[int] | np.ndarray, policy: BucketPolicy) -> Plan:
 
 
 # Requests of at most this many rows are planned in plain Python when they fit one step:
-# NumPy's per-call cost dominates small arrays. On a 2-core CPU a 1-row request took 9 us
-# instead of 31, a 32-row one 25 instead of 35; at 64 rows the array path was as fast. The
-# result is the same Plan as the array path's (a test checks it).
-SMALL_REQUEST_ROWS = 32
+# NumPy's per-call cost dominates small arrays. On a 2-core CPU (best of 5 runs, random
+# slots): 1 row 9-11 us against 42-47 on the array path, 32 rows over 16 tenants 22-26
+# against 48-57, 64 rows 33 against 58 (16 tenants) and 58 against 66 (64 tenants); at 128
+# rows most requests of many tenants need two steps, where trying one first only adds. The
+# result is the same Plan as the array path's (a property test checks it).
+SMALL_REQUEST_ROWS = 64
 
 
 def _small_one_step(slots: list[int], policy: BucketPolicy) -> Step | None:
@@ -236,8 +239,11 @@ def _one_row_entries(unique: list[int], counts: list[int], rows_of: dict[int, li
     if n > policy.max_tenants:
         return None
     k = policy.tenant_bucket(n)
-    index = [row for slot in unique for row in rows_of[slot]]
-    step_slots = [slot for slot, count in zip(unique, counts) for _ in range(count)]
+    index: list[int] = []
+    step_slots: list[int] = []
+    for slot, count in zip(unique, counts):  # list operations per tenant, not per row
+        index += rows_of[slot]
+        step_slots += [slot] * count
     pad = k - n
     return Step(
         slots=np.array(step_slots + step_slots[:1] * pad, np.int32),
@@ -299,9 +305,11 @@ def _entry_rows(counts: np.ndarray, policy: BucketPolicy) -> int:
 
 
 def _entry_rows_of(counts: list[int], policy: BucketPolicy) -> int:
-    """``_entry_rows`` for a short list of row counts, without NumPy."""
+    """``_entry_rows`` for a short list of row counts, without NumPy (over the distinct
+    counts: a step of single-row requests has one or two)."""
     candidates = policy.row_buckets[: bisect.bisect_left(policy.row_buckets, max(counts)) + 1]
-    return _cheapest_row_bucket(candidates, [sum(-(-c // b) for c in counts) for b in candidates], policy)
+    histogram = collections.Counter(counts).items()
+    return _cheapest_row_bucket(candidates, [sum(m * -(-c // b) for c, m in histogram) for b in candidates], policy)
 
 
 def _cheapest_row_bucket(candidates: Sequence[int], entries_per_bucket: list[int], policy: BucketPolicy) -> int:

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxmt import BucketPolicy, make_plan
+from jaxmt import buckets as buckets_module
 
 
 def _check_plan(slots: np.ndarray, policy: BucketPolicy) -> None:
@@ -111,7 +112,7 @@ def test_a_step_cannot_claim_slots_in_order_that_are_not():
 
 
 @given(
-    slots=st.lists(st.integers(0, 20), min_size=1, max_size=40),
+    slots=st.lists(st.integers(0, 70), min_size=1, max_size=buckets_module.SMALL_REQUEST_ROWS),
     max_tenants=st.sampled_from([1, 3, 4, 16, 64]),
     max_rows=st.sampled_from([1, 2, 5, 8, 64]),
 )
