@@ -81,10 +81,9 @@ def test_a_request_its_client_completed_is_dropped_and_the_server_serves_on(kind
     assert isinstance(mine.exception(), TimeoutError) and not server._outstanding
 
 
-def test_a_request_its_client_completes_while_its_failing_step_runs_is_let_go(rng, monkeypatch):
-    """Its step then fails: the server fails the other requests and keeps nothing of it."""
-    mt, _ = make_model()
-    clock, box, dispatch = FakeClock(), {}, mt.dispatch
+def _fail_while_running(mt, monkeypatch, box: dict) -> None:
+    """The step is dispatched; waiting for its answer, the client completes and the step fails."""
+    dispatch = mt.dispatch
 
     class FailsAfterTheClient:
         def __init__(self, pending):
@@ -95,35 +94,30 @@ def test_a_request_its_client_completes_while_its_failing_step_runs_is_let_go(rn
             raise RuntimeError("the step failed")
 
     monkeypatch.setattr(mt, "dispatch", lambda tenant_ids, x: FailsAfterTheClient(dispatch(tenant_ids, x)))
-    with jaxmt.Scheduler(mt, clock=clock, **PATIENT) as server:
-        box["mine"] = mine = server.submit("t0", rows(rng))
-        other = server.submit("t1", rows(rng))
-        clock.advance(1.0)
-        assert isinstance(other.exception(TIMEOUT_S), RuntimeError)
-        assert isinstance(mine.exception(TIMEOUT_S), TimeoutError)
-        deadline = time.monotonic() + TIMEOUT_S  # the completion thread goes on after other's future
-        while server._outstanding and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not server._outstanding and not server.closed
 
 
-def test_a_request_its_client_completes_while_its_launch_fails_is_let_go(rng, monkeypatch):
+def _fail_at_launch(mt, monkeypatch, box: dict) -> None:
     """The launch itself raises (planning the step's program calls, before any dispatch)."""
-    mt, _ = make_model()
-    clock, box = FakeClock(), {}
-
     def failing_segments(self, requests):
         box["mine"].set_exception(TimeoutError("the client gave up"))
         raise RuntimeError("the launch failed")
 
     monkeypatch.setattr(jaxmt.Scheduler, "_segments", failing_segments)
+
+
+@pytest.mark.parametrize("fail", [_fail_while_running, _fail_at_launch], ids=["while running", "at launch"])
+def test_a_request_its_client_completes_while_its_step_fails_is_let_go(fail, rng, monkeypatch):
+    """The server fails the other request of the step and keeps nothing of the completed one."""
+    mt, _ = make_model()
+    clock, box = FakeClock(), {}
+    fail(mt, monkeypatch, box)
     with jaxmt.Scheduler(mt, clock=clock, **PATIENT) as server:
         box["mine"] = mine = server.submit("t0", rows(rng))
         other = server.submit("t1", rows(rng))
         clock.advance(1.0)
         assert isinstance(other.exception(TIMEOUT_S), RuntimeError)
         assert isinstance(mine.exception(TIMEOUT_S), TimeoutError)
-        deadline = time.monotonic() + TIMEOUT_S
+        deadline = time.monotonic() + TIMEOUT_S  # the server thread goes on after other's future
         while server._outstanding and time.monotonic() < deadline:
             time.sleep(0.01)
         assert not server._outstanding and not server.closed
