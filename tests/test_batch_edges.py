@@ -33,6 +33,15 @@ def _save(directory: pathlib.Path, name: str, rows: int, width: int = 6) -> np.n
     return x
 
 
+def _line_2_fails_then_is_skipped(model, manifest, out, match: str) -> dict:
+    """The job stops at manifest line 2 with a ManifestError naming it; with skip_errors it
+    records that line and goes on. Returns the second run's summary."""
+    with pytest.raises(ManifestError, match="line 2: " + match) as caught:
+        jaxmt.predict_manifest(model, manifest, out)
+    assert caught.value.line == 2
+    return jaxmt.predict_manifest(model, manifest, out, skip_errors=True)
+
+
 def test_an_input_the_model_cannot_take_fails_its_own_line_not_the_lines_after_it(tmp_path):
     """Without rows fixed by the model, the first input the model can take fixes them: a first
     input of the wrong width is its own bad line, and the good lines after it run."""
@@ -41,10 +50,7 @@ def test_an_input_the_model_cannot_take_fails_its_own_line_not_the_lines_after_i
     good = _save(tmp_path, "good.npy", 4)
     manifest = tmp_path / "m.csv"
     manifest.write_text("tenant,input,output\np,wide.npy,w\nq,good.npy,g\n")
-    with pytest.raises(ManifestError, match=r"line 2: input wide.npy has rows of shape \[7\]") as caught:
-        jaxmt.predict_manifest(model, manifest, tmp_path / "out")
-    assert caught.value.line == 2
-    summary = jaxmt.predict_manifest(model, manifest, tmp_path / "out", skip_errors=True)
+    summary = _line_2_fails_then_is_skipped(model, manifest, tmp_path / "out", r"input wide.npy has rows of shape \[7\]")
     assert summary["computed"] == 1 and [e["line"] for e in summary["errors"]] == [2]
     np.testing.assert_allclose(np.load(tmp_path / "out" / "g.npz")["y"], good @ params["q"]["w"], rtol=1e-5)
 
@@ -92,10 +98,7 @@ def test_a_csv_row_with_more_fields_than_the_header_is_a_bad_line(tmp_path):
     _save(tmp_path, "y.npy", 2)
     manifest = tmp_path / "m.csv"
     manifest.write_text("tenant,input\np,x.npz,first,out-p\nq,y.npy\n")
-    with pytest.raises(ManifestError, match=r"line 2: .*4 fields, but the header names 2 columns") as caught:
-        jaxmt.predict_manifest(model, manifest, tmp_path / "out")
-    assert caught.value.line == 2
-    summary = jaxmt.predict_manifest(model, manifest, tmp_path / "out", skip_errors=True)
+    summary = _line_2_fails_then_is_skipped(model, manifest, tmp_path / "out", r".*4 fields, but the header names 2 columns")
     assert summary["computed"] == 1 and [p.name for p in (tmp_path / "out").glob("*.npz")] == ["q__y.npz"]
 
 
