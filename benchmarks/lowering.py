@@ -41,7 +41,7 @@ from common import markdown_table, time_call, update_readme_section, write_json
 
 import models
 from jaxmt import MultiTenantModel, make_plan
-from jaxmt.autotune import LoweringCache, burst_seconds, cache_entry, cache_key, candidates, measure, pick, random_operands
+from jaxmt.autotune import LoweringCache, cache_entry, cache_key, candidates, measure, pick
 from jaxmt.lowering import LoweringPolicy, describe_lowering, tenant_batched
 from jaxmt.lowering_ops import CONV_LOWERINGS as LAYER_LOWERINGS
 from jaxmt.lowering_ops import ConvParams, applicable, conv_one
@@ -121,10 +121,10 @@ def bench_layers(args: argparse.Namespace, deadline: Deadline, cache: LoweringCa
                 if args.layer_lowerings:
                     todo = tuple(dict.fromkeys(n for n in (rule, *LAYER_LOWERINGS)
                                                if n == rule or (n in args.layer_lowerings and applicable(n, sig))))
-                timings = measure(sig, params, todo, seed=len(rows), repeats=args.layer_repeats)
-                x, w = random_operands(sig, len(rows))
-                dense = jax.jit(lambda a, f, _p=params: conv_one(a.reshape(-1, *a.shape[2:]), f[0], _p)).lower(x, w).compile()
-                dense_us = burst_seconds(dense, (x, w), repeats=args.layer_repeats) * 1e6
+                # The dense conv of exclusive access, timed in the same rounds as the lowerings.
+                dense = lambda a, f, _p=params: conv_one(a.reshape(-1, *a.shape[2:]), f[0], _p)  # noqa: E731
+                timings = measure(sig, params, todo, seed=len(rows), repeats=args.layer_repeats, baselines={"dense": dense})
+                dense_us = timings.pop("dense")["us"]
                 choice = pick(sig, timings)
                 # A pick the autotuner would not make goes only to a choices file named with
                 # --cache, never to the default one that every "auto" model reads.

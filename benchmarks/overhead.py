@@ -229,6 +229,29 @@ def transfer_paths(repeats: int, seed: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def profile_predict(tenants: int, rows: int, calls: int, seed: int) -> None:
+    """Where the host's time in ``predict`` goes, function by function (the same model and
+    request as ``measure``; profiling slows Python, so read shares, not microseconds)."""
+    import cProfile
+    import pstats
+
+    spec = models.make("mlp", "tiny")
+    rng = np.random.default_rng(seed)
+    params = {f"t{i}": spec.init(seed + i) for i in range(tenants)}
+    mt = _model(spec, params, None)
+    ids = list(rng.choice(list(params), size=rows))
+    ids[:tenants] = list(params)
+    x = spec.random_input(rng, rows)
+    for _ in range(20):
+        mt.predict(ids, x)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        mt.predict(ids, x)
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tenants", type=int, default=16)
@@ -236,7 +259,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="only profile N predict calls (cProfile, the 30 costliest functions by own time) and exit")
     args = parser.parse_args(argv)
+    if args.profile:
+        profile_predict(args.tenants, args.rows, args.profile, args.seed)
+        return
     result = measure(args.tenants, args.rows, args.repeats, args.seed)
     result["transfers_us"] = transfer_paths(min(args.repeats, 100), args.seed)
     path = write_json("overhead", {"result": result})

@@ -4,7 +4,8 @@ For the stride-1 3x3 conv shapes of ResNet-18 and ResNet-50 at K tenants x B ima
 dense conv of exclusive access (one tenant's filter on all K*B images, the target), XLA's
 grouped conv (``vmap``), ``grouped_nchw`` and ``im2col`` (jaxmt.lowering_ops), and the
 kernel at several tile configurations. Every form's answer is checked against vmap's before
-it is timed (``jaxmt.autotune.measure``: compile, check, median of bursts); a form that fails
+it is timed (``jaxmt.autotune.compile_and_check``; then every form and the dense conv are
+timed in the same rounds of bursts, ``interleaved_seconds``); a form that fails
 to compile or disagrees is reported with its error, not timed. Ratios are dense time over
 the form's time (1.0 = exclusive-access speed), all from one run.
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import time
 from typing import Any
 
 import common  # noqa: F401  (puts the repository on sys.path)
@@ -25,27 +25,31 @@ import jax
 from common import markdown_table, update_readme_section, write_json
 
 from jaxmt import lowering_ops, pallas_conv
-from jaxmt.autotune import burst_seconds, measure, random_operands
+from jaxmt.autotune import compile_and_check, interleaved_seconds, random_operands
 from jaxmt.lowering_ops import ConvParams, ConvSignature, applicable, conv_one
 
 # (spatial size, input channels, output channels) of ResNet's stride-1 3x3 convs.
 LAYERS = [(56, 64, 64), (28, 128, 128), (14, 256, 256), (7, 512, 512)]
 QUICK_LAYERS = [(6, 16, 16), (4, 32, 64)]
 OTHER_FORMS = ("vmap", "grouped_nchw", "im2col")
-# (block_m, block_n, block_k, num_warps, num_stages): the default first.
+# (block_m, block_n, block_k, num_warps, num_stages); block_m None: the kernel's default
+# (``pallas_conv.rows_per_tile``), first.
 KERNEL_CONFIGS = [
-    (pallas_conv.BLOCK_M, pallas_conv.BLOCK_N, pallas_conv.BLOCK_K, pallas_conv.NUM_WARPS, pallas_conv.NUM_STAGES),
+    (None, pallas_conv.BLOCK_N, pallas_conv.BLOCK_K, pallas_conv.NUM_WARPS, pallas_conv.NUM_STAGES),
+    (128, 128, 64, 4, 3),
     (64, 128, 64, 4, 3),
     (128, 64, 64, 4, 3),
-    (128, 128, 32, 4, 4),
-    (64, 64, 64, 4, 2),
+    (64, 64, 64, 4, 3),
+    (64, 128, 64, 4, 4),
     (128, 128, 64, 8, 3),
+    (256, 128, 64, 8, 3),
 ]
-QUICK_KERNEL_CONFIGS = [(16, 16, 16, 4, 3), (32, 32, 16, 4, 2)]
+QUICK_KERNEL_CONFIGS = [(None, 16, 16, 4, 3), (16, 16, 16, 4, 3), (32, 32, 16, 4, 2)]
 
 
-def kernel_name(config: tuple[int, ...]) -> str:
-    return "kernel {}x{}x{} w{} s{}".format(*config)
+def kernel_name(config: tuple) -> str:
+    block_m, *rest = config
+    return "kernel {}x{}x{} w{} s{}".format("auto" if block_m is None else block_m, *rest)
 
 
 def signature(tenants: int, images: int, size: int, c_in: int, c_out: int, dtype: str) -> ConvSignature:
@@ -53,43 +57,31 @@ def signature(tenants: int, images: int, size: int, c_in: int, c_out: int, dtype
                          lhs_dtype=dtype, rhs_dtype=dtype)
 
 
-def bench_layer(sig: ConvSignature, kernel_configs: list[tuple[int, ...]], repeats: int, interpret: bool | None) -> dict[str, Any]:
-    """Dense time and every form's time and error for one layer."""
+def kernel_forms(kernel_configs: list[tuple], interpret: bool | None) -> dict[str, Any]:
+    """The kernel at each tile configuration, as functions of (x, w)."""
+    forms = {}
+    for bm, bn, bk, warps, stages in kernel_configs:
+        forms[kernel_name((bm, bn, bk, warps, stages))] = functools.partial(
+            pallas_conv.conv_implicit_gemm, interpret=interpret, block_m=bm, block_n=bn, block_k=bk,
+            num_warps=warps, num_stages=stages)
+    return forms
+
+
+def bench_layer(sig: ConvSignature, kernel_configs: list[tuple], repeats: int, interpret: bool | None) -> dict[str, Any]:
+    """Dense time and every form's time and error for one layer, all timed in the same rounds."""
     params = ConvParams.of(sig)
-    forms = tuple(f for f in OTHER_FORMS if applicable(f, sig))
-    timings = measure(sig, params, forms, repeats=repeats)
+    forms = {f: functools.partial(lowering_ops.lower_conv, f, p=params) for f in OTHER_FORMS if applicable(f, sig)}
+    forms.update(kernel_forms(kernel_configs, interpret))
     x, w = random_operands(sig, 0)
     reference = jax.jit(lambda a, b: lowering_ops.lower_conv("vmap", a, b, params))(x, w)
-    for config in kernel_configs:
-        bm, bn, bk, warps, stages = config
-        fn = functools.partial(pallas_conv.conv_implicit_gemm, interpret=interpret, block_m=bm, block_n=bn, block_k=bk,
-                               num_warps=warps, num_stages=stages)
-        timings[kernel_name(config)] = _time_checked(fn, x, w, reference, sig.lhs_dtype, repeats)
-    dense = jax.jit(lambda a, f: conv_one(a.reshape(-1, *a.shape[2:]), f[0], params)).lower(x, w).compile()
-    dense_us = burst_seconds(dense, (x, w), repeats=repeats) * 1e6
-    return {"signature": sig.key, "dense_us": dense_us, "forms": timings}
-
-
-def _time_checked(fn: Any, x: jax.Array, w: jax.Array, reference: jax.Array, dtype: str, repeats: int) -> dict[str, Any]:
-    """As ``jaxmt.autotune.measure`` does for a lowering: compile, check, time, or say why not."""
-    import numpy as np
-
-    row: dict[str, Any] = {"us": None}
-    try:
-        start = time.perf_counter()
-        program = jax.jit(fn).lower(x, w).compile()
-        row["compile_s"] = round(time.perf_counter() - start, 3)
-        got, want = np.asarray(program(x, w), np.float64), np.asarray(reference, np.float64)
-        err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
-        row["rel_err"] = err
-        tolerance = 2e-2 if dtype in ("bfloat16", "float16") else 1e-4
-        if not np.isfinite(err) or err > tolerance:
-            row["error"] = f"differs from the vmap reference: relative error {err:.3g} > {tolerance:g}"
-        else:
-            row["us"] = burst_seconds(program, (x, w), repeats=repeats) * 1e6
-    except Exception as exc:  # a configuration Triton rejects is reported, not fatal
-        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-    return row
+    tolerance = 2e-2 if sig.lhs_dtype in ("bfloat16", "float16") else 1e-4
+    timings, programs = compile_and_check(forms, (x, w), reference, tolerance)
+    programs["dense"] = jax.jit(lambda a, f: conv_one(a.reshape(-1, *a.shape[2:]), f[0], params)).lower(x, w).compile()
+    seconds = interleaved_seconds(programs, (x, w), repeats=repeats)
+    for name, row in timings.items():
+        if name in seconds:
+            row["us"] = seconds[name] * 1e6
+    return {"signature": sig.key, "dense_us": seconds["dense"] * 1e6, "forms": timings}
 
 
 def table(rows: list[dict[str, Any]], kernel_configs: list[tuple[int, ...]]) -> str:
@@ -113,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="32x8,16x8,32x1", help="tenants x images per tenant, comma-separated")
     parser.add_argument("--dtype", default="bfloat16", choices=list(pallas_conv.DTYPES))
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--quick", action="store_true", help="tiny layers in Pallas's interpreter: a CPU smoke run")
     parser.add_argument("--out", default=None, help="results/<out>.json (default pallas_conv, pallas_conv_quick)")
     parser.add_argument("--no-readme", action="store_true")

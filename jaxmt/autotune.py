@@ -48,11 +48,11 @@ CACHE_FORMAT = 1
 # Lowerings the autotuner times, by layer kind: those that won at least one layer shape on
 # an H100 (benchmarks/results/lowering_explore.json) or are cheap to try. The per-tenant
 # loop of convs never won a GPU layer but is the CPU rule's choice. "implicit_gemm" (a
-# Pallas kernel) joins the kxk candidates once it has compiled and been timed on a GPU;
-# until then it runs only where a policy names it (benchmarks/lowering.py --layer-lowerings).
+# Pallas Triton kernel, GPUs only) won 3x3 layers of ResNet-18 on an H100 (benchmarks/README.md,
+# "Pallas conv kernel").
 _CANDIDATES: dict[str, tuple[str, ...]] = {
     "1x1": ("einsum", "vmap", "loop"),
-    "kxk": ("vmap", "batch_group", "grouped_nchw", "im2col", "shift_sum", "loop"),
+    "kxk": ("vmap", "batch_group", "grouped_nchw", "im2col", "shift_sum", "implicit_gemm", "loop"),
     "depthwise": ("vmap", "depthwise_direct", "grouped_nchw"),
     "grouped": ("vmap", "einsum", "grouped_nchw"),
 }
@@ -99,10 +99,17 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
     return "vmap"
 
 
-def candidates(sig: ConvSignature) -> tuple[str, ...]:
-    """The applicable lowerings the autotuner times for ``sig`` (rule's choice first)."""
-    rule = default_rule(sig)
-    names = (rule, *_CANDIDATES[sig.kind])
+# Lowerings that compile only for one platform (Pallas's Triton backend; elsewhere the
+# kernel would run in Pallas's interpreter, which is for tests).
+_PLATFORM_ONLY = {"implicit_gemm": "gpu"}
+
+
+def candidates(sig: ConvSignature, platform: str | None = None) -> tuple[str, ...]:
+    """The applicable lowerings the autotuner times for ``sig`` on ``platform`` (default:
+    JAX's default backend), the rule's choice first."""
+    platform = platform or jax.default_backend()
+    rule = default_rule(sig, platform)
+    names = (rule, *(n for n in _CANDIDATES[sig.kind] if _PLATFORM_ONLY.get(n, platform) == platform))
     return tuple(dict.fromkeys(n for n in names if applicable(n, sig)))
 
 
@@ -222,27 +229,68 @@ def _tolerance(dtype: str) -> float:
 
 
 def burst_seconds(fn: Any, args: tuple, *, warmup: int = 2, repeats: int = 7, min_burst_s: float = 2e-3) -> float:
-    """Median seconds of one call of the compiled ``fn(*args)``.
+    """Median seconds of one call of the compiled ``fn(*args)`` (``interleaved_seconds`` of one)."""
+    return interleaved_seconds({"fn": fn}, args, warmup=warmup, repeats=repeats, min_burst_s=min_burst_s)["fn"]
+
+
+def interleaved_seconds(fns: dict[str, Any], args: tuple, *, warmup: int = 2, repeats: int = 7,
+                        min_burst_s: float = 2e-3) -> dict[str, float]:
+    """Median seconds of one call of each compiled ``fns[name](*args)``, timed in rounds.
 
     Each repeat is a burst of asynchronous calls closed by one ``block_until_ready``, sized
     so that a burst lasts at least ``min_burst_s``: kernels shorter than the host's dispatch
-    time would otherwise measure the host.
+    time would otherwise measure the host. Every round times one burst of each function in
+    turn, so that a drift of the device's clocks or of a neighbour's load over the run
+    shifts all of them alike instead of whichever was timed during it (on a shared H100 the
+    same kernel timed in separate runs of bursts differed by up to 1.5x).
     """
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    one = max(time.perf_counter() - start, 1e-6)
-    calls = max(1, min(200, int(min_burst_s / one)))
-    samples = []
-    for _ in range(repeats):
+    calls = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            jax.block_until_ready(fn(*args))
         start = time.perf_counter()
-        out = None
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / calls)
-    return statistics.median(samples)
+        jax.block_until_ready(fn(*args))
+        one = max(time.perf_counter() - start, 1e-6)
+        calls[name] = max(1, min(200, int(min_burst_s / one)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            out = None
+            for _ in range(calls[name]):
+                out = fn(*args)
+            jax.block_until_ready(out)
+            samples[name].append((time.perf_counter() - start) / calls[name])
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def compile_and_check(fns: dict[str, Any], args: tuple, reference: Any, tolerance: float) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Compiles each ``fns[name]`` for ``args`` and checks its answer against ``reference``.
+
+    Returns ``(rows, programs)``: a row per name (``{"us": None, "compile_s", "rel_err"}``,
+    plus ``"error"`` where it failed to compile or its relative L2 error exceeds
+    ``tolerance``) and the compiled programs of those that passed, ready to time.
+    """
+    want = np.asarray(reference, np.float64)
+    rows: dict[str, dict[str, Any]] = {}
+    programs: dict[str, Any] = {}
+    for name, fn in fns.items():
+        row: dict[str, Any] = {"us": None}
+        try:
+            start = time.perf_counter()
+            program = jax.jit(fn).lower(*args).compile()
+            row["compile_s"] = round(time.perf_counter() - start, 3)
+            got = np.asarray(program(*args), np.float64)
+            err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+            row["rel_err"] = err
+            if not np.isfinite(err) or err > tolerance:
+                row["error"] = f"differs from the vmap reference: relative error {err:.3g} > {tolerance:g}"
+            else:
+                programs[name] = program
+        except Exception as exc:  # a form XLA (or Triton) rejects on this device is skipped, not fatal
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        rows[name] = row
+    return rows, programs
 
 
 def measure(
@@ -252,8 +300,14 @@ def measure(
     *,
     seed: int = 0,
     repeats: int = 7,
+    baselines: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Compiles, checks and times each lowering of ``sig`` on the default device.
+
+    ``baselines`` (name -> function of the same operands, e.g. the dense conv of exclusive
+    access) are compiled, not checked, and timed in the same rounds as the lowerings, so
+    that ratios to them come from one stretch of the device's time; their rows come back
+    beside the lowerings' (callers drop them before ``pick``).
 
     Returns:
       ``{name: {"us": median microseconds or None, "compile_s": ..., "rel_err": ...,
@@ -263,25 +317,14 @@ def measure(
     names = names or candidates(sig)
     x, w = random_operands(sig, seed)
     reference = jax.jit(lambda a, b: lower_conv("vmap", a, b, params))(x, w)
-    ref64 = np.asarray(reference, np.float64)
-    tol = _tolerance(sig.lhs_dtype)
-    results: dict[str, dict[str, Any]] = {}
-    for name in names:
-        row: dict[str, Any] = {"us": None}
-        try:
-            start = time.perf_counter()
-            fn = jax.jit(lambda a, b, _n=name: lower_conv(_n, a, b, params)).lower(x, w).compile()
-            row["compile_s"] = round(time.perf_counter() - start, 3)
-            got = np.asarray(fn(x, w), np.float64)
-            err = float(np.linalg.norm(got - ref64) / max(np.linalg.norm(ref64), 1e-30))
-            row["rel_err"] = err
-            if not np.isfinite(err) or err > tol:
-                row["error"] = f"differs from the vmap reference: relative error {err:.3g} > {tol:g}"
-            else:
-                row["us"] = burst_seconds(fn, (x, w), repeats=repeats) * 1e6
-        except Exception as exc:  # a form XLA rejects on this device is skipped, not fatal
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-        results[name] = row
+    fns = {name: (lambda a, b, _n=name: lower_conv(_n, a, b, params)) for name in names}
+    results, programs = compile_and_check(fns, (x, w), reference, _tolerance(sig.lhs_dtype))
+    for name, fn in (baselines or {}).items():
+        start = time.perf_counter()
+        programs[name] = jax.jit(fn).lower(x, w).compile()
+        results[name] = {"us": None, "compile_s": round(time.perf_counter() - start, 3)}
+    for name, seconds in interleaved_seconds(programs, (x, w), repeats=repeats).items():
+        results[name]["us"] = seconds * 1e6
     return results
 
 

@@ -41,8 +41,14 @@ from jax.experimental import pallas as pl
 
 # Block sizes: output rows per tile, output channels per tile (at most), input channels per
 # matmul step (at most). 128 x 128 tiles with 64-deep steps are Triton's usual bf16 GEMM
-# shape on Hopper; narrower layers take their whole channel count.
+# shape on Hopper; narrower layers take their whole channel count. Tenants with few output
+# rows (N*H*W <= SMALL_ROWS) take tiles of SMALL_BLOCK_M rows: on an H100, 64-row tiles
+# ran ResNet's 3x3 layers of 1 image per tenant and of 8 images at 7x7 at 0.8-1.05x of the
+# dense conv where 128-row tiles ran at 0.36-0.64x (less of the last tile is padding, and
+# more tiles spread over the SMs; benchmarks/README.md, "Pallas conv kernel").
 BLOCK_M = 128
+SMALL_BLOCK_M = 64
+SMALL_ROWS = 4096
 BLOCK_N = 128
 BLOCK_K = 64
 NUM_WARPS = 4
@@ -72,7 +78,12 @@ def supports(lhs_shape: tuple[int, ...], rhs_shape: tuple[int, ...], window_stri
     return all(r % 2 == 1 and r > 1 for r in window) and all(lo == hi == r // 2 for (lo, hi), r in zip(padding, window))
 
 
-def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, interpret: bool | None = None, block_m: int = BLOCK_M,
+def rows_per_tile(rows: int) -> int:
+    """The default output rows per tile for a tenant's ``rows`` (N*H*W) output positions."""
+    return SMALL_BLOCK_M if rows <= SMALL_ROWS else BLOCK_M
+
+
+def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, interpret: bool | None = None, block_m: int | None = None,
                        block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
                        num_stages: int = NUM_STAGES) -> jax.Array:
     """Tenant k's ``x[k]`` convolved with its filter ``w[k]`` ("same" padding, stride 1).
@@ -83,8 +94,8 @@ def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, interpret: bool | None = N
       x: [K, N, H, W, C].
       w: [K, kh, kw, C, O] (odd kh and kw; C and O tiled by the blocks).
       interpret: run in Pallas's interpreter (None: unless the default backend is a GPU).
-      block_m, block_n, block_k: tile sizes (powers of two); block_n and block_k are capped
-        at O and C.
+      block_m, block_n, block_k: tile sizes (powers of two); block_m defaults to
+        ``rows_per_tile(N*H*W)``; block_n and block_k are capped at O and C.
       num_warps, num_stages: Triton's warps per tile and software-pipeline depth (GPU only).
     """
     tenants, n, h, wd, c = x.shape
@@ -94,6 +105,7 @@ def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, interpret: bool | None = N
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     bn, bk = min(block_n, o), min(block_k, c)
+    block_m = rows_per_tile(n * h * wd) if block_m is None else block_m
     if o % bn or c % bk:
         raise ValueError(f"channels ({c} in, {o} out) must be multiples of the blocks ({bk}, {bn})")
     return _with_xla_gradient(x, w, (bool(interpret), int(block_m), int(bn), int(bk), int(num_warps), int(num_stages)))

@@ -7,6 +7,7 @@ precision, on fresh random inputs (never zeros). Float32 tolerances are rounding
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -287,6 +288,16 @@ def test_cached_choice_is_used_by_the_model_program(tmp_path, rng):
     assert (chosen[0].lowering, chosen[0].source) == ("batch_group", "cache")
     got = jax.jit(tenant_batched(spec.apply_fn, planted))(stacked, x)
     assert rel_error(got, jax.vmap(spec.apply_fn)(stacked, x)) < 1e-5
+
+
+@pytest.mark.parametrize("platform, tried", [("gpu", True), ("cpu", False), ("tpu", False)])
+def test_the_pallas_kernel_is_a_kxk_candidate_on_gpus_only(platform, tried):
+    bf16_3x3 = ConvSignature(8, (2, 14, 14, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1),
+                             lhs_dtype="bfloat16", rhs_dtype="bfloat16")
+    assert ("implicit_gemm" in autotune.candidates(bf16_3x3, platform)) is tried
+    # Where the kernel does not apply (float32, stride 2) no platform tries it.
+    for sig in (_small_sig(), dataclasses.replace(bf16_3x3, window_strides=(2, 2))):
+        assert "implicit_gemm" not in autotune.candidates(sig, "gpu")
 
 
 def test_pick_prefers_the_rule_within_the_noise_margin():
