@@ -1,6 +1,7 @@
 """The implicit-GEMM conv kernel (jaxmt/pallas_conv.py) per layer, beside the other lowerings.
 
-For the stride-1 3x3 conv shapes of ResNet-18 and ResNet-50 at K tenants x B images: the
+For the 3x3 conv shapes of ResNet-18 and ResNet-50 (stride 1 and 2) and their 7x7 stride-2
+stem at K tenants x B images: the
 dense conv of exclusive access (one tenant's filter on all K*B images, the target), XLA's
 grouped conv (``vmap``), ``grouped_nchw`` and ``im2col`` (jaxmt.lowering_ops), and the
 kernel at several tile configurations. Every form's answer is checked against vmap's before
@@ -9,7 +10,7 @@ timed in the same rounds of bursts, ``interleaved_seconds``); a form that fails
 to compile or disagrees is reported with its error, not timed. Ratios are dense time over
 the form's time (1.0 = exclusive-access speed), all from one run.
 
-    PYTHONPATH=. python benchmarks/pallas_conv.py              # GPU: 32x8, 16x8 and 32x1 in bf16, ~2-3 min
+    PYTHONPATH=. python benchmarks/pallas_conv.py              # GPU: 32x8, 16x8 and 32x1 in bf16, ~4 min
     PYTHONPATH=. python benchmarks/pallas_conv.py --quick      # CPU smoke run in Pallas's interpreter, seconds
 """
 
@@ -28,50 +29,48 @@ from jaxmt import lowering_ops, pallas_conv
 from jaxmt.autotune import compile_and_check, interleaved_seconds, random_operands
 from jaxmt.lowering_ops import ConvParams, ConvSignature, applicable, conv_one
 
-# (spatial size, input channels, output channels) of ResNet's stride-1 3x3 convs.
-LAYERS = [(56, 64, 64), (28, 128, 128), (14, 256, 256), (7, 512, 512)]
-QUICK_LAYERS = [(6, 16, 16), (4, 32, 64)]
+# (input size, input channels, output channels, window, stride) of ResNet's stride-1 3x3
+# convs, its downsampling 3x3 convs and its 7x7 stem (padding as the models pad: k // 2).
+LAYERS = [(56, 64, 64, 3, 1), (28, 128, 128, 3, 1), (14, 256, 256, 3, 1), (7, 512, 512, 3, 1),
+          (224, 3, 64, 7, 2), (56, 64, 128, 3, 2), (28, 128, 256, 3, 2), (14, 256, 512, 3, 2)]
+QUICK_LAYERS = [(6, 16, 16, 3, 1), (4, 32, 64, 3, 1), (9, 3, 16, 7, 2)]
 OTHER_FORMS = ("vmap", "grouped_nchw", "im2col")
-# (block_m, block_n, block_k, num_warps, num_stages); block_m None: the kernel's default
-# (``pallas_conv.rows_per_tile``), first.
+# (block_m, block_n, block_k, num_warps, num_stages): the kernel's default first.
 KERNEL_CONFIGS = [
-    (None, pallas_conv.BLOCK_N, pallas_conv.BLOCK_K, pallas_conv.NUM_WARPS, pallas_conv.NUM_STAGES),
-    (128, 128, 64, 4, 3),
+    (pallas_conv.BLOCK_M, pallas_conv.BLOCK_N, pallas_conv.BLOCK_K, pallas_conv.NUM_WARPS, pallas_conv.NUM_STAGES),
     (64, 128, 64, 4, 3),
-    (128, 64, 64, 4, 3),
-    (64, 64, 64, 4, 3),
-    (64, 128, 64, 4, 4),
     (128, 128, 64, 8, 3),
     (256, 128, 64, 8, 3),
 ]
-QUICK_KERNEL_CONFIGS = [(None, 16, 16, 4, 3), (16, 16, 16, 4, 3), (32, 32, 16, 4, 2)]
+QUICK_KERNEL_CONFIGS = [(16, 16, 16, 4, 3), (32, 32, 16, 4, 2)]
 
 
-def kernel_name(config: tuple) -> str:
-    block_m, *rest = config
-    return "kernel {}x{}x{} w{} s{}".format("auto" if block_m is None else block_m, *rest)
+def kernel_name(config: tuple[int, ...]) -> str:
+    return "kernel {}x{}x{} w{} s{}".format(*config)
 
 
-def signature(tenants: int, images: int, size: int, c_in: int, c_out: int, dtype: str) -> ConvSignature:
-    return ConvSignature(tenants, (images, size, size, c_in), (3, 3, c_in, c_out), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1),
-                         lhs_dtype=dtype, rhs_dtype=dtype)
+def signature(tenants: int, images: int, size: int, c_in: int, c_out: int, dtype: str, window: int = 3,
+              stride: int = 1) -> ConvSignature:
+    pad = (window // 2, window // 2)
+    return ConvSignature(tenants, (images, size, size, c_in), (window, window, c_in, c_out), (stride, stride), (pad, pad),
+                         (1, 1), (1, 1), lhs_dtype=dtype, rhs_dtype=dtype)
 
 
-def kernel_forms(kernel_configs: list[tuple], interpret: bool | None) -> dict[str, Any]:
+def kernel_forms(sig: ConvSignature, kernel_configs: list[tuple[int, ...]], interpret: bool | None) -> dict[str, Any]:
     """The kernel at each tile configuration, as functions of (x, w)."""
     forms = {}
     for bm, bn, bk, warps, stages in kernel_configs:
         forms[kernel_name((bm, bn, bk, warps, stages))] = functools.partial(
-            pallas_conv.conv_implicit_gemm, interpret=interpret, block_m=bm, block_n=bn, block_k=bk,
-            num_warps=warps, num_stages=stages)
+            pallas_conv.conv_implicit_gemm, strides=sig.window_strides, padding=sig.padding, interpret=interpret,
+            block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
     return forms
 
 
-def bench_layer(sig: ConvSignature, kernel_configs: list[tuple], repeats: int, interpret: bool | None) -> dict[str, Any]:
+def bench_layer(sig: ConvSignature, kernel_configs: list[tuple[int, ...]], repeats: int, interpret: bool | None) -> dict[str, Any]:
     """Dense time and every form's time and error for one layer, all timed in the same rounds."""
     params = ConvParams.of(sig)
     forms = {f: functools.partial(lowering_ops.lower_conv, f, p=params) for f in OTHER_FORMS if applicable(f, sig)}
-    forms.update(kernel_forms(kernel_configs, interpret))
+    forms.update(kernel_forms(sig, kernel_configs, interpret))
     x, w = random_operands(sig, 0)
     reference = jax.jit(lambda a, b: lowering_ops.lower_conv("vmap", a, b, params))(x, w)
     tolerance = 2e-2 if sig.lhs_dtype in ("bfloat16", "float16") else 1e-4
@@ -98,7 +97,7 @@ def table(rows: list[dict[str, Any]], kernel_configs: list[tuple[int, ...]]) -> 
             else:
                 cells.append(f"{r['dense_us'] / form['us']:.2f}")
         body.append([f"{r['tenants']}x{r['images']}", r["layer"], f"{r['dense_us']:.1f}", *cells])
-    return markdown_table(["K x B", "layer (HxW, C -> O)", "dense us", *names], body)
+    return markdown_table(["K x B", "layer (HxW, C -> O[, window/stride])", "dense us", *names], body)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for config in args.configs.split(","):
         tenants, images = (int(v) for v in config.lower().split("x"))
-        for size, c_in, c_out in layers:
-            sig = signature(tenants, images, size, c_in, c_out, args.dtype)
-            row = {"tenants": tenants, "images": images, "layer": f"{size}x{size}, {c_in} -> {c_out}",
+        for size, c_in, c_out, window, stride in layers:
+            sig = signature(tenants, images, size, c_in, c_out, args.dtype, window, stride)
+            name = f"{size}x{size}, {c_in} -> {c_out}" + ("" if (window, stride) == (3, 1) else f", {window}x{window}/{stride}")
+            row = {"tenants": tenants, "images": images, "layer": name,
                    **bench_layer(sig, kernel_configs, args.repeats, interpret)}
             rows.append(row)
             ratios = " ".join(f"{n}={row['dense_us'] / f['us']:.2f}" if f["us"] else f"{n}=failed" for n, f in row["forms"].items())

@@ -30,10 +30,11 @@ The lowerings (``CONV_LOWERINGS``):
                   strided slice (float32 accumulation).
   depthwise_direct  depthwise convs (one input channel per group) as a fused elementwise
                   multiply-add over the window offsets (float32 accumulation).
-  implicit_gemm   stride-1 "same" kxk convs in bfloat16 or float16 as one Pallas kernel
-                  that accumulates the window's shifted matmuls per output tile, building
-                  no patches (``jaxmt.pallas_conv``; float32 accumulation; GPU, or Pallas's
-                  interpreter elsewhere; XLA's conv gradient).
+  implicit_gemm   2-d kxk convs of stride 1 or 2 in bfloat16 or float16 as one Pallas
+                  kernel that accumulates the window's shifted matmuls per output tile,
+                  building no patches (stride 2 after a space-to-depth rearrangement;
+                  ``jaxmt.pallas_conv``; float32 accumulation; GPU, or Pallas's interpreter
+                  elsewhere; XLA's conv gradient).
 
 The float32-accumulating forms (shift_sum, depthwise_direct) round once at the end, the
 others round as the conv or matmul they call; all agree with the reference within the
@@ -381,7 +382,7 @@ def conv_depthwise_direct(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Arra
 
 
 def conv_implicit_gemm(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
-    return pallas_conv.conv_implicit_gemm(x, w)
+    return pallas_conv.conv_implicit_gemm(x, w, strides=tuple(p.window_strides), padding=tuple(p.padding))
 
 
 _IMPLS: dict[str, Callable[[jax.Array, jax.Array, ConvParams], jax.Array]] = {

@@ -8,22 +8,27 @@ tile (positions of the flattened N*H*W image) accumulate, for every window offse
 and every chunk of input channels, the matmul of the input rows shifted by dy*W + dx (masked
 where the shift crosses the image border, which is the zero padding) with that offset's
 slice of the tenant's filter. What it copies besides: the input once, padded with guard rows
-so that every shifted tile stays in bounds, and the output once more when its rows do not
-fill the last tile (the rows past the end are sliced off).
+so that every shifted tile stays in bounds (and with zero channels up to what the blocks
+tile), and the output once more when it is cut (rows past the last image, padded channels,
+positions past a smaller output).
 
-Scope (``supports``): 2-d, stride 1, no dilation, odd windows with the padding that keeps the
-output size ((k - 1) / 2 on each side), no feature groups, bfloat16 or float16, channel
-counts that tile: 16, 32 or 64 input channels or a multiple of 64, and 16 to 128 output
-channels in powers of two or a multiple of 128 (Triton's blocks are powers of two). That
-covers every stride-1 3x3 conv of ResNet-18 and ResNet-50. float32 runs too (the tests use
-it) but is not offered: Triton's float32 dots are IEEE, not the TF32 of XLA's convs.
+A stride-2 conv is first rearranged space-to-depth (each 2x2 block of pixels becomes one
+pixel of 4C channels, the filter likewise), which makes it a stride-1 conv of half the
+window over a quarter of the positions: ResNet's 7x7 stem on 3 channels becomes a 4x4 conv
+on 12 (padded to 16), whose matmuls are 5x deeper than the 3-channel taps.
 
-Its answers are checked in Pallas's interpreter, and the tests lower it (and its gradient)
-to Triton IR for CUDA with ``jax.export`` on a CPU; it has not yet been compiled to GPU code
-or timed on a GPU, so the autotuner does not try it yet (``jaxmt.autotune``); a lowering policy may name it
-(``{"kxk": "implicit_gemm"}`` where every kxk conv qualifies, or a ``conv:<i>`` selector),
-and ``benchmarks/lowering.py --layer-lowerings`` times it. Its gradient is XLA's conv's
-(a custom VJP), so a trainer may use it too.
+Scope (``supports``): 2-d, stride 1 (any window and padding whose output is no larger than
+its input: "same" and "valid" convs) or stride 2 (any padding), no dilation, no feature
+groups, bfloat16 or float16, any channel counts. float32 runs too (the tests use it) but is
+not offered: Triton's float32 dots are IEEE, not the TF32 of XLA's convs.
+
+On an H100 it ran ResNet's stride-1 3x3 layers at 0.6-1.7x of the dense conv and beat
+XLA's grouped conv on most of them (benchmarks/README.md, "Pallas conv kernel"); the
+autotuner tries it on GPUs among the kxk lowerings (``jaxmt.autotune``), and a lowering
+policy may name it (``{"kxk": "implicit_gemm"}`` or a ``conv:<i>`` selector). Its gradient
+is XLA's conv's (a custom VJP), so a trainer may use it too. Its answers are checked in
+Pallas's interpreter, and the tests lower it (and its gradient) to Triton IR for CUDA with
+``jax.export``.
 
 Layouts are the canonical ones of ``jaxmt.lowering_ops``: x [K, N, H, W, C], w [K, kh, kw, C,
 O] -> y [K, N, H, W, O]. Off a GPU the kernel runs in Pallas's interpreter, which is slow
@@ -41,14 +46,11 @@ from jax.experimental import pallas as pl
 
 # Block sizes: output rows per tile, output channels per tile (at most), input channels per
 # matmul step (at most). 128 x 128 tiles with 64-deep steps are Triton's usual bf16 GEMM
-# shape on Hopper; narrower layers take their whole channel count. Tenants with few output
-# rows (N*H*W <= SMALL_ROWS) take tiles of SMALL_BLOCK_M rows: on an H100, 64-row tiles
-# ran ResNet's 3x3 layers of 1 image per tenant and of 8 images at 7x7 at 0.8-1.05x of the
-# dense conv where 128-row tiles ran at 0.36-0.64x (less of the last tile is padding, and
-# more tiles spread over the SMs; benchmarks/README.md, "Pallas conv kernel").
+# shape on Hopper; narrower layers take their whole channel count. On an H100 these tiles
+# ran within 10% of the best of eight configurations on 9 of ResNet's 12 stride-1 3x3
+# layer shapes at 32x8, 16x8 and 32x1, and within 17% on all (benchmarks/README.md,
+# "Pallas conv kernel"); 64-row tiles were slower.
 BLOCK_M = 128
-SMALL_BLOCK_M = 64
-SMALL_ROWS = 4096
 BLOCK_N = 128
 BLOCK_K = 64
 NUM_WARPS = 4
@@ -57,108 +59,154 @@ CHANNEL_MULTIPLE = 16
 DTYPES = ("bfloat16", "float16")
 
 
-def _tiles(channels: int, block: int) -> bool:
-    """Whether a channel count splits into power-of-two blocks of at most ``block``."""
+def _padded_channels(channels: int, block: int) -> int:
+    """Channels rounded up to what power-of-two blocks of at most ``block`` tile: a power of
+    two of at least CHANNEL_MULTIPLE up to ``block``, a multiple of ``block`` beyond."""
     if channels <= block:
-        return channels >= CHANNEL_MULTIPLE and channels & (channels - 1) == 0
-    return channels % block == 0
+        return max(CHANNEL_MULTIPLE, 1 << (channels - 1).bit_length())
+    return -(-channels // block) * block
 
 
 def supports(lhs_shape: tuple[int, ...], rhs_shape: tuple[int, ...], window_strides: tuple[int, ...],
              padding: tuple[tuple[int, int], ...], lhs_dilation: tuple[int, ...], rhs_dilation: tuple[int, ...],
              feature_group_count: int, batch_group_count: int, dtype: str) -> bool:
-    """Whether ``conv_implicit_gemm`` computes this conv (one tenant's shapes, canonical layout)."""
-    if len(lhs_shape) != 4 or feature_group_count != 1 or batch_group_count != 1 or dtype not in DTYPES:
+    """Whether the autotuner may lower this conv (one tenant's shapes, canonical layout) with
+    ``conv_implicit_gemm``: a shape it computes, in a 16-bit dtype."""
+    return dtype in DTYPES and feature_group_count == 1 and batch_group_count == 1 and _computes(
+        lhs_shape, rhs_shape, window_strides, padding, lhs_dilation, rhs_dilation)
+
+
+def _computes(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation=(1, 1), rhs_dilation=(1, 1)) -> bool:
+    """Whether ``conv_implicit_gemm`` computes a conv of these shapes (any dtype)."""
+    if len(lhs_shape) != 4 or len(rhs_shape) != 4:
         return False
-    *window, c_in, c_out = rhs_shape
-    if lhs_shape[-1] != c_in or not _tiles(c_in, BLOCK_K) or not _tiles(c_out, BLOCK_N):
+    *window, c_in, _ = rhs_shape
+    if lhs_shape[-1] != c_in or any(d != 1 for d in (*lhs_dilation, *rhs_dilation)) or min(window) < 2:
         return False
-    if any(s != 1 for s in (*window_strides, *lhs_dilation, *rhs_dilation)):
+    if any(lo < 0 or hi < 0 for lo, hi in padding):
         return False
-    return all(r % 2 == 1 and r > 1 for r in window) and all(lo == hi == r // 2 for (lo, hi), r in zip(padding, window))
+    if any(size + lo + hi < r for size, (lo, hi), r in zip(lhs_shape[1:3], padding, window)):
+        return False  # an empty output
+    strides = tuple(window_strides)
+    if strides == (1, 1):
+        return all(lo + hi <= r - 1 for (lo, hi), r in zip(padding, window))  # no output larger than the input
+    return strides == (2, 2)
 
 
-def rows_per_tile(rows: int) -> int:
-    """The default output rows per tile for a tenant's ``rows`` (N*H*W) output positions."""
-    return SMALL_BLOCK_M if rows <= SMALL_ROWS else BLOCK_M
-
-
-def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, interpret: bool | None = None, block_m: int | None = None,
-                       block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
+def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, strides: tuple[int, int] = (1, 1),
+                       padding: tuple[tuple[int, int], tuple[int, int]] | None = None, interpret: bool | None = None,
+                       block_m: int = BLOCK_M, block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
                        num_stages: int = NUM_STAGES) -> jax.Array:
-    """Tenant k's ``x[k]`` convolved with its filter ``w[k]`` ("same" padding, stride 1).
+    """Tenant k's ``x[k]`` convolved with its filter ``w[k]``.
 
     Differentiable: the gradient is that of XLA's conv of the same arguments.
 
     Args:
       x: [K, N, H, W, C].
-      w: [K, kh, kw, C, O] (odd kh and kw; C and O tiled by the blocks).
+      w: [K, kh, kw, C, O].
+      strides: (1, 1), or (2, 2): then the input is rearranged space-to-depth (each 2x2
+        block of pixels becomes one pixel of 4C channels, the filter likewise), which turns
+        the conv into a stride-1 one of half the window over a quarter of the positions.
+      padding: (lo, hi) per spatial dim; default "same" for odd windows ((k - 1) / 2 each
+        side). At stride 1 the output may not be larger than the input (lo + hi <= k - 1).
       interpret: run in Pallas's interpreter (None: unless the default backend is a GPU).
-      block_m, block_n, block_k: tile sizes (powers of two); block_m defaults to
-        ``rows_per_tile(N*H*W)``; block_n and block_k are capped at O and C.
+      block_m, block_n, block_k: tile sizes (powers of two): output rows, output channels and
+        input channels per matmul step; channels are padded with zeros to what the blocks tile.
       num_warps, num_stages: Triton's warps per tile and software-pipeline depth (GPU only).
     """
     tenants, n, h, wd, c = x.shape
-    _, kh, kw, c_w, o = w.shape
-    if c_w != c or w.shape[0] != tenants:
+    kh, kw = w.shape[1:3]
+    if w.ndim != 5 or w.shape[3] != c or w.shape[0] != tenants:
         raise ValueError(f"filter {w.shape} does not match input {x.shape} (expected [{tenants}, kh, kw, {c}, O])")
+    if any(b < 1 or b & (b - 1) for b in (block_m, block_n, block_k)):
+        raise ValueError(f"blocks must be powers of two, got block_m={block_m}, block_n={block_n}, block_k={block_k}")
+    padding = ((kh // 2, kh // 2), (kw // 2, kw // 2)) if padding is None else tuple(tuple(int(v) for v in p) for p in padding)
+    if not _computes(x.shape[1:], w.shape[1:], tuple(strides), padding):
+        raise ValueError(f"conv of input {x.shape} with filter {w.shape}, strides {tuple(strides)} and padding {padding} "
+                         "is not one the kernel computes (see pallas_conv.supports)")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    bn, bk = min(block_n, o), min(block_k, c)
-    block_m = rows_per_tile(n * h * wd) if block_m is None else block_m
-    if o % bn or c % bk:
-        raise ValueError(f"channels ({c} in, {o} out) must be multiples of the blocks ({bk}, {bn})")
-    return _with_xla_gradient(x, w, (bool(interpret), int(block_m), int(bn), int(bk), int(num_warps), int(num_stages)))
+    config = (bool(interpret), int(block_m), int(block_n), int(block_k), int(num_warps), int(num_stages))
+    if tuple(strides) == (1, 1):
+        return _with_xla_gradient(x, w, padding, config)
+    x2, w2, (ho, wo) = _space_to_depth(x, w, padding)
+    return _with_xla_gradient(x2, w2, ((0, 0), (0, 0)), config)[:, :, :ho, :wo]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _with_xla_gradient(x: jax.Array, w: jax.Array, config: tuple[bool, int, int, int, int, int]) -> jax.Array:
-    return _forward(x, w, *config)
+def _space_to_depth(x: jax.Array, w: jax.Array, padding) -> tuple[jax.Array, jax.Array, tuple[int, int]]:
+    """A stride-2 conv as a stride-1 "valid" one: x padded (to even sizes) and each 2x2 block
+    of pixels stacked into channels; the filter zero-padded to even sizes and stacked alike.
+    Returns both and the stride-2 conv's output size (the valid conv's may be one larger)."""
+    tenants, n, h, wd, c = x.shape
+    _, kh, kw, _, o = w.shape
+    (ly, hy), (lx, hx) = padding
+    hp, wp = h + ly + hy, wd + lx + hx
+    out = ((hp - kh) // 2 + 1, (wp - kw) // 2 + 1)
+    x = jnp.pad(x, ((0, 0), (0, 0), (ly, hy + hp % 2), (lx, hx + wp % 2), (0, 0)))
+    hs, ws = (hp + 1) // 2, (wp + 1) // 2
+    x = x.reshape(tenants, n, hs, 2, ws, 2, c).transpose(0, 1, 2, 4, 3, 5, 6).reshape(tenants, n, hs, ws, 4 * c)
+    kh2, kw2 = (kh + 1) // 2, (kw + 1) // 2
+    w = jnp.pad(w, ((0, 0), (0, 2 * kh2 - kh), (0, 2 * kw2 - kw), (0, 0), (0, 0)))
+    w = w.reshape(tenants, kh2, 2, kw2, 2, c, o).transpose(0, 1, 3, 2, 4, 5, 6).reshape(tenants, kh2, kw2, 4 * c, o)
+    return x, w, out
 
 
-def _forward_with_residuals(x, w, config):
-    return _forward(x, w, *config), (x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _with_xla_gradient(x: jax.Array, w: jax.Array, padding, config: tuple[bool, int, int, int, int, int]) -> jax.Array:
+    return _forward(x, w, padding, *config)
 
 
-def _xla_gradient(config, residuals, cotangent):
+def _forward_with_residuals(x, w, padding, config):
+    return _forward(x, w, padding, *config), (x, w)
+
+
+def _xla_gradient(padding, config, residuals, cotangent):
     x, w = residuals
-    return jax.vjp(_xla_conv, x, w)[1](cotangent)
+    return jax.vjp(functools.partial(_xla_conv, padding=padding), x, w)[1](cotangent)
 
 
 _with_xla_gradient.defvjp(_forward_with_residuals, _xla_gradient)
 
 
-def _xla_conv(x: jax.Array, w: jax.Array) -> jax.Array:
-    """What the kernel computes, as XLA's grouped conv: its gradient is the kernel's."""
+def _xla_conv(x: jax.Array, w: jax.Array, padding=None) -> jax.Array:
+    """What the kernel computes at stride 1, as XLA's grouped conv: its gradient is the kernel's."""
     kh, kw = w.shape[1:3]
-    one = functools.partial(lax.conv_general_dilated, window_strides=(1, 1), padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
+    padding = ((kh // 2, kh // 2), (kw // 2, kw // 2)) if padding is None else padding
+    one = functools.partial(lax.conv_general_dilated, window_strides=(1, 1), padding=padding,
                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return jax.vmap(one)(x, w)
 
 
-def _forward(x: jax.Array, w: jax.Array, interpret: bool, block_m: int, bn: int, bk: int, num_warps: int, num_stages: int) -> jax.Array:
+def _forward(x: jax.Array, w: jax.Array, padding, interpret: bool, block_m: int, block_n: int, block_k: int,
+             num_warps: int, num_stages: int) -> jax.Array:
+    """The stride-1 conv, computed at every input position (H x W, each output position
+    reading the input shifted by (dy - lo, dx - lo)) and cut to the output's size."""
     tenants, n, h, wd, c = x.shape
     _, kh, kw, _, o = w.shape
+    (ly, hy), (lx, hx) = padding
+    ho, wo = h + ly + hy - kh + 1, wd + lx + hx - kw + 1
+    c_pad, o_pad = _padded_channels(c, block_k), _padded_channels(o, block_n)
+    bk, bn = min(block_k, c_pad), min(block_n, o_pad)
     m = n * h * wd
     tiles_m = pl.cdiv(m, block_m)
     # Guard rows before and after the flattened image keep every shifted tile in bounds; the
     # border mask zeroes what they (and rows of neighbouring images) contribute.
-    guard = (kh // 2) * wd + kw // 2
-    tail = tiles_m * block_m - m + guard
-    x_rows = jnp.pad(x.reshape(tenants, m, c), ((0, 0), (guard, tail), (0, 0)))
-    taps = w.reshape(tenants, kh * kw, c, o)
-    kernel = functools.partial(_kernel, height=h, width=wd, kw=kw, guard=guard, chunks=c // bk,
+    before = ly * wd + lx
+    after = (kh - 1 - ly) * wd + (kw - 1 - lx)
+    x_rows = jnp.pad(x.reshape(tenants, m, c), ((0, 0), (before, tiles_m * block_m - m + after), (0, c_pad - c)))
+    taps = jnp.pad(w.reshape(tenants, kh * kw, c, o), ((0, 0), (0, 0), (0, c_pad - c), (0, o_pad - o)))
+    kernel = functools.partial(_kernel, height=h, width=wd, kw=kw, pad_y=ly, pad_x=lx, guard=before, chunks=c_pad // bk,
                                block_m=block_m, block_n=bn, block_k=bk, interpret=interpret)
     params = {} if interpret else {"compiler_params": _triton_params(num_warps, num_stages)}
     y = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((tenants, tiles_m * block_m, o), x.dtype),
-        grid=(tenants, tiles_m, o // bn),
+        out_shape=jax.ShapeDtypeStruct((tenants, tiles_m * block_m, o_pad), x.dtype),
+        grid=(tenants, tiles_m, o_pad // bn),
         interpret=interpret,
         name="tenant_conv_implicit_gemm",
         **params,
     )(x_rows, taps)
-    return y[:, :m].reshape(tenants, n, h, wd, o)
+    return y[:, :m, :o].reshape(tenants, n, h, wd, o)[:, :, :ho, :wo]
 
 
 def _triton_params(num_warps: int, num_stages: int):
@@ -176,7 +224,7 @@ def _masked_load(ref, mask: jax.Array, interpret: bool) -> jax.Array:
     return jnp.where(mask, ref[...], jnp.zeros((), ref.dtype))
 
 
-def _kernel(x_ref, w_ref, y_ref, *, height: int, width: int, kw: int, guard: int, chunks: int,
+def _kernel(x_ref, w_ref, y_ref, *, height: int, width: int, kw: int, pad_y: int, pad_x: int, guard: int, chunks: int,
             block_m: int, block_n: int, block_k: int, interpret: bool) -> None:
     k, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     # Truncating lax.div/lax.rem on non-negative int32 (jnp's floor forms lower to more ops, and
@@ -185,11 +233,10 @@ def _kernel(x_ref, w_ref, y_ref, *, height: int, width: int, kw: int, guard: int
     rem = lambda a, b: jnp.zeros_like(a) if b == 1 else lax.rem(a, jnp.int32(b))  # noqa: E731
     rows = i * block_m + lax.broadcasted_iota(jnp.int32, (block_m, 1), 0)
     yy, xx = rem(div(rows, width), height), rem(rows, width)
-    half_h, half_w = (w_ref.shape[1] // kw) // 2, kw // 2
 
     def step(s, acc):
         tap, chunk = div(s, chunks), rem(s, chunks)
-        dy, dx = div(tap, kw) - half_h, rem(tap, kw) - half_w
+        dy, dx = div(tap, kw) - pad_y, rem(tap, kw) - pad_x
         inside = (yy + dy >= 0) & (yy + dy < height) & (xx + dx >= 0) & (xx + dx < width)
         start = guard + i * block_m + dy * width + dx
         cols = pl.ds(pl.multiple_of(chunk * block_k, block_k), block_k)

@@ -295,8 +295,8 @@ def test_the_pallas_kernel_is_a_kxk_candidate_on_gpus_only(platform, tried):
     bf16_3x3 = ConvSignature(8, (2, 14, 14, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1),
                              lhs_dtype="bfloat16", rhs_dtype="bfloat16")
     assert ("implicit_gemm" in autotune.candidates(bf16_3x3, platform)) is tried
-    # Where the kernel does not apply (float32, stride 2) no platform tries it.
-    for sig in (_small_sig(), dataclasses.replace(bf16_3x3, window_strides=(2, 2))):
+    # Where the kernel does not apply (float32, a dilated filter) no platform tries it.
+    for sig in (_small_sig(), dataclasses.replace(bf16_3x3, rhs_dilation=(2, 2))):
         assert "implicit_gemm" not in autotune.candidates(sig, "gpu")
 
 

@@ -6,6 +6,8 @@ speed (benchmarks/lowering.py times it on a GPU).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,6 +54,7 @@ def test_bfloat16_inputs_accumulate_in_float32(rng):
 
 
 SAME3 = ((1, 1), (1, 1))
+VALID = ((0, 0), (0, 0))
 
 
 @pytest.mark.parametrize(
@@ -59,20 +62,20 @@ SAME3 = ((1, 1), (1, 1))
     [
         ((8, 56, 56, 64), (3, 3, 64, 64), (1, 1), SAME3, (1, 1), 1, "bfloat16", True),
         ((8, 7, 7, 512), (3, 3, 512, 512), (1, 1), SAME3, (1, 1), 1, "float16", True),
-        ((8, 28, 28, 128), (3, 3, 128, 256), (1, 1), SAME3, (1, 1), 1, "bfloat16", True),
-        ((8, 28, 28, 16), (3, 3, 16, 32), (1, 1), SAME3, (1, 1), 1, "bfloat16", True),
+        ((8, 28, 28, 96), (3, 3, 96, 192), (1, 1), SAME3, (1, 1), 1, "bfloat16", True),  # channels padded to the blocks
+        ((8, 56, 56, 8), (3, 3, 8, 24), (1, 1), SAME3, (1, 1), 1, "bfloat16", True),  # 8 in, 24 out: padded too
+        ((8, 56, 56, 64), (3, 3, 64, 64), (1, 1), VALID, (1, 1), 1, "bfloat16", True),  # output shrinks
+        ((8, 56, 56, 64), (2, 2, 64, 64), (1, 1), ((0, 1), (0, 1)), (1, 1), 1, "bfloat16", True),  # even window
+        ((8, 224, 224, 3), (7, 7, 3, 64), (2, 2), ((3, 3), (3, 3)), (1, 1), 1, "bfloat16", True),  # ResNet's stem
+        ((8, 56, 56, 64), (3, 3, 64, 128), (2, 2), ((0, 1), (0, 1)), (1, 1), 1, "bfloat16", True),  # "SAME" at stride 2
         ((8, 7, 7, 512), (3, 3, 512, 512), (1, 1), SAME3, (1, 1), 1, "float32", False),  # IEEE float32 dots in Triton
-        ((8, 28, 28, 96), (3, 3, 96, 64), (1, 1), SAME3, (1, 1), 1, "bfloat16", False),  # 96 in: not 64-blocks
-        ((8, 28, 28, 64), (3, 3, 64, 192), (1, 1), SAME3, (1, 1), 1, "bfloat16", False),  # 192 out: not 128-blocks
-        ((8, 28, 28, 64), (3, 3, 64, 48), (1, 1), SAME3, (1, 1), 1, "bfloat16", False),  # 48 out: not a power of two
-        ((8, 56, 56, 64), (3, 3, 64, 64), (2, 2), SAME3, (1, 1), 1, "bfloat16", False),  # strided
-        ((8, 56, 56, 8), (3, 3, 8, 64), (1, 1), SAME3, (1, 1), 1, "bfloat16", False),  # 8 input channels
-        ((8, 56, 56, 64), (3, 3, 64, 24), (1, 1), SAME3, (1, 1), 1, "bfloat16", False),  # 24 output channels
-        ((8, 56, 56, 64), (2, 2, 64, 64), (1, 1), ((0, 1), (0, 1)), (1, 1), 1, "bfloat16", False),  # even window
-        ((8, 56, 56, 64), (3, 3, 64, 64), (1, 1), ((0, 0), (0, 0)), (1, 1), 1, "bfloat16", False),  # output shrinks
+        ((8, 56, 56, 64), (3, 3, 64, 64), (1, 1), ((2, 1), (1, 1)), (1, 1), 1, "bfloat16", False),  # output grows
+        ((8, 56, 56, 64), (3, 3, 64, 64), (3, 3), SAME3, (1, 1), 1, "bfloat16", False),  # stride 3
+        ((8, 56, 56, 64), (3, 3, 64, 64), (1, 2), SAME3, (1, 1), 1, "bfloat16", False),  # mixed strides
+        ((8, 2, 2, 64), (3, 3, 64, 64), (1, 1), VALID, (1, 1), 1, "bfloat16", False),  # empty output
         ((8, 56, 56, 64), (3, 3, 64, 64), (1, 1), SAME3, (2, 2), 1, "bfloat16", False),  # dilated filter
         ((8, 56, 56, 64), (3, 3, 32, 64), (1, 1), SAME3, (1, 1), 2, "bfloat16", False),  # feature groups
-        ((8, 56, 56, 64), (1, 1, 64, 64), (1, 1), ((0, 0), (0, 0)), (1, 1), 1, "bfloat16", False),  # 1x1
+        ((8, 56, 56, 64), (1, 1, 64, 64), (1, 1), VALID, (1, 1), 1, "bfloat16", False),  # 1x1: a plain matmul
         ((8, 56, 56, 64), (3, 3, 64, 64), (1, 1), SAME3, (1, 1), 1, "int8", False),
     ],
 )
@@ -80,13 +83,53 @@ def test_the_kernel_takes_only_the_convs_it_computes(lhs, rhs, strides, padding,
     assert pallas_conv.supports(lhs, rhs, strides, padding, (1, 1), dilation, groups, 1, dtype) is ok
 
 
-@pytest.mark.parametrize("c, o", [(16, 16), (32, 128), (64, 256), (128, 64)])
+@pytest.mark.parametrize("c, o", [(16, 16), (32, 128), (64, 256), (128, 64), (3, 64), (96, 24)])
 def test_every_channel_count_supports_accepts_runs_at_the_default_blocks(rng, c, o):
     x = jnp.asarray(rng.standard_normal((2, 1, 3, 3, c)), jnp.bfloat16)
     f = jnp.asarray(rng.standard_normal((2, 3, 3, c, o)) / np.sqrt(9 * c), jnp.bfloat16)
     assert pallas_conv.supports(x.shape[1:], f.shape[1:], (1, 1), SAME3, (1, 1), (1, 1), 1, 1, "bfloat16")
     got = pallas_conv.conv_implicit_gemm(x, f, block_m=16)
     assert rel_error(got, _per_tenant(np.asarray(x, np.float32), np.asarray(f, np.float32))) < 2e-2
+
+
+def _per_tenant_strided(x, w, strides, padding):
+    return np.stack([
+        np.asarray(lax.conv_general_dilated(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), strides, padding,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST))
+        for a, b in zip(x, w)
+    ])
+
+
+@pytest.mark.parametrize(
+    "n, h, w, c, o, window, strides, padding",
+    [
+        (2, 9, 9, 3, 16, 7, (2, 2), ((3, 3), (3, 3))),  # a stem: 7x7 at stride 2 on 3 channels (padded to 16)
+        (1, 8, 8, 16, 32, 3, (2, 2), ((0, 1), (0, 1))),  # "SAME" at stride 2 on an even size
+        (1, 7, 6, 16, 16, 3, (2, 2), ((1, 1), (1, 1))),  # odd sizes: the space-to-depth pads a row
+        (2, 6, 6, 20, 24, 3, (1, 1), VALID),  # valid: the output is cut from the input grid
+        (1, 6, 5, 16, 16, 2, (1, 1), ((0, 1), (1, 0))),  # an even window, padded unevenly
+    ],
+)
+def test_strided_and_unpadded_convs_equal_each_tenants_conv(rng, n, h, w, c, o, window, strides, padding):
+    x = rng.standard_normal((2, n, h, w, c)).astype(np.float32)
+    f = (rng.standard_normal((2, window, window, c, o)) / np.sqrt(window * window * c)).astype(np.float32)
+    got = pallas_conv.conv_implicit_gemm(jnp.asarray(x), jnp.asarray(f), strides=strides, padding=padding, block_m=16)
+    want = _per_tenant_strided(x, f, strides, padding)
+    assert got.shape == want.shape and rel_error(got, want) < 1e-5
+
+
+def test_a_strided_convs_gradient_is_that_of_xlas_conv(rng):
+    x = jnp.asarray(rng.standard_normal((2, 1, 7, 6, 3)), jnp.float32)
+    f = jnp.asarray(rng.standard_normal((2, 5, 5, 3, 16)) / 8, jnp.float32)
+    padding = ((2, 2), (2, 2))
+    cotangent = jnp.asarray(rng.standard_normal((2, 1, 4, 3, 16)), jnp.float32)
+    ours = jax.grad(lambda a, b: jnp.sum(pallas_conv.conv_implicit_gemm(a, b, strides=(2, 2), padding=padding, block_m=16)
+                                         * cotangent), argnums=(0, 1))(x, f)
+    xla = jax.grad(lambda a, b: jnp.sum(jax.vmap(lambda u, v: lax.conv_general_dilated(
+        u, v, (2, 2), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST))(a, b) * cotangent),
+        argnums=(0, 1))(x, f)
+    for got, want in zip(ours, xla):
+        assert rel_error(got, want) < 1e-5
 
 
 def test_the_gradient_is_that_of_xlas_conv(rng):
@@ -103,8 +146,10 @@ def test_mismatched_filters_and_blocks_are_refused(rng):
     x = jnp.zeros((2, 1, 4, 4, 32), jnp.float32)
     with pytest.raises(ValueError, match="does not match input"):
         pallas_conv.conv_implicit_gemm(x, jnp.zeros((2, 3, 3, 16, 16), jnp.float32))
-    with pytest.raises(ValueError, match="multiples of the blocks"):
-        pallas_conv.conv_implicit_gemm(x, jnp.zeros((2, 3, 3, 32, 48), jnp.float32), block_n=32)
+    with pytest.raises(ValueError, match="powers of two"):
+        pallas_conv.conv_implicit_gemm(x, jnp.zeros((2, 3, 3, 32, 48), jnp.float32), block_n=48)
+    with pytest.raises(ValueError, match="not one the kernel computes"):
+        pallas_conv.conv_implicit_gemm(x, jnp.zeros((2, 3, 3, 32, 16), jnp.float32), strides=(3, 3))
 
 
 def test_a_model_served_with_the_kernel_where_it_applies_equals_each_tenants_forward(rng):
@@ -137,13 +182,15 @@ def test_a_model_served_with_the_kernel_where_it_applies_equals_each_tenants_for
     assert rel_error(np.asarray(got, np.float32), np.asarray(want, np.float32)) < 3e-2
 
 
-@pytest.mark.parametrize("x_shape, w_shape", [
-    ((4, 8, 56, 56, 64), (4, 3, 3, 64, 64)),  # ResNet's first stage: one channel chunk, one output tile
-    ((16, 8, 28, 28, 128), (16, 3, 3, 128, 256)),  # two chunks, two output-channel tiles
-    ((32, 8, 7, 7, 512), (32, 3, 3, 512, 512)),  # eight chunks, four tiles, rows that do not fill a tile
-    ((2, 1, 9, 9, 16), (2, 5, 5, 16, 32)),  # a 5x5 window of 16 channels
+@pytest.mark.parametrize("x_shape, w_shape, strides, padding", [
+    ((4, 8, 56, 56, 64), (4, 3, 3, 64, 64), (1, 1), SAME3),  # ResNet's first stage: one channel chunk, one output tile
+    ((16, 8, 28, 28, 128), (16, 3, 3, 128, 256), (1, 1), SAME3),  # two chunks, two output-channel tiles
+    ((32, 8, 7, 7, 512), (32, 3, 3, 512, 512), (1, 1), SAME3),  # eight chunks, four tiles, rows that do not fill a tile
+    ((2, 1, 9, 9, 16), (2, 5, 5, 16, 32), (1, 1), ((2, 2), (2, 2))),  # a 5x5 window of 16 channels
+    ((4, 2, 224, 224, 3), (4, 7, 7, 3, 64), (2, 2), ((3, 3), (3, 3))),  # ResNet's stem, space-to-depth
+    ((4, 2, 56, 56, 64), (4, 3, 3, 64, 128), (2, 2), ((0, 1), (0, 1))),  # a downsampling 3x3
 ])
-def test_the_kernel_and_its_gradient_lower_to_triton_for_a_gpu(x_shape, w_shape):
+def test_the_kernel_and_its_gradient_lower_to_triton_for_a_gpu(x_shape, w_shape, strides, padding):
     """Without a GPU here, jax.export lowers for CUDA: the kernel's jaxpr must become Triton IR
     (power-of-two blocks, ops Triton's lowering knows). Compiling that IR to GPU code is not
     checked here."""
@@ -151,7 +198,8 @@ def test_the_kernel_and_its_gradient_lower_to_triton_for_a_gpu(x_shape, w_shape)
 
     x, w = jax.ShapeDtypeStruct(x_shape, jnp.bfloat16), jax.ShapeDtypeStruct(w_shape, jnp.bfloat16)
     triton = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    forward = jax.jit(lambda a, b: pallas_conv.conv_implicit_gemm(a, b, interpret=False))
+    conv = functools.partial(pallas_conv.conv_implicit_gemm, strides=strides, padding=padding, interpret=False)
+    forward = jax.jit(conv)
     assert "__gpu$xla.gpu.triton" in export.export(forward, platforms=["cuda"], disabled_checks=triton)(x, w).mlir_module()
-    backward = jax.jit(jax.grad(lambda a, b: jnp.sum(pallas_conv.conv_implicit_gemm(a, b, interpret=False).astype(jnp.float32)), argnums=(0, 1)))
+    backward = jax.jit(jax.grad(lambda a, b: jnp.sum(conv(a, b).astype(jnp.float32)), argnums=(0, 1)))
     export.export(backward, platforms=["cuda"], disabled_checks=triton)(x, w)

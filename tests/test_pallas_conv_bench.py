@@ -44,5 +44,5 @@ def test_a_form_that_disagrees_or_fails_to_compile_is_reported_not_timed(bench):
     rows, programs = bench.compile_and_check({"doubled": doubled, "odd": odd_blocks, "fine": fine}, (x, w), reference, 2e-2)
     assert set(programs) == {"fine"} and all(rows[n]["us"] is None for n in rows)
     assert "differs from the vmap reference" in rows["doubled"]["error"]
-    assert rows["odd"]["error"].startswith("ValueError: channels")
+    assert rows["odd"]["error"].startswith("ValueError: blocks must be powers of two")
     assert "error" not in rows["fine"] and rows["fine"]["rel_err"] < 2e-2
