@@ -59,6 +59,19 @@ CHANNEL_MULTIPLE = 16
 DTYPES = ("bfloat16", "float16")
 
 
+def compiles_on(device: jax.Device | None = None) -> bool:
+    """Whether the kernel compiles for ``device`` (default: the first device): a CUDA GPU of
+    compute capability 8.0 or newer, where Triton has 16-bit tensor-core dots (a ROCm GPU
+    names its architecture there, "gfx90a", and is not offered the kernel)."""
+    device = device or jax.devices()[0]
+    if device.platform != "gpu":
+        return False
+    try:
+        return float(getattr(device, "compute_capability", "0")) >= 8.0
+    except (TypeError, ValueError):
+        return False
+
+
 def _padded_channels(channels: int, block: int) -> int:
     """Channels rounded up to what power-of-two blocks of at most ``block`` tile: a power of
     two of at least CHANNEL_MULTIPLE up to ``block``, a multiple of ``block`` beyond."""

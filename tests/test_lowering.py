@@ -367,23 +367,35 @@ def test_autotuning_measures_a_layer_once_per_spread_of_sizes(tmp_path):
         autotune.Planner(measure_spread=0.5)
 
 
-def _conv_sig(n, hw, c, window, o, stride=1, groups=1, tenants=16):
+def _conv_sig(n, hw, c, window, o, stride=1, groups=1, tenants=16, dtype="bfloat16"):
     pad = ((window // 2, window // 2),) * 2
     return autotune.ConvSignature(tenants, (n, hw, hw, c), (window, window, c // groups, o), (stride, stride), pad, (1, 1), (1, 1),
-                                  feature_group_count=groups, lhs_dtype="bfloat16", rhs_dtype="bfloat16")
+                                  feature_group_count=groups, lhs_dtype=dtype, rhs_dtype=dtype)
+
+
+F32 = {"dtype": "float32"}
 
 
 @pytest.mark.parametrize(
     "sig, platform, expected",
     [
         (_conv_sig(8, 56, 64, 1, 256), "gpu", "einsum"),  # 1x1: batched matmul
-        (_conv_sig(8, 56, 64, 3, 64), "gpu", "vmap"),  # kxk, large output, several images: grouped form
-        (_conv_sig(1, 56, 64, 3, 64), "gpu", "im2col"),  # kxk of one image per tenant
-        (_conv_sig(1, 56, 64, 3, 64, tenants=1), "gpu", "vmap"),  # ... of one tenant: vmap's form is a plain conv
-        (_conv_sig(2, 56, 64, 3, 64), "gpu", "vmap"),
-        (_conv_sig(8, 7, 512, 3, 512), "gpu", "im2col"),  # output of at most 7x7
-        (_conv_sig(8, 224, 3, 3, 32, stride=2), "gpu", "im2col"),  # RGB stem, 3x3 window
-        (_conv_sig(8, 224, 3, 7, 64, stride=2), "gpu", "vmap"),  # 7x7 stem of several images
+        # 16-bit kxk convs of several tenants on a GPU: the Pallas kernel at stride 1 and for stems.
+        (_conv_sig(8, 56, 64, 3, 64), "gpu", "implicit_gemm"),
+        (_conv_sig(1, 56, 64, 3, 64), "gpu", "implicit_gemm"),
+        (_conv_sig(8, 7, 512, 3, 512), "gpu", "implicit_gemm"),
+        (_conv_sig(8, 224, 3, 7, 64, stride=2), "gpu", "implicit_gemm"),  # 7x7 RGB stem
+        (_conv_sig(8, 224, 3, 3, 32, stride=2), "gpu", "implicit_gemm"),  # 3x3 RGB stem
+        (_conv_sig(8, 56, 64, 3, 128, stride=2), "gpu", "vmap"),  # a downsampling 3x3: the rules below
+        (_conv_sig(1, 56, 64, 3, 64, tenants=1), "gpu", "vmap"),  # one tenant: vmap's form is a plain conv
+        (_conv_sig(8, 56, 64, 3, 64), "tpu", "vmap"),  # no Triton kernel off GPUs
+        # float32 (the kernel is not offered): the grouped form, im2col where it won.
+        (_conv_sig(8, 56, 64, 3, 64, **F32), "gpu", "vmap"),  # kxk, large output, several images: grouped form
+        (_conv_sig(1, 56, 64, 3, 64, **F32), "gpu", "im2col"),  # kxk of one image per tenant
+        (_conv_sig(2, 56, 64, 3, 64, **F32), "gpu", "vmap"),
+        (_conv_sig(8, 7, 512, 3, 512, **F32), "gpu", "im2col"),  # output of at most 7x7
+        (_conv_sig(8, 224, 3, 3, 32, stride=2, **F32), "gpu", "im2col"),  # RGB stem, 3x3 window
+        (_conv_sig(8, 224, 3, 7, 64, stride=2, **F32), "gpu", "vmap"),  # 7x7 stem of several images
         (_conv_sig(8, 112, 96, 3, 96, stride=2, groups=96), "gpu", "depthwise_direct"),  # strided depthwise
         (_conv_sig(8, 112, 32, 3, 32, groups=32), "gpu", "vmap"),  # unstrided depthwise
         (_conv_sig(8, 56, 64, 3, 64), "cpu", "loop"),

@@ -203,3 +203,19 @@ def test_the_kernel_and_its_gradient_lower_to_triton_for_a_gpu(x_shape, w_shape,
     assert "__gpu$xla.gpu.triton" in export.export(forward, platforms=["cuda"], disabled_checks=triton)(x, w).mlir_module()
     backward = jax.jit(jax.grad(lambda a, b: jnp.sum(conv(a, b).astype(jnp.float32)), argnums=(0, 1)))
     export.export(backward, platforms=["cuda"], disabled_checks=triton)(x, w)
+
+
+@pytest.mark.parametrize("platform, capability, compiles", [
+    ("gpu", "9.0", True),  # Hopper
+    ("gpu", "8.0", True),  # Ampere
+    ("gpu", "7.0", False),  # Volta: no bfloat16 tensor-core dots in Triton
+    ("gpu", "gfx90a", False),  # a ROCm GPU
+    ("cpu", None, False),
+])
+def test_the_kernel_is_offered_only_where_triton_compiles_it(platform, capability, compiles):
+    import types
+
+    device = types.SimpleNamespace(platform=platform, **({} if capability is None else {"compute_capability": capability}))
+    assert pallas_conv.compiles_on(device) is compiles
+    if jax.devices()[0].platform == "cpu":  # the default device is the first one
+        assert pallas_conv.compiles_on() is False
