@@ -26,7 +26,7 @@ import jax
 from common import markdown_table, update_readme_section, write_json
 
 from jaxmt import lowering_ops, pallas_conv
-from jaxmt.autotune import compile_and_check, interleaved_seconds, random_operands
+from jaxmt.autotune import check_tolerance, compile_and_check, interleaved_seconds, random_operands
 from jaxmt.lowering_ops import ConvParams, ConvSignature, applicable, conv_one
 
 # (input size, input channels, output channels, window, stride) of ResNet's stride-1 3x3
@@ -73,8 +73,7 @@ def bench_layer(sig: ConvSignature, kernel_configs: list[tuple[int, ...]], repea
     forms.update(kernel_forms(sig, kernel_configs, interpret))
     x, w = random_operands(sig, 0)
     reference = jax.jit(lambda a, b: lowering_ops.lower_conv("vmap", a, b, params))(x, w)
-    tolerance = 2e-2 if sig.lhs_dtype in ("bfloat16", "float16") else 1e-4
-    timings, programs = compile_and_check(forms, (x, w), reference, tolerance)
+    timings, programs = compile_and_check(forms, (x, w), reference, check_tolerance(sig.lhs_dtype))
     programs["dense"] = jax.jit(lambda a, f: conv_one(a.reshape(-1, *a.shape[2:]), f[0], params)).lower(x, w).compile()
     seconds = interleaved_seconds(programs, (x, w), repeats=repeats)
     for name, row in timings.items():

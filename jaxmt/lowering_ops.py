@@ -30,7 +30,7 @@ The lowerings (``CONV_LOWERINGS``):
                   strided slice (float32 accumulation).
   depthwise_direct  depthwise convs (one input channel per group) as a fused elementwise
                   multiply-add over the window offsets (float32 accumulation).
-  implicit_gemm   2-d kxk convs of stride 1 or 2 in bfloat16 or float16 as one Pallas
+  implicit_gemm   2-d kxk convs of stride 1 or 2 in bfloat16, float16 or float32 as one Pallas
                   kernel that accumulates the window's shifted matmuls per output tile,
                   building no patches (stride 2 after a space-to-depth rearrangement;
                   ``jaxmt.pallas_conv``; float32 accumulation; GPU, or Pallas's interpreter
@@ -421,9 +421,12 @@ def applicable(choice: str, sig: ConvSignature) -> bool:
     if choice == "depthwise_direct":
         return sig.is_depthwise and no_lhs_dilation
     if choice == "implicit_gemm":
-        # Any precision: 16-bit products are exact in the kernel and its sums are float32.
+        # 16-bit products are exact in the kernel and its sums float32, whatever the conv's
+        # precision; float32 products round as TF32 (or as jax_default_matmul_precision says),
+        # so a float32 conv that names its own precision is left to XLA.
         plain_types = sig.lhs_dtype == sig.rhs_dtype and sig.preferred_element_type in (None, sig.lhs_dtype)
-        return plain_types and pallas_conv.supports(
+        default_precision = sig.lhs_dtype != "float32" or sig.precision == "None"
+        return plain_types and default_precision and pallas_conv.supports(
             sig.lhs_shape, sig.rhs_shape, sig.window_strides, sig.padding, sig.lhs_dilation, sig.rhs_dilation,
             sig.feature_group_count, sig.batch_group_count, sig.lhs_dtype)
     raise AssertionError(choice)

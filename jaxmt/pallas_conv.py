@@ -19,12 +19,14 @@ on 12 (padded to 16), whose matmuls are 5x deeper than the 3-channel taps.
 
 Scope (``supports``): 2-d, stride 1 (any window and padding whose output is no larger than
 its input: "same" and "valid" convs) or stride 2 (any padding), no dilation, no feature
-groups, bfloat16 or float16, any channel counts. float32 runs too (the tests use it) but is
-not offered: Triton's float32 dots are IEEE, not the TF32 of XLA's convs.
+groups, bfloat16, float16 or float32 (whose dots run as TF32 at the default precision, as
+XLA's do), any channel counts.
 
-On an H100 it ran ResNet's stride-1 3x3 layers at 0.6-1.7x of the dense conv and beat
-XLA's grouped conv on most of them (benchmarks/README.md, "Pallas conv kernel"); the
-autotuner tries it on GPUs among the kxk lowerings (``jaxmt.autotune``), and a lowering
+On an H100, in bfloat16, it ran ResNet's stride-1 3x3 layers at 0.54-1.66x of the dense conv,
+above XLA's grouped forms on most of them, and the 7x7 stem at 1.8-2.35x of XLA's dense stem
+(benchmarks/README.md, "Pallas conv kernel"); float32 has not been timed on a GPU. The
+autotuner tries it on GPUs among the kxk lowerings, the default rule takes it for 16-bit
+convs at stride 1 and for RGB stems (``jaxmt.autotune``), and a lowering
 policy may name it (``{"kxk": "implicit_gemm"}`` or a ``conv:<i>`` selector). Its gradient
 is XLA's conv's (a custom VJP), so a trainer may use it too. Its answers are checked in
 Pallas's interpreter, and the tests lower it (and its gradient) to Triton IR for CUDA with
@@ -52,16 +54,19 @@ from jax.experimental import pallas as pl
 # "Pallas conv kernel"); 64-row tiles were slower.
 BLOCK_M = 128
 BLOCK_N = 128
-BLOCK_K = 64
+BLOCK_K = 64  # 16-bit inputs; 4-byte ones take half as deep steps (the same bytes in shared memory)
 NUM_WARPS = 4
 NUM_STAGES = 3
 CHANNEL_MULTIPLE = 16
-DTYPES = ("bfloat16", "float16")
+# float32 dots lower to TF32 in Pallas's Triton backend at the default precision, as XLA's
+# float32 convs and matmuls do on these GPUs (``jax_default_matmul_precision="highest"``
+# makes both IEEE).
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def compiles_on(device: jax.Device | None = None) -> bool:
     """Whether the kernel compiles for ``device`` (default: the first device): a CUDA GPU of
-    compute capability 8.0 or newer, where Triton has 16-bit tensor-core dots (a ROCm GPU
+    compute capability 8.0 or newer, where Triton has bfloat16 and TF32 tensor-core dots (a ROCm GPU
     names its architecture there, "gfx90a", and is not offered the kernel)."""
     device = device or jax.devices()[0]
     if device.platform != "gpu":
@@ -84,7 +89,7 @@ def supports(lhs_shape: tuple[int, ...], rhs_shape: tuple[int, ...], window_stri
              padding: tuple[tuple[int, int], ...], lhs_dilation: tuple[int, ...], rhs_dilation: tuple[int, ...],
              feature_group_count: int, batch_group_count: int, dtype: str) -> bool:
     """Whether the autotuner may lower this conv (one tenant's shapes, canonical layout) with
-    ``conv_implicit_gemm``: a shape it computes, in a 16-bit dtype."""
+    ``conv_implicit_gemm``: a shape it computes, in one of DTYPES."""
     return dtype in DTYPES and feature_group_count == 1 and batch_group_count == 1 and _computes(
         lhs_shape, rhs_shape, window_strides, padding, lhs_dilation, rhs_dilation)
 
@@ -108,7 +113,7 @@ def _computes(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation=(1, 1)
 
 def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, strides: tuple[int, int] = (1, 1),
                        padding: tuple[tuple[int, int], tuple[int, int]] | None = None, interpret: bool | None = None,
-                       block_m: int = BLOCK_M, block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
+                       block_m: int = BLOCK_M, block_n: int = BLOCK_N, block_k: int | None = None, num_warps: int = NUM_WARPS,
                        num_stages: int = NUM_STAGES) -> jax.Array:
     """Tenant k's ``x[k]`` convolved with its filter ``w[k]``.
 
@@ -124,13 +129,16 @@ def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, strides: tuple[int, int] =
         side). At stride 1 the output may not be larger than the input (lo + hi <= k - 1).
       interpret: run in Pallas's interpreter (None: unless the default backend is a GPU).
       block_m, block_n, block_k: tile sizes (powers of two): output rows, output channels and
-        input channels per matmul step; channels are padded with zeros to what the blocks tile.
+        input channels per matmul step (default BLOCK_K for 16-bit inputs, half that for
+        4-byte ones); channels are padded with zeros to what the blocks tile.
       num_warps, num_stages: Triton's warps per tile and software-pipeline depth (GPU only).
     """
     tenants, n, h, wd, c = x.shape
     kh, kw = w.shape[1:3]
     if w.ndim != 5 or w.shape[3] != c or w.shape[0] != tenants:
         raise ValueError(f"filter {w.shape} does not match input {x.shape} (expected [{tenants}, kh, kw, {c}, O])")
+    if block_k is None:
+        block_k = BLOCK_K * 2 // max(2, x.dtype.itemsize)
     if any(b < 1 or b & (b - 1) for b in (block_m, block_n, block_k)):
         raise ValueError(f"blocks must be powers of two, got block_m={block_m}, block_n={block_n}, block_k={block_k}")
     padding = ((kh // 2, kh // 2), (kw // 2, kw // 2)) if padding is None else tuple(tuple(int(v) for v in p) for p in padding)

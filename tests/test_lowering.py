@@ -294,9 +294,12 @@ def test_cached_choice_is_used_by_the_model_program(tmp_path, rng):
 def test_the_pallas_kernel_is_a_kxk_candidate_on_gpus_only(platform, tried):
     bf16_3x3 = ConvSignature(8, (2, 14, 14, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1),
                              lhs_dtype="bfloat16", rhs_dtype="bfloat16")
+    f32_3x3 = dataclasses.replace(bf16_3x3, lhs_dtype="float32", rhs_dtype="float32")
     assert ("implicit_gemm" in autotune.candidates(bf16_3x3, platform)) is tried
-    # Where the kernel does not apply (float32, a dilated filter) no platform tries it.
-    for sig in (_small_sig(), dataclasses.replace(bf16_3x3, rhs_dilation=(2, 2))):
+    assert ("implicit_gemm" in autotune.candidates(f32_3x3, platform)) is tried
+    # Where the kernel does not apply (a dilated filter; a float32 conv that names its own
+    # precision, which the kernel's TF32 dots would not honour) no platform tries it.
+    for sig in (dataclasses.replace(f32_3x3, precision=str(lax.Precision.HIGHEST)), dataclasses.replace(bf16_3x3, rhs_dilation=(2, 2))):
         assert "implicit_gemm" not in autotune.candidates(sig, "gpu")
 
 

@@ -68,7 +68,8 @@ VALID = ((0, 0), (0, 0))
         ((8, 56, 56, 64), (2, 2, 64, 64), (1, 1), ((0, 1), (0, 1)), (1, 1), 1, "bfloat16", True),  # even window
         ((8, 224, 224, 3), (7, 7, 3, 64), (2, 2), ((3, 3), (3, 3)), (1, 1), 1, "bfloat16", True),  # ResNet's stem
         ((8, 56, 56, 64), (3, 3, 64, 128), (2, 2), ((0, 1), (0, 1)), (1, 1), 1, "bfloat16", True),  # "SAME" at stride 2
-        ((8, 7, 7, 512), (3, 3, 512, 512), (1, 1), SAME3, (1, 1), 1, "float32", False),  # IEEE float32 dots in Triton
+        ((8, 7, 7, 512), (3, 3, 512, 512), (1, 1), SAME3, (1, 1), 1, "float32", True),  # TF32 dots, as XLA's convs
+        ((8, 7, 7, 512), (3, 3, 512, 512), (1, 1), SAME3, (1, 1), 1, "float64", False),  # no float64 tensor-core dots
         ((8, 56, 56, 64), (3, 3, 64, 64), (1, 1), ((2, 1), (1, 1)), (1, 1), 1, "bfloat16", False),  # output grows
         ((8, 56, 56, 64), (3, 3, 64, 64), (3, 3), SAME3, (1, 1), 1, "bfloat16", False),  # stride 3
         ((8, 56, 56, 64), (3, 3, 64, 64), (1, 2), SAME3, (1, 1), 1, "bfloat16", False),  # mixed strides
@@ -219,3 +220,35 @@ def test_the_kernel_is_offered_only_where_triton_compiles_it(platform, capabilit
     assert pallas_conv.compiles_on(device) is compiles
     if jax.devices()[0].platform == "cpu":  # the default device is the first one
         assert pallas_conv.compiles_on() is False
+
+
+@pytest.mark.parametrize("dtype, matmul_precision, expected", [
+    (jnp.float32, "default", "TF32"),  # as XLA's float32 convs round on these GPUs
+    (jnp.float32, "highest", "IEEE"),  # what these tests set (conftest), and XLA's convs with it
+    (jnp.bfloat16, "default", "TF32"),  # 16-bit products are exact whatever the name
+])
+def test_the_kernels_dots_follow_jaxs_matmul_precision(dtype, matmul_precision, expected):
+    """The kernel's float32 products round as XLA's float32 convs do under the same
+    ``jax_default_matmul_precision``, so the autotuner compares like with like."""
+    from jax import export
+
+    lowering = pytest.importorskip("jax._src.pallas.triton.lowering")
+    if not hasattr(getattr(lowering, "tt_dialect", None), "dot"):
+        pytest.skip("this jax's Triton lowering builds dots elsewhere")
+    seen = []
+    original = lowering.tt_dialect.dot
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("input_precision", args[3] if len(args) > 3 else None))
+        return original(*args, **kwargs)
+
+    x, w = jax.ShapeDtypeStruct((2, 1, 8, 8, 64), dtype), jax.ShapeDtypeStruct((2, 3, 3, 64, 64), dtype)
+    triton = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    forward = jax.jit(lambda a, b: pallas_conv.conv_implicit_gemm(a, b, interpret=False))
+    try:
+        lowering.tt_dialect.dot = spy
+        with jax.default_matmul_precision(matmul_precision):
+            export.export(forward, platforms=["cuda"], disabled_checks=triton)(x, w)
+    finally:
+        lowering.tt_dialect.dot = original
+    assert seen and all(getattr(p, "name", str(p)) == expected for p in seen), seen
