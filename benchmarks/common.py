@@ -70,6 +70,27 @@ def time_call(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 20, min_
     }
 
 
+def time_calls_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 3, repeats: int = 20) -> dict[str, dict[str, float]]:
+    """``time_call`` of each of ``fns`` in rounds: every round times one call of each in turn,
+    so that the shared device's drift over the run moves them alike (ratios between them are
+    what the benchmarks report)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(fn())
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            samples[name].append(time.perf_counter() - start)
+    out = {}
+    for name, values in samples.items():
+        values.sort()
+        out[name] = {"median_s": statistics.median(values), "min_s": values[0],
+                     "p90_s": values[int(0.9 * (len(values) - 1))], "repeats": len(values)}
+    return out
+
+
 def write_json(name: str, payload: dict[str, Any]) -> Path:
     """Writes ``results/<name>.json`` with the environment attached."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

@@ -62,10 +62,10 @@ _CANDIDATES: dict[str, tuple[str, ...]] = {
 def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
     """The lowering used without measurement (autotune off and nothing cached, or a tie).
 
-    ``platform`` defaults to JAX's default backend. Every choice below measured faster than
-    vmap's grouped conv for its layer shape on an H100 (bf16, 16 tenants x 8 images;
-    benchmarks/README.md, "Lowering"; the one-image bullet: whole steps), so the rule is
-    never worse than plain vmap there:
+    ``platform`` defaults to JAX's default backend. Each choice below was measured on an
+    H100 (bf16, 16 tenants x 8 images unless noted; benchmarks/README.md, "Lowering",
+    "Step time: kxk convs as im2col" and "Pallas conv kernel") against vmap's grouped conv
+    and against what the rule chose before it:
 
     * 1x1 convs: a batched matmul (0.3-1.6x of the dense conv; vmap's grouped form 0.07-0.8x).
     * kxk convs whose output is at most 7x7, or with at most 4 input channels and a 3x3 or
@@ -78,15 +78,18 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
       images per tenant they ran 9-68% slower (benchmarks/README.md, "Step time: kxk
       convs as im2col").
     * depthwise convs with a stride: a fused multiply-add (1.1x vs 0.4x); unstrided: vmap.
-    * On GPUs, before the kxk rules above: bfloat16 and float16 kxk convs of several tenants
-      at stride 1, and RGB stems (at most 4 input channels) at stride 2, as the Pallas
-      implicit-GEMM kernel (``jaxmt.pallas_conv``). On an H100, ResNet's stride-1 3x3 layers
-      at 32x8, 16x8 and 32x1 ran at 0.54-1.66x of the dense conv against 0.08-1.0x for vmap's
-      form (never more than 6% slower than vmap's and up to 13x faster on all 24 measured),
-      and the 7x7 stem at
-      1.8-2.3x against 0.2-0.66x for every other form (benchmarks/README.md, "Pallas conv
-      kernel"). Other strided kxk convs keep the rules above (im2col won most of ResNet's
-      downsampling 3x3s there).
+    * On Hopper GPUs (where it was timed), before the kxk rules above: bfloat16 and float16
+      kxk convs of several tenants at stride 1, and RGB stems with windows larger than 3x3 at
+      stride 2, as the Pallas implicit-GEMM kernel (``jaxmt.pallas_conv``). ResNet's stride-1
+      3x3 layers at 32x8, 16x8 and 32x1 ran at 0.54-1.66x of the dense conv; against vmap's
+      form (0.08-1.0x) the kernel was never more than 6% slower and up to 13x faster on all
+      24 measured, against im2col where the rule took it before (outputs of 7x7, one image
+      per tenant) it was faster on 11 of 12 and 11% slower on one. The 7x7 stem ran at
+      1.8-2.35x against 0.2-0.66x for every other form. Other strided kxk convs keep the
+      rules above: on ResNet-18's downsampling 3x3s im2col or the kernel beat vmap, on
+      ResNet-50's vmap held its own, so those are left to the autotuner. The kernel is not
+      the rule's choice elsewhere (float32 has not been timed; other GPUs may lack the
+      shared memory for its tiles) but the autotuner tries it on any CUDA GPU it compiles for.
 
     On CPUs, XLA's grouped convolutions are a slow generic loop, so convs other than 1x1
     run per tenant (depthwise ones as the fused multiply-add): 2-15x faster than vmap's
@@ -102,9 +105,9 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
         return "depthwise_direct" if strided and applicable("depthwise_direct", sig) else "vmap"
     sixteen_bit = sig.lhs_dtype in ("bfloat16", "float16")  # float32 in the kernel: not yet timed on a GPU
     if platform == "gpu" and sig.kind == "kxk" and sig.tenants > 1 and sixteen_bit and applicable("implicit_gemm", sig) \
-            and _kernel_compiles():
-        rgb_stem = sig.in_channels <= 4
-        if all(s == 1 for s in sig.window_strides) or rgb_stem:
+            and _kernel_is_timed_here():
+        large_rgb_stem = sig.in_channels <= 4 and int(np.prod(sig.window)) > 9
+        if all(s == 1 for s in sig.window_strides) or large_rgb_stem:
             return "implicit_gemm"
     if sig.kind == "kxk" and applicable("im2col", sig):
         small_output = int(np.prod(sig.out_spatial)) <= 49
@@ -118,6 +121,19 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
 # Lowerings that compile only for one platform (Pallas's Triton backend; elsewhere the
 # kernel would run in Pallas's interpreter, which is for tests).
 _PLATFORM_ONLY = {"implicit_gemm": "gpu"}
+
+
+def _kernel_is_timed_here() -> bool:
+    """Whether the default device is of the kind the kernel was timed on (Hopper: compute
+    capability 9.x), so that the rule may choose it unmeasured; True where JAX runs on no
+    GPU (a rule asked about "gpu" from a CPU describes such a GPU)."""
+    device = jax.devices()[0]
+    if device.platform != "gpu":
+        return True
+    try:
+        return pallas_conv.compiles_on(device) and 9.0 <= float(getattr(device, "compute_capability", "0")) < 10.0
+    except (TypeError, ValueError):
+        return False
 
 
 def _kernel_compiles() -> bool:
@@ -345,10 +361,21 @@ def measure(
     fns = {name: (lambda a, b, _n=name: lower_conv(_n, a, b, params)) for name in names}
     results, programs = compile_and_check(fns, (x, w), reference, check_tolerance(sig.lhs_dtype))
     for name, fn in (baselines or {}).items():
+        if name in results:
+            raise ValueError(f"baseline {name!r} has the name of a lowering; name it otherwise")
         start = time.perf_counter()
         programs[name] = jax.jit(fn).lower(x, w).compile()
         results[name] = {"us": None, "compile_s": round(time.perf_counter() - start, 3)}
-    for name, seconds in interleaved_seconds(programs, (x, w), repeats=repeats).items():
+    try:
+        timed = interleaved_seconds(programs, (x, w), repeats=repeats)
+    except Exception:  # one form failing mid-burst (out of memory, say): time each alone, fail only it
+        timed = {}
+        for name, program in programs.items():
+            try:
+                timed[name] = burst_seconds(program, (x, w), repeats=repeats)
+            except Exception as exc:
+                results[name]["error"] = f"{type(exc).__name__} while timing: {str(exc)[:300]}"
+    for name, seconds in timed.items():
         results[name]["us"] = seconds * 1e6
     return results
 

@@ -27,8 +27,8 @@ above XLA's grouped forms on most of them, and the 7x7 stem at 1.8-2.35x of XLA'
 (benchmarks/README.md, "Pallas conv kernel"); float32 has not been timed on a GPU. The
 autotuner tries it on GPUs among the kxk lowerings, the default rule takes it for 16-bit
 convs at stride 1 and for RGB stems (``jaxmt.autotune``), and a lowering
-policy may name it (``{"kxk": "implicit_gemm"}`` or a ``conv:<i>`` selector). Its gradient
-is XLA's conv's (a custom VJP), so a trainer may use it too. Its answers are checked in
+policy may name it (``{"kxk": "implicit_gemm"}`` or a ``conv:<i>`` selector). Its derivatives
+are XLA's conv's (a custom JVP), so a trainer may use it too. Its answers are checked in
 Pallas's interpreter, and the tests lower it (and its gradient) to Triton IR for CUDA with
 ``jax.export``.
 
@@ -44,6 +44,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 
 # Block sizes: output rows per tile, output channels per tile (at most), input channels per
@@ -117,7 +118,7 @@ def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, strides: tuple[int, int] =
                        num_stages: int = NUM_STAGES) -> jax.Array:
     """Tenant k's ``x[k]`` convolved with its filter ``w[k]``.
 
-    Differentiable: the gradient is that of XLA's conv of the same arguments.
+    Differentiable in both modes: the derivative is that of XLA's conv of the same arguments.
 
     Args:
       x: [K, N, H, W, C].
@@ -172,21 +173,27 @@ def _space_to_depth(x: jax.Array, w: jax.Array, padding) -> tuple[jax.Array, jax
     return x, w, out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _with_xla_gradient(x: jax.Array, w: jax.Array, padding, config: tuple[bool, int, int, int, int, int]) -> jax.Array:
     return _forward(x, w, padding, *config)
 
 
-def _forward_with_residuals(x, w, padding, config):
-    return _forward(x, w, padding, *config), (x, w)
+def _xla_tangent(padding, config, primals, tangents):
+    """The kernel's answer, and as its tangent that of XLA's conv: conv(dx, w) + conv(x, dw),
+    linear in the tangents, so JAX transposes it for reverse mode (XLA's conv gradients) and
+    forward mode works too. A tangent known to be zero (an input nobody differentiates, such
+    as the images) costs no conv."""
+    x, w = primals
+    dx, dw = tangents
+    conv = functools.partial(_xla_conv, padding=padding)
+    terms = [conv(t, w) if i == 0 else conv(x, t) for i, t in enumerate((dx, dw)) if not isinstance(t, SymbolicZero)]
+    y = _forward(x, w, padding, *config)
+    if not terms:
+        return y, jnp.zeros_like(y)
+    return y, terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
 
-def _xla_gradient(padding, config, residuals, cotangent):
-    x, w = residuals
-    return jax.vjp(functools.partial(_xla_conv, padding=padding), x, w)[1](cotangent)
-
-
-_with_xla_gradient.defvjp(_forward_with_residuals, _xla_gradient)
+_with_xla_gradient.defjvp(_xla_tangent, symbolic_zeros=True)
 
 
 def _xla_conv(x: jax.Array, w: jax.Array, padding=None) -> jax.Array:

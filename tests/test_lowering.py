@@ -303,6 +303,44 @@ def test_the_pallas_kernel_is_a_kxk_candidate_on_gpus_only(platform, tried):
         assert "implicit_gemm" not in autotune.candidates(sig, "gpu")
 
 
+def test_off_the_gpus_the_kernel_was_timed_on_the_rule_keeps_its_earlier_choices(monkeypatch):
+    monkeypatch.setattr(autotune, "_kernel_is_timed_here", lambda: False)
+    assert autotune.default_rule(_conv_sig(8, 56, 64, 3, 64), "gpu") == "vmap"
+    assert autotune.default_rule(_conv_sig(1, 56, 64, 3, 64), "gpu") == "im2col"
+    assert autotune.default_rule(_conv_sig(8, 224, 3, 7, 64, stride=2), "gpu") == "vmap"
+    monkeypatch.setattr(autotune, "_kernel_is_timed_here", lambda: True)
+    assert autotune.default_rule(_conv_sig(8, 56, 64, 3, 64), "gpu") == "implicit_gemm"
+
+
+def test_a_lowering_that_fails_while_timed_is_reported_and_the_rest_still_timed(monkeypatch):
+    sig = _small_sig()
+
+    real_interleaved, real_burst = autotune.interleaved_seconds, autotune.burst_seconds
+
+    def interleaved(fns, *args, **kwargs):  # the round of all forms fails; one form alone times
+        if len(fns) > 1:
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+        return real_interleaved(fns, *args, **kwargs)
+
+    failing = []
+
+    def burst(program, args, **kwargs):
+        if not failing:  # the first form timed alone fails too, the others time
+            failing.append(program)
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+        return real_burst(program, args, **kwargs)
+
+    monkeypatch.setattr(autotune, "interleaved_seconds", interleaved)
+    monkeypatch.setattr(autotune, "burst_seconds", burst)
+    rows = autotune.measure(sig, names=("vmap", "loop"), repeats=1)
+    first, second = rows["vmap"], rows["loop"]
+    assert first["us"] is None and first["error"].startswith("RuntimeError while timing")
+    assert second["us"] > 0 and "error" not in second
+    assert autotune.pick(sig, rows) == "loop"
+    with pytest.raises(ValueError, match="has the name of a lowering"):
+        autotune.measure(sig, names=("vmap",), baselines={"vmap": lambda a, b: a}, repeats=1)
+
+
 def test_pick_prefers_the_rule_within_the_noise_margin():
     sig = _small_sig()
     rule = autotune.default_rule(sig)
@@ -388,7 +426,7 @@ F32 = {"dtype": "float32"}
         (_conv_sig(1, 56, 64, 3, 64), "gpu", "implicit_gemm"),
         (_conv_sig(8, 7, 512, 3, 512), "gpu", "implicit_gemm"),
         (_conv_sig(8, 224, 3, 7, 64, stride=2), "gpu", "implicit_gemm"),  # 7x7 RGB stem
-        (_conv_sig(8, 224, 3, 3, 32, stride=2), "gpu", "implicit_gemm"),  # 3x3 RGB stem
+        (_conv_sig(8, 224, 3, 3, 32, stride=2), "gpu", "im2col"),  # 3x3 RGB stem: the kernel was not timed there
         (_conv_sig(8, 56, 64, 3, 128, stride=2), "gpu", "vmap"),  # a downsampling 3x3: the rules below
         (_conv_sig(1, 56, 64, 3, 64, tenants=1), "gpu", "vmap"),  # one tenant: vmap's form is a plain conv
         (_conv_sig(8, 56, 64, 3, 64), "tpu", "vmap"),  # no Triton kernel off GPUs

@@ -1,0 +1,60 @@
+"""benchmarks/lowering.py end to end on the CPU: every method is checked against the
+per-tenant reference before it is timed, all in the same rounds, and where jaxmt lowers convs
+with the Pallas kernel, exclusive access with the same kernels is timed beside it. Nothing
+here checks speed."""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import benchmark_script
+
+from jaxmt import autotune
+from jaxmt.lowering import describe_lowering
+
+
+@pytest.fixture(scope="module")
+def bench():
+    with benchmark_script("lowering.py", "jaxmt_lowering_bench") as module:
+        yield module
+
+
+def _args(cache: str) -> argparse.Namespace:
+    return argparse.Namespace(autotune=0, cache=cache, size="tiny", seed=0, warmup=1, repeats=2)
+
+
+def test_kernel_convs_are_timed_against_exclusive_access_with_the_same_kernels(bench, tmp_path):
+    spec = bench.models.make("resnet18", "tiny", dtype=jnp.bfloat16)
+    stacked = bench.stacked_variables(spec, 2, jnp.bfloat16, 0)
+    x = jnp.asarray(spec.random_input(np.random.default_rng(0), 4).reshape(2, 2, *spec.input_shape))
+    cache = autotune.LoweringCache(tmp_path / "choices.json")
+    planted = 0
+    for conv in describe_lowering(spec.apply_fn, stacked, x, "rule"):
+        if autotune.applicable("implicit_gemm", conv.signature):  # the stem and the 3x3s
+            cache.put(autotune.cache_key(conv.signature), {"choice": "implicit_gemm"})
+            planted += 1
+    assert planted
+    row = bench.bench_end_to_end("resnet18", 2, 2, jnp.bfloat16, _args(str(tmp_path / "choices.json")))
+    assert row["check"] == "ok" and row["choices"]["kxk:implicit_gemm"] == planted
+    assert set(row["images_per_s"]) == {"exclusive", "vmap", "time_only", "jaxmt", "exclusive_kernels"}
+    assert row["rel_error"]["exclusive_kernels"] < 5e-2 and all(v > 0 for v in row["images_per_s"].values())
+    assert row["vs_exclusive"]["exclusive"] == 1.0
+
+
+def test_without_kernel_convs_there_is_no_second_exclusive_form(bench, tmp_path):
+    row = bench.bench_end_to_end("resnet18", 2, 1, jnp.float32, _args(str(tmp_path / "none.json")))
+    assert row["check"] == "ok" and "exclusive_kernels" not in row["images_per_s"]
+
+
+def test_methods_are_timed_in_rounds(bench):
+    import common
+
+    order = []
+    fns = {name: (lambda name=name: order.append(name) or jax.numpy.zeros(())) for name in ("a", "b", "c")}
+    timings = common.time_calls_interleaved(fns, warmup=1, repeats=3)
+    assert order == ["a", "b", "c"] + ["a", "b", "c"] * 3  # one warm-up each, then one call of each per round
+    assert all(t["repeats"] == 3 and t["median_s"] >= t["min_s"] > 0 for t in timings.values())
