@@ -28,9 +28,11 @@ position and shape rather than by a module path, and convs hidden in control flo
 rewritten. All lowerings are ordinary differentiable JAX, so gradients flow through them.
 
 Measured on an H100 (bf16, benchmarks/README.md "Lowering"): "auto" ran ResNet-50 at 16
-tenants x 8 images at 0.85x of exclusive access (naive vmap: 0.43x), MobileNetV2 at 0.93x
-(0.27x), ResNet-18 at 0.94x (0.80x). What remains is mostly 3x3 convs, for which no form
-here matches a dense conv at 16-32 tenants.
+tenants x 8 images at 0.95-0.97x of exclusive access with the Pallas implicit-GEMM kernel
+among its choices (0.85x without it; naive vmap: 0.43x), ResNet-18 at 32 x 8 at 1.0x
+(0.65x without; vmap 0.52-0.57x), MobileNetV2 at 16 x 8 at 0.93x without it (0.27x). The
+kernel (``jaxmt.pallas_conv``) runs the 3x3 convs that XLA's grouped forms run at
+0.1-0.7x of a dense conv, and ResNet's 7x7 stem at about twice XLA's own dense stem.
 
 The policy (``LoweringPolicy``, or a string or mapping that converts to one):
 
