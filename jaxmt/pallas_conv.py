@@ -63,9 +63,6 @@ CHANNEL_MULTIPLE = 16
 # float32 convs and matmuls do on these GPUs (``jax_default_matmul_precision="highest"``
 # makes both IEEE).
 DTYPES = ("bfloat16", "float16", "float32")
-# The kernel's grid is (tenants, row tiles, output-channel tiles), launched as CUDA's (x, y,
-# z): y and z hold at most 65,535 blocks.
-MAX_ROW_TILES = 65535
 
 
 def compiles_on(device: jax.Device | None = None) -> bool:
@@ -93,11 +90,9 @@ def supports(lhs_shape: tuple[int, ...], rhs_shape: tuple[int, ...], window_stri
              padding: tuple[tuple[int, int], ...], lhs_dilation: tuple[int, ...], rhs_dilation: tuple[int, ...],
              feature_group_count: int, batch_group_count: int, dtype: str) -> bool:
     """Whether the autotuner may lower this conv (one tenant's shapes, canonical layout) with
-    ``conv_implicit_gemm``: a shape it computes, in one of DTYPES, whose row tiles at the
-    default BLOCK_M fit a CUDA grid (MAX_ROW_TILES)."""
+    ``conv_implicit_gemm``: a shape it computes, in one of DTYPES."""
     return dtype in DTYPES and feature_group_count == 1 and batch_group_count == 1 and _computes(
-        lhs_shape, rhs_shape, window_strides, padding, lhs_dilation, rhs_dilation) and _row_tiles(
-        lhs_shape, padding, window_strides, BLOCK_M) <= MAX_ROW_TILES
+        lhs_shape, rhs_shape, window_strides, padding, lhs_dilation, rhs_dilation)
 
 
 def _computes(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation=(1, 1), rhs_dilation=(1, 1)) -> bool:
@@ -112,18 +107,9 @@ def _computes(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation=(1, 1)
     if any(size + lo + hi < r for size, (lo, hi), r in zip(lhs_shape[1:3], padding, window)):
         return False  # an empty output
     strides = tuple(window_strides)
-    if strides not in ((1, 1), (2, 2)):
-        return False
-    return strides == (2, 2) or all(lo + hi <= r - 1 for (lo, hi), r in zip(padding, window))  # no output larger than the input
-
-
-def _row_tiles(lhs_shape, padding, strides, block_m: int) -> int:
-    """Tiles of output rows per tenant: the kernel's second grid axis (N positions of the
-    grid it computes on: the input's, or the space-to-depth input's at stride 2)."""
-    n, *sizes, _ = lhs_shape
-    if tuple(strides) == (2, 2):
-        sizes = [(size + lo + hi + 1) // 2 for size, (lo, hi) in zip(sizes, padding)]
-    return -(-n * sizes[0] * sizes[1] // block_m)
+    if strides == (1, 1):
+        return all(lo + hi <= r - 1 for (lo, hi), r in zip(padding, window))  # no output larger than the input
+    return strides == (2, 2)
 
 
 def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, strides: tuple[int, int] = (1, 1),
@@ -160,9 +146,6 @@ def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, strides: tuple[int, int] =
     if not _computes(x.shape[1:], w.shape[1:], tuple(strides), padding):
         raise ValueError(f"conv of input {x.shape} with filter {w.shape}, strides {tuple(strides)} and padding {padding} "
                          "is not one the kernel computes (see pallas_conv.supports)")
-    if _row_tiles(x.shape[1:], padding, strides, block_m) > MAX_ROW_TILES:
-        raise ValueError(f"input {x.shape} makes {_row_tiles(x.shape[1:], padding, strides, block_m)} tiles of {block_m} rows "
-                         f"per tenant, more than a CUDA grid holds ({MAX_ROW_TILES}): fewer images per call, or a larger block_m")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     config = (bool(interpret), int(block_m), int(block_n), int(block_k), int(num_warps), int(num_stages))
