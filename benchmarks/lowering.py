@@ -129,7 +129,8 @@ def bench_layers(args: argparse.Namespace, deadline: Deadline, cache: LoweringCa
                 # The dense conv of exclusive access, timed in the same rounds as the lowerings.
                 dense = lambda a, f, _p=params: conv_one(a.reshape(-1, *a.shape[2:]), f[0], _p)  # noqa: E731
                 timings = measure(sig, params, todo, seed=len(rows), repeats=args.layer_repeats, baselines={"dense": dense})
-                dense_us = timings.pop("dense")["us"]
+                dense_row = timings.pop("dense")
+                dense_us = dense_row["us"] or float("nan")  # a dense conv that failed to time: ratios NaN, the error kept
                 choice = pick(sig, timings)
                 # A pick the autotuner would not make goes only to a choices file named with
                 # --cache, never to the default one that every "auto" model reads.
@@ -139,7 +140,7 @@ def bench_layers(args: argparse.Namespace, deadline: Deadline, cache: LoweringCa
                 row = {
                     "model": model, "tenants": k, "images": b, "dtype": np.dtype(dtype).name, "kind": sig.kind,
                     "signature": sig.key, "count": count, "gflop": sig.flops / 1e9, "dense_us": dense_us, "us": us,
-                    "errors": {n: r["error"] for n, r in timings.items() if "error" in r},
+                    "errors": {n: r["error"] for n, r in {**timings, "dense": dense_row}.items() if "error" in r},
                     "choice": choice,
                     "choice_vs_dense": dense_us / us[choice] if us.get(choice) else None,
                     "vmap_vs_dense": dense_us / us["vmap"] if us.get("vmap") else None,

@@ -123,11 +123,11 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
 _PLATFORM_ONLY = {"implicit_gemm": "gpu"}
 
 
-def _kernel_is_timed_here() -> bool:
-    """Whether the default device is of the kind the kernel was timed on (Hopper: compute
-    capability 9.x), so that the rule may choose it unmeasured; True where JAX runs on no
-    GPU (a rule asked about "gpu" from a CPU describes such a GPU)."""
-    device = jax.devices()[0]
+def _kernel_is_timed_here(device: Any = None) -> bool:
+    """Whether ``device`` (default: the first device) is of the kind the kernel was timed on
+    (Hopper: compute capability 9.x), so that the rule may choose it unmeasured; True where
+    JAX runs on no GPU (a rule asked about "gpu" from a CPU describes such a GPU)."""
+    device = device or jax.devices()[0]
     if device.platform != "gpu":
         return True
     try:
@@ -356,13 +356,14 @@ def measure(
     """
     params = params or ConvParams.of(sig)
     names = names or candidates(sig)
+    clashing = sorted(set(baselines or {}) & set(names))
+    if clashing:
+        raise ValueError(f"baselines {clashing} have the names of lowerings; name them otherwise")
     x, w = random_operands(sig, seed)
     reference = jax.jit(lambda a, b: lower_conv("vmap", a, b, params))(x, w)
     fns = {name: (lambda a, b, _n=name: lower_conv(_n, a, b, params)) for name in names}
     results, programs = compile_and_check(fns, (x, w), reference, check_tolerance(sig.lhs_dtype))
     for name, fn in (baselines or {}).items():
-        if name in results:
-            raise ValueError(f"baseline {name!r} has the name of a lowering; name it otherwise")
         start = time.perf_counter()
         programs[name] = jax.jit(fn).lower(x, w).compile()
         results[name] = {"us": None, "compile_s": round(time.perf_counter() - start, 3)}
@@ -371,6 +372,7 @@ def measure(
     except Exception:  # one form failing mid-burst (out of memory, say): time each alone, fail only it
         timed = {}
         for name, program in programs.items():
+            results[name]["timed_alone"] = True  # not in shared rounds: ratios span different stretches of time
             try:
                 timed[name] = burst_seconds(program, (x, w), repeats=repeats)
             except Exception as exc:

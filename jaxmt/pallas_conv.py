@@ -25,8 +25,9 @@ XLA's do), any channel counts.
 On an H100, in bfloat16, it ran ResNet's stride-1 3x3 layers at 0.54-1.66x of the dense conv,
 above XLA's grouped forms on most of them, and the 7x7 stem at 1.8-2.35x of XLA's dense stem
 (benchmarks/README.md, "Pallas conv kernel"); float32 has not been timed on a GPU. The
-autotuner tries it on GPUs among the kxk lowerings, the default rule takes it for 16-bit
-convs at stride 1 and for RGB stems (``jaxmt.autotune``), and a lowering
+autotuner tries it on CUDA GPUs among the kxk lowerings, the default rule takes it on
+Hopper GPUs for 16-bit convs at stride 1 and for RGB stems wider than 3x3
+(``jaxmt.autotune``), and a lowering
 policy may name it (``{"kxk": "implicit_gemm"}`` or a ``conv:<i>`` selector). Its derivatives
 are XLA's conv's (a custom JVP), so a trainer may use it too. Its answers are checked in
 Pallas's interpreter, and the tests lower it (and its gradient) to Triton IR for CUDA with
@@ -138,6 +139,8 @@ def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, strides: tuple[int, int] =
     kh, kw = w.shape[1:3]
     if w.ndim != 5 or w.shape[3] != c or w.shape[0] != tenants:
         raise ValueError(f"filter {w.shape} does not match input {x.shape} (expected [{tenants}, kh, kw, {c}, O])")
+    if w.dtype != x.dtype:
+        raise ValueError(f"filter dtype {w.dtype} differs from input dtype {x.dtype} (expected one dtype, as XLA's conv does)")
     if block_k is None:
         block_k = BLOCK_K * 2 // max(2, x.dtype.itemsize)
     if any(b < 1 or b & (b - 1) for b in (block_m, block_n, block_k)):
@@ -187,7 +190,7 @@ def _xla_tangent(padding, config, primals, tangents):
     dx, dw = tangents
     conv = functools.partial(_xla_conv, padding=padding)
     terms = [conv(t, w) if i == 0 else conv(x, t) for i, t in enumerate((dx, dw)) if not isinstance(t, SymbolicZero)]
-    y = _forward(x, w, padding, *config)
+    y = _with_xla_gradient(x, w, padding, config)  # through the rule again: derivatives of derivatives
     if not terms:
         return y, jnp.zeros_like(y)
     return y, terms[0] if len(terms) == 1 else terms[0] + terms[1]

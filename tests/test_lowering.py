@@ -312,6 +312,20 @@ def test_off_the_gpus_the_kernel_was_timed_on_the_rule_keeps_its_earlier_choices
     assert autotune.default_rule(_conv_sig(8, 56, 64, 3, 64), "gpu") == "implicit_gemm"
 
 
+@pytest.mark.parametrize("platform, capability, timed", [
+    ("gpu", "9.0", True),  # Hopper: where the kernel was timed
+    ("gpu", "8.0", False),  # Ampere: compiles, not timed
+    ("gpu", "10.0", False),  # Blackwell: not timed
+    ("gpu", "gfx90a", False),  # ROCm
+    ("cpu", None, True),  # no GPU here: a rule asked about "gpu" describes one that was timed
+])
+def test_the_rule_takes_the_kernel_unmeasured_only_on_the_gpus_it_was_timed_on(platform, capability, timed):
+    import types
+
+    device = types.SimpleNamespace(platform=platform, **({} if capability is None else {"compute_capability": capability}))
+    assert autotune._kernel_is_timed_here(device) is timed
+
+
 def test_a_lowering_that_fails_while_timed_is_reported_and_the_rest_still_timed(monkeypatch):
     sig = _small_sig()
 
@@ -337,7 +351,8 @@ def test_a_lowering_that_fails_while_timed_is_reported_and_the_rest_still_timed(
     assert first["us"] is None and first["error"].startswith("RuntimeError while timing")
     assert second["us"] > 0 and "error" not in second
     assert autotune.pick(sig, rows) == "loop"
-    with pytest.raises(ValueError, match="has the name of a lowering"):
+    assert first["timed_alone"] and second["timed_alone"]
+    with pytest.raises(ValueError, match="have the names of lowerings"):
         autotune.measure(sig, names=("vmap",), baselines={"vmap": lambda a, b: a}, repeats=1)
 
 
@@ -443,6 +458,7 @@ F32 = {"dtype": "float32"}
         (_conv_sig(1, 56, 64, 3, 64), "cpu", "loop"),
     ],
 )
-def test_the_default_rule_picks_what_the_gpu_measurements_favoured(sig, platform, expected):
+def test_the_default_rule_picks_what_the_gpu_measurements_favoured(sig, platform, expected, monkeypatch):
+    monkeypatch.setattr(autotune, "_kernel_is_timed_here", lambda: True)  # as on the H100 that timed it, whatever this host
     assert autotune.default_rule(sig, platform) == expected
     assert autotune.applicable(expected, sig)

@@ -143,30 +143,75 @@ def test_the_gradient_is_that_of_xlas_conv(rng):
         assert rel_error(got, want) < 1e-5
 
 
+def _convs_in(fn, *args) -> int:
+    """conv_general_dilated equations in fn's jaxpr, nested ones included (the kernel is none)."""
+    def jaxprs(value):
+        if hasattr(value, "eqns"):
+            yield value
+        elif hasattr(getattr(value, "jaxpr", None), "eqns"):
+            yield value.jaxpr
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                yield from jaxprs(item)
+
+    def count(jaxpr) -> int:
+        return sum((eqn.primitive.name == "conv_general_dilated")
+                   + sum(count(inner) for value in eqn.params.values() for inner in jaxprs(value)) for eqn in jaxpr.eqns)
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
 @pytest.mark.parametrize("strides, padding", [((1, 1), SAME3), ((2, 2), ((1, 1), (1, 1)))])
 def test_forward_mode_derivatives_are_those_of_xlas_conv(rng, strides, padding):
-    """jvp (and so jacfwd, Hessian-vector products) through the kernel, in each argument and
-    both: the tangent is XLA's conv's."""
+    """jvp through the kernel in each argument alone and in both: the tangent is XLA's conv's,
+    and an argument nobody differentiates costs no conv."""
     x = jnp.asarray(rng.standard_normal((2, 1, 6, 5, 16)), jnp.float32)
     f = jnp.asarray(rng.standard_normal((2, 3, 3, 16, 16)) / 12, jnp.float32)
     dx, df = jnp.asarray(rng.standard_normal(x.shape), jnp.float32), jnp.asarray(rng.standard_normal(f.shape), jnp.float32)
     ours = functools.partial(pallas_conv.conv_implicit_gemm, strides=strides, padding=padding, block_m=16)
     xla = jax.vmap(lambda u, v: lax.conv_general_dilated(u, v, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                                          precision=lax.Precision.HIGHEST))
-    for tangents in ((dx, df), (dx, jnp.zeros_like(f)), (jnp.zeros_like(x), df)):
-        (y, dy), (y_ref, dy_ref) = jax.jvp(ours, (x, f), tangents), jax.jvp(xla, (x, f), tangents)
-        assert rel_error(y, y_ref) < 1e-5 and rel_error(dy, dy_ref) < 1e-5
-    # Differentiating in the filter alone (a trainer's case) still gives XLA's filter gradient.
-    cotangent = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
-    got = jax.grad(lambda b: jnp.sum(ours(x, b) * cotangent))(f)
-    want = jax.grad(lambda b: jnp.sum(xla(x, b) * cotangent))(f)
-    assert rel_error(got, want) < 1e-5
+    cases = {  # name: (a function of the differentiated arguments, primals, tangents, XLA convs in its jvp)
+        "both": (lambda a, b: ours(a, b), lambda a, b: xla(a, b), (x, f), (dx, df), 2),
+        "input only": (lambda a: ours(a, f), lambda a: xla(a, f), (x,), (dx,), 1),
+        "filter only": (lambda b: ours(x, b), lambda b: xla(x, b), (f,), (df,), 1),
+    }
+    for name, (fn, ref, primals, tangents, convs) in cases.items():
+        (y, dy), (y_ref, dy_ref) = jax.jvp(fn, primals, tangents), jax.jvp(ref, primals, tangents)
+        assert rel_error(y, y_ref) < 1e-5 and rel_error(dy, dy_ref) < 1e-5, name
+        assert _convs_in(lambda p, t, fn=fn: jax.jvp(fn, p, t), primals, tangents) == convs, name
+
+
+@pytest.mark.parametrize("strides, padding", [((1, 1), SAME3), ((2, 2), ((1, 1), (1, 1)))])
+def test_second_derivatives_are_those_of_xlas_conv(rng, strides, padding):
+    """Hessian-vector products (forward over reverse) and gradients of gradients pass through
+    the kernel's rule again, so they are XLA's conv's too."""
+    x = jnp.asarray(rng.standard_normal((2, 1, 5, 4, 16)), jnp.float32)
+    f = jnp.asarray(rng.standard_normal((2, 3, 3, 16, 16)) / 12, jnp.float32)
+    df = jnp.asarray(rng.standard_normal(f.shape), jnp.float32)
+    ours = functools.partial(pallas_conv.conv_implicit_gemm, strides=strides, padding=padding, block_m=16)
+    xla = jax.vmap(lambda u, v: lax.conv_general_dilated(u, v, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                         precision=lax.Precision.HIGHEST))
+
+    def loss(conv):
+        return lambda a, b: jnp.sum(jnp.tanh(conv(a, b)) ** 2)
+
+    def hvp(conv):  # forward over reverse, in the filter
+        return jax.jvp(lambda b: jax.grad(loss(conv), argnums=1)(x, b), (f,), (df,))[1]
+
+    def mixed(conv):  # reverse over reverse, filter then input
+        return jax.grad(lambda a: jnp.sum(jax.grad(loss(conv), argnums=1)(a, f) * df))(x)
+
+    assert rel_error(hvp(ours), hvp(xla)) < 1e-5
+    assert rel_error(mixed(ours), mixed(xla)) < 1e-5
 
 
 def test_mismatched_filters_and_blocks_are_refused(rng):
     x = jnp.zeros((2, 1, 4, 4, 32), jnp.float32)
     with pytest.raises(ValueError, match="does not match input"):
         pallas_conv.conv_implicit_gemm(x, jnp.zeros((2, 3, 3, 16, 16), jnp.float32))
+    with pytest.raises(ValueError, match="differs from input dtype"):
+        pallas_conv.conv_implicit_gemm(x, jnp.zeros((2, 3, 3, 32, 16), jnp.bfloat16))
     with pytest.raises(ValueError, match="powers of two"):
         pallas_conv.conv_implicit_gemm(x, jnp.zeros((2, 3, 3, 32, 48), jnp.float32), block_n=48)
     with pytest.raises(ValueError, match="not one the kernel computes"):
