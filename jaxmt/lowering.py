@@ -28,8 +28,8 @@ position and shape rather than by a module path, and convs hidden in control flo
 rewritten. All lowerings are ordinary differentiable JAX, so gradients flow through them.
 
 Measured on an H100 (bf16, benchmarks/README.md "Lowering"): "auto" ran ResNet-50 at 16
-tenants x 8 images at 0.95-0.97x of exclusive access with the Pallas implicit-GEMM kernel
-among its choices (0.85x without it; naive vmap: 0.43x), ResNet-18 at 32 x 8 at 1.0x
+tenants x 8 images at 0.95-1.00x of exclusive access with the Pallas implicit-GEMM kernel
+among its choices (0.85x without it; naive vmap: 0.43x), ResNet-18 at 32 x 8 at 0.97-1.01x
 (0.65x without; vmap 0.52-0.57x), MobileNetV2 at 16 x 8 at 0.93x without it (0.27x). The
 kernel (``jaxmt.pallas_conv``) runs the 3x3 convs that XLA's grouped forms run at
 0.1-0.7x of a dense conv, and ResNet's 7x7 stem at about twice XLA's own dense stem.
