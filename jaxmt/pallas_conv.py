@@ -153,9 +153,9 @@ def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, strides: tuple[int, int] =
         interpret = jax.default_backend() != "gpu"
     config = (bool(interpret), int(block_m), int(block_n), int(block_k), int(num_warps), int(num_stages))
     if tuple(strides) == (1, 1):
-        return _with_xla_gradient(x, w, padding, config)
+        return _with_xla_derivatives(x, w, padding, config)
     x2, w2, (ho, wo) = _space_to_depth(x, w, padding)
-    return _with_xla_gradient(x2, w2, ((0, 0), (0, 0)), config)[:, :, :ho, :wo]
+    return _with_xla_derivatives(x2, w2, ((0, 0), (0, 0)), config)[:, :, :ho, :wo]
 
 
 def _space_to_depth(x: jax.Array, w: jax.Array, padding) -> tuple[jax.Array, jax.Array, tuple[int, int]]:
@@ -177,7 +177,7 @@ def _space_to_depth(x: jax.Array, w: jax.Array, padding) -> tuple[jax.Array, jax
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _with_xla_gradient(x: jax.Array, w: jax.Array, padding, config: tuple[bool, int, int, int, int, int]) -> jax.Array:
+def _with_xla_derivatives(x: jax.Array, w: jax.Array, padding, config: tuple[bool, int, int, int, int, int]) -> jax.Array:
     return _forward(x, w, padding, *config)
 
 
@@ -189,14 +189,18 @@ def _xla_tangent(padding, config, primals, tangents):
     x, w = primals
     dx, dw = tangents
     conv = functools.partial(_xla_conv, padding=padding)
-    terms = [conv(t, w) if i == 0 else conv(x, t) for i, t in enumerate((dx, dw)) if not isinstance(t, SymbolicZero)]
-    y = _with_xla_gradient(x, w, padding, config)  # through the rule again: derivatives of derivatives
+    terms = []
+    if not isinstance(dx, SymbolicZero):
+        terms.append(conv(dx, w))
+    if not isinstance(dw, SymbolicZero):
+        terms.append(conv(x, dw))
+    y = _with_xla_derivatives(x, w, padding, config)  # through the rule again: derivatives of derivatives
     if not terms:
         return y, jnp.zeros_like(y)
     return y, terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
 
-_with_xla_gradient.defjvp(_xla_tangent, symbolic_zeros=True)
+_with_xla_derivatives.defjvp(_xla_tangent, symbolic_zeros=True)
 
 
 def _xla_conv(x: jax.Array, w: jax.Array, padding=None) -> jax.Array:
