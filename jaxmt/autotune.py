@@ -87,9 +87,11 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
       per tenant) it was faster on 11 of 12 and 11% slower on one. The 7x7 stem ran at
       1.8-2.35x against 0.2-0.66x for every other form. Other strided kxk convs keep the
       rules above: on ResNet-18's downsampling 3x3s im2col or the kernel beat vmap, on
-      ResNet-50's vmap held its own, so those are left to the autotuner. The kernel is not
-      the rule's choice elsewhere (float32 has not been timed; other GPUs may lack the
-      shared memory for its tiles) but the autotuner tries it on any CUDA GPU it compiles for.
+      ResNet-50's vmap held its own, so those are left to the autotuner. In float32 (TF32
+      dots) the kernel is the rule's choice only for those stems (0.80-0.92x of the dense
+      stem at 16x8 against 0.41x for vmap and 0.39x for im2col); on the 3x3 layers it ran
+      at 0.06-0.49x, below vmap or im2col on each. Other GPUs may lack the shared memory for
+      its tiles, so there it is the autotuner's to try, on any CUDA GPU it compiles for.
 
     On CPUs, XLA's grouped convolutions are a slow generic loop, so convs other than 1x1
     run per tenant (depthwise ones as the fused multiply-add): 2-15x faster than vmap's
@@ -103,11 +105,11 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
     if sig.kind == "depthwise":
         strided = any(s > 1 for s in sig.window_strides)
         return "depthwise_direct" if strided and applicable("depthwise_direct", sig) else "vmap"
-    sixteen_bit = sig.lhs_dtype in ("bfloat16", "float16")  # float32 in the kernel: not yet timed on a GPU
-    if platform == "gpu" and sig.kind == "kxk" and sig.tenants > 1 and sixteen_bit and applicable("implicit_gemm", sig) \
+    if platform == "gpu" and sig.kind == "kxk" and sig.tenants > 1 and applicable("implicit_gemm", sig) \
             and _kernel_is_timed_here():
+        sixteen_bit = sig.lhs_dtype in ("bfloat16", "float16")
         large_rgb_stem = sig.in_channels <= 4 and int(np.prod(sig.window)) > 9
-        if all(s == 1 for s in sig.window_strides) or large_rgb_stem:
+        if (sixteen_bit and all(s == 1 for s in sig.window_strides)) or large_rgb_stem:
             return "implicit_gemm"
     if sig.kind == "kxk" and applicable("im2col", sig):
         small_output = int(np.prod(sig.out_spatial)) <= 49

@@ -445,13 +445,15 @@ F32 = {"dtype": "float32"}
         (_conv_sig(8, 56, 64, 3, 128, stride=2), "gpu", "vmap"),  # a downsampling 3x3: the rules below
         (_conv_sig(1, 56, 64, 3, 64, tenants=1), "gpu", "vmap"),  # one tenant: vmap's form is a plain conv
         (_conv_sig(8, 56, 64, 3, 64), "tpu", "vmap"),  # no Triton kernel off GPUs
-        # float32 (the kernel is not offered): the grouped form, im2col where it won.
+        # float32: the grouped form, im2col where it won, the kernel for large RGB stems only.
         (_conv_sig(8, 56, 64, 3, 64, **F32), "gpu", "vmap"),  # kxk, large output, several images: grouped form
         (_conv_sig(1, 56, 64, 3, 64, **F32), "gpu", "im2col"),  # kxk of one image per tenant
         (_conv_sig(2, 56, 64, 3, 64, **F32), "gpu", "vmap"),
         (_conv_sig(8, 7, 512, 3, 512, **F32), "gpu", "im2col"),  # output of at most 7x7
         (_conv_sig(8, 224, 3, 3, 32, stride=2, **F32), "gpu", "im2col"),  # RGB stem, 3x3 window
-        (_conv_sig(8, 224, 3, 7, 64, stride=2, **F32), "gpu", "vmap"),  # 7x7 stem of several images
+        (_conv_sig(8, 224, 3, 7, 64, stride=2, **F32), "gpu", "implicit_gemm"),  # 7x7 stem: the kernel
+        (_conv_sig(1, 224, 3, 7, 64, stride=2, **F32), "gpu", "implicit_gemm"),
+        (_conv_sig(8, 224, 3, 7, 64, stride=2, tenants=1, **F32), "gpu", "vmap"),  # one tenant: a plain conv
         (_conv_sig(8, 112, 96, 3, 96, stride=2, groups=96), "gpu", "depthwise_direct"),  # strided depthwise
         (_conv_sig(8, 112, 32, 3, 32, groups=32), "gpu", "vmap"),  # unstrided depthwise
         (_conv_sig(8, 56, 64, 3, 64), "cpu", "loop"),
