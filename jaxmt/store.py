@@ -158,10 +158,10 @@ class TenantStore:
             raise UnknownTenantError(tenant_id, len(self._slot_of)) from None
 
     def slots_of(self, tenant_ids) -> np.ndarray:
-        """Slots of a sequence of ids as int32 (O(n) dict look-ups, no JAX work)."""
-        slot_of = self._slot_of
+        """Slots of a sequence of ids as int32 (O(n) dict look-ups, no JAX work; ``map`` over
+        the dict's own look-up instead of a generator saves a Python frame per id)."""
         try:
-            return np.fromiter((slot_of[t] for t in tenant_ids), dtype=np.int32, count=len(tenant_ids))
+            return np.fromiter(map(self._slot_of.__getitem__, tenant_ids), dtype=np.int32, count=len(tenant_ids))
         except (KeyError, TypeError):
             for t in tenant_ids:
                 self.slot_of(t)
