@@ -35,14 +35,16 @@ LAYERS = [(56, 64, 64, 3, 1), (28, 128, 128, 3, 1), (14, 256, 256, 3, 1), (7, 51
           (224, 3, 64, 7, 2), (56, 64, 128, 3, 2), (28, 128, 256, 3, 2), (14, 256, 512, 3, 2)]
 QUICK_LAYERS = [(6, 16, 16, 3, 1), (4, 32, 64, 3, 1), (9, 3, 16, 7, 2)]
 OTHER_FORMS = ("vmap", "grouped_nchw", "im2col")
-# (block_m, block_n, block_k, num_warps, num_stages): the kernel's default first.
-KERNEL_CONFIGS = [
-    (pallas_conv.BLOCK_M, pallas_conv.BLOCK_N, pallas_conv.BLOCK_K, pallas_conv.NUM_WARPS, pallas_conv.NUM_STAGES),
-    (64, 128, 64, 4, 3),
-    (128, 128, 64, 8, 3),
-    (256, 128, 64, 8, 3),
-]
 QUICK_KERNEL_CONFIGS = [(16, 16, 16, 4, 3), (32, 32, 16, 4, 2)]
+
+
+def kernel_configs_for(dtype: str) -> list[tuple[int, ...]]:
+    """(block_m, block_n, block_k, num_warps, num_stages) to time, the kernel's default for
+    ``dtype`` first; every configuration takes that dtype's default depth (``block_k``), so
+    that a pipeline stage holds as many bytes in float32 as in bfloat16."""
+    bk = pallas_conv.default_block_k(dtype)
+    return [(pallas_conv.BLOCK_M, pallas_conv.BLOCK_N, bk, pallas_conv.NUM_WARPS, pallas_conv.NUM_STAGES),
+            (64, 128, bk, 4, 3), (128, 128, bk, 8, 3), (256, 128, bk, 8, 3)]
 
 
 def kernel_name(config: tuple[int, ...]) -> str:
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="results/<out>.json (default pallas_conv, pallas_conv_quick)")
     parser.add_argument("--no-readme", action="store_true")
     args = parser.parse_args(argv)
-    layers, kernel_configs, interpret = LAYERS, KERNEL_CONFIGS, None
+    layers, kernel_configs, interpret = LAYERS, kernel_configs_for(args.dtype), None
     if args.quick:
         layers, kernel_configs, interpret = QUICK_LAYERS, QUICK_KERNEL_CONFIGS, True
         args.configs, args.repeats = "2x1,2x2", 2

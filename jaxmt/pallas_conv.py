@@ -41,9 +41,11 @@ and meant for tests.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
@@ -64,6 +66,12 @@ CHANNEL_MULTIPLE = 16
 # float32 convs and matmuls do on these GPUs (``jax_default_matmul_precision="highest"``
 # makes both IEEE).
 DTYPES = ("bfloat16", "float16", "float32")
+
+
+def default_block_k(dtype: Any) -> int:
+    """Input channels per matmul step for inputs of ``dtype``: ``BLOCK_K`` for 16-bit ones, half
+    that for 4-byte ones, so that a pipeline stage holds the same bytes in shared memory."""
+    return BLOCK_K * 2 // max(2, np.dtype(dtype).itemsize)
 
 
 def compiles_on(device: jax.Device | None = None) -> bool:
@@ -142,7 +150,7 @@ def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, strides: tuple[int, int] =
     if w.dtype != x.dtype:
         raise ValueError(f"filter dtype {w.dtype} differs from input dtype {x.dtype} (expected one dtype, as XLA's conv does)")
     if block_k is None:
-        block_k = BLOCK_K * 2 // max(2, x.dtype.itemsize)
+        block_k = default_block_k(x.dtype)
     if any(b < 1 or b & (b - 1) for b in (block_m, block_n, block_k)):
         raise ValueError(f"blocks must be powers of two, got block_m={block_m}, block_n={block_n}, block_k={block_k}")
     padding = ((kh // 2, kh // 2), (kw // 2, kw // 2)) if padding is None else tuple(tuple(int(v) for v in p) for p in padding)

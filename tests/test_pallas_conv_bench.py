@@ -46,3 +46,11 @@ def test_a_form_that_disagrees_or_fails_to_compile_is_reported_not_timed(bench):
     assert "differs from the vmap reference" in rows["doubled"]["error"]
     assert rows["odd"]["error"].startswith("ValueError: blocks must be powers of two")
     assert "error" not in rows["fine"] and rows["fine"]["rel_err"] < 2e-2
+
+
+@pytest.mark.parametrize("dtype, depth", [("bfloat16", 64), ("float16", 64), ("float32", 32)])
+def test_the_tile_configurations_timed_take_the_kernels_default_depth_for_the_dtype(bench, dtype, depth):
+    configs = bench.kernel_configs_for(dtype)
+    assert configs[0] == (bench.pallas_conv.BLOCK_M, bench.pallas_conv.BLOCK_N, depth, bench.pallas_conv.NUM_WARPS,
+                          bench.pallas_conv.NUM_STAGES)  # the kernel as the lowering calls it comes first
+    assert {c[2] for c in configs} == {depth} == {bench.pallas_conv.default_block_k(dtype)}
