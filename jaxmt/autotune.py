@@ -90,7 +90,7 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
       ResNet-50's vmap held its own, so those are left to the autotuner. In float32 (TF32
       dots) the kernel is the rule's choice only for those stems (0.80-0.92x of the dense
       stem at 16x8 against 0.41x for vmap and 0.39x for im2col); on the 3x3 layers it ran
-      at 0.06-0.49x, below vmap or im2col on each. Other GPUs may lack the shared memory for
+      at 0.06-0.49x (tiles of the 16-bit depth), below vmap or im2col on each. Other GPUs may lack the shared memory for
       its tiles, so there it is the autotuner's to try, on any CUDA GPU it compiles for.
 
     On CPUs, XLA's grouped convolutions are a slow generic loop, so convs other than 1x1
