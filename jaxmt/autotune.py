@@ -22,6 +22,8 @@ on GPUs and TPUs and off on CPUs, whose timings say nothing about the accelerato
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import datetime
 import json
 import os
@@ -88,9 +90,12 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
       1.8-2.35x against 0.2-0.66x for every other form. Other strided kxk convs keep the
       rules above: on ResNet-18's downsampling 3x3s im2col or the kernel beat vmap, on
       ResNet-50's vmap held its own, so those are left to the autotuner. In float32 (TF32
-      dots) the kernel is the rule's choice only for those stems (0.80-0.92x of the dense
-      stem at 16x8 against 0.41x for vmap and 0.39x for im2col); on the 3x3 layers it ran
-      at 0.06-0.49x (tiles of the 16-bit depth), below vmap or im2col on each. Other GPUs may lack the shared memory for
+      dots) the kernel is the rule's choice only for those stems: per layer at 16x8 it ran the
+      7x7 stem at 0.61-0.92x of the dense stem over four tiles against 0.41x for vmap and
+      0.39x for im2col, and end to end it lifted six float32 ResNet configurations by 0.04-0.12x
+      of exclusive access; on the 3x3 layers it ran at 0.06-0.49x, below vmap or im2col on
+      each (those tiles were 64 channels deep, the 16-bit depth; the kernel's own float32
+      depth of 32 was not timed per layer). Other GPUs may lack the shared memory for
       its tiles, so there it is the autotuner's to try, on any CUDA GPU it compiles for.
 
     On CPUs, XLA's grouped convolutions are a slow generic loop, so convs other than 1x1
@@ -108,7 +113,7 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
     if platform == "gpu" and sig.kind == "kxk" and sig.tenants > 1 and applicable("implicit_gemm", sig) \
             and _kernel_is_timed_here():
         sixteen_bit = sig.lhs_dtype in ("bfloat16", "float16")
-        large_rgb_stem = sig.in_channels <= 4 and int(np.prod(sig.window)) > 9
+        large_rgb_stem = sig.in_channels <= 4 and int(np.prod(sig.window)) > 9 and all(s == 2 for s in sig.window_strides)
         if (sixteen_bit and all(s == 1 for s in sig.window_strides)) or large_rgb_stem:
             return "implicit_gemm"
     if sig.kind == "kxk" and applicable("im2col", sig):
@@ -380,6 +385,31 @@ def measure(
     return results
 
 
+def _measure_outside_the_trace(sig: ConvSignature, params: ConvParams | None) -> dict[str, dict[str, Any]]:
+    """``measure`` on a thread of its own, for ``Planner.choose``, which runs while a program
+    is traced.
+
+    JAX keeps its trace state per thread, so a fresh thread computes eagerly.
+    ``jax.ensure_compile_time_eval`` does not do here: it also evaluates the Pallas kernel's
+    ``program_id`` on the spot, which has no evaluation rule, so the kernel failed to compile
+    and was never timed (and never chosen). The settings a caller entered with a context
+    manager are thread-local too; the two that change what is measured, the default matmul
+    precision (the kernel's dots) and the default device, are carried over.
+    """
+    precision, device = jax.config.jax_default_matmul_precision, jax.config.jax_default_device
+
+    def run() -> dict[str, dict[str, Any]]:
+        with contextlib.ExitStack() as stack:
+            if precision is not None:
+                stack.enter_context(jax.default_matmul_precision(precision))
+            if device is not None:
+                stack.enter_context(jax.default_device(device))
+            return measure(sig, params)
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxmt-autotune") as pool:
+        return pool.submit(run).result()
+
+
 def _images_of(key: str) -> int | None:
     """N (images per tenant) of the signature a cache key names (``... x=NxHxWxC ...``)."""
     found = re.search(r" x=(\d+)x", key)
@@ -479,9 +509,7 @@ class Planner:
         if near is not None:
             self._memo[key] = (near, "nearest")
             return near, "nearest"
-        # Called while a program is being traced: run the measurement eagerly, outside it.
-        with jax.ensure_compile_time_eval():
-            timings = measure(sig, params)
+        timings = _measure_outside_the_trace(sig, params)
         self.measurements += 1
         choice = pick(sig, timings)
         self._memo[key] = (choice, "autotune")

@@ -308,7 +308,7 @@ def _entry_rows_of(counts: list[int], policy: BucketPolicy) -> int:
     """``_entry_rows`` for a short list of row counts, without NumPy (over the distinct
     counts: a step of single-row requests has one or two)."""
     candidates = policy.row_buckets[: bisect.bisect_left(policy.row_buckets, max(counts)) + 1]
-    if len(candidates) == 1:  # every tenant fits the smallest row bucket (e.g. one-row requests): no choice to weigh
+    if len(candidates) == 1:  # the smallest bucket holds every tenant's rows (one-row requests), or the ladder has one rung
         return candidates[0]
     histogram = collections.Counter(counts).items()
     return _cheapest_row_bucket(candidates, [sum(m * -(-c // b) for c, m in histogram) for b in candidates], policy)

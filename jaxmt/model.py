@@ -388,17 +388,17 @@ class MultiTenantModel:
         """The key of the program for a K=k, B=b step on the current store and rows.
 
         Every step looks its program up, so each key is built once and then found by a
-        dictionary look-up. A new key costs Python-level work at every step: the dtype's
-        name (a NumPy property written in Python), the frozen dataclass's construction, and
-        its hash and equality in the program cache. On a 2-core CPU building the key and
-        getting the program took 4-7 us, with the key kept 1 us (the cache then matches
-        the same object by identity). The combinations are few: the ladder's shapes, for
-        each capacity and row shape the model has had.
+        dictionary look-up: building one anew reads the dtype's name (a NumPy property
+        written in Python) and runs the frozen dataclass's construction; on a 2-core CPU
+        building the key and getting the program took 4-7 us, with the key kept 1 us. The
+        combinations are few: the ladder's shapes, for each capacity and row shape the
+        model has had. Each input is read once, so a key always matches its memo entry.
         """
-        memo = (k, b, whole_store, self.store.capacity, self._row_shape, self._row_dtype)
+        capacity, row_shape, row_dtype = self.store.capacity, self._row_shape, self._row_dtype
+        memo = (k, b, whole_store, capacity, row_shape, row_dtype)
         key = self._program_keys.get(memo)
         if key is None:
-            key = ProgramKey(k, b, self.store.capacity, self._row_shape, self._row_dtype.name, self._lowering_key, whole_store)
+            key = ProgramKey(k, b, capacity, row_shape, row_dtype.name, self._lowering_key, whole_store)
             self._program_keys[memo] = key
         return key
 

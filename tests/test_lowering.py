@@ -308,6 +308,7 @@ def test_off_the_gpus_the_kernel_was_timed_on_the_rule_keeps_its_earlier_choices
     assert autotune.default_rule(_conv_sig(8, 56, 64, 3, 64), "gpu") == "vmap"
     assert autotune.default_rule(_conv_sig(1, 56, 64, 3, 64), "gpu") == "im2col"
     assert autotune.default_rule(_conv_sig(8, 224, 3, 7, 64, stride=2), "gpu") == "vmap"
+    assert autotune.default_rule(_conv_sig(8, 224, 3, 7, 64, stride=2, dtype="float32"), "gpu") == "vmap"
     monkeypatch.setattr(autotune, "_kernel_is_timed_here", lambda: True)
     assert autotune.default_rule(_conv_sig(8, 56, 64, 3, 64), "gpu") == "implicit_gemm"
 
@@ -404,6 +405,41 @@ def test_a_kxk_choice_is_not_lent_across_one_image_and_several(tmp_path):
     assert planner.choose(dataclasses.replace(pointwise, lhs_shape=(1, *several.lhs_shape[1:]))) == ("vmap", "nearest")
 
 
+def test_autotuning_while_a_program_is_traced_times_the_pallas_kernel(monkeypatch):
+    """``choose`` runs inside the model's trace; the kernel (Pallas's interpreter here) must
+    compile and be timed there like the XLA forms, so that the autotuner can pick it."""
+    monkeypatch.setattr(autotune, "candidates", lambda sig, platform=None: ("vmap", "implicit_gemm"))
+    seen: dict = {}
+    pick = autotune.pick
+    monkeypatch.setattr(autotune, "pick", lambda sig, timings, **kw: seen.update(timings) or pick(sig, timings, **kw))
+    planner = autotune.Planner(autotune=True, cache=False)
+    choices = []
+    jax.jit(lambda x: choices.append(planner.choose(_small_sig(k=2))) or x * 2)(jnp.ones(3))
+    assert choices[0][1] == "autotune" and set(seen) == {"vmap", "implicit_gemm"}
+    for name, row in seen.items():
+        assert "error" not in row and row["us"] > 0, (name, row)
+
+
+def test_autotuning_measures_with_the_callers_matmul_precision_and_device(monkeypatch):
+    """The measuring thread takes the settings the caller entered with context managers."""
+    seen = {}
+
+    def fake_measure(sig, params=None, names=None, **kw):
+        seen.update(precision=jax.config.jax_default_matmul_precision, device=jax.config.jax_default_device)
+        return {"vmap": {"us": 1.0}}
+
+    monkeypatch.setattr(autotune, "measure", fake_measure)
+    device = jax.devices()[-1]
+    outside = {"precision": jax.config.jax_default_matmul_precision, "device": jax.config.jax_default_device}
+    inside = {"precision": "bfloat16" if outside["precision"] != "bfloat16" else "highest", "device": device}
+    with jax.default_matmul_precision(inside["precision"]), jax.default_device(device):
+        autotune.Planner(autotune=True, cache=False).choose(_small_sig(k=3))
+    assert seen == inside
+    seen.clear()
+    autotune.Planner(autotune=True, cache=False).choose(_small_sig(k=5))
+    assert seen == outside
+
+
 def test_autotuning_measures_a_layer_once_per_spread_of_sizes(tmp_path):
     """A bucket ladder meets each layer at many K x N: sizes within ``measure_spread`` of a
     measured one reuse its choice, farther ones (and other dtypes) are measured."""
@@ -423,10 +459,10 @@ def test_autotuning_measures_a_layer_once_per_spread_of_sizes(tmp_path):
         autotune.Planner(measure_spread=0.5)
 
 
-def _conv_sig(n, hw, c, window, o, stride=1, groups=1, tenants=16, dtype="bfloat16"):
+def _conv_sig(n, hw, c, window, o, stride=1, groups=1, tenants=16, dtype="bfloat16", precision="None"):
     pad = ((window // 2, window // 2),) * 2
     return autotune.ConvSignature(tenants, (n, hw, hw, c), (window, window, c // groups, o), (stride, stride), pad, (1, 1), (1, 1),
-                                  feature_group_count=groups, lhs_dtype=dtype, rhs_dtype=dtype)
+                                  feature_group_count=groups, lhs_dtype=dtype, rhs_dtype=dtype, precision=precision)
 
 
 F32 = {"dtype": "float32"}
@@ -454,6 +490,8 @@ F32 = {"dtype": "float32"}
         (_conv_sig(8, 224, 3, 7, 64, stride=2, **F32), "gpu", "implicit_gemm"),  # 7x7 stem: the kernel
         (_conv_sig(1, 224, 3, 7, 64, stride=2, **F32), "gpu", "implicit_gemm"),
         (_conv_sig(8, 224, 3, 7, 64, stride=2, tenants=1, **F32), "gpu", "vmap"),  # one tenant: a plain conv
+        (_conv_sig(8, 56, 3, 7, 64, **F32), "gpu", "vmap"),  # a 7x7 RGB conv at stride 1: not the timed stem
+        (_conv_sig(8, 224, 3, 7, 64, stride=2, dtype="float32", precision=str(lax.Precision.HIGHEST)), "gpu", "vmap"),
         (_conv_sig(8, 112, 96, 3, 96, stride=2, groups=96), "gpu", "depthwise_direct"),  # strided depthwise
         (_conv_sig(8, 112, 32, 3, 32, groups=32), "gpu", "vmap"),  # unstrided depthwise
         (_conv_sig(8, 56, 64, 3, 64), "cpu", "loop"),

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxmt import BucketPolicy, CompileError, MultiTenantModel, ProgramCache, ProgramKey
+from jaxmt import BucketPolicy, CompileError, InputError, MultiTenantModel, ProgramCache, ProgramKey
 
 
 def _key(k: int, b: int = 1) -> ProgramKey:
@@ -107,3 +107,24 @@ def test_compiles_run_on_worker_threads_and_every_failing_key_is_named():
     with pytest.raises(CompileError, match="tenant_bucket=3"):
         cache.ensure_many(keys, workers=1)
     assert threads and not any(name.startswith("jaxmt-compile") for name in threads)
+
+
+def test_a_step_finds_the_program_of_the_current_capacity_and_rows():
+    """Program keys are kept between steps; a grown store or rows of another dtype (fixed anew
+    after the first request failed) get keys, and programs, of their own."""
+    def apply_fn(params, x):
+        if x.dtype == np.int32:
+            raise ValueError("no integer rows")
+        return x * params["scale"]
+
+    mt = MultiTenantModel(apply_fn, {"scale": np.ones(3, np.float32)}, capacity=2, buckets=BucketPolicy((1, 2), (1,)))
+    mt.add_tenant("a", {"scale": np.full(3, 2.0, np.float32)})
+    with pytest.raises(InputError, match="no integer rows"):
+        mt.predict(["a"], np.ones((1, 3), np.int32))  # fixes no rows
+    x = np.arange(3, dtype=np.float32).reshape(1, 3)
+    np.testing.assert_allclose(mt.predict(["a"], x), 2 * x)
+    assert mt._key(1, 1) is mt._key(1, 1) and mt._key(1, 1).row_dtype == "float32" and mt._key(1, 1).capacity == 2
+    mt.store.reserve(8)
+    assert mt._key(1, 1).capacity == 8
+    np.testing.assert_allclose(mt.predict(["a"], x), 2 * x)
+    assert {key.capacity for key in mt.programs._programs} >= {2, 8}
