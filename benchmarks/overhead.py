@@ -114,7 +114,12 @@ def breakdown(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: list, repea
     to_host: a finished output read as a NumPy array: a memcpy when the program wrote it to
     pinned host memory (the default on a GPU; ``program`` then includes that write), else a
     copy from the device asked for only then (``predict`` starts that copy when it
-    dispatches the step, so part of it can overlap).
+    dispatches the step, so part of it can overlap);
+    host_only: a whole ``predict`` whose step programs are stand-ins that return a finished
+    answer of the same step at once: everything ``predict`` does on the host but the call of
+    the program with its NumPy inputs. With ``one_step_with_host_inputs_us["two_inputs"]``
+    (that call, waited for, and its answer read) it tells whether ``predict``'s time is the
+    sum of the two or something more.
     """
     def host_plan():
         checked = mt.check_input(ids, x)
@@ -133,7 +138,26 @@ def breakdown(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: list, repea
         "launch": _median_us(lambda: program(leaves, slots, x_kb), repeats),
         "program": _median_us(lambda: jax.block_until_ready(program(leaves, slots, x_kb)), repeats),
         "to_host": _median_us(lambda: np.asarray(next(fresh)), repeats),
+        "host_only": _host_only_predict_us(mt, ids, x, repeats),
     }
+
+
+def _host_only_predict_us(mt: MultiTenantModel, ids: list, x: np.ndarray, repeats: int) -> float:
+    """``predict`` with each step program replaced by a stand-in returning that step's
+    finished answer (see ``breakdown``); the model's program cache is restored after."""
+    import itertools
+
+    pending = mt.dispatch(ids, x)
+    finished = jax.block_until_ready(pending.outputs)
+    answers = itertools.cycle(finished)  # predict launches its steps in plan order, every call alike
+    real_get = mt.programs.get
+    mt.programs.get = lambda key: (lambda *args: next(answers))
+    try:
+        np.testing.assert_array_equal(mt.predict(ids, x), pending.result())
+        return _median_us(lambda: mt.predict(ids, x), repeats)
+    finally:
+        del mt.programs.get
+        assert mt.programs.get == real_get
 
 
 def packed_transfer(mt: MultiTenantModel, step, x: np.ndarray, repeats: int) -> dict[str, float]:
