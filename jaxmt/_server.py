@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -356,9 +357,14 @@ class _ServerBase:
         return now + step_s - req.deadline_s > cfg.overload_factor * req.slo_ms / 1e3
 
     def _finish(self, req: _Request, result: Any = None, error: BaseException | None = None) -> None:
-        """Records the request's latency and outcome, then completes its future."""
+        """Records the request's latency and outcome, then completes its future; a request
+        its owner cancelled or completed first is let go of without a record (its outcome
+        is not the server's). A queued request is claimed first, so that a cancel cannot
+        come between the record and the completion."""
         self._outstanding.pop(req.seq, None)
         _let_go_of_staged(req)
+        if not (req.future.running() or _claim(req.future)):
+            return
         self._latency.record(req.tenant_id, 1e3 * (self._clock() - req.submitted_s), req.slo_ms, error)
         # The tenant left (the store changed since the last look): keep no stats for it.
         self._forget_removed_tenants(force=isinstance(error, UnknownTenantError))
@@ -447,8 +453,7 @@ class _ServerBase:
             for thread in self._threads:  # launched steps complete first
                 if thread is not threading.current_thread():
                     thread.join()
-            for req in list(self._outstanding.values()):
-                self._finish(req, error=exc)
+            self._fail_outstanding(exc)
         finally:
             self._completions.put(None)
 
@@ -456,8 +461,23 @@ class _ServerBase:
         while (launched := self._completions.get()) is not None:
             try:
                 self._complete(launched, pipelined=True)
+            except BaseException as exc:  # a bug here must not strand requests, nor the dispatch loop waiting on a slot
+                logger.exception("%s: completing a step failed; closing and failing every request not answered", self.kind)
+                self._shut(drain=False)
+                self._fail_outstanding(exc)
             finally:
                 self._slots.release()
+
+    def _fail_outstanding(self, error: BaseException) -> None:
+        """Fails every request not answered yet with ``error`` (a server thread's bug); one
+        that cannot be finished in the usual way still gets the error."""
+        for req in list(self._outstanding.values()):
+            try:
+                self._finish(req, error=error)
+            except BaseException:  # noqa: BLE001 (the bookkeeping is what failed: complete the future regardless)
+                self._outstanding.pop(req.seq, None)
+                with contextlib.suppress(InvalidStateError):
+                    req.future.set_exception(error)
 
     def _launch_guarded(self, batch: _Batch) -> _Launched | None:
         """Launches a batch; if launching raises, only its requests fail."""

@@ -2,8 +2,9 @@
 
 Shared by the scheduler, the baselines, ``scripts/simulate.py`` and ``benchmarks/`` so that
 every number in a comparison is computed by the same code. Counters are exact; percentiles
-are computed over a bounded window of each tenant's most recent latencies (``window``
-samples), so memory stays bounded on a long-running server.
+are computed over bounded windows of the most recent latencies (``window`` samples of each
+tenant for its own, ``window`` of all tenants for the overall ones), so memory stays bounded
+on a long-running server.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class LatencyRecorder:
     recovery logs an info line.
 
     Args:
-      window: latency samples kept per tenant for percentiles.
+      window: latency samples kept per tenant, and of all tenants together, for percentiles.
       flag_window, flag_min_requests, flag_below_attainment: the straggler rule above.
       name: the server's name, for log lines.
     """
@@ -86,6 +87,10 @@ class LatencyRecorder:
         self.name = name
         self._lock = threading.Lock()
         self._tenants: dict[Hashable, _TenantStats] = {}
+        # The last ``window`` answered requests of all tenants, for the overall percentiles:
+        # pooling the tenants' own windows would keep all of a quiet tenant's samples and only
+        # the last ``window`` of a busy one's, describing neither recent nor all traffic.
+        self._overall_ms: collections.deque[float] = collections.deque(maxlen=self.window)
         # The counters of forgotten tenants: overall totals are counters (Prometheus's), which
         # must never go down when a removed tenant's stats are dropped. No samples are kept.
         self._retired = _TenantStats(window=0, flag_window=0)
@@ -105,6 +110,7 @@ class LatencyRecorder:
             if error is None:
                 stats.ok += 1
                 stats.latencies_ms.append(float(latency_ms))
+                self._overall_ms.append(float(latency_ms))
             else:
                 stats.errors += 1
                 stats.rejected += isinstance(error, Overloaded)
@@ -115,7 +121,8 @@ class LatencyRecorder:
     def forget_absent(self, resident: Callable[[Hashable], bool]) -> int:
         """Drops the records of tenants for which ``resident(tenant_id)`` is False (removed
         tenants), so a server with tenant churn holds bounded memory; their counters stay in
-        the overall totals (their latency samples go). Returns how many were dropped."""
+        the overall totals and their recent requests in the overall latency window (their own
+        windows go). Returns how many were dropped."""
         with self._lock:
             gone = [t for t in self._tenants if not resident(t)]
             for tenant_id in gone:
@@ -156,12 +163,13 @@ class LatencyRecorder:
             return {t: np.asarray(s.latencies_ms, dtype=np.float64) for t, s in self._tenants.items()}
 
     def samples_ms(self, tenant_id: Hashable | None = None) -> np.ndarray:
-        """The latency window of one tenant, or of every tenant together (float64 ms)."""
+        """The latency window of one tenant, or the last ``window`` answered requests of all
+        tenants (float64 ms)."""
         with self._lock:
             if tenant_id is not None:
                 stats = self._tenants.get(tenant_id)
                 return np.asarray(stats.latencies_ms if stats else [], dtype=np.float64)
-            return np.asarray([v for s in self._tenants.values() for v in s.latencies_ms], dtype=np.float64)
+            return np.asarray(self._overall_ms, dtype=np.float64)
 
     def snapshot(self, queue_depth: Mapping[Hashable, tuple[int, int]] | None = None) -> dict[str, Any]:
         """``{"overall": {...}, "tenants": {id: {...}}, "flagged_tenants": [...]}``.
@@ -178,16 +186,19 @@ class LatencyRecorder:
                 tenants[t]["flagged"] = self._tenants[t].flagged
             depth = sum(d for d, _ in queue_depth.values())
             rows = sum(r for _, r in queue_depth.values())
-            overall = self._summary([*self._tenants.values(), self._retired], depth, rows)
+            overall = self._summary([*self._tenants.values(), self._retired], depth, rows, samples=self._overall_ms)
             flagged = [t for t in tenant_ids if self._tenants[t].flagged]
         overall["flagged"] = len(flagged)
         return {"overall": overall, "tenants": tenants, "flagged_tenants": flagged}
 
     @staticmethod
-    def _summary(group: list[_TenantStats], queue_depth: int, queued_rows: int) -> dict[str, Any]:
+    def _summary(group: list[_TenantStats], queue_depth: int, queued_rows: int, samples: Any = None) -> dict[str, Any]:
+        """Counters summed over ``group``; percentiles of ``samples`` (default: the group's
+        latency windows pooled)."""
         count = sum(s.count for s in group)
         met = sum(s.slo_met for s in group)
-        samples = [v for s in group for v in s.latencies_ms]
+        if samples is None:
+            samples = [v for s in group for v in s.latencies_ms]
         return {
             "count": count,
             "ok": sum(s.ok for s in group),

@@ -239,22 +239,26 @@ class Scheduler(_ServerBase):
 
     def _trim_to_bucket_locked(self, requests, rows_of, entries, now, est, pieces) -> list[_Request]:
         """Removes optional requests (younger than max_delay, not urgent) from the end so the
-        step fits the next smaller tenant bucket; returns them, or nothing if it cannot."""
+        step fits the next smaller tenant bucket; returns them, or nothing if it cannot.
+
+        A removed request waits for this step and then runs in the next, so it is urgent
+        when two steps (after the device's backlog) would take it past its deadline. Only a
+        tail of the step's deadline order is removed: a request never waits while one due
+        later than it runs."""
         ladder = self.mt.buckets.tenant_buckets
         target = max((k for k in ladder if k < entries), default=0)
         delay_s = self.config.max_delay_ms / 1e3
+        backlog_s = max(0.0, self._busy_until_s - now) if self._in_flight else 0.0
 
         def optional(req: _Request) -> bool:
-            urgent = est is not None and req.deadline_s - est <= now
+            urgent = est is not None and req.deadline_s - (backlog_s + 2.0 * est) <= now
             return req.submitted_s + delay_s > now and not urgent
 
         trial = dict(rows_of)
         removed = []
         for req in reversed(requests):
-            if entries <= target:
+            if entries <= target or not optional(req):
                 break
-            if not optional(req):
-                continue
             have = trial[req.tenant_id]
             entries += pieces(have - req.rows) - pieces(have)
             trial[req.tenant_id] = have - req.rows

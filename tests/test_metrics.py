@@ -145,7 +145,7 @@ def test_recorder_forgets_removed_tenants():
 
 def test_a_forgotten_tenants_counts_stay_in_the_overall_totals():
     """Overall counts are exported as counters: forgetting a removed tenant's stats must not
-    make them go down (its latency samples go with it)."""
+    make them go down; its requests stay in the overall window of recent latencies too."""
     recorder = LatencyRecorder(window=8)
     recorder.record("stay", 1.0, slo_ms=10.0)
     recorder.record("gone", 2.0, slo_ms=10.0)
@@ -158,7 +158,7 @@ def test_a_forgotten_tenants_counts_stay_in_the_overall_totals():
     counters = ["count", "ok", "errors", "rejected", "slo_met", "admitted_late", "slo_attainment"]
     assert {k: after["overall"][k] for k in counters} == {k: before[k] for k in counters}
     assert (before["count"], before["errors"], before["admitted_late"]) == (3, 1, 1)
-    assert after["overall"]["p50_ms"] == 1.0
+    assert after["overall"]["p50_ms"] == before["p50_ms"] == 1.5
     recorder.record("stay", 1.0, slo_ms=10.0)
     assert recorder.snapshot()["overall"]["count"] == 4
 
@@ -210,3 +210,18 @@ def test_spread_by_chance_deals_only_among_the_tenants_tenant_spread_counts(rng)
     assert same["mean_latency_gap"] == {"median": 0.0, "p95": 0.0}
     assert spread_by_chance(samples, min_count=250)["mean_latency_gap"] is None
     assert spread_by_chance({}, min_count=1)["tenants_counted"] == 0
+
+
+def test_overall_percentiles_describe_recent_traffic_of_every_tenant_alike():
+    """A busy tenant's old samples leave the overall window as a quiet tenant's do: the
+    overall figures are of the last ``window`` requests, not of pooled per-tenant windows."""
+    recorder = LatencyRecorder(window=100)
+    for _ in range(1_000):
+        recorder.record("busy", 1.0, slo_ms=50.0)
+    for _ in range(20):
+        recorder.record("quiet", 100.0, slo_ms=50.0)
+    for _ in range(80):
+        recorder.record("busy", 1.0, slo_ms=50.0)
+    overall = recorder.snapshot()["overall"]
+    assert overall["count"] == 1_100 and overall["p50_ms"] == 1.0 and overall["p90_ms"] == 100.0
+    assert len(recorder.samples_ms()) == 100 and sorted(recorder.samples_ms())[79] == 1.0

@@ -864,6 +864,27 @@ def test_an_urgent_young_request_is_not_trimmed_into_the_next_step(served, monke
     assert sorted(set(rec.calls[1][0])) == ["t1", "t2", "t3"]
 
 
+def test_a_request_that_two_steps_would_make_late_is_not_trimmed(served, monkeypatch, rng):
+    """A trimmed request waits for the step being launched and then for its own: one due in
+    under two steps stays in this one, and no request due later than it runs in its place."""
+    mt, params = served
+    clock = FakeClock()
+    rec = RecordingDispatch(mt, clock=clock, step_s=0.005)
+    monkeypatch.setattr(mt, "dispatch", rec)
+    with jaxmt.Scheduler(mt, max_delay_ms=10.0, clock=clock, overload_policy="serve_late") as sched:
+        first = sched.submit("t5", rows(rng), slo_ms=5_000.0)
+        clock.advance(0.010)
+        first.result(TIMEOUT_S)  # estimate: 5 ms a step
+        company = [sched.submit(t, rows(rng), slo_ms=5_000.0) for t in ("t1", "t2")]
+        clock.advance(0.009)
+        due_soon = sched.submit("t0", rows(rng), slo_ms=8.0)  # one step (5 ms) in time, two (10 ms) not
+        clock.advance(0.0015)  # t1, t2 waited max_delay: 3 entries would pad to 4
+        for f in (*company, due_soon):
+            f.result(TIMEOUT_S)
+        assert sched.metrics()["tenants"]["t0"]["slo_met"] == 1
+    assert sorted(set(rec.calls[1][0])) == ["t0", "t1", "t2"]
+
+
 def test_overload_prediction_counts_the_steps_in_flight(served, monkeypatch, rng):
     """One 1 s step running and one request of its own: 2 steps of 1 s before the answer."""
     mt, params = served

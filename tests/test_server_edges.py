@@ -172,6 +172,49 @@ def test_a_bug_in_a_server_thread_fails_the_requests_it_took_instead_of_losing_t
     assert server.closed and not server._outstanding
 
 
+def test_a_bug_in_the_completion_thread_fails_every_request_instead_of_hanging(monkeypatch, rng, caplog):
+    """The completion thread's own bookkeeping fails, twice (in the step's normal path and in
+    its failure path): every request still completes with the error and close() returns."""
+    mt, _ = make_model(2)
+    server = jaxmt.Scheduler(mt, max_delay_ms=0.0, pipeline_depth=1)
+    done_locked, failures = server._step_done_locked, []
+
+    def broken(launched, ready_s):
+        if len(failures) < 2:
+            failures.append(1)
+            raise RuntimeError("injected completion bug")
+        return done_locked(launched, ready_s)
+
+    monkeypatch.setattr(server, "_step_done_locked", broken)
+    with caplog.at_level(logging.ERROR, logger="jaxmt"):
+        first = server.submit("t0", rows(rng))
+        with pytest.raises(RuntimeError, match="injected completion bug"):
+            first.result(TIMEOUT_S)
+    later = []
+    try:
+        later.append(server.submit("t1", rows(rng)))
+    except jaxmt.SchedulerClosed:  # the server closed itself
+        pass
+    for future in later:
+        with pytest.raises((RuntimeError, jaxmt.SchedulerClosed)):
+            future.result(TIMEOUT_S)
+    server.close(timeout=TIMEOUT_S)
+    assert server.closed and not server._outstanding
+    assert not any(thread.is_alive() for thread in server._threads)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("drain", [True, False], ids=["drain", "no drain"])
+def test_a_request_its_owner_cancelled_is_not_counted_when_the_server_closes(kind, drain, rng):
+    mt, _ = make_model(2)
+    server = SERVERS[kind](mt, clock=FakeClock(), **PATIENT)
+    future = server.submit("t0", rows(rng))
+    assert future.cancel()
+    server.close(drain=drain, timeout=TIMEOUT_S)
+    overall = server.metrics()["overall"]
+    assert (overall["count"], overall["errors"]) == (0, 0) and not server._outstanding
+
+
 # ------------------------------------------------------------------ tenants that leave
 @pytest.mark.parametrize("kind", KINDS)
 def test_overall_counts_never_go_down_when_removed_tenants_are_forgotten(kind, rng):
