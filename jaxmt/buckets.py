@@ -15,6 +15,7 @@ import bisect
 import collections
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,13 +29,19 @@ def _powers_of_two(limit: int) -> tuple[int, ...]:
     return tuple(ladder)
 
 
-def _check_ladder(name: str, ladder: tuple[int, ...]) -> None:
+def _checked_ladder(name: str, values: Any) -> tuple[int, ...]:
+    """``values`` as a ladder of Python ints; ValueError unless they are positive integers
+    (not floats, strings or bools, which ``int`` would quietly round or parse) in strictly
+    increasing order."""
+    ladder = tuple(values)
     if not ladder:
         raise ValueError(f"{name} must not be empty")
-    if any(not isinstance(v, (int, np.integer)) or v < 1 for v in ladder):
+    if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in ladder):
         raise ValueError(f"{name} must hold positive integers, got {ladder}")
+    ladder = tuple(int(v) for v in ladder)
     if list(ladder) != sorted(set(ladder)):
         raise ValueError(f"{name} must be strictly increasing, got {ladder}")
+    return ladder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +64,8 @@ class BucketPolicy:
     step_cost_rows: float = 8.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tenant_buckets", tuple(int(v) for v in self.tenant_buckets))
-        object.__setattr__(self, "row_buckets", tuple(int(v) for v in self.row_buckets))
-        _check_ladder("tenant_buckets", self.tenant_buckets)
-        _check_ladder("row_buckets", self.row_buckets)
+        object.__setattr__(self, "tenant_buckets", _checked_ladder("tenant_buckets", self.tenant_buckets))
+        object.__setattr__(self, "row_buckets", _checked_ladder("row_buckets", self.row_buckets))
         for name in ("entry_cost_rows", "step_cost_rows"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -434,6 +434,9 @@ class MultiTenantModel:
             raise InputError("x must have a leading row axis, got a scalar")
         if len(tenant_ids) != x.shape[0]:
             raise InputError(f"len(tenant_ids) is {len(tenant_ids)} but x has {x.shape[0]} rows")
+        if x.shape == (0,) and self._row_shape != () and self._row_shape is not None and not isinstance(x, RowParts):
+            # ``[]``: no rows and no row shape to be wrong (an empty x of another row shape is).
+            return np.zeros((0, *self._row_shape), self._row_dtype)
         if self._row_shape is None:
             self._output_spec_for(x.shape[1:], x.dtype)  # rows the model cannot take fail here
         else:

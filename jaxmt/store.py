@@ -112,11 +112,14 @@ class TenantStore:
         leaves, self._treedef = jax.tree_util.tree_flatten(example_params)
         if not leaves:
             raise ParamMismatchError("example_params has no array leaves")
-        self.template = example_params
         self.leaf_paths: tuple[str, ...] = tuple(leaf_paths(example_params))
         self.leaf_specs: tuple[jax.ShapeDtypeStruct, ...] = tuple(
             jax.ShapeDtypeStruct(np.shape(leaf), leaf_dtype(leaf)) for leaf in leaves
         )
+        # The params' structure with each leaf's shape and dtype, not its values: keeping
+        # example_params itself would hold one tenant's worth of device memory that no
+        # slot accounts for.
+        self.template: PyTree = jax.tree_util.tree_unflatten(self._treedef, list(self.leaf_specs))
         self._floating = tuple(jnp.issubdtype(s.dtype, jnp.inexact) for s in self.leaf_specs)
         self.device = device if device is not None else jax.devices()[0]
         self.max_capacity = max_capacity
@@ -173,17 +176,24 @@ class TenantStore:
         return self._leaves
 
     def stacked(self) -> PyTree:
-        """The stacked pytree: every leaf has a leading slot axis of size ``capacity``."""
+        """The stacked pytree: every leaf has a leading slot axis of size ``capacity`` (call
+        under ``lock``: a write donates these buffers)."""
         return jax.tree_util.tree_unflatten(self._treedef, self._leaves)
 
     def get(self, tenant_id: Hashable) -> PyTree:
-        """One tenant's params, sliced out of the store."""
-        slot = self.slot_of(tenant_id)
-        if self.sharding is None:
-            return jax.tree_util.tree_unflatten(self._treedef, _read_slot(self._leaves, jnp.int32(slot)))
-        # A jitted dynamic index over the split slot axis would gather the whole store onto
-        # every device first; a static slice moves only the owner's one slot.
-        return jax.tree_util.tree_unflatten(self._treedef, [leaf[slot] for leaf in self._leaves])
+        """One tenant's params, sliced out of the store.
+
+        Under ``lock``: a concurrent write donates the stacked buffers (reading them after
+        would fail), and a removal and an addition could hand the slot to another tenant
+        between the look-up and the read. The read is only dispatched under it.
+        """
+        with self.lock:
+            slot = self.slot_of(tenant_id)
+            if self.sharding is None:
+                return jax.tree_util.tree_unflatten(self._treedef, _read_slot(self._leaves, jnp.int32(slot)))
+            # A jitted dynamic index over the split slot axis would gather the whole store onto
+            # every device first; a static slice moves only the owner's one slot.
+            return jax.tree_util.tree_unflatten(self._treedef, [leaf[slot] for leaf in self._leaves])
 
     @property
     def bytes_per_tenant(self) -> int:

@@ -88,11 +88,18 @@ def test_empty_plan():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(tenant_buckets=()), dict(row_buckets=(4, 2)), dict(row_buckets=(0, 1)), dict(tenant_buckets=(2, 2))],
+    [dict(tenant_buckets=()), dict(row_buckets=(4, 2)), dict(row_buckets=(0, 1)), dict(tenant_buckets=(2, 2)),
+     dict(tenant_buckets=(1, 2.7)), dict(row_buckets=(1, "4")), dict(tenant_buckets=(True, 2))],
 )
 def test_bad_ladders_are_rejected(kwargs):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="buckets must"):
         BucketPolicy(**kwargs)
+
+
+def test_ladders_of_numpy_integers_become_python_ints():
+    policy = BucketPolicy(np.array([1, 4]), (np.int64(2),))
+    assert policy.tenant_buckets == (1, 4) and policy.row_buckets == (2,)
+    assert all(type(v) is int for v in policy.tenant_buckets + policy.row_buckets)
 
 
 def test_policy_is_hashable_and_defaults_are_powers_of_two():

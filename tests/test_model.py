@@ -255,6 +255,11 @@ def test_empty_request_returns_empty_result(rng):
     y = mt.predict([], spec.random_input(rng, 1)[:0])
     assert y.shape == (0, spec.num_classes) and y.dtype == np.float32
     assert mt.stats()["steps"] == 0
+    mt.predict(["t0"], spec.random_input(rng, 1))  # rows fixed: [] is no rows (of no shape to be wrong)
+    for empty in ([], np.zeros((0,)), ()):
+        y = mt.predict([], empty)
+        assert y.shape == (0, spec.num_classes) and y.dtype == np.float32
+    assert mt.stats()["steps"] == 1
 
 
 @pytest.mark.parametrize("bad", ["unknown tenant", "rows the model cannot take"])

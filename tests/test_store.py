@@ -197,3 +197,35 @@ def test_params_on_host_or_device_and_reserve():
     store.reserve(16)
     assert store.capacity == 16 and store.tenants == ["host", "device"]
     assert store.stats()["resident_param_bytes"] == 2 * store.bytes_per_tenant
+
+
+def test_the_template_holds_shapes_and_dtypes_not_a_tenants_arrays():
+    """The store keeps the example params' structure only: their arrays would be one tenant's
+    worth of device memory that no slot accounts for."""
+    example = jax.tree_util.tree_map(jnp.asarray, _params(0))
+    store = TenantStore(example, capacity=2)
+    leaves = jax.tree_util.tree_leaves(store.template)
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
+    assert [(leaf.shape, leaf.dtype) for leaf in leaves] == [(s.shape, s.dtype) for s in store.leaf_specs]
+    assert jax.tree_util.tree_structure(store.template) == jax.tree_util.tree_structure(example)
+
+
+def test_a_tenants_params_are_read_under_the_store_lock():
+    """Between the slot look-up and the read, no write may donate the buffers or hand the slot
+    to another tenant: another thread cannot take the lock meanwhile."""
+    import threading
+
+    store = TenantStore(_params(0), capacity=2)
+    store.add("a", _params(1))
+    taken_by_another_thread = []
+    look_up = store.slot_of
+
+    def slot_of(tenant_id):
+        probe = threading.Thread(target=lambda: taken_by_another_thread.append(store.lock.acquire(blocking=False)))
+        probe.start()
+        probe.join()
+        return look_up(tenant_id)
+
+    store.slot_of = slot_of
+    np.testing.assert_array_equal(store.get("a")["dense"]["w"], _params(1)["dense"]["w"])
+    assert taken_by_another_thread == [False]
