@@ -71,13 +71,18 @@ def flax_apply_and_params(
 
     For nnx, ``module``'s RNG state is kept by ``apply_fn`` and shared by every tenant;
     the params are the rest of each module's state."""
+    import jax
+    import numpy as np
     from flax import linen, nnx
 
     kwargs = tuple(sorted((apply_kwargs or {}).items()))
     if isinstance(module, nnx.Module):
-        graphdef, rng_state, abstract_state = nnx.split(module, nnx.RngState, ...)
+        graphdef, rng_state, state = nnx.split(module, nnx.RngState, ...)
         params_by_tenant = {t: _nnx_pure_state(v) for t, v in variables_by_tenant.items()}
-        example = nnx.to_pure_dict(abstract_state)
+        example = nnx.to_pure_dict(state)
+        # Shapes and dtypes only: every call fills a copy with its tenant's values, so the
+        # template module's own arrays would be device memory held for nothing.
+        abstract_state = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype), state)
         apply_fn = functools.partial(_nnx_apply, graphdef, rng_state, abstract_state, method, kwargs)
         return apply_fn, params_by_tenant, example
     if isinstance(module, linen.Module):

@@ -63,3 +63,14 @@ def test_nnx_tenants_hold_no_rng_state_and_may_be_given_as_state(rng):
     x = rng.normal(size=(4, 5)).astype(np.float32)
     ids = ["state", "module", "state", "module"]
     assert rel_error(mt.predict(ids, x), _own_outputs(tenants, ids, x)) < 1e-5
+
+
+def test_an_nnx_template_module_lends_its_structure_not_its_arrays():
+    """Every call fills a copy of the template's state with the tenant's values: ``apply_fn``
+    holds the state's shapes and dtypes only, not the template module's weights."""
+    import jax
+
+    mt = MultiTenantModel.from_flax(_regularized_classifier(0), {"a": _regularized_classifier(1)}, buckets=POLICY)
+    held = [leaf for arg in mt.apply_fn.args for leaf in jax.tree_util.tree_leaves(arg) if hasattr(leaf, "shape")]
+    weights = [leaf for leaf in held if not isinstance(leaf, jax.ShapeDtypeStruct) and np.size(leaf) > 1]
+    assert held and not weights
