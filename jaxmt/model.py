@@ -131,6 +131,7 @@ class MultiTenantModel:
         self._apply_kb = tenant_batched(apply_fn, lowering)
         self.programs = ProgramCache(self._build_program, max_programs=max_programs, lower=self._lower_program)
         self._program_keys: dict[tuple, ProgramKey] = {}  # see _key
+        self._keys_capacity: int | None = None  # the store capacity those keys are of
         self._row_shape: tuple[int, ...] | None = None if row_shape is None else tuple(int(d) for d in row_shape)
         self._row_dtype: np.dtype | None = None if row_dtype is None else np.dtype(row_dtype)
         if (self._row_shape is None) != (self._row_dtype is None):
@@ -393,11 +394,17 @@ class MultiTenantModel:
         building the key and getting the program took 4-7 us, with the key kept 1 us. The
         combinations are few: the ladder's shapes, for each capacity and row shape the
         model has had. Each input is read once, so a key always matches its memo entry.
+        The capacity only grows: when it has, the programs (and keys) of the old one are
+        dropped, as no step can run them again.
         """
         capacity, row_shape, row_dtype = self.store.capacity, self._row_shape, self._row_dtype
         memo = (k, b, whole_store, capacity, row_shape, row_dtype)
         key = self._program_keys.get(memo)
         if key is None:
+            if capacity != self._keys_capacity:  # the store grew: programs of a smaller one never run again
+                self.programs.discard(lambda old: old.capacity != capacity)
+                self._program_keys = {m: old for m, old in self._program_keys.items() if m[3] == capacity}
+                self._keys_capacity = capacity
             key = ProgramKey(k, b, capacity, row_shape, row_dtype.name, self._lowering_key, whole_store)
             self._program_keys[memo] = key
         return key

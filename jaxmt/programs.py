@@ -171,6 +171,15 @@ class ProgramCache:
         with self._lock:
             self._programs.clear()
 
+    def discard(self, stale: Callable[[ProgramKey], bool]) -> int:
+        """Drops the programs whose key ``stale`` holds for (not counted as evictions);
+        returns how many."""
+        with self._lock:
+            keys = [key for key in self._programs if stale(key)]
+            for key in keys:
+                del self._programs[key]
+            return len(keys)
+
     def stats(self) -> dict[str, float]:
         return {
             "programs": len(self._programs),
