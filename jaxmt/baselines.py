@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from jaxmt._queue import _Batch, _Launched, _Request
-from jaxmt._server import _ServerBase
+from jaxmt._server import _claim, _ServerBase
 from jaxmt.buckets import BucketPolicy
 from jaxmt.errors import InputError
 from jaxmt.rows import RowParts, as_row_array, take_rows
@@ -372,8 +372,8 @@ class SpaceOnlyServer(_LaneServer):
         """Fails the accepted requests that no step has started: a request the failed worker
         took off its lane is in no lane and no batch, and would never complete otherwise
         (steps other workers started complete as usual)."""
-        with self._cond:
-            waiting = [r for r in self._outstanding.values() if not (r.future.running() or r.future.done())]
+        with self._cond:  # claimed here, so that a worker that takes one meanwhile drops it instead of running it
+            waiting = [r for r in list(self._outstanding.values()) if not (r.future.running() or r.future.done()) and _claim(r.future)]
         for req in waiting:
             self._finish(req, error=error)
 
