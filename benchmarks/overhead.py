@@ -150,14 +150,12 @@ def _host_only_predict_us(mt: MultiTenantModel, ids: list, x: np.ndarray, repeat
     pending = mt.dispatch(ids, x)
     finished = jax.block_until_ready(pending.outputs)
     answers = itertools.cycle(finished)  # predict launches its steps in plan order, every call alike
-    real_get = mt.programs.get
-    mt.programs.get = lambda key: (lambda *args: next(answers))
+    mt.programs.get = lambda key: (lambda *args: next(answers))  # shadows the method until deleted
     try:
         np.testing.assert_array_equal(mt.predict(ids, x), pending.result())
         return _median_us(lambda: mt.predict(ids, x), repeats)
     finally:
         del mt.programs.get
-        assert mt.programs.get == real_get
 
 
 def packed_transfer(mt: MultiTenantModel, step, x: np.ndarray, repeats: int) -> dict[str, float]:

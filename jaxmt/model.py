@@ -441,7 +441,7 @@ class MultiTenantModel:
             raise InputError("x must have a leading row axis, got a scalar")
         if len(tenant_ids) != x.shape[0]:
             raise InputError(f"len(tenant_ids) is {len(tenant_ids)} but x has {x.shape[0]} rows")
-        if x.shape == (0,) and self._row_shape != () and self._row_shape is not None and not isinstance(x, RowParts):
+        if x.shape == (0,) and self._row_shape not in (None, ()) and not isinstance(x, RowParts):
             # ``[]``: no rows and no row shape to be wrong (an empty x of another row shape is).
             return np.zeros((0, *self._row_shape), self._row_dtype)
         if self._row_shape is None:

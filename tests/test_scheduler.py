@@ -7,6 +7,7 @@ clock and steps gated by events; waits use generous timeouts only to avoid hangi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import math
@@ -844,17 +845,24 @@ def test_a_full_tenant_bucket_launches_without_waiting_for_max_delay(served, mon
             f.result(TIMEOUT_S)
 
 
-def test_an_urgent_young_request_is_not_trimmed_into_the_next_step(served, monkeypatch, rng):
-    """Company that would only pad a step may wait for the next one; a request whose deadline
-    the next one would miss may not."""
-    mt, params = served
+@contextlib.contextmanager
+def _after_one_step(mt, monkeypatch, rng, step_s: float):
+    """A scheduler (10 ms max delay, a fake clock, steps of ``step_s``) that has run one step,
+    so that it knows the step time; yields it with its clock and recorded dispatch."""
     clock = FakeClock()
-    rec = RecordingDispatch(mt, clock=clock, step_s=0.010)
+    rec = RecordingDispatch(mt, clock=clock, step_s=step_s)
     monkeypatch.setattr(mt, "dispatch", rec)
     with jaxmt.Scheduler(mt, max_delay_ms=10.0, clock=clock, overload_policy="serve_late") as sched:
         first = sched.submit("t5", rows(rng), slo_ms=5_000.0)
         clock.advance(0.010)
-        first.result(TIMEOUT_S)  # estimate: 10 ms a step
+        first.result(TIMEOUT_S)
+        yield sched, clock, rec
+
+
+def test_an_urgent_young_request_is_not_trimmed_into_the_next_step(served, monkeypatch, rng):
+    """Company that would only pad a step may wait for the next one; a request whose deadline
+    the next one would miss may not."""
+    with _after_one_step(served[0], monkeypatch, rng, step_s=0.010) as (sched, clock, rec):  # estimate: 10 ms a step
         old = sched.submit("t3", rows(rng), slo_ms=5_000.0)
         clock.advance(0.005)
         urgent = [sched.submit(t, rows(rng), slo_ms=14.0) for t in ("t1", "t2")]  # must leave within 4 ms
@@ -867,14 +875,7 @@ def test_an_urgent_young_request_is_not_trimmed_into_the_next_step(served, monke
 def test_a_request_that_two_steps_would_make_late_is_not_trimmed(served, monkeypatch, rng):
     """A trimmed request waits for the step being launched and then for its own: one due in
     under two steps stays in this one, and no request due later than it runs in its place."""
-    mt, params = served
-    clock = FakeClock()
-    rec = RecordingDispatch(mt, clock=clock, step_s=0.005)
-    monkeypatch.setattr(mt, "dispatch", rec)
-    with jaxmt.Scheduler(mt, max_delay_ms=10.0, clock=clock, overload_policy="serve_late") as sched:
-        first = sched.submit("t5", rows(rng), slo_ms=5_000.0)
-        clock.advance(0.010)
-        first.result(TIMEOUT_S)  # estimate: 5 ms a step
+    with _after_one_step(served[0], monkeypatch, rng, step_s=0.005) as (sched, clock, rec):  # estimate: 5 ms a step
         company = [sched.submit(t, rows(rng), slo_ms=5_000.0) for t in ("t1", "t2")]
         clock.advance(0.009)
         due_soon = sched.submit("t0", rows(rng), slo_ms=8.0)  # one step (5 ms) in time, two (10 ms) not
