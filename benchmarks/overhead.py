@@ -1,9 +1,9 @@
 """Host overhead of ``predict``: its time minus the bare compiled program's for the same step.
 
 Tiny MLP, 16 tenants, 64 rows spread over them at random. The bare programs of the plan's
-steps (the programs ``predict`` runs) are called with device-resident, pre-gathered inputs;
-``predict`` adds validation, planning, the input gather and transfer, the dispatch, the copy
-back and the scatter to request order.
+steps are called with
+device-resident, pre-gathered inputs; ``predict`` adds validation, planning, the input
+gather and transfer, the dispatch, the copy back and the scatter to request order.
 
     PYTHONPATH=. python benchmarks/overhead.py [--tenants 16] [--rows 64] [--repeats 500]
 """
@@ -21,7 +21,7 @@ from common import markdown_table, time_call, update_readme_section, write_json
 
 import models
 from jaxmt import BucketPolicy, MultiTenantModel
-from jaxmt.steps import host_output_sharding, pack_step_inputs
+from jaxmt.steps import host_output_sharding
 
 
 def _model(spec, params: dict, outputs_to_host: bool | None) -> MultiTenantModel:
@@ -50,21 +50,25 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
     assert err < 1e-2, f"predict differs from the reference by {err} (relative; TF32 allows ~1e-3)"
 
     plan = mt.dispatch(ids, x).plan
-    # The bare programs of the same steps, with their inputs already gathered and on the device.
-    calls = [bare_step(mt, step, x) for step in plan.steps]
+    # The bare programs of the same steps, with inputs already gathered and on the device.
+    calls = [
+        (mt.programs.get(mt._key(step.tenant_bucket, step.row_bucket)), jax.device_put(step.slots), jax.device_put(x[step.row_index]))
+        for step in plan.steps
+    ]
     leaves = mt.store.stacked_leaves
     compiles_before = mt.stats()["compiles"]
-    bare = time_call(lambda: [program(leaves, *inputs) for program, inputs in calls], warmup=20, repeats=repeats)
+    bare = time_call(lambda: [program(leaves, slots, x_kb) for program, slots, x_kb in calls], warmup=20, repeats=repeats)
     full = time_call(lambda: mt.predict(ids, x), warmup=20, repeats=repeats)
     np.testing.assert_allclose(other.predict(ids, x), y, rtol=1e-6, atol=1e-6)
-    other_calls = [bare_step(other, step, x) for step in plan.steps]
+    other_program = other.programs.get(other._key(plan.steps[0].tenant_bucket, plan.steps[0].row_bucket))
+    other_calls = [(other_program, slots, x_kb) for _, slots, x_kb in calls]
     other_leaves = other.store.stacked_leaves
-    bare_other = time_call(lambda: [program(other_leaves, *inputs) for program, inputs in other_calls], warmup=20, repeats=repeats)
+    bare_other = time_call(lambda: [program(other_leaves, slots, x_kb) for program, slots, x_kb in other_calls], warmup=20, repeats=repeats)
     full_other = time_call(lambda: other.predict(ids, x), warmup=20, repeats=repeats)
     launch = time_call(lambda: mt.dispatch(ids, x).outputs, warmup=20, repeats=repeats)
-    recompiles = mt.stats()["compiles"] - compiles_before  # what follows compiles the comparisons' own programs
     phases = breakdown(mt, ids, x, calls, repeats)
     transfers = packed_transfer(mt, plan.steps[0], x, repeats)
+    recompiles = mt.stats()["compiles"] - compiles_before
     return {
         "phases_us": phases,
         "one_step_with_host_inputs_us": transfers,
@@ -88,19 +92,6 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
     }
 
 
-def bare_step(mt: MultiTenantModel, step, x: np.ndarray) -> tuple:
-    """(program, inputs on the device) of the program ``predict`` runs for ``step``: the
-    packed one (slots and rows in one buffer) where ``predict`` packs, else the one taking
-    them apart (or the rows alone, for a step over the whole store)."""
-    if mt._packs(step, x.dtype):
-        key, inputs = mt._key(step.tenant_bucket, step.row_bucket, packed=True), (pack_step_inputs(x, step.row_index, step.slots),)
-    elif mt._reads_whole_store(step):
-        key, inputs = mt._key(step.tenant_bucket, step.row_bucket, whole_store=True), (x[step.row_index],)
-    else:
-        key, inputs = mt._key(step.tenant_bucket, step.row_bucket), (step.slots, x[step.row_index])
-    return mt.programs.get(key), jax.device_put(inputs)
-
-
 def _median_us(fn, repeats: int) -> float:
     samples = []
     for i in range(repeats + 10):
@@ -115,9 +106,9 @@ def breakdown(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: list, repea
     """Where ``predict``'s time goes, each phase timed alone (medians, us).
 
     host_plan: validation, slot lookup, the plan and the input gather (NumPy only);
-    to_device: the step's input (slots and rows packed in one buffer) copied to the device by
-    ``device_put``, waited for (``predict`` hands the NumPy buffer to the executable, which
-    copies it itself: the same bytes, a measure of what moving them costs);
+    to_device: the step inputs (slots, rows) copied to the device by one ``device_put``,
+    waited for (``predict`` hands the NumPy arrays to the executable, which copies them
+    itself: the same bytes, a measure of what moving them costs);
     launch: one step program dispatched on device-resident inputs, not waited for;
     program: the same, waited for;
     to_host: a finished output read as a NumPy array: a memcpy when the program wrote it to
@@ -126,7 +117,7 @@ def breakdown(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: list, repea
     dispatches the step, so part of it can overlap);
     host_only: a whole ``predict`` whose step programs are stand-ins that return a finished
     answer of the same step at once: everything ``predict`` does on the host but the call of
-    the program with its NumPy input. With ``one_step_with_host_inputs_us["one_packed_input"]``
+    the program with its NumPy inputs. With ``one_step_with_host_inputs_us["two_inputs"]``
     (that call, waited for, and its answer read) it tells whether ``predict``'s time is the
     sum of the two or something more.
     """
@@ -136,16 +127,16 @@ def breakdown(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: list, repea
         return [checked[step.row_index] for step in plan.steps]
 
     leaves = mt.store.stacked_leaves
-    program, inputs = calls[0]
-    host_inputs = tuple(np.asarray(a) for a in inputs)
-    ready = [program(leaves, *inputs) for _ in range(repeats + 10)]
+    program, slots, x_kb = calls[0]
+    host_inputs = (np.asarray(slots), np.asarray(x_kb))
+    ready = [program(leaves, slots, x_kb) for _ in range(repeats + 10)]
     jax.block_until_ready(ready)
     fresh = iter(ready)
     return {
         "host_plan": _median_us(host_plan, repeats),
         "to_device": _median_us(lambda: jax.block_until_ready(jax.device_put(host_inputs, mt.store.device)), repeats),
-        "launch": _median_us(lambda: program(leaves, *inputs), repeats),
-        "program": _median_us(lambda: jax.block_until_ready(program(leaves, *inputs)), repeats),
+        "launch": _median_us(lambda: program(leaves, slots, x_kb), repeats),
+        "program": _median_us(lambda: jax.block_until_ready(program(leaves, slots, x_kb)), repeats),
         "to_host": _median_us(lambda: np.asarray(next(fresh)), repeats),
         "host_only": _host_only_predict_us(mt, ids, x, repeats),
     }
@@ -168,24 +159,36 @@ def _host_only_predict_us(mt: MultiTenantModel, ids: list, x: np.ndarray, repeat
 
 
 def packed_transfer(mt: MultiTenantModel, step, x: np.ndarray, repeats: int) -> dict[str, float]:
-    """One step from host inputs to a host answer: with the slots and rows packed into one
-    byte buffer that the program splits again (one copy to the device, as ``predict`` sends
-    them), as two arrays (two copies, as ``predict`` sent them before), and, where the
-    device has pinned host memory, as two arrays placed there and moved to the device inside
-    the program (tried and not taken). Every answer is checked equal before timing
-    (medians, us)."""
+    """One step from host inputs to a host answer, with the inputs sent as they are (two
+    arrays: slots and rows, as ``predict`` sends them), packed into one byte buffer that
+    the program splits again (one copy to the device instead of two), and, where the device
+    has pinned host memory, placed there and moved to the device inside the program. The
+    last two are not what jaxmt does: they measure what another way of handing over a
+    step's inputs would save. Every answer is checked equal before timing (medians, us)."""
     import functools
 
+    import jax.numpy as jnp
     from jaxmt.steps import _step_program
 
     leaves = mt.store.stacked_leaves
     slots, x_kb = step.slots, x[step.row_index]
     step_fn = functools.partial(_step_program, mt._apply_kb, mt.store._treedef)
-    program = mt.programs.get(mt._key(step.tenant_bucket, step.row_bucket))
-    packed_program = mt.programs.get(mt._key(step.tenant_bucket, step.row_bucket, packed=True))
+    slot_bytes = slots.nbytes
 
-    two = lambda: np.asarray(program(leaves, slots, x[step.row_index]))  # noqa: E731  (gathered each call, as packed)
-    one = lambda: np.asarray(packed_program(leaves, pack_step_inputs(x, step.row_index, slots)))  # noqa: E731
+    def unpack_and_run(leaves, buf):
+        slots_d = jax.lax.bitcast_convert_type(buf[:slot_bytes].reshape(-1, slots.itemsize), jnp.int32)
+        rows_d = jax.lax.bitcast_convert_type(buf[slot_bytes:].reshape(-1, x_kb.itemsize), x_kb.dtype).reshape(x_kb.shape)
+        return step_fn(leaves, slots_d, rows_d)
+
+    # Answers placed as the model's own programs place them, so that only the packing differs.
+    packed_program = jax.jit(unpack_and_run, **({} if mt.output_sharding is None else {"out_shardings": mt.output_sharding}))
+    program = mt.programs.get(mt._key(step.tenant_bucket, step.row_bucket))
+
+    def pack():
+        return np.concatenate([slots.view(np.uint8), np.ascontiguousarray(x_kb).reshape(-1).view(np.uint8)])
+
+    two = lambda: np.asarray(program(leaves, slots, x_kb))  # noqa: E731
+    one = lambda: np.asarray(packed_program(leaves, pack()))  # noqa: E731
     np.testing.assert_allclose(one(), two(), rtol=1e-6, atol=1e-6)
     timings = {"two_inputs": _median_us(two, repeats), "one_packed_input": _median_us(one, repeats)}
     device = mt.store.device

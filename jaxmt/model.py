@@ -26,15 +26,11 @@ from jaxmt.steps import (
     _NO_ROWS,
     PendingPrediction,
     _nonfinite_row_indices,
-    _packed_step_program,
     _row_output_spec,
     _start_copies_to_host,
     _step_program,
     _whole_store_program,
     host_output_sharding,
-    pack_step_inputs,
-    packable,
-    packed_nbytes,
 )
 from jaxmt.store import TenantStore
 
@@ -82,10 +78,6 @@ class MultiTenantModel:
         Such steps exist only when the capacity is on the K ladder, and add at most one
         program per row bucket: a random workload compiles at most len(K ladder) x
         len(B ladder) programs with False, and len(B ladder) more with True (the default).
-      pack_inputs: whether a step of host rows hands its slots and input block to the
-        program as one byte buffer (one host-to-device copy, not two; see
-        ``jaxmt.steps.pack_step_inputs``). None (the default): where the store's device is
-        not the CPU, whose programs read host arrays in place, so packing only adds a copy.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, jaxmt
@@ -121,7 +113,6 @@ class MultiTenantModel:
         nonfinite_inputs: str = "ignore",
         outputs_to_host: bool | None = None,
         whole_store_steps: bool = True,
-        pack_inputs: bool | None = None,
     ):
         if not callable(apply_fn):
             raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
@@ -135,7 +126,6 @@ class MultiTenantModel:
         self.store = self._make_store(example_params, capacity, max_capacity, device)
         self.output_sharding = self._output_sharding(outputs_to_host)
         self._whole_store_steps = bool(whole_store_steps) and type(self)._whole_store_steps
-        self._packs_host_rows = self._packs_inputs(pack_inputs)
         self.lowering = lowering
         self._lowering_key = lowering_key(lowering)  # validates; distinct programs per policy
         self._apply_kb = tenant_batched(apply_fn, lowering)
@@ -282,40 +272,20 @@ class MultiTenantModel:
             self._nonfinite_rows += len(nonfinite_rows)
         return PendingPrediction(plan, outputs, empty_output, nonfinite_rows)
 
-    def run_step(self, step: Step, x_kb: "np.ndarray | jax.Array") -> PyTree:
-        """Launches one planned step on already-gathered input [K, B, *row_shape], on the host
-        or the device (caller holds ``store.lock``)."""
-        if isinstance(x_kb, np.ndarray) and self._packs(step, x_kb.dtype):
-            flat = x_kb.reshape(-1, *x_kb.shape[2:])
-            return self._launch_packed(step, pack_step_inputs(flat, np.arange(len(flat)).reshape(x_kb.shape[:2]), step.slots))
-        return self._launch_separate(step, x_kb)
-
-    def _launch(self, step: Step, x: "np.ndarray | RowParts") -> PyTree:
-        if self._packs(step, x.dtype) and not (isinstance(x, RowParts) and x.staged is not None):
-            return self._launch_packed(step, pack_step_inputs(x, step.row_index, step.slots))
-        return self._launch_separate(step, take_rows(x, step.row_index))
-
-    def _packs(self, step: Step, row_dtype: Any) -> bool:
-        """Whether a step of host rows sends its slots and rows as one buffer: every step that
-        sends slots (not a whole-store step), where the rows' dtype allows it."""
-        return self._packs_host_rows and not self._reads_whole_store(step) and packable(row_dtype)
-
-    def _reads_whole_store(self, step: Step) -> bool:
-        return self._whole_store_steps and step.slots_in_order and step.tenant_bucket == self.store.capacity
-
-    def _launch_packed(self, step: Step, packed: np.ndarray) -> PyTree:
-        program = self.programs.get(self._key(step.tenant_bucket, step.row_bucket, packed=True))
-        return program(self.store.stacked_leaves, packed)
-
-    def _launch_separate(self, step: Step, x_kb: "np.ndarray | jax.Array") -> PyTree:
-        whole_store = self._reads_whole_store(step)
-        program = self.programs.get(self._key(step.tenant_bucket, step.row_bucket, whole_store))
+    def run_step(self, step: Step, x_kb: np.ndarray) -> PyTree:
+        """Launches one planned step on already-gathered input [K, B, *row_shape] (caller holds ``store.lock``)."""
+        k = step.tenant_bucket
+        whole_store = self._whole_store_steps and step.slots_in_order and k == self.store.capacity
+        program = self.programs.get(self._key(k, step.row_bucket, whole_store))
         # NumPy inputs go to the executable as they are: an explicit device_put of (slots,
         # rows) first measured slower on an H200 host (1256 vs 1009 us a predict,
         # benchmarks/results/overhead_device_put.json).
         if whole_store:
             return program(self.store.stacked_leaves, x_kb)
         return program(self.store.stacked_leaves, step.slots, x_kb)
+
+    def _launch(self, step: Step, x: "np.ndarray | RowParts") -> PyTree:
+        return self.run_step(step, take_rows(x, step.row_index))
 
     def warmup(
         self,
@@ -325,13 +295,8 @@ class MultiTenantModel:
         progress: bool = False,
         workers: int = 1,
         execute: bool = True,
-        device_rows: bool = False,
     ) -> int:
         """Compiles the programs of the bucket ladder now and runs each once; returns how many were built.
-
-        The programs built are those of steps whose rows come from host memory, as
-        ``predict``'s do; ``device_rows=True`` builds those of steps whose input block is on
-        the device already (``run_step`` on a device array, a server's staged rows).
 
         With ``execute`` (the default) each program then runs once on zeros, waited for, so
         that what a program's first run costs on the device (loading its kernels, growing
@@ -359,7 +324,8 @@ class MultiTenantModel:
         for b in bs:
             if b not in self.buckets.row_buckets:
                 raise ValueError(f"row bucket {b} is not on the ladder {self.buckets.row_buckets}")
-        keys = self._ladder_keys(ks, bs, device_rows)
+        wholes = (False, True) if self._whole_store_steps else (False,)
+        keys = [self._key(k, b, whole) for k in ks for b in bs for whole in wholes if not whole or k == self.store.capacity]
         if not progress:
             built = self.programs.ensure_many(keys, workers=workers)
         else:
@@ -370,15 +336,6 @@ class MultiTenantModel:
         if execute:
             self._run_once(keys)
         return built
-
-    def _ladder_keys(self, ks: Sequence[int], bs: Sequence[int], device_rows: bool) -> list[ProgramKey]:
-        """The program keys of every (K, B) given: the whole-store program where K is the store's
-        capacity, and the gathering one, packed for host rows that can be."""
-        packed = self._packs_host_rows and not device_rows and packable(self._row_dtype)
-        keys = [self._key(k, b, packed=packed) for k in ks for b in bs]
-        if self._whole_store_steps:
-            keys += [self._key(k, b, whole_store=True) for k in ks for b in bs if k == self.store.capacity]
-        return keys
 
     def _run_once(self, keys: list[ProgramKey]) -> None:
         """Runs each cached program of ``keys`` once on zero inputs, one at a time (so that only
@@ -393,10 +350,7 @@ class MultiTenantModel:
     def _zero_step_inputs(self, key: ProgramKey) -> tuple:
         """Valid inputs of the program of ``key`` after the stacked leaves: (slots, rows), or
         rows alone for a whole-store program (a hook: ``jaxmt.sharding`` places them per device)."""
-        block_shape = (key.tenant_bucket, key.row_bucket, *key.row_shape)
-        if key.packed:
-            return (np.zeros(packed_nbytes(block_shape, key.row_dtype), np.uint8),)
-        x_kb = np.zeros(block_shape, key.row_dtype)
+        x_kb = np.zeros((key.tenant_bucket, key.row_bucket, *key.row_shape), key.row_dtype)
         return (x_kb,) if key.whole_store else (np.zeros(key.tenant_bucket, np.int32), x_kb)
 
     def stats(self) -> dict[str, Any]:
@@ -422,10 +376,6 @@ class MultiTenantModel:
     # Whether a step covering the whole store in slot order runs its own gather-free
     # program (``jaxmt.sharding`` has none).
     _whole_store_steps = True
-    def _packs_inputs(self, pack_inputs: bool | None) -> bool:
-        """Whether steps of host rows send slots and rows packed in one buffer (a hook:
-        ``jaxmt.sharding`` places them per device instead)."""
-        return self.store.device.platform != "cpu" if pack_inputs is None else bool(pack_inputs)
 
     def _output_sharding(self, outputs_to_host: bool | None) -> jax.sharding.Sharding | None:
         """Where step programs put their outputs (a hook: ``jaxmt.sharding`` keeps them on the mesh)."""
@@ -435,7 +385,7 @@ class MultiTenantModel:
         """The steps answering rows with these slots (a hook: ``jaxmt.sharding`` plans per device)."""
         return make_plan(slots, self.buckets)
 
-    def _key(self, k: int, b: int, whole_store: bool = False, packed: bool = False) -> ProgramKey:
+    def _key(self, k: int, b: int, whole_store: bool = False) -> ProgramKey:
         """The key of the program for a K=k, B=b step on the current store and rows.
 
         Every step looks its program up, so each key is built once and then found by a
@@ -448,14 +398,14 @@ class MultiTenantModel:
         dropped, as no step can run them again.
         """
         capacity, row_shape, row_dtype = self.store.capacity, self._row_shape, self._row_dtype
-        memo = (k, b, whole_store, packed, capacity, row_shape, row_dtype)
+        memo = (k, b, whole_store, capacity, row_shape, row_dtype)
         key = self._program_keys.get(memo)
         if key is None:
             if capacity != self._keys_capacity:  # the store grew: programs of a smaller one never run again
                 self.programs.discard(lambda old: old.capacity != capacity)
-                self._program_keys = {m: old for m, old in self._program_keys.items() if m[4] == capacity}
+                self._program_keys = {m: old for m, old in self._program_keys.items() if m[3] == capacity}
                 self._keys_capacity = capacity
-            key = ProgramKey(k, b, capacity, row_shape, row_dtype.name, self._lowering_key, whole_store, packed)
+            key = ProgramKey(k, b, capacity, row_shape, row_dtype.name, self._lowering_key, whole_store)
             self._program_keys[memo] = key
         return key
 
@@ -472,10 +422,6 @@ class MultiTenantModel:
         out = {} if self.output_sharding is None else {"out_shardings": self.output_sharding}
         if key.whole_store:
             return jax.jit(functools.partial(_whole_store_program, self._apply_kb, self.store._treedef), **out).lower(leaves, x_kb)
-        if key.packed:
-            packed = jax.ShapeDtypeStruct((packed_nbytes(x_kb.shape, key.row_dtype),), jnp.uint8, sharding=on_device)
-            program = functools.partial(_packed_step_program, self._apply_kb, self.store._treedef, x_kb.shape, key.row_dtype)
-            return jax.jit(program, **out).lower(leaves, packed)
         return jax.jit(functools.partial(_step_program, self._apply_kb, self.store._treedef), **out).lower(leaves, slots, x_kb)
 
     def check_input(self, tenant_ids: Sequence[Hashable], x: Any) -> "np.ndarray | RowParts":

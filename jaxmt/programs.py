@@ -33,7 +33,6 @@ class ProgramKey:
     row_dtype: str
     lowering: str = "vmap"
     whole_store: bool = False  # the step holds every slot once, in order: no weight gather
-    packed: bool = False  # slots and a host input block arrive as one byte buffer (steps.pack_step_inputs)
 
 
 class ProgramCache:

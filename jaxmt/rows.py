@@ -118,26 +118,20 @@ class RowParts:
             return self.joined()[start:stop]
         return self.take(np.arange(start, stop))
 
-    def take(self, index: np.ndarray, out: np.ndarray | None = None) -> Any:
+    def take(self, index: np.ndarray) -> Any:
         """``np.concatenate(parts)[index]`` for an int array ``index`` of any shape: a NumPy
-        array, or a device array when some parts' rows are staged on the device.
-
-        ``out`` (host rows only): a C-contiguous array of shape ``index.shape + row_shape``
-        and the rows' dtype to write the rows into instead of a new one.
-        """
+        array, or a device array when some parts' rows are staged on the device."""
         index = np.asarray(index)
         if self.staged is not None:
-            if out is not None:
-                raise ValueError("out= needs host rows, but some parts are staged on the device")
             return self._join(index, self.staged)
         if len(self.parts) == 1 or self._joined is not None or self.row_nbytes < DIRECT_ROW_BYTES:
-            return take_rows(self.joined(), index, out)
+            return self.joined()[index]
         which, offsets = self._locate(index)
-        block = np.empty((which.size, *self.shape[1:]), self.dtype) if out is None else out.reshape(which.size, *self.shape[1:])
+        out = np.empty((which.size, *self.shape[1:]), self.dtype)
         parts = self.parts
         for position, (part, offset) in enumerate(zip(which.tolist(), offsets.tolist())):
-            block[position] = parts[part][offset]
-        return block.reshape(*index.shape, *self.shape[1:]) if out is None else out
+            out[position] = parts[part][offset]
+        return out.reshape(*index.shape, *self.shape[1:])
 
     def _locate(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(part, offset in it) of each entry of ``index``, flattened; IndexError if out of range."""
@@ -180,13 +174,6 @@ def as_row_array(x: Any, copy: bool = False) -> np.ndarray:
     return rows if rows.dtype.isnative else rows.astype(rows.dtype.newbyteorder("="))
 
 
-def take_rows(x: "np.ndarray | RowParts", index: np.ndarray, out: np.ndarray | None = None) -> Any:
-    """``x[index]`` for an array or a ``RowParts`` (a device array when its rows are staged),
-    written into ``out`` when given (host rows; see ``RowParts.take``)."""
-    if isinstance(x, RowParts):
-        return x.take(index, out)
-    if out is None:
-        return x[index]
-    # Straight into ``out``; "clip" because NumPy buffers the copy under the default "raise".
-    # Callers pass indices that are in range by construction (a plan's row_index).
-    return np.take(x, index, axis=0, out=out, mode="clip")
+def take_rows(x: "np.ndarray | RowParts", index: np.ndarray) -> Any:
+    """``x[index]`` for an array or a ``RowParts`` (a device array when its rows are staged)."""
+    return x.take(index) if isinstance(x, RowParts) else x[index]

@@ -178,14 +178,11 @@ class Scheduler(_ServerBase):
 
     def warmup(self, **kwargs: Any) -> int:
         """Compiles the model's bucket programs now and runs each once (``MultiTenantModel.warmup``),
-        and, when rows are staged, the program joining each bucket's block and the model's
-        programs for blocks on the device (a step whose requests' rows were all staged sends
-        its block from the device, one whose rows were not from the host: both occur);
-        returns how many model programs were new."""
+        and, when rows are staged, the program joining each bucket's block; returns how many
+        model programs were new."""
         new = self.mt.warmup(**kwargs)
         buckets = self.mt.buckets
-        if self._warm_staging([(k, b) for k in buckets.tenant_buckets for b in buckets.row_buckets]) is not None:
-            new += self.mt.warmup(**kwargs, device_rows=True)
+        self._warm_staging([(k, b) for k in buckets.tenant_buckets for b in buckets.row_buckets])
         return new
 
     # --------------------------------------------------------------- policy

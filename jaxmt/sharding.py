@@ -260,11 +260,6 @@ class ShardedMultiTenantModel(MultiTenantModel):
 
     _whole_store_steps = False  # run_step always gathers per device
 
-    def _packs_inputs(self, pack_inputs: bool | None) -> bool:
-        if pack_inputs:
-            raise ValueError("ShardedMultiTenantModel places each step's slots and rows per device; pack_inputs=True is not supported")
-        return False
-
     @property
     def input_device(self) -> None:
         """None: each step's rows are placed per device (block d on device d), not staged."""

@@ -1,8 +1,7 @@
 """What one step is: its jitted programs, and a launched prediction waiting on the device.
 
 The step programs take the store's stacked leaves, the K slots of the step (unless the step
-reads the whole store in slot order) and its input block [K, B, ...], the slots and a host
-block packed into one byte buffer (one copy to the device, not two); ``PendingPrediction``
+reads the whole store in slot order) and its input block [K, B, ...]; ``PendingPrediction``
 holds the dispatched steps of one request and scatters their rows back to request order
 when asked.
 """
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmt.buckets import Plan
-from jaxmt.rows import RowParts, take_rows
+from jaxmt.rows import RowParts
 
 PyTree = Any
 
@@ -29,68 +28,11 @@ def _step_program(apply_kb: Callable, treedef: Any, leaves: list[jax.Array], slo
     return apply_kb(params_k, x_kb)
 
 
-def _packed_step_program(apply_kb: Callable, treedef: Any, block_shape: tuple[int, ...], row_dtype: Any,
-                         leaves: list[jax.Array], packed: jax.Array) -> PyTree:
-    """``_step_program`` whose slots and input block arrive as one byte buffer (see
-    ``pack_step_inputs``), split again here."""
-    x_kb, slots = _unpack_step_inputs(packed, block_shape, row_dtype)
-    return _step_program(apply_kb, treedef, leaves, slots, x_kb)
-
-
 def _whole_store_program(apply_kb: Callable, treedef: Any, leaves: list[jax.Array], x_kb: PyTree) -> PyTree:
     """A step whose K entries are slots 0..K-1 of a store of capacity K: the stacked leaves
     are the batched weights already, so the per-step copy of every tenant's weights that the
     gather costs is skipped, and no slots travel to the device."""
     return apply_kb(jax.tree_util.tree_unflatten(treedef, leaves), x_kb)
-
-
-def packable(row_dtype: Any) -> bool:
-    """Whether rows of this dtype can travel packed with the slots: booleans, integers and
-    real floats (bfloat16 and the float8s included: XLA bitcasts them from bytes) that JAX
-    keeps as they are (not 64-bit ones while x64 is off, which a program narrows)."""
-    dtype = np.dtype(row_dtype)
-    kind_ok = dtype == np.bool_ or jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
-    return kind_ok and jax.dtypes.canonicalize_dtype(dtype) == dtype
-
-
-def packed_nbytes(block_shape: Sequence[int], row_dtype: Any) -> int:
-    """Bytes of a packed step input: the block [K, B, *row_shape], then K int32 slots."""
-    return np.dtype(row_dtype).itemsize * int(np.prod(block_shape, dtype=np.int64)) + 4 * int(block_shape[0])
-
-
-def pack_step_inputs(x: "np.ndarray | RowParts", row_index: np.ndarray, slots: np.ndarray) -> np.ndarray:
-    """A step's two inputs as one uint8 buffer: the rows of ``x`` at ``row_index`` (its input
-    block [K, B, *row_shape], gathered straight into the buffer), then its K slots as int32.
-
-    Why: each host array handed to a compiled program is its own host-to-device copy, and
-    on the GPU hosts measured each cost tens of microseconds of host time however small
-    (``benchmarks/overhead.py``: 8 KiB from NumPy 93-132 us into a program, 54-78 us
-    already on the device); one buffer makes it one copy per step.
-    """
-    block_shape = (*row_index.shape, *x.shape[1:])
-    rows_nbytes = x.dtype.itemsize * int(np.prod(block_shape, dtype=np.int64))
-    packed = np.empty(rows_nbytes + 4 * len(slots), np.uint8)
-    take_rows(x, row_index, packed[:rows_nbytes].view(x.dtype).reshape(block_shape))
-    packed[rows_nbytes:] = np.ascontiguousarray(slots, dtype=np.int32).view(np.uint8)
-    return packed
-
-
-def _unpack_step_inputs(packed: jax.Array, block_shape: tuple[int, ...], row_dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """(block, slots) of a buffer ``pack_step_inputs`` built, inside a program."""
-    dtype = np.dtype(row_dtype)
-    rows_nbytes = dtype.itemsize * int(np.prod(block_shape, dtype=np.int64))
-    return _from_bytes(packed[:rows_nbytes], dtype).reshape(block_shape), _from_bytes(packed[rows_nbytes:], np.dtype(np.int32))
-
-
-def _from_bytes(raw: jax.Array, dtype: np.dtype) -> jax.Array:
-    """The values whose little-endian bytes ``raw`` (uint8 [n * itemsize]) holds."""
-    if dtype == np.bool_:
-        return raw != 0
-    if dtype == np.uint8:
-        return raw
-    if dtype.itemsize == 1:
-        return jax.lax.bitcast_convert_type(raw, dtype)
-    return jax.lax.bitcast_convert_type(raw.reshape(-1, dtype.itemsize), dtype)
 
 
 @dataclasses.dataclass
