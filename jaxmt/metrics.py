@@ -55,7 +55,18 @@ class _TenantStats:
         self.steps = 0
         self.latencies_ms: collections.deque[float] = collections.deque(maxlen=window)
         self.recent_met: collections.deque[bool] = collections.deque(maxlen=flag_window)
+        self.recent_met_count = 0  # sum(recent_met), kept as it moves: a sum per record is O(flag_window)
         self.flagged = False
+
+    def note_met(self, met: bool) -> None:
+        """Appends one outcome to ``recent_met``, keeping ``recent_met_count`` equal to its sum."""
+        recent = self.recent_met
+        if recent.maxlen == 0:
+            return
+        if len(recent) == recent.maxlen:
+            self.recent_met_count -= recent[0]
+        recent.append(met)
+        self.recent_met_count += met
 
 
 class LatencyRecorder:
@@ -115,7 +126,7 @@ class LatencyRecorder:
                 stats.errors += 1
                 stats.rejected += isinstance(error, Overloaded)
             stats.slo_met += met
-            stats.recent_met.append(met)
+            stats.note_met(met)
             self._update_flag(tenant_id, stats)
 
     def forget_absent(self, resident: Callable[[Hashable], bool]) -> int:
@@ -143,19 +154,19 @@ class LatencyRecorder:
                 self._stats(tenant_id).steps += 1
 
     def _update_flag(self, tenant_id: Hashable, stats: _TenantStats) -> None:
-        recent = stats.recent_met
-        if len(recent) < self.flag_min_requests:
+        recent, met = len(stats.recent_met), stats.recent_met_count
+        if recent < self.flag_min_requests:
             return
-        attainment = sum(recent) / len(recent)
+        attainment = met / recent
         if not stats.flagged and attainment < self.flag_below_attainment:
             stats.flagged = True
             logger.warning(
                 "%s: tenant %r keeps missing its SLO: %d of its last %d requests met it (%.1f%% < %.1f%%)",
-                self.name, tenant_id, sum(recent), len(recent), 100 * attainment, 100 * self.flag_below_attainment,
+                self.name, tenant_id, met, recent, 100 * attainment, 100 * self.flag_below_attainment,
             )
         elif stats.flagged and attainment >= self.flag_below_attainment:
             stats.flagged = False
-            logger.info("%s: tenant %r meets its SLO again (%.1f%% of its last %d requests)", self.name, tenant_id, 100 * attainment, len(recent))
+            logger.info("%s: tenant %r meets its SLO again (%.1f%% of its last %d requests)", self.name, tenant_id, 100 * attainment, recent)
 
     def samples_by_tenant(self) -> dict[Hashable, np.ndarray]:
         """Each tenant's latency window (float64 ms), for ``spread_by_chance``."""

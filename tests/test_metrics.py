@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import re
 
+import hypothesis.strategies as st
 import numpy as np
 import pytest
+from hypothesis import given, settings
 
 from jaxmt.errors import Overloaded, UnknownTenantError
 from jaxmt.metrics import (
@@ -70,6 +72,29 @@ def test_straggler_is_flagged_once_and_recovers(caplog):
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "'slow'" in warnings[0].getMessage() and "sched" in warnings[0].getMessage()
     assert any(r.levelno == logging.INFO and "again" in r.getMessage() for r in caplog.records)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    outcomes=st.lists(st.tuples(st.sampled_from(["a", "b"]), st.booleans()), max_size=120),
+    flag_window=st.integers(1, 12),
+    flag_min_requests=st.integers(1, 12),
+    below=st.sampled_from([0.0, 0.3, 0.5, 0.9, 1.0]),
+)
+def test_flags_follow_the_attainment_of_each_tenants_last_flag_window_requests(outcomes, flag_window, flag_min_requests, below):
+    """The recorder keeps the count of met SLOs in each tenant's window as it moves; flags
+    equal the rule applied to the window itself after every request."""
+    recorder = LatencyRecorder(flag_window=flag_window, flag_min_requests=flag_min_requests, flag_below_attainment=below)
+    history: dict[str, list[bool]] = {}
+    flagged = {"a": False, "b": False}
+    for tenant, met in outcomes:
+        recorder.record(tenant, 10.0 if met else 90.0, 50.0)
+        window = (history.setdefault(tenant, []) + [met])[-flag_window:]
+        history[tenant].append(met)
+        if len(window) >= flag_min_requests:
+            attainment = sum(window) / len(window)
+            flagged[tenant] = attainment < below if not flagged[tenant] else not attainment >= below
+        assert recorder.snapshot()["tenants"][tenant]["flagged"] == flagged[tenant]
 
 
 def test_step_recorder_ewma_and_padding():

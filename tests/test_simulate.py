@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -84,3 +85,20 @@ def test_build_model_stores_weights_in_the_compute_dtype(dtype):
     want = np.asarray(jax.jit(spec.apply_fn)(mt.get_params("t1"), x), np.float32)
     got = np.asarray(mt.predict(["t1"] * 4, x), np.float32)
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+def test_a_trial_logs_each_straggler_once_the_servers_own_flag(caplog):
+    """Only the server under test flags tenants that keep missing their SLO; the trial's own
+    recorder keeps every latency and logs nothing (it once logged each flag a second time,
+    and summed its whole history on every request)."""
+    spec, mt = simulate.build_model("mlp", "tiny", 2, max_rows=2)
+    workload = simulate.Workload(rate=400.0, duration_s=0.25, tenants=2, slo_ms=0.01, seed=3)
+    inputs = spec.random_input(np.random.default_rng(0), 2 * 4).reshape(2, 4, 1, *spec.input_shape)
+    with caplog.at_level(logging.WARNING, logger="jaxmt"):
+        with simulate.make_server("time", mt, overload_policy="serve_late") as server:
+            result = simulate.run_trial(server, workload, inputs, mt.tenants)
+            flagged = server.metrics()["flagged_tenants"]
+    assert result["requests"] > 40 and result["slo_attainment"] == 0.0  # every request misses 10 us
+    assert sorted(flagged) == sorted(mt.tenants)
+    logged = [r.getMessage() for r in caplog.records if "keeps missing" in r.getMessage()]
+    assert sorted(logged) == sorted(set(logged)) and len(logged) == len(mt.tenants)
