@@ -170,21 +170,28 @@ def run_trial(server: Any, workload: Workload, inputs: np.ndarray, tenant_ids: S
     # Every latency kept; no straggler flags: the server under test flags (and logs) its own.
     recorder = LatencyRecorder(window=max(1, times.shape[0]), flag_below_attainment=0.0, name=server.kind)
     lag_s, pool = [], inputs.shape[1]
-    done_at: list[float] = []
+    # When each request was sent and answered (NaN: not answered), and the errors by request:
+    # a done-callback runs on the thread of the server that completes the future, so it only
+    # notes the time there; the recorder reads them after the trial. NumPy slots, not a list
+    # of tuples: objects made during the trial would lengthen the collector's pauses.
+    submitted_at = np.zeros(times.shape[0])
+    finished_at = np.full(times.shape[0], np.nan)
+    errors: dict[int, BaseException] = {}
     # Futures not done yet; a done one is let go at once, so that the objects alive during a
     # trial (and what a garbage collection walks) stay bounded by those in flight.
     pending: set[concurrent.futures.Future] = set()
     pending_lock, all_done = threading.Lock(), threading.Event()
     sending = True
 
-    def on_done(tenant: Any, submitted: float, future: concurrent.futures.Future) -> None:
-        finished = time.perf_counter()
+    def on_done(i: int, future: concurrent.futures.Future) -> None:
+        finished, error = time.perf_counter(), None
         try:
-            done_at.append(finished)
             error = concurrent.futures.CancelledError() if future.cancelled() else future.exception()
-            recorder.record(tenant, 1e3 * (finished - submitted), workload.slo_ms, error)
         finally:
-            with pending_lock:
+            with pending_lock:  # with the discard: a request counts as answered or unfinished, never both
+                finished_at[i] = finished
+                if error is not None:
+                    errors[i] = error
                 pending.discard(future)
                 if not sending and not pending:
                     all_done.set()
@@ -203,9 +210,10 @@ def run_trial(server: Any, workload: Workload, inputs: np.ndarray, tenant_ids: S
             except Exception as exc:  # noqa: BLE001 (a refused request is a miss, not a crash of the generator)
                 recorder.record(tenant, 0.0, workload.slo_ms, exc)
                 continue
+            submitted_at[i] = submitted
             with pending_lock:
                 pending.add(future)
-            future.add_done_callback(lambda f, t=tenant, s=submitted: on_done(t, s, f))
+            future.add_done_callback(lambda f, i=i: on_done(i, f))
         sent_s = time.perf_counter() - start
         with pending_lock:
             sending = False
@@ -214,7 +222,12 @@ def run_trial(server: Any, workload: Workload, inputs: np.ndarray, tenant_ids: S
         all_done.wait(timeout_s)
         with pending_lock:
             unfinished = len(pending)
-    elapsed_s = (max(done_at) if done_at else time.perf_counter()) - start
+            finished, failed = finished_at.copy(), dict(errors)
+    answered = np.flatnonzero(~np.isnan(finished))
+    sent, done, tenants = submitted_at.tolist(), finished.tolist(), tenant_index.tolist()  # Python floats for the recorder
+    for i in answered.tolist():
+        recorder.record(tenant_ids[tenants[i]], 1e3 * (done[i] - sent[i]), workload.slo_ms, failed.get(i))
+    elapsed_s = (float(finished[answered].max()) if answered.size else time.perf_counter()) - start
     server_metrics = server.metrics()
     metrics = recorder.snapshot()
     samples = recorder.samples_by_tenant()
