@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, load_script
 
+import jaxmt
+
 simulate = load_script(ROOT / "scripts" / "simulate.py", "jaxmt_simulate")
 
 
@@ -102,3 +104,56 @@ def test_a_trial_logs_each_straggler_once_the_servers_own_flag(caplog):
     assert sorted(flagged) == sorted(mt.tenants)
     logged = [r.getMessage() for r in caplog.records if "keeps missing" in r.getMessage()]
     assert sorted(logged) == sorted(set(logged)) and len(logged) == len(mt.tenants)
+
+
+class _StubServer:
+    """Answers request i per ``plan[i % len(plan)]``: "ok" at once, "fail" with an error, "refuse"
+    at submit, "never" (left unfinished); completes futures on a thread of its own, as servers do."""
+
+    kind = "stub"
+
+    def __init__(self, plan):
+        import concurrent.futures as cf
+        import threading
+
+        self.plan, self.calls, self.hanging = plan, 0, []
+        self._pool = cf.ThreadPoolExecutor(1)
+        self._lock = threading.Lock()
+
+    def submit(self, tenant, x, slo_ms, copy=True):
+        import concurrent.futures as cf
+
+        with self._lock:
+            what = self.plan[self.calls % len(self.plan)]
+            self.calls += 1
+        if what == "refuse":
+            raise jaxmt.Overloaded("refused at submit")
+        future = cf.Future()
+        if what == "never":
+            self.hanging.append(future)
+        elif what == "fail":
+            self._pool.submit(future.set_exception, ValueError("step failed"))
+        else:
+            self._pool.submit(future.set_result, np.asarray(x))
+        return future
+
+    def metrics(self):
+        return {"steps": {}, "staging": {}}
+
+
+def test_a_trial_accounts_every_request_once_answered_failed_refused_or_unfinished():
+    plan = ["ok", "ok", "fail", "refuse", "ok", "never"]
+    server = _StubServer(plan)
+    workload = simulate.Workload(rate=2000.0, duration_s=0.1, tenants=3, slo_ms=1000.0, seed=5)
+    inputs = np.zeros((3, 2, 1, 4), np.float32)
+    result = simulate.run_trial(server, workload, inputs, ["a", "b", "c"], timeout_s=1.0)
+    n = result["requests"]
+    want = {what: sum(plan[i % len(plan)] == what for i in range(n)) for what in set(plan)}
+    assert n == server.calls > 50
+    assert result["unfinished"] == want["never"]
+    assert result["ok"] == want["ok"] and result["rejected"] == want["refuse"]
+    assert result["errors"] == want["fail"] + want["refuse"]
+    assert result["ok"] + result["errors"] + result["unfinished"] == n
+    assert sum(t["count"] for t in result["per_tenant"].values()) == n - want["never"]
+    assert result["slo_attainment"] == pytest.approx(want["ok"] / n)  # answered well within 1 s
+    assert 0.0 <= result["latency_ms"]["p50_ms"] <= result["latency_ms"]["max_ms"] < 1000.0
