@@ -117,7 +117,7 @@ class LatencyRecorder:
         with self._lock:
             stats = self._stats(tenant_id)
             stats.count += 1
-            met = error is None and latency_ms <= slo_ms
+            met = bool(error is None and latency_ms <= slo_ms)  # a Python bool: NumPy latencies would make counts np.int64
             if error is None:
                 stats.ok += 1
                 stats.latencies_ms.append(float(latency_ms))

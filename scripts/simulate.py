@@ -155,6 +155,12 @@ def settle_heap(freeze: bool = True) -> None:
         gc.collect()
 
 
+# How a request that got an answer ended, and the error the trial's recorder counts for it
+# (it tells only errors from successes, and ``Overloaded`` from other errors).
+ANSWERED, FAILED, REFUSED, CANCELLED = range(4)
+OUTCOMES = (None, RuntimeError("the request failed"), jaxmt.Overloaded("refused by the server"), concurrent.futures.CancelledError())
+
+
 def run_trial(server: Any, workload: Workload, inputs: np.ndarray, tenant_ids: Sequence[Any],
               *, timeout_s: float = 120.0) -> dict[str, Any]:
     """Drives ``server`` with the workload's arrivals; returns the client-side measurements.
@@ -170,13 +176,13 @@ def run_trial(server: Any, workload: Workload, inputs: np.ndarray, tenant_ids: S
     # Every latency kept; no straggler flags: the server under test flags (and logs) its own.
     recorder = LatencyRecorder(window=max(1, times.shape[0]), flag_below_attainment=0.0, name=server.kind)
     lag_s, pool = [], inputs.shape[1]
-    # When each request was sent and answered (NaN: not answered), and the errors by request:
+    # When each request was sent and answered (NaN: not answered), and how it ended:
     # a done-callback runs on the thread of the server that completes the future, so it only
     # notes the time there; the recorder reads them after the trial. NumPy slots, not a list
     # of tuples: objects made during the trial would lengthen the collector's pauses.
     submitted_at = np.zeros(times.shape[0])
     finished_at = np.full(times.shape[0], np.nan)
-    errors: dict[int, BaseException] = {}
+    outcome = np.zeros(times.shape[0], np.int8)  # an index into OUTCOMES (not the error: one object per request)
     # Futures not done yet; a done one is let go at once, so that the objects alive during a
     # trial (and what a garbage collection walks) stay bounded by those in flight.
     pending: set[concurrent.futures.Future] = set()
@@ -184,14 +190,17 @@ def run_trial(server: Any, workload: Workload, inputs: np.ndarray, tenant_ids: S
     sending = True
 
     def on_done(i: int, future: concurrent.futures.Future) -> None:
-        finished, error = time.perf_counter(), None
+        finished, code = time.perf_counter(), FAILED
         try:
-            error = concurrent.futures.CancelledError() if future.cancelled() else future.exception()
+            if future.cancelled():
+                code = CANCELLED
+            else:
+                error = future.exception()
+                code = ANSWERED if error is None else REFUSED if isinstance(error, jaxmt.Overloaded) else FAILED
         finally:
             with pending_lock:  # with the discard: a request counts as answered or unfinished, never both
                 finished_at[i] = finished
-                if error is not None:
-                    errors[i] = error
+                outcome[i] = code
                 pending.discard(future)
                 if not sending and not pending:
                     all_done.set()
@@ -222,11 +231,11 @@ def run_trial(server: Any, workload: Workload, inputs: np.ndarray, tenant_ids: S
         all_done.wait(timeout_s)
         with pending_lock:
             unfinished = len(pending)
-            finished, failed = finished_at.copy(), dict(errors)
+            finished, codes = finished_at.copy(), outcome.copy()
     answered = np.flatnonzero(~np.isnan(finished))
-    sent, done, tenants = submitted_at.tolist(), finished.tolist(), tenant_index.tolist()  # Python floats for the recorder
+    sent, done, tenants, codes = submitted_at.tolist(), finished.tolist(), tenant_index.tolist(), codes.tolist()  # Python scalars
     for i in answered.tolist():
-        recorder.record(tenant_ids[tenants[i]], 1e3 * (done[i] - sent[i]), workload.slo_ms, failed.get(i))
+        recorder.record(tenant_ids[tenants[i]], 1e3 * (done[i] - sent[i]), workload.slo_ms, OUTCOMES[codes[i]])
     elapsed_s = (float(finished[answered].max()) if answered.size else time.perf_counter()) - start
     server_metrics = server.metrics()
     metrics = recorder.snapshot()

@@ -140,13 +140,19 @@ class _StubServer:
     def metrics(self):
         return {"steps": {}, "staging": {}}
 
+    def close(self):
+        self._pool.shutdown()
+
 
 def test_a_trial_accounts_every_request_once_answered_failed_refused_or_unfinished():
     plan = ["ok", "ok", "fail", "refuse", "ok", "never"]
     server = _StubServer(plan)
     workload = simulate.Workload(rate=2000.0, duration_s=0.1, tenants=3, slo_ms=1000.0, seed=5)
     inputs = np.zeros((3, 2, 1, 4), np.float32)
-    result = simulate.run_trial(server, workload, inputs, ["a", "b", "c"], timeout_s=1.0)
+    try:
+        result = simulate.run_trial(server, workload, inputs, ["a", "b", "c"], timeout_s=1.0)
+    finally:
+        server.close()
     n = result["requests"]
     want = {what: sum(plan[i % len(plan)] == what for i in range(n)) for what in set(plan)}
     assert n == server.calls > 50
