@@ -48,6 +48,16 @@ def benchmark_script(filename: str, name: str) -> Iterator:
         sys.modules.pop(name, None)
 
 
+@pytest.fixture
+def results_dir(tmp_path, monkeypatch):
+    """A fresh folder where the benchmark scripts write their JSON (``common.RESULTS_DIR``),
+    for tests whose script fixture has put benchmarks/ on sys.path."""
+    import common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    return tmp_path
+
+
 @functools.lru_cache(maxsize=None)
 class FakeClock:
     """Seconds that move only when a test (or a gated step) says so: servers take it as their

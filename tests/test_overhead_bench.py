@@ -16,12 +16,9 @@ def overhead():
         yield module
 
 
-def test_a_short_run_writes_the_overhead_and_every_phase(overhead, tmp_path, monkeypatch):
-    import common
-
-    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+def test_a_short_run_writes_the_overhead_and_every_phase(overhead, results_dir):
     overhead.main(["--tenants", "4", "--rows", "8", "--repeats", "5", "--no-readme"])
-    result = json.loads((tmp_path / "overhead.json").read_text())["result"]
+    result = json.loads((results_dir / "overhead.json").read_text())["result"]
     assert result["relative_error"] < 1e-5 and result["recompiles_in_steady_state"] == 0
     assert result["overhead_us"] == pytest.approx(result["predict_us"] - result["bare_program_us"])
     assert set(result["phases_us"]) == {"host_plan", "to_device", "launch", "program", "to_host", "host_only"}

@@ -15,12 +15,9 @@ def bench():
         yield module
 
 
-def test_a_quick_run_checks_and_times_every_form_of_every_layer(bench, tmp_path, monkeypatch):
-    import common
-
-    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+def test_a_quick_run_checks_and_times_every_form_of_every_layer(bench, results_dir):
     assert bench.main(["--quick", "--no-readme"]) == 0
-    data = json.loads((tmp_path / "pallas_conv_quick.json").read_text())
+    data = json.loads((results_dir / "pallas_conv_quick.json").read_text())
     kernels = [bench.kernel_name(c) for c in bench.QUICK_KERNEL_CONFIGS]
     assert len(data["rows"]) == 2 * len(bench.QUICK_LAYERS)  # two K x B configs
     for row in data["rows"]:

@@ -69,12 +69,9 @@ def test_the_ratio_is_bounded_by_each_searchs_passing_and_first_failing_rates(se
     assert "between 2 and 4.243" in summary["targets"]["jaxmt >= 3x best baseline"]
 
 
-def test_a_quick_run_writes_a_complete_file_that_reports_again(serving, tmp_path, monkeypatch, capsys):
-    import common
-
-    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+def test_a_quick_run_writes_a_complete_file_that_reports_again(serving, results_dir, capsys):
     assert serving.main(["--quick", "--no-readme", "--quiet", "--servers", "jaxmt,time"]) == 0
-    data = json.loads((tmp_path / "serving_quick.json").read_text())
+    data = json.loads((results_dir / "serving_quick.json").read_text())
     assert data["partial"] is False and [r["scheduler"] for r in data["results"]] == ["jaxmt", "time"]
     for result in data["results"]:
         assert result["max_rel_error"] < 1e-4 and result["trials"]
@@ -86,25 +83,22 @@ def test_a_quick_run_writes_a_complete_file_that_reports_again(serving, tmp_path
         assert not any("_samples_by_tenant" in t for t in result["trials"])
     assert set(data["summary"]["max_rate_rps"]) == {"jaxmt", "time"}
     capsys.readouterr()
-    path = str(tmp_path / "serving_quick.json")
+    path = str(results_dir / "serving_quick.json")
     assert serving.main(["--report-only", path, "--no-readme"]) == 0
     assert "| jaxmt |" in capsys.readouterr().out
     data["partial"] = True  # a run cut short is not reported as if it were whole
-    (tmp_path / "partial.json").write_text(json.dumps(data))
-    assert serving.main(["--report-only", str(tmp_path / "partial.json")]) == 1
+    (results_dir / "partial.json").write_text(json.dumps(data))
+    assert serving.main(["--report-only", str(results_dir / "partial.json")]) == 1
 
 
-def test_host_only_keeps_the_input_rows_and_answers_like_its_reference(serving, tmp_path, monkeypatch):
+def test_host_only_keeps_the_input_rows_and_answers_like_its_reference(serving, results_dir):
     """``--host-only``: the architecture's input rows through next to no device work, checked
     against the stand-in's own per-tenant reference like any run."""
-    import common
-
-    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
     args = serving.parse_args(["--host-only", "--arch", "resnet18", "--size", "tiny", "--tenants", "3"])
     spec, mt = serving.build_host_only(args)
     assert spec.input_shape == mt.row_shape and len(mt) == 3 and serving.default_out(args) == "serving_host_resnet18"
     assert serving.main(["--quick", "--host-only", "--no-readme", "--quiet", "--servers", "jaxmt"]) == 0
-    data = json.loads((tmp_path / "serving_quick.json").read_text())
+    data = json.loads((results_dir / "serving_quick.json").read_text())
     assert data["args"]["host_only"] and data["results"][0]["max_rel_error"] < 1e-4
 
 

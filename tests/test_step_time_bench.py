@@ -25,13 +25,10 @@ def test_shapes_parse_as_tenants_by_rows(step_time):
 
 
 @pytest.mark.parametrize("arch", ["mlp", "resnet18"])
-def test_a_quick_run_times_every_shape_and_lowering_against_both_baselines(step_time, arch, tmp_path, monkeypatch):
-    import common
-
-    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+def test_a_quick_run_times_every_shape_and_lowering_against_both_baselines(step_time, arch, results_dir):
     argv = ["--quick", "--arch", arch, "--shapes", "1x1,4x2", "--lowerings", "auto,vmap", "--seed", "3"]
     assert step_time.main(argv) == 0
-    data = json.loads((tmp_path / "step_time_quick.json").read_text())
+    data = json.loads((results_dir / "step_time_quick.json").read_text())
     steps = data["steps"]
     assert [(s["lowering"], s["tenants"], s["rows_per_tenant"]) for s in steps] == [
         ("auto", 1, 1), ("auto", 4, 2), ("vmap", 1, 1), ("vmap", 4, 2)]
