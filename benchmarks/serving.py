@@ -117,6 +117,7 @@ def check_answers(kind: str, server: Any, spec: Any, mt: jaxmt.MultiTenantModel,
 def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.ndarray, args: argparse.Namespace) -> dict:
     """Exponential search, then bisection, of the highest passing rate for one server."""
     options = {"default_slo_ms": args.slo_ms, "max_delay_ms": args.max_delay_ms,
+               "target_latency_fraction": getattr(args, "target_latency_fraction", 0.0),
                "overload_policy": args.overload_policy, "overload_factor": args.overload_factor,
                "stage_inputs": STAGE_CHOICES[args.stage]}
     with simulate.make_server(kind, mt, **options) as server:
@@ -392,6 +393,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--zipf", type=float, default=1.0, help="tenant popularity exponent")
     parser.add_argument("--arrival", default="poisson", choices=["poisson", "bursty"])
     parser.add_argument("--max-delay-ms", type=float, default=2.0)
+    parser.add_argument("--target-latency-fraction", type=float, default=0.0,
+                        help="jaxmt paced: each request answered at about this fraction of its SLO (0: as soon as possible)")
     parser.add_argument("--overload-policy", default="reject", choices=["reject", "serve_late"])
     parser.add_argument("--overload-factor", type=float, default=1.0)
     parser.add_argument("--max-tenants-bucket", type=int, default=0, help="largest tenant bucket (0: tenants, pow2, <= 64)")
@@ -467,6 +470,8 @@ def section_title(args: Any) -> str:
     that a run rewrites its own section and no other."""
     title = "Serving: host path" if getattr(args, "host_only", False) else "Serving"
     details = [] if args.arch == "resnet18" else [args.arch]
+    if getattr(args, "target_latency_fraction", 0.0):
+        details.append(f"jaxmt paced to {args.target_latency_fraction:g} x SLO")
     if getattr(args, "dtype", "float32") == "bfloat16":
         details.append("bfloat16")
     if getattr(args, "pixels", False):
@@ -492,13 +497,21 @@ def _staging_words(results: list[dict]) -> str:
     return "rows staged on the device at submit (`SchedulerConfig.stage_inputs`)"
 
 
+def _pacing_words(args: Any) -> str:
+    fraction = getattr(args, "target_latency_fraction", 0.0)
+    if not fraction:
+        return ""
+    return (f"jaxmt paced (`target_latency_fraction={fraction:g}`: each request held to be answered at about "
+            f"{fraction * args.slo_ms:g} ms), ")
+
+
 def readme_section(args: Any, argv: list[str], results: list[dict], summary: dict, environment: dict) -> None:
     model = f"{args.arch} ({args.size}, {args.dtype}{', uint8 pixel rows' if getattr(args, 'pixels', False) else ''})"
     if getattr(args, "host_only", False):
         model = f"{args.arch}-sized input rows through next to no device work (`--host-only`)"
     body = (f"Highest rate with >= {100 * args.target:g}% of requests within {args.slo_ms:g} ms; "
-            f"{args.tenants} tenants of {model}, Zipf {args.zipf:g}, {args.arrival} "
-            f"arrivals, {args.trial_s:g} s trials, {_staging_words(results)}, answers written to "
+            f"{args.tenants} tenants of {model}, Zipf {args.zipf:g}, {args.arrival} arrivals, {_pacing_words(args)}"
+            f"{args.trial_s:g} s trials, {_staging_words(results)}, answers written to "
             f"{'pinned host memory' if _outputs_in_host_memory(args) else 'the device'}; {environment['device']}, jax {environment['jax']}, commit "
             f"{environment['commit']}, {environment['date']}.\n\n    PYTHONPATH=. python benchmarks/serving.py "
             + " ".join(argv) + "\n\n" + table(results))

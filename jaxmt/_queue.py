@@ -145,6 +145,10 @@ class _EdfQueue:
                 heapq.heapify(self._by_arrival)
         return req
 
+    def peek(self) -> _Request | None:
+        """The request with the earliest deadline, left queued; None when empty."""
+        return self._top(self._by_deadline)
+
     def earliest_deadline(self) -> float:
         return self._top(self._by_deadline).deadline_s
 

@@ -66,6 +66,15 @@ class SchedulerConfig:
         launch, unless a full bucket or a deadline sends it sooner; the baselines launch at
         max_delay_ms.
       default_slo_ms: latency objective of requests submitted without ``slo_ms``.
+      target_latency_fraction: 0 (the default) serves each request as soon as a step can
+        take it. A fraction f in (0, 1) paces the Scheduler instead: each request is held
+        until a step launched then is expected to answer it f x its SLO after it was
+        submitted, and a step takes only the requests due to launch within one step time
+        of it. Latency then varies little between requests and tenants (about f x SLO, less
+        up to one step time) instead of ranging from one step time to the SLO, at the cost
+        of answering later than the device could; under overload requests are past their
+        launch time and steps form as without pacing. Scheduler only: the baselines serve
+        as soon as they can and refuse a non-zero value.
       overload_policy: "reject" (fail fast with ``Overloaded``) or "serve_late" (serve, count).
       overload_factor: a request is overloaded when its predicted completion lies past its
         deadline by more than this many SLOs (0: any predicted miss).
@@ -88,6 +97,7 @@ class SchedulerConfig:
 
     max_delay_ms: float = 2.0
     default_slo_ms: float = 50.0
+    target_latency_fraction: float = 0.0
     overload_policy: str = "reject"
     overload_factor: float = 1.0
     max_queue_rows: int | None = 100_000
@@ -104,6 +114,10 @@ class SchedulerConfig:
         set_ = lambda name, value: object.__setattr__(self, name, value)
         set_("max_delay_ms", _check_real("max_delay_ms", self.max_delay_ms, 0.0, 60_000.0))
         set_("default_slo_ms", _check_real("default_slo_ms", self.default_slo_ms, 0.0, MAX_SLO_MS, low_open=True))
+        fraction = _check_real("target_latency_fraction", self.target_latency_fraction, 0.0, 1.0)
+        if fraction >= 1.0:
+            raise ValueError(f"target_latency_fraction must be below 1 (a step needs time before the deadline), got {fraction!r}")
+        set_("target_latency_fraction", fraction)
         if self.overload_policy not in OVERLOAD_POLICIES:
             raise ValueError(f"overload_policy must be one of {OVERLOAD_POLICIES}, got {self.overload_policy!r}")
         set_("overload_factor", _check_real("overload_factor", self.overload_factor, 0.0, 1e6))
@@ -199,29 +213,43 @@ class Scheduler(_ServerBase):
         if not len(queue):
             return None, None
         est = self._steps.estimate_s
-        due_s = queue.oldest_submitted() + self.config.max_delay_ms / 1e3
+        paced = self.config.target_latency_fraction > 0.0
+        if paced:  # the most urgent request launches when it is due to be answered on target
+            due_s = self._launch_by_s(queue.peek(), est)
+        else:
+            due_s = queue.oldest_submitted() + self.config.max_delay_ms / 1e3
         if est is not None:
             if self._in_flight:  # launched earlier, the step would only wait on the device
                 due_s = max(due_s, self._busy_until_s - 2.0 * (self._launch_ewma_s or 0.0))
             # the most urgent request must leave now to make its deadline
             due_s = min(due_s, queue.earliest_deadline() - est)
-        full = queue.entries >= self.mt.buckets.max_tenants
+        # Paced, a full bucket does not launch early: it would answer its requests before their target.
+        full = queue.entries >= self.mt.buckets.max_tenants and not paced
         if not (self._closed or full or now >= due_s):
             return None, due_s - now
         return self._form_step_locked(now, est), None
 
     def _form_step_locked(self, now: float, est: float | None) -> _Batch:
-        """Deadline-first requests up to the largest buckets; optional company that would
-        only push the step into a larger, mostly padded tenant bucket waits for the next."""
+        """Deadline-first requests up to the largest buckets (paced: those due to launch
+        within one step time); optional company that would only push the step into a
+        larger, mostly padded tenant bucket waits for the next (not paced)."""
         buckets = self.mt.buckets
         max_k, max_b = buckets.max_tenants, buckets.max_rows
         pieces = lambda rows: -(-rows // max_b)
         queue, batch = self._queue, _Batch(requests=[])
         rows_of: dict[Any, int] = {}
         entries, skipped = 0, []
+        paced = self.config.target_latency_fraction > 0.0
+        # Paced, a step takes the requests due to launch within one step time (or max_delay)
+        # from now, in deadline order, so that steps come about one step time apart; the
+        # rest wait for their time. Closing, it takes what the buckets hold.
+        take_until_s = now + max(est or 0.0, self.config.max_delay_ms / 1e3) if paced and not self._closed else math.inf
         while len(skipped) < 4 * max_k:
             req = self._take_locked(queue, now, est, batch.dropped)
             if req is None:
+                break
+            if batch.requests and self._launch_by_s(req, est) > take_until_s:
+                skipped.append(req)
                 break
             have = rows_of.get(req.tenant_id, 0)
             after = entries - pieces(have) + pieces(have + req.rows)
@@ -231,11 +259,17 @@ class Scheduler(_ServerBase):
             batch.requests.append(req)
             rows_of[req.tenant_id] = have + req.rows
             entries = after
-        if not self._closed and entries not in buckets.tenant_buckets and entries < max_k:
+        # (Paced steps are not trimmed: a trimmed request would wait one more step past its target.)
+        if not self._closed and not paced and entries not in buckets.tenant_buckets and entries < max_k:
             skipped += self._trim_to_bucket_locked(batch.requests, rows_of, entries, now, est, pieces)
         for req in skipped:
             queue.push(req)
         return batch
+
+    def _launch_by_s(self, req: _Request, est: float | None) -> float:
+        """When a step should launch to answer ``req`` at its target latency (paced), given
+        the step time ``est`` (zero until one is known)."""
+        return req.submitted_s + self.config.target_latency_fraction * req.slo_ms / 1e3 - (est or 0.0)
 
     def _trim_to_bucket_locked(self, requests, rows_of, entries, now, est, pieces) -> list[_Request]:
         """Removes optional requests (younger than max_delay, not urgent) from the end so the
