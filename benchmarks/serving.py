@@ -117,7 +117,7 @@ def check_answers(kind: str, server: Any, spec: Any, mt: jaxmt.MultiTenantModel,
 def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.ndarray, args: argparse.Namespace) -> dict:
     """Exponential search, then bisection, of the highest passing rate for one server."""
     options = {"default_slo_ms": args.slo_ms, "max_delay_ms": args.max_delay_ms,
-               "target_latency_fraction": getattr(args, "target_latency_fraction", 0.0),
+               "target_latency_ms": getattr(args, "target_latency_ms", None),
                "overload_policy": args.overload_policy, "overload_factor": args.overload_factor,
                "stage_inputs": STAGE_CHOICES[args.stage]}
     with simulate.make_server(kind, mt, **options) as server:
@@ -393,8 +393,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--zipf", type=float, default=1.0, help="tenant popularity exponent")
     parser.add_argument("--arrival", default="poisson", choices=["poisson", "bursty"])
     parser.add_argument("--max-delay-ms", type=float, default=2.0)
-    parser.add_argument("--target-latency-fraction", type=float, default=0.0,
-                        help="jaxmt paced: each request answered at about this fraction of its SLO (0: as soon as possible)")
+    parser.add_argument("--target-latency-ms", type=float, default=None,
+                        help="jaxmt paced: each request answered about this long after submit (default: as soon as possible)")
     parser.add_argument("--overload-policy", default="reject", choices=["reject", "serve_late"])
     parser.add_argument("--overload-factor", type=float, default=1.0)
     parser.add_argument("--max-tenants-bucket", type=int, default=0, help="largest tenant bucket (0: tenants, pow2, <= 64)")
@@ -470,8 +470,8 @@ def section_title(args: Any) -> str:
     that a run rewrites its own section and no other."""
     title = "Serving: host path" if getattr(args, "host_only", False) else "Serving"
     details = [] if args.arch == "resnet18" else [args.arch]
-    if getattr(args, "target_latency_fraction", 0.0):
-        details.append(f"jaxmt paced to {args.target_latency_fraction:g} x SLO")
+    if getattr(args, "target_latency_ms", None) is not None:
+        details.append(f"jaxmt paced to {args.target_latency_ms:g} ms")
     if getattr(args, "dtype", "float32") == "bfloat16":
         details.append("bfloat16")
     if getattr(args, "pixels", False):
@@ -498,11 +498,10 @@ def _staging_words(results: list[dict]) -> str:
 
 
 def _pacing_words(args: Any) -> str:
-    fraction = getattr(args, "target_latency_fraction", 0.0)
-    if not fraction:
+    target = getattr(args, "target_latency_ms", None)
+    if target is None:
         return ""
-    return (f"jaxmt paced (`target_latency_fraction={fraction:g}`: each request held to be answered at about "
-            f"{fraction * args.slo_ms:g} ms), ")
+    return f"jaxmt paced (`target_latency_ms={target:g}`: each request held to be answered about {target:g} ms after submit), "
 
 
 def readme_section(args: Any, argv: list[str], results: list[dict], summary: dict, environment: dict) -> None:

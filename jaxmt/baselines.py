@@ -183,9 +183,9 @@ class _LaneServer(_ServerBase):
 
         if not isinstance(mt, MultiTenantModel):
             raise TypeError(f"mt must be a jaxmt.MultiTenantModel, got {type(mt).__name__}")
-        if config.target_latency_fraction:
-            raise ValueError(f"{self.kind}: target_latency_fraction paces the Scheduler only; a baseline serves as soon as it "
-                             f"can (got {config.target_latency_fraction!r})")
+        if config.target_latency_ms is not None:
+            raise ValueError(f"{self.kind}: target_latency_ms paces the Scheduler only; a baseline serves as soon as it "
+                             f"can (got {config.target_latency_ms!r})")
         super().__init__(mt, config)
         self._programs = _TenantPrograms(mt, batch_sizes)
         self._max_batch = self._programs.batch_sizes[-1]

@@ -66,15 +66,15 @@ class SchedulerConfig:
         launch, unless a full bucket or a deadline sends it sooner; the baselines launch at
         max_delay_ms.
       default_slo_ms: latency objective of requests submitted without ``slo_ms``.
-      target_latency_fraction: 0 (the default) serves each request as soon as a step can
-        take it. A fraction f in (0, 1) paces the Scheduler instead: each request is held
-        until a step launched then is expected to answer it f x its SLO after it was
-        submitted, and a step takes only the requests due to launch within one step time
-        of it. Latency then varies little between requests and tenants (about f x SLO, less
-        up to one step time) instead of ranging from one step time to the SLO, at the cost
-        of answering later than the device could; under overload requests are past their
-        launch time and steps form as without pacing. Scheduler only: the baselines serve
-        as soon as they can and refuse a non-zero value.
+      target_latency_ms: None (the default) serves each request as soon as a step can take
+        it. A number paces the Scheduler instead: each request is held until a step
+        launched then is expected to answer it this long after it was submitted (or by its
+        deadline, if that comes first), and a step takes only the requests due to launch
+        within one step time of it. Latency then varies little between requests and
+        tenants (about the target, less up to one step time) instead of ranging from one
+        step time to the SLO, at the cost of answering later than the device could; under
+        overload requests are past their launch time and steps form as without pacing.
+        Scheduler only: the baselines serve as soon as they can and refuse a target.
       overload_policy: "reject" (fail fast with ``Overloaded``) or "serve_late" (serve, count).
       overload_factor: a request is overloaded when its predicted completion lies past its
         deadline by more than this many SLOs (0: any predicted miss).
@@ -97,7 +97,7 @@ class SchedulerConfig:
 
     max_delay_ms: float = 2.0
     default_slo_ms: float = 50.0
-    target_latency_fraction: float = 0.0
+    target_latency_ms: float | None = None
     overload_policy: str = "reject"
     overload_factor: float = 1.0
     max_queue_rows: int | None = 100_000
@@ -114,10 +114,8 @@ class SchedulerConfig:
         set_ = lambda name, value: object.__setattr__(self, name, value)
         set_("max_delay_ms", _check_real("max_delay_ms", self.max_delay_ms, 0.0, 60_000.0))
         set_("default_slo_ms", _check_real("default_slo_ms", self.default_slo_ms, 0.0, MAX_SLO_MS, low_open=True))
-        fraction = _check_real("target_latency_fraction", self.target_latency_fraction, 0.0, 1.0)
-        if fraction >= 1.0:
-            raise ValueError(f"target_latency_fraction must be below 1 (a step needs time before the deadline), got {fraction!r}")
-        set_("target_latency_fraction", fraction)
+        if self.target_latency_ms is not None:
+            set_("target_latency_ms", _check_real("target_latency_ms", self.target_latency_ms, 0.0, MAX_SLO_MS, low_open=True))
         if self.overload_policy not in OVERLOAD_POLICIES:
             raise ValueError(f"overload_policy must be one of {OVERLOAD_POLICIES}, got {self.overload_policy!r}")
         set_("overload_factor", _check_real("overload_factor", self.overload_factor, 0.0, 1e6))
@@ -213,7 +211,7 @@ class Scheduler(_ServerBase):
         if not len(queue):
             return None, None
         est = self._steps.estimate_s
-        paced = self.config.target_latency_fraction > 0.0
+        paced = self.config.target_latency_ms is not None
         if paced:  # the most urgent request launches when it is due to be answered on target
             due_s = self._launch_by_s(queue.peek(), est)
         else:
@@ -239,7 +237,7 @@ class Scheduler(_ServerBase):
         queue, batch = self._queue, _Batch(requests=[])
         rows_of: dict[Any, int] = {}
         entries, skipped = 0, []
-        paced = self.config.target_latency_fraction > 0.0
+        paced = self.config.target_latency_ms is not None
         # Paced, a step takes the requests due to launch within one step time (or max_delay)
         # from now, in deadline order, so that steps come about one step time apart; the
         # rest wait for their time. Closing, it takes what the buckets hold.
@@ -267,9 +265,9 @@ class Scheduler(_ServerBase):
         return batch
 
     def _launch_by_s(self, req: _Request, est: float | None) -> float:
-        """When a step should launch to answer ``req`` at its target latency (paced), given
-        the step time ``est`` (zero until one is known)."""
-        return req.submitted_s + self.config.target_latency_fraction * req.slo_ms / 1e3 - (est or 0.0)
+        """When a step should launch to answer ``req`` at the target latency or its deadline,
+        whichever comes first (paced), given the step time ``est`` (zero until one is known)."""
+        return min(req.submitted_s + self.config.target_latency_ms / 1e3, req.deadline_s) - (est or 0.0)
 
     def _trim_to_bucket_locked(self, requests, rows_of, entries, now, est, pieces) -> list[_Request]:
         """Removes optional requests (younger than max_delay, not urgent) from the end so the

@@ -140,12 +140,12 @@ def build_model(arch: str, size: str, tenants: int, *, max_tenants: int = 0, max
 def make_server(kind: str, mt: jaxmt.MultiTenantModel, **options: Any) -> Any:
     """A started server of the given kind ("jaxmt", "exclusive", "time", "space").
 
-    ``target_latency_fraction`` (the Scheduler's pacing) goes to jaxmt only: the baselines
+    ``target_latency_ms`` (the Scheduler's pacing) goes to jaxmt only: the baselines
     serve as soon as they can."""
     if kind not in SERVERS:
         raise ValueError(f"unknown scheduler {kind!r}; expected one of {sorted(SERVERS)}")
     if kind != "jaxmt":
-        options.pop("target_latency_fraction", None)
+        options.pop("target_latency_ms", None)
     return SERVERS[kind](mt, **options)
 
 
@@ -372,8 +372,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=1, help="rows per request")
     parser.add_argument("--slo-ms", type=float, default=50.0, help="latency objective of every request")
     parser.add_argument("--max-delay-ms", type=float, default=2.0, help="longest wait for company (all servers)")
-    parser.add_argument("--target-latency-fraction", type=float, default=0.0,
-                        help="jaxmt only: pace each request to be answered at this fraction of its SLO (0: as soon as possible)")
+    parser.add_argument("--target-latency-ms", type=float, default=None,
+                        help="jaxmt only: pace each request to be answered about this long after submit (default: as soon as possible)")
     parser.add_argument("--overload-policy", default="reject", choices=jaxmt.scheduler.OVERLOAD_POLICIES)
     parser.add_argument("--overload-factor", type=float, default=1.0, help="tolerated predicted lateness, in SLOs")
     parser.add_argument("--max-tenants-bucket", type=int, default=0, help="largest tenant bucket (0: tenants, pow2, <= 64)")
@@ -400,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = simulate(workload, schedulers, arch=args.arch, size=args.size, max_tenants=args.max_tenants_bucket,
                       max_rows=args.max_rows_bucket, progress=not args.quiet, gc_freeze=args.gc_freeze,
                       max_delay_ms=args.max_delay_ms, stage_inputs=STAGE_CHOICES[args.stage],
-                      target_latency_fraction=args.target_latency_fraction,
+                      target_latency_ms=args.target_latency_ms,
                       overload_policy=args.overload_policy, overload_factor=args.overload_factor)
     print(format_table(report["results"]))
     if args.json:

@@ -122,6 +122,7 @@ def rows(rng, n: int = 1) -> np.ndarray:
     ("overload_policy", "drop", ValueError), ("overload_factor", -0.5, ValueError),
     ("max_queue_rows", 0, ValueError), ("pipeline_depth", 0, ValueError), ("pipeline_depth", 1.5, ValueError),
     ("ewma_alpha", 0.0, ValueError), ("flag_below_attainment", 1.5, ValueError), ("clock", 3, TypeError),
+    ("target_latency_ms", 0.0, ValueError), ("target_latency_ms", -5.0, ValueError), ("target_latency_ms", "30", TypeError),
 ])
 def test_config_rejects_bad_values(field, value, error):
     with pytest.raises(error, match=field):
@@ -579,6 +580,71 @@ def test_optional_company_that_would_only_pad_waits_for_the_next_step(served, mo
         clock.advance(0.005)  # now t2 is due too
         young[1].result(TIMEOUT_S)
     assert [sorted(set(ids)) for ids, _ in recorder.calls] == [["t0", "t1"], ["t2"]]
+
+
+# ------------------------------------------------------------------ pacing (target_latency_ms)
+@pytest.mark.parametrize("slo_ms, target_ms, due_ms", [(100.0, 50.0, 50.0), (20.0, 50.0, 20.0)])
+def test_paced_requests_wait_until_due_to_be_answered_on_target_or_by_their_deadline(served, monkeypatch, rng, slo_ms, target_ms, due_ms):
+    mt, params = served
+    clock = FakeClock()
+    recorder = RecordingDispatch(mt)
+    monkeypatch.setattr(mt, "dispatch", recorder)
+    with jaxmt.Scheduler(mt, max_delay_ms=0.0, target_latency_ms=target_ms, clock=clock, overload_policy="serve_late") as sched:
+        x = rows(rng)
+        future = sched.submit("t1", x, slo_ms=slo_ms)
+        clock.advance((due_ms - 1.0) / 1e3)
+        with sched._cond:
+            batch, wait_s = sched._next_batch_locked(clock())
+        assert batch is None and wait_s == pytest.approx(1e-3)  # no step time known yet: due at the target
+        assert not recorder.calls and not future.done()
+        clock.advance(2e-3)
+        y = future.result(TIMEOUT_S)
+    check_against_reference(params, [("t1", x, y)])
+
+
+def test_a_paced_step_takes_only_the_requests_due_within_one_step_time(served, monkeypatch, rng):
+    mt, params = served
+    clock = FakeClock()
+    recorder = RecordingDispatch(mt)
+    monkeypatch.setattr(mt, "dispatch", recorder)
+    # No step time known yet: a step takes the requests due within max_delay_ms (5 ms).
+    with jaxmt.Scheduler(mt, max_delay_ms=5.0, target_latency_ms=50.0, default_slo_ms=100.0, clock=clock,
+                         overload_policy="serve_late") as sched:
+        sent = []
+        for tenant, after_s in [("t0", 0.0), ("t1", 0.003), ("t2", 0.017)]:  # due at 50, 53 and 70 ms
+            clock.advance(after_s)
+            x = rows(rng)
+            sent.append((tenant, x, sched.submit(tenant, x)))
+        clock.advance(0.030)  # 50 ms: t0 is due, t1 within 5 ms of it, t2 not
+        sent[1][2].result(TIMEOUT_S)
+        assert sorted(set(recorder.calls[0][0])) == ["t0", "t1"] and not sent[2][2].done()
+        clock.advance(0.020)
+        answers = [(tenant, x, future.result(TIMEOUT_S)) for tenant, x, future in sent]
+    assert [sorted(set(ids)) for ids, _ in recorder.calls] == [["t0", "t1"], ["t2"]]
+    check_against_reference(params, answers)
+
+
+def test_a_full_bucket_waits_for_its_target_when_paced_and_closing_serves_the_held_requests_at_once(served, monkeypatch, rng):
+    mt, params = served
+    clock = FakeClock()
+    recorder = RecordingDispatch(mt)
+    monkeypatch.setattr(mt, "dispatch", recorder)
+    sched = jaxmt.Scheduler(mt, max_delay_ms=0.0, target_latency_ms=10_000.0, default_slo_ms=60_000.0, clock=clock,
+                            overload_policy="serve_late")
+    sent = [(t, x, sched.submit(t, x)) for t in params for x in [rows(rng)]]  # six tenants: more than the largest bucket (4)
+    with sched._cond:
+        batch, wait_s = sched._next_batch_locked(clock())
+    assert batch is None and wait_s > 1.0 and not recorder.calls
+    sched.close(drain=True)  # the clock never reaches the target: closing serves them anyway
+    check_against_reference(params, [(t, x, future.result(TIMEOUT_S)) for t, x, future in sent])
+    assert sorted(t for ids, _ in recorder.calls for t in set(ids)) == sorted(params)
+
+
+@pytest.mark.parametrize("server", [jaxmt.TimeOnlyServer, jaxmt.SpaceOnlyServer, jaxmt.ExclusiveServer])
+def test_baselines_refuse_a_latency_target(served, server):
+    mt, _ = served
+    with pytest.raises(ValueError, match="target_latency_ms"):
+        server(mt, target_latency_ms=30.0)
 
 
 def test_a_tenant_with_many_rows_gets_its_own_program_call(served, monkeypatch, rng):
