@@ -246,7 +246,7 @@ class Scheduler(_ServerBase):
             req = self._take_locked(queue, now, est, batch.dropped)
             if req is None:
                 break
-            if batch.requests and self._launch_by_s(req, est) > take_until_s:
+            if paced and batch.requests and self._launch_by_s(req, est) > take_until_s:
                 skipped.append(req)
                 break
             have = rows_of.get(req.tenant_id, 0)
