@@ -1,0 +1,137 @@
+"""Per-tenant latency spread with and without the Scheduler's pacing (``target_latency_ms``).
+
+One model, one warm-up, then fixed-rate trials of jaxmt's Scheduler at the given rates, each
+unpaced (as soon as possible) or paced to a latency target; the pairs run in the order given,
+so that paced and unpaced trials at one rate alternate on the same host. Each trial reports
+SLO attainment, latency percentiles and the per-tenant spread (worst p99/p50 and the gap
+between tenants' mean latencies, over tenants with >= 100 and >= 1,000 answers), the figures
+that issue 4's spread targets name. Answers are checked against each tenant's own forward
+before the trials.
+
+    PYTHONPATH=. JAXMT_AUTOTUNE=0 python benchmarks/pacing.py --pixels --dtype bfloat16 \\
+        --trials 4500:0,4500:40,3000:40 [--trial-s 10] [--budget-s 600]
+
+``RATE:TARGET`` pairs: TARGET in ms, 0 for unpaced. ``--quick``: tiny MLP on 8 tenants (CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import common  # noqa: F401  (puts the repository on sys.path)
+import jax
+import numpy as np
+from common import markdown_table, update_readme_section, write_json
+from serving import WELL_SAMPLED, check_answers, simulate
+
+from jaxmt.metrics import tenant_spread
+
+SPREAD_COUNTS = (WELL_SAMPLED, 1000)
+
+
+def parse_trials(text: str) -> list[tuple[float, float | None]]:
+    """``"4500:0,4500:40"`` -> [(4500.0, None), (4500.0, 40.0)] (target 0: unpaced)."""
+    pairs = []
+    for item in text.split(","):
+        rate, _, target = item.partition(":")
+        if not target:
+            raise argparse.ArgumentTypeError(f"trial {item!r}: expected RATE:TARGET_MS (0 for unpaced)")
+        rate_v, target_v = float(rate), float(target)
+        if rate_v <= 0 or target_v < 0:
+            raise argparse.ArgumentTypeError(f"trial {item!r}: the rate must be > 0 and the target >= 0")
+        pairs.append((rate_v, target_v or None))
+    return pairs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny MLP, 8 tenants")
+    parser.add_argument("--trials", type=parse_trials, default=parse_trials("4500:0,4500:40,3000:0,3000:40"),
+                        help="RATE:TARGET_MS pairs, run in this order (target 0: unpaced)")
+    parser.add_argument("--trial-s", type=float, default=10.0)
+    parser.add_argument("--budget-s", type=float, default=1e9, help="skip the trials that would end after this many seconds")
+    parser.add_argument("--tenants", type=int, default=64)
+    parser.add_argument("--slo-ms", type=float, default=50.0)
+    parser.add_argument("--max-delay-ms", type=float, default=2.0)
+    parser.add_argument("--max-rows-bucket", type=int, default=8)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--pixels", action="store_true", help="uint8 pixel rows (the model scales them)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="pacing")
+    parser.add_argument("--no-readme", action="store_true")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    arch, size, tenants = ("mlp", "tiny", 8) if args.quick else ("resnet18", "full", args.tenants)
+    spec, mt = simulate.build_model(arch, size, tenants, max_rows=args.max_rows_bucket, seed=args.seed,
+                                    dtype=jax.numpy.dtype(args.dtype), pixels=args.pixels and not args.quick)
+    inputs = spec.random_input(np.random.default_rng(args.seed + 1), tenants * 4).reshape(tenants, 4, 1, *spec.input_shape)
+    options = dict(default_slo_ms=args.slo_ms, max_delay_ms=args.max_delay_ms, overload_policy="reject")
+    with simulate.make_server("jaxmt", mt, **options) as server:
+        server.warmup()
+        error = check_answers("jaxmt", server, spec, mt, np.random.default_rng(args.seed))
+    if error > 1e-2:
+        raise AssertionError(f"answers differ from the reference by {error:.2e} (relative)")
+    trials = []
+    for rate, target in args.trials:
+        if time.perf_counter() - start + args.trial_s + 8.0 > args.budget_s:
+            print(f"  {rate:g} req/s, target {target}: skipped (budget)", file=sys.stderr, flush=True)
+            continue
+        workload = simulate.Workload(rate=rate, duration_s=args.trial_s, tenants=tenants, zipf=1.0, slo_ms=args.slo_ms,
+                                     seed=args.seed + int(round(rate * 1000)))
+        with simulate.make_server("jaxmt", mt, target_latency_ms=target, **options) as server:
+            server.warmup(execute=False)
+            simulate.settle_heap(True)
+            result = simulate.run_trial(server, workload, inputs, mt.tenants)
+        per_tenant = {"tenants": result["per_tenant"]}
+        trial = {
+            "rate_rps": rate, "target_latency_ms": target, "requests": result["requests"],
+            "slo_attainment": round(result["slo_attainment"], 5), "rejected": result["rejected"],
+            "throughput_rps": result["throughput_rps"], "latency_ms": result["latency_ms"],
+            **{f"spread_min_{count}": tenant_spread(per_tenant, min_count=count) for count in SPREAD_COUNTS},
+            "steps": result["server"]["steps"], "generator_lag_max_ms": result["generator_lag_ms"]["max_ms"],
+        }
+        trials.append(trial)
+        print(f"  {rate:g} req/s, target {target}: {100 * trial['slo_attainment']:.2f}% in SLO, p50 "
+              f"{trial['latency_ms']['p50_ms']} ms, p99 {trial['latency_ms']['p99_ms']} ms, worst tenant p99/p50 "
+              f"{trial['spread_min_100']['max_p99_over_p50']}, mean gap {trial['spread_min_100']['mean_latency_gap']}",
+              file=sys.stderr, flush=True)
+        write_json(args.out, {"args": _jsonable(args), "max_rel_error": error, "trials": trials, "partial": True})
+    write_json(args.out, {"args": _jsonable(args), "max_rel_error": error, "trials": trials, "partial": False})
+    return {"max_rel_error": error, "trials": trials}
+
+
+def _jsonable(args: argparse.Namespace) -> dict:
+    return {**vars(args), "trials": [[rate, target] for rate, target in args.trials]}
+
+
+def table(trials: list[dict]) -> str:
+    rows = []
+    for t in trials:
+        s100, s1000 = t["spread_min_100"], t["spread_min_1000"]
+        rows.append([f"{t['rate_rps']:,.0f}", "-" if t["target_latency_ms"] is None else f"{t['target_latency_ms']:g}",
+                     f"{100 * t['slo_attainment']:.2f}%", t["latency_ms"]["p50_ms"], t["latency_ms"]["p99_ms"],
+                     s100["tenants_counted"], s100["max_p99_over_p50"], s100["mean_latency_gap"],
+                     s1000["tenants_counted"], s1000["max_p99_over_p50"], s1000["mean_latency_gap"],
+                     t["steps"]["mean_rows_per_step"]])
+    return markdown_table(["req/s", "target ms", "in SLO", "p50 ms", "p99 ms", "tenants >= 100 req", "worst p99/p50",
+                           "mean gap", "tenants >= 1000 req", "worst p99/p50", "mean gap", "rows/step"], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = run(args)
+    text = table(report["trials"])
+    print(text)
+    if not args.no_readme:
+        update_readme_section("Serving: pacing", "    PYTHONPATH=. python benchmarks/pacing.py " + " ".join(argv or sys.argv[1:])
+                              + "\n\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
