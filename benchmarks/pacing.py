@@ -1,17 +1,19 @@
 """Per-tenant latency spread with and without the Scheduler's pacing (``target_latency_ms``).
 
 One model, one warm-up, then fixed-rate trials of jaxmt's Scheduler at the given rates, each
-unpaced (as soon as possible) or paced to a latency target; the pairs run in the order given,
-so that paced and unpaced trials at one rate alternate on the same host. Each trial reports
+unpaced (as soon as possible) or paced to a latency target; the trials run in the order given,
+so that paced and unpaced trials at one rate alternate on the same host. Baseline trials
+(``time@RATE``) in the same run bound jaxmt's ratio to that baseline: a rate that jaxmt passes
+over one that the baseline fails (>= 99% of requests within the SLO passes). Each trial reports
 SLO attainment, latency percentiles and the per-tenant spread (worst p99/p50 and the gap
 between tenants' mean latencies, over tenants with >= 100 and >= 1,000 answers), the figures
 that issue 4's spread targets name. Answers are checked against each tenant's own forward
 before the trials.
 
     PYTHONPATH=. JAXMT_AUTOTUNE=0 python benchmarks/pacing.py --pixels --dtype bfloat16 \\
-        --trials 4500:0,4500:40,3000:40 [--trial-s 10] [--budget-s 600]
+        --trials 4500:0,4500:40,3000:40,time@1131 [--trial-s 10] [--budget-s 600]
 
-``RATE:TARGET`` pairs: TARGET in ms, 0 for unpaced. ``--quick``: tiny MLP on 8 tenants (CPU).
+Trials: ``RATE:TARGET`` for jaxmt (TARGET in ms, 0 for unpaced), ``SERVER@RATE`` for a baseline. ``--quick``: tiny MLP on 8 tenants (CPU).
 """
 
 from __future__ import annotations
@@ -31,25 +33,32 @@ from jaxmt.metrics import tenant_spread
 SPREAD_COUNTS = (WELL_SAMPLED, 1000)
 
 
-def parse_trials(text: str) -> list[tuple[float, float | None]]:
-    """``"4500:0,4500:40"`` -> [(4500.0, None), (4500.0, 40.0)] (target 0: unpaced)."""
-    pairs = []
+def parse_trials(text: str) -> list[tuple[str, float, float | None]]:
+    """``"4500:0,4500:40,time@1131"`` -> [("jaxmt", 4500.0, None), ("jaxmt", 4500.0, 40.0),
+    ("time", 1131.0, None)]: jaxmt at RATE:TARGET_MS (0: unpaced), a baseline as SERVER@RATE."""
+    trials = []
     for item in text.split(","):
-        rate, _, target = item.partition(":")
-        if not target:
-            raise argparse.ArgumentTypeError(f"trial {item!r}: expected RATE:TARGET_MS (0 for unpaced)")
+        if "@" in item:
+            server, _, rate = item.partition("@")
+            if server not in simulate.SERVERS or server == "jaxmt":
+                raise argparse.ArgumentTypeError(f"trial {item!r}: expected a baseline in {sorted(set(simulate.SERVERS) - {'jaxmt'})}")
+            target = "0"
+        else:
+            server, (rate, _, target) = "jaxmt", item.partition(":")
+            if not target:
+                raise argparse.ArgumentTypeError(f"trial {item!r}: expected RATE:TARGET_MS (0 for unpaced) or SERVER@RATE")
         rate_v, target_v = float(rate), float(target)
         if rate_v <= 0 or target_v < 0:
             raise argparse.ArgumentTypeError(f"trial {item!r}: the rate must be > 0 and the target >= 0")
-        pairs.append((rate_v, target_v or None))
-    return pairs
+        trials.append((server, rate_v, target_v or None))
+    return trials
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny MLP, 8 tenants")
     parser.add_argument("--trials", type=parse_trials, default=parse_trials("4500:0,4500:40,3000:0,3000:40"),
-                        help="RATE:TARGET_MS pairs, run in this order (target 0: unpaced)")
+                        help="jaxmt RATE:TARGET_MS (0: unpaced) or baseline SERVER@RATE, run in this order")
     parser.add_argument("--trial-s", type=float, default=10.0)
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip the trials that would end after this many seconds")
     parser.add_argument("--tenants", type=int, default=64)
@@ -77,26 +86,26 @@ def run(args: argparse.Namespace) -> dict:
     if error > 1e-2:
         raise AssertionError(f"answers differ from the reference by {error:.2e} (relative)")
     trials = []
-    for rate, target in args.trials:
+    for kind, rate, target in args.trials:
         if time.perf_counter() - start + args.trial_s + 8.0 > args.budget_s:
-            print(f"  {rate:g} req/s, target {target}: skipped (budget)", file=sys.stderr, flush=True)
+            print(f"  [{kind}] {rate:g} req/s, target {target}: skipped (budget)", file=sys.stderr, flush=True)
             continue
         workload = simulate.Workload(rate=rate, duration_s=args.trial_s, tenants=tenants, zipf=1.0, slo_ms=args.slo_ms,
                                      seed=args.seed + int(round(rate * 1000)))
-        with simulate.make_server("jaxmt", mt, target_latency_ms=target, **options) as server:
-            server.warmup(execute=False)
+        with simulate.make_server(kind, mt, target_latency_ms=target, **options) as server:
+            server.warmup(execute=False) if kind == "jaxmt" else server.warmup()
             simulate.settle_heap(True)
             result = simulate.run_trial(server, workload, inputs, mt.tenants)
         per_tenant = {"tenants": result["per_tenant"]}
         trial = {
-            "rate_rps": rate, "target_latency_ms": target, "requests": result["requests"],
+            "server": kind, "rate_rps": rate, "target_latency_ms": target, "requests": result["requests"],
             "slo_attainment": round(result["slo_attainment"], 5), "rejected": result["rejected"],
             "throughput_rps": result["throughput_rps"], "latency_ms": result["latency_ms"],
             **{f"spread_min_{count}": tenant_spread(per_tenant, min_count=count) for count in SPREAD_COUNTS},
             "steps": result["server"]["steps"], "generator_lag_max_ms": result["generator_lag_ms"]["max_ms"],
         }
         trials.append(trial)
-        print(f"  {rate:g} req/s, target {target}: {100 * trial['slo_attainment']:.2f}% in SLO, p50 "
+        print(f"  [{kind}] {rate:g} req/s, target {target}: {100 * trial['slo_attainment']:.2f}% in SLO, p50 "
               f"{trial['latency_ms']['p50_ms']} ms, p99 {trial['latency_ms']['p99_ms']} ms, worst tenant p99/p50 "
               f"{trial['spread_min_100']['max_p99_over_p50']}, mean gap {trial['spread_min_100']['mean_latency_gap']}",
               file=sys.stderr, flush=True)
@@ -106,19 +115,19 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _jsonable(args: argparse.Namespace) -> dict:
-    return {**vars(args), "trials": [[rate, target] for rate, target in args.trials]}
+    return {**vars(args), "trials": [list(trial) for trial in args.trials]}
 
 
 def table(trials: list[dict]) -> str:
     rows = []
     for t in trials:
         s100, s1000 = t["spread_min_100"], t["spread_min_1000"]
-        rows.append([f"{t['rate_rps']:,.0f}", "-" if t["target_latency_ms"] is None else f"{t['target_latency_ms']:g}",
+        rows.append([t["server"], f"{t['rate_rps']:,.0f}", "-" if t["target_latency_ms"] is None else f"{t['target_latency_ms']:g}",
                      f"{100 * t['slo_attainment']:.2f}%", t["latency_ms"]["p50_ms"], t["latency_ms"]["p99_ms"],
                      s100["tenants_counted"], s100["max_p99_over_p50"], s100["mean_latency_gap"],
                      s1000["tenants_counted"], s1000["max_p99_over_p50"], s1000["mean_latency_gap"],
                      t["steps"]["mean_rows_per_step"]])
-    return markdown_table(["req/s", "target ms", "in SLO", "p50 ms", "p99 ms", "tenants >= 100 req", "worst p99/p50",
+    return markdown_table(["server", "req/s", "target ms", "in SLO", "p50 ms", "p99 ms", "tenants >= 100 req", "worst p99/p50",
                            "mean gap", "tenants >= 1000 req", "worst p99/p50", "mean gap", "rows/step"], rows)
 
 
