@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slo-ms", type=float, default=50.0)
     parser.add_argument("--max-delay-ms", type=float, default=2.0)
     parser.add_argument("--max-rows-bucket", type=int, default=8)
+    parser.add_argument("--tenant-ladder", type=lambda text: [int(v) for v in text.split(",")], default=None,
+                        help="tenant buckets, comma-separated (default: powers of two up to the tenants, <= 64)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--pixels", action="store_true", help="uint8 pixel rows (the model scales them)")
     parser.add_argument("--seed", type=int, default=0)
@@ -76,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     arch, size, tenants = ("mlp", "tiny", 8) if args.quick else ("resnet18", "full", args.tenants)
-    spec, mt = simulate.build_model(arch, size, tenants, max_rows=args.max_rows_bucket, seed=args.seed,
+    spec, mt = simulate.build_model(arch, size, tenants, max_rows=args.max_rows_bucket, seed=args.seed, tenant_ladder=args.tenant_ladder,
                                     dtype=jax.numpy.dtype(args.dtype), pixels=args.pixels and not args.quick)
     inputs = spec.random_input(np.random.default_rng(args.seed + 1), tenants * 4).reshape(tenants, 4, 1, *spec.input_shape)
     options = dict(default_slo_ms=args.slo_ms, max_delay_ms=args.max_delay_ms, overload_policy="reject")
