@@ -145,9 +145,17 @@ class _EdfQueue:
                 heapq.heapify(self._by_arrival)
         return req
 
-    def peek(self) -> _Request | None:
-        """The request with the earliest deadline, left queued; None when empty."""
-        return self._top(self._by_deadline)
+    def pop_oldest(self) -> _Request | None:
+        """The request submitted first, removed; None when empty."""
+        req = self._top(self._by_arrival)
+        if req is not None:
+            heapq.heappop(self._by_arrival)
+            del self._live[req.token]
+            self._count(req, -1)
+            if len(self._by_deadline) > 2 * len(self._live) + 64:  # stale entries: drop them (amortised O(1))
+                self._by_deadline = [entry for entry in self._by_deadline if entry[2] in self._live]
+                heapq.heapify(self._by_deadline)
+        return req
 
     def earliest_deadline(self) -> float:
         return self._top(self._by_deadline).deadline_s

@@ -332,9 +332,11 @@ class _ServerBase:
             f"misses its {req.slo_ms:g} ms SLO by more than overload_factor={cfg.overload_factor:g} x SLO"
         )
 
-    def _take_locked(self, lane: _EdfQueue, now: float, est: float | None, dropped: list) -> _Request | None:
-        """The lane's next live request (EDF); cancelled and hopeless ones go to ``dropped``."""
-        while (req := lane.pop()) is not None:
+    def _take_locked(self, lane: _EdfQueue, now: float, est: float | None, dropped: list,
+                     oldest_first: bool = False) -> _Request | None:
+        """The lane's next live request (EDF, or the oldest); cancelled and hopeless ones go to ``dropped``."""
+        pop = lane.pop_oldest if oldest_first else lane.pop
+        while (req := pop()) is not None:
             if req.future.cancelled():
                 dropped.append((req, None))
             elif self._hopeless(req, now, est):

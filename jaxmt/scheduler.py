@@ -68,9 +68,9 @@ class SchedulerConfig:
       default_slo_ms: latency objective of requests submitted without ``slo_ms``.
       target_latency_ms: None (the default) serves each request as soon as a step can take
         it. A number paces the Scheduler instead: each request is held until a step
-        launched then is expected to answer it this long after it was submitted (or by its
-        deadline, if that comes first), and a step takes only the requests due to launch
-        within one step time of it. Latency then varies little between requests and
+        launched then is expected to answer it this long after it was submitted (or, if
+        sooner, one step time before its deadline), and a step takes only the requests due
+        to launch within one step time of it. Latency then varies little between requests and
         tenants (about the target, less up to one step time) instead of ranging from one
         step time to the SLO, at the cost of answering later than the device could; under
         overload requests are past their launch time and steps form as without pacing.
@@ -203,8 +203,9 @@ class Scheduler(_ServerBase):
         return self._in_flight + math.ceil(entries / self.mt.buckets.max_tenants)
 
     def _wakes_locked(self, lane: Any, req: _Request) -> bool:
-        # The due time moves only for a first request, a full bucket or a new earliest deadline.
-        return len(lane) == 1 or lane.entries >= self.mt.buckets.max_tenants or lane.earliest_deadline() == req.deadline_s
+        # The due time moves only for a first request, a full bucket (unpaced) or a new earliest deadline.
+        full = lane.entries >= self.mt.buckets.max_tenants and self.config.target_latency_ms is None
+        return len(lane) == 1 or full or lane.earliest_deadline() == req.deadline_s
 
     def _next_batch_locked(self, now: float) -> tuple[_Batch | None, float | None]:
         queue = self._queue
@@ -212,8 +213,9 @@ class Scheduler(_ServerBase):
             return None, None
         est = self._steps.estimate_s
         paced = self.config.target_latency_ms is not None
-        if paced:  # the most urgent request launches when it is due to be answered on target
-            due_s = self._launch_by_s(queue.peek(), est)
+        if paced:  # the first request due to launch, by its target or by its deadline
+            target_s, est_s = self.config.target_latency_ms / 1e3, est or 0.0
+            due_s = min(queue.oldest_submitted() + target_s - est_s, queue.earliest_deadline() - 2.0 * est_s)
         else:
             due_s = queue.oldest_submitted() + self.config.max_delay_ms / 1e3
         if est is not None:
@@ -225,29 +227,20 @@ class Scheduler(_ServerBase):
         full = queue.entries >= self.mt.buckets.max_tenants and not paced
         if not (self._closed or full or now >= due_s):
             return None, due_s - now
-        return self._form_step_locked(now, est), None
+        return (self._form_paced_step_locked(now, est) if paced else self._form_step_locked(now, est)), None
 
     def _form_step_locked(self, now: float, est: float | None) -> _Batch:
-        """Deadline-first requests up to the largest buckets (paced: those due to launch
-        within one step time); optional company that would only push the step into a
-        larger, mostly padded tenant bucket waits for the next (not paced)."""
+        """Deadline-first requests up to the largest buckets; optional company that would
+        only push the step into a larger, mostly padded tenant bucket waits for the next."""
         buckets = self.mt.buckets
         max_k, max_b = buckets.max_tenants, buckets.max_rows
         pieces = lambda rows: -(-rows // max_b)
         queue, batch = self._queue, _Batch(requests=[])
         rows_of: dict[Any, int] = {}
         entries, skipped = 0, []
-        paced = self.config.target_latency_ms is not None
-        # Paced, a step takes the requests due to launch within one step time (or max_delay)
-        # from now, in deadline order, so that steps come about one step time apart; the
-        # rest wait for their time. Closing, it takes what the buckets hold.
-        take_until_s = now + max(est or 0.0, self.config.max_delay_ms / 1e3) if paced and not self._closed else math.inf
         while len(skipped) < 4 * max_k:
             req = self._take_locked(queue, now, est, batch.dropped)
             if req is None:
-                break
-            if paced and batch.requests and self._launch_by_s(req, est) > take_until_s:
-                skipped.append(req)
                 break
             have = rows_of.get(req.tenant_id, 0)
             after = entries - pieces(have) + pieces(have + req.rows)
@@ -257,17 +250,51 @@ class Scheduler(_ServerBase):
             batch.requests.append(req)
             rows_of[req.tenant_id] = have + req.rows
             entries = after
-        # (Paced steps are not trimmed: a trimmed request would wait one more step past its target.)
-        if not self._closed and not paced and entries not in buckets.tenant_buckets and entries < max_k:
+        if not self._closed and entries not in buckets.tenant_buckets and entries < max_k:
             skipped += self._trim_to_bucket_locked(batch.requests, rows_of, entries, now, est, pieces)
         for req in skipped:
             queue.push(req)
         return batch
 
-    def _launch_by_s(self, req: _Request, est: float | None) -> float:
-        """When a step should launch to answer ``req`` at the target latency or its deadline,
-        whichever comes first (paced), given the step time ``est`` (zero until one is known)."""
-        return min(req.submitted_s + self.config.target_latency_ms / 1e3, req.deadline_s) - (est or 0.0)
+    def _form_paced_step_locked(self, now: float, est: float | None) -> _Batch:
+        """Paced: the requests due to launch within one step time (or max_delay) from now, up
+        to the largest buckets, so that steps come about one step time apart.
+
+        A request is due by its target (submitted + target - step time) or, if that comes
+        first, by its deadline less two step times (room for one step longer than the
+        estimate). Those due by deadline are a prefix of the deadline order and those due by
+        target a prefix of the arrival order, so the step takes the first, then the second,
+        and stops in each order at its first request not due. Due requests that do not fit
+        wait for the next step. Closing, the step takes what the buckets hold. Paced steps
+        are not trimmed: a trimmed request would wait one more step past its target.
+        """
+        max_k, max_b = self.mt.buckets.max_tenants, self.mt.buckets.max_rows
+        pieces = lambda rows: -(-rows // max_b)
+        est_s, target_s = est or 0.0, self.config.target_latency_ms / 1e3
+        take_until_s = now + max(est_s, self.config.max_delay_ms / 1e3) if not self._closed else math.inf
+        queue, batch = self._queue, _Batch(requests=[])
+        rows_of: dict[Any, int] = {}
+        entries, skipped = 0, []
+        orders = ((False, lambda r: r.deadline_s - 2.0 * est_s), (True, lambda r: r.submitted_s + target_s - est_s))
+        for oldest_first, launch_by_s in orders:
+            while len(skipped) < 4 * max_k:
+                req = self._take_locked(queue, now, est, batch.dropped, oldest_first=oldest_first)
+                if req is None:
+                    break
+                if launch_by_s(req) > take_until_s:  # not due: it and those after it in this order wait
+                    queue.push(req)
+                    break
+                have = rows_of.get(req.tenant_id, 0)
+                after = entries - pieces(have) + pieces(have + req.rows)
+                if batch.requests and after > max_k:  # would overflow the largest bucket
+                    skipped.append(req)
+                    continue
+                batch.requests.append(req)
+                rows_of[req.tenant_id] = have + req.rows
+                entries = after
+        for req in skipped:
+            queue.push(req)
+        return batch
 
     def _trim_to_bucket_locked(self, requests, rows_of, entries, now, est, pieces) -> list[_Request]:
         """Removes optional requests (younger than max_delay, not urgent) from the end so the

@@ -12,6 +12,7 @@ import gc
 import logging
 import math
 import threading
+import time
 import weakref
 
 import jax
@@ -631,13 +632,60 @@ def test_a_full_bucket_waits_for_its_target_when_paced_and_closing_serves_the_he
     monkeypatch.setattr(mt, "dispatch", recorder)
     sched = jaxmt.Scheduler(mt, max_delay_ms=0.0, target_latency_ms=10_000.0, default_slo_ms=60_000.0, clock=clock,
                             overload_policy="serve_late")
-    sent = [(t, x, sched.submit(t, x)) for t in params for x in [rows(rng)]]  # six tenants: more than the largest bucket (4)
-    with sched._cond:
-        batch, wait_s = sched._next_batch_locked(clock())
-    assert batch is None and wait_s > 1.0 and not recorder.calls
-    sched.close(drain=True)  # the clock never reaches the target: closing serves them anyway
+    try:
+        sent = [(t, x, sched.submit(t, x)) for t in params for x in [rows(rng)]]  # six tenants: more than the largest bucket (4)
+        with sched._cond:
+            batch, wait_s = sched._next_batch_locked(clock())
+        assert batch is None and wait_s > 1.0 and not recorder.calls
+    finally:
+        sched.close(drain=True)  # the clock never reaches the target: closing serves them anyway
     check_against_reference(params, [(t, x, future.result(TIMEOUT_S)) for t, x, future in sent])
     assert sorted(t for ids, _ in recorder.calls for t in set(ids)) == sorted(params)
+
+
+def test_a_paced_request_with_a_long_slo_is_answered_on_target_not_behind_shorter_deadlines(served, monkeypatch, rng):
+    """Due by its target, a request with a far deadline launches although requests with
+    nearer deadlines (submitted after it, not due yet) are queued."""
+    mt, params = served
+    clock = FakeClock()
+    recorder = RecordingDispatch(mt)
+    monkeypatch.setattr(mt, "dispatch", recorder)
+    with jaxmt.Scheduler(mt, max_delay_ms=1.0, target_latency_ms=20.0, clock=clock, overload_policy="serve_late") as sched:
+        x_long = rows(rng)
+        long_slo = sched.submit("t0", x_long, slo_ms=1000.0)  # due at 20 ms by its target
+        clock.advance(0.005)
+        x_short = rows(rng)
+        short_slo = sched.submit("t1", x_short, slo_ms=100.0)  # due at 25 ms; its deadline comes first
+        clock.advance(0.016)  # 21 ms
+        y_long = long_slo.result(TIMEOUT_S)
+        assert sorted(set(recorder.calls[0][0])) == ["t0"] and not short_slo.done()
+        clock.advance(0.005)
+        y_short = short_slo.result(TIMEOUT_S)
+    check_against_reference(params, [("t0", x_long, y_long), ("t1", x_short, y_short)])
+
+
+def test_a_cancelled_paced_request_does_not_launch_the_next_early(served, monkeypatch, rng):
+    mt, params = served
+    clock = FakeClock()
+    recorder = RecordingDispatch(mt)
+    monkeypatch.setattr(mt, "dispatch", recorder)
+    with jaxmt.Scheduler(mt, max_delay_ms=0.0, target_latency_ms=20.0, clock=clock, overload_policy="serve_late") as sched:
+        first = sched.submit("t0", rows(rng))
+        clock.advance(0.010)
+        x = rows(rng)
+        second = sched.submit("t1", x)  # due at 30 ms
+        assert first.cancel()
+        clock.advance(0.011)  # 21 ms: the cancelled request's launch time has passed, not the second's
+        # The dispatch thread (polling its clock) drops the cancelled request and keeps the second queued.
+        give_up = time.monotonic() + TIMEOUT_S
+        while len(sched._queue) != 1 and time.monotonic() < give_up:
+            time.sleep(0.001)
+        with sched._cond:
+            assert len(sched._queue) == 1 and sched._next_batch_locked(clock()) == (None, pytest.approx(0.009))
+        assert not recorder.calls and not second.done()
+        clock.advance(0.010)
+        y = second.result(TIMEOUT_S)
+    check_against_reference(params, [("t1", x, y)])
 
 
 @pytest.mark.parametrize("server", [jaxmt.TimeOnlyServer, jaxmt.SpaceOnlyServer, jaxmt.ExclusiveServer])
