@@ -135,26 +135,25 @@ class _EdfQueue:
 
     def pop(self) -> _Request | None:
         """The request with the earliest deadline, removed; None when empty."""
-        req = self._top(self._by_deadline)
-        if req is not None:
-            heapq.heappop(self._by_deadline)
-            del self._live[req.token]
-            self._count(req, -1)
-            if len(self._by_arrival) > 2 * len(self._live) + 64:  # stale entries: drop them (amortised O(1))
-                self._by_arrival = [entry for entry in self._by_arrival if entry[2] in self._live]
-                heapq.heapify(self._by_arrival)
-        return req
+        return self._pop_top("_by_deadline", "_by_arrival")
 
     def pop_oldest(self) -> _Request | None:
         """The request submitted first, removed; None when empty."""
-        req = self._top(self._by_arrival)
+        return self._pop_top("_by_arrival", "_by_deadline")
+
+    def _pop_top(self, heap_name: str, other_name: str) -> _Request | None:
+        """Removes the top of one heap; the other keeps a stale entry, dropped when they pile up."""
+        heap = getattr(self, heap_name)
+        req = self._top(heap)
         if req is not None:
-            heapq.heappop(self._by_arrival)
+            heapq.heappop(heap)
             del self._live[req.token]
             self._count(req, -1)
-            if len(self._by_deadline) > 2 * len(self._live) + 64:  # stale entries: drop them (amortised O(1))
-                self._by_deadline = [entry for entry in self._by_deadline if entry[2] in self._live]
-                heapq.heapify(self._by_deadline)
+            other = getattr(self, other_name)
+            if len(other) > 2 * len(self._live) + 64:  # stale entries: drop them (amortised O(1))
+                other = [entry for entry in other if entry[2] in self._live]
+                heapq.heapify(other)
+                setattr(self, other_name, other)
         return req
 
     def earliest_deadline(self) -> float:

@@ -233,27 +233,12 @@ class Scheduler(_ServerBase):
         """Deadline-first requests up to the largest buckets; optional company that would
         only push the step into a larger, mostly padded tenant bucket waits for the next."""
         buckets = self.mt.buckets
-        max_k, max_b = buckets.max_tenants, buckets.max_rows
-        pieces = lambda rows: -(-rows // max_b)
-        queue, batch = self._queue, _Batch(requests=[])
-        rows_of: dict[Any, int] = {}
-        entries, skipped = 0, []
-        while len(skipped) < 4 * max_k:
-            req = self._take_locked(queue, now, est, batch.dropped)
-            if req is None:
-                break
-            have = rows_of.get(req.tenant_id, 0)
-            after = entries - pieces(have) + pieces(have + req.rows)
-            if batch.requests and after > max_k:  # would overflow the largest bucket
-                skipped.append(req)
-                continue
-            batch.requests.append(req)
-            rows_of[req.tenant_id] = have + req.rows
-            entries = after
-        if not self._closed and entries not in buckets.tenant_buckets and entries < max_k:
+        batch, rows_of, entries, skipped = self._fill_step_locked(now, est, ((False, None),))
+        if not self._closed and entries not in buckets.tenant_buckets and entries < buckets.max_tenants:
+            pieces = lambda rows: -(-rows // buckets.max_rows)
             skipped += self._trim_to_bucket_locked(batch.requests, rows_of, entries, now, est, pieces)
         for req in skipped:
-            queue.push(req)
+            self._queue.push(req)
         return batch
 
     def _form_paced_step_locked(self, now: float, est: float | None) -> _Batch:
@@ -268,20 +253,33 @@ class Scheduler(_ServerBase):
         wait for the next step. Closing, the step takes what the buckets hold. Paced steps
         are not trimmed: a trimmed request would wait one more step past its target.
         """
+        est_s, target_s = est or 0.0, self.config.target_latency_ms / 1e3
+        until_s = now + max(est_s, self.config.max_delay_ms / 1e3) if not self._closed else math.inf
+        by_deadline = lambda r: r.deadline_s - 2.0 * est_s <= until_s
+        by_target = lambda r: r.submitted_s + target_s - est_s <= until_s
+        batch, _, _, skipped = self._fill_step_locked(now, est, ((False, by_deadline), (True, by_target)))
+        for req in skipped:
+            self._queue.push(req)
+        return batch
+
+    def _fill_step_locked(self, now: float, est: float | None, orders) -> tuple[_Batch, dict[Any, int], int, list[_Request]]:
+        """Takes requests into a step, in each of ``orders`` in turn ((oldest_first, due)
+        pairs: arrival or deadline order, and a test of whether a request is due, None for
+        all), up to the largest buckets. In an order, the first request not due goes back
+        to the queue and ends that order. Returns the batch, its rows per tenant, its
+        tenant entries, and the requests skipped because they did not fit (the caller
+        puts them back)."""
         max_k, max_b = self.mt.buckets.max_tenants, self.mt.buckets.max_rows
         pieces = lambda rows: -(-rows // max_b)
-        est_s, target_s = est or 0.0, self.config.target_latency_ms / 1e3
-        take_until_s = now + max(est_s, self.config.max_delay_ms / 1e3) if not self._closed else math.inf
         queue, batch = self._queue, _Batch(requests=[])
         rows_of: dict[Any, int] = {}
         entries, skipped = 0, []
-        orders = ((False, lambda r: r.deadline_s - 2.0 * est_s), (True, lambda r: r.submitted_s + target_s - est_s))
-        for oldest_first, launch_by_s in orders:
+        for oldest_first, due in orders:
             while len(skipped) < 4 * max_k:
                 req = self._take_locked(queue, now, est, batch.dropped, oldest_first=oldest_first)
                 if req is None:
                     break
-                if launch_by_s(req) > take_until_s:  # not due: it and those after it in this order wait
+                if due is not None and not due(req):
                     queue.push(req)
                     break
                 have = rows_of.get(req.tenant_id, 0)
@@ -292,9 +290,7 @@ class Scheduler(_ServerBase):
                 batch.requests.append(req)
                 rows_of[req.tenant_id] = have + req.rows
                 entries = after
-        for req in skipped:
-            queue.push(req)
-        return batch
+        return batch, rows_of, entries, skipped
 
     def _trim_to_bucket_locked(self, requests, rows_of, entries, now, est, pieces) -> list[_Request]:
         """Removes optional requests (younger than max_delay, not urgent) from the end so the
