@@ -1057,13 +1057,15 @@ def test_scheduler_answers_pytree_outputs(rng):
 
 # ------------------------------------------------------------------ the queue itself
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 9), st.integers(0, 50), st.booleans()), max_size=40))
-def test_edf_queue_pops_by_deadline_and_keeps_counts(ops):
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 9), st.integers(0, 50), st.sampled_from(["push", "pop", "oldest"])),
+                max_size=40))
+def test_edf_queue_pops_by_deadline_or_arrival_and_keeps_counts(ops):
     queue, live = _EdfQueue(entry_rows=4), []
-    for seq, (tenant, n_rows, deadline, pop) in enumerate(ops):
-        if pop and live:
-            req = queue.pop()
-            best = min(live, key=lambda r: (r.deadline_s, r.seq))
+    for seq, (tenant, n_rows, deadline, op) in enumerate(ops):
+        if op != "push" and live:
+            req = queue.pop() if op == "pop" else queue.pop_oldest()
+            order = (lambda r: (r.deadline_s, r.seq)) if op == "pop" else (lambda r: (r.submitted_s, r.seq))
+            best = min(live, key=order)
             assert req is best
             live.remove(req)
         else:
@@ -1082,19 +1084,22 @@ def test_edf_queue_pops_by_deadline_and_keeps_counts(ops):
     assert [r.seq for r in queue.drain()] == sorted(r.seq for r in live) and len(queue) == 0
 
 
-def test_a_popped_request_is_not_kept_alive_by_the_queue_behind_an_older_one():
-    """One old request with a late deadline waits while thousands with early deadlines come
-    and go: the queue must not hold on to the served ones (nor their rows)."""
+@pytest.mark.parametrize("pop, other_heap", [("pop", "_by_arrival"), ("pop_oldest", "_by_deadline")])
+def test_a_popped_request_is_not_kept_alive_by_the_queue_behind_one_that_waits(pop, other_heap):
+    """One request waits (an old one with a late deadline, or a young one with an early
+    deadline) while thousands come and go by the other order: the queue must not hold on to
+    the served ones (nor their rows)."""
     queue = _EdfQueue(entry_rows=4)
-    queue.push(_Request("old", np.zeros((1, 1)), None, 0.0, 1e9, 1.0, 0))
+    waits_by_deadline = pop == "pop"
+    queue.push(_Request("waits", np.zeros((1, 1)), None, 0.0 if waits_by_deadline else 1e9, 1e9 if waits_by_deadline else 0.0, 1.0, 0))
     served = []
     for seq in range(1, 2001):
         queue.push(_Request("busy", np.zeros((1, 1)), None, float(seq), float(seq), 1.0, seq))
-        served.append(weakref.ref(queue.pop()))
-    assert len(queue) == 1 and queue.oldest_submitted() == 0.0
+        served.append(weakref.ref(getattr(queue, pop)()))
+    assert len(getattr(queue, other_heap)) <= 2 * len(queue) + 64  # stale entries are dropped as they pile up
+    assert len(queue) == 1 and [r.tenant_id for r in queue.drain()] == ["waits"]
     gc.collect()
     assert sum(ref() is not None for ref in served) == 0
-    assert len(queue._by_arrival) <= 2 * len(queue) + 64  # stale entries are dropped as they pile up
 
 
 @settings(max_examples=60, deadline=None)
