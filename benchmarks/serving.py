@@ -130,13 +130,14 @@ def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.n
     trials: list[dict] = []
     generator_limited = False
 
-    def trial(rate: float, rerun: bool = False, duration_s: float | None = None, record: list | None = None) -> bool:
+    def trial(rate: float, rerun: bool = False, duration_s: float | None = None, record: list | None = None,
+              server_options: dict | None = None) -> bool:
         nonlocal generator_limited
         record = trials if record is None else record
         # Seeded by the rate: every server (and a rerun) gets the same arrivals at a given rate.
         workload = simulate.Workload(rate=rate, duration_s=duration_s or args.trial_s, tenants=args.tenants, zipf=args.zipf,
                                      arrival=args.arrival, slo_ms=args.slo_ms, seed=args.seed + int(round(rate * 1000)))
-        with simulate.make_server(kind, mt, **options) as server:
+        with simulate.make_server(kind, mt, **(server_options or options)) as server:
             # Every program was compiled and run once at the search's start: a fresh server
             # only loads what it holds. (Running them all again before each trial left the
             # first steps of a trial slow on a CPU host: blocks of up to 300 MB allocated and
@@ -161,7 +162,7 @@ def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.n
             # measured the pause as much as the server. It runs once more, and the rerun's
             # verdict stands, pass or fail; both are kept.
             result["superseded"] = True
-            return trial(rate, rerun=True, duration_s=duration_s, record=record)
+            return trial(rate, rerun=True, duration_s=duration_s, record=record, server_options=server_options)
         if record is trials:
             generator_limited = generator_limited or behind
         return result["passed"]
@@ -197,10 +198,14 @@ def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.n
         t.pop("_samples_by_tenant", None)
     spread_trials: list[dict] = []
     if best is not None and args.spread_s > 0 and kind in args.spread_servers:
+        spread_options = dict(options)
+        if kind == "jaxmt" and getattr(args, "spread_target_latency_ms", None) is not None:
+            spread_options["target_latency_ms"] = args.spread_target_latency_ms  # the search's rate, paced
         for load in args.spread_loads:
-            trial(best * load, duration_s=args.spread_s, record=spread_trials)
+            trial(best * load, duration_s=args.spread_s, record=spread_trials, server_options=spread_options)
             measured = spread_trials[-1]
             measured["load"], measured["trial_s"] = load, args.spread_s
+            measured["target_latency_ms"] = spread_options.get("target_latency_ms") if kind == "jaxmt" else None
             samples = measured.pop("_samples_by_tenant", {})
             for count in SPREAD_COUNTS:
                 measured[f"spread_min_{count}"] = tenant_spread({"tenants": measured.get("per_tenant", {})}, min_count=count)
@@ -286,7 +291,8 @@ def summarize(results: list[dict]) -> dict:
         held = "" if long_trial.get("passed") else f" (a trial that missed the SLO target: {100 * long_trial['slo_attainment']:.2f}% in SLO)"
         for count in SPREAD_COUNTS:
             spread = long_trial[f"spread_min_{count}"]
-            where = f"{long_trial['trial_s']:g} s at the rate found{held}, tenants with >= {count} requests"
+            paced = "" if long_trial.get("target_latency_ms") is None else f", paced to {long_trial['target_latency_ms']:g} ms"
+            where = f"{long_trial['trial_s']:g} s at the rate found{paced}{held}, tenants with >= {count} requests"
             summary["targets"][f"per-tenant p99/p50 <= 1.5, {where}"] = _meets(spread.get("max_p99_over_p50"), lambda v: v <= 1.5)
             summary["targets"][f"mean latency gap <= 5%, {where}"] = _meets(spread.get("mean_latency_gap"), lambda v: v <= 0.05)
     return summary
@@ -300,7 +306,8 @@ def spread_table(results: list[dict]) -> str | None:
             if t.get("superseded"):
                 continue
             lat, server_steps = t.get("latency_ms", {}), t.get("server", {}).get("steps", {})
-            row = [r["scheduler"], f"{t['load']:g} ({t['offered_rps']:,.0f})", f"{t['trial_s']:g}", t["requests"],
+            server = r["scheduler"] + ("" if t.get("target_latency_ms") is None else f" paced to {t['target_latency_ms']:g} ms")
+            row = [server, f"{t['load']:g} ({t['offered_rps']:,.0f})", f"{t['trial_s']:g}", t["requests"],
                    f"{100 * t['slo_attainment']:.2f}%", lat.get("p50_ms", "-"), lat.get("p99_ms", "-"),
                    round(lat["p99_ms"] / lat["p50_ms"], 3) if lat.get("p50_ms") else "-", server_steps.get("mean_tenants_per_step", "-")]
             for count in SPREAD_COUNTS:
@@ -406,6 +413,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "for --spread-servers: per-tenant spread with enough requests per tenant to tell 5%% from noise (0: none)")
     parser.add_argument("--spread-loads", default="1", help="fractions of the rate found, comma-separated, for the --spread-s trials")
     parser.add_argument("--spread-servers", default="jaxmt", help="servers that get --spread-s trials, comma-separated")
+    parser.add_argument("--spread-target-latency-ms", type=float, default=None,
+                        help="jaxmt's --spread-s trials paced to this target (the search itself is paced only by --target-latency-ms)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--pixels", action="store_true",
                         help="requests carry uint8 pixels, mapped to [-1, 1] on the device (models.make(..., pixels=True)): "
@@ -447,6 +456,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--spread-loads takes numbers and --tenant-ladder integers, comma-separated: {error}")
     if args.spread_s < 0 or any(not 0 < v <= 4 for v in args.spread_loads):
         parser.error("--spread-s must be >= 0 and each --spread-loads fraction in (0, 4]")
+    for name in ("target_latency_ms", "spread_target_latency_ms"):
+        value = getattr(args, name)
+        if value is not None and not (0 < value < float("inf")):
+            parser.error(f"--{name.replace('_', '-')} must be a positive number of milliseconds, got {value}")
     if args.tenant_ladder is not None and (not args.tenant_ladder or args.tenant_ladder != sorted(set(args.tenant_ladder))
                                            or args.tenant_ladder[0] < 1):
         parser.error(f"--tenant-ladder must be positive integers in increasing order, got {args.tenant_ladder}")
@@ -516,7 +529,10 @@ def readme_section(args: Any, argv: list[str], results: list[dict], summary: dic
             + " ".join(argv) + "\n\n" + table(results))
     spreads = spread_table(results)
     if spreads:
-        body += ("\n\nPer-tenant spread in longer trials (`--spread-s`) at fractions of the rate found; \"by chance\" "
+        paced = getattr(args, "spread_target_latency_ms", None)
+        body += ("\n\nPer-tenant spread in longer trials (`--spread-s`) at fractions of the rate found"
+                 + ("" if paced is None else f", jaxmt paced to {paced:g} ms in them (`--spread-target-latency-ms`)")
+                 + "; \"by chance\" "
                  "deals each trial's latencies to the same tenants at random (`jaxmt.metrics.spread_by_chance`):\n\n" + spreads)
     if not getattr(args, "host_only", False):  # the targets are of the real model's serving
         body += "\n\n" + "\n".join(f"- {k}: {v}" for k, v in summary["targets"].items())

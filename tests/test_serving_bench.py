@@ -156,9 +156,9 @@ def test_spread_trials_run_longer_at_fractions_of_the_rate_found_and_leave_the_s
     and the trial at the full rate gives the spread targets' verdicts at >= 100 and >= 1000
     requests per tenant."""
     args = serving.parse_args(["--no-readme", "--quiet", "--start-rate", "100", "--bisect", "0", "--spread-s", "12",
-                               "--spread-loads", "0.5,1", "--spread-servers", "jaxmt"])
+                               "--spread-loads", "0.5,1", "--spread-servers", "jaxmt", "--spread-target-latency-ms", "35"])
     rng = np.random.default_rng()
-    calls = []
+    calls, targets = [], []
 
     def fake_run_trial(server, workload, inputs, tenants):
         calls.append((workload.rate, workload.duration_s))
@@ -173,14 +173,19 @@ def test_spread_trials_run_longer_at_fractions_of_the_rate_found_and_leave_the_s
                 "generator_lag_ms": {"max_ms": 0.0}, "offered_rps": workload.rate, "latency_ms": {"p50_ms": 12.0, "p99_ms": 17.0}}
 
     monkeypatch.setattr(serving.simulate, "run_trial", fake_run_trial)
-    monkeypatch.setattr(serving.simulate, "make_server", lambda kind, mt, **options: _NullServer())
+    def fake_server(kind, mt, **options):
+        targets.append(options.get("target_latency_ms"))
+        return _NullServer()
+
+    monkeypatch.setattr(serving.simulate, "make_server", fake_server)
     monkeypatch.setattr(serving, "check_answers", lambda *a: 0.0)
     model = type("Model", (), {"tenants": ["t0", "t1"]})()
     jaxmt_result = serving.find_capacity("jaxmt", None, model, None, args)
     assert jaxmt_result["max_rate_rps"] == 200.0
     assert calls[-2:] == [(100.0, 12.0), (200.0, 12.0)]
+    assert targets[-2:] == [35.0, 35.0] and set(targets[:-2]) == {None}  # the search unpaced, the spread trials paced
     trials = jaxmt_result["spread_trials"]
-    assert [(t["load"], t["trial_s"]) for t in trials] == [(0.5, 12.0), (1.0, 12.0)]
+    assert [(t["load"], t["trial_s"], t["target_latency_ms"]) for t in trials] == [(0.5, 12.0, 35.0), (1.0, 12.0, 35.0)]
     assert [t["spread_min_100"]["tenants_counted"] for t in trials] == [2, 2]
     assert [t["spread_min_1000"]["tenants_counted"] for t in trials] == [1, 1]
     assert trials[1]["spread_by_chance_min_100"]["mean_latency_gap"]["median"] >= 0
@@ -192,16 +197,17 @@ def test_spread_trials_run_longer_at_fractions_of_the_rate_found_and_leave_the_s
 
     assert [t["passed"] for t in trials] == [True, False]  # the failed long trial left the rate found as it was
     summary = serving.summarize([jaxmt_result, time_result])
-    marked = "12 s at the rate found (a trial that missed the SLO target: 50.00% in SLO)"
+    marked = "12 s at the rate found, paced to 35 ms (a trial that missed the SLO target: 50.00% in SLO)"
     assert summary["targets"][f"mean latency gap <= 5%, {marked}, tenants with >= 1000 requests"] == "n/a"  # one tenant: no gap
     at_100 = trials[1]["spread_min_100"]["mean_latency_gap"]
     assert summary["targets"][f"mean latency gap <= 5%, {marked}, tenants with >= 100 requests"].endswith(f"({at_100:g})")
     table = serving.spread_table([jaxmt_result, time_result])
-    assert table.count("| jaxmt |") == 2 and "| 0.5 (100) |" in table and "| time |" not in table
+    assert table.count("| jaxmt paced to 35 ms |") == 2 and "| 0.5 (100) |" in table and "| time |" not in table
 
 
 @pytest.mark.parametrize("argv", [["--spread-loads", "0"], ["--spread-loads", "a"], ["--spread-s", "-1"], ["--spread-servers", "jaxmtt"],
-                                  ["--tenant-ladder", "4,2"], ["--tenant-ladder", "0,2"], ["--tenant-ladder", "x"]])
+                                  ["--tenant-ladder", "4,2"], ["--tenant-ladder", "0,2"], ["--tenant-ladder", "x"],
+                                  ["--target-latency-ms", "0"], ["--spread-target-latency-ms", "-3"], ["--spread-target-latency-ms", "inf"]])
 def test_spread_and_ladder_options_out_of_range_are_refused(serving, argv):
     with pytest.raises(SystemExit):
         serving.parse_args(argv)
