@@ -146,7 +146,8 @@ def test_config_is_frozen_hashable_and_overridable(served):
 
 
 # ------------------------------------------------------------------ correctness under load
-def test_many_threads_thousands_of_requests_match_reference(served, monkeypatch):
+@pytest.mark.parametrize("target_latency_ms", [None, 20.0])  # paced: mixed SLOs exercise both orders of due requests
+def test_many_threads_thousands_of_requests_match_reference(served, monkeypatch, target_latency_ms):
     mt, params = served
     recorder = RecordingDispatch(mt)
     monkeypatch.setattr(mt, "dispatch", recorder)
@@ -161,7 +162,8 @@ def test_many_threads_thousands_of_requests_match_reference(served, monkeypatch)
             slo = float(rng.choice([5.0, 50.0, 500.0]))
             results[index].append((tenant, x, sched.submit(tenant, x, slo_ms=slo)))
 
-    with jaxmt.Scheduler(mt, max_delay_ms=1.0, overload_policy="serve_late", max_queue_rows=None) as sched:
+    with jaxmt.Scheduler(mt, max_delay_ms=1.0, overload_policy="serve_late", max_queue_rows=None,
+                         target_latency_ms=target_latency_ms) as sched:
         workers = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
         for w in workers:
             w.start()
