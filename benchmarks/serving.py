@@ -466,6 +466,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted((set(args.servers) | set(args.spread_servers)) - set(simulate.SERVERS))
     if unknown:
         parser.error(f"unknown servers {unknown}; choose from {sorted(simulate.SERVERS)}")
+    if args.spread_target_latency_ms is not None and not (args.spread_s > 0 and "jaxmt" in args.spread_servers
+                                                          and "jaxmt" in args.servers):
+        parser.error("--spread-target-latency-ms paces jaxmt's --spread-s trials: it needs --spread-s > 0 and jaxmt "
+                     "among --servers and --spread-servers")
     return args
 
 

@@ -645,6 +645,43 @@ def test_a_full_bucket_waits_for_its_target_when_paced_and_closing_serves_the_he
     assert sorted(t for ids, _ in recorder.calls for t in set(ids)) == sorted(params)
 
 
+def test_paced_launch_times_leave_one_step_time_for_the_target_and_two_before_the_deadline(served, monkeypatch, rng):
+    """With a step time known (4 ms on the fake clock): due at submit + target - 4 ms, or at
+    the deadline - 8 ms when that is sooner; a step takes those due within 4 ms (the step
+    time, more than max_delay_ms)."""
+    mt, params = served
+    clock = FakeClock()
+    recorder = RecordingDispatch(mt, clock=clock, step_s=0.004)
+    monkeypatch.setattr(mt, "dispatch", recorder)
+    with jaxmt.Scheduler(mt, max_delay_ms=1.0, target_latency_ms=30.0, clock=clock, overload_policy="serve_late") as sched:
+        first = sched.submit("t0", rows(rng))
+        clock.advance(0.030)
+        first.result(TIMEOUT_S)  # one step: 4 ms learnt
+        with sched._cond:
+            assert sched._cond.wait_for(lambda: sched._in_flight == 0, TIMEOUT_S)
+        assert sched._steps.estimate_s == pytest.approx(0.004)
+        sent = [("t1", 100.0), ("t2", 20.0), ("t3", 100.0), ("t4", 100.0)]  # t2's deadline comes before its target
+        futures, xs = {}, {}
+        for tenant, slo in sent:
+            xs[tenant] = rows(rng)
+            futures[tenant] = sched.submit(tenant, xs[tenant], slo_ms=slo)
+            clock.advance(0.001 if tenant != "t3" else 0.004)
+        # Submitted at 0 (t1), 1 (t2), 2 (t3) and 6 ms (t4); now 7 ms. Due: t2 at 1 + 20 - 8 = 13 ms,
+        # t1 at 0 + 30 - 4 = 26, t3 at 28, t4 at 32.
+        with sched._cond:
+            batch, wait_s = sched._next_batch_locked(clock())
+        assert batch is None and wait_s == pytest.approx(0.006)
+        clock.advance(0.006)  # 13 ms: t2 is due (by its deadline), nothing else within 4 ms
+        futures["t2"].result(TIMEOUT_S)  # its step took 4 ms on the clock: now 17 ms
+        assert sorted(set(recorder.calls[1][0])) == ["t2"]
+        clock.advance(0.009)  # 26 ms: t1 is due, t3 within 4 ms, t4 not
+        futures["t3"].result(TIMEOUT_S)
+        assert sorted(set(recorder.calls[2][0])) == ["t1", "t3"] and not futures["t4"].done()
+        clock.advance(0.010)
+        answers = [(t, xs[t], futures[t].result(TIMEOUT_S)) for t, _ in sent]
+    check_against_reference(params, answers)
+
+
 def test_a_paced_request_with_a_long_slo_is_answered_on_target_not_behind_shorter_deadlines(served, monkeypatch, rng):
     """Due by its target, a request with a far deadline launches although requests with
     nearer deadlines (submitted after it, not due yet) are queued."""
@@ -1059,17 +1096,24 @@ def test_scheduler_answers_pytree_outputs(rng):
 
 # ------------------------------------------------------------------ the queue itself
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 9), st.integers(0, 50), st.sampled_from(["push", "pop", "oldest"])),
-                max_size=40))
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 9), st.integers(0, 50),
+                          st.sampled_from(["push", "pop", "oldest", "pop and push back", "oldest and push back"])),
+                min_size=80, max_size=300))  # long enough to pass the point where stale entries are dropped
 def test_edf_queue_pops_by_deadline_or_arrival_and_keeps_counts(ops):
+    """Pops in either order, and requests put back (as a step formed without them does),
+    keep the counts; long runs pass the point where stale heap entries are dropped."""
     queue, live = _EdfQueue(entry_rows=4), []
     for seq, (tenant, n_rows, deadline, op) in enumerate(ops):
         if op != "push" and live:
-            req = queue.pop() if op == "pop" else queue.pop_oldest()
-            order = (lambda r: (r.deadline_s, r.seq)) if op == "pop" else (lambda r: (r.submitted_s, r.seq))
+            by_deadline = op.startswith("pop")
+            req = queue.pop() if by_deadline else queue.pop_oldest()
+            order = (lambda r: (r.deadline_s, r.seq)) if by_deadline else (lambda r: (r.submitted_s, r.seq))
             best = min(live, key=order)
             assert req is best
-            live.remove(req)
+            if op.endswith("push back"):
+                queue.push(req)
+            else:
+                live.remove(req)
         else:
             req = _Request(tenant, np.zeros((n_rows, 1)), None, float(seq), float(deadline), 1.0, seq)
             queue.push(req)
@@ -1083,6 +1127,7 @@ def test_edf_queue_pops_by_deadline_or_arrival_and_keeps_counts(ops):
         if live:
             assert queue.oldest_submitted() == min(r.submitted_s for r in live)
             assert queue.earliest_deadline() == min(r.deadline_s for r in live)
+        assert max(len(queue._by_deadline), len(queue._by_arrival)) <= 2 * len(live) + 64 + 1  # stale entries dropped
     assert [r.seq for r in queue.drain()] == sorted(r.seq for r in live) and len(queue) == 0
 
 

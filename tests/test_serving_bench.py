@@ -207,7 +207,9 @@ def test_spread_trials_run_longer_at_fractions_of_the_rate_found_and_leave_the_s
 
 @pytest.mark.parametrize("argv", [["--spread-loads", "0"], ["--spread-loads", "a"], ["--spread-s", "-1"], ["--spread-servers", "jaxmtt"],
                                   ["--tenant-ladder", "4,2"], ["--tenant-ladder", "0,2"], ["--tenant-ladder", "x"],
-                                  ["--target-latency-ms", "0"], ["--spread-target-latency-ms", "-3"], ["--spread-target-latency-ms", "inf"]])
+                                  ["--target-latency-ms", "0"], ["--spread-s", "5", "--spread-target-latency-ms", "-3"],
+                                  ["--spread-s", "5", "--spread-target-latency-ms", "inf"], ["--spread-target-latency-ms", "30"],
+                                  ["--spread-s", "5", "--spread-servers", "time", "--spread-target-latency-ms", "30"]])
 def test_spread_and_ladder_options_out_of_range_are_refused(serving, argv):
     with pytest.raises(SystemExit):
         serving.parse_args(argv)
