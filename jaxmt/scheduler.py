@@ -10,6 +10,11 @@ pad the tenant bucket, and launches the step with ``MultiTenantModel.dispatch`` 
 for the device. A completion thread copies results back and completes futures, so step n+1 is
 planned and launched while step n runs; at most ``pipeline_depth`` steps are in flight.
 
+Paced (``target_latency_ms``), the Scheduler holds each request until a step launched then
+should answer it at that target, and a step takes only the requests due within one step
+time: latency varies little between requests and tenants, at the cost of answering later
+than the device could (``SchedulerConfig`` says how the due times are set).
+
 Overload is explicit: an EWMA of observed step times and the queue ahead give each request a
 predicted completion; when it lies past the deadline by more than ``overload_factor`` x SLO,
 the request fails at once with ``Overloaded`` (policy "reject", which also sheds queued
