@@ -157,7 +157,9 @@ class Scheduler(_ServerBase):
     Args:
       mt: the model whose resident tenants are served.
       max_delay_ms, default_slo_ms, **options: fields of ``SchedulerConfig``.
-      config: a whole ``SchedulerConfig`` (the other arguments override its fields).
+      config: a whole ``SchedulerConfig`` (the other arguments override its fields; None
+        leaves a field as ``config`` has it, so an unpaced copy of a paced config is
+        ``dataclasses.replace(config, target_latency_ms=None)``).
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, jaxmt
