@@ -28,11 +28,10 @@ import common  # noqa: F401  (puts the repository on sys.path)
 import jax
 import numpy as np
 from common import markdown_table, update_readme_section, write_json
-from serving import WELL_SAMPLED, check_answers, simulate
+from serving import SPREAD_COUNTS, check_answers, simulate
 
 from jaxmt.metrics import tenant_spread
 
-SPREAD_COUNTS = (WELL_SAMPLED, 1000)
 
 
 def parse_trials(text: str) -> list[tuple[str, float, float | None]]:
