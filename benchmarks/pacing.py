@@ -33,7 +33,6 @@ from serving import SPREAD_COUNTS, check_answers, simulate
 from jaxmt.metrics import tenant_spread
 
 
-
 def parse_trials(text: str) -> list[tuple[str, float, float | None]]:
     """``"4500:0,4500:40,time@1131"`` -> [("jaxmt", 4500.0, None), ("jaxmt", 4500.0, 40.0),
     ("time", 1131.0, None)]: jaxmt at RATE:TARGET_MS (0: unpaced), a baseline as SERVER@RATE."""
