@@ -209,7 +209,8 @@ def test_spread_trials_run_longer_at_fractions_of_the_rate_found_and_leave_the_s
                                   ["--tenant-ladder", "4,2"], ["--tenant-ladder", "0,2"], ["--tenant-ladder", "x"],
                                   ["--target-latency-ms", "0"], ["--spread-s", "5", "--spread-target-latency-ms", "-3"],
                                   ["--spread-s", "5", "--spread-target-latency-ms", "inf"], ["--spread-target-latency-ms", "30"],
-                                  ["--spread-s", "5", "--spread-servers", "time", "--spread-target-latency-ms", "30"]])
+                                  ["--spread-s", "5", "--spread-servers", "time", "--spread-target-latency-ms", "30"],
+                                  ["--search-spread", "jaxmtt"]])
 def test_spread_and_ladder_options_out_of_range_are_refused(serving, argv):
     with pytest.raises(SystemExit):
         serving.parse_args(argv)
@@ -219,3 +220,47 @@ def test_a_tenant_ladder_sets_jaxmts_tenant_buckets(serving):
     args = serving.parse_args(["--tenant-ladder", "1,2,3,6"])
     spec, mt = serving.simulate.build_model("mlp", "tiny", 6, max_rows=2, tenant_ladder=args.tenant_ladder)
     assert mt.buckets.tenant_buckets == (1, 2, 3, 6) and mt.buckets.row_buckets == (1, 2)
+
+
+def test_a_search_that_requires_the_spread_targets_stops_where_the_spread_breaks(serving, monkeypatch):
+    """--search-spread jaxmt: jaxmt's trials pass only if they also hold worst per-tenant
+    p99/p50 <= 1.5 and a mean gap <= 5% (tenants with >= 100 requests), so the rate found
+    holds all three targets; other servers are searched by the SLO alone."""
+    args = serving.parse_args(["--no-readme", "--quiet", "--start-rate", "100", "--bisect", "0", "--search-spread", "jaxmt"])
+    rng = np.random.default_rng()
+
+    def fake_run_trial(server, workload, inputs, tenants):
+        # Every trial meets the SLO; from 400 req/s one tenant's tail stretches to 2x its median.
+        tail = 2.0 if workload.rate >= 400 else 1.2
+        per_tenant = {}
+        for i in range(3):
+            p50 = 20.0 + rng.uniform(0, 0.5)
+            per_tenant[f"t{i}"] = {"count": 500, "ok": 500, "p50_ms": p50, "p99_ms": p50 * (tail if i == 2 else 1.2),
+                                   "mean_ms": p50, "slo_attainment": 1.0}
+        return {"_latencies_ms": [], "per_tenant": per_tenant, "slo_attainment": 1.0, "unfinished": 0, "sent_s": 1.0,
+                "schedule_s": 1.0, "generator_lag_ms": {"max_ms": 0.0}, "offered_rps": workload.rate}
+
+    monkeypatch.setattr(serving.simulate, "run_trial", fake_run_trial)
+    monkeypatch.setattr(serving.simulate, "make_server", lambda kind, mt, **options: _NullServer())
+    monkeypatch.setattr(serving, "check_answers", lambda *a: 0.0)
+    model = type("Model", (), {"tenants": ["t0", "t1", "t2"]})()
+    jaxmt_result = serving.find_capacity("jaxmt", None, model, None, args)
+    time_result = serving.find_capacity("time", None, model, None, args)
+    assert [(t["offered_rps"], t["spread_targets_met"], t["passed"]) for t in jaxmt_result["trials"]] == [
+        (100.0, True, True), (200.0, True, True), (400.0, False, False)]
+    assert jaxmt_result["max_rate_rps"] == 200.0
+    assert time_result["max_rate_rps"] > 400.0  # the SLO alone: it never failed
+    assert not any("spread_targets_met" in t for t in time_result["trials"])
+    targets = serving.summarize([jaxmt_result, time_result])["targets"]
+    assert targets["per-tenant p99/p50 <= 1.5, tenants with >= 100 requests (jaxmt's search required it)"].startswith("yes")
+
+
+@pytest.mark.parametrize("spread, met", [
+    ({"max_p99_over_p50": 1.5, "mean_latency_gap": 0.05}, True),
+    ({"max_p99_over_p50": 1.51, "mean_latency_gap": 0.01}, False),
+    ({"max_p99_over_p50": 1.2, "mean_latency_gap": 0.051}, False),
+    ({"max_p99_over_p50": 1.2, "mean_latency_gap": None}, False),  # one tenant counted: no gap to show
+    ({"tenants_counted": 0, "max_p99_over_p50": None, "mean_latency_gap": None}, False),
+])
+def test_the_spread_targets_hold_only_where_both_were_measured_within_bounds(serving, spread, met):
+    assert serving.meets_spread_targets(spread) is met
