@@ -151,7 +151,7 @@ def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.n
         if kind in getattr(args, "search_spread", ()):  # the rate must also hold the spread targets
             result["spread_targets_met"] = meets_spread_targets(well_sampled_spread(result))
             result["passed"] = result["passed"] and result["spread_targets_met"]
-        result["stalled"] = result["generator_lag_ms"]["max_ms"] > args.stall_ms
+        result["stalled"] = (result["generator_lag_ms"]["max_ms"] or 0.0) > args.stall_ms  # None: nothing was sent
         result["rerun"] = rerun
         record.append(result)
         if not args.quiet:

@@ -132,8 +132,8 @@ def test_a_trial_spoiled_by_a_process_pause_is_run_once_more_and_both_are_kept(s
     once more, pass or fail, and the rerun's verdict stands (both kept); without a stall a
     trial's verdict is final."""
     args = serving.parse_args(["--no-readme", "--quiet", "--start-rate", "100", "--bisect", "0"])
-    # rate -> the generator lag (ms) and attainment its trials get, in order
-    script = {100.0: [(1.0, 1.0)], 200.0: [(150.0, 0.9), (1.0, 1.0)], 400.0: [(150.0, 1.0), (1.0, 0.5)], 800.0: [(1.0, 0.5)]}
+    # rate -> the generator lag (ms; None: nothing was sent) and attainment its trials get, in order
+    script = {100.0: [(None, 1.0)], 200.0: [(150.0, 0.9), (1.0, 1.0)], 400.0: [(150.0, 1.0), (1.0, 0.5)], 800.0: [(1.0, 0.5)]}
 
     def fake_run_trial(server, workload, inputs, tenants):
         lag, attainment = script[workload.rate].pop(0)
