@@ -148,7 +148,7 @@ def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.n
         result.pop("_latencies_ms")
         behind = result["sent_s"] > 1.1 * result["schedule_s"] + 0.05  # the generator, not the server, was the limit
         result["passed"] = result["slo_attainment"] >= args.target and result["unfinished"] == 0 and not behind
-        if kind in getattr(args, "search_spread", ()):  # the rate must also hold the spread targets
+        if record is trials and kind in getattr(args, "search_spread", ()):  # the search's rate must also hold the spread targets
             result["spread_targets_met"] = meets_spread_targets(well_sampled_spread(result))
             result["passed"] = result["passed"] and result["spread_targets_met"]
         result["stalled"] = (result["generator_lag_ms"]["max_ms"] or 0.0) > args.stall_ms  # None: nothing was sent
@@ -159,7 +159,9 @@ def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.n
             pauses = result.get("gc") or {"collections": [0, 0, 0]}
             stalled += f"; {pauses['collections'][2]} full collections, longest pause {pauses['max_ms']:.0f} ms" if pauses["collections"][2] else ""
             print(f"  [{kind}] {rate:9.1f} req/s: {100 * result['slo_attainment']:6.2f}% in SLO, "
-                  f"p99 {result['latency_ms']['p99_ms']} ms -> {'pass' if result['passed'] else 'fail'}{stalled}", file=sys.stderr, flush=True)
+                  f"p99 {result['latency_ms']['p99_ms']} ms -> {'pass' if result['passed'] else 'fail'}{stalled}"
+                  + (f" (spread {well_sampled_spread(result)})" if "spread_targets_met" in result else ""),
+                  file=sys.stderr, flush=True)
         if result["stalled"] and not rerun:
             # The whole process paused (the client fell behind its own schedule too): the trial
             # measured the pause as much as the server. It runs once more, and the rerun's
