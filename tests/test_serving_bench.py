@@ -111,6 +111,9 @@ def test_host_only_keeps_the_input_rows_and_answers_like_its_reference(serving, 
     (["--host-only", "--pixels"], "serving_host_resnet18_pixels", "Serving: host path, uint8 pixels"),
     (["--dtype", "bfloat16", "--pixels"], "serving_bf16_pixels", "Serving: bfloat16, uint8 pixels"),
     (["--arch", "mobilenetv2", "--dtype", "bfloat16"], "serving_mobilenetv2_bf16", "Serving: mobilenetv2, bfloat16"),
+    (["--pixels", "--target-latency-ms", "35"], "serving_pixels_paced", "Serving: jaxmt paced to 35 ms, uint8 pixels"),
+    (["--dtype", "bfloat16", "--pixels", "--target-latency-ms", "35", "--search-spread", "jaxmt"], "serving_bf16_pixels_paced_search_spread",
+     "Serving: jaxmt paced to 35 ms, spread targets in jaxmt's verdict, bfloat16, uint8 pixels"),
 ])
 def test_each_kind_of_run_has_its_own_results_file_and_readme_section(serving, argv, out, title):
     args = serving.parse_args(argv)
@@ -210,7 +213,8 @@ def test_spread_trials_run_longer_at_fractions_of_the_rate_found_and_leave_the_s
                                   ["--target-latency-ms", "0"], ["--spread-s", "5", "--spread-target-latency-ms", "-3"],
                                   ["--spread-s", "5", "--spread-target-latency-ms", "inf"], ["--spread-target-latency-ms", "30"],
                                   ["--spread-s", "5", "--spread-servers", "time", "--spread-target-latency-ms", "30"],
-                                  ["--search-spread", "jaxmtt"]])
+                                  ["--search-spread", "jaxmtt"], ["--search-spread", "time"], ["--search-spread", "jaxmt,time"],
+                                  ["--search-spread", "jaxmt", "--servers", "time"]])
 def test_spread_and_ladder_options_out_of_range_are_refused(serving, argv):
     with pytest.raises(SystemExit):
         serving.parse_args(argv)
@@ -228,12 +232,13 @@ def test_a_search_that_requires_the_spread_targets_stops_where_the_spread_breaks
     holds all three targets; other servers are searched by the SLO alone."""
     args = serving.parse_args(["--no-readme", "--quiet", "--start-rate", "100", "--bisect", "0", "--search-spread", "jaxmt",
                                "--spread-s", "12", "--spread-loads", "1"])
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(7)
 
     def fake_run_trial(server, workload, inputs, tenants):
         # Every trial meets the SLO; from 400 req/s, and in the long trial, one tenant's tail stretches to 2x its median.
+        # A rare tenant (fewer than 100 requests) is slow and spread out at every rate: it is not counted.
         tail = 2.0 if workload.rate >= 400 or workload.duration_s == 12 else 1.2
-        per_tenant = {}
+        per_tenant = {"rare": {"count": 99, "ok": 99, "p50_ms": 30.0, "p99_ms": 90.0, "mean_ms": 40.0, "slo_attainment": 1.0}}
         for i in range(3):
             p50 = 20.0 + rng.uniform(0, 0.5)
             per_tenant[f"t{i}"] = {"count": 500, "ok": 500, "p50_ms": p50, "p99_ms": p50 * (tail if i == 2 else 1.2),
@@ -257,6 +262,32 @@ def test_a_search_that_requires_the_spread_targets_stops_where_the_spread_breaks
     assert not any("spread_targets_met" in t for t in time_result["trials"])
     targets = serving.summarize([jaxmt_result, time_result])["targets"]
     assert targets["per-tenant p99/p50 <= 1.5, tenants with >= 100 requests (jaxmt's search required it)"].startswith("yes")
+
+    plain = serving.find_capacity("jaxmt", None, model, None, serving.parse_args(["--no-readme", "--quiet", "--start-rate", "100",
+                                                                                   "--bisect", "0", "--max-rate", "400"]))
+    assert plain["max_rate_rps"] == 400.0 and not any("spread_targets_met" in t for t in plain["trials"])  # the SLO alone
+    assert "per-tenant p99/p50 <= 1.5, tenants with >= 100 requests" in serving.summarize([plain, time_result])["targets"]
+
+
+def test_a_search_for_the_spread_stops_going_down_where_too_few_requests_measure_it(serving, monkeypatch):
+    """With fewer than two tenants of >= 100 requests the spread cannot be measured: that trial
+    fails, and the search does not halve the rate further (fewer requests still)."""
+    args = serving.parse_args(["--no-readme", "--quiet", "--start-rate", "100", "--bisect", "0", "--search-spread", "jaxmt"])
+    rates = []
+
+    def fake_run_trial(server, workload, inputs, tenants):
+        rates.append(workload.rate)
+        per_tenant = {"t0": {"count": 500, "ok": 500, "p50_ms": 10.0, "p99_ms": 11.0, "mean_ms": 10.0, "slo_attainment": 1.0},
+                      "t1": {"count": 50, "ok": 50, "p50_ms": 10.0, "p99_ms": 11.0, "mean_ms": 10.0, "slo_attainment": 1.0}}
+        return {"_latencies_ms": [], "per_tenant": per_tenant, "slo_attainment": 1.0, "unfinished": 0, "sent_s": 1.0,
+                "schedule_s": 1.0, "generator_lag_ms": {"max_ms": 0.0}, "offered_rps": workload.rate}
+
+    monkeypatch.setattr(serving.simulate, "run_trial", fake_run_trial)
+    monkeypatch.setattr(serving.simulate, "make_server", lambda kind, mt, **options: _NullServer())
+    monkeypatch.setattr(serving, "check_answers", lambda *a: 0.0)
+    result = serving.find_capacity("jaxmt", None, type("Model", (), {"tenants": ["t0", "t1"]})(), None, args)
+    assert rates == [100.0, 50.0] and result["max_rate_rps"] is None
+    assert [t["spread_targets_met"] for t in result["trials"]] == [None, None]
 
 
 @pytest.mark.parametrize("spread, met", [
