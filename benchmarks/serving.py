@@ -148,6 +148,7 @@ def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.n
         result.pop("_latencies_ms")
         behind = result["sent_s"] > 1.1 * result["schedule_s"] + 0.05  # the generator, not the server, was the limit
         result["passed"] = result["slo_attainment"] >= args.target and result["unfinished"] == 0 and not behind
+        spread = None
         if record is trials and kind in getattr(args, "search_spread", ()):  # the search's rate must also hold the spread targets
             spread = well_sampled_spread(result)
             # None: fewer than two tenants had enough requests to tell (the trial fails all the same)
@@ -162,7 +163,7 @@ def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.n
             stalled += f"; {pauses['collections'][2]} full collections, longest pause {pauses['max_ms']:.0f} ms" if pauses["collections"][2] else ""
             print(f"  [{kind}] {rate:9.1f} req/s: {100 * result['slo_attainment']:6.2f}% in SLO, "
                   f"p99 {result['latency_ms']['p99_ms']} ms -> {'pass' if result['passed'] else 'fail'}{stalled}"
-                  + (_spread_words(well_sampled_spread(result)) if "spread_targets_met" in result else ""),
+                  + ("" if spread is None else _spread_words(spread)),
                   file=sys.stderr, flush=True)
         if result["stalled"] and not rerun:
             # The whole process paused (the client fell behind its own schedule too): the trial
