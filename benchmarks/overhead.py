@@ -3,7 +3,10 @@
 Tiny MLP, 16 tenants, 64 rows spread over them at random. The bare programs of the plan's
 steps are called with
 device-resident, pre-gathered inputs; ``predict`` adds validation, planning, the input
-gather and transfer, the dispatch, the copy back and the scatter to request order.
+gather and transfer, the dispatch, the copy back and the scatter to request order. Bare
+program and ``predict`` are timed in alternating rounds, with, where steps take their
+inputs from pinned host buffers (the default on a GPU), the same model handing them over as
+NumPy arguments instead (``host_inputs=False``).
 
     PYTHONPATH=. python benchmarks/overhead.py [--tenants 16] [--rows 64] [--repeats 500]
 """
@@ -17,16 +20,17 @@ import time
 import common  # noqa: F401  (puts the repository on sys.path)
 import jax
 import numpy as np
-from common import markdown_table, time_call, update_readme_section, write_json
+from common import markdown_table, time_call, time_calls_interleaved, update_readme_section, write_json
 
 import models
 from jaxmt import BucketPolicy, MultiTenantModel
 from jaxmt.steps import host_output_sharding
 
 
-def _model(spec, params: dict, outputs_to_host: bool | None) -> MultiTenantModel:
+def _model(spec, params: dict, outputs_to_host: bool | None, host_inputs: bool | None = None) -> MultiTenantModel:
     mt = MultiTenantModel(spec.apply_fn, next(iter(params.values())), capacity=len(params), buckets=BucketPolicy(),
-                          row_shape=spec.input_shape, row_dtype=spec.input_dtype, outputs_to_host=outputs_to_host)
+                          row_shape=spec.input_shape, row_dtype=spec.input_dtype, outputs_to_host=outputs_to_host,
+                          host_inputs=host_inputs)
     for tenant, p in params.items():
         mt.add_tenant(tenant, p)
     return mt
@@ -39,6 +43,8 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
     mt = _model(spec, params, None)  # the default placement of answers (pinned host memory on a GPU)
     in_host = mt.output_sharding is not None
     other = _model(spec, params, not in_host)  # the same model with its answers placed the other way
+    # Where steps take pinned host buffers, the same model with NumPy arguments, side by side.
+    as_arguments = None if mt.host_inputs is None else _model(spec, params, None, host_inputs=False)
     # A fixed request (fresh random content), so the step shape is the same every call.
     ids = list(rng.choice(list(params), size=rows))
     ids[:tenants] = list(params)  # every tenant present: K = tenants
@@ -57,8 +63,15 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
     ]
     leaves = mt.store.stacked_leaves
     compiles_before = mt.stats()["compiles"]
-    bare = time_call(lambda: [program(leaves, slots, x_kb) for program, slots, x_kb in calls], warmup=20, repeats=repeats)
-    full = time_call(lambda: mt.predict(ids, x), warmup=20, repeats=repeats)
+    timed = {
+        "bare": lambda: [program(leaves, slots, x_kb) for program, slots, x_kb in calls],
+        "predict": lambda: mt.predict(ids, x),
+    }
+    if as_arguments is not None:
+        np.testing.assert_allclose(as_arguments.predict(ids, x), y, rtol=1e-6, atol=1e-6)
+        timed["predict_argument_inputs"] = lambda: as_arguments.predict(ids, x)
+    timings = time_calls_interleaved(timed, warmup=20, repeats=repeats)
+    bare, full = timings["bare"], timings["predict"]
     np.testing.assert_allclose(other.predict(ids, x), y, rtol=1e-6, atol=1e-6)
     other_program = other.programs.get(other._key(plan.steps[0].tenant_bucket, plan.steps[0].row_bucket))
     other_calls = [(other_program, slots, x_kb) for _, slots, x_kb in calls]
@@ -76,6 +89,11 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
         "rows": rows,
         "steps": [[step.tenant_bucket, step.row_bucket] for step in plan.steps],
         "outputs_to_host": in_host,
+        "host_inputs": mt.host_inputs is not None,
+        "argument_inputs": None if as_arguments is None else {  # host_inputs=False, timed in the same rounds
+            "predict_us": timings["predict_argument_inputs"]["median_s"] * 1e6,
+            "overhead_us": (timings["predict_argument_inputs"]["median_s"] - bare["median_s"]) * 1e6,
+        },
         "other_placement": {  # the same model, answers placed the other way, same run
             "outputs_to_host": not in_host,
             "bare_program_us": bare_other["median_s"] * 1e6,
@@ -302,6 +320,13 @@ def main(argv: list[str] | None = None) -> None:
     where = {True: "written into pinned host memory", False: "left on the device"}
     print(f"answers {where[other['outputs_to_host']]} (outputs_to_host={other['outputs_to_host']}): predict {other['predict_us']:.1f} us, "
           f"bare program {other['bare_program_us']:.1f} us, overhead {other['overhead_us']:.1f} us")
+    as_arguments = result["argument_inputs"]
+    inputs_note = "" if as_arguments is None else (
+        f"Steps took their inputs from pinned host buffers written in place (`host_inputs`, the default here); the same model "
+        f"handing them over as NumPy arguments (`host_inputs=False`), timed in the same rounds: predict "
+        f"{as_arguments['predict_us']:.0f} us, overhead {as_arguments['overhead_us']:.0f} us.\n\n")
+    if inputs_note:
+        print(inputs_note.strip())
     moves = markdown_table(["bytes", *next(iter(result["transfers_us"].values()))],
                            [[label, *row.values()] for label, row in result["transfers_us"].items()])
     print(moves)
@@ -313,8 +338,8 @@ def main(argv: list[str] | None = None) -> None:
         update_readme_section(
             "Host overhead",
             "`PYTHONPATH=. python benchmarks/overhead.py` (medians of "
-            f"{args.repeats} calls; jax {env['jax']}, commit {env['commit']}). Target: overhead under 100 us, "
-            "no recompiles in steady state.\n\n" + table + "\n\nWhere the time of one step goes, each phase timed alone "
+            f"{args.repeats} calls, bare program and predict in alternating rounds; jax {env['jax']}, commit {env['commit']}). "
+            "Target: overhead under 100 us, no recompiles in steady state.\n\n" + table + "\n\n" + inputs_note + "Where the time of one step goes, each phase timed alone "
             "(us; `breakdown` in the script says what each holds):\n\n" + phases
             + f"\n\nAnswers {where[result['outputs_to_host']]} (the default here). The same model with answers "
             f"{where[other['outputs_to_host']]} (`outputs_to_host={other['outputs_to_host']}`), in the same run: "

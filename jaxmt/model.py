@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxmt.buckets import BucketPolicy, Plan, Step, make_plan
 from jaxmt.errors import InputError
+from jaxmt.host_inputs import MAX_BLOCK_BYTES, HostInputBuffers, host_inputs_by_default
 from jaxmt.lowering import LoweringPolicy, lowering_key, tenant_batched
 from jaxmt.programs import ProgramCache, ProgramKey
 from jaxmt.rows import RowParts, as_row_array, take_rows
@@ -27,6 +28,7 @@ from jaxmt.steps import (
     PendingPrediction,
     _nonfinite_row_indices,
     _row_output_spec,
+    _host_input_program,
     _start_copies_to_host,
     _step_program,
     _whole_store_program,
@@ -78,6 +80,13 @@ class MultiTenantModel:
         Such steps exist only when the capacity is on the K ladder, and add at most one
         program per row bucket: a random workload compiles at most len(K ladder) x
         len(B ladder) programs with False, and len(B ladder) more with True (the default).
+      host_inputs: whether steps of host (NumPy) rows take their slots and rows from pinned
+        host buffers that the host writes in place and the program copies to the device
+        itself, instead of NumPy arguments that the runtime transfers (``jaxmt.host_inputs``
+        says what each cost). None (the default): on a GPU that has pinned host memory, else
+        not. Blocks over ``jaxmt.host_inputs.MAX_BLOCK_BYTES`` always go as arguments.
+        Device-resident blocks (rows staged by a server) run programs of their own, which
+        ``warmup(device_inputs=True)`` compiles.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, jaxmt
@@ -113,6 +122,7 @@ class MultiTenantModel:
         nonfinite_inputs: str = "ignore",
         outputs_to_host: bool | None = None,
         whole_store_steps: bool = True,
+        host_inputs: bool | None = None,
     ):
         if not callable(apply_fn):
             raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
@@ -126,6 +136,7 @@ class MultiTenantModel:
         self.store = self._make_store(example_params, capacity, max_capacity, device)
         self.output_sharding = self._output_sharding(outputs_to_host)
         self._whole_store_steps = bool(whole_store_steps) and type(self)._whole_store_steps
+        self.host_inputs = self._host_input_buffers(host_inputs)
         self.lowering = lowering
         self._lowering_key = lowering_key(lowering)  # validates; distinct programs per policy
         self._apply_kb = tenant_batched(apply_fn, lowering)
@@ -272,11 +283,30 @@ class MultiTenantModel:
             self._nonfinite_rows += len(nonfinite_rows)
         return PendingPrediction(plan, outputs, empty_output, nonfinite_rows)
 
-    def run_step(self, step: Step, x_kb: np.ndarray) -> PyTree:
-        """Launches one planned step on already-gathered input [K, B, *row_shape] (caller holds ``store.lock``)."""
-        k = step.tenant_bucket
-        whole_store = self._whole_store_steps and step.slots_in_order and k == self.store.capacity
-        program = self.programs.get(self._key(k, step.row_bucket, whole_store))
+    def run_step(self, step: Step, x_kb: Any) -> PyTree:
+        """Launches one planned step on already-gathered input [K, B, *row_shape], a NumPy or
+        device array (caller holds ``store.lock``)."""
+        if isinstance(x_kb, np.ndarray) and self._takes_host_inputs(step):
+            return self._launch_from_host(step, lambda rows: np.copyto(rows, x_kb))
+        return self._launch_with_arguments(step, x_kb)
+
+    def _launch(self, step: Step, x: "np.ndarray | RowParts") -> PyTree:
+        if (not isinstance(x, RowParts) or x.staged is None) and self._takes_host_inputs(step):
+            return self._launch_from_host(step, lambda rows: take_rows(x, step.row_index, out=rows))
+        return self.run_step(step, take_rows(x, step.row_index))
+
+    def _whole_store(self, step: Step) -> bool:
+        return self._whole_store_steps and step.slots_in_order and step.tenant_bucket == self.store.capacity
+
+    def _takes_host_inputs(self, step: Step) -> bool:
+        return self.host_inputs is not None and self._block_nbytes(step.tenant_bucket, step.row_bucket) <= MAX_BLOCK_BYTES
+
+    def _block_nbytes(self, k: int, b: int) -> int:
+        return k * b * self._row_dtype.itemsize * int(np.prod(self._row_shape, dtype=np.int64))
+
+    def _launch_with_arguments(self, step: Step, x_kb: Any) -> PyTree:
+        whole_store = self._whole_store(step)
+        program = self.programs.get(self._key(step.tenant_bucket, step.row_bucket, whole_store))
         # NumPy inputs go to the executable as they are: an explicit device_put of (slots,
         # rows) first measured slower on an H200 host (1256 vs 1009 us a predict,
         # benchmarks/results/overhead_device_put.json).
@@ -284,8 +314,28 @@ class MultiTenantModel:
             return program(self.store.stacked_leaves, x_kb)
         return program(self.store.stacked_leaves, step.slots, x_kb)
 
-    def _launch(self, step: Step, x: "np.ndarray | RowParts") -> PyTree:
-        return self.run_step(step, take_rows(x, step.row_index))
+    def _launch_from_host(self, step: Step, write_rows: Callable[[np.ndarray], Any]) -> PyTree:
+        """Writes the step's slots and rows into pinned host buffers (``write_rows(view)``
+        fills the [K, B, *row_shape] block) and launches the program that reads them there."""
+        whole_store = self._whole_store(step)
+        key = self._key(step.tenant_bucket, step.row_bucket, whole_store, host_inputs=True)
+        program = self.programs.get(key)
+        buffers = self.host_inputs.acquire(self._input_signature(key))
+        outputs = None
+        try:
+            write_rows(buffers.views[-1])
+            if not whole_store:
+                buffers.views[0][...] = step.slots
+            outputs = program(self.store.stacked_leaves, *buffers.arrays)
+            return outputs
+        finally:
+            self.host_inputs.release(buffers, outputs)
+
+    def _input_signature(self, key: ProgramKey) -> list[tuple[tuple[int, ...], Any]]:
+        """(shape, dtype) of the program's inputs after the stacked leaves: slots (unless the
+        step reads the whole store) and the row block."""
+        rows = ((key.tenant_bucket, key.row_bucket, *key.row_shape), jnp.dtype(key.row_dtype))
+        return [rows] if key.whole_store else [((key.tenant_bucket,), jnp.dtype(jnp.int32)), rows]
 
     def warmup(
         self,
@@ -295,8 +345,14 @@ class MultiTenantModel:
         progress: bool = False,
         workers: int = 1,
         execute: bool = True,
+        device_inputs: bool = False,
     ) -> int:
         """Compiles the programs of the bucket ladder now and runs each once; returns how many were built.
+
+        Where steps take host inputs through pinned buffers (``host_inputs``), these are the
+        programs compiled; ``device_inputs`` compiles, as well, the programs of blocks already
+        on the device (rows a server stages there). Elsewhere the one program of a shape
+        takes both.
 
         With ``execute`` (the default) each program then runs once on zeros, waited for, so
         that what a program's first run costs on the device (loading its kernels, growing
@@ -325,7 +381,13 @@ class MultiTenantModel:
             if b not in self.buckets.row_buckets:
                 raise ValueError(f"row bucket {b} is not on the ladder {self.buckets.row_buckets}")
         wholes = (False, True) if self._whole_store_steps else (False,)
-        keys = [self._key(k, b, whole) for k in ks for b in bs for whole in wholes if not whole or k == self.store.capacity]
+        keys = []
+        for k in ks:
+            for b in bs:
+                host = self.host_inputs is not None and self._block_nbytes(k, b) <= MAX_BLOCK_BYTES
+                for whole in wholes:
+                    if not whole or k == self.store.capacity:
+                        keys += [self._key(k, b, whole, host_inputs=host)] + ([self._key(k, b, whole)] if host and device_inputs else [])
         if not progress:
             built = self.programs.ensure_many(keys, workers=workers)
         else:
@@ -349,9 +411,18 @@ class MultiTenantModel:
 
     def _zero_step_inputs(self, key: ProgramKey) -> tuple:
         """Valid inputs of the program of ``key`` after the stacked leaves: (slots, rows), or
-        rows alone for a whole-store program (a hook: ``jaxmt.sharding`` places them per device)."""
-        x_kb = np.zeros((key.tenant_bucket, key.row_bucket, *key.row_shape), key.row_dtype)
-        return (x_kb,) if key.whole_store else (np.zeros(key.tenant_bucket, np.int32), x_kb)
+        rows alone for a whole-store program, in pinned host memory for a program taking
+        host inputs (a hook: ``jaxmt.sharding`` places them per device)."""
+        zeros = tuple(np.zeros(shape, dtype) for shape, dtype in self._input_signature(key))
+        return jax.device_put(zeros, self.host_inputs.sharding) if key.host_inputs else zeros
+
+    def _host_input_buffers(self, host_inputs: bool | None) -> HostInputBuffers | None:
+        """The pinned buffers that steps write their inputs into, or None where steps take
+        their inputs as arguments (a hook: ``jaxmt.sharding`` places them per device)."""
+        device = self.store.device
+        if host_inputs is None:
+            host_inputs = host_inputs_by_default(device)
+        return HostInputBuffers(device) if host_inputs else None
 
     def stats(self) -> dict[str, Any]:
         """Counters: compiles, cache hits and misses, compile seconds, padding, tenants, bytes."""
@@ -365,6 +436,7 @@ class MultiTenantModel:
             "padded_rows": padded,
             "padding_waste": 0.0 if padded == 0 else round(1.0 - rows / padded, 6),
             "nonfinite_rows": nonfinite_rows,
+            "host_input_bytes": 0 if self.host_inputs is None else self.host_inputs.nbytes,
             **self.store.stats(),
         }
 
@@ -385,7 +457,7 @@ class MultiTenantModel:
         """The steps answering rows with these slots (a hook: ``jaxmt.sharding`` plans per device)."""
         return make_plan(slots, self.buckets)
 
-    def _key(self, k: int, b: int, whole_store: bool = False) -> ProgramKey:
+    def _key(self, k: int, b: int, whole_store: bool = False, host_inputs: bool = False) -> ProgramKey:
         """The key of the program for a K=k, B=b step on the current store and rows.
 
         Every step looks its program up, so each key is built once and then found by a
@@ -398,14 +470,14 @@ class MultiTenantModel:
         dropped, as no step can run them again.
         """
         capacity, row_shape, row_dtype = self.store.capacity, self._row_shape, self._row_dtype
-        memo = (k, b, whole_store, capacity, row_shape, row_dtype)
+        memo = (k, b, whole_store, capacity, row_shape, row_dtype, host_inputs)
         key = self._program_keys.get(memo)
         if key is None:
             if capacity != self._keys_capacity:  # the store grew: programs of a smaller one never run again
                 self.programs.discard(lambda old: old.capacity != capacity)
                 self._program_keys = {m: old for m, old in self._program_keys.items() if m[3] == capacity}
                 self._keys_capacity = capacity
-            key = ProgramKey(k, b, capacity, row_shape, row_dtype.name, self._lowering_key, whole_store)
+            key = ProgramKey(k, b, capacity, row_shape, row_dtype.name, self._lowering_key, whole_store, host_inputs)
             self._program_keys[memo] = key
         return key
 
@@ -421,8 +493,13 @@ class MultiTenantModel:
         x_kb = jax.ShapeDtypeStruct((key.tenant_bucket, key.row_bucket, *key.row_shape), key.row_dtype, sharding=on_device)
         out = {} if self.output_sharding is None else {"out_shardings": self.output_sharding}
         if key.whole_store:
-            return jax.jit(functools.partial(_whole_store_program, self._apply_kb, self.store._treedef), **out).lower(leaves, x_kb)
-        return jax.jit(functools.partial(_step_program, self._apply_kb, self.store._treedef), **out).lower(leaves, slots, x_kb)
+            step_program, inputs = functools.partial(_whole_store_program, self._apply_kb, self.store._treedef), [x_kb]
+        else:
+            step_program, inputs = functools.partial(_step_program, self._apply_kb, self.store._treedef), [slots, x_kb]
+        if key.host_inputs:
+            step_program = functools.partial(_host_input_program, step_program, on_device)
+            inputs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.host_inputs.sharding) for a in inputs]
+        return jax.jit(step_program, **out).lower(leaves, *inputs)
 
     def check_input(self, tenant_ids: Sequence[Hashable], x: Any) -> "np.ndarray | RowParts":
         """``x`` as an array (a ``RowParts`` stays one), checked as ``predict`` checks it: one row

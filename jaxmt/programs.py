@@ -33,6 +33,7 @@ class ProgramKey:
     row_dtype: str
     lowering: str = "vmap"
     whole_store: bool = False  # the step holds every slot once, in order: no weight gather
+    host_inputs: bool = False  # slots and rows come in pinned host buffers (jaxmt.host_inputs)
 
 
 class ProgramCache:

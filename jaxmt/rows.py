@@ -118,20 +118,24 @@ class RowParts:
             return self.joined()[start:stop]
         return self.take(np.arange(start, stop))
 
-    def take(self, index: np.ndarray) -> Any:
+    def take(self, index: np.ndarray, out: np.ndarray | None = None) -> Any:
         """``np.concatenate(parts)[index]`` for an int array ``index`` of any shape: a NumPy
-        array, or a device array when some parts' rows are staged on the device."""
+        array (written into ``out`` when given), or a device array when some parts' rows are
+        staged on the device (``out`` is then refused)."""
         index = np.asarray(index)
         if self.staged is not None:
+            if out is not None:
+                raise ValueError("rows staged on the device cannot be taken into a host array")
             return self._join(index, self.staged)
         if len(self.parts) == 1 or self._joined is not None or self.row_nbytes < DIRECT_ROW_BYTES:
-            return self.joined()[index]
+            return take_rows(self.joined(), index, out)
         which, offsets = self._locate(index)
-        out = np.empty((which.size, *self.shape[1:]), self.dtype)
+        block = np.empty((*index.shape, *self.shape[1:]), self.dtype) if out is None else out
+        flat = block.reshape(which.size, *self.shape[1:])  # a view: ``block`` is C-contiguous
         parts = self.parts
         for position, (part, offset) in enumerate(zip(which.tolist(), offsets.tolist())):
-            out[position] = parts[part][offset]
-        return out.reshape(*index.shape, *self.shape[1:])
+            flat[position] = parts[part][offset]
+        return block
 
     def _locate(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(part, offset in it) of each entry of ``index``, flattened; IndexError if out of range."""
@@ -174,6 +178,11 @@ def as_row_array(x: Any, copy: bool = False) -> np.ndarray:
     return rows if rows.dtype.isnative else rows.astype(rows.dtype.newbyteorder("="))
 
 
-def take_rows(x: "np.ndarray | RowParts", index: np.ndarray) -> Any:
-    """``x[index]`` for an array or a ``RowParts`` (a device array when its rows are staged)."""
-    return x.take(index) if isinstance(x, RowParts) else x[index]
+def take_rows(x: "np.ndarray | RowParts", index: np.ndarray, out: np.ndarray | None = None) -> Any:
+    """``x[index]`` for an array or a ``RowParts`` (a device array when its rows are staged),
+    written into ``out`` when given (host rows only)."""
+    if isinstance(x, RowParts):
+        return x.take(index, out=out)
+    if out is None:
+        return x[index]
+    return np.take(x, index, axis=0, out=out, mode="clip")  # "raise" would copy through a buffer

@@ -197,12 +197,11 @@ class Scheduler(_ServerBase):
 
     def warmup(self, **kwargs: Any) -> int:
         """Compiles the model's bucket programs now and runs each once (``MultiTenantModel.warmup``),
-        and, when rows are staged, the program joining each bucket's block; returns how many
-        model programs were new."""
-        new = self.mt.warmup(**kwargs)
+        and, when rows are staged, the program joining each bucket's block and the model's
+        programs of device-resident blocks; returns how many model programs were new."""
         buckets = self.mt.buckets
-        self._warm_staging([(k, b) for k in buckets.tenant_buckets for b in buckets.row_buckets])
-        return new
+        staged = self._warm_staging([(k, b) for k in buckets.tenant_buckets for b in buckets.row_buckets]) is not None
+        return self.mt.warmup(**{"device_inputs": staged, **kwargs})
 
     # --------------------------------------------------------------- policy
     def _steps_ahead_locked(self, req: _Request) -> float:

@@ -260,6 +260,11 @@ class ShardedMultiTenantModel(MultiTenantModel):
 
     _whole_store_steps = False  # run_step always gathers per device
 
+    def _host_input_buffers(self, host_inputs: bool | None) -> None:
+        if host_inputs:
+            raise ValueError("ShardedMultiTenantModel places each step's rows per device; host_inputs=True is not supported")
+        return None
+
     @property
     def input_device(self) -> None:
         """None: each step's rows are placed per device (block d on device d), not staged."""

@@ -1,0 +1,195 @@
+"""Steps that take their inputs from pinned host buffers written in place (jaxmt.host_inputs)
+answer as steps given NumPy arguments do, never let a write reach a program still reading
+a buffer, and bound the pinned memory they hold."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import reference_predict, rel_error, tiny_spec
+
+import models
+from jaxmt import BucketPolicy, MultiTenantModel
+from jaxmt import host_inputs as host_inputs_module
+from jaxmt.host_inputs import HostInputBuffers, host_inputs_by_default, writable_view
+from jaxmt.rows import RowParts
+
+POLICY = BucketPolicy.powers_of_two(8, 4)
+CPU = jax.devices("cpu")[0]
+
+
+def _model(name: str, n_tenants: int, seed: int, capacity: int | None = None, **kw):
+    spec = tiny_spec(name)
+    params = {f"t{i}": spec.init(seed * 100 + i) for i in range(n_tenants)}
+    mt = MultiTenantModel(spec.apply_fn, params["t0"], capacity=capacity or n_tenants, buckets=POLICY,
+                          row_shape=spec.input_shape, row_dtype=spec.input_dtype, **kw)
+    for tenant, p in params.items():
+        mt.add_tenant(tenant, p)
+    return spec, mt, params
+
+
+@pytest.mark.parametrize("name", models.ARCHITECTURES)
+def test_predict_from_pinned_buffers_equals_the_reference_on_fresh_rows_every_call(name, rng):
+    """Every call rewrites the same buffers: each answer must be of its own call's rows
+    (random subsets, one-step and multi-step plans, whole-store steps)."""
+    spec, mt, params = _model(name, 4, 1, host_inputs=True)
+    for trial in range(6):
+        if trial % 3 == 0:  # every tenant once, in slot order: a whole-store step
+            ids = list(params)
+        else:
+            n = int(rng.integers(1, 40))
+            ids = list(rng.choice(list(params), size=n))
+        x = spec.random_input(rng, len(ids))
+        assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5, (name, trial)
+    keys = list(mt.programs._programs)
+    assert keys and all(key.host_inputs for key in keys)
+    assert any(key.whole_store for key in keys)
+    assert mt.stats()["host_input_bytes"] > 0
+
+
+def test_steps_in_flight_never_share_a_buffer(rng):
+    """Many steps of one shape dispatched before any is waited for: the ring hands each a
+    set no running step reads (waiting for the oldest once all are taken)."""
+    spec, mt, params = _model("mlp", 4, 2, host_inputs=True)
+    ids = list(rng.choice(list(params), size=8))  # one step shape; fresh rows every time
+    requests = []
+    for _ in range(3 * host_inputs_module.RING):
+        x = spec.random_input(rng, 8)
+        requests.append((ids, x, mt.dispatch(ids, x)))
+    for ids, x, pending in requests:
+        assert rel_error(pending.result(), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+    (ring,) = [ring for ring in mt.host_inputs._rings.values() if ring]
+    assert 1 <= len(ring) <= host_inputs_module.RING
+
+
+def test_run_step_takes_numpy_blocks_through_the_buffers_and_device_blocks_as_arguments(rng):
+    spec, mt, params = _model("mlp", 4, 3, host_inputs=True)
+    ids = list(rng.choice(list(params), size=6))
+    x = spec.random_input(rng, 6)
+    (step,) = mt.dispatch(ids, x).plan.steps
+    x_kb = x[step.row_index]
+    want = np.asarray(mt.run_step(step, x_kb))
+    compiled = mt.stats()["compiles"]
+    on_device = np.asarray(mt.run_step(step, jax.device_put(x_kb, mt.store.device)))
+    assert mt.stats()["compiles"] == compiled + 1  # the device-input program of the shape
+    np.testing.assert_allclose(on_device, want, rtol=1e-6, atol=1e-6)
+    host_keys = [key for key in mt.programs._programs if key.host_inputs]
+    assert len(host_keys) == 1 and len(mt.programs) == 2
+
+
+def test_warmup_with_device_inputs_compiles_both_kinds_and_nothing_after(rng):
+    spec, mt, params = _model("mlp", 4, 4, host_inputs=True)
+    built = mt.warmup(device_inputs=True)
+    per_kind = len(POLICY.row_buckets) * (len(POLICY.tenant_buckets) + 1)  # + the whole-store programs (capacity 4)
+    assert built == 2 * per_kind
+    compiled = mt.stats()["compiles"]
+    for _ in range(10):
+        n = int(rng.integers(1, 30))
+        ids = list(rng.choice(list(params), size=n))
+        x = spec.random_input(rng, n)
+        pending = mt.dispatch(ids, x)
+        for step in pending.plan.steps:
+            mt.run_step(step, jax.device_put(x[step.row_index], mt.store.device))
+        assert rel_error(pending.result(), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+    assert mt.stats()["compiles"] == compiled
+
+
+def test_blocks_over_the_size_limit_go_as_arguments(rng, monkeypatch):
+    spec, mt, params = _model("mlp", 4, 5, host_inputs=True)
+    row_bytes = int(np.prod(spec.input_shape)) * np.dtype(spec.input_dtype).itemsize
+    monkeypatch.setattr("jaxmt.model.MAX_BLOCK_BYTES", 4 * row_bytes)  # blocks of up to 4 rows
+    for n in (1, 3, 17, 30):
+        ids = list(rng.choice(list(params), size=n))
+        x = spec.random_input(rng, n)
+        assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+    keys = list(mt.programs._programs)
+    assert {key.host_inputs for key in keys} == {False, True}
+    assert all(key.host_inputs == (key.tenant_bucket * key.row_bucket <= 4) for key in keys)
+
+
+def test_rows_of_several_requests_are_taken_into_the_buffers(rng):
+    spec, mt, params = _model("mlp", 4, 6, host_inputs=True)
+    parts = [spec.random_input(rng, n) for n in (3, 1, 5)]
+    ids = list(rng.choice(list(params), size=9))
+    got = mt.dispatch(ids, RowParts(parts)).result()
+    assert rel_error(got, reference_predict(spec.apply_fn, params, ids, np.concatenate(parts))) < 1e-5
+
+
+@pytest.mark.parametrize("row_shape", [(5,), (40, 40, 3)])  # under and over RowParts' direct-copy size
+def test_row_parts_take_into_a_given_block_equals_take(row_shape, rng):
+    parts = [rng.normal(size=(n, *row_shape)).astype(np.float32) for n in (2, 4, 1)]
+    rows = RowParts(parts)
+    index = rng.integers(0, 7, size=(3, 2))
+    out = np.empty((3, 2, *row_shape), np.float32)
+    assert rows.take(index, out=out) is out
+    np.testing.assert_array_equal(out, rows.take(index))
+
+
+def test_a_failed_launch_leaves_its_buffers_free(rng):
+    spec, mt, params = _model("mlp", 2, 7, host_inputs=True)
+    ids, x = ["t0", "t1"], spec.random_input(rng, 2)
+    mt.predict(ids, x)
+    (ring,) = [ring for ring in mt.host_inputs._rings.values() if ring]
+    held = mt.stats()["host_input_bytes"]
+
+    def failing(*args):
+        raise RuntimeError("device lost")
+
+    mt.programs.get = lambda key: failing
+    try:
+        for _ in range(2 * host_inputs_module.RING):
+            with pytest.raises(RuntimeError, match="device lost"):
+                mt.predict(ids, x)
+    finally:
+        del mt.programs.get
+    assert len(ring) == 1 and ring[0].idle() and mt.stats()["host_input_bytes"] == held
+    assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+
+
+def test_a_written_view_is_what_a_program_reads():
+    buffers = HostInputBuffers(CPU)
+    (array,), (view,) = (lambda s: (s.arrays, s.views))(buffers.acquire([((4, 3), np.float32)]))
+    total = jax.jit(lambda a: jnp.sum(jax.device_put(a, jax.sharding.SingleDeviceSharding(CPU))))
+    for value in (1.5, -2.0):
+        view[...] = value
+        assert float(total(array)) == pytest.approx(12 * value)
+    assert writable_view(array).ctypes.data == view.ctypes.data
+
+
+def test_the_ring_reuses_idle_sets_grows_to_its_bound_and_frees_idle_ones_over_budget():
+    small, large = [((4,), np.int32)], [((64, 64), np.float32)]
+    buffers = HostInputBuffers(CPU, max_total_bytes=16 + 2 * 64 * 64 * 4, ring=2)
+    first = buffers.acquire(small)
+    buffers.release(first, None)
+    assert buffers.acquire(small) is first  # idle: handed out again, nothing allocated
+    busy = jax.device_put(np.zeros(3))
+    buffers.release(first, busy)  # outputs of a finished program: idle again
+    assert buffers.acquire(small) is first
+    a = buffers.acquire(large)
+    buffers.release(a, _NeverReady())
+    b = buffers.acquire(large)  # a is read by a running program: a second set
+    assert b is not a and buffers.nbytes == 16 + 2 * 64 * 64 * 4
+    buffers.release(b, None)
+    buffers.release(first, None)
+    buffers.acquire([((32, 64), np.float32)])  # over budget: an idle set beyond its signature's last goes
+    assert buffers.nbytes == 16 + 64 * 64 * 4 + 32 * 64 * 4
+    assert buffers._rings[((64, 64), np.dtype(np.float32)),] == [a]
+
+
+def test_host_inputs_are_off_by_default_on_the_cpu_and_refused_by_the_sharded_model():
+    assert not host_inputs_by_default(CPU)
+    spec, mt, _ = _model("mlp", 2, 8)
+    assert mt.host_inputs is None and mt.stats()["host_input_bytes"] == 0
+    from jaxmt.sharding import ShardedMultiTenantModel
+
+    with pytest.raises(ValueError, match="host_inputs=True is not supported"):
+        ShardedMultiTenantModel(spec.apply_fn, spec.init(0), capacity=2, host_inputs=True)
+
+
+class _NeverReady:
+    """Stands in for the outputs of a program still running."""
+
+    def is_ready(self) -> bool:
+        return False
