@@ -16,7 +16,9 @@ They exist so that every claim is a ratio measured in one run. Each takes the sa
 
 A tenant's "program" is ``jax.jit(apply_fn)`` called with that tenant's params: the same
 kernels per tenant with different weights, which is what separate per-model executables
-compute, without compiling the same code once per tenant.
+compute, without compiling the same code once per tenant. Its answers and host inputs go as
+jaxmt's steps send theirs (``MultiTenantModel.output_sharding`` and ``host_inputs``), so
+that the ratios measure batching, not a way of moving bytes.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from jaxmt._queue import _Batch, _Launched, _Request
 from jaxmt._server import _claim, _ServerBase
 from jaxmt.buckets import BucketPolicy
 from jaxmt.errors import InputError
+from jaxmt.host_inputs import MAX_BLOCK_BYTES, HostInputBuffers
 from jaxmt.rows import RowParts, as_row_array, take_rows
 from jaxmt.scheduler import SchedulerConfig, make_config
 from jaxmt.steps import _start_copies_to_host
@@ -58,22 +61,52 @@ def _check_batch_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
 
 class _Program:
     """``jax.jit(apply_fn)`` and the (params, input) signatures it has compiled (first calls
-    are untimed). Shared by every model of that ``apply_fn``, whose params may differ in shape."""
+    are untimed). Shared by every model of that ``apply_fn``, whose params may differ in shape.
 
-    def __init__(self, apply_fn: Any, output_sharding: Any = None):
+    With ``input_device``, host rows of up to ``MAX_BLOCK_BYTES`` go through pinned host
+    buffers written in place, which the program copies to that device itself, as
+    ``MultiTenantModel(host_inputs=True)`` sends a step's rows."""
+
+    def __init__(self, apply_fn: Any, output_sharding: Any = None, input_device: Any = None):
         # Answers go where jaxmt's steps put theirs (MultiTenantModel.output_sharding).
-        self.fn = jax.jit(apply_fn) if output_sharding is None else jax.jit(apply_fn, out_shardings=output_sharding)
+        out = {} if output_sharding is None else {"out_shardings": output_sharding}
+        self.fn = jax.jit(apply_fn, **out)
         self.outputs_on_device = output_sharding is None
+        self.host_inputs = None if input_device is None else HostInputBuffers(input_device)
+        if input_device is not None:
+            on_device = jax.sharding.SingleDeviceSharding(input_device)
+            self.fn_from_host = jax.jit(lambda params, x: apply_fn(params, jax.device_put(x, on_device)), **out)
         self.compiled: set[tuple] = set()
         self.lock = threading.Lock()
 
+    def takes_host_block(self, shape: Sequence[int], dtype: Any) -> bool:
+        return self.host_inputs is not None and math.prod(shape) * np.dtype(dtype).itemsize <= MAX_BLOCK_BYTES
+
     def __call__(self, params: PyTree, x: "np.ndarray | jax.Array", params_key: Hashable) -> tuple[PyTree, bool]:
         """``params_key``: the params' signature (``_params_key``), which jit compiles for too."""
-        key = (params_key, _input_key(x))
+        if isinstance(x, np.ndarray) and self.takes_host_block(x.shape, x.dtype):
+            return self.from_host(params, x.shape, x.dtype, lambda rows: np.copyto(rows, x), params_key)
+        return self._run(self.fn, params, x, _input_key(x), params_key)
+
+    def from_host(self, params: PyTree, shape: Sequence[int], dtype: Any, write_rows: Any,
+                  params_key: Hashable) -> tuple[PyTree, bool]:
+        """Runs on a block of ``shape`` and ``dtype`` that ``write_rows(view)`` writes into a
+        pinned host buffer (``takes_host_block`` must hold)."""
+        buffers = self.host_inputs.acquire([(tuple(shape), dtype)])
+        y = None
+        try:
+            write_rows(buffers.views[0])
+            y, new = self._run(self.fn_from_host, params, buffers.arrays[0], (tuple(shape), np.dtype(dtype).str, False), params_key)
+            return y, new
+        finally:
+            self.host_inputs.release(buffers, y)
+
+    def _run(self, fn: Any, params: PyTree, x: Any, input_key: tuple, params_key: Hashable) -> tuple[PyTree, bool]:
+        key = (params_key, input_key)
         with self.lock:
             new = key not in self.compiled
             self.compiled.add(key)
-        y = self.fn(params, x)
+        y = fn(params, x)
         if self.outputs_on_device:
             _start_copies_to_host([y])  # as jaxmt's steps do
         return y, new
@@ -94,8 +127,8 @@ def _params_key(mt: Any) -> tuple:
 
 
 @functools.lru_cache(maxsize=64)
-def _program_for(apply_fn: Any, output_sharding: Any = None) -> _Program:
-    return _Program(apply_fn, output_sharding)
+def _program_for(apply_fn: Any, output_sharding: Any = None, input_device: Any = None) -> _Program:
+    return _Program(apply_fn, output_sharding, input_device)
 
 
 class _HostPending:
@@ -118,7 +151,7 @@ class _TenantPrograms:
     def __init__(self, mt: Any, batch_sizes: Sequence[int]):
         self.mt = mt
         self.batch_sizes = _check_batch_sizes(batch_sizes)
-        self.program = _program_for(mt.apply_fn, mt.output_sharding)
+        self.program = _program_for(mt.apply_fn, mt.output_sharding, None if mt.host_inputs is None else mt.store.device)
         self.params_key = _params_key(mt)
         self._params: dict[Hashable, PyTree] = {}
         self._version = None
@@ -149,11 +182,18 @@ class _TenantPrograms:
         for start in range(0, x.shape[0], largest):
             n = min(largest, x.shape[0] - start)
             size = self.batch_sizes[int(np.searchsorted(self.batch_sizes, n))]
-            if size == n:
-                part = x.rows(start, start + n) if isinstance(x, RowParts) else x[start : start + n]
-            else:  # padding repeats real rows, so padded positions compute real values
-                part = take_rows(x, start + np.arange(size) % n)
-            y, new = self.program(params, part, self.params_key)
+            # Padding repeats real rows, so padded positions compute real values.
+            index = None if size == n else start + np.arange(size) % n
+            shape = (size, *x.shape[1:])
+            if (not isinstance(x, RowParts) or x.staged is None) and self.program.takes_host_block(shape, x.dtype):
+                if index is None:
+                    write = lambda rows, s=start, n=n: np.copyto(rows, x.rows(s, s + n) if isinstance(x, RowParts) else x[s : s + n])  # noqa: E731
+                else:
+                    write = lambda rows, index=index: take_rows(x, index, out=rows)  # noqa: E731
+                y, new = self.program.from_host(params, shape, x.dtype, write, self.params_key)
+            else:
+                part = take_rows(x, index) if index is not None else x.rows(start, start + n) if isinstance(x, RowParts) else x[start : start + n]
+                y, new = self.program(params, part, self.params_key)
             chunks.append((y, n))
             padded, compiled = padded + size, compiled or new
         return _HostPending(chunks, padded, compiled)

@@ -119,6 +119,29 @@ def test_with_answers_in_host_memory_every_server_matches_the_reference(kind, rn
             np.testing.assert_allclose(future.result(TIMEOUT_S), expected(kind, params, tenant, x, server), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("staged", [False, True])
+@pytest.mark.parametrize("kind", list(SERVERS))
+def test_with_inputs_from_pinned_host_buffers_every_server_matches_the_reference(kind, staged, rng):
+    """The baselines take host rows as jaxmt's steps do (``host_inputs``); staged rows reach
+    every server as device blocks, and a warmed-up server compiles nothing for either."""
+    params = {f"t{i}": make_params(60 + i) for i in range(3)}
+    mt = jaxmt.MultiTenantModel(apply_fn, make_params(0), capacity=4, buckets=jaxmt.BucketPolicy.powers_of_two(4, 4),
+                                row_shape=(ROW,), row_dtype=np.float32, outputs_to_host=True, host_inputs=True)
+    for name, p in params.items():
+        mt.add_tenant(name, p)
+    with SERVERS[kind](mt, overload_policy="serve_late", stage_inputs=staged) as server:
+        server.warmup()
+        program = None if kind == "jaxmt" else server._programs.program
+        compiled = (mt.stats()["compiles"], None if program is None else set(program.compiled))
+        requests = [(f"t{i % 3}", rows(rng, 1 + i % 3)) for i in range(12)]
+        futures = [(t, x, server.submit(t, x)) for t, x in requests]
+        for tenant, x, future in futures:
+            np.testing.assert_allclose(future.result(TIMEOUT_S), expected(kind, params, tenant, x, server), rtol=1e-5, atol=1e-5)
+        assert (mt.stats()["compiles"], None if program is None else set(program.compiled)) == compiled
+        held = mt.stats()["host_input_bytes"] if program is None else program.host_inputs.nbytes
+        assert held > 0
+
+
 def test_synchronous_helpers_match_the_reference(served, rng):
     mt, params = served
     ids = [f"t{i}" for i in rng.integers(len(params), size=23)]
