@@ -73,9 +73,20 @@ class BufferSet:
     views: tuple[np.ndarray, ...]
     nbytes: int
     reader: PyTree = None  # outputs of the last program that read these buffers; None: none in flight
+    claimed: bool = False  # handed out by ``acquire`` and not released yet
 
     def idle(self) -> bool:
-        return self.reader is None or all(leaf.is_ready() for leaf in jax.tree_util.tree_leaves(self.reader))
+        """Neither handed out nor read by a program still running (an output deleted by its
+        owner counts as finished: JAX frees it only once its program is done)."""
+        return not self.claimed and (self.reader is None or all(_finished(leaf) for leaf in jax.tree_util.tree_leaves(self.reader)))
+
+
+def _finished(leaf: Any) -> bool:
+    """Whether an output leaf's program is done (leaves that are not arrays are)."""
+    if not hasattr(leaf, "is_ready"):
+        return True
+    deleted = getattr(leaf, "is_deleted", None)
+    return (deleted is not None and deleted()) or leaf.is_ready()
 
 
 class HostInputBuffers:
@@ -109,19 +120,34 @@ class HostInputBuffers:
             for i, buffers in enumerate(ring):
                 if buffers.idle():
                     ring.append(ring.pop(i))  # the set handed out goes last: the others are older
+                    buffers.claimed = True
                     return buffers
             if len(ring) < self.ring:
                 buffers = self._allocate(signature)
+                buffers.claimed = True
                 ring.append(buffers)
                 return buffers
-            oldest = ring.pop(0)
-            ring.append(oldest)
-        jax.block_until_ready(oldest.reader)  # outside the lock: other shapes go on meanwhile
-        return oldest
+            # Every set is handed out or being read: wait for the oldest one being read.
+            oldest = next((b for b in ring if not b.claimed), None)
+            if oldest is not None:
+                ring.remove(oldest)
+                ring.append(oldest)
+                oldest.claimed = True
+        if oldest is None:  # all handed out to other threads at once: a set of its own
+            with self._lock:
+                buffers = self._allocate(signature)
+                buffers.claimed = True
+                self._rings[signature].append(buffers)
+                return buffers
+        jax.block_until_ready([leaf for leaf in jax.tree_util.tree_leaves(oldest.reader) if not _finished(leaf)])
+        return oldest  # waited for outside the lock: other threads go on meanwhile
 
     def release(self, buffers: BufferSet, reader: PyTree) -> None:
-        """Records the outputs of the program launched on ``buffers`` (None: nothing reads them)."""
-        buffers.reader = reader
+        """Hands ``buffers`` back with the outputs of the program launched on them (None:
+        nothing reads them, e.g. the launch failed)."""
+        with self._lock:
+            buffers.reader = reader
+            buffers.claimed = False
 
     def _allocate(self, signature: tuple) -> BufferSet:
         nbytes = sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in signature)

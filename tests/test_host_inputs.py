@@ -178,6 +178,47 @@ def test_the_ring_reuses_idle_sets_grows_to_its_bound_and_frees_idle_ones_over_b
     assert buffers._rings[((64, 64), np.dtype(np.float32)),] == [a]
 
 
+def test_a_set_handed_out_is_not_handed_out_again_until_released():
+    signature = [((8,), np.float32)]
+    buffers = HostInputBuffers(CPU, ring=2)
+    held = [buffers.acquire(signature) for _ in range(3)]  # the third: every set of the ring is held
+    assert len({id(b) for b in held}) == 3
+    buffers.release(held[1], None)
+    assert buffers.acquire(signature) is held[1]
+
+
+def test_threads_sharing_the_buffers_never_hold_one_set_at_once():
+    import threading
+    import time
+
+    signature = [((16,), np.int32)]
+    buffers = HostInputBuffers(CPU, ring=2)
+    holders: dict[int, int] = {}
+    clashes = []
+    guard = threading.Lock()
+
+    def worker(me: int) -> None:
+        for _ in range(200):
+            got = buffers.acquire(signature)
+            with guard:
+                if id(got) in holders:
+                    clashes.append((me, holders[id(got)]))
+                holders[id(got)] = me
+            got.views[0][...] = me
+            time.sleep(1e-5)  # hold the set a while: another thread runs meanwhile
+            assert (got.views[0] == me).all()
+            with guard:
+                del holders[id(got)]
+            buffers.release(got, jax.device_put(np.full(3, me)))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not clashes
+
+
 def test_host_inputs_are_off_by_default_on_the_cpu_and_refused_by_the_sharded_model():
     assert not host_inputs_by_default(CPU)
     spec, mt, _ = _model("mlp", 2, 8)
