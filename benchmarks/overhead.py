@@ -44,7 +44,7 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
     in_host = mt.output_sharding is not None
     other = _model(spec, params, not in_host)  # the same model with its answers placed the other way
     # Where steps take pinned host buffers, the same model with NumPy arguments, side by side.
-    as_arguments = None if mt.host_inputs is None else _model(spec, params, None, host_inputs=False)
+    as_arguments = None if mt.host_input_buffers is None else _model(spec, params, None, host_inputs=False)
     # A fixed request (fresh random content), so the step shape is the same every call.
     ids = list(rng.choice(list(params), size=rows))
     ids[:tenants] = list(params)  # every tenant present: K = tenants
@@ -89,7 +89,7 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
         "rows": rows,
         "steps": [[step.tenant_bucket, step.row_bucket] for step in plan.steps],
         "outputs_to_host": in_host,
-        "host_inputs": mt.host_inputs is not None,
+        "host_inputs": mt.host_input_buffers is not None,
         "argument_inputs": None if as_arguments is None else {  # host_inputs=False, timed in the same rounds
             "predict_us": timings["predict_argument_inputs"]["median_s"] * 1e6,
             "overhead_us": (timings["predict_argument_inputs"]["median_s"] - bare["median_s"]) * 1e6,
@@ -168,7 +168,8 @@ def _host_only_predict_us(mt: MultiTenantModel, ids: list, x: np.ndarray, repeat
     pending = mt.dispatch(ids, x)
     finished = jax.block_until_ready(pending.outputs)
     answers = itertools.cycle(finished)  # predict launches its steps in plan order, every call alike
-    mt.programs.get = lambda key: (lambda *args: next(answers))  # shadows the method until deleted
+    # Shadows the method until deleted; a program of pinned host inputs also returns a token.
+    mt.programs.get = lambda key: (lambda *args: (next(answers), None) if key.host_inputs else next(answers))
     try:
         np.testing.assert_array_equal(mt.predict(ids, x), pending.result())
         return _median_us(lambda: mt.predict(ids, x), repeats)

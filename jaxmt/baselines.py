@@ -38,7 +38,7 @@ from jaxmt._queue import _Batch, _Launched, _Request
 from jaxmt._server import _claim, _ServerBase
 from jaxmt.buckets import BucketPolicy
 from jaxmt.errors import InputError
-from jaxmt.host_inputs import MAX_BLOCK_BYTES, HostInputBuffers
+from jaxmt.host_inputs import HostInputBuffers, fits, with_token
 from jaxmt.rows import RowParts, as_row_array, take_rows
 from jaxmt.scheduler import SchedulerConfig, make_config
 from jaxmt.steps import _start_copies_to_host
@@ -69,47 +69,50 @@ class _Program:
 
     def __init__(self, apply_fn: Any, output_sharding: Any = None, input_device: Any = None):
         # Answers go where jaxmt's steps put theirs (MultiTenantModel.output_sharding).
-        out = {} if output_sharding is None else {"out_shardings": output_sharding}
-        self.fn = jax.jit(apply_fn, **out)
+        self.fn = jax.jit(apply_fn, **({} if output_sharding is None else {"out_shardings": output_sharding}))
         self.outputs_on_device = output_sharding is None
-        self.host_inputs = None if input_device is None else HostInputBuffers(input_device)
+        self.host_input_buffers = None if input_device is None else HostInputBuffers(input_device)
         if input_device is not None:
-            on_device = jax.sharding.SingleDeviceSharding(input_device)
-            self.fn_from_host = jax.jit(lambda params, x: apply_fn(params, jax.device_put(x, on_device)), **out)
+            on_device = jax.sharding.SingleDeviceSharding(input_device)  # where the token stays
+            out = {} if output_sharding is None else {"out_shardings": (output_sharding, on_device)}
+            self.fn_from_host = jax.jit(with_token(apply_fn, on_device), **out)
         self.compiled: set[tuple] = set()
         self.lock = threading.Lock()
 
     def takes_host_block(self, shape: Sequence[int], dtype: Any) -> bool:
-        return self.host_inputs is not None and math.prod(shape) * np.dtype(dtype).itemsize <= MAX_BLOCK_BYTES
+        return self.host_input_buffers is not None and fits(math.prod(shape) * np.dtype(dtype).itemsize)
 
     def __call__(self, params: PyTree, x: "np.ndarray | jax.Array", params_key: Hashable) -> tuple[PyTree, bool]:
         """``params_key``: the params' signature (``_params_key``), which jit compiles for too."""
         if isinstance(x, np.ndarray) and self.takes_host_block(x.shape, x.dtype):
             return self.from_host(params, x.shape, x.dtype, lambda rows: np.copyto(rows, x), params_key)
-        return self._run(self.fn, params, x, _input_key(x), params_key)
+        new = self._first_call(params_key, _input_key(x))
+        return self._copied_out(self.fn(params, x)), new
 
     def from_host(self, params: PyTree, shape: Sequence[int], dtype: Any, write_rows: Any,
                   params_key: Hashable) -> tuple[PyTree, bool]:
         """Runs on a block of ``shape`` and ``dtype`` that ``write_rows(view)`` writes into a
         pinned host buffer (``takes_host_block`` must hold)."""
-        buffers = self.host_inputs.acquire([(tuple(shape), dtype)])
-        y = None
+        buffers = self.host_input_buffers.acquire([(shape, dtype)])
+        token = None
         try:
             write_rows(buffers.views[0])
-            y, new = self._run(self.fn_from_host, params, buffers.arrays[0], (tuple(shape), np.dtype(dtype).str, False), params_key)
-            return y, new
+            new = self._first_call(params_key, (tuple(shape), np.dtype(dtype).str, False))
+            y, token = self.fn_from_host(params, buffers.arrays[0])
+            return self._copied_out(y), new
         finally:
-            self.host_inputs.release(buffers, y)
+            self.host_input_buffers.release(buffers, token)
 
-    def _run(self, fn: Any, params: PyTree, x: Any, input_key: tuple, params_key: Hashable) -> tuple[PyTree, bool]:
-        key = (params_key, input_key)
+    def _first_call(self, params_key: Hashable, input_key: tuple) -> bool:
         with self.lock:
-            new = key not in self.compiled
-            self.compiled.add(key)
-        y = fn(params, x)
+            new = (params_key, input_key) not in self.compiled
+            self.compiled.add((params_key, input_key))
+        return new
+
+    def _copied_out(self, y: PyTree) -> PyTree:
         if self.outputs_on_device:
             _start_copies_to_host([y])  # as jaxmt's steps do
-        return y, new
+        return y
 
 
 def _input_key(x: "np.ndarray | jax.Array") -> tuple:
@@ -129,6 +132,17 @@ def _params_key(mt: Any) -> tuple:
 @functools.lru_cache(maxsize=64)
 def _program_for(apply_fn: Any, output_sharding: Any = None, input_device: Any = None) -> _Program:
     return _Program(apply_fn, output_sharding, input_device)
+
+
+def _take_into(x: "np.ndarray | RowParts", index: np.ndarray, rows: np.ndarray) -> None:
+    take_rows(x, index, out=rows)
+
+
+def _chunk(x: "np.ndarray | RowParts", start: int, n: int, index: np.ndarray) -> Any:
+    """Rows ``index`` of x (``start:start + n`` padded up): a view where no padding is needed."""
+    if index.shape[0] != n:
+        return take_rows(x, index)
+    return x.rows(start, start + n) if isinstance(x, RowParts) else x[start : start + n]
 
 
 class _HostPending:
@@ -151,7 +165,7 @@ class _TenantPrograms:
     def __init__(self, mt: Any, batch_sizes: Sequence[int]):
         self.mt = mt
         self.batch_sizes = _check_batch_sizes(batch_sizes)
-        self.program = _program_for(mt.apply_fn, mt.output_sharding, None if mt.host_inputs is None else mt.store.device)
+        self.program = _program_for(mt.apply_fn, mt.output_sharding, None if mt.host_input_buffers is None else mt.store.device)
         self.params_key = _params_key(mt)
         self._params: dict[Hashable, PyTree] = {}
         self._version = None
@@ -182,18 +196,13 @@ class _TenantPrograms:
         for start in range(0, x.shape[0], largest):
             n = min(largest, x.shape[0] - start)
             size = self.batch_sizes[int(np.searchsorted(self.batch_sizes, n))]
-            # Padding repeats real rows, so padded positions compute real values.
-            index = None if size == n else start + np.arange(size) % n
+            index = start + np.arange(size) % n  # padding repeats real rows: padded positions compute real values
             shape = (size, *x.shape[1:])
             if (not isinstance(x, RowParts) or x.staged is None) and self.program.takes_host_block(shape, x.dtype):
-                if index is None:
-                    write = lambda rows, s=start, n=n: np.copyto(rows, x.rows(s, s + n) if isinstance(x, RowParts) else x[s : s + n])  # noqa: E731
-                else:
-                    write = lambda rows, index=index: take_rows(x, index, out=rows)  # noqa: E731
+                write = functools.partial(_take_into, x, index)
                 y, new = self.program.from_host(params, shape, x.dtype, write, self.params_key)
             else:
-                part = take_rows(x, index) if index is not None else x.rows(start, start + n) if isinstance(x, RowParts) else x[start : start + n]
-                y, new = self.program(params, part, self.params_key)
+                y, new = self.program(params, _chunk(x, start, n, index), self.params_key)
             chunks.append((y, n))
             padded, compiled = padded + size, compiled or new
         return _HostPending(chunks, padded, compiled)

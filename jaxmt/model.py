@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxmt.buckets import BucketPolicy, Plan, Step, make_plan
 from jaxmt.errors import InputError
-from jaxmt.host_inputs import MAX_BLOCK_BYTES, HostInputBuffers, host_inputs_by_default
+from jaxmt.host_inputs import HostInputBuffers, fits, host_inputs_by_default, with_token
 from jaxmt.lowering import LoweringPolicy, lowering_key, tenant_batched
 from jaxmt.programs import ProgramCache, ProgramKey
 from jaxmt.rows import RowParts, as_row_array, take_rows
@@ -28,7 +28,6 @@ from jaxmt.steps import (
     PendingPrediction,
     _nonfinite_row_indices,
     _row_output_spec,
-    _host_input_program,
     _start_copies_to_host,
     _step_program,
     _whole_store_program,
@@ -84,7 +83,8 @@ class MultiTenantModel:
         host buffers that the host writes in place and the program copies to the device
         itself, instead of NumPy arguments that the runtime transfers (``jaxmt.host_inputs``
         says what each cost). None (the default): on a GPU that has pinned host memory, else
-        not. Blocks over ``jaxmt.host_inputs.MAX_BLOCK_BYTES`` always go as arguments.
+        not. Blocks over ``jaxmt.host_inputs.MAX_BLOCK_BYTES`` always go as arguments. The
+        pinned buffers are ``host_input_buffers`` (``stats()["host_input_bytes"]``).
         Device-resident blocks (rows staged by a server) run programs of their own, which
         ``warmup(device_inputs=True)`` compiles.
 
@@ -136,7 +136,7 @@ class MultiTenantModel:
         self.store = self._make_store(example_params, capacity, max_capacity, device)
         self.output_sharding = self._output_sharding(outputs_to_host)
         self._whole_store_steps = bool(whole_store_steps) and type(self)._whole_store_steps
-        self.host_inputs = self._host_input_buffers(host_inputs)
+        self.host_input_buffers = self._host_input_buffers(host_inputs)
         self.lowering = lowering
         self._lowering_key = lowering_key(lowering)  # validates; distinct programs per policy
         self._apply_kb = tenant_batched(apply_fn, lowering)
@@ -286,23 +286,24 @@ class MultiTenantModel:
     def run_step(self, step: Step, x_kb: Any) -> PyTree:
         """Launches one planned step on already-gathered input [K, B, *row_shape], a NumPy or
         device array (caller holds ``store.lock``)."""
-        if isinstance(x_kb, np.ndarray) and self._takes_host_inputs(step):
+        if isinstance(x_kb, np.ndarray) and self._takes_host_inputs(step.tenant_bucket, step.row_bucket):
+            block = (step.tenant_bucket, step.row_bucket, *self._row_shape)
+            if x_kb.shape != block or x_kb.dtype != self._row_dtype:
+                raise InputError(f"x_kb is {x_kb.dtype.name}{list(x_kb.shape)}, expected {self._row_dtype.name}{list(block)} for this step")
             return self._launch_from_host(step, lambda rows: np.copyto(rows, x_kb))
         return self._launch_with_arguments(step, x_kb)
 
     def _launch(self, step: Step, x: "np.ndarray | RowParts") -> PyTree:
-        if (not isinstance(x, RowParts) or x.staged is None) and self._takes_host_inputs(step):
+        if (not isinstance(x, RowParts) or x.staged is None) and self._takes_host_inputs(step.tenant_bucket, step.row_bucket):
             return self._launch_from_host(step, lambda rows: take_rows(x, step.row_index, out=rows))
         return self.run_step(step, take_rows(x, step.row_index))
 
     def _whole_store(self, step: Step) -> bool:
         return self._whole_store_steps and step.slots_in_order and step.tenant_bucket == self.store.capacity
 
-    def _takes_host_inputs(self, step: Step) -> bool:
-        return self.host_inputs is not None and self._block_nbytes(step.tenant_bucket, step.row_bucket) <= MAX_BLOCK_BYTES
-
-    def _block_nbytes(self, k: int, b: int) -> int:
-        return k * b * self._row_dtype.itemsize * int(np.prod(self._row_shape, dtype=np.int64))
+    def _takes_host_inputs(self, k: int, b: int) -> bool:
+        """Whether a K=k, B=b step of host rows takes its inputs from pinned buffers."""
+        return self.host_input_buffers is not None and fits(k * b * self._row_dtype.itemsize * int(np.prod(self._row_shape, dtype=np.int64)))
 
     def _launch_with_arguments(self, step: Step, x_kb: Any) -> PyTree:
         whole_store = self._whole_store(step)
@@ -320,16 +321,17 @@ class MultiTenantModel:
         whole_store = self._whole_store(step)
         key = self._key(step.tenant_bucket, step.row_bucket, whole_store, host_inputs=True)
         program = self.programs.get(key)
-        buffers = self.host_inputs.acquire(self._input_signature(key))
-        outputs = None
+        buffers = self.host_input_buffers.acquire(self._input_signature(key))
+        token = None
         try:
-            write_rows(buffers.views[-1])
-            if not whole_store:
-                buffers.views[0][...] = step.slots
-            outputs = program(self.store.stacked_leaves, *buffers.arrays)
+            *slots, rows = buffers.views  # in the order of _input_signature
+            write_rows(rows)
+            if slots:
+                slots[0][...] = step.slots
+            outputs, token = program(self.store.stacked_leaves, *buffers.arrays)
             return outputs
         finally:
-            self.host_inputs.release(buffers, outputs)
+            self.host_input_buffers.release(buffers, token)
 
     def _input_signature(self, key: ProgramKey) -> list[tuple[tuple[int, ...], Any]]:
         """(shape, dtype) of the program's inputs after the stacked leaves: slots (unless the
@@ -384,7 +386,7 @@ class MultiTenantModel:
         keys = []
         for k in ks:
             for b in bs:
-                host = self.host_inputs is not None and self._block_nbytes(k, b) <= MAX_BLOCK_BYTES
+                host = self._takes_host_inputs(k, b)
                 for whole in wholes:
                     if not whole or k == self.store.capacity:
                         keys += [self._key(k, b, whole, host_inputs=host)] + ([self._key(k, b, whole)] if host and device_inputs else [])
@@ -414,7 +416,7 @@ class MultiTenantModel:
         rows alone for a whole-store program, in pinned host memory for a program taking
         host inputs (a hook: ``jaxmt.sharding`` places them per device)."""
         zeros = tuple(np.zeros(shape, dtype) for shape, dtype in self._input_signature(key))
-        return jax.device_put(zeros, self.host_inputs.sharding) if key.host_inputs else zeros
+        return jax.device_put(zeros, self.host_input_buffers.sharding) if key.host_inputs else zeros
 
     def _host_input_buffers(self, host_inputs: bool | None) -> HostInputBuffers | None:
         """The pinned buffers that steps write their inputs into, or None where steps take
@@ -436,7 +438,7 @@ class MultiTenantModel:
             "padded_rows": padded,
             "padding_waste": 0.0 if padded == 0 else round(1.0 - rows / padded, 6),
             "nonfinite_rows": nonfinite_rows,
-            "host_input_bytes": 0 if self.host_inputs is None else self.host_inputs.nbytes,
+            "host_input_bytes": 0 if self.host_input_buffers is None else self.host_input_buffers.nbytes,
             **self.store.stats(),
         }
 
@@ -496,9 +498,10 @@ class MultiTenantModel:
             step_program, inputs = functools.partial(_whole_store_program, self._apply_kb, self.store._treedef), [x_kb]
         else:
             step_program, inputs = functools.partial(_step_program, self._apply_kb, self.store._treedef), [slots, x_kb]
-        if key.host_inputs:
-            step_program = functools.partial(_host_input_program, step_program, on_device)
-            inputs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.host_inputs.sharding) for a in inputs]
+        if key.host_inputs:  # answers placed as the others are; the token stays on the device
+            step_program = with_token(step_program, on_device)
+            inputs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.host_input_buffers.sharding) for a in inputs]
+            out = {} if self.output_sharding is None else {"out_shardings": (self.output_sharding, on_device)}
         return jax.jit(step_program, **out).lower(leaves, *inputs)
 
     def check_input(self, tenant_ids: Sequence[Hashable], x: Any) -> "np.ndarray | RowParts":

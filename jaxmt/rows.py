@@ -185,4 +185,6 @@ def take_rows(x: "np.ndarray | RowParts", index: np.ndarray, out: np.ndarray | N
         return x.take(index, out=out)
     if out is None:
         return x[index]
+    if index.size and (index.min() < 0 or index.max() >= x.shape[0]):  # "clip" below would not tell
+        raise IndexError(f"row index out of range for {x.shape[0]} rows")
     return np.take(x, index, axis=0, out=out, mode="clip")  # "raise" would copy through a buffer

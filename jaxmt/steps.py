@@ -35,12 +35,6 @@ def _whole_store_program(apply_kb: Callable, treedef: Any, leaves: list[jax.Arra
     return apply_kb(jax.tree_util.tree_unflatten(treedef, leaves), x_kb)
 
 
-def _host_input_program(step_program: Callable, on_device: jax.sharding.Sharding, leaves: list[jax.Array], *inputs: jax.Array) -> PyTree:
-    """``step_program`` on inputs given in pinned host memory: the program copies them to
-    the device itself, as its first operations (see ``jaxmt.host_inputs``)."""
-    return step_program(leaves, *(jax.device_put(a, on_device) for a in inputs))
-
-
 @dataclasses.dataclass
 class PendingPrediction:
     """Steps dispatched to the device whose outputs have not been copied back yet.

@@ -11,9 +11,9 @@ import pytest
 from conftest import reference_predict, rel_error, tiny_spec
 
 import models
-from jaxmt import BucketPolicy, MultiTenantModel
+from jaxmt import BucketPolicy, InputError, MultiTenantModel
 from jaxmt import host_inputs as host_inputs_module
-from jaxmt.host_inputs import HostInputBuffers, host_inputs_by_default, writable_view
+from jaxmt.host_inputs import HostInputBuffers, host_inputs_by_default, with_token, writable_view
 from jaxmt.rows import RowParts
 
 POLICY = BucketPolicy.powers_of_two(8, 4)
@@ -49,19 +49,15 @@ def test_predict_from_pinned_buffers_equals_the_reference_on_fresh_rows_every_ca
     assert mt.stats()["host_input_bytes"] > 0
 
 
-def test_steps_in_flight_never_share_a_buffer(rng):
-    """Many steps of one shape dispatched before any is waited for: the ring hands each a
-    set no running step reads (waiting for the oldest once all are taken)."""
+def test_steps_dispatched_before_any_is_waited_for_answer_their_own_rows(rng):
     spec, mt, params = _model("mlp", 4, 2, host_inputs=True)
     ids = list(rng.choice(list(params), size=8))  # one step shape; fresh rows every time
     requests = []
-    for _ in range(3 * host_inputs_module.RING):
+    for _ in range(12):
         x = spec.random_input(rng, 8)
         requests.append((ids, x, mt.dispatch(ids, x)))
     for ids, x, pending in requests:
         assert rel_error(pending.result(), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
-    (ring,) = [ring for ring in mt.host_inputs._rings.values() if ring]
-    assert 1 <= len(ring) <= host_inputs_module.RING
 
 
 def test_run_step_takes_numpy_blocks_through_the_buffers_and_device_blocks_as_arguments(rng):
@@ -77,13 +73,16 @@ def test_run_step_takes_numpy_blocks_through_the_buffers_and_device_blocks_as_ar
     np.testing.assert_allclose(on_device, want, rtol=1e-6, atol=1e-6)
     host_keys = [key for key in mt.programs._programs if key.host_inputs]
     assert len(host_keys) == 1 and len(mt.programs) == 2
+    with pytest.raises(InputError, match="expected float32"):  # a block of another shape is not broadcast
+        mt.run_step(step, x_kb[:1])
 
 
 def test_warmup_with_device_inputs_compiles_both_kinds_and_nothing_after(rng):
     spec, mt, params = _model("mlp", 4, 4, host_inputs=True)
-    built = mt.warmup(device_inputs=True)
     per_kind = len(POLICY.row_buckets) * (len(POLICY.tenant_buckets) + 1)  # + the whole-store programs (capacity 4)
-    assert built == 2 * per_kind
+    assert mt.warmup(execute=False) == per_kind and all(key.host_inputs for key in mt.programs._programs)
+    built = mt.warmup(device_inputs=True)
+    assert built == per_kind
     compiled = mt.stats()["compiles"]
     for _ in range(10):
         n = int(rng.integers(1, 30))
@@ -99,7 +98,7 @@ def test_warmup_with_device_inputs_compiles_both_kinds_and_nothing_after(rng):
 def test_blocks_over_the_size_limit_go_as_arguments(rng, monkeypatch):
     spec, mt, params = _model("mlp", 4, 5, host_inputs=True)
     row_bytes = int(np.prod(spec.input_shape)) * np.dtype(spec.input_dtype).itemsize
-    monkeypatch.setattr("jaxmt.model.MAX_BLOCK_BYTES", 4 * row_bytes)  # blocks of up to 4 rows
+    monkeypatch.setattr(host_inputs_module, "MAX_BLOCK_BYTES", 4 * row_bytes)  # blocks of up to 4 rows
     for n in (1, 3, 17, 30):
         ids = list(rng.choice(list(params), size=n))
         x = spec.random_input(rng, n)
@@ -131,7 +130,7 @@ def test_a_failed_launch_leaves_its_buffers_free(rng):
     spec, mt, params = _model("mlp", 2, 7, host_inputs=True)
     ids, x = ["t0", "t1"], spec.random_input(rng, 2)
     mt.predict(ids, x)
-    (ring,) = [ring for ring in mt.host_inputs._rings.values() if ring]
+    (ring,) = [ring for ring in mt.host_input_buffers._rings.values() if ring]
     held = mt.stats()["host_input_bytes"]
 
     def failing(*args):
@@ -139,11 +138,13 @@ def test_a_failed_launch_leaves_its_buffers_free(rng):
 
     mt.programs.get = lambda key: failing
     try:
-        for _ in range(2 * host_inputs_module.RING):
+        for _ in range(8):
             with pytest.raises(RuntimeError, match="device lost"):
                 mt.predict(ids, x)
     finally:
         del mt.programs.get
+    with pytest.raises(IndexError):  # rows that cannot be written: the set is handed back all the same
+        mt._launch(mt.dispatch(ids, x).plan.steps[0], x[:1])
     assert len(ring) == 1 and ring[0].idle() and mt.stats()["host_input_bytes"] == held
     assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
 
@@ -158,79 +159,88 @@ def test_a_written_view_is_what_a_program_reads():
     assert writable_view(array).ctypes.data == view.ctypes.data
 
 
-def test_the_ring_reuses_idle_sets_grows_to_its_bound_and_frees_idle_ones_over_budget():
+def test_sets_are_reused_when_idle_added_while_the_budget_allows_and_waited_for_past_it():
     small, large = [((4,), np.int32)], [((64, 64), np.float32)]
-    buffers = HostInputBuffers(CPU, max_total_bytes=16 + 2 * 64 * 64 * 4, ring=2)
+    buffers = HostInputBuffers(CPU, max_total_bytes=16 + 2 * 64 * 64 * 4)
     first = buffers.acquire(small)
     buffers.release(first, None)
     assert buffers.acquire(small) is first  # idle: handed out again, nothing allocated
-    busy = jax.device_put(np.zeros(3))
-    buffers.release(first, busy)  # outputs of a finished program: idle again
+    buffers.release(first, _Token(ready=True))  # its program is done: idle again
     assert buffers.acquire(small) is first
-    a = buffers.acquire(large)
-    buffers.release(a, _NeverReady())
-    b = buffers.acquire(large)  # a is read by a running program: a second set
-    assert b is not a and buffers.nbytes == 16 + 2 * 64 * 64 * 4
-    buffers.release(b, None)
     buffers.release(first, None)
-    buffers.acquire([((32, 64), np.float32)])  # over budget: an idle set beyond its signature's last goes
-    assert buffers.nbytes == 16 + 64 * 64 * 4 + 32 * 64 * 4
-    assert buffers._rings[((64, 64), np.dtype(np.float32)),] == [a]
+    a = buffers.acquire(large)
+    buffers.release(a, _Token())
+    b = buffers.acquire(large)  # a is read by a running program: a second set, within the budget
+    assert b is not a and buffers.nbytes == 16 + 2 * 64 * 64 * 4
+    buffers.release(b, _Token())
+    waited_for = buffers.acquire(large)  # none idle and no room (but for the idle small set, too small)
+    assert waited_for is a and a.token.waited and buffers.nbytes <= 16 + 2 * 64 * 64 * 4
+    buffers.release(a, None)
+    buffers.acquire([((32, 64), np.float32)])  # over budget: the idle sets go, least recently used first
+    assert first not in buffers._rings.get(tuple((s, np.dtype(d)) for s, d in small), [])
+    assert a not in buffers._rings[((64, 64), np.dtype(np.float32)),]
+    assert buffers.nbytes == 64 * 64 * 4 + 32 * 64 * 4
 
 
-def test_a_set_handed_out_is_not_handed_out_again_until_released():
+def test_a_set_is_not_rewritten_while_its_program_runs_even_if_the_answer_is_gone():
+    """The caller may delete or donate an answer at once; the set waits for the program."""
+    on_cpu = jax.sharding.SingleDeviceSharding(CPU)
+    m = jax.device_put(jnp.eye(1200, dtype=jnp.float32), on_cpu)
+
+    def slow(m, a):  # a product that takes a while, then the input (times 1)
+        heavy = jax.lax.fori_loop(0, 40, lambda i, acc: acc @ m, m)
+        return a * (heavy[0, 0] * 0 + 1)
+
+    program = jax.jit(with_token(slow, on_cpu))
+    buffers = HostInputBuffers(CPU)
+    signature = [((4,), np.float32)]
+    first = buffers.acquire(signature)
+    first.views[0][...] = 1.0
+    jax.block_until_ready(program(m, first.arrays[0]))  # compiled
+    answer, token = program(m, first.arrays[0])
+    buffers.release(first, token)
+    kept = jax.jit(lambda y: y + 0, donate_argnums=0)(answer)  # the answer is deleted at once
+    again = buffers.acquire(signature)
+    again.views[0][...] = 2.0
+    np.testing.assert_array_equal(np.asarray(kept), np.ones(4, np.float32))
+    assert again is not first or token.is_ready()
+
+
+def test_a_set_is_handed_out_again_only_once_released():
     signature = [((8,), np.float32)]
-    buffers = HostInputBuffers(CPU, ring=2)
-    held = [buffers.acquire(signature) for _ in range(3)]  # the third: every set of the ring is held
+    buffers = HostInputBuffers(CPU)
+    held = [buffers.acquire(signature) for _ in range(3)]
     assert len({id(b) for b in held}) == 3
     buffers.release(held[1], None)
     assert buffers.acquire(signature) is held[1]
 
 
-def test_threads_sharing_the_buffers_never_hold_one_set_at_once():
-    import threading
-    import time
-
-    signature = [((16,), np.int32)]
-    buffers = HostInputBuffers(CPU, ring=2)
-    holders: dict[int, int] = {}
-    clashes = []
-    guard = threading.Lock()
-
-    def worker(me: int) -> None:
-        for _ in range(200):
-            got = buffers.acquire(signature)
-            with guard:
-                if id(got) in holders:
-                    clashes.append((me, holders[id(got)]))
-                holders[id(got)] = me
-            got.views[0][...] = me
-            time.sleep(1e-5)  # hold the set a while: another thread runs meanwhile
-            assert (got.views[0] == me).all()
-            with guard:
-                del holders[id(got)]
-            buffers.release(got, jax.device_put(np.full(3, me)))
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not clashes
+def test_when_other_threads_hold_every_set_past_the_budget_a_new_one_is_made():
+    signature = [((64,), np.float32)]
+    buffers = HostInputBuffers(CPU, max_total_bytes=256)
+    one, two = buffers.acquire(signature), buffers.acquire(signature)
+    assert one is not two and buffers.nbytes == 512
 
 
 def test_host_inputs_are_off_by_default_on_the_cpu_and_refused_by_the_sharded_model():
     assert not host_inputs_by_default(CPU)
     spec, mt, _ = _model("mlp", 2, 8)
-    assert mt.host_inputs is None and mt.stats()["host_input_bytes"] == 0
+    assert mt.host_input_buffers is None and mt.stats()["host_input_bytes"] == 0
     from jaxmt.sharding import ShardedMultiTenantModel
 
     with pytest.raises(ValueError, match="host_inputs=True is not supported"):
         ShardedMultiTenantModel(spec.apply_fn, spec.init(0), capacity=2, host_inputs=True)
 
 
-class _NeverReady:
-    """Stands in for the outputs of a program still running."""
+class _Token:
+    """Stands in for the token of a program: running until waited for (or ``ready``)."""
+
+    def __init__(self, ready: bool = False):
+        self.ready, self.waited = ready, False
 
     def is_ready(self) -> bool:
-        return False
+        return self.ready
+
+    def block_until_ready(self) -> "_Token":
+        self.ready = self.waited = True
+        return self
