@@ -93,7 +93,7 @@ class _Program:
                   params_key: Hashable) -> tuple[PyTree, bool]:
         """Runs on a block of ``shape`` and ``dtype`` that ``write_rows(view)`` writes into a
         pinned host buffer (``takes_host_block`` must hold)."""
-        buffers = self.host_input_buffers.acquire([(shape, dtype)])
+        buffers = self.host_input_buffers.acquire(HostInputBuffers.signature([(shape, dtype)]))
         token = None
         try:
             write_rows(buffers.views[0])

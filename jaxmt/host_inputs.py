@@ -118,11 +118,15 @@ class HostInputBuffers:
         self.nbytes = 0  # pinned bytes held
         self.acquired = 0  # sets handed out so far
 
-    def acquire(self, signature: Sequence[tuple[Sequence[int], Any]]) -> BufferSet:
-        """A set of buffers of these (shape, dtype) inputs that no program is reading: an idle
-        one, a new one while the pinned bytes allow, else the oldest one once its program is
-        done (waited for), else (every set held by other threads) a new one."""
-        signature = tuple((tuple(int(d) for d in shape), np.dtype(dtype)) for shape, dtype in signature)
+    @staticmethod
+    def signature(inputs: Sequence[tuple[Sequence[int], Any]]) -> tuple:
+        """(shape, dtype) pairs as ``acquire`` takes them (callers keep it: one per program)."""
+        return tuple((tuple(int(d) for d in shape), np.dtype(dtype)) for shape, dtype in inputs)
+
+    def acquire(self, signature: tuple) -> BufferSet:
+        """A set of buffers of these inputs (a ``signature``) that no program is reading: an
+        idle one, a new one while the pinned bytes allow, else the oldest one once its
+        program is done (waited for), else (every set held by other threads) a new one."""
         with self._lock:
             self.acquired += 1
             ring = self._rings.setdefault(signature, [])

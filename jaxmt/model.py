@@ -9,6 +9,7 @@ tenant-batched model; rows are scattered back to request order on the host.
 from __future__ import annotations
 
 import functools
+import math
 import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
@@ -85,8 +86,9 @@ class MultiTenantModel:
         says what each cost). None (the default): on a GPU that has pinned host memory, else
         not. Blocks over ``jaxmt.host_inputs.MAX_BLOCK_BYTES`` always go as arguments. The
         pinned buffers are ``host_input_buffers`` (``stats()["host_input_bytes"]``).
-        Device-resident blocks (rows staged by a server) run programs of their own, which
-        ``warmup(device_inputs=True)`` compiles.
+        Each step shape runs one program either way; device-resident blocks (rows a server
+        stages on the device) run programs of their own, which ``warmup(device_inputs=True)``
+        compiles, so a staging server may hold twice the programs counted above.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, jaxmt
@@ -142,6 +144,8 @@ class MultiTenantModel:
         self._apply_kb = tenant_batched(apply_fn, lowering)
         self.programs = ProgramCache(self._build_program, max_programs=max_programs, lower=self._lower_program)
         self._program_keys: dict[tuple, ProgramKey] = {}  # see _key
+        self._host_steps: dict[tuple, bool] = {}  # see _takes_host_inputs
+        self._signatures: dict[ProgramKey, tuple] = {}  # pinned input buffers of each host-input program
         self._keys_capacity: int | None = None  # the store capacity those keys are of
         self._row_shape: tuple[int, ...] | None = None if row_shape is None else tuple(int(d) for d in row_shape)
         self._row_dtype: np.dtype | None = None if row_dtype is None else np.dtype(row_dtype)
@@ -302,8 +306,15 @@ class MultiTenantModel:
         return self._whole_store_steps and step.slots_in_order and step.tenant_bucket == self.store.capacity
 
     def _takes_host_inputs(self, k: int, b: int) -> bool:
-        """Whether a K=k, B=b step of host rows takes its inputs from pinned buffers."""
-        return self.host_input_buffers is not None and fits(k * b * self._row_dtype.itemsize * int(np.prod(self._row_shape, dtype=np.int64)))
+        """Whether a K=k, B=b step of host rows takes its inputs from pinned buffers (decided
+        once per shape and rows: ``predict`` asks every step)."""
+        if self.host_input_buffers is None:
+            return False
+        memo = (k, b, self._row_shape, self._row_dtype)
+        takes = self._host_steps.get(memo)
+        if takes is None:
+            takes = self._host_steps[memo] = fits(k * b * self._row_dtype.itemsize * math.prod(self._row_shape))
+        return takes
 
     def _launch_with_arguments(self, step: Step, x_kb: Any) -> PyTree:
         whole_store = self._whole_store(step)
@@ -321,7 +332,10 @@ class MultiTenantModel:
         whole_store = self._whole_store(step)
         key = self._key(step.tenant_bucket, step.row_bucket, whole_store, host_inputs=True)
         program = self.programs.get(key)
-        buffers = self.host_input_buffers.acquire(self._input_signature(key))
+        signature = self._signatures.get(key)
+        if signature is None:
+            signature = self._signatures[key] = self.host_input_buffers.signature(self._input_signature(key))
+        buffers = self.host_input_buffers.acquire(signature)
         token = None
         try:
             *slots, rows = buffers.views  # in the order of _input_signature
