@@ -135,3 +135,13 @@ def test_small_requests_get_exactly_the_plan_of_the_array_path(slots, max_tenant
         for field in ("slots", "row_index", "out_positions", "out_rows"):
             x, y = getattr(a, field), getattr(b, field)
             assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), field
+
+
+@pytest.mark.parametrize("slots", [[3, 1, 0, 2], [0], [1], [0, 1, 2, 4], [1, 2, 3, 4], [0, 0, 1, 2], [2, 0, 1], [0, 1, 2, 3, 4, 5, 7, 6]])
+def test_one_row_steps_over_the_whole_store_in_order_are_told_as_the_array_path_tells_them(slots):
+    from jaxmt import buckets
+
+    policy = BucketPolicy.powers_of_two(8, 4)
+    (got,), (want,) = make_plan(slots, policy).steps, buckets._plan_arrays(np.array(slots, np.int64), policy).steps
+    assert got.slots_in_order == want.slots_in_order == (sorted(slots) == list(range(got.tenant_bucket)))
+    assert np.array_equal(got.slots, want.slots) and np.array_equal(got.row_index, want.row_index)
