@@ -258,7 +258,7 @@ def test_when_other_threads_hold_every_set_past_the_budget_a_new_one_is_made():
 
 def test_host_inputs_are_off_by_default_on_the_cpu_and_refused_by_the_sharded_model():
     assert not host_inputs_by_default(CPU)
-    spec, mt, _ = _model("mlp", 2, 8)
+    spec, mt, _ = _model("mlp", 2, 8, device=CPU)
     assert mt.host_input_buffers is None and mt.stats()["host_input_bytes"] == 0
     from jaxmt.sharding import ShardedMultiTenantModel
 
