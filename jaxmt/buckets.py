@@ -194,19 +194,26 @@ def make_plan(slots: Sequence[int] | np.ndarray, policy: BucketPolicy) -> Plan:
 # tenants need two steps, where trying one first only adds. The result is the same Plan as
 # the array path's (a property test checks it).
 SMALL_REQUEST_ROWS = 64
+# Slots below this are counted with np.bincount (an array as long as the largest slot).
+BINCOUNT_SLOTS = 4096
 
 
 def _small_one_step(slots: np.ndarray, policy: BucketPolicy) -> Step | None:
     """The one step answering ``slots`` (int64, as ``_plan_arrays`` builds it), or None if
     they need more than one step."""
-    per_slot = np.bincount(slots)
-    counts = per_slot[per_slot > 0]  # rows of each tenant, in slot order
+    top = int(slots.max())
+    if top < BINCOUNT_SLOTS and slots.min() >= 0:
+        per_slot = np.bincount(slots)
+        counts = per_slot[per_slot > 0]  # rows of each tenant, in slot order
+    else:  # large slot numbers: counted by sorting, not by an array as long as the largest
+        counts = np.unique(slots, return_counts=True)[1]
     if counts.shape[0] > policy.max_tenants:  # at least one entry per slot: more than one step
         return None
     max_rows = _entry_rows(counts, policy)
     if max_rows == 1:  # an entry per row (B = 1, the common step of single-row requests)
-        # Slots 0..k-1, each once, when the n distinct slots (nonnegative) reach only n - 1.
-        return _one_row_entries(slots, policy, distinct_to_n=counts.shape[0] == per_slot.shape[0] == slots.shape[0])
+        # Slots 0..n-1, each once, when n distinct slots reach no higher than n - 1 (and none is negative).
+        n = slots.shape[0]
+        return _one_row_entries(slots, policy, distinct_to_n=counts.shape[0] == n and top == n - 1 and int(slots.min()) >= 0)
     rows_of: dict[int, list[int]] = {}
     for row, slot in enumerate(slots.tolist()):
         group = rows_of.get(slot)

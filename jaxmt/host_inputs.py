@@ -66,7 +66,9 @@ def fits(nbytes: int) -> bool:
 def with_token(program: Callable[..., PyTree], on_device: jax.sharding.Sharding) -> Callable[..., tuple[PyTree, jax.Array]]:
     """``program(params, *inputs)`` on inputs given in pinned host memory: the inputs are
     copied to the device first, and the result is ``(answer, token)``, the token a one-element
-    array read from the copied inputs (ready when the program is done) for ``release``."""
+    array read from the copied inputs for ``release`` (every output of one execution becomes
+    ready when the execution ends). The inputs must be in host memory: an input already on
+    the device would make the copy, and so the token, the input itself, ready at once."""
 
     def run(params: PyTree, *inputs: jax.Array) -> tuple[PyTree, jax.Array]:
         moved = [jax.device_put(a, on_device) for a in inputs]
@@ -137,10 +139,13 @@ class HostInputBuffers:
                     buffers.claimed = True
                     return buffers
             nbytes = _nbytes(signature)
-            self._free_idle(self.max_total_bytes - nbytes)
-            ring = self._rings.setdefault(signature, ring)  # dropped while empty: back in its place
             oldest = next((b for b in ring if not b.claimed), None)
-            if oldest is None or self.nbytes + nbytes <= self.max_total_bytes:
+            budget = self.max_total_bytes - nbytes
+            if self.nbytes > budget and (oldest is None or self.nbytes - self._idle_bytes() <= budget):
+                self._free_idle(budget)  # only where that makes room, or no set can be waited for
+                ring = self._rings.setdefault(signature, ring)  # dropped while empty: back in its place
+            if oldest is None or self.nbytes <= budget:
+                # Allocated under the lock (rare: a new shape, or more steps in flight than before).
                 buffers = self._allocate(signature, nbytes)
                 ring.append(buffers)
                 return buffers
@@ -151,6 +156,9 @@ class HostInputBuffers:
             oldest.token.block_until_ready()
         except Exception:  # the program failed: it is done with the buffers all the same
             pass
+        except BaseException:  # interrupted: the set goes back, still waiting on its program
+            self.release(oldest, oldest.token)
+            raise
         return oldest
 
     def release(self, buffers: BufferSet, token: Any) -> None:
@@ -165,6 +173,9 @@ class HostInputBuffers:
         jax.block_until_ready(arrays)
         self.nbytes += nbytes
         return BufferSet(arrays, tuple(writable_view(a) for a in arrays), nbytes, claimed=True)
+
+    def _idle_bytes(self) -> int:
+        return sum(b.nbytes for ring in self._rings.values() for b in ring if b.idle())
 
     def _free_idle(self, budget: int) -> None:
         """Drops idle sets, least recently used signature first, until the pinned bytes fit

@@ -308,7 +308,7 @@ class MultiTenantModel:
     def _takes_host_inputs(self, k: int, b: int) -> bool:
         """Whether a K=k, B=b step of host rows takes its inputs from pinned buffers (decided
         once per shape and rows: ``predict`` asks every step)."""
-        if self.host_input_buffers is None:
+        if self.host_input_buffers is None or self._row_shape is None:
             return False
         memo = (k, b, self._row_shape, self._row_dtype)
         takes = self._host_steps.get(memo)
@@ -492,6 +492,7 @@ class MultiTenantModel:
             if capacity != self._keys_capacity:  # the store grew: programs of a smaller one never run again
                 self.programs.discard(lambda old: old.capacity != capacity)
                 self._program_keys = {m: old for m, old in self._program_keys.items() if m[3] == capacity}
+                self._signatures = {old: sig for old, sig in self._signatures.items() if old.capacity == capacity}
                 self._keys_capacity = capacity
             key = ProgramKey(k, b, capacity, row_shape, row_dtype.name, self._lowering_key, whole_store, host_inputs)
             self._program_keys[memo] = key

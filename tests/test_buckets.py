@@ -118,16 +118,22 @@ def test_a_step_cannot_claim_slots_in_order_that_are_not():
     assert not dataclasses.replace(step, slots=np.array([1, 0], np.int32), slots_in_order=False).slots_in_order
 
 
+def _ladder(limit: int):
+    return st.lists(st.integers(1, limit), min_size=1, max_size=5, unique=True).map(sorted)
+
+
 @given(
-    slots=st.lists(st.integers(0, 70), min_size=1, max_size=buckets_module.SMALL_REQUEST_ROWS),
-    max_tenants=st.sampled_from([1, 3, 4, 16, 64]),
-    max_rows=st.sampled_from([1, 2, 5, 8, 64]),
+    slots=st.lists(st.one_of(st.integers(0, 70), st.integers(0, 10**6)), min_size=1, max_size=buckets_module.SMALL_REQUEST_ROWS),
+    policy=st.one_of(
+        st.builds(BucketPolicy.powers_of_two, st.sampled_from([1, 3, 4, 16, 64]), st.sampled_from([1, 2, 5, 8, 64])),
+        st.builds(BucketPolicy, _ladder(70), _ladder(70), st.sampled_from([0.0, 1.0, 3.5]), st.sampled_from([0.0, 8.0, 40.0])),
+    ),
 )
-@settings(max_examples=300, deadline=None)
-def test_small_requests_get_exactly_the_plan_of_the_array_path(slots, max_tenants, max_rows):
+@settings(max_examples=400, deadline=None)
+def test_small_requests_get_exactly_the_plan_of_the_array_path(slots, policy):
+    """Any ladders (first rungs above 1 too), costs, and slot numbers up to a million."""
     from jaxmt import buckets
 
-    policy = BucketPolicy.powers_of_two(max_tenants, max_rows)
     got, want = make_plan(slots, policy), buckets._plan_arrays(np.array(slots, np.int64), policy)
     assert got.rows == want.rows and len(got.steps) == len(want.steps)
     for a, b in zip(got.steps, want.steps):

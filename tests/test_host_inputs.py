@@ -146,6 +146,7 @@ def test_a_failed_launch_leaves_its_buffers_free(rng):
     with pytest.raises(IndexError):  # rows that cannot be written: the set is handed back all the same
         mt._launch(mt.dispatch(ids, x).plan.steps[0], x[:1])
     # No failed launch kept a set: all are free, and no more were made than one in-flight step needs.
+    (ring,) = [ring for ring in mt.host_input_buffers._rings.values() if ring]
     assert all(b.idle() for b in ring) and len(ring) <= 2 and mt.stats()["host_input_bytes"] <= 2 * held
     assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
 
@@ -204,7 +205,30 @@ def test_a_set_is_not_rewritten_while_its_program_runs_even_if_the_answer_is_gon
     again = buffers.acquire(signature)
     again.views[0][...] = 2.0
     np.testing.assert_array_equal(np.asarray(kept), np.ones(4, np.float32))
-    assert again is not first or token.is_ready()
+
+
+def test_with_room_for_one_set_each_step_waits_for_the_last_and_answers_its_own_rows():
+    """A budget of one set: every acquire past the first waits for a running program."""
+    on_cpu = jax.sharding.SingleDeviceSharding(CPU)
+    m = jax.device_put(jnp.eye(400, dtype=jnp.float32), on_cpu)
+
+    def slow(m, a):
+        heavy = jax.lax.fori_loop(0, 10, lambda i, acc: acc @ m, m)
+        return a * (heavy[0, 0] * 0 + 1)
+
+    program = jax.jit(with_token(slow, on_cpu))
+    signature = _signature([((4,), np.float32)])
+    buffers = HostInputBuffers(CPU, max_total_bytes=16)
+    answers = []
+    for value in range(12):
+        got = buffers.acquire(signature)
+        got.views[0][...] = value
+        answer, token = program(m, got.arrays[0])
+        buffers.release(got, token)
+        answers.append(answer)
+    assert buffers.nbytes == 16  # one set throughout
+    for value, answer in enumerate(answers):
+        np.testing.assert_array_equal(np.asarray(answer), np.full(4, value, np.float32))
 
 
 def test_a_set_is_handed_out_again_only_once_released():
