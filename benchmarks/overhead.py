@@ -81,10 +81,12 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
     launch = time_call(lambda: mt.dispatch(ids, x).outputs, warmup=20, repeats=repeats)
     phases = breakdown(mt, ids, x, calls, repeats)
     transfers = packed_transfer(mt, plan.steps[0], x, repeats)
+    launches = launch_by_input_place(mt, plan.steps[0], x, repeats)
     recompiles = mt.stats()["compiles"] - compiles_before
     return {
         "phases_us": phases,
         "one_step_with_host_inputs_us": transfers,
+        "launch_by_input_place_us": launches,
         "tenants": tenants,
         "rows": rows,
         "steps": [[step.tenant_bucket, step.row_bucket] for step in plan.steps],
@@ -175,6 +177,46 @@ def _host_only_predict_us(mt: MultiTenantModel, ids: list, x: np.ndarray, repeat
         return _median_us(lambda: mt.predict(ids, x), repeats)
     finally:
         del mt.programs.get
+
+
+def launch_by_input_place(mt: MultiTenantModel, step, x: np.ndarray, repeats: int) -> dict[str, dict[str, float]]:
+    """One step's program by where its inputs are: on the device (the bare program), in
+    pinned host memory (as ``host_inputs`` sends them: two buffers, a token output), and as
+    NumPy arguments. Per call, in alternating rounds: the launch (until the call returns)
+    and the whole (waited for), medians in us. Tells what a program whose inputs are in host
+    memory costs to launch against the bare one. Answers are checked equal first."""
+    from jaxmt.host_inputs import has_pinned_host
+
+    device = mt.store.device
+    if not has_pinned_host(device):
+        return {}
+    leaves = mt.store.stacked_leaves
+    program = mt.programs.get(mt._key(step.tenant_bucket, step.row_bucket))
+    from_host = None
+    if mt.host_input_buffers is not None:  # the model's own program of pinned host inputs
+        from_host = mt.programs.get(mt._key(step.tenant_bucket, step.row_bucket, host_inputs=True))
+    x_kb = x[step.row_index]
+    pinned = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+    on_device = jax.device_put((step.slots, x_kb), device)
+    in_host = jax.device_put((step.slots, x_kb), pinned)
+    calls = {"device": lambda: program(leaves, *on_device), "numpy_arguments": lambda: program(leaves, step.slots, x_kb)}
+    if from_host is not None:
+        calls["pinned_host"] = lambda: from_host(leaves, *in_host)[0]
+    want = np.asarray(calls["device"]())
+    for call in calls.values():
+        np.testing.assert_allclose(np.asarray(call()), want, rtol=1e-6, atol=1e-6)
+    launch: dict[str, list[float]] = {name: [] for name in calls}
+    whole: dict[str, list[float]] = {name: [] for name in calls}
+    for i in range(repeats + 20):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            out = call()
+            launched = time.perf_counter()
+            jax.block_until_ready(out)
+            if i >= 20:
+                launch[name].append((launched - start) * 1e6)
+                whole[name].append((time.perf_counter() - start) * 1e6)
+    return {name: {"launch": round(statistics.median(launch[name]), 1), "whole": round(statistics.median(whole[name]), 1)} for name in calls}
 
 
 def packed_transfer(mt: MultiTenantModel, step, x: np.ndarray, repeats: int) -> dict[str, float]:
@@ -334,6 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     print(phases)
     print("one step, host inputs to host answer: " + ", ".join(f"{name} {us:.1f} us" for name, us in transfers.items()))
+    print("one step by where its inputs are (launch / whole, us): "
+          + ", ".join(f"{name} {t['launch']:.1f} / {t['whole']:.1f}" for name, t in result["launch_by_input_place_us"].items()))
     print(f"wrote {path}")
     if not args.no_readme:
         update_readme_section(
