@@ -134,10 +134,6 @@ def _program_for(apply_fn: Any, output_sharding: Any = None, input_device: Any =
     return _Program(apply_fn, output_sharding, input_device)
 
 
-def _take_into(x: "np.ndarray | RowParts", index: np.ndarray, rows: np.ndarray) -> None:
-    take_rows(x, index, out=rows)
-
-
 def _chunk(x: "np.ndarray | RowParts", start: int, n: int, index: np.ndarray) -> Any:
     """Rows ``index`` of x (``start:start + n`` padded up): a view where no padding is needed."""
     if index.shape[0] != n:
@@ -199,7 +195,7 @@ class _TenantPrograms:
             index = start + np.arange(size) % n  # padding repeats real rows: padded positions compute real values
             shape = (size, *x.shape[1:])
             if (not isinstance(x, RowParts) or x.staged is None) and self.program.takes_host_block(shape, x.dtype):
-                write = functools.partial(_take_into, x, index)
+                write = functools.partial(take_rows, x, index)  # write(view): the rows taken into the view
                 y, new = self.program.from_host(params, shape, x.dtype, write, self.params_key)
             else:
                 y, new = self.program(params, _chunk(x, start, n, index), self.params_key)

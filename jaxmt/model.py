@@ -434,7 +434,7 @@ class MultiTenantModel:
 
     def _host_input_buffers(self, host_inputs: bool | None) -> HostInputBuffers | None:
         """The pinned buffers that steps write their inputs into, or None where steps take
-        their inputs as arguments (a hook: ``jaxmt.sharding`` places them per device)."""
+        their inputs as arguments (a hook: ``jaxmt.sharding`` has none)."""
         device = self.store.device
         if host_inputs is None:
             host_inputs = host_inputs_by_default(device)
