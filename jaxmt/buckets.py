@@ -204,8 +204,8 @@ def _small_one_step(slots: np.ndarray, policy: BucketPolicy) -> Step | None:
     they need more than one step."""
     if slots.shape[0] == 1 and policy.row_buckets[0] == 1:  # one row: one entry of B = 1, nothing to weigh
         return _one_row_entries(slots, policy, distinct_to_n=int(slots[0]) == 0)
-    top = int(slots.max())
-    if top < BINCOUNT_SLOTS and slots.min() >= 0:
+    top, low = int(slots.max()), int(slots.min())
+    if top < BINCOUNT_SLOTS and low >= 0:
         per_slot = np.bincount(slots)
         counts = per_slot[per_slot > 0]  # rows of each tenant, in slot order
     else:  # large slot numbers: counted by sorting, not by an array as long as the largest
@@ -216,7 +216,7 @@ def _small_one_step(slots: np.ndarray, policy: BucketPolicy) -> Step | None:
     if max_rows == 1:  # an entry per row (B = 1, the common step of single-row requests)
         # Slots 0..n-1, each once, when n distinct slots reach no higher than n - 1 (and none is negative).
         n = slots.shape[0]
-        return _one_row_entries(slots, policy, distinct_to_n=counts.shape[0] == n and top == n - 1 and int(slots.min()) >= 0)
+        return _one_row_entries(slots, policy, distinct_to_n=counts.shape[0] == n and top == n - 1 and low >= 0)
     rows_of: dict[int, list[int]] = {}
     for row, slot in enumerate(slots.tolist()):
         group = rows_of.get(slot)
