@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.profiler import TraceAnnotation
 
 from jaxmt.buckets import BucketPolicy, Plan, Step, make_plan
 from jaxmt.errors import InputError
@@ -257,11 +258,14 @@ class MultiTenantModel:
         first request that fails does not fix the input row shape, and a zero-row request
         never does.
         """
-        x = self.check_input(tenant_ids, x)
-        nonfinite_rows = _nonfinite_row_indices(x) if self.nonfinite_inputs == "pass" else _NO_ROWS
+        with TraceAnnotation("jaxmt.check"):
+            x = self.check_input(tenant_ids, x)
+            nonfinite_rows = _nonfinite_row_indices(x) if self.nonfinite_inputs == "pass" else _NO_ROWS
         with self.store.lock:
-            slots = self.store.slots_of(tenant_ids)
-            if slots.size == 0:
+            with TraceAnnotation("jaxmt.plan"):
+                slots = self.store.slots_of(tenant_ids)
+                plan = None if slots.size == 0 else self._plan(slots)
+            if plan is None:
                 return PendingPrediction(make_plan(slots, self.buckets), [], self._output_spec_for(x.shape[1:], x.dtype))
             fixes_rows = self._row_shape is None  # the first valid request fixes the input rows
             if fixes_rows:
@@ -269,8 +273,8 @@ class MultiTenantModel:
             else:  # checked again here: another thread's first request may have fixed them meanwhile
                 self._check_rows(x)
             try:
-                plan = self._plan(slots)
-                outputs = [self._launch(step, x) for step in plan.steps]
+                with TraceAnnotation("jaxmt.launch"):
+                    outputs = [self._launch(step, x) for step in plan.steps]
                 if self.output_sharding is None:  # else the programs wrote them to the host
                     _start_copies_to_host(outputs)
                 empty_output = self._row_output

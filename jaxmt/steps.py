@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.profiler import TraceAnnotation
 
 from jaxmt.buckets import Plan
 from jaxmt.rows import RowParts
@@ -50,6 +51,10 @@ class PendingPrediction:
     nonfinite_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
     def result(self) -> PyTree:
+        with TraceAnnotation("jaxmt.result"):  # waits for the device, then scatters
+            return self._scatter()
+
+    def _scatter(self) -> PyTree:
         flat_spec, treedef = jax.tree_util.tree_flatten(self.empty_output)
         answers = [np.empty((self.plan.rows, *s.shape), dtype=s.dtype) for s in flat_spec]
         for step, y_kb in zip(self.plan.steps, self.outputs):
