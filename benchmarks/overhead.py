@@ -80,11 +80,13 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
     full_other = time_call(lambda: other.predict(ids, x), warmup=20, repeats=repeats)
     launch = time_call(lambda: mt.dispatch(ids, x).outputs, warmup=20, repeats=repeats)
     phases = breakdown(mt, ids, x, calls, repeats)
+    in_flow = traced_phases(mt, ids, x, min(repeats, 200))
     transfers = packed_transfer(mt, plan.steps[0], x, repeats)
     launches = launch_by_input_place(mt, plan.steps[0], x, repeats)
     recompiles = mt.stats()["compiles"] - compiles_before
     return {
         "phases_us": phases,
+        "traced_phases_us": in_flow,
         "one_step_with_host_inputs_us": transfers,
         "launch_by_input_place_us": launches,
         "tenants": tenants,
@@ -160,6 +162,76 @@ def breakdown(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: list, repea
         "to_host": _median_us(lambda: np.asarray(next(fresh)), repeats),
         "host_only": _host_only_predict_us(mt, ids, x, repeats),
     }
+
+
+TRACED_PHASES = ("jaxmt.check", "jaxmt.plan", "jaxmt.launch", "jaxmt.result")
+
+
+def traced_phases(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: int) -> dict[str, float]:
+    """Where ``predict``'s time goes in the flow, read off a JAX profiler trace of ``calls``
+    back-to-back calls (medians over calls, us). Python functions are not traced, but the
+    runtime's own events are, so a traced call is slower than an untraced one (``predict``
+    here against the untimed figure tells by how much).
+
+    predict: the whole call; ``jaxmt.*``: its named host phases (``jaxmt.launch`` holds the
+    program call, ``program_call``); between_phases: the call's time outside them;
+    device_busy: the time covered by the call's device events (a GPU's kernels and copies;
+    on a CPU backend, the runtime's threads running the program); launch_to_device_end: from
+    the program call's start to the end of the call's last device event;
+    device_end_to_return: from there until ``predict`` returns (the waiting thread's wake-up,
+    the answer read and its scatter to request order).
+    """
+    import glob
+    import gzip
+    import json
+    import tempfile
+
+    for _ in range(20):
+        mt.predict(ids, x)
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0
+    with tempfile.TemporaryDirectory() as log_dir:
+        with jax.profiler.trace(log_dir, create_perfetto_trace=True, profiler_options=options):
+            for _ in range(calls):
+                with jax.profiler.TraceAnnotation("overhead.predict"):
+                    mt.predict(ids, x)
+        (path,) = glob.glob(f"{log_dir}/**/perfetto_trace.json.gz", recursive=True)
+        trace = json.load(gzip.open(path))["traceEvents"]
+    process = {e["pid"]: e["args"]["name"] for e in trace if e.get("ph") == "M" and e.get("name") == "process_name"}
+    thread = {(e["pid"], e["tid"]): e["args"]["name"] for e in trace if e.get("ph") == "M" and e.get("name") == "thread_name"}
+
+    def on_device(e: dict) -> bool:
+        return process.get(e["pid"], "").startswith("/device:") or "XLAPjRtCpuClient" in thread.get((e["pid"], e.get("tid")), "")
+
+    spans = sorted((e for e in trace if e.get("ph") == "X"), key=lambda e: e["ts"])
+    device_events = [e for e in spans if on_device(e)]
+    rows: dict[str, list[float]] = {}
+    for call in (e for e in spans if e["name"] == "overhead.predict"):
+        start, end = call["ts"], call["ts"] + call["dur"]
+        caller = (call["pid"], call["tid"])
+        inside = [e for e in spans if start <= e["ts"] <= end and (e["pid"], e["tid"]) == caller]
+        row = {"predict": call["dur"]}
+        for name in TRACED_PHASES:
+            row[name] = sum(e["dur"] for e in inside if e["name"] == name)
+        row["between_phases"] = call["dur"] - sum(row[name] for name in TRACED_PHASES)
+        launches = [e for e in inside if e["name"].startswith("PjitFunction")]
+        device = [e for e in device_events if start <= e["ts"] <= end]
+        if launches:
+            row["program_call"] = max(e["dur"] for e in launches)  # the outermost of nested spans
+        if launches and device:
+            covered, last_end = 0.0, None
+            for e in device:  # the union of the device's intervals
+                finish = e["ts"] + e["dur"]
+                if last_end is None or e["ts"] > last_end:
+                    covered, last_end = covered + e["dur"], finish
+                elif finish > last_end:
+                    covered, last_end = covered + finish - last_end, finish
+            row["device_busy"] = covered
+            row["launch_to_device_end"] = last_end - launches[0]["ts"]
+            row["device_end_to_return"] = end - last_end
+        for name, value in row.items():
+            rows.setdefault(name, []).append(value)
+    return {name: round(statistics.median(values), 1) for name, values in rows.items()}
 
 
 def _host_only_predict_us(mt: MultiTenantModel, ids: list, x: np.ndarray, repeats: int) -> float:
@@ -376,6 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     print(phases)
     print("one step, host inputs to host answer: " + ", ".join(f"{name} {us:.1f} us" for name, us in transfers.items()))
+    print("in the flow, from a profiled run (medians, us): " + ", ".join(f"{name} {us:.0f}" for name, us in result["traced_phases_us"].items()))
     print("one step by where its inputs are (launch / whole, us): "
           + ", ".join(f"{name} {t['launch']:.1f} / {t['whole']:.1f}" for name, t in result["launch_by_input_place_us"].items()))
     print(f"wrote {path}")
@@ -389,6 +462,8 @@ def main(argv: list[str] | None = None) -> None:
             + f"\n\nAnswers {where[result['outputs_to_host']]} (the default here). The same model with answers "
             f"{where[other['outputs_to_host']]} (`outputs_to_host={other['outputs_to_host']}`), in the same run: "
             f"predict {other['predict_us']:.0f} us, bare program {other['bare_program_us']:.0f} us, overhead {other['overhead_us']:.0f} us."
+            + "\n\nOne call in the flow, from a JAX profiler trace of back-to-back calls (medians, us; `traced_phases` in the script "
+            "says what each holds; tracing slows a call): " + ", ".join(f"{name} {us:.0f}" for name, us in result["traced_phases_us"].items()) + "."
             + "\n\nOne step from host inputs to a host answer, the inputs handed over each way (us; `packed_transfer` in the script "
             "says what each holds): " + ", ".join(f"{name} {us:.0f}" for name, us in transfers.items()) + "."
             "\n\nMoving a step's bytes, each way as a whole call (us; `transfer_paths` in the script says what each holds):\n\n" + moves,
