@@ -80,9 +80,9 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
     full_other = time_call(lambda: other.predict(ids, x), warmup=20, repeats=repeats)
     launch = time_call(lambda: mt.dispatch(ids, x).outputs, warmup=20, repeats=repeats)
     phases = breakdown(mt, ids, x, calls, repeats)
-    in_flow = traced_phases(mt, ids, x, min(repeats, 200))
     transfers = packed_transfer(mt, plan.steps[0], x, repeats)
     launches = launch_by_input_place(mt, plan.steps[0], x, repeats)
+    in_flow = traced_phases(mt, ids, x, min(repeats, 200))  # last: a profiler session touches nothing timed
     recompiles = mt.stats()["compiles"] - compiles_before
     return {
         "phases_us": phases,
@@ -165,22 +165,17 @@ def breakdown(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: list, repea
 
 
 TRACED_PHASES = ("jaxmt.check", "jaxmt.plan", "jaxmt.launch", "jaxmt.result")
+CALL_SPAN = "overhead.predict"
+# Lines of a device in a trace that are not the device's own work (the profiler's collector,
+# summaries of the stream lines).
+NOT_DEVICE_WORK = ("CUPTI", "XLA Modules", "XLA Ops", "Steps", "Framework")
 
 
 def traced_phases(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: int) -> dict[str, float]:
-    """Where ``predict``'s time goes in the flow, read off a JAX profiler trace of ``calls``
-    back-to-back calls (medians over calls, us). Python functions are not traced, but the
-    runtime's own events are, so a traced call is slower than an untraced one (``predict``
-    here against the untimed figure tells by how much).
-
-    predict: the whole call; ``jaxmt.*``: its named host phases (``jaxmt.launch`` holds the
-    program call, ``program_call``); between_phases: the call's time outside them;
-    device_busy: the time covered by the call's device events (a GPU's kernels and copies;
-    on a CPU backend, the runtime's threads running the program); launch_to_device_end: from
-    the program call's start to the end of the call's last device event;
-    device_end_to_return: from there until ``predict`` returns (the waiting thread's wake-up,
-    the answer read and its scatter to request order).
-    """
+    """Where ``predict``'s time goes in the flow: ``phases_from_trace`` of a JAX profiler
+    trace of ``calls`` back-to-back calls. Python functions are not traced, but the
+    runtime's own events are, so a traced call is slower than an untraced one (compare
+    ``predict`` here with ``predict_us``)."""
     import glob
     import gzip
     import json
@@ -193,32 +188,58 @@ def traced_phases(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: int) ->
     with tempfile.TemporaryDirectory() as log_dir:
         with jax.profiler.trace(log_dir, create_perfetto_trace=True, profiler_options=options):
             for _ in range(calls):
-                with jax.profiler.TraceAnnotation("overhead.predict"):
+                with jax.profiler.TraceAnnotation(CALL_SPAN):
                     mt.predict(ids, x)
         (path,) = glob.glob(f"{log_dir}/**/perfetto_trace.json.gz", recursive=True)
-        trace = json.load(gzip.open(path))["traceEvents"]
-    process = {e["pid"]: e["args"]["name"] for e in trace if e.get("ph") == "M" and e.get("name") == "process_name"}
-    thread = {(e["pid"], e["tid"]): e["args"]["name"] for e in trace if e.get("ph") == "M" and e.get("name") == "thread_name"}
+        with gzip.open(path) as f:
+            events = json.load(f)["traceEvents"]
+    return phases_from_trace(events)
 
-    def on_device(e: dict) -> bool:
-        return process.get(e["pid"], "").startswith("/device:") or "XLAPjRtCpuClient" in thread.get((e["pid"], e.get("tid")), "")
 
-    spans = sorted((e for e in trace if e.get("ph") == "X"), key=lambda e: e["ts"])
-    device_events = [e for e in spans if on_device(e)]
+def phases_from_trace(events: list[dict]) -> dict[str, float]:
+    """Medians over the calls (spans named ``CALL_SPAN``) of a perfetto trace's events, us.
+
+    predict: the whole call; ``jaxmt.*``: its named host phases; between_phases: the call's
+    time outside them; program_call: the program calls (outermost ``PjitFunction`` spans of
+    the calling thread, summed over the call's steps), which ``jaxmt.launch`` holds;
+    device_busy: the time covered by the call's device work (a GPU's stream lines; on a CPU
+    backend the runtime's threads that run the program); launch_to_device_end: from the
+    first program call's start to the end of the call's last device event;
+    device_end_to_return: from there until the call returns (the waiting thread's wake-up,
+    the answer read and its scatter). calls, calls_with_device_work: how many calls the
+    medians are over (the device keys: over the second).
+    """
+    process = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    thread = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
+
+    def device_work(e: dict) -> bool:
+        line = thread.get((e["pid"], e.get("tid")), "")
+        if process.get(e["pid"], "").startswith("/device:"):
+            return not line.startswith(NOT_DEVICE_WORK)
+        return "XLAPjRtCpuClient" in line
+
+    spans = sorted((e for e in events if e.get("ph") == "X"), key=lambda e: e["ts"])
+    device_events = [e for e in spans if device_work(e)]
     rows: dict[str, list[float]] = {}
-    for call in (e for e in spans if e["name"] == "overhead.predict"):
+    calls = [e for e in spans if e["name"] == CALL_SPAN]
+    with_device = 0
+    for call in calls:
         start, end = call["ts"], call["ts"] + call["dur"]
-        caller = (call["pid"], call["tid"])
-        inside = [e for e in spans if start <= e["ts"] <= end and (e["pid"], e["tid"]) == caller]
+        caller = (call["pid"], call.get("tid"))
+        inside = [e for e in spans if start <= e["ts"] <= end and (e["pid"], e.get("tid")) == caller]
         row = {"predict": call["dur"]}
         for name in TRACED_PHASES:
             row[name] = sum(e["dur"] for e in inside if e["name"] == name)
         row["between_phases"] = call["dur"] - sum(row[name] for name in TRACED_PHASES)
-        launches = [e for e in inside if e["name"].startswith("PjitFunction")]
+        outermost, reach = [], None
+        for e in (e for e in inside if e["name"].startswith("PjitFunction")):  # in start order
+            if reach is None or e["ts"] >= reach:
+                outermost.append(e)
+                reach = e["ts"] + e["dur"]
+        row["program_call"] = sum(e["dur"] for e in outermost)
         device = [e for e in device_events if start <= e["ts"] <= end]
-        if launches:
-            row["program_call"] = max(e["dur"] for e in launches)  # the outermost of nested spans
-        if launches and device:
+        if outermost and device:
+            with_device += 1
             covered, last_end = 0.0, None
             for e in device:  # the union of the device's intervals
                 finish = e["ts"] + e["dur"]
@@ -227,11 +248,12 @@ def traced_phases(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: int) ->
                 elif finish > last_end:
                     covered, last_end = covered + finish - last_end, finish
             row["device_busy"] = covered
-            row["launch_to_device_end"] = last_end - launches[0]["ts"]
+            row["launch_to_device_end"] = last_end - outermost[0]["ts"]
             row["device_end_to_return"] = end - last_end
         for name, value in row.items():
             rows.setdefault(name, []).append(value)
-    return {name: round(statistics.median(values), 1) for name, values in rows.items()}
+    medians = {name: round(statistics.median(values), 1) for name, values in rows.items()}
+    return {**medians, "calls": len(calls), "calls_with_device_work": with_device}
 
 
 def _host_only_predict_us(mt: MultiTenantModel, ids: list, x: np.ndarray, repeats: int) -> float:
@@ -462,7 +484,7 @@ def main(argv: list[str] | None = None) -> None:
             + f"\n\nAnswers {where[result['outputs_to_host']]} (the default here). The same model with answers "
             f"{where[other['outputs_to_host']]} (`outputs_to_host={other['outputs_to_host']}`), in the same run: "
             f"predict {other['predict_us']:.0f} us, bare program {other['bare_program_us']:.0f} us, overhead {other['overhead_us']:.0f} us."
-            + "\n\nOne call in the flow, from a JAX profiler trace of back-to-back calls (medians, us; `traced_phases` in the script "
+            + "\n\nOne call in the flow, from a JAX profiler trace of back-to-back calls (medians, us; `phases_from_trace` in the script "
             "says what each holds; tracing slows a call): " + ", ".join(f"{name} {us:.0f}" for name, us in result["traced_phases_us"].items()) + "."
             + "\n\nOne step from host inputs to a host answer, the inputs handed over each way (us; `packed_transfer` in the script "
             "says what each holds): " + ", ".join(f"{name} {us:.0f}" for name, us in transfers.items()) + "."

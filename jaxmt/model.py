@@ -262,11 +262,11 @@ class MultiTenantModel:
             x = self.check_input(tenant_ids, x)
             nonfinite_rows = _nonfinite_row_indices(x) if self.nonfinite_inputs == "pass" else _NO_ROWS
         with self.store.lock:
-            with TraceAnnotation("jaxmt.plan"):
+            with TraceAnnotation("jaxmt.plan"):  # a span costs about 0.3 us when no trace is taken
                 slots = self.store.slots_of(tenant_ids)
-                plan = None if slots.size == 0 else self._plan(slots)
-            if plan is None:
-                return PendingPrediction(make_plan(slots, self.buckets), [], self._output_spec_for(x.shape[1:], x.dtype))
+                if slots.size == 0:
+                    return PendingPrediction(make_plan(slots, self.buckets), [], self._output_spec_for(x.shape[1:], x.dtype))
+                plan = self._plan(slots)
             fixes_rows = self._row_shape is None  # the first valid request fixes the input rows
             if fixes_rows:
                 self._fix_rows_locked(x.shape[1:], x.dtype)

@@ -55,6 +55,7 @@ class PendingPrediction:
             return self._scatter()
 
     def _scatter(self) -> PyTree:
+        """Each step's real rows, read from its outputs (waiting for them), put in request order."""
         flat_spec, treedef = jax.tree_util.tree_flatten(self.empty_output)
         answers = [np.empty((self.plan.rows, *s.shape), dtype=s.dtype) for s in flat_spec]
         for step, y_kb in zip(self.plan.steps, self.outputs):

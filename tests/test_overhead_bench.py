@@ -39,3 +39,40 @@ def test_the_host_only_predict_answers_as_predict_does_and_leaves_the_programs_a
     before = mt.stats()["compiles"]
     assert overhead._host_only_predict_us(mt, ids, x, repeats=3) > 0  # checks its answer equals predict's first
     assert "get" not in vars(mt.programs) and mt.stats()["compiles"] == before + 1  # the one program of this step
+
+
+def _span(name, ts, dur, pid=1, tid=10):
+    return {"ph": "X", "name": name, "ts": ts, "dur": dur, "pid": pid, "tid": tid}
+
+
+def test_phases_from_a_trace_sum_steps_and_unite_device_work_of_the_call(overhead):
+    """A hand-made trace of two calls: the first runs two steps (one program call with a
+    nested span of its own) and three overlapping kernels; the second has no device work."""
+    meta = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 10, "args": {"name": "python"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 11, "args": {"name": "another host thread"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 20, "args": {"name": "Stream #7(Compute)"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 21, "args": {"name": "CUPTI overhead"}},
+    ]
+    events = list(meta)
+    for offset, device in ((0, True), (1000, False)):
+        events += [
+            _span(overhead.CALL_SPAN, offset, 100),
+            _span("jaxmt.check", offset + 1, 5), _span("jaxmt.plan", offset + 6, 10),
+            _span("jaxmt.launch", offset + 16, 40), _span("jaxmt.result", offset + 60, 38),
+            _span("PjitFunction(step)", offset + 20, 15), _span("PjitFunction(step)", offset + 21, 13),  # nested
+            _span("PjitFunction(step)", offset + 40, 10),  # the second step
+            _span("PjitFunction(other)", offset + 25, 60, tid=11),  # another thread: not this call's
+        ]
+        if device:
+            events += [_span("fusion", 30, 10, pid=2, tid=20), _span("dot", 35, 10, pid=2, tid=20),
+                       _span("fusion.1", 50, 20, pid=2, tid=20), _span("collector", 80, 15, pid=2, tid=21)]
+    got = overhead.phases_from_trace(events + [{}])
+    assert got == {
+        "predict": 100, "jaxmt.check": 5, "jaxmt.plan": 10, "jaxmt.launch": 40, "jaxmt.result": 38,
+        "between_phases": 7, "program_call": 25,
+        "device_busy": 35, "launch_to_device_end": 50, "device_end_to_return": 30,  # the first call's alone
+        "calls": 2, "calls_with_device_work": 1,
+    }

@@ -37,3 +37,5 @@ def test_predict_phases_are_named_in_a_profiler_trace(tmp_path, rng):
     assert starts == sorted(starts), "phases out of order"
     plan, launch = spans["jaxmt.plan"][0], spans["jaxmt.launch"][0]
     assert plan["ts"] + plan["dur"] <= launch["ts"] + 1e-3  # the plan ends before the launch begins
+    calls = [e for e in events if e["name"].startswith("PjitFunction") and e["tid"] == launch["tid"]]
+    assert calls and all(launch["ts"] <= e["ts"] and e["ts"] + e["dur"] <= launch["ts"] + launch["dur"] + 1e-3 for e in calls)
