@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import common  # noqa: F401  (puts the repository on sys.path)
 import jax
@@ -82,6 +83,7 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
     phases = breakdown(mt, ids, x, calls, repeats)
     transfers = packed_transfer(mt, plan.steps[0], x, repeats)
     launches = launch_by_input_place(mt, plan.steps[0], x, repeats)
+    waits = by_way_of_waiting(mt, ids, x, calls, repeats)
     in_flow = traced_phases(mt, ids, x, min(repeats, 200))  # last: a profiler session touches nothing timed
     recompiles = mt.stats()["compiles"] - compiles_before
     return {
@@ -89,6 +91,7 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
         "traced_phases_us": in_flow,
         "one_step_with_host_inputs_us": transfers,
         "launch_by_input_place_us": launches,
+        "by_way_of_waiting_us": waits,
         "tenants": tenants,
         "rows": rows,
         "steps": [[step.tenant_bucket, step.row_bucket] for step in plan.steps],
@@ -271,6 +274,40 @@ def _host_only_predict_us(mt: MultiTenantModel, ids: list, x: np.ndarray, repeat
         return _median_us(lambda: mt.predict(ids, x), repeats)
     finally:
         del mt.programs.get
+
+
+def _poll(outputs: Any) -> None:
+    """Returns once every leaf of ``outputs`` is ready, asking in a loop instead of sleeping."""
+    for leaf in jax.tree_util.tree_leaves(outputs):
+        while not leaf.is_ready():
+            pass
+
+
+def by_way_of_waiting(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: list, repeats: int) -> dict[str, float]:
+    """The bare programs and ``predict`` by how the caller waits for the device, in
+    alternating rounds (medians, us): blocking (``block_until_ready``, what the rest of the
+    script and ``predict`` do) against polling ``is_ready()`` in a loop, which spares the
+    waiting thread a sleep and a wake-up but holds a core (and the GIL) meanwhile. Tells how
+    much of a call is that wake-up; answers are checked equal first."""
+    leaves = mt.store.stacked_leaves
+
+    def bare() -> list:
+        return [program(leaves, slots, x_kb) for program, slots, x_kb in calls]
+
+    def predict_polled() -> Any:
+        pending = mt.dispatch(ids, x)
+        _poll(pending.outputs)
+        return pending.result()
+
+    np.testing.assert_array_equal(predict_polled(), mt.predict(ids, x))
+    timed = {
+        "bare_blocking": lambda: jax.block_until_ready(bare()),
+        "bare_polling": lambda: _poll(bare()),
+        "predict_blocking": lambda: mt.predict(ids, x),
+        "predict_polling": predict_polled,
+    }
+    timings = time_calls_interleaved(timed, warmup=20, repeats=repeats)
+    return {name: round(t["median_s"] * 1e6, 1) for name, t in timings.items()}
 
 
 def launch_by_input_place(mt: MultiTenantModel, step, x: np.ndarray, repeats: int) -> dict[str, dict[str, float]]:
@@ -471,6 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     print(phases)
     print("one step, host inputs to host answer: " + ", ".join(f"{name} {us:.1f} us" for name, us in transfers.items()))
     print("in the flow, from a profiled run (medians, us): " + ", ".join(f"{name} {us:.0f}" for name, us in result["traced_phases_us"].items()))
+    print("by way of waiting (us): " + ", ".join(f"{name} {us:.0f}" for name, us in result["by_way_of_waiting_us"].items()))
     print("one step by where its inputs are (launch / whole, us): "
           + ", ".join(f"{name} {t['launch']:.1f} / {t['whole']:.1f}" for name, t in result["launch_by_input_place_us"].items()))
     print(f"wrote {path}")
@@ -486,6 +524,8 @@ def main(argv: list[str] | None = None) -> None:
             f"predict {other['predict_us']:.0f} us, bare program {other['bare_program_us']:.0f} us, overhead {other['overhead_us']:.0f} us."
             + "\n\nOne call in the flow, from a JAX profiler trace of back-to-back calls (medians, us; `phases_from_trace` in the script "
             "says what each holds; tracing slows a call): " + ", ".join(f"{name} {us:.0f}" for name, us in result["traced_phases_us"].items()) + "."
+            + "\n\nBy way of waiting for the device, in alternating rounds (us; `by_way_of_waiting` in the script says what each holds): "
+            + ", ".join(f"{name} {us:.0f}" for name, us in result["by_way_of_waiting_us"].items()) + "."
             + "\n\nOne step from host inputs to a host answer, the inputs handed over each way (us; `packed_transfer` in the script "
             "says what each holds): " + ", ".join(f"{name} {us:.0f}" for name, us in transfers.items()) + "."
             "\n\nMoving a step's bytes, each way as a whole call (us; `transfer_paths` in the script says what each holds):\n\n" + moves,
