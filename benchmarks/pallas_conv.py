@@ -23,6 +23,7 @@ from typing import Any
 
 import common  # noqa: F401  (puts the repository on sys.path)
 import jax
+import numpy as np
 from common import markdown_table, update_readme_section, write_json
 
 from jaxmt import lowering_ops, pallas_conv
@@ -35,20 +36,25 @@ LAYERS = [(56, 64, 64, 3, 1), (28, 128, 128, 3, 1), (14, 256, 256, 3, 1), (7, 51
           (224, 3, 64, 7, 2), (56, 64, 128, 3, 2), (28, 128, 256, 3, 2), (14, 256, 512, 3, 2)]
 QUICK_LAYERS = [(6, 16, 16, 3, 1), (4, 32, 64, 3, 1), (9, 3, 16, 7, 2)]
 OTHER_FORMS = ("vmap", "grouped_nchw", "im2col")
-QUICK_KERNEL_CONFIGS = [(16, 16, 16, 4, 3), (32, 32, 16, 4, 2)]
+QUICK_KERNEL_CONFIGS = [(16, 16, 16, 4, 3, False), (32, 32, 16, 4, 2, False), (16, 16, 16, 4, 3, True)]
 
 
 def kernel_configs_for(dtype: str) -> list[tuple[int, ...]]:
-    """(block_m, block_n, block_k, num_warps, num_stages) to time, the kernel's default for
-    ``dtype`` first; every configuration takes that dtype's default depth (``block_k``), so
-    that a pipeline stage holds as many bytes in float32 as in bfloat16."""
+    """(block_m, block_n, block_k, num_warps, num_stages, filter_k_major) to time, the
+    kernel's default for ``dtype`` first; every configuration takes that dtype's default depth
+    (``block_k``), so that a pipeline stage holds as many bytes in float32 as in bfloat16.
+    4-byte dtypes time each tile with the filter laid out both ways ([C, O] and K-major
+    [O, C]): Hopper's TF32 tensor-core instruction reads only K-major operands."""
     bk = pallas_conv.default_block_k(dtype)
-    return [(pallas_conv.BLOCK_M, pallas_conv.BLOCK_N, bk, pallas_conv.NUM_WARPS, pallas_conv.NUM_STAGES),
-            (64, 128, bk, 4, 3), (128, 128, bk, 8, 3), (256, 128, bk, 8, 3)]
+    default = (pallas_conv.BLOCK_M, pallas_conv.BLOCK_N, bk, pallas_conv.NUM_WARPS, pallas_conv.NUM_STAGES)
+    if np.dtype(dtype).itemsize == 4:
+        tiles = [default, (256, 128, bk, 8, 3)]
+        return [(*tile, k_major) for tile in tiles for k_major in (False, True)] + [(128, 128, bk, 8, 3, True)]
+    return [(*tile, False) for tile in (default, (64, 128, bk, 4, 3), (128, 128, bk, 8, 3), (256, 128, bk, 8, 3))]
 
 
 def kernel_name(config: tuple[int, ...]) -> str:
-    return "kernel {}x{}x{} w{} s{}".format(*config)
+    return "kernel {}x{}x{} w{} s{}".format(*config[:5]) + (" K-major" if config[5] else "")
 
 
 def signature(tenants: int, images: int, size: int, c_in: int, c_out: int, dtype: str, window: int = 3,
@@ -61,10 +67,11 @@ def signature(tenants: int, images: int, size: int, c_in: int, c_out: int, dtype
 def kernel_forms(sig: ConvSignature, kernel_configs: list[tuple[int, ...]], interpret: bool | None) -> dict[str, Any]:
     """The kernel at each tile configuration, as functions of (x, w)."""
     forms = {}
-    for bm, bn, bk, warps, stages in kernel_configs:
-        forms[kernel_name((bm, bn, bk, warps, stages))] = functools.partial(
+    for config in kernel_configs:
+        bm, bn, bk, warps, stages, k_major = config
+        forms[kernel_name(config)] = functools.partial(
             pallas_conv.conv_implicit_gemm, strides=sig.window_strides, padding=sig.padding, interpret=interpret,
-            block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+            block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, filter_k_major=k_major)
     return forms
 
 

@@ -125,7 +125,7 @@ def _computes(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation=(1, 1)
 def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, strides: tuple[int, int] = (1, 1),
                        padding: tuple[tuple[int, int], tuple[int, int]] | None = None, interpret: bool | None = None,
                        block_m: int = BLOCK_M, block_n: int = BLOCK_N, block_k: int | None = None, num_warps: int = NUM_WARPS,
-                       num_stages: int = NUM_STAGES) -> jax.Array:
+                       num_stages: int = NUM_STAGES, filter_k_major: bool = False) -> jax.Array:
     """Tenant k's ``x[k]`` convolved with its filter ``w[k]``.
 
     Differentiable in both modes: the derivative is that of XLA's conv of the same arguments.
@@ -143,6 +143,12 @@ def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, strides: tuple[int, int] =
         input channels per matmul step (default BLOCK_K for 16-bit inputs, half that for
         4-byte ones); channels are padded with zeros to what the blocks tile.
       num_warps, num_stages: Triton's warps per tile and software-pipeline depth (GPU only).
+      filter_k_major: lay each tap's filter out as [O, C] (input channels contiguous) and
+        contract the tile transposed, instead of [C, O]. Hopper's TF32 tensor-core
+        instruction reads both operands K-major from shared memory (only 16-bit types may be
+        transposed there), so for float32 this is the layout the instruction wants; whether
+        Triton's [C, O] path costs float32 a transposing copy is for the benchmark to tell
+        (``benchmarks/pallas_conv.py`` times both).
     """
     tenants, n, h, wd, c = x.shape
     kh, kw = w.shape[1:3]
@@ -160,7 +166,8 @@ def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, strides: tuple[int, int] =
                          "is not one the kernel computes (see pallas_conv.supports)")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    config = (bool(interpret), int(block_m), int(block_n), int(block_k), int(num_warps), int(num_stages))
+    config = (bool(interpret), int(block_m), int(block_n), int(block_k), int(num_warps), int(num_stages),
+              bool(filter_k_major))
     if tuple(strides) == (1, 1):
         return _with_xla_derivatives(x, w, padding, config)
     x2, w2, (ho, wo) = _space_to_depth(x, w, padding)
@@ -186,7 +193,7 @@ def _space_to_depth(x: jax.Array, w: jax.Array, padding) -> tuple[jax.Array, jax
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _with_xla_derivatives(x: jax.Array, w: jax.Array, padding, config: tuple[bool, int, int, int, int, int]) -> jax.Array:
+def _with_xla_derivatives(x: jax.Array, w: jax.Array, padding, config: tuple[bool, int, int, int, int, int, bool]) -> jax.Array:
     return _forward(x, w, padding, *config)
 
 
@@ -222,7 +229,7 @@ def _xla_conv(x: jax.Array, w: jax.Array, padding=None) -> jax.Array:
 
 
 def _forward(x: jax.Array, w: jax.Array, padding, interpret: bool, block_m: int, block_n: int, block_k: int,
-             num_warps: int, num_stages: int) -> jax.Array:
+             num_warps: int, num_stages: int, filter_k_major: bool) -> jax.Array:
     """The stride-1 conv, computed at every input position (H x W, each output position
     reading the input shifted by (dy - lo, dx - lo)) and cut to the output's size."""
     tenants, n, h, wd, c = x.shape
@@ -239,8 +246,10 @@ def _forward(x: jax.Array, w: jax.Array, padding, interpret: bool, block_m: int,
     after = (kh - 1 - ly) * wd + (kw - 1 - lx)
     x_rows = jnp.pad(x.reshape(tenants, m, c), ((0, 0), (before, tiles_m * block_m - m + after), (0, c_pad - c)))
     taps = jnp.pad(w.reshape(tenants, kh * kw, c, o), ((0, 0), (0, 0), (0, c_pad - c), (0, o_pad - o)))
+    if filter_k_major:
+        taps = taps.transpose(0, 1, 3, 2)  # [K, taps, O, C]: input channels contiguous
     kernel = functools.partial(_kernel, height=h, width=wd, kw=kw, pad_y=ly, pad_x=lx, guard=before, chunks=c_pad // bk,
-                               block_m=block_m, block_n=bn, block_k=bk, interpret=interpret)
+                               block_m=block_m, block_n=bn, block_k=bk, filter_k_major=filter_k_major, interpret=interpret)
     params = {} if interpret else {"compiler_params": _triton_params(num_warps, num_stages)}
     y = pl.pallas_call(
         kernel,
@@ -269,7 +278,7 @@ def _masked_load(ref, mask: jax.Array, interpret: bool) -> jax.Array:
 
 
 def _kernel(x_ref, w_ref, y_ref, *, height: int, width: int, kw: int, pad_y: int, pad_x: int, guard: int, chunks: int,
-            block_m: int, block_n: int, block_k: int, interpret: bool) -> None:
+            block_m: int, block_n: int, block_k: int, filter_k_major: bool, interpret: bool) -> None:
     k, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     # Truncating lax.div/lax.rem on non-negative int32 (jnp's floor forms lower to more ops, and
     # Triton's lowering takes a divisor of 1 for a bool).
@@ -285,6 +294,9 @@ def _kernel(x_ref, w_ref, y_ref, *, height: int, width: int, kw: int, pad_y: int
         start = guard + i * block_m + dy * width + dx
         cols = pl.ds(pl.multiple_of(chunk * block_k, block_k), block_k)
         a = _masked_load(x_ref.at[k, pl.ds(start, block_m), cols], jnp.broadcast_to(inside, (block_m, block_k)), interpret)
+        if filter_k_major:  # the [O, C] tile, contracted over its C: a @ b.T
+            b = w_ref[k, tap, pl.ds(j * block_n, block_n), cols]
+            return acc + lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         b = w_ref[k, tap, cols, pl.ds(j * block_n, block_n)]
         return acc + jnp.dot(a, b, preferred_element_type=jnp.float32)
 

@@ -36,11 +36,13 @@ def _per_tenant(x, w):
         (1, 3, 4, 4, 64, 16, 3, (128, 128, 64)),  # one tile larger than all rows of all images
     ],
 )
-def test_the_kernel_equals_each_tenants_conv(rng, tenants, n, h, w, c, o, window, blocks):
+@pytest.mark.parametrize("filter_k_major", [False, True])
+def test_the_kernel_equals_each_tenants_conv(rng, tenants, n, h, w, c, o, window, blocks, filter_k_major):
     x = rng.standard_normal((tenants, n, h, w, c)).astype(np.float32)
     f = (rng.standard_normal((tenants, window, window, c, o)) / np.sqrt(window * window * c)).astype(np.float32)
     block_m, block_n, block_k = blocks
-    got = pallas_conv.conv_implicit_gemm(jnp.asarray(x), jnp.asarray(f), block_m=block_m, block_n=block_n, block_k=block_k)
+    got = pallas_conv.conv_implicit_gemm(jnp.asarray(x), jnp.asarray(f), block_m=block_m, block_n=block_n, block_k=block_k,
+                                         filter_k_major=filter_k_major)
     assert got.shape == (tenants, n, h, w, o) and got.dtype == jnp.float32
     assert rel_error(got, _per_tenant(x, f)) < 1e-5
 
@@ -256,15 +258,17 @@ def test_a_model_served_with_the_kernel_where_it_applies_equals_each_tenants_for
     ((4, 2, 224, 224, 3), (4, 7, 7, 3, 64), (2, 2), ((3, 3), (3, 3))),  # ResNet's stem, space-to-depth
     ((4, 2, 56, 56, 64), (4, 3, 3, 64, 128), (2, 2), ((0, 1), (0, 1))),  # a downsampling 3x3
 ])
-def test_the_kernel_and_its_gradient_lower_to_triton_for_a_gpu(x_shape, w_shape, strides, padding):
+@pytest.mark.parametrize("dtype, filter_k_major", [(jnp.bfloat16, False), (jnp.float32, True)])
+def test_the_kernel_and_its_gradient_lower_to_triton_for_a_gpu(x_shape, w_shape, strides, padding, dtype, filter_k_major):
     """Without a GPU here, jax.export lowers for CUDA: the kernel's jaxpr must become Triton IR
-    (power-of-two blocks, ops Triton's lowering knows). Compiling that IR to GPU code is not
-    checked here."""
+    (power-of-two blocks, ops Triton's lowering knows), with the filter laid out either way.
+    Compiling that IR to GPU code is not checked here."""
     from jax import export
 
-    x, w = jax.ShapeDtypeStruct(x_shape, jnp.bfloat16), jax.ShapeDtypeStruct(w_shape, jnp.bfloat16)
+    x, w = jax.ShapeDtypeStruct(x_shape, dtype), jax.ShapeDtypeStruct(w_shape, dtype)
     triton = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    conv = functools.partial(pallas_conv.conv_implicit_gemm, strides=strides, padding=padding, interpret=False)
+    conv = functools.partial(pallas_conv.conv_implicit_gemm, strides=strides, padding=padding, interpret=False,
+                             filter_k_major=filter_k_major)
     forward = jax.jit(conv)
     assert "__gpu$xla.gpu.triton" in export.export(forward, platforms=["cuda"], disabled_checks=triton)(x, w).mlir_module()
     backward = jax.jit(jax.grad(lambda a, b: jnp.sum(conv(a, b).astype(jnp.float32)), argnums=(0, 1)))
