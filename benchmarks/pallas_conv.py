@@ -47,9 +47,8 @@ def kernel_configs_for(dtype: str) -> list[tuple[int, ...]]:
     [O, C]): Hopper's TF32 tensor-core instruction reads only K-major operands."""
     bk = pallas_conv.default_block_k(dtype)
     default = (pallas_conv.BLOCK_M, pallas_conv.BLOCK_N, bk, pallas_conv.NUM_WARPS, pallas_conv.NUM_STAGES)
-    if np.dtype(dtype).itemsize == 4:
-        tiles = [default, (256, 128, bk, 8, 3)]
-        return [(*tile, k_major) for tile in tiles for k_major in (False, True)] + [(128, 128, bk, 8, 3, True)]
+    if np.dtype(dtype).itemsize == 4:  # the kernel's default layout for them (K-major) first
+        return [(*tile, k_major) for tile in (default, (256, 128, bk, 8, 3)) for k_major in (True, False)]
     return [(*tile, False) for tile in (default, (64, 128, bk, 4, 3), (128, 128, bk, 8, 3), (256, 128, bk, 8, 3))]
 
 

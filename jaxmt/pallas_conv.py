@@ -125,7 +125,7 @@ def _computes(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation=(1, 1)
 def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, strides: tuple[int, int] = (1, 1),
                        padding: tuple[tuple[int, int], tuple[int, int]] | None = None, interpret: bool | None = None,
                        block_m: int = BLOCK_M, block_n: int = BLOCK_N, block_k: int | None = None, num_warps: int = NUM_WARPS,
-                       num_stages: int = NUM_STAGES, filter_k_major: bool = False) -> jax.Array:
+                       num_stages: int = NUM_STAGES, filter_k_major: bool | None = None) -> jax.Array:
     """Tenant k's ``x[k]`` convolved with its filter ``w[k]``.
 
     Differentiable in both modes: the derivative is that of XLA's conv of the same arguments.
@@ -144,11 +144,12 @@ def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, strides: tuple[int, int] =
         4-byte ones); channels are padded with zeros to what the blocks tile.
       num_warps, num_stages: Triton's warps per tile and software-pipeline depth (GPU only).
       filter_k_major: lay each tap's filter out as [O, C] (input channels contiguous) and
-        contract the tile transposed, instead of [C, O]. Hopper's TF32 tensor-core
-        instruction reads both operands K-major from shared memory (only 16-bit types may be
-        transposed there), so for float32 this is the layout the instruction wants; whether
-        Triton's [C, O] path costs float32 a transposing copy is for the benchmark to tell
-        (``benchmarks/pallas_conv.py`` times both).
+        contract the tile transposed, instead of [C, O]; None: for 4-byte inputs only.
+        Hopper's TF32 tensor-core instruction (wgmma) reads both operands K-major from
+        shared memory (only 16-bit types may be transposed there). Compiled for sm_90 by
+        Triton 3.9, a float32 [C, O] filter tile is copied into shared memory 4 bytes at a
+        time to transpose it (16 bytes at a time as [O, C], and for bfloat16 either way);
+        ``benchmarks/pallas_conv.py`` times float32 tiles both ways.
     """
     tenants, n, h, wd, c = x.shape
     kh, kw = w.shape[1:3]
@@ -158,6 +159,8 @@ def conv_implicit_gemm(x: jax.Array, w: jax.Array, *, strides: tuple[int, int] =
         raise ValueError(f"filter dtype {w.dtype} differs from input dtype {x.dtype} (expected one dtype, as XLA's conv does)")
     if block_k is None:
         block_k = default_block_k(x.dtype)
+    if filter_k_major is None:
+        filter_k_major = np.dtype(x.dtype).itemsize == 4
     if any(b < 1 or b & (b - 1) for b in (block_m, block_n, block_k)):
         raise ValueError(f"blocks must be powers of two, got block_m={block_m}, block_n={block_n}, block_k={block_k}")
     padding = ((kh // 2, kh // 2), (kw // 2, kw // 2)) if padding is None else tuple(tuple(int(v) for v in p) for p in padding)

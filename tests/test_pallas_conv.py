@@ -47,6 +47,29 @@ def test_the_kernel_equals_each_tenants_conv(rng, tenants, n, h, w, c, o, window
     assert rel_error(got, _per_tenant(x, f)) < 1e-5
 
 
+@pytest.mark.parametrize("dtype, k_major", [(jnp.float32, True), (jnp.bfloat16, False), (jnp.float16, False)])
+def test_four_byte_filters_reach_the_kernel_k_major_by_default(dtype, k_major):
+    """The filter operand the kernel reads: [K, taps, O, C] (K-major, what Hopper's TF32 wgmma
+    wants) for float32, [K, taps, C, O] for 16-bit inputs."""
+    x = jax.ShapeDtypeStruct((2, 1, 6, 6, 16), dtype)
+    w = jax.ShapeDtypeStruct((2, 3, 3, 16, 32), dtype)
+    jaxpr = jax.make_jaxpr(functools.partial(pallas_conv.conv_implicit_gemm, block_m=16))(x, w)
+    calls = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
+    assert len(calls) == 1
+    assert calls[0].invars[1].aval.shape == ((2, 9, 32, 16) if k_major else (2, 9, 16, 32))
+
+
+def _equations(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs nested in its equations' parameters."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
 def test_bfloat16_inputs_accumulate_in_float32(rng):
     x = jnp.asarray(rng.standard_normal((2, 1, 6, 5, 32)), jnp.bfloat16)
     f = jnp.asarray(rng.standard_normal((2, 3, 3, 32, 16)) / 17, jnp.bfloat16)

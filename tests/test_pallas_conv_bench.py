@@ -49,7 +49,7 @@ def test_a_form_that_disagrees_or_fails_to_compile_is_reported_not_timed(bench):
 def test_the_tile_configurations_timed_take_the_kernels_default_depth_for_the_dtype(bench, dtype, depth):
     configs = bench.kernel_configs_for(dtype)
     assert configs[0] == (bench.pallas_conv.BLOCK_M, bench.pallas_conv.BLOCK_N, depth, bench.pallas_conv.NUM_WARPS,
-                          bench.pallas_conv.NUM_STAGES, False)  # the kernel as the lowering calls it comes first
+                          bench.pallas_conv.NUM_STAGES, dtype == "float32")  # the kernel as the lowering calls it first
     assert {c[2] for c in configs} == {depth} == {bench.pallas_conv.default_block_k(dtype)}
     # 4-byte inputs time each tile with the filter both ways; 16-bit ones only as [C, O]
     assert {c[5] for c in configs} == ({False, True} if dtype == "float32" else {False})
