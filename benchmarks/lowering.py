@@ -187,6 +187,10 @@ def bench_end_to_end(model: str, tenants: int, images: int, dtype: Any, args: ar
     ours, compile_s["jaxmt"] = compiled(tenant_batched(spec.apply_fn, policy), stacked, x_kb)
     compile_s["jaxmt"] += plan_s
     errors["jaxmt"] = rel_error(ours(stacked, x_kb), reference)
+    if args.overrides:  # the same policy with some layers forced, timed beside it
+        forced = LoweringPolicy("auto", tuple(sorted(args.overrides.items())), autotune=args.autotune, cache_path=args.cache)
+        ours_forced, compile_s["jaxmt_overrides"] = compiled(tenant_batched(spec.apply_fn, forced), stacked, x_kb)
+        errors["jaxmt_overrides"] = rel_error(ours_forced(stacked, x_kb), reference)
     # Exclusive access with the convs jaxmt gave to the Pallas kernel lowered by it as well
     # (one tenant: every other conv stays XLA's dense conv).
     kernel_convs = {f"conv:{c.index}": "implicit_gemm" for c in choices if c.lowering == "implicit_gemm"}
@@ -201,6 +205,8 @@ def bench_end_to_end(model: str, tenants: int, images: int, dtype: Any, args: ar
         "time_only": lambda: [one(per_tenant[i], x_kb[i]) for i in range(tenants)],
         "jaxmt": lambda: ours(stacked, x_kb),
     }
+    if args.overrides:
+        programs["jaxmt_overrides"] = lambda: ours_forced(stacked, x_kb)
     if kernel_convs:
         programs["exclusive_kernels"] = lambda: exclusive_kernels(one_tenant, x_all[None])
     if store:
@@ -268,6 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-e2e", action="store_true", help="per-layer only")
     parser.add_argument("--store", type=int, default=0, metavar="N",
                         help="for the first N end-to-end configs, also time the MultiTenantModel step program (slot gather included)")
+    parser.add_argument("--overrides", type=json.loads, default=None, metavar="JSON",
+                        help='end to end, also time jaxmt with these layers forced, e.g. \'{"kxk": "implicit_gemm"}\' '
+                             "(a column of its own, same rounds)")
     parser.add_argument("--autotune", type=int, default=0, choices=(0, 1),
                         help="1: measure uncached layers during the end-to-end jaxmt compile; 0: use the rule for them")
     parser.add_argument("--cache", default=None, help="lowering cache file (default: jaxmt's, ~/.cache/jaxmt/lowering.json)")
@@ -352,6 +361,8 @@ def main(argv: list[str] | None = None) -> None:
           *(r["vs_exclusive"][m] for m in methods[1:]), r["jaxmt_vs_vmap"],
           ", ".join(f"{k} {v}" for k, v in sorted(r["choices"].items()))
           + (f"; MultiTenantModel step {r['vs_exclusive']['jaxmt_store']:.2f}x" if "jaxmt_store" in r["vs_exclusive"] else "")
+          + (f"; with {json.dumps(args.overrides)} {r['vs_exclusive']['jaxmt_overrides']:.2f}x"
+             if "jaxmt_overrides" in r["vs_exclusive"] else "")
           + (f"; exclusive access with the same kernels {r['vs_exclusive']['exclusive_kernels']:.2f}x, jaxmt / the faster "
              f"exclusive form {r['vs_exclusive']['jaxmt'] / max(1.0, r['vs_exclusive']['exclusive_kernels']):.2f}"
              if "exclusive_kernels" in r["vs_exclusive"] else "")

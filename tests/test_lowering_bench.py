@@ -23,8 +23,8 @@ def bench():
         yield module
 
 
-def _args(cache: str) -> argparse.Namespace:
-    return argparse.Namespace(autotune=0, cache=cache, size="tiny", seed=0, warmup=1, repeats=2)
+def _args(cache: str, overrides: dict | None = None) -> argparse.Namespace:
+    return argparse.Namespace(autotune=0, cache=cache, size="tiny", seed=0, warmup=1, repeats=2, overrides=overrides)
 
 
 def test_kernel_convs_are_timed_against_exclusive_access_with_the_same_kernels(bench, tmp_path):
@@ -48,6 +48,14 @@ def test_kernel_convs_are_timed_against_exclusive_access_with_the_same_kernels(b
 def test_without_kernel_convs_there_is_no_second_exclusive_form(bench, tmp_path):
     row = bench.bench_end_to_end("resnet18", 2, 1, jnp.float32, _args(str(tmp_path / "none.json")))
     assert row["check"] == "ok" and "exclusive_kernels" not in row["images_per_s"]
+
+
+def test_forced_layers_are_checked_and_timed_beside_the_policy(bench, tmp_path):
+    """--overrides: jaxmt with every kxk conv on the kernel (in Pallas's interpreter here), a
+    column of its own, checked against the per-tenant reference like every other method."""
+    row = bench.bench_end_to_end("resnet18", 2, 1, jnp.bfloat16, _args(str(tmp_path / "none.json"), {"kxk": "implicit_gemm"}))
+    assert row["check"] == "ok" and row["rel_error"]["jaxmt_overrides"] < 5e-2
+    assert set(row["images_per_s"]) == {"exclusive", "vmap", "time_only", "jaxmt", "jaxmt_overrides"}
 
 
 def test_methods_are_timed_in_rounds(bench):
