@@ -90,6 +90,12 @@ class MultiTenantModel:
         Each step shape runs one program either way; device-resident blocks (rows a server
         stages on the device) run programs of their own, which ``warmup(device_inputs=True)``
         compiles, so a staging server may hold twice the programs counted above.
+      compiler_options: XLA options for every step program (``jax.stages.Lowered.compile``'s
+        ``compiler_options``), e.g. ``{"xla_gpu_graph_min_graph_size": 1}``, which lets XLA
+        launch even a small step's few kernels and copies as one CUDA graph (on an H100 one
+        step of the overhead benchmark's tiny MLP took 64 against 75 us that way:
+        benchmarks/README.md, Host overhead). Checked when the model is built: an option
+        XLA does not know raises ``ValueError`` naming it.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, jaxmt
@@ -126,6 +132,7 @@ class MultiTenantModel:
         outputs_to_host: bool | None = None,
         whole_store_steps: bool = True,
         host_inputs: bool | None = None,
+        compiler_options: Mapping[str, str | bool | int | float] | None = None,
     ):
         if not callable(apply_fn):
             raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
@@ -143,7 +150,9 @@ class MultiTenantModel:
         self.lowering = lowering
         self._lowering_key = lowering_key(lowering)  # validates; distinct programs per policy
         self._apply_kb = tenant_batched(apply_fn, lowering)
-        self.programs = ProgramCache(self._build_program, max_programs=max_programs, lower=self._lower_program)
+        self.compiler_options = _checked_compiler_options(compiler_options, self.store.device)
+        self.programs = ProgramCache(self._build_program, max_programs=max_programs, lower=self._lower_program,
+                                     compile=self._compile_lowered)
         self._program_keys: dict[tuple, ProgramKey] = {}  # see _key
         self._host_steps: dict[tuple, bool] = {}  # see _takes_host_inputs
         self._signatures: dict[ProgramKey, tuple] = {}  # pinned input buffers of each host-input program
@@ -503,7 +512,10 @@ class MultiTenantModel:
         return key
 
     def _build_program(self, key: ProgramKey) -> Any:
-        return self._lower_program(key).compile()
+        return self._compile_lowered(self._lower_program(key))
+
+    def _compile_lowered(self, lowered: Any) -> Any:
+        return lowered.compile(compiler_options=dict(self.compiler_options)) if self.compiler_options else lowered.compile()
 
     def _lower_program(self, key: ProgramKey) -> Any:
         # Compiled for the store's device: with the default placement a model built with
@@ -613,3 +625,25 @@ class MultiTenantModel:
         else:
             self._probed_rows = (row_shape, row_dtype, spec)
         return spec
+
+
+def _checked_compiler_options(options: Mapping[str, Any] | None, device: jax.Device) -> dict[str, Any]:
+    """``options`` as a dict, checked by compiling a trivial program with them for ``device``:
+    a mistyped or unknown option fails here, naming itself, instead of at the first step."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise TypeError(f"compiler_options must be a mapping of XLA option names to values, got {type(options).__name__}")
+    checked = {}
+    for name, value in options.items():
+        if not isinstance(name, str) or not isinstance(value, (str, bool, int, float)):
+            raise TypeError(f"compiler_options: {name!r}: expected a str name and a str, bool, int or float value, "
+                            f"got {type(name).__name__} -> {type(value).__name__}")
+        checked[name] = value
+    if checked:
+        probe = jax.ShapeDtypeStruct((1,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(device))
+        try:
+            jax.jit(lambda v: v + 1).lower(probe).compile(compiler_options=checked)
+        except Exception as exc:
+            raise ValueError(f"compiler_options {checked} were refused by XLA: {type(exc).__name__}: {exc}") from exc
+    return checked
