@@ -28,7 +28,7 @@ import logging
 import math
 import threading
 import weakref
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -67,15 +67,18 @@ class _Program:
     buffers written in place, which the program copies to that device itself, as
     ``MultiTenantModel(host_inputs=True)`` sends a step's rows."""
 
-    def __init__(self, apply_fn: Any, output_sharding: Any = None, input_device: Any = None):
-        # Answers go where jaxmt's steps put theirs (MultiTenantModel.output_sharding).
-        self.fn = jax.jit(apply_fn, **({} if output_sharding is None else {"out_shardings": output_sharding}))
+    def __init__(self, apply_fn: Any, output_sharding: Any = None, input_device: Any = None,
+                 compiler_options: Mapping[str, Any] | None = None):
+        # Answers go where jaxmt's steps put theirs (MultiTenantModel.output_sharding), compiled
+        # with the model's XLA options (MultiTenantModel.compiler_options).
+        options = {"compiler_options": dict(compiler_options)} if compiler_options else {}
+        self.fn = jax.jit(apply_fn, **({} if output_sharding is None else {"out_shardings": output_sharding}), **options)
         self.outputs_on_device = output_sharding is None
         self.host_input_buffers = None if input_device is None else HostInputBuffers(input_device)
         if input_device is not None:
             on_device = jax.sharding.SingleDeviceSharding(input_device)  # where the token stays
             out = {} if output_sharding is None else {"out_shardings": (output_sharding, on_device)}
-            self.fn_from_host = jax.jit(with_token(apply_fn, on_device), **out)
+            self.fn_from_host = jax.jit(with_token(apply_fn, on_device), **out, **options)
         self.compiled: set[tuple] = set()
         self.lock = threading.Lock()
 
@@ -129,9 +132,17 @@ def _params_key(mt: Any) -> tuple:
     return (jax.tree_util.tree_structure(store.template), specs)
 
 
+def _program_for_model(mt: Any) -> _Program:
+    """The one-model program for ``mt``'s baselines: answers, inputs and XLA options as its steps have them."""
+    input_device = None if mt.host_input_buffers is None else mt.store.device
+    options = tuple(sorted(getattr(mt, "compiler_options", {}).items()))
+    return _program_for(mt.apply_fn, mt.output_sharding, input_device, options)
+
+
 @functools.lru_cache(maxsize=64)
-def _program_for(apply_fn: Any, output_sharding: Any = None, input_device: Any = None) -> _Program:
-    return _Program(apply_fn, output_sharding, input_device)
+def _program_for(apply_fn: Any, output_sharding: Any = None, input_device: Any = None,
+                 compiler_options: tuple[tuple[str, Any], ...] = ()) -> _Program:
+    return _Program(apply_fn, output_sharding, input_device, dict(compiler_options))
 
 
 def _chunk(x: "np.ndarray | RowParts", start: int, n: int, index: np.ndarray) -> Any:
@@ -161,7 +172,7 @@ class _TenantPrograms:
     def __init__(self, mt: Any, batch_sizes: Sequence[int]):
         self.mt = mt
         self.batch_sizes = _check_batch_sizes(batch_sizes)
-        self.program = _program_for(mt.apply_fn, mt.output_sharding, None if mt.host_input_buffers is None else mt.store.device)
+        self.program = _program_for_model(mt)
         self.params_key = _params_key(mt)
         self._params: dict[Hashable, PyTree] = {}
         self._version = None

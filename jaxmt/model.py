@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+import types
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -143,6 +144,7 @@ class MultiTenantModel:
         self.nonfinite_inputs = nonfinite_inputs
         self.apply_fn = apply_fn
         self.buckets = buckets if buckets is not None else BucketPolicy()
+        options = _typed_compiler_options(compiler_options)  # before any device memory is taken
         self.store = self._make_store(example_params, capacity, max_capacity, device)
         self.output_sharding = self._output_sharding(outputs_to_host)
         self._whole_store_steps = bool(whole_store_steps) and type(self)._whole_store_steps
@@ -150,9 +152,10 @@ class MultiTenantModel:
         self.lowering = lowering
         self._lowering_key = lowering_key(lowering)  # validates; distinct programs per policy
         self._apply_kb = tenant_batched(apply_fn, lowering)
-        self.compiler_options = _checked_compiler_options(compiler_options, self.store.device)
+        # Read-only: the options are not part of a program's key, so they may not change under the cache.
+        self.compiler_options = types.MappingProxyType(_checked_by_xla(options, self._program_device()))
         self.programs = ProgramCache(self._build_program, max_programs=max_programs, lower=self._lower_program,
-                                     compile=self._compile_lowered)
+                                     compile_lowered=self._compile_lowered)
         self._program_keys: dict[tuple, ProgramKey] = {}  # see _key
         self._host_steps: dict[tuple, bool] = {}  # see _takes_host_inputs
         self._signatures: dict[ProgramKey, tuple] = {}  # pinned input buffers of each host-input program
@@ -514,6 +517,10 @@ class MultiTenantModel:
     def _build_program(self, key: ProgramKey) -> Any:
         return self._compile_lowered(self._lower_program(key))
 
+    def _program_device(self) -> jax.Device:
+        """A device the step programs run on (where ``compiler_options`` are checked)."""
+        return self.store.device
+
     def _compile_lowered(self, lowered: Any) -> Any:
         return lowered.compile(compiler_options=dict(self.compiler_options)) if self.compiler_options else lowered.compile()
 
@@ -627,19 +634,28 @@ class MultiTenantModel:
         return spec
 
 
-def _checked_compiler_options(options: Mapping[str, Any] | None, device: jax.Device) -> dict[str, Any]:
-    """``options`` as a dict, checked by compiling a trivial program with them for ``device``:
-    a mistyped or unknown option fails here, naming itself, instead of at the first step."""
+def _typed_compiler_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` as a dict of str names to Python scalars (NumPy scalars converted), or
+    ``TypeError`` naming the first entry that is not one."""
     if options is None:
         return {}
     if not isinstance(options, Mapping):
         raise TypeError(f"compiler_options must be a mapping of XLA option names to values, got {type(options).__name__}")
-    checked = {}
+    typed = {}
     for name, value in options.items():
-        if not isinstance(name, str) or not isinstance(value, (str, bool, int, float)):
-            raise TypeError(f"compiler_options: {name!r}: expected a str name and a str, bool, int or float value, "
-                            f"got {type(name).__name__} -> {type(value).__name__}")
-        checked[name] = value
+        if isinstance(value, np.generic):
+            value = value.item()
+        if not isinstance(name, str):
+            raise TypeError(f"compiler_options: option name {name!r} is a {type(name).__name__}, expected a str")
+        if not isinstance(value, (str, bool, int, float)):
+            raise TypeError(f"compiler_options[{name!r}]: value of type {type(value).__name__}, expected str, bool, int or float")
+        typed[name] = value
+    return typed
+
+
+def _checked_by_xla(checked: dict[str, Any], device: jax.Device) -> dict[str, Any]:
+    """``checked``, once a trivial program compiled with them for ``device``: a mistyped or
+    unknown option fails here (XLA's message names it) instead of at the first step."""
     if checked:
         probe = jax.ShapeDtypeStruct((1,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(device))
         try:

@@ -44,22 +44,23 @@ class ProgramCache:
         exception it raises is re-raised as ``CompileError`` naming the key.
       max_programs: how many executables are kept; the least recently used goes first.
       lower: ``lower(key) -> jax.stages.Lowered``, the traced but uncompiled program, with
-        ``compile(lower(key))`` the same program as ``build(key)``; with it,
+        ``compile_lowered(lower(key))`` the same program as ``build(key)``; with it,
         ``ensure_many`` compiles several programs at once on worker threads.
-      compile: ``compile(lowered) -> compiled executable`` (default: ``lowered.compile()``),
-        how ``ensure_many``'s threads compile what ``lower`` returns.
+      compile_lowered: ``compile_lowered(lowered) -> compiled executable`` (default:
+        ``lowered.compile()``), how ``ensure_many``'s threads compile what ``lower`` returns.
 
     ``compile_seconds`` adds up the time of every build; builds on worker threads overlap,
     so it can exceed the wall-clock time they took.
     """
 
     def __init__(self, build: Callable[[ProgramKey], Any], max_programs: int = 256,
-                 lower: Callable[[ProgramKey], Any] | None = None, compile: Callable[[Any], Any] | None = None):
+                 lower: Callable[[ProgramKey], Any] | None = None,
+                 compile_lowered: Callable[[Any], Any] | None = None):
         if max_programs < 1:
             raise ValueError(f"max_programs must be >= 1, got {max_programs}")
         self._build = build
         self._lower = lower
-        self._compile_lowered = compile or (lambda lowered: lowered.compile())
+        self._compile_lowered = compile_lowered or (lambda lowered: lowered.compile())
         self.max_programs = max_programs
         self._programs: collections.OrderedDict[ProgramKey, Any] = collections.OrderedDict()
         self._lock = threading.RLock()

@@ -301,6 +301,9 @@ class ShardedMultiTenantModel(MultiTenantModel):
         x_kb = np.zeros((k * self.devices, key.row_bucket, *key.row_shape), key.row_dtype)
         return jax.device_put((slots, x_kb), self.entry_sharding)
 
+    def _program_device(self) -> jax.Device:
+        return self.store.devices[0]
+
     def _lower_program(self, key: ProgramKey) -> Any:
         k = key.tenant_bucket * self.devices  # the key counts entries per device
         leaves = [

@@ -5,6 +5,7 @@ does not take are refused when the model is built."""
 from __future__ import annotations
 
 import jax
+import numpy as np
 import pytest
 from conftest import reference_predict, rel_error, tiny_spec
 
@@ -60,6 +61,32 @@ def test_without_options_programs_compile_as_xla_defaults(rng, compiles):
     mt = _model(spec, params)
     mt.predict(["a", "b"], spec.random_input(rng, 2))
     assert mt.compiler_options == {} and compiles == [None] * mt.stats()["compiles"]
+
+
+def test_numpy_scalars_are_taken_as_python_ones_and_the_options_are_read_only():
+    spec = tiny_spec("mlp")
+    mt = MultiTenantModel(spec.apply_fn, spec.init(0), compiler_options={"xla_gpu_graph_min_graph_size": np.int64(1)})
+    assert mt.compiler_options == GRAPH_OPTION and type(mt.compiler_options["xla_gpu_graph_min_graph_size"]) is int
+    with pytest.raises(TypeError):
+        mt.compiler_options["xla_gpu_graph_min_graph_size"] = 2  # not part of a program's key: fixed for the model
+
+
+def test_the_baselines_compile_with_the_models_options(monkeypatch):
+    """Time-only and exclusive access run one-model programs built with the model's options,
+    so that a comparison with jaxmt's steps compares batching, not compilers."""
+    from jaxmt import baselines
+
+    spec = tiny_spec("mlp")
+    params = {"a": spec.init(1), "b": spec.init(2)}
+    mt = _model(spec, params, compiler_options=GRAPH_OPTION)
+    seen = []
+    jit = jax.jit
+    monkeypatch.setattr(jax, "jit", lambda fn, **kwargs: seen.append(kwargs.get("compiler_options")) or jit(fn, **kwargs))
+    baselines._program_for.cache_clear()
+    x = spec.random_input(np.random.default_rng(0), 3)
+    got = baselines.time_only_predict(mt, ["a", "b", "a"], x)
+    assert seen and all(o == GRAPH_OPTION for o in seen)
+    assert rel_error(got, reference_predict(spec.apply_fn, params, ["a", "b", "a"], x)) < 1e-5
 
 
 def test_an_option_xla_does_not_take_is_refused_when_the_model_is_built():
