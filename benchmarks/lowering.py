@@ -288,6 +288,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="lowering", help="results/<out>.json")
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
     args = parser.parse_args(argv)
+    if args.overrides is not None:  # refused here, not after the per-layer part has run
+        try:
+            if not isinstance(args.overrides, dict):
+                raise ValueError(f"expected a JSON object of selector -> lowering, got {args.overrides!r}")
+            LoweringPolicy("auto", tuple(sorted(args.overrides.items())))
+        except (TypeError, ValueError) as exc:
+            parser.error(f"--overrides: {exc}")
     args.cache_given = args.cache is not None
     if args.quick:
         args.size = "tiny"

@@ -90,7 +90,7 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
     transfers = packed_transfer(mt, plan.steps[0], x, repeats)
     launches = launch_by_input_place(mt, plan.steps[0], x, repeats)
     waits = by_way_of_waiting(mt, ids, x, calls, repeats)
-    options = with_compiler_options(mt, spec, params, ids, x, COMPARED_OPTIONS, repeats)
+    options = with_compiler_options(mt, spec, params, ids, x, plan, COMPARED_OPTIONS, repeats)
     in_flow = traced_phases(mt, ids, x, min(repeats, 200))  # last: a profiler session touches nothing timed
     recompiles = mt.stats()["compiles"] - compiles_before
     return {
@@ -318,14 +318,14 @@ def by_way_of_waiting(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: lis
     return {name: round(t["median_s"] * 1e6, 1) for name, t in timings.items()}
 
 
-def with_compiler_options(mt: MultiTenantModel, spec, params: dict, ids: list, x: np.ndarray, options: dict,
+def with_compiler_options(mt: MultiTenantModel, spec, params: dict, ids: list, x: np.ndarray, plan, options: dict,
                           repeats: int) -> dict[str, Any]:
     """``predict`` and the bare program of its step for ``mt`` and for the same model built with
     ``compiler_options=options``, all four in alternating rounds (medians, us); answers are
     checked equal first."""
     tuned = _model(spec, params, None, compiler_options=options)
     np.testing.assert_allclose(tuned.predict(ids, x), mt.predict(ids, x), rtol=1e-6, atol=1e-6)
-    inputs = [(step, *jax.device_put((step.slots, x[step.row_index]))) for step in mt.dispatch(ids, x).plan.steps]
+    inputs = [(step, *jax.device_put((step.slots, x[step.row_index]))) for step in plan.steps]
 
     def bare(model: MultiTenantModel):
         calls = [(model.programs.get(model._key(step.tenant_bucket, step.row_bucket)), slots, x_kb) for step, slots, x_kb in inputs]
@@ -540,7 +540,8 @@ def main(argv: list[str] | None = None) -> None:
     print("one step, host inputs to host answer: " + ", ".join(f"{name} {us:.1f} us" for name, us in transfers.items()))
     print("in the flow, from a profiled run (medians, us): " + ", ".join(f"{name} {us:.0f}" for name, us in result["traced_phases_us"].items()))
     print("by way of waiting (us): " + ", ".join(f"{name} {us:.0f}" for name, us in result["by_way_of_waiting_us"].items()))
-    print("with compiler options (us): " + ", ".join(f"{name} {v}" for name, v in result["with_compiler_options"].items()))
+    tuned = dict(result["with_compiler_options"])
+    print(f"with compiler options {tuned.pop('options')} against the default (us): " + ", ".join(f"{name} {us:.0f}" for name, us in tuned.items()))
     print("one step by where its inputs are (launch / whole, us): "
           + ", ".join(f"{name} {t['launch']:.1f} / {t['whole']:.1f}" for name, t in result["launch_by_input_place_us"].items()))
     print(f"wrote {path}")
@@ -558,8 +559,8 @@ def main(argv: list[str] | None = None) -> None:
             "says what each holds; tracing slows a call): " + ", ".join(f"{name} {us:.0f}" for name, us in result["traced_phases_us"].items()) + "."
             + "\n\nBy way of waiting for the device, in alternating rounds (us; `by_way_of_waiting` in the script says what each holds): "
             + ", ".join(f"{name} {us:.0f}" for name, us in result["by_way_of_waiting_us"].items()) + "."
-            + "\n\nThe same model built with `compiler_options` against the default, in alternating rounds (us): "
-            + ", ".join(f"{name} {v}" for name, v in result["with_compiler_options"].items()) + "."
+            + f"\n\nThe same model built with `compiler_options={result['with_compiler_options']['options']}` against the default, "
+            "in alternating rounds (us): " + ", ".join(f"{name} {us:.0f}" for name, us in tuned.items()) + "."
             + "\n\nOne step from host inputs to a host answer, the inputs handed over each way (us; `packed_transfer` in the script "
             "says what each holds): " + ", ".join(f"{name} {us:.0f}" for name, us in transfers.items()) + "."
             "\n\nMoving a step's bytes, each way as a whole call (us; `transfer_paths` in the script says what each holds):\n\n" + moves,

@@ -58,6 +58,13 @@ def test_forced_layers_are_checked_and_timed_beside_the_policy(bench, tmp_path):
     assert set(row["images_per_s"]) == {"exclusive", "vmap", "time_only", "jaxmt", "jaxmt_overrides"}
 
 
+@pytest.mark.parametrize("overrides", ['["kxk"]', '{"kxk": "no_such_lowering"}', '{"conv 9": "im2col"}x'])
+def test_bad_overrides_are_refused_before_anything_runs(bench, overrides, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--no-readme", "--overrides", overrides])
+    assert "--overrides" in capsys.readouterr().err
+
+
 def test_methods_are_timed_in_rounds(bench):
     import common
 
