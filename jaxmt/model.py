@@ -96,7 +96,9 @@ class MultiTenantModel:
         launch even a small step's few kernels and copies as one CUDA graph (on an H100 one
         step of the overhead benchmark's tiny MLP took 64 against 75 us that way:
         benchmarks/README.md, Host overhead). Checked when the model is built: an option
-        XLA does not know raises ``ValueError`` naming it.
+        XLA does not know raises ``ValueError`` naming it. The baselines
+        (``jaxmt.baselines``) compile with them too; the lowering autotuner times its
+        candidate layers with XLA's defaults.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, jaxmt
