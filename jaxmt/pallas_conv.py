@@ -28,9 +28,9 @@ above XLA's grouped forms on most of them, and the 7x7 stem at 1.8-2.35x of XLA'
 default for 4-byte inputs), it ran the stem at 1.03x of XLA's dense stem and the 3x3 layers at
 0.22-0.59x at 16 tenants x 8 images, 1.3-2.0x faster than with [C, O] filters but below
 XLA's forms on all but one ("Pallas conv kernel: float32", "Filters laid out K-major"). The
-autotuner tries it on CUDA GPUs among the kxk lowerings, the default rule takes it on Hopper GPUs for 16-bit convs at stride 1 and for RGB stems wider than 3x3 at
-stride 2 (``jaxmt.autotune``), and a lowering
-policy may name it (``{"kxk": "implicit_gemm"}`` or a ``conv:<i>`` selector). Its derivatives
+autotuner tries it on CUDA GPUs among the kxk lowerings, the default rule takes it on Hopper
+GPUs for 16-bit convs at stride 1 and for RGB stems wider than 3x3 at stride 2
+(``jaxmt.autotune``), and a lowering policy may name it (``{"kxk": "implicit_gemm"}`` or a ``conv:<i>`` selector). Its derivatives
 are XLA's conv's (a custom JVP), so a trainer may use it too. Its answers are checked in
 Pallas's interpreter, and the tests lower it (and its gradient) to Triton IR for CUDA with
 ``jax.export``.
