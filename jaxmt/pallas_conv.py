@@ -30,8 +30,9 @@ default for 4-byte inputs), it ran the stem at 1.03x of XLA's dense stem and the
 XLA's forms on all but one ("Pallas conv kernel: float32", "Filters laid out K-major"). The
 autotuner tries it on CUDA GPUs among the kxk lowerings, the default rule takes it on Hopper
 GPUs for 16-bit convs at stride 1 and for RGB stems wider than 3x3 at stride 2
-(``jaxmt.autotune``), and a lowering policy may name it (``{"kxk": "implicit_gemm"}`` or a ``conv:<i>`` selector). Its derivatives
-are XLA's conv's (a custom JVP), so a trainer may use it too. Its answers are checked in
+(``jaxmt.autotune``), and a lowering policy may name it (``{"kxk": "implicit_gemm"}`` or a
+``conv:<i>`` selector). Its derivatives are XLA's conv's (a custom JVP), so a trainer may use
+it too. Its answers are checked in
 Pallas's interpreter, and the tests lower it (and its gradient) to Triton IR for CUDA with
 ``jax.export``.
 
