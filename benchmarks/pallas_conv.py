@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import sys
 from typing import Any
 
@@ -50,6 +51,17 @@ def kernel_configs_for(dtype: str) -> list[tuple[int, ...]]:
     if np.dtype(dtype).itemsize == 4:  # the kernel's default layout for them (K-major) first
         return [(*tile, k_major) for tile in (default, (256, 128, bk, 8, 3)) for k_major in (True, False)]
     return [(*tile, False) for tile in (default, (64, 128, bk, 4, 3), (128, 128, bk, 8, 3), (256, 128, bk, 8, 3))]
+
+
+def parse_kernel_configs(text: str) -> list[tuple[int, ...]]:
+    """``--kernel-configs``: "BMxBNxBKwWsS[k]" items, comma-separated, as kernel_configs_for's tuples."""
+    configs = []
+    for item in text.split(","):
+        match = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(k?)", item.strip())
+        if match is None:
+            raise SystemExit(f"--kernel-configs: {item!r} is not BMxBNxBKwWsS[k] (e.g. 128x128x32w4s3k)")
+        configs.append((*(int(v) for v in match.groups()[:5]), match.group(6) == "k"))
+    return configs
 
 
 def kernel_name(config: tuple[int, ...]) -> str:
@@ -114,9 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--quick", action="store_true", help="tiny layers in Pallas's interpreter: a CPU smoke run")
     parser.add_argument("--out", default=None, help="results/<out>.json (default pallas_conv, pallas_conv_quick)")
+    parser.add_argument("--kernel-configs", default=None,
+                        help="kernel tiles to time instead of the dtype's set, e.g. 128x128x32w4s4k,256x128x32w8s3 "
+                             "(block_m x block_n x block_k, warps, stages; a trailing k: filters K-major)")
+    parser.add_argument("--layers", default=None, help="indices into LAYERS to run (comma-separated; default all)")
     parser.add_argument("--no-readme", action="store_true")
     args = parser.parse_args(argv)
-    layers, kernel_configs, interpret = LAYERS, kernel_configs_for(args.dtype), None
+    layers, interpret = LAYERS, None
+    kernel_configs = kernel_configs_for(args.dtype) if args.kernel_configs is None else parse_kernel_configs(args.kernel_configs)
+    if args.layers is not None:
+        layers = [LAYERS[int(i)] for i in args.layers.split(",")]
     if args.quick:
         layers, kernel_configs, interpret = QUICK_LAYERS, QUICK_KERNEL_CONFIGS, True
         args.configs, args.repeats = "2x1,2x2", 2
