@@ -129,16 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel-configs", default=None,
                         help="kernel tiles to time instead of the dtype's set, e.g. 128x128x32w4s4k,256x128x32w8s3 "
                              "(block_m x block_n x block_k, warps, stages; a trailing k: filters K-major)")
-    parser.add_argument("--layers", default=None, help="indices into LAYERS to run (comma-separated; default all)")
+    parser.add_argument("--layers", default=None, help="indices into LAYERS (QUICK_LAYERS with --quick) to run, comma-separated; default all")
     parser.add_argument("--no-readme", action="store_true")
     args = parser.parse_args(argv)
-    layers, interpret = LAYERS, None
-    kernel_configs = kernel_configs_for(args.dtype) if args.kernel_configs is None else parse_kernel_configs(args.kernel_configs)
-    if args.layers is not None:
-        layers = [LAYERS[int(i)] for i in args.layers.split(",")]
+    layers, kernel_configs, interpret = LAYERS, kernel_configs_for(args.dtype), None
     if args.quick:
         layers, kernel_configs, interpret = QUICK_LAYERS, QUICK_KERNEL_CONFIGS, True
         args.configs, args.repeats = "2x1,2x2", 2
+    if args.kernel_configs is not None:
+        kernel_configs = parse_kernel_configs(args.kernel_configs)
+    if args.layers is not None:
+        layers = [layers[int(i)] for i in args.layers.split(",")]
     env = common.environment()
     print(f"device {env['device']}, jax {env['jax']}, commit {env['commit']}", file=sys.stderr, flush=True)
     rows = []

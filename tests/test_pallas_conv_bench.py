@@ -54,3 +54,16 @@ def test_the_tile_configurations_timed_take_the_kernels_default_depth_for_the_dt
     # 4-byte inputs time each tile with the filter both ways; 16-bit ones only as [C, O]
     assert {c[5] for c in configs} == ({False, True} if dtype == "float32" else {False})
     assert len({bench.kernel_name(c) for c in configs}) == len(configs)
+
+
+def test_kernel_configs_given_on_the_command_line_are_parsed_or_refused(bench):
+    assert bench.parse_kernel_configs("128x128x32w4s4k, 256x64x64w8s2") == [(128, 128, 32, 4, 4, True), (256, 64, 64, 8, 2, False)]
+    with pytest.raises(SystemExit, match="128x128w4s3"):
+        bench.parse_kernel_configs("128x128x32w4s3k,128x128w4s3")
+
+
+def test_a_quick_run_takes_the_layers_and_tiles_asked_for(bench, results_dir):
+    assert bench.main(["--quick", "--no-readme", "--layers", "1", "--kernel-configs", "16x16x16w4s2k", "--out", "pallas_conv_pick"]) == 0
+    data = json.loads((results_dir / "pallas_conv_pick.json").read_text())
+    assert {row["layer"] for row in data["rows"]} == {"4x4, 32 -> 64"}
+    assert {name for row in data["rows"] for name in row["forms"]} == {*bench.OTHER_FORMS, "kernel 16x16x16 w4 s2 K-major"}
