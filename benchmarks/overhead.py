@@ -99,6 +99,7 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
         "one_step_with_host_inputs_us": transfers,
         "launch_by_input_place_us": launches,
         "by_way_of_waiting_us": waits,
+        "predict_spin_us": mt.predict_spin_s * 1e6,  # how predict waits (by_way_of_waiting's predict_default)
         "with_compiler_options": options,
         "tenants": tenants,
         "rows": rows,
@@ -293,10 +294,12 @@ def _poll(outputs: Any) -> None:
 
 def by_way_of_waiting(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: list, repeats: int) -> dict[str, float]:
     """The bare programs and ``predict`` by how the caller waits for the device, in
-    alternating rounds (medians, us): blocking (``block_until_ready``, what the rest of the
-    script and ``predict`` do) against polling ``is_ready()`` in a loop, which spares the
-    waiting thread a sleep and a wake-up but holds a core (and the GIL) meanwhile. Tells how
-    much of a call is that wake-up; answers are checked equal first."""
+    alternating rounds (medians, us): blocking (``block_until_ready``, what the bare
+    programs of the rest of the script do, and ``dispatch(...).result()``) against polling
+    ``is_ready()`` in a loop, which spares the waiting thread a sleep and a wake-up but holds
+    a core (and the GIL) meanwhile, and ``predict`` as the model waits by default
+    (``predict_spin_us``: polling for up to that long, then blocking). Tells how much of a
+    call is that wake-up; answers are checked equal first."""
     leaves = mt.store.stacked_leaves
 
     def bare() -> list:
@@ -311,8 +314,9 @@ def by_way_of_waiting(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: lis
     timed = {
         "bare_blocking": lambda: jax.block_until_ready(bare()),
         "bare_polling": lambda: _poll(bare()),
-        "predict_blocking": lambda: mt.predict(ids, x),
+        "predict_blocking": lambda: mt.dispatch(ids, x).result(),
         "predict_polling": predict_polled,
+        "predict_default": lambda: mt.predict(ids, x),
     }
     timings = time_calls_interleaved(timed, warmup=20, repeats=repeats)
     return {name: round(t["median_s"] * 1e6, 1) for name, t in timings.items()}

@@ -23,7 +23,8 @@ def test_a_short_run_writes_the_overhead_and_every_phase(overhead, results_dir):
     assert result["overhead_us"] == pytest.approx(result["predict_us"] - result["bare_program_us"])
     assert set(result["phases_us"]) == {"host_plan", "to_device", "launch", "program", "to_host", "host_only"}
     assert all(us > 0 for us in result["phases_us"].values())
-    assert set(result["by_way_of_waiting_us"]) == {"bare_blocking", "bare_polling", "predict_blocking", "predict_polling"}
+    assert set(result["by_way_of_waiting_us"]) == {"bare_blocking", "bare_polling", "predict_blocking", "predict_polling",
+                                                     "predict_default"}
     assert all(us > 0 for us in result["by_way_of_waiting_us"].values())
     tuned = result["with_compiler_options"]  # answers checked equal before timing
     assert tuned.pop("options") == overhead.COMPARED_OPTIONS
