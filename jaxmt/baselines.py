@@ -41,7 +41,7 @@ from jaxmt.errors import InputError
 from jaxmt.host_inputs import HostInputBuffers, fits, with_token
 from jaxmt.rows import RowParts, as_row_array, take_rows
 from jaxmt.scheduler import SchedulerConfig, make_config
-from jaxmt.steps import _start_copies_to_host
+from jaxmt.steps import _start_copies_to_host, wait_for
 
 PyTree = Any
 logger = logging.getLogger("jaxmt")
@@ -158,7 +158,10 @@ class _HostPending:
     def __init__(self, chunks: list[tuple[PyTree, int]], padded_rows: int, compiled: bool):
         self.chunks, self.padded_rows, self.compiled = chunks, padded_rows, compiled
 
-    def result(self) -> PyTree:
+    def result(self, *, spin_s: float = 0.0) -> PyTree:
+        """``spin_s``: as ``jaxmt.steps.PendingPrediction.result``'s."""
+        if spin_s > 0:
+            wait_for([y for y, _ in self.chunks], spin_s)
         parts = [jax.tree_util.tree_map(lambda a, n=n: np.asarray(a)[:n], y) for y, n in self.chunks]
         if len(parts) == 1:
             return parts[0]
@@ -499,7 +502,8 @@ def time_only_predict(mt: Any, tenant_ids: Sequence[Hashable], x: Any, batch_siz
         for group, first_row in enumerate(first):
             rows = np.flatnonzero(inverse == group)
             launched.append((rows, programs.launch(programs.params(tenant_ids[first_row]), x[rows])))
-    results = [pending.result() for _, pending in launched]
+    spin_s = getattr(mt, "predict_spin_s", 0.0)  # waited for as the model's predict waits
+    results = [pending.result(spin_s=spin_s) for _, pending in launched]
 
     def scatter(*leaves: np.ndarray) -> np.ndarray:
         out = np.empty((x.shape[0], *leaves[0].shape[1:]), leaves[0].dtype)
@@ -517,7 +521,7 @@ def exclusive_predict(mt: Any, x: Any, tenant_id: Hashable | None = None, batch_
     x = as_row_array(x)
     x = mt.check_input([tenant_id] * (len(x) if x.ndim else 0), x)  # (a scalar x is refused for its rank)
     programs = _sync_programs(mt, batch_sizes or _exclusive_sizes(mt))
-    return programs.launch(programs.params(tenant_id), x).result()
+    return programs.launch(programs.params(tenant_id), x).result(spin_s=getattr(mt, "predict_spin_s", 0.0))
 
 
 __all__ = ["ExclusiveServer", "SpaceOnlyServer", "TimeOnlyServer", "exclusive_predict", "time_only_predict"]

@@ -103,11 +103,15 @@ class MultiTenantModel:
         XLA does not know raises ``ValueError`` naming it. The baselines
         (``jaxmt.baselines``) compile with them too; the lowering autotuner times its
         candidate layers with XLA's defaults.
-      predict_spin_us: how long ``predict`` waits for the device by asking whether its
-        answer is ready, in a loop, before it blocks (``jaxmt.steps.wait_for``): that spares
-        a short step the sleeping thread's wake-up, at the cost of a busy core (and the GIL)
-        meanwhile. None (the default): 300 us on a GPU, 0 (block at once) elsewhere.
-        ``dispatch(...).result()`` blocks at once unless given a spin of its own.
+      predict_spin_us: how long (microseconds) ``predict`` waits for the device by asking
+        whether its answer is ready, in a loop, before it blocks (``jaxmt.steps.wait_for``):
+        that spares a short step the sleeping thread's wake-up, at the cost of a busy core
+        (and the GIL) meanwhile, so give 0 where many threads call ``predict`` at once. None
+        (the default): 300 us where step programs write their answers to host memory (a GPU
+        by default; ``default_spin_s``), else 0 (block at once: an answer left on the device
+        is copied back after it is ready, and that copy is waited for anyway). Kept in
+        seconds as ``predict_spin_s``; the baselines (``jaxmt.baselines``) wait the same way.
+        ``dispatch(...).result()`` blocks at once unless given ``spin_s``.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, jaxmt
@@ -184,9 +188,7 @@ class MultiTenantModel:
         self._rows = 0
         self._padded_rows = 0
         self._nonfinite_rows = 0
-        if predict_spin_us is None:  # measured to pay on a GPU; on a CPU a spinning caller takes a core from XLA's threads
-            spin_s = DEFAULT_PREDICT_SPIN_S if self._program_device().platform == "gpu" else 0.0
-        self.predict_spin_s = spin_s
+        self.predict_spin_s = default_spin_s(self.output_sharding) if predict_spin_us is None else spin_s
 
     # ------------------------------------------------------------- adapters
     @classmethod
@@ -274,7 +276,7 @@ class MultiTenantModel:
           InputError: lengths differ, x's row shape or dtype is not the model's, or (rows
             not fixed yet) the model cannot be traced on them; nothing is compiled then.
         """
-        return self.dispatch(tenant_ids, x).result(self.predict_spin_s)
+        return self.dispatch(tenant_ids, x).result(spin_s=self.predict_spin_s)
 
     def dispatch(self, tenant_ids: Sequence[Hashable], x: "np.ndarray | RowParts") -> PendingPrediction:
         """Validates, plans and launches the steps without waiting for the device.
@@ -650,14 +652,21 @@ class MultiTenantModel:
         return spec
 
 
+def default_spin_s(output_sharding: jax.sharding.Sharding | None) -> float:
+    """``predict``'s spin when none is given: ``DEFAULT_PREDICT_SPIN_S`` where step programs
+    write their answers to host memory (where waiting by asking was measured to pay), else 0."""
+    return DEFAULT_PREDICT_SPIN_S if output_sharding is not None else 0.0
+
+
 def _spin_seconds(spin_us: float | None) -> float:
-    """``predict_spin_us`` in seconds (None: 0; the caller picks the default), or ValueError
-    unless it is a finite number >= 0."""
+    """``predict_spin_us`` in seconds (None: 0; the caller picks the default). TypeError
+    unless it is a real number, ValueError unless it is finite and >= 0."""
     if spin_us is None:
         return 0.0
-    if isinstance(spin_us, bool) or not isinstance(spin_us, (int, float, np.integer, np.floating)) or not math.isfinite(spin_us) \
-            or spin_us < 0:
-        raise ValueError(f"predict_spin_us must be a finite number of microseconds >= 0 or None, got {spin_us!r}")
+    if isinstance(spin_us, bool) or not isinstance(spin_us, (int, float, np.integer, np.floating)):
+        raise TypeError(f"predict_spin_us must be a number of microseconds or None, got {type(spin_us).__name__} {spin_us!r}")
+    if not math.isfinite(spin_us) or spin_us < 0:
+        raise ValueError(f"predict_spin_us must be finite and >= 0, got {spin_us!r}")
     return float(spin_us) * 1e-6
 
 

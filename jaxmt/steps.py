@@ -51,10 +51,10 @@ class PendingPrediction:
     # Request rows holding NaN or Inf, passed through under nonfinite_inputs="pass".
     nonfinite_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
-    def result(self, spin_s: float = 0.0) -> PyTree:
+    def result(self, *, spin_s: float = 0.0) -> PyTree:
         """The answers in request order, once the device has them.
 
-        ``spin_s``: how long to wait by asking the outputs whether they are ready, in a loop,
+        ``spin_s``: seconds to wait by asking the outputs whether they are ready, in a loop,
         before blocking (see ``wait_for``); 0 blocks at once.
         """
         with TraceAnnotation("jaxmt.result"):  # waits for the device, then scatters
@@ -90,12 +90,12 @@ def wait_for(outputs: PyTree, spin_s: float) -> None:
     On an H100 host, waiting by asking took a bare step of the overhead benchmark's tiny MLP
     from 120 to 93 us and its ``predict`` from 263 to 245 us (benchmarks/README.md, Host
     overhead), so short steps are waited for that way and long ones, after ``spin_s``, by
-    blocking.
+    blocking. The spin counts from the call, over all the leaves together.
     """
     deadline = time.perf_counter() + spin_s
     for leaf in jax.tree_util.tree_leaves(outputs):
         is_ready = getattr(leaf, "is_ready", None)
-        if is_ready is None:  # a NumPy leaf: there already
+        if is_ready is None or leaf.is_deleted():  # a NumPy leaf: there already; a deleted one: reading it raises
             continue
         while not is_ready():
             if time.perf_counter() >= deadline:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import reference_predict, rel_error, tiny_spec
 
-from jaxmt import BucketPolicy, MultiTenantModel, model
+from jaxmt import BucketPolicy, MultiTenantModel, model, steps
 from jaxmt.steps import wait_for
 
 
@@ -30,6 +30,9 @@ class _NeverReady:
         self.blocked_at = time.perf_counter()
         return self
 
+    def is_deleted(self) -> bool:
+        return False
+
 
 def test_wait_for_asks_until_the_spin_is_over_then_blocks():
     leaf = _NeverReady()
@@ -38,20 +41,42 @@ def test_wait_for_asks_until_the_spin_is_over_then_blocks():
     assert leaf.asked > 1 and leaf.blocked_at - start >= 2e-3
 
 
+def test_the_spin_counts_over_all_the_leaves_together():
+    leaves = [_NeverReady(), _NeverReady()]
+    start = time.perf_counter()
+    wait_for(leaves, 20e-3)
+    assert all(leaf.blocked_at is not None for leaf in leaves)
+    assert leaves[1].asked == 1 and leaves[1].blocked_at - start < 40e-3  # the second found the spin over
+
+
 def test_wait_for_without_a_spin_blocks_at_once_and_skips_numpy_leaves():
     leaf = _NeverReady()
     wait_for({"host": np.zeros(3), "device": leaf}, 0.0)
     assert leaf.asked == 1 and leaf.blocked_at is not None
 
 
-def test_wait_for_returns_with_every_output_ready():
-    outputs = [jax.jit(lambda a: a @ a)(np.eye(64, dtype=np.float32) * i) for i in range(3)]
-    wait_for(outputs, 1.0)
-    assert all(o.is_ready() for o in outputs)
+def test_a_deleted_output_is_not_asked_and_reading_it_raises_as_without_a_spin():
+    spec = tiny_spec("mlp")
+    mt = MultiTenantModel(spec.apply_fn, spec.init(0), predict_spin_us=0)
+    mt.add_tenant("a", spec.init(1))
+    pending = mt.dispatch(["a"], spec.random_input(np.random.default_rng(0), 1))
+    for leaf in jax.tree_util.tree_leaves(pending.outputs):
+        leaf.delete()
+    with pytest.raises(RuntimeError, match="deleted"):
+        pending.result(spin_s=1e-3)
 
 
-@pytest.mark.parametrize("spin_us", [0, 50, 10_000])
-@pytest.mark.parametrize("name", ["mlp", "resnet18"])
+def test_predict_waits_with_the_models_spin(monkeypatch):
+    spec = tiny_spec("mlp")
+    mt = MultiTenantModel(spec.apply_fn, spec.init(0), predict_spin_us=250)
+    mt.add_tenant("a", spec.init(1))
+    spins = []
+    monkeypatch.setattr(steps, "wait_for", lambda outputs, spin_s: spins.append(spin_s))
+    mt.predict(["a", "a"], spec.random_input(np.random.default_rng(0), 2))
+    assert spins == [pytest.approx(250e-6)]
+
+
+@pytest.mark.parametrize("name, spin_us", [("mlp", 0), ("mlp", 50), ("mlp", 10_000), ("resnet18", 10_000)])
 def test_predict_answers_the_same_whatever_the_spin(name, spin_us, rng):
     spec = tiny_spec(name)
     params = {f"t{i}": spec.init(int(rng.integers(1 << 30))) for i in range(3)}
@@ -65,16 +90,36 @@ def test_predict_answers_the_same_whatever_the_spin(name, spin_us, rng):
     assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
 
 
-def test_the_default_spins_only_on_a_gpu():
+def test_the_default_spins_only_where_answers_are_written_to_host_memory():
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # stands in for a pinned-host sharding
+    assert model.default_spin_s(host) == model.DEFAULT_PREDICT_SPIN_S > 0
+    assert model.default_spin_s(None) == 0.0  # answers on the device (or a CPU): block at once
     spec = tiny_spec("mlp")
     mt = MultiTenantModel(spec.apply_fn, spec.init(0))
-    on_gpu = mt.store.device.platform == "gpu"
-    assert mt.predict_spin_s == (model.DEFAULT_PREDICT_SPIN_S if on_gpu else 0.0)
+    assert mt.predict_spin_s == model.default_spin_s(mt.output_sharding)
 
 
-@pytest.mark.parametrize("spin_us", [-1, float("nan"), float("inf"), "100", True])
-def test_a_spin_that_is_not_a_finite_number_of_microseconds_is_refused_before_the_store_is_made(spin_us, monkeypatch):
+def test_the_baselines_wait_as_the_models_predict_waits(monkeypatch):
+    from jaxmt import baselines
+
+    spec = tiny_spec("mlp")
+    params = {"a": spec.init(1), "b": spec.init(2)}
+    mt = MultiTenantModel(spec.apply_fn, params["a"], predict_spin_us=120)
+    for tenant, p in params.items():
+        mt.add_tenant(tenant, p)
+    spins = []
+    monkeypatch.setattr(baselines, "wait_for", lambda outputs, spin_s: spins.append(spin_s))
+    x = spec.random_input(np.random.default_rng(0), 3)
+    got = baselines.time_only_predict(mt, ["a", "b", "a"], x)
+    assert rel_error(got, reference_predict(spec.apply_fn, params, ["a", "b", "a"], x)) < 1e-5
+    baselines.exclusive_predict(mt, x)
+    assert spins == [pytest.approx(120e-6)] * 3  # two tenants' programs, then exclusive access's
+
+
+@pytest.mark.parametrize("spin_us, error", [(-1, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
+                                            ("100", TypeError), (True, TypeError)])
+def test_a_spin_that_is_not_a_finite_number_of_microseconds_is_refused_before_the_store_is_made(spin_us, error, monkeypatch):
     spec = tiny_spec("mlp")
     monkeypatch.setattr(MultiTenantModel, "_make_store", lambda *a, **k: pytest.fail("the store was made"))
-    with pytest.raises(ValueError, match="predict_spin_us"):
+    with pytest.raises(error, match="predict_spin_us"):
         MultiTenantModel(spec.apply_fn, spec.init(0), predict_spin_us=spin_us)
