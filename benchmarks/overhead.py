@@ -14,6 +14,7 @@ NumPy arguments instead (``host_inputs=False``).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from typing import Any
@@ -25,7 +26,7 @@ from common import markdown_table, time_call, time_calls_interleaved, update_rea
 
 import models
 from jaxmt import BucketPolicy, MultiTenantModel
-from jaxmt.steps import host_output_sharding
+from jaxmt.steps import host_output_sharding, wait_for
 
 
 # Compared with the default in every run (``with_compiler_options``): XLA captures even a
@@ -286,10 +287,8 @@ def _host_only_predict_us(mt: MultiTenantModel, ids: list, x: np.ndarray, repeat
 
 
 def _poll(outputs: Any) -> None:
-    """Returns once every leaf of ``outputs`` is ready, asking in a loop instead of sleeping."""
-    for leaf in jax.tree_util.tree_leaves(outputs):
-        while not leaf.is_ready():
-            pass
+    """Returns once every leaf of ``outputs`` is ready, asking in a loop and never sleeping."""
+    wait_for(outputs, math.inf)
 
 
 def by_way_of_waiting(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: list, repeats: int) -> dict[str, float]:
