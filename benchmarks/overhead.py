@@ -32,6 +32,10 @@ from jaxmt.steps import host_output_sharding, wait_for
 # Compared with the default in every run (``with_compiler_options``): XLA captures even a
 # small step's few kernels and copies as one CUDA graph (its default minimum is larger).
 COMPARED_OPTIONS = {"xla_gpu_graph_min_graph_size": 1}
+# The spin compared with blocking (``by_way_of_waiting``, ``waits_in_runs``): longer than the
+# tiny step's launch-to-answer time on the H100 hosts measured (120-210 us).
+SPIN_S = 300e-6
+SPIN_NAME = "predict_spin_300us"
 
 
 def _model(spec, params: dict, outputs_to_host: bool | None, host_inputs: bool | None = None,
@@ -91,6 +95,7 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
     transfers = packed_transfer(mt, plan.steps[0], x, repeats)
     launches = launch_by_input_place(mt, plan.steps[0], x, repeats)
     waits = by_way_of_waiting(mt, ids, x, calls, repeats)
+    waits_runs = waits_in_runs(mt, ids, x, rounds=max(2, repeats // 30))
     options = with_compiler_options(mt, spec, params, ids, x, plan, COMPARED_OPTIONS, repeats)
     in_flow = traced_phases(mt, ids, x, min(repeats, 200))  # last: a profiler session touches nothing timed
     recompiles = mt.stats()["compiles"] - compiles_before
@@ -100,7 +105,8 @@ def measure(tenants: int, rows: int, repeats: int, seed: int) -> dict:
         "one_step_with_host_inputs_us": transfers,
         "launch_by_input_place_us": launches,
         "by_way_of_waiting_us": waits,
-        "predict_spin_us": mt.predict_spin_s * 1e6,  # how predict waits (by_way_of_waiting's predict_default)
+        "by_way_of_waiting_in_runs_us": waits_runs,
+        "predict_spin_us": mt.predict_spin_s * 1e6,  # how the model's predict waits (predict_us)
         "with_compiler_options": options,
         "tenants": tenants,
         "rows": rows,
@@ -296,9 +302,10 @@ def by_way_of_waiting(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: lis
     alternating rounds (medians, us): blocking (``block_until_ready``, what the bare
     programs of the rest of the script do, and ``dispatch(...).result()``) against polling
     ``is_ready()`` in a loop, which spares the waiting thread a sleep and a wake-up but holds
-    a core (and the GIL) meanwhile, and ``predict`` as the model waits by default
-    (``predict_spin_us``: polling for up to that long, then blocking). Tells how much of a
-    call is that wake-up; answers are checked equal first."""
+    a core (and the GIL) meanwhile, and polling for up to ``SPIN_S`` before blocking (what
+    ``MultiTenantModel(predict_spin_us=...)`` does). Tells how much of a call is that
+    wake-up; answers are checked equal first. ``in_runs`` (below) times the same waits in
+    runs of consecutive calls, as a client calling ``predict`` over and over makes them."""
     leaves = mt.store.stacked_leaves
 
     def bare() -> list:
@@ -315,10 +322,35 @@ def by_way_of_waiting(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: lis
         "bare_polling": lambda: _poll(bare()),
         "predict_blocking": lambda: mt.dispatch(ids, x).result(),
         "predict_polling": predict_polled,
-        "predict_default": lambda: mt.predict(ids, x),
+        SPIN_NAME: lambda: mt.dispatch(ids, x).result(spin_s=SPIN_S),
+        # The first call of the rounds again, in the last place: an A/A control of what a call's
+        # place in the rotation alone does (on the 2-core CPU 20-30 us, where polling changes nothing).
+        "predict_blocking_again": lambda: mt.dispatch(ids, x).result(),
     }
     timings = time_calls_interleaved(timed, warmup=20, repeats=repeats)
     return {name: round(t["median_s"] * 1e6, 1) for name, t in timings.items()}
+
+
+def in_runs(fns: dict[str, Any], run_length: int = 30, rounds: int = 20) -> dict[str, float]:
+    """Medians (us) of ``fns`` timed in runs: each round makes ``run_length`` consecutive calls
+    of each in turn (the first round is a warm-up). Alternating single calls
+    (``time_calls_interleaved``) leaves each call in the state the other kind left; a run
+    measures a kind in its own steady state."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(rounds + 1):
+        for name, fn in fns.items():
+            for _ in range(run_length):
+                start = time.perf_counter()
+                jax.block_until_ready(fn())
+                if round_:
+                    samples[name].append(time.perf_counter() - start)
+    return {name: round(statistics.median(values) * 1e6, 1) for name, values in samples.items()}
+
+
+def waits_in_runs(mt: MultiTenantModel, ids: list, x: np.ndarray, rounds: int) -> dict[str, float]:
+    """``predict`` blocking against polling up to ``SPIN_S`` first, in runs (``in_runs``)."""
+    return in_runs({"predict_blocking": lambda: mt.dispatch(ids, x).result(),
+                    SPIN_NAME: lambda: mt.dispatch(ids, x).result(spin_s=SPIN_S)}, rounds=rounds)
 
 
 def with_compiler_options(mt: MultiTenantModel, spec, params: dict, ids: list, x: np.ndarray, plan, options: dict,
@@ -335,13 +367,12 @@ def with_compiler_options(mt: MultiTenantModel, spec, params: dict, ids: list, x
         leaves = model.store.stacked_leaves
         return lambda: jax.block_until_ready([program(leaves, slots, x_kb) for program, slots, x_kb in calls])
 
-    timings = time_calls_interleaved({
-        "predict_default": lambda: mt.predict(ids, x),
-        "predict_with_options": lambda: tuned.predict(ids, x),
-        "bare_default": bare(mt),
-        "bare_with_options": bare(tuned),
-    }, warmup=20, repeats=repeats)
-    return {"options": options, **{name: round(t["median_s"] * 1e6, 1) for name, t in timings.items()}}
+    predicts = {"predict_default": lambda: mt.predict(ids, x), "predict_with_options": lambda: tuned.predict(ids, x)}
+    timings = time_calls_interleaved({**predicts, "bare_default": bare(mt), "bare_with_options": bare(tuned),
+                                      "predict_default_again": predicts["predict_default"]},  # A/A control, as above
+                                     warmup=20, repeats=repeats)
+    return {"options": options, **{name: round(t["median_s"] * 1e6, 1) for name, t in timings.items()},
+            "in_runs": in_runs(predicts, rounds=max(2, repeats // 30))}
 
 
 def launch_by_input_place(mt: MultiTenantModel, step, x: np.ndarray, repeats: int) -> dict[str, dict[str, float]]:
@@ -500,6 +531,10 @@ def profile_predict(tenants: int, rows: int, calls: int, seed: int) -> None:
     pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
 
 
+def _us(timings: dict[str, float]) -> str:
+    return ", ".join(f"{name} {us:.0f}" for name, us in timings.items())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tenants", type=int, default=16)
@@ -543,8 +578,10 @@ def main(argv: list[str] | None = None) -> None:
     print("one step, host inputs to host answer: " + ", ".join(f"{name} {us:.1f} us" for name, us in transfers.items()))
     print("in the flow, from a profiled run (medians, us): " + ", ".join(f"{name} {us:.0f}" for name, us in result["traced_phases_us"].items()))
     print("by way of waiting (us): " + ", ".join(f"{name} {us:.0f}" for name, us in result["by_way_of_waiting_us"].items()))
+    print("by way of waiting, in runs of 30 calls (us): " + _us(result["by_way_of_waiting_in_runs_us"]))
     tuned = dict(result["with_compiler_options"])
-    print(f"with compiler options {tuned.pop('options')} against the default (us): " + ", ".join(f"{name} {us:.0f}" for name, us in tuned.items()))
+    tuned_runs = tuned.pop("in_runs")
+    print(f"with compiler options {tuned.pop('options')} against the default (us): " + _us(tuned) + "; in runs: " + _us(tuned_runs))
     print("one step by where its inputs are (launch / whole, us): "
           + ", ".join(f"{name} {t['launch']:.1f} / {t['whole']:.1f}" for name, t in result["launch_by_input_place_us"].items()))
     print(f"wrote {path}")
@@ -561,9 +598,10 @@ def main(argv: list[str] | None = None) -> None:
             + "\n\nOne call in the flow, from a JAX profiler trace of back-to-back calls (medians, us; `phases_from_trace` in the script "
             "says what each holds; tracing slows a call): " + ", ".join(f"{name} {us:.0f}" for name, us in result["traced_phases_us"].items()) + "."
             + "\n\nBy way of waiting for the device, in alternating rounds (us; `by_way_of_waiting` in the script says what each holds): "
-            + ", ".join(f"{name} {us:.0f}" for name, us in result["by_way_of_waiting_us"].items()) + "."
+            + _us(result["by_way_of_waiting_us"]) + "; in runs of 30 calls of each (`in_runs`): "
+            + _us(result["by_way_of_waiting_in_runs_us"]) + "."
             + f"\n\nThe same model built with `compiler_options={result['with_compiler_options']['options']}` against the default, "
-            "in alternating rounds (us): " + ", ".join(f"{name} {us:.0f}" for name, us in tuned.items()) + "."
+            "in alternating rounds (us): " + _us(tuned) + "; in runs of 30 calls of each: " + _us(tuned_runs) + "."
             + "\n\nOne step from host inputs to a host answer, the inputs handed over each way (us; `packed_transfer` in the script "
             "says what each holds): " + ", ".join(f"{name} {us:.0f}" for name, us in transfers.items()) + "."
             "\n\nMoving a step's bytes, each way as a whole call (us; `transfer_paths` in the script says what each holds):\n\n" + moves,

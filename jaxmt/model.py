@@ -41,10 +41,6 @@ from jaxmt.store import TenantStore
 PyTree = Any
 
 NONFINITE_INPUT_POLICIES = ("ignore", "pass", "reject")
-# How long ``predict`` waits for its steps by asking before it blocks, on a GPU (see
-# ``jaxmt.steps.wait_for``): longer than a small step's launch-to-answer time on the hosts
-# measured (about 120 us), short beside a large model's step.
-DEFAULT_PREDICT_SPIN_S = 300e-6
 
 
 class MultiTenantModel:
@@ -105,13 +101,17 @@ class MultiTenantModel:
         candidate layers with XLA's defaults.
       predict_spin_us: how long (microseconds) ``predict`` waits for the device by asking
         whether its answer is ready, in a loop, before it blocks (``jaxmt.steps.wait_for``):
-        that spares a short step the sleeping thread's wake-up, at the cost of a busy core
-        (and the GIL) meanwhile, so give 0 where many threads call ``predict`` at once. None
-        (the default): 300 us where step programs write their answers to host memory (a GPU
-        by default; ``default_spin_s``), else 0 (block at once: an answer left on the device
-        is copied back after it is ready, and that copy is waited for anyway). Kept in
-        seconds as ``predict_spin_s``; the baselines (``jaxmt.baselines``) wait the same way.
-        ``dispatch(...).result()`` blocks at once unless given ``spin_s``.
+        that can spare a short step the sleeping thread's wake-up, at the cost of a busy core
+        (and the GIL) meanwhile. 0 (the default) blocks at once. On an H100 host it helped
+        in one way of measuring and hurt in another (benchmarks/README.md, Host overhead:
+        in calls alternating with blocking ones, ``predict`` of the overhead benchmark took
+        451 against 484 us with 300 us of spin; in runs of 30 calls of each, polling took
+        487 against 461 and 523 against 509 us), so it is not on by default. It pays only
+        where answers are written to host memory (an answer left on the device is copied
+        back after it is ready, and that copy is waited for anyway); leave it at 0 where many
+        threads call ``predict`` at once. Kept in seconds as ``predict_spin_s``; the
+        baselines (``jaxmt.baselines``) wait the same way. ``dispatch(...).result()`` blocks
+        at once unless given ``spin_s``.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, jaxmt
@@ -149,7 +149,7 @@ class MultiTenantModel:
         whole_store_steps: bool = True,
         host_inputs: bool | None = None,
         compiler_options: Mapping[str, str | bool | int | float] | None = None,
-        predict_spin_us: float | None = None,
+        predict_spin_us: float = 0.0,
     ):
         if not callable(apply_fn):
             raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
@@ -158,7 +158,7 @@ class MultiTenantModel:
         if nonfinite_inputs not in NONFINITE_INPUT_POLICIES:
             raise ValueError(f"nonfinite_inputs must be one of {NONFINITE_INPUT_POLICIES}, got {nonfinite_inputs!r}")
         self.nonfinite_inputs = nonfinite_inputs
-        spin_s = _spin_seconds(predict_spin_us)  # checked before any device memory is taken
+        self.predict_spin_s = _spin_seconds(predict_spin_us)  # checked before any device memory is taken
         self.apply_fn = apply_fn
         self.buckets = buckets if buckets is not None else BucketPolicy()
         options = _typed_compiler_options(compiler_options)  # before any device memory is taken
@@ -188,7 +188,6 @@ class MultiTenantModel:
         self._rows = 0
         self._padded_rows = 0
         self._nonfinite_rows = 0
-        self.predict_spin_s = default_spin_s(self.output_sharding) if predict_spin_us is None else spin_s
 
     # ------------------------------------------------------------- adapters
     @classmethod
@@ -652,19 +651,11 @@ class MultiTenantModel:
         return spec
 
 
-def default_spin_s(output_sharding: jax.sharding.Sharding | None) -> float:
-    """``predict``'s spin when none is given: ``DEFAULT_PREDICT_SPIN_S`` where step programs
-    write their answers to host memory (where waiting by asking was measured to pay), else 0."""
-    return DEFAULT_PREDICT_SPIN_S if output_sharding is not None else 0.0
-
-
-def _spin_seconds(spin_us: float | None) -> float:
-    """``predict_spin_us`` in seconds (None: 0; the caller picks the default). TypeError
-    unless it is a real number, ValueError unless it is finite and >= 0."""
-    if spin_us is None:
-        return 0.0
+def _spin_seconds(spin_us: float) -> float:
+    """``predict_spin_us`` in seconds: TypeError unless it is a real number, ValueError
+    unless it is finite and >= 0."""
     if isinstance(spin_us, bool) or not isinstance(spin_us, (int, float, np.integer, np.floating)):
-        raise TypeError(f"predict_spin_us must be a number of microseconds or None, got {type(spin_us).__name__} {spin_us!r}")
+        raise TypeError(f"predict_spin_us must be a number of microseconds, got {type(spin_us).__name__} {spin_us!r}")
     if not math.isfinite(spin_us) or spin_us < 0:
         raise ValueError(f"predict_spin_us must be finite and >= 0, got {spin_us!r}")
     return float(spin_us) * 1e-6

@@ -24,12 +24,16 @@ def test_a_short_run_writes_the_overhead_and_every_phase(overhead, results_dir):
     assert set(result["phases_us"]) == {"host_plan", "to_device", "launch", "program", "to_host", "host_only"}
     assert all(us > 0 for us in result["phases_us"].values())
     assert set(result["by_way_of_waiting_us"]) == {"bare_blocking", "bare_polling", "predict_blocking", "predict_polling",
-                                                     "predict_default"}
+                                                     overhead.SPIN_NAME, "predict_blocking_again"}
     assert all(us > 0 for us in result["by_way_of_waiting_us"].values())
+    runs = result["by_way_of_waiting_in_runs_us"]
+    assert set(runs) == {"predict_blocking", overhead.SPIN_NAME} and all(us > 0 for us in runs.values())
     tuned = result["with_compiler_options"]  # answers checked equal before timing
     assert tuned.pop("options") == overhead.COMPARED_OPTIONS
-    assert set(tuned) == {"predict_default", "predict_with_options", "bare_default", "bare_with_options"}
-    assert all(us > 0 for us in tuned.values())
+    tuned_runs = tuned.pop("in_runs")
+    assert set(tuned) == {"predict_default", "predict_with_options", "bare_default", "bare_with_options", "predict_default_again"}
+    assert set(tuned_runs) == {"predict_default", "predict_with_options"}
+    assert all(us > 0 for us in [*tuned.values(), *tuned_runs.values()])
     traced = result["traced_phases_us"]
     assert {"predict", "jaxmt.check", "jaxmt.plan", "jaxmt.launch", "jaxmt.result", "program_call", "device_busy"} <= set(traced)
     assert traced["program_call"] <= traced["jaxmt.launch"] <= traced["predict"]

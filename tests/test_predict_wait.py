@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import reference_predict, rel_error, tiny_spec
 
-from jaxmt import BucketPolicy, MultiTenantModel, model, steps
+from jaxmt import BucketPolicy, MultiTenantModel, steps
 from jaxmt.steps import wait_for
 
 
@@ -90,13 +90,13 @@ def test_predict_answers_the_same_whatever_the_spin(name, spin_us, rng):
     assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
 
 
-def test_the_default_spins_only_where_answers_are_written_to_host_memory():
-    host = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # stands in for a pinned-host sharding
-    assert model.default_spin_s(host) == model.DEFAULT_PREDICT_SPIN_S > 0
-    assert model.default_spin_s(None) == 0.0  # answers on the device (or a CPU): block at once
+def test_by_default_predict_blocks_at_once(monkeypatch):
     spec = tiny_spec("mlp")
     mt = MultiTenantModel(spec.apply_fn, spec.init(0))
-    assert mt.predict_spin_s == model.default_spin_s(mt.output_sharding)
+    mt.add_tenant("a", spec.init(1))
+    monkeypatch.setattr(steps, "wait_for", lambda outputs, spin_s: pytest.fail("predict spun"))
+    mt.predict(["a"], spec.random_input(np.random.default_rng(0), 1))
+    assert mt.predict_spin_s == 0.0
 
 
 def test_the_baselines_wait_as_the_models_predict_waits(monkeypatch):
@@ -117,7 +117,7 @@ def test_the_baselines_wait_as_the_models_predict_waits(monkeypatch):
 
 
 @pytest.mark.parametrize("spin_us, error", [(-1, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
-                                            ("100", TypeError), (True, TypeError)])
+                                            ("100", TypeError), (True, TypeError), (None, TypeError)])
 def test_a_spin_that_is_not_a_finite_number_of_microseconds_is_refused_before_the_store_is_made(spin_us, error, monkeypatch):
     spec = tiny_spec("mlp")
     monkeypatch.setattr(MultiTenantModel, "_make_store", lambda *a, **k: pytest.fail("the store was made"))
