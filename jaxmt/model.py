@@ -93,20 +93,20 @@ class MultiTenantModel:
         compiles, so a staging server may hold twice the programs counted above.
       compiler_options: XLA options for every step program (``jax.stages.Lowered.compile``'s
         ``compiler_options``), e.g. ``{"xla_gpu_graph_min_graph_size": 1}``, which lets XLA
-        launch even a small step's few kernels and copies as one CUDA graph (on an H100 one
-        step of the overhead benchmark's tiny MLP took 64 against 75 us that way:
-        benchmarks/README.md, Host overhead). Checked when the model is built: an option
+        launch even a small step's few kernels and copies as one CUDA graph (on an H100, in
+        runs of 30 calls, ``predict`` of the overhead benchmark's tiny MLP took 458 and 492
+        us with it against 461 and 509 us without: benchmarks/README.md, Host overhead). Checked when the model is built: an option
         XLA does not know raises ``ValueError`` naming it. The baselines
         (``jaxmt.baselines``) compile with them too; the lowering autotuner times its
         candidate layers with XLA's defaults.
       predict_spin_us: how long (microseconds) ``predict`` waits for the device by asking
         whether its answer is ready, in a loop, before it blocks (``jaxmt.steps.wait_for``):
         that can spare a short step the sleeping thread's wake-up, at the cost of a busy core
-        (and the GIL) meanwhile. 0 (the default) blocks at once. On an H100 host it helped
-        in one way of measuring and hurt in another (benchmarks/README.md, Host overhead:
-        in calls alternating with blocking ones, ``predict`` of the overhead benchmark took
-        451 against 484 us with 300 us of spin; in runs of 30 calls of each, polling took
-        487 against 461 and 523 against 509 us), so it is not on by default. It pays only
+        (and the GIL) meanwhile. 0 (the default) blocks at once: on an H100 host the gain
+        it showed in calls alternating with blocking ones (``predict`` of the overhead
+        benchmark 451 against 484 us with 300 us of spin) is within what a call's place in
+        such a rotation does alone, and in runs of 30 calls of each polling was slower (487
+        against 461 and 523 against 509 us; benchmarks/README.md, Host overhead). It can pay only
         where answers are written to host memory (an answer left on the device is copied
         back after it is ready, and that copy is waited for anyway); leave it at 0 where many
         threads call ``predict`` at once. Kept in seconds as ``predict_spin_s``; the

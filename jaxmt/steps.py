@@ -87,10 +87,9 @@ def wait_for(outputs: PyTree, spin_s: float) -> None:
 
     Blocking puts the thread to sleep until the runtime wakes it, which costs a wake-up after
     the device is done; asking in a loop spares it but holds a core and the GIL meanwhile.
-    On an H100 host, waiting by asking took a bare step of the overhead benchmark's tiny MLP
-    from 120 to 93 us and its ``predict`` from 263 to 245 us (benchmarks/README.md, Host
-    overhead), so short steps are waited for that way and long ones, after ``spin_s``, by
-    blocking. The spin counts from the call, over all the leaves together.
+    Whether that pays is for each host to show (``MultiTenantModel(predict_spin_us=...)``
+    says what an H100 host showed). The spin counts from the call, over all the leaves
+    together; then it blocks.
     """
     deadline = time.perf_counter() + spin_s
     for leaf in jax.tree_util.tree_leaves(outputs):
