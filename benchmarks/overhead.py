@@ -35,7 +35,7 @@ COMPARED_OPTIONS = {"xla_gpu_graph_min_graph_size": 1}
 # The spin compared with blocking (``by_way_of_waiting``, ``waits_in_runs``): longer than the
 # tiny step's launch-to-answer time on the H100 hosts measured (120-210 us).
 SPIN_S = 300e-6
-SPIN_NAME = "predict_spin_300us"
+SPIN_NAME = f"predict_spin_{SPIN_S * 1e6:.0f}us"
 
 
 def _model(spec, params: dict, outputs_to_host: bool | None, host_inputs: bool | None = None,
@@ -304,27 +304,26 @@ def by_way_of_waiting(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: lis
     ``is_ready()`` in a loop, which spares the waiting thread a sleep and a wake-up but holds
     a core (and the GIL) meanwhile, and polling for up to ``SPIN_S`` before blocking (what
     ``MultiTenantModel(predict_spin_us=...)`` does). Tells how much of a call is that
-    wake-up; answers are checked equal first. ``in_runs`` (below) times the same waits in
-    runs of consecutive calls, as a client calling ``predict`` over and over makes them."""
+    wake-up; answers are checked equal first. ``waits_in_runs`` times ``predict`` blocking
+    and with the spin in runs of consecutive calls, as a client calling it over and over
+    makes them."""
     leaves = mt.store.stacked_leaves
 
     def bare() -> list:
         return [program(leaves, slots, x_kb) for program, slots, x_kb in calls]
 
     def predict_polled() -> Any:
-        pending = mt.dispatch(ids, x)
-        _poll(pending.outputs)
-        return pending.result()
+        return mt.dispatch(ids, x).result(spin_s=math.inf)
 
     np.testing.assert_array_equal(predict_polled(), mt.predict(ids, x))
     timed = {
+        "predict_blocking": lambda: mt.dispatch(ids, x).result(),
         "bare_blocking": lambda: jax.block_until_ready(bare()),
         "bare_polling": lambda: _poll(bare()),
-        "predict_blocking": lambda: mt.dispatch(ids, x).result(),
         "predict_polling": predict_polled,
         SPIN_NAME: lambda: mt.dispatch(ids, x).result(spin_s=SPIN_S),
         # The first call of the rounds again, in the last place: an A/A control of what a call's
-        # place in the rotation alone does (on the 2-core CPU 20-30 us, where polling changes nothing).
+        # place in the rotation alone does (17-26 us on the 2-core CPU).
         "predict_blocking_again": lambda: mt.dispatch(ids, x).result(),
     }
     timings = time_calls_interleaved(timed, warmup=20, repeats=repeats)
@@ -576,8 +575,8 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     print(phases)
     print("one step, host inputs to host answer: " + ", ".join(f"{name} {us:.1f} us" for name, us in transfers.items()))
-    print("in the flow, from a profiled run (medians, us): " + ", ".join(f"{name} {us:.0f}" for name, us in result["traced_phases_us"].items()))
-    print("by way of waiting (us): " + ", ".join(f"{name} {us:.0f}" for name, us in result["by_way_of_waiting_us"].items()))
+    print("in the flow, from a profiled run (medians, us): " + _us(result["traced_phases_us"]))
+    print("by way of waiting (us): " + _us(result["by_way_of_waiting_us"]))
     print("by way of waiting, in runs of 30 calls (us): " + _us(result["by_way_of_waiting_in_runs_us"]))
     tuned = dict(result["with_compiler_options"])
     tuned_runs = tuned.pop("in_runs")
@@ -596,14 +595,14 @@ def main(argv: list[str] | None = None) -> None:
             f"{where[other['outputs_to_host']]} (`outputs_to_host={other['outputs_to_host']}`), in the same run: "
             f"predict {other['predict_us']:.0f} us, bare program {other['bare_program_us']:.0f} us, overhead {other['overhead_us']:.0f} us."
             + "\n\nOne call in the flow, from a JAX profiler trace of back-to-back calls (medians, us; `phases_from_trace` in the script "
-            "says what each holds; tracing slows a call): " + ", ".join(f"{name} {us:.0f}" for name, us in result["traced_phases_us"].items()) + "."
+            "says what each holds; tracing slows a call): " + _us(result["traced_phases_us"]) + "."
             + "\n\nBy way of waiting for the device, in alternating rounds (us; `by_way_of_waiting` in the script says what each holds): "
             + _us(result["by_way_of_waiting_us"]) + "; in runs of 30 calls of each (`in_runs`): "
             + _us(result["by_way_of_waiting_in_runs_us"]) + "."
             + f"\n\nThe same model built with `compiler_options={result['with_compiler_options']['options']}` against the default, "
             "in alternating rounds (us): " + _us(tuned) + "; in runs of 30 calls of each: " + _us(tuned_runs) + "."
             + "\n\nOne step from host inputs to a host answer, the inputs handed over each way (us; `packed_transfer` in the script "
-            "says what each holds): " + ", ".join(f"{name} {us:.0f}" for name, us in transfers.items()) + "."
+            "says what each holds): " + _us(transfers) + "."
             "\n\nMoving a step's bytes, each way as a whole call (us; `transfer_paths` in the script says what each holds):\n\n" + moves,
         )
 

@@ -139,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.kernel_configs is not None:
         kernel_configs = parse_kernel_configs(args.kernel_configs)
     if args.layers is not None:
-        layers = [layers[int(i)] for i in args.layers.split(",")]
+        picked = [int(i) for i in args.layers.split(",")]
+        if any(not 0 <= i < len(layers) for i in picked):
+            raise SystemExit(f"--layers: indices into {len(layers)} layers (0-{len(layers) - 1}), got {args.layers}")
+        layers = [layers[i] for i in picked]
     env = common.environment()
     print(f"device {env['device']}, jax {env['jax']}, commit {env['commit']}", file=sys.stderr, flush=True)
     rows = []
@@ -157,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     out = args.out or ("pallas_conv_quick" if args.quick else "pallas_conv")
     write_json(out, {"environment": env, "args": vars(args), "kernel_configs": kernel_configs, "rows": rows})
-    if not args.no_readme and not args.quick:
+    partial = args.layers is not None or args.kernel_configs is not None  # a sweep: kept in its JSON, not the README's table
+    if not args.no_readme and not args.quick and not partial:
         update_readme_section(
             "Pallas conv kernel",
             f"`PYTHONPATH=. python benchmarks/pallas_conv.py {' '.join(argv if argv is not None else sys.argv[1:])}` "

@@ -161,7 +161,7 @@ class _HostPending:
     def result(self, *, spin_s: float = 0.0) -> PyTree:
         """``spin_s``: as ``jaxmt.steps.PendingPrediction.result``'s."""
         if spin_s > 0:
-            wait_for([y for y, _ in self.chunks], spin_s)
+            wait_for(self.chunks, spin_s)  # (its row counts are ints, which it skips)
         parts = [jax.tree_util.tree_map(lambda a, n=n: np.asarray(a)[:n], y) for y, n in self.chunks]
         if len(parts) == 1:
             return parts[0]
@@ -502,8 +502,10 @@ def time_only_predict(mt: Any, tenant_ids: Sequence[Hashable], x: Any, batch_siz
         for group, first_row in enumerate(first):
             rows = np.flatnonzero(inverse == group)
             launched.append((rows, programs.launch(programs.params(tenant_ids[first_row]), x[rows])))
-    spin_s = getattr(mt, "predict_spin_s", 0.0)  # waited for as the model's predict waits
-    results = [pending.result(spin_s=spin_s) for _, pending in launched]
+    spin_s = getattr(mt, "predict_spin_s", 0.0)
+    if spin_s > 0:  # one spin over every tenant's programs, as the model's predict waits over its steps
+        wait_for([pending.chunks for _, pending in launched], spin_s)
+    results = [pending.result() for _, pending in launched]
 
     def scatter(*leaves: np.ndarray) -> np.ndarray:
         out = np.empty((x.shape[0], *leaves[0].shape[1:]), leaves[0].dtype)

@@ -104,9 +104,10 @@ class MultiTenantModel:
         that can spare a short step the sleeping thread's wake-up, at the cost of a busy core
         (and the GIL) meanwhile. 0 (the default) blocks at once: on an H100 host the gain
         it showed in calls alternating with blocking ones (``predict`` of the overhead
-        benchmark 451 against 484 us with 300 us of spin) is within what a call's place in
-        such a rotation does alone, and in runs of 30 calls of each polling was slower (487
-        against 461 and 523 against 509 us; benchmarks/README.md, Host overhead). It can pay only
+        benchmark 451 against 484 us with 300 us of spin) is about the size of what a call's
+        place in such a rotation did alone on a CPU, and in runs of 30 calls of each polling
+        was slower (487 against 461 and 523 against 509 us; benchmarks/README.md, Host
+        overhead). It can pay only
         where answers are written to host memory (an answer left on the device is copied
         back after it is ready, and that copy is waited for anyway); leave it at 0 where many
         threads call ``predict`` at once. Kept in seconds as ``predict_spin_s``; the

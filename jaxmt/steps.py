@@ -94,7 +94,9 @@ def wait_for(outputs: PyTree, spin_s: float) -> None:
     deadline = time.perf_counter() + spin_s
     for leaf in jax.tree_util.tree_leaves(outputs):
         is_ready = getattr(leaf, "is_ready", None)
-        if is_ready is None or leaf.is_deleted():  # a NumPy leaf: there already; a deleted one: reading it raises
+        # A NumPy leaf is there already; a deleted one is not asked (is_ready() on it crashed
+        # the process with jaxlib 0.10), and reading it afterwards raises as without a spin.
+        if is_ready is None or leaf.is_deleted():
             continue
         while not is_ready():
             if time.perf_counter() >= deadline:

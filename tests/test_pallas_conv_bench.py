@@ -67,3 +67,8 @@ def test_a_quick_run_takes_the_layers_and_tiles_asked_for(bench, results_dir):
     data = json.loads((results_dir / "pallas_conv_pick.json").read_text())
     assert {row["layer"] for row in data["rows"]} == {"4x4, 32 -> 64"}
     assert {name for row in data["rows"] for name in row["forms"]} == {*bench.OTHER_FORMS, "kernel 16x16x16 w4 s2 K-major"}
+
+
+def test_layer_indices_out_of_range_are_refused(bench):
+    with pytest.raises(SystemExit, match="--layers"):
+        bench.main(["--quick", "--no-readme", "--layers", "0,9"])
