@@ -95,10 +95,10 @@ class MultiTenantModel:
         ``compiler_options``), e.g. ``{"xla_gpu_graph_min_graph_size": 1}``, which lets XLA
         launch even a small step's few kernels and copies as one CUDA graph (on an H100, in
         runs of 30 calls, ``predict`` of the overhead benchmark's tiny MLP took 458 and 492
-        us with it against 461 and 509 us without: benchmarks/README.md, Host overhead). Checked when the model is built: an option
-        XLA does not know raises ``ValueError`` naming it. The baselines
-        (``jaxmt.baselines``) compile with them too; the lowering autotuner times its
-        candidate layers with XLA's defaults.
+        us with it against 461 and 509 us without: benchmarks/README.md, Host overhead).
+        Checked when the model is built: an option XLA does not know raises ``ValueError``
+        naming it. The baselines (``jaxmt.baselines``) compile with them too; the lowering
+        autotuner times its candidate layers with XLA's defaults.
       predict_spin_us: how long (microseconds) ``predict`` waits for the device by asking
         whether its answer is ready, in a loop, before it blocks (``jaxmt.steps.wait_for``):
         that can spare a short step the sleeping thread's wake-up, at the cost of a busy core
@@ -107,12 +107,11 @@ class MultiTenantModel:
         benchmark 451 against 484 us with 300 us of spin) is about the size of what a call's
         place in such a rotation did alone on a CPU, and in runs of 30 calls of each polling
         was slower (487 against 461 and 523 against 509 us; benchmarks/README.md, Host
-        overhead). It can pay only
-        where answers are written to host memory (an answer left on the device is copied
-        back after it is ready, and that copy is waited for anyway); leave it at 0 where many
-        threads call ``predict`` at once. Kept in seconds as ``predict_spin_s``; the
-        baselines (``jaxmt.baselines``) wait the same way. ``dispatch(...).result()`` blocks
-        at once unless given ``spin_s``.
+        overhead). It can pay only where answers are written to host memory (an answer left
+        on the device is copied back after it is ready, and that copy is waited for anyway);
+        leave it at 0 where many threads call ``predict`` at once. Kept in seconds as
+        ``predict_spin_s``; the baselines (``jaxmt.baselines``) wait the same way.
+        ``dispatch(...).result()`` blocks at once unless given ``spin_s``.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, jaxmt
