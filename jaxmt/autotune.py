@@ -98,8 +98,8 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
       of exclusive access. With K-major filters (the kernel's float32 default since) the stem
       ran at 1.03x and the 3x3 layers at 0.22-0.59x, below the better of vmap and im2col on
       all but the 56x56 one (0.59 against 0.54x), so float32 3x3 convs stay off the kernel.
-      Other GPUs may lack the shared memory for
-      its tiles, so there it is the autotuner's to try, on any CUDA GPU it compiles for.
+      Other GPUs may lack the shared memory for its tiles, so there it is the autotuner's to
+      try, on any CUDA GPU it compiles for.
 
     On CPUs, XLA's grouped convolutions are a slow generic loop, so convs other than 1x1
     run per tenant (depthwise ones as the fused multiply-add): 2-15x faster than vmap's
