@@ -77,29 +77,39 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
       0.13-0.5x for vmap); other kxk convs: vmap (0.45-0.75x; the best form varies by
       shape and run, which is what autotuning is for).
     * kxk convs of one image per tenant for several tenants (the B = 1 steps a server forms
-      for its rarely seen tenants): im2col. Whole ResNet-18 steps of 16 and 32 tenants x 1 image ran 4-8%
-      faster in float32 and 14-28% in bfloat16 than with the grouped form; at 2 or more
-      images per tenant they ran 9-68% slower (benchmarks/README.md, "Step time: kxk
-      convs as im2col").
+      for its rarely seen tenants) with outputs of at most 14x14: im2col. Whole ResNet-18
+      steps of 16 and 32 tenants x 1 image with every kxk conv as im2col ran 4-8% faster in
+      float32 and 14-28% in bfloat16 than with every one in the grouped form; at 2 or more
+      images per tenant they ran 9-68% slower (benchmarks/README.md, "Step time: kxk convs
+      as im2col"). Per layer the grouped form won the larger outputs: at 32 tenants x 1
+      image in float32 the autotuner timed im2col at 0.48x of it on 56x56 and 0.69x on
+      28x28 (0.30 and 0.39x of the dense conv against 0.63 and 0.56x at 32x1 in "Pallas conv
+      kernel: float32"), while im2col won 14x14 by 1.3x.
+    * Downsampling kxk convs that widen the channels (ResNet-18's 3x3/2, C -> 2C) of several
+      tenants: im2col. It ran them at 1.9-13x the speed of vmap's grouped form in every
+      configuration timed: float32 at 16x8 and 32x1 and in the autotuner's timings at 32x8
+      and 32x1 (results/lowering_cache_f32_autotune.json), bfloat16 at 32x8, 16x8 and 32x1
+      ("Pallas conv kernel", where it also beat the kernel on 8 of 9 layers and lost the
+      ninth by 4%). Downsampling convs that keep
+      the channels (ResNet-50's) are split: vmap or the NCHW grouped form won at 56x56 and
+      28x28 in bfloat16, im2col at 28x28 and 14x14 at one image per tenant in float32.
     * depthwise convs with a stride: a fused multiply-add (1.1x vs 0.4x); unstrided: vmap.
     * On Hopper GPUs (where it was timed), before the kxk rules above: bfloat16 and float16
       kxk convs of several tenants at stride 1, and RGB stems with windows larger than 3x3 at
       stride 2, as the Pallas implicit-GEMM kernel (``jaxmt.pallas_conv``). ResNet's stride-1
       3x3 layers at 32x8, 16x8 and 32x1 ran at 0.54-1.66x of the dense conv; against vmap's
-      form (0.08-1.0x) the kernel was never more than 6% slower and up to 13x faster on all
-      24 measured, against im2col where the rule took it before (outputs of 7x7, one image
-      per tenant) it was faster on 11 of 12 and 11% slower on one. The 7x7 stem ran at
-      1.8-2.35x against 0.2-0.66x for every other form. Other strided kxk convs keep the
-      rules above: on ResNet-18's downsampling 3x3s im2col or the kernel beat vmap, on
-      ResNet-50's vmap held its own, so those are left to the autotuner. In float32 (TF32
-      dots) the kernel is the rule's choice only for those stems: per layer at 16x8 it ran the
-      7x7 stem at 0.61-0.92x of the dense stem over four tiles against 0.41x for vmap and
-      0.39x for im2col, and end to end it lifted six float32 ResNet configurations by 0.04-0.12x
-      of exclusive access. With K-major filters (the kernel's float32 default since) the stem
-      ran at 1.03x and the 3x3 layers at 0.22-0.59x, below the better of vmap and im2col on
-      all but the 56x56 one (0.59 against 0.54x), so float32 3x3 convs stay off the kernel.
-      Other GPUs may lack the shared memory for its tiles, so there it is the autotuner's to
-      try, on any CUDA GPU it compiles for.
+      form (0.08-1.0x) the kernel was never more than 6% slower and up to 13x faster on all 24
+      measured, against im2col where the rule took it before (outputs of 7x7, one image per
+      tenant) it was faster on 11 of 12 and 11% slower on one. The 7x7 stem ran at 1.8-2.35x
+      against 0.2-0.66x for every other form. Other strided kxk convs keep the rules above
+      (im2col for the widening ones). In float32 (TF32 dots) the kernel is the rule's choice
+      only for those stems: per layer at 16x8 it ran the 7x7 stem at 0.61-0.92x of the dense
+      stem over four tiles against 0.41x for vmap and 0.39x for im2col, and end to end it
+      lifted six float32 ResNet configurations by 0.04-0.12x of exclusive access. With K-major
+      filters (the kernel's float32 default since) the stem ran at 1.03x and the 3x3 layers at
+      0.22-0.59x, below the better of vmap and im2col on all but the 56x56 one (0.59 against
+      0.54x), so float32 3x3 convs stay off the kernel. Other GPUs may lack the shared memory
+      for its tiles, so there it is the autotuner's to try, on any CUDA GPU it compiles for.
 
     On CPUs, XLA's grouped convolutions are a slow generic loop, so convs other than 1x1
     run per tenant (depthwise ones as the fused multiply-add): 2-15x faster than vmap's
@@ -120,10 +130,12 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
         if (sixteen_bit and all(s == 1 for s in sig.window_strides)) or large_rgb_stem:
             return "implicit_gemm"
     if sig.kind == "kxk" and applicable("im2col", sig):
-        small_output = int(np.prod(sig.out_spatial)) <= 49
+        outputs = int(np.prod(sig.out_spatial))
         rgb_stem = sig.in_channels <= 4 and int(np.prod(sig.window)) <= 9
-        one_image = sig.lhs_shape[0] == 1 and sig.tenants > 1  # one tenant: vmap's form is a plain conv
-        if small_output or rgb_stem or one_image:
+        several_tenants = sig.tenants > 1  # one tenant: vmap's form is a plain conv
+        widening_downsample = (any(s > 1 for s in sig.window_strides) and 4 < sig.in_channels < sig.out_channels)
+        one_small_image = sig.lhs_shape[0] == 1 and outputs <= 196
+        if outputs <= 49 or rgb_stem or (several_tenants and (widening_downsample or one_small_image)):
             return "im2col"
     return "vmap"
 

@@ -306,7 +306,7 @@ def test_the_pallas_kernel_is_a_kxk_candidate_on_gpus_only(platform, tried):
 def test_off_the_gpus_the_kernel_was_timed_on_the_rule_keeps_its_earlier_choices(monkeypatch):
     monkeypatch.setattr(autotune, "_kernel_is_timed_here", lambda: False)
     assert autotune.default_rule(_conv_sig(8, 56, 64, 3, 64), "gpu") == "vmap"
-    assert autotune.default_rule(_conv_sig(1, 56, 64, 3, 64), "gpu") == "im2col"
+    assert autotune.default_rule(_conv_sig(1, 14, 256, 3, 256), "gpu") == "im2col"
     assert autotune.default_rule(_conv_sig(8, 224, 3, 7, 64, stride=2), "gpu") == "vmap"
     assert autotune.default_rule(_conv_sig(8, 224, 3, 7, 64, stride=2, dtype="float32"), "gpu") == "vmap"
     monkeypatch.setattr(autotune, "_kernel_is_timed_here", lambda: True)
@@ -478,13 +478,22 @@ F32 = {"dtype": "float32"}
         (_conv_sig(8, 7, 512, 3, 512), "gpu", "implicit_gemm"),
         (_conv_sig(8, 224, 3, 7, 64, stride=2), "gpu", "implicit_gemm"),  # 7x7 RGB stem
         (_conv_sig(8, 224, 3, 3, 32, stride=2), "gpu", "im2col"),  # 3x3 RGB stem: the kernel was not timed there
-        (_conv_sig(8, 56, 64, 3, 128, stride=2), "gpu", "vmap"),  # a downsampling 3x3: the rules below
+        (_conv_sig(8, 56, 64, 3, 128, stride=2), "gpu", "im2col"),  # a downsampling 3x3 widening C -> 2C
+        (_conv_sig(8, 56, 128, 3, 128, stride=2), "gpu", "vmap"),  # ... keeping C: the grouped form
         (_conv_sig(1, 56, 64, 3, 64, tenants=1), "gpu", "vmap"),  # one tenant: vmap's form is a plain conv
         (_conv_sig(8, 56, 64, 3, 64), "tpu", "vmap"),  # no Triton kernel off GPUs
         # float32: the grouped form, im2col where it won, the kernel for large RGB stems only.
         (_conv_sig(8, 56, 64, 3, 64, **F32), "gpu", "vmap"),  # kxk, large output, several images: grouped form
-        (_conv_sig(1, 56, 64, 3, 64, **F32), "gpu", "im2col"),  # kxk of one image per tenant
-        (_conv_sig(2, 56, 64, 3, 64, **F32), "gpu", "vmap"),
+        (_conv_sig(1, 14, 256, 3, 256, **F32), "gpu", "im2col"),  # one image per tenant, output of 14x14
+        (_conv_sig(1, 28, 256, 3, 256, stride=2, **F32), "gpu", "im2col"),  # ... at stride 2 to 14x14
+        (_conv_sig(1, 28, 128, 3, 128, **F32), "gpu", "vmap"),  # ... but an output of 28x28: the grouped form
+        (_conv_sig(1, 56, 64, 3, 64, **F32), "gpu", "vmap"),
+        (_conv_sig(1, 56, 128, 3, 128, stride=2, **F32), "gpu", "vmap"),
+        (_conv_sig(1, 14, 256, 3, 256, tenants=1, **F32), "gpu", "vmap"),  # one tenant: a plain conv
+        (_conv_sig(2, 14, 256, 3, 256, **F32), "gpu", "vmap"),  # two images per tenant
+        (_conv_sig(8, 56, 64, 3, 128, stride=2, **F32), "gpu", "im2col"),  # widening downsample, any B
+        (_conv_sig(1, 56, 64, 3, 128, stride=2, **F32), "gpu", "im2col"),
+        (_conv_sig(8, 56, 64, 3, 128, stride=2, tenants=1, **F32), "gpu", "vmap"),
         (_conv_sig(8, 7, 512, 3, 512, **F32), "gpu", "im2col"),  # output of at most 7x7
         (_conv_sig(8, 224, 3, 3, 32, stride=2, **F32), "gpu", "im2col"),  # RGB stem, 3x3 window
         (_conv_sig(8, 224, 3, 7, 64, stride=2, **F32), "gpu", "implicit_gemm"),  # 7x7 stem: the kernel
