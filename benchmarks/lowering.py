@@ -187,10 +187,24 @@ def bench_end_to_end(model: str, tenants: int, images: int, dtype: Any, args: ar
     ours, compile_s["jaxmt"] = compiled(tenant_batched(spec.apply_fn, policy), stacked, x_kb)
     compile_s["jaxmt"] += plan_s
     errors["jaxmt"] = rel_error(ours(stacked, x_kb), reference)
+
+    def another_policy(name: str, other: LoweringPolicy):
+        """jaxmt under ``other``, compiled and checked like the main column."""
+        program, compile_s[name] = compiled(tenant_batched(spec.apply_fn, other), stacked, x_kb)
+        errors[name] = rel_error(program(stacked, x_kb), reference)
+        return program
+
+    if args.autotuned_cache:  # the planner measuring each layer on the device (the GPU default), timed beside the rule
+        tuned = LoweringPolicy("auto", autotune=True, cache_path=args.autotuned_cache)
+        start = time.perf_counter()
+        tuned_choices = describe_lowering(spec.apply_fn, stacked, x_kb, tuned)
+        tune_s = time.perf_counter() - start
+        ours_tuned = another_policy("jaxmt_autotuned", tuned)
+        compile_s["jaxmt_autotuned"] += tune_s
+        row["choices_autotuned"] = dict(collections.Counter(f"{c.signature.kind}:{c.lowering}" for c in tuned_choices))
     if args.overrides:  # the same policy with some layers forced, timed beside it
-        forced = LoweringPolicy("auto", tuple(sorted(args.overrides.items())), autotune=args.autotune, cache_path=args.cache)
-        ours_forced, compile_s["jaxmt_overrides"] = compiled(tenant_batched(spec.apply_fn, forced), stacked, x_kb)
-        errors["jaxmt_overrides"] = rel_error(ours_forced(stacked, x_kb), reference)
+        ours_forced = another_policy("jaxmt_overrides", LoweringPolicy(
+            "auto", tuple(sorted(args.overrides.items())), autotune=args.autotune, cache_path=args.cache))
     # Exclusive access with the convs jaxmt gave to the Pallas kernel lowered by it as well
     # (one tenant: every other conv stays XLA's dense conv).
     kernel_convs = {f"conv:{c.index}": "implicit_gemm" for c in choices if c.lowering == "implicit_gemm"}
@@ -205,6 +219,8 @@ def bench_end_to_end(model: str, tenants: int, images: int, dtype: Any, args: ar
         "time_only": lambda: [one(per_tenant[i], x_kb[i]) for i in range(tenants)],
         "jaxmt": lambda: ours(stacked, x_kb),
     }
+    if args.autotuned_cache:
+        programs["jaxmt_autotuned"] = lambda: ours_tuned(stacked, x_kb)
     if args.overrides:
         programs["jaxmt_overrides"] = lambda: ours_forced(stacked, x_kb)
     if kernel_convs:
@@ -277,6 +293,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overrides", type=json.loads, default=None, metavar="JSON",
                         help='end to end, also time jaxmt with these layers forced, e.g. \'{"kxk": "implicit_gemm"}\' '
                              "(a column of its own, same rounds)")
+    parser.add_argument("--autotuned-cache", default=None, metavar="PATH",
+                        help="also time jaxmt with the planner measuring every layer (autotune on), its choices kept "
+                             "in this file (apart from --cache, which the rule's column reads), in the same rounds")
     parser.add_argument("--autotune", type=int, default=0, choices=(0, 1),
                         help="1: measure uncached layers during the end-to-end jaxmt compile; 0: use the rule for them")
     parser.add_argument("--cache", default=None, help="lowering cache file (default: jaxmt's, ~/.cache/jaxmt/lowering.json)")
@@ -370,6 +389,9 @@ def main(argv: list[str] | None = None) -> None:
           + (f"; MultiTenantModel step {r['vs_exclusive']['jaxmt_store']:.2f}x" if "jaxmt_store" in r["vs_exclusive"] else "")
           + (f"; with {json.dumps(args.overrides)} {r['vs_exclusive']['jaxmt_overrides']:.2f}x"
              if "jaxmt_overrides" in r["vs_exclusive"] else "")
+          + (f"; autotuned {r['vs_exclusive']['jaxmt_autotuned']:.2f}x ("
+             + ", ".join(f"{k} {v}" for k, v in sorted(r["choices_autotuned"].items())) + ")"
+             if "jaxmt_autotuned" in r["vs_exclusive"] else "")
           + (f"; exclusive access with the same kernels {r['vs_exclusive']['exclusive_kernels']:.2f}x, jaxmt / the faster "
              f"exclusive form {r['vs_exclusive']['jaxmt'] / max(1.0, r['vs_exclusive']['exclusive_kernels']):.2f}"
              if "exclusive_kernels" in r["vs_exclusive"] else "")

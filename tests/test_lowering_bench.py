@@ -23,8 +23,9 @@ def bench():
         yield module
 
 
-def _args(cache: str, overrides: dict | None = None) -> argparse.Namespace:
-    return argparse.Namespace(autotune=0, cache=cache, size="tiny", seed=0, warmup=1, repeats=2, overrides=overrides)
+def _args(cache: str, overrides: dict | None = None, autotuned_cache: str | None = None) -> argparse.Namespace:
+    return argparse.Namespace(autotune=0, cache=cache, size="tiny", seed=0, warmup=1, repeats=2, overrides=overrides,
+                              autotuned_cache=autotuned_cache)
 
 
 def test_kernel_convs_are_timed_against_exclusive_access_with_the_same_kernels(bench, tmp_path):
@@ -73,3 +74,16 @@ def test_methods_are_timed_in_rounds(bench):
     timings = common.time_calls_interleaved(fns, warmup=1, repeats=3)
     assert order == ["a", "b", "c"] + ["a", "b", "c"] * 3  # one warm-up each, then one call of each per round
     assert all(t["repeats"] == 3 and t["median_s"] >= t["min_s"] > 0 for t in timings.values())
+
+
+def test_the_autotuned_planner_is_checked_and_timed_beside_the_rule(bench, tmp_path):
+    """--autotuned-cache: jaxmt with every layer measured, a column of its own, its choices
+    written to its own file, which the rule's column never reads."""
+    tuned, rule = tmp_path / "tuned.json", tmp_path / "rule.json"
+    row = bench.bench_end_to_end("resnet18", 2, 1, jnp.float32, _args(str(rule), autotuned_cache=str(tuned)))
+    assert row["check"] == "ok" and row["rel_error"]["jaxmt_autotuned"] < 1e-2
+    assert set(row["images_per_s"]) == {"exclusive", "vmap", "time_only", "jaxmt", "jaxmt_autotuned"}
+    assert sum(row["choices_autotuned"].values()) == sum(row["choices"].values())
+    measured = autotune.LoweringCache(tuned)
+    assert len(measured.entries()) > 0
+    assert not rule.exists() or not autotune.LoweringCache(rule).entries()
