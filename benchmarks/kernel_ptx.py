@@ -68,19 +68,39 @@ def triton_ir(x_shape, w_shape, stride: int, dtype: Any, k_major: bool) -> str:
 
 
 def ptx_counts(ir: str) -> dict[str, Any]:
-    """Compiles Triton IR for sm_90 (default warps and stages) and counts its copies and MMAs."""
-    import triton
-    from triton.backends.compiler import GPUTarget
+    """Compiles Triton IR for sm_90 (default warps and stages) and counts its copies, MMAs and
+    MMA waits.
 
+    ``triton.compile`` of an IR file skips the stage that file is in, so Triton's own TTIR
+    passes (``make_ttir``, which XLA also runs first on a Pallas kernel) are run here before
+    it: among them the one that folds ``acc + dot(a, b)`` into a dot accumulating into
+    ``acc``, without which every loop iteration waits for its MMAs (``wgmma.wait_group 0``)
+    instead of keeping one group in flight (``wait_group 1``)."""
+    import triton
+    from triton._C.libtriton import ir as triton_ir_module
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    target = GPUTarget("cuda", 90, 32)
+    options = {"num_warps": pallas_conv.NUM_WARPS, "num_stages": pallas_conv.NUM_STAGES}
+    backend = make_backend(target)
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "kernel.ttir"
-        path.write_text(ir)
-        compiled = triton.compile(str(path), target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": pallas_conv.NUM_WARPS, "num_stages": pallas_conv.NUM_STAGES})
+        raw, passed = Path(folder) / "raw.ttir", Path(folder) / "kernel.ttir"
+        raw.write_text(ir)
+        context = triton_ir_module.context()
+        triton_ir_module.load_dialects(context)
+        backend.load_dialects(context)
+        module = triton_ir_module.parse_mlir_module(str(raw), context)
+        module.context = context
+        module = backend.make_ttir(module, {}, backend.parse_options(options), target.arch)
+        passed.write_text(str(module))
+        compiled = triton.compile(str(passed), target=target, options=options)
     ptx = compiled.asm["ptx"]
     copies = collections.Counter(int(n, 0) for n in re.findall(r"cp\.async\.\w+\.shared\.global \[[^\]]*\], \[[^\]]*\], (0x\w+|\d+)", ptx))
+    waits = collections.Counter(int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx))
     return {"copies_by_bytes": {str(k): v for k, v in sorted(copies.items())},
-            "mma": dict(collections.Counter(re.findall(r"^\s*(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)", ptx, re.M)))}
+            "mma": dict(collections.Counter(re.findall(r"^\s*(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)", ptx, re.M))),
+            "mma_waits_by_pending": {str(k): v for k, v in sorted(waits.items())}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"layer": name, "dtype": dtype, "filter": "K-major [O, C]" if k_major else "[C, O]", **counts})
                 print(rows[-1], file=sys.stderr, flush=True)
     write_json(args.out, {"triton": triton.__version__, "target": "cuda:90", "rows": rows})
-    print(markdown_table(["layer", "dtype", "filter", "cp.async by bytes", "tensor-core instructions"],
+    print(markdown_table(["layer", "dtype", "filter", "cp.async by bytes", "tensor-core instructions", "wgmma.wait_group (groups left in flight)"],
                          [[r["layer"], r["dtype"], r["filter"], ", ".join(f"{k} B x{v}" for k, v in r["copies_by_bytes"].items()),
-                           ", ".join(f"{k} x{v}" for k, v in r["mma"].items())] for r in rows]))
+                           ", ".join(f"{k} x{v}" for k, v in r["mma"].items()),
+                           ", ".join(f"{k}: x{v}" for k, v in r["mma_waits_by_pending"].items())] for r in rows]))
     return 0
 
 
