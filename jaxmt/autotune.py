@@ -15,7 +15,9 @@ autotuning chose differently. A choice is re-measured only when its cache entry 
 
 The rule is what an H100 measured (benchmarks/README.md, "Lowering"; ``default_rule``):
 1x1 convs as a batched matmul beat the grouped conv that vmap emits by 2-7x; late, small
-kxk convs and RGB stems as im2col; the rest stay on vmap's grouped form unless measured.
+kxk convs, RGB stems and channel-widening downsampling convs as im2col; on Hopper GPUs 16-bit
+kxk convs and large stems as a Pallas kernel; the rest stay on vmap's grouped form unless
+measured.
 Measurement costs a compile per candidate (about a second on a GPU): it is on by default
 on GPUs and TPUs and off on CPUs, whose timings say nothing about the accelerator.
 """
@@ -77,22 +79,24 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
       0.13-0.5x for vmap); other kxk convs: vmap (0.45-0.75x; the best form varies by
       shape and run, which is what autotuning is for).
     * kxk convs of one image per tenant for several tenants (the B = 1 steps a server forms
-      for its rarely seen tenants) with outputs of at most 14x14: im2col. Whole ResNet-18
-      steps of 16 and 32 tenants x 1 image with every kxk conv as im2col ran 4-8% faster in
-      float32 and 14-28% in bfloat16 than with every one in the grouped form; at 2 or more
-      images per tenant they ran 9-68% slower (benchmarks/README.md, "Step time: kxk convs
-      as im2col"). Per layer the grouped form won the larger outputs: at 32 tenants x 1
-      image in float32 the autotuner timed im2col at 0.48x of it on 56x56 and 0.69x on
-      28x28 (0.30 and 0.39x of the dense conv against 0.63 and 0.56x at 32x1 in "Pallas conv
-      kernel: float32"), while im2col won 14x14 by 1.3x.
-    * Downsampling kxk convs that widen the channels (ResNet-18's 3x3/2, C -> 2C) of several
-      tenants: im2col. It ran them at 1.9-13x the speed of vmap's grouped form in every
-      configuration timed: float32 at 16x8 and 32x1 and in the autotuner's timings at 32x8
-      and 32x1 (results/lowering_cache_f32_autotune.json), bfloat16 at 32x8, 16x8 and 32x1
-      ("Pallas conv kernel", where it also beat the kernel on 8 of 9 layers and lost the
-      ninth by 4%). Downsampling convs that keep
-      the channels (ResNet-50's) are split: vmap or the NCHW grouped form won at 56x56 and
-      28x28 in bfloat16, im2col at 28x28 and 14x14 at one image per tenant in float32.
+      for its rarely seen tenants) with outputs of at most 196 positions (14x14): im2col.
+      Whole ResNet-18 steps of 16 and 32 tenants x 1 image with every kxk conv as im2col ran
+      4-8% faster in float32 and 14-28% in bfloat16 than with every one in the grouped form;
+      at 2 or more images per tenant they ran 9-68% slower (benchmarks/README.md, "Step time:
+      kxk convs as im2col"). Per layer the grouped form won the larger outputs: at 32 tenants
+      x 1 image in float32 the autotuner timed im2col at 0.48x of it on 56x56 and 0.69x on
+      28x28 (0.30 and 0.39x of the dense conv against 0.63 and 0.56x at 32x1 in "At the
+      kernel's own float32 depth"), while im2col won 14x14 by 1.3x.
+    * Downsampling convs with windows of at most 3x3 that widen the channels (ResNet-18's
+      3x3/2, C -> 2C) of several tenants: im2col. It ran them at 1.9-13x the speed of vmap's
+      grouped form in every configuration timed: float32 at 16x8 and 32x1 and in the
+      autotuner's timings at 32x8 and 32x1 (results/lowering_cache_f32_autotune.json),
+      bfloat16 at 32x8, 16x8 and 32x1 ("Pallas conv kernel", where it also beat the kernel on
+      8 of 9 layers and lost the ninth by 4%). Downsampling convs that keep the channels
+      (ResNet-50's) are split, so the rules above decide them: vmap or the NCHW grouped form
+      won on 56x56 and 28x28 inputs in bfloat16 and vmap on the 56x56 one at one image per
+      tenant in float32 (im2col 0.89x of it), im2col on the 28x28 and 14x14 inputs there
+      (outputs of 14x14 and 7x7).
     * depthwise convs with a stride: a fused multiply-add (1.1x vs 0.4x); unstrided: vmap.
     * On Hopper GPUs (where it was timed), before the kxk rules above: bfloat16 and float16
       kxk convs of several tenants at stride 1, and RGB stems with windows larger than 3x3 at
@@ -133,7 +137,8 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
         outputs = int(np.prod(sig.out_spatial))
         rgb_stem = sig.in_channels <= 4 and int(np.prod(sig.window)) <= 9
         several_tenants = sig.tenants > 1  # one tenant: vmap's form is a plain conv
-        widening_downsample = (any(s > 1 for s in sig.window_strides) and 4 < sig.in_channels < sig.out_channels)
+        widening_downsample = (any(s > 1 for s in sig.window_strides) and 4 < sig.in_channels < sig.out_channels
+                               and int(np.prod(sig.window)) <= 9)  # timed on 3x3 windows only
         one_small_image = sig.lhs_shape[0] == 1 and outputs <= 196
         if outputs <= 49 or rgb_stem or (several_tenants and (widening_downsample or one_small_image)):
             return "im2col"

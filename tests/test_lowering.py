@@ -494,6 +494,8 @@ F32 = {"dtype": "float32"}
         (_conv_sig(8, 56, 64, 3, 128, stride=2, **F32), "gpu", "im2col"),  # widening downsample, any B
         (_conv_sig(1, 56, 64, 3, 128, stride=2, **F32), "gpu", "im2col"),
         (_conv_sig(8, 56, 64, 3, 128, stride=2, tenants=1, **F32), "gpu", "vmap"),
+        (dataclasses.replace(_conv_sig(8, 56, 64, 3, 128, **F32), window_strides=(2, 1)), "gpu", "im2col"),  # strided on one axis
+        (_conv_sig(8, 56, 64, 5, 128, stride=2, **F32), "gpu", "vmap"),  # a 5x5 window: not timed
         (_conv_sig(8, 7, 512, 3, 512, **F32), "gpu", "im2col"),  # output of at most 7x7
         (_conv_sig(8, 224, 3, 3, 32, stride=2, **F32), "gpu", "im2col"),  # RGB stem, 3x3 window
         (_conv_sig(8, 224, 3, 7, 64, stride=2, **F32), "gpu", "implicit_gemm"),  # 7x7 stem: the kernel
