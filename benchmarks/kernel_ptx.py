@@ -75,7 +75,8 @@ def ptx_counts(ir: str) -> dict[str, Any]:
     passes (``make_ttir``, which XLA also runs first on a Pallas kernel) are run here before
     it: among them the one that folds ``acc + dot(a, b)`` into a dot accumulating into
     ``acc``, without which every loop iteration waits for its MMAs (``wgmma.wait_group 0``)
-    instead of keeping one group in flight (``wait_group 1``)."""
+    instead of keeping one group in flight (``wait_group 1``). That needs Triton's internal
+    Python API (``triton._C.libtriton``, the backend's ``make_ttir``), as of Triton 3.9."""
     import triton
     from triton._C.libtriton import ir as triton_ir_module
     from triton.backends.compiler import GPUTarget

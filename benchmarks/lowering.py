@@ -36,6 +36,7 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import common
@@ -46,7 +47,7 @@ from common import markdown_table, time_calls_interleaved, update_readme_section
 
 import models
 from jaxmt import MultiTenantModel, make_plan
-from jaxmt.autotune import LoweringCache, cache_entry, cache_key, candidates, measure, pick
+from jaxmt.autotune import LoweringCache, cache_entry, cache_key, candidates, default_cache_path, measure, pick
 from jaxmt.lowering import LoweringPolicy, describe_lowering, tenant_batched
 from jaxmt.lowering_ops import CONV_LOWERINGS as LAYER_LOWERINGS
 from jaxmt.lowering_ops import ConvParams, applicable, conv_one
@@ -188,13 +189,13 @@ def bench_end_to_end(model: str, tenants: int, images: int, dtype: Any, args: ar
     compile_s["jaxmt"] += plan_s
     errors["jaxmt"] = rel_error(ours(stacked, x_kb), reference)
 
-    def another_policy(name: str, other: LoweringPolicy):
+    def another_policy(name: str, other: LoweringPolicy) -> Any:
         """jaxmt under ``other``, compiled and checked like the main column."""
         program, compile_s[name] = compiled(tenant_batched(spec.apply_fn, other), stacked, x_kb)
         errors[name] = rel_error(program(stacked, x_kb), reference)
         return program
 
-    if args.autotuned_cache:  # the planner measuring each layer on the device (the GPU default), timed beside the rule
+    if args.autotuned_cache:  # the planner with autotuning on (the GPU default), timed beside the rule
         tuned = LoweringPolicy("auto", autotune=True, cache_path=args.autotuned_cache)
         start = time.perf_counter()
         tuned_choices = describe_lowering(spec.apply_fn, stacked, x_kb, tuned)
@@ -202,6 +203,7 @@ def bench_end_to_end(model: str, tenants: int, images: int, dtype: Any, args: ar
         ours_tuned = another_policy("jaxmt_autotuned", tuned)
         compile_s["jaxmt_autotuned"] += tune_s
         row["choices_autotuned"] = dict(collections.Counter(f"{c.signature.kind}:{c.lowering}" for c in tuned_choices))
+        row["choice_sources_autotuned"] = dict(collections.Counter(c.source for c in tuned_choices))
     if args.overrides:  # the same policy with some layers forced, timed beside it
         ours_forced = another_policy("jaxmt_overrides", LoweringPolicy(
             "auto", tuple(sorted(args.overrides.items())), autotune=args.autotune, cache_path=args.cache))
@@ -294,8 +296,9 @@ def main(argv: list[str] | None = None) -> None:
                         help='end to end, also time jaxmt with these layers forced, e.g. \'{"kxk": "implicit_gemm"}\' '
                              "(a column of its own, same rounds)")
     parser.add_argument("--autotuned-cache", default=None, metavar="PATH",
-                        help="also time jaxmt with the planner measuring every layer (autotune on), its choices kept "
-                             "in this file (apart from --cache, which the rule's column reads), in the same rounds")
+                        help="also time jaxmt with autotuning on (each layer measured, or the choice measured for it at "
+                             "a size within $JAXMT_AUTOTUNE_SPREAD), its choices kept in this file (apart from --cache, "
+                             "which the rule's column reads), in the same rounds")
     parser.add_argument("--autotune", type=int, default=0, choices=(0, 1),
                         help="1: measure uncached layers during the end-to-end jaxmt compile; 0: use the rule for them")
     parser.add_argument("--cache", default=None, help="lowering cache file (default: jaxmt's, ~/.cache/jaxmt/lowering.json)")
@@ -315,6 +318,10 @@ def main(argv: list[str] | None = None) -> None:
         except (TypeError, ValueError) as exc:
             parser.error(f"--overrides: {exc}")
     args.cache_given = args.cache is not None
+    if args.autotuned_cache is not None:  # one file for both columns would hand the rule's column measured choices
+        rule_cache = Path(args.cache).expanduser() if args.cache else default_cache_path()
+        if Path(args.autotuned_cache).expanduser().resolve() == rule_cache.resolve():
+            parser.error(f"--autotuned-cache must differ from the rule column's cache file {rule_cache}")
     if args.quick:
         args.size = "tiny"
         args.models = "resnet18,mobilenetv2,resnet50"

@@ -59,6 +59,12 @@ def test_forced_layers_are_checked_and_timed_beside_the_policy(bench, tmp_path):
     assert set(row["images_per_s"]) == {"exclusive", "vmap", "time_only", "jaxmt", "jaxmt_overrides"}
 
 
+def test_one_file_for_the_rule_and_the_autotuned_column_is_refused(bench, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--no-readme", "--cache", str(tmp_path / "c.json"), "--autotuned-cache", str(tmp_path / "c.json")])
+    assert "--autotuned-cache" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("overrides", ['["kxk"]', '{"kxk": "no_such_lowering"}', '{"conv 9": "im2col"}x'])
 def test_bad_overrides_are_refused_before_anything_runs(bench, overrides, capsys):
     with pytest.raises(SystemExit):
@@ -84,6 +90,7 @@ def test_the_autotuned_planner_is_checked_and_timed_beside_the_rule(bench, tmp_p
     assert row["check"] == "ok" and row["rel_error"]["jaxmt_autotuned"] < 1e-2
     assert set(row["images_per_s"]) == {"exclusive", "vmap", "time_only", "jaxmt", "jaxmt_autotuned"}
     assert sum(row["choices_autotuned"].values()) == sum(row["choices"].values())
+    assert row["choice_sources_autotuned"].get("autotune", 0) > 0
     measured = autotune.LoweringCache(tuned)
     assert len(measured.entries()) > 0
     assert not rule.exists() or not autotune.LoweringCache(rule).entries()
