@@ -318,10 +318,6 @@ def main(argv: list[str] | None = None) -> None:
         except (TypeError, ValueError) as exc:
             parser.error(f"--overrides: {exc}")
     args.cache_given = args.cache is not None
-    if args.autotuned_cache is not None:  # one file for both columns would hand the rule's column measured choices
-        rule_cache = Path(args.cache).expanduser() if args.cache else default_cache_path()
-        if Path(args.autotuned_cache).expanduser().resolve() == rule_cache.resolve():
-            parser.error(f"--autotuned-cache must differ from the rule column's cache file {rule_cache}")
     if args.quick:
         args.size = "tiny"
         args.models = "resnet18,mobilenetv2,resnet50"
@@ -332,6 +328,10 @@ def main(argv: list[str] | None = None) -> None:
         args.out = "lowering_quick"
         if args.cache is None:
             args.cache = os.path.join(tempfile.gettempdir(), "jaxmt_lowering_quick_cache.json")
+    if args.autotuned_cache is not None:  # one file for both columns would hand the rule's column measured choices
+        rule_cache = Path(args.cache).expanduser() if args.cache else default_cache_path()
+        if Path(args.autotuned_cache).expanduser().resolve() == rule_cache.resolve():
+            parser.error(f"--autotuned-cache must differ from the rule column's cache file {rule_cache}")
     args.models = [m for m in args.models.split(",") if m]
     args.layer_models = args.models if args.layer_models is None else [m for m in args.layer_models.split(",") if m]
     args.layer_configs = [] if args.layer_configs == "none" else parse_configs(args.layer_configs)
