@@ -143,10 +143,15 @@ def test_a_failed_launch_leaves_its_buffers_free(rng):
                 mt.predict(ids, x)
     finally:
         del mt.programs.get
+    pending = mt.dispatch(ids, x)  # a real launch, still running when the next one fails
     with pytest.raises(IndexError):  # rows that cannot be written: the set is handed back all the same
-        mt._launch(mt.dispatch(ids, x).plan.steps[0], x[:1])
-    # No failed launch kept a set: all are free, and no more were made than one in-flight step needs.
+        mt._launch(pending.plan.steps[0], x[:1])
+    pending.result()
     (ring,) = [ring for ring in mt.host_input_buffers._rings.values() if ring]
+    for buffers in ring:  # the programs that ran are done; wait for their tokens too, not only their answers
+        if buffers.token is not None:
+            buffers.token.block_until_ready()
+    # No failed launch kept a set: all are free, and no more were made than one in-flight step needs.
     assert all(b.idle() for b in ring) and len(ring) <= 2 and mt.stats()["host_input_bytes"] <= 2 * held
     assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
 
