@@ -100,12 +100,14 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
       (outputs of 14x14 and 7x7).
     * The two rules just above hold from 8 tenants up (``_MANY_TENANTS``); below that
       one-image convs take im2col at any output size, and widening downsampling convs the
-      grouped form. End to end on an H100 (benchmarks/README.md, "Lowering: the default
-      rule by tenant count"; each against the rule without them, in the same rounds),
-      ResNet-18 float32 ran 4-30% faster with them at 8, 16 and 32 tenants (8 and 1 images
-      per tenant), ResNet-50 at 1 image 10-12% faster in float32 and 4% in bfloat16 at 16
-      and 32; at 4 tenants they ran 2-12% slower (ResNet-18 float32 and bfloat16, ResNet-50
-      bfloat16).
+      grouped form. End to end on an H100 (benchmarks/README.md, "Lowering: the default rule
+      by tenant count"; each pair timed in the same rounds), ResNet-18 float32 ran 4-30%
+      faster with them at 8, 16 and 32 tenants (8 and 1 images per tenant), ResNet-50 at 1
+      image 10-12% faster in float32 (16 and 32 tenants) and 4% in bfloat16 (32); ResNet-18
+      bfloat16 at 32x8 tied. At 4 tenants steps are
+      short and repeats disagree: of ten pairs, six favoured the forms without them (with
+      them at 0.83-0.98x; every widening pair but one tie), two favoured them (ResNet-18
+      float32 at one image, 8% and 30%) and two tied.
     * depthwise convs with a stride: a fused multiply-add (1.1x vs 0.4x); unstrided: vmap.
     * On Hopper GPUs (where it was timed), before the kxk rules above: bfloat16 and float16
       kxk convs of several tenants at stride 1, and RGB stems with windows larger than 3x3 at
