@@ -20,7 +20,10 @@ End to end (throughput, images/s; ratios side by side):
               target to hold jaxmt against
 Each output is checked against the per-tenant reference (the time-only outputs) before
 anything is timed; timings are medians of repeats after warm-up, on fresh random inputs, every
-method timed once per round (``common.time_calls_interleaved``).
+method timed once per round (``common.time_calls_interleaved``). A sample is as many
+back-to-back calls as take ``--min-sample-ms`` (20 ms by default; 0 times one call at a time,
+as runs before this option did), so that a step of about a millisecond is timed as a stream
+the device runs, not as one launch and wait of the host.
 
     PYTHONPATH=. python benchmarks/lowering.py --quick            # CPU, tiny models, ~1 min
     PYTHONPATH=. python benchmarks/lowering.py                    # GPU, full models
@@ -248,7 +251,7 @@ def bench_end_to_end(model: str, tenants: int, images: int, dtype: Any, args: ar
         log(f"[e2e] {model} K={tenants} B={images} {row['dtype']}: outputs differ from the per-tenant reference: {bad}")
     # Every method timed in the same rounds: ratios to exclusive access come from one stretch
     # of the shared device's time.
-    timings = time_calls_interleaved(programs, warmup=args.warmup, repeats=args.repeats)
+    timings = time_calls_interleaved(programs, warmup=args.warmup, repeats=args.repeats, min_sample_s=args.min_sample_ms / 1e3)
     ips = {method: tenants * images / timing["median_s"] for method, timing in timings.items()}
     row.update({
         "images_per_s": ips,
@@ -258,6 +261,7 @@ def bench_end_to_end(model: str, tenants: int, images: int, dtype: Any, args: ar
         "compile_s": {k: round(v, 2) for k, v in compile_s.items()},
         "choices": dict(collections.Counter(f"{c.signature.kind}:{c.lowering}" for c in choices)),
         "choice_sources": dict(collections.Counter(c.source for c in choices)),
+        "calls_per_sample": {m: t["calls_per_sample"] for m, t in timings.items()},
     })
     return row
 
@@ -304,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", default=None, help="lowering cache file (default: jaxmt's, ~/.cache/jaxmt/lowering.json)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--min-sample-ms", type=float, default=20.0,
+                        help="end to end: each sample is back-to-back calls of at least this long (0: one call)")
     parser.add_argument("--layer-repeats", type=int, default=7)
     parser.add_argument("--budget-s", type=float, default=None, help="stop starting new work after this many seconds")
     parser.add_argument("--seed", type=int, default=0)

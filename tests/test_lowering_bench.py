@@ -25,7 +25,7 @@ def bench():
 
 def _args(cache: str, overrides: dict | None = None, autotuned_cache: str | None = None) -> argparse.Namespace:
     return argparse.Namespace(autotune=0, cache=cache, size="tiny", seed=0, warmup=1, repeats=2, overrides=overrides,
-                              autotuned_cache=autotuned_cache)
+                              autotuned_cache=autotuned_cache, min_sample_ms=0.0)
 
 
 def test_kernel_convs_are_timed_against_exclusive_access_with_the_same_kernels(bench, tmp_path):
