@@ -79,8 +79,7 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
       0.13-0.5x for vmap); other kxk convs: vmap (0.45-0.75x; the best form varies by
       shape and run, which is what autotuning is for).
     * kxk convs of one image per tenant for several tenants (the B = 1 steps a server forms
-      for its rarely seen tenants): im2col, from 8 tenants only where the output has at most
-      196 positions (14x14).
+      for its rarely seen tenants) with outputs of at most 196 positions (14x14): im2col.
       Whole ResNet-18 steps of 16 and 32 tenants x 1 image with every kxk conv as im2col ran
       4-8% faster in float32 and 14-28% in bfloat16 than with every one in the grouped form;
       at 2 or more images per tenant they ran 9-68% slower (benchmarks/README.md, "Step time:
@@ -98,16 +97,14 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
       won on 56x56 and 28x28 inputs in bfloat16 and vmap on the 56x56 one at one image per
       tenant in float32 (im2col 0.89x of it), im2col on the 28x28 and 14x14 inputs there
       (outputs of 14x14 and 7x7).
-    * The two rules just above hold from 8 tenants up (``_MANY_TENANTS``); below that
-      one-image convs take im2col at any output size, and widening downsampling convs the
-      grouped form. End to end on an H100 (benchmarks/README.md, "Lowering: the default rule
-      by tenant count"; each pair timed in the same rounds), ResNet-18 float32 ran 4-30%
-      faster with them at 8, 16 and 32 tenants (8 and 1 images per tenant), ResNet-50 at 1
-      image 10-12% faster in float32 (16 and 32 tenants) and 4% in bfloat16 (32); ResNet-18
-      bfloat16 at 32x8 tied. At 4 tenants steps are
-      short and repeats disagree: of ten pairs, six favoured the forms without them (with
-      them at 0.83-0.98x; every widening pair but one tie), two favoured them (ResNet-18
-      float32 at one image, 8% and 30%) and two tied.
+    * The two rules just above, end to end on an H100 against the rule before them
+      (benchmarks/README.md, "Lowering: NVIDIA H100, the default rule by tenant count"; each
+      pair in the same rounds): ResNet-18 float32 4-30% faster at 8, 16 and 32 tenants (8 and
+      1 images per tenant), ResNet-50 at 1 image 10-12% faster in float32 (16 and 32 tenants)
+      and 4% in bfloat16 (32); ResNet-18 bfloat16 32x8 tied. At 4 tenants, timed as streams
+      of back-to-back steps: ResNet-18 float32 4x1 18% and 25% faster, bfloat16 4x8 2%,
+      ResNet-50 bfloat16 4x1 tied (timed one step at a time, 4-tenant pairs had disagreed
+      from one call to the next: such steps last about a millisecond).
     * depthwise convs with a stride: a fused multiply-add (1.1x vs 0.4x); unstrided: vmap.
     * On Hopper GPUs (where it was timed), before the kxk rules above: bfloat16 and float16
       kxk convs of several tenants at stride 1, and RGB stems with windows larger than 3x3 at
@@ -148,19 +145,12 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
         outputs = int(np.prod(sig.out_spatial))
         rgb_stem = sig.in_channels <= 4 and int(np.prod(sig.window)) <= 9
         several_tenants = sig.tenants > 1  # one tenant: vmap's form is a plain conv
-        many_tenants = sig.tenants >= _MANY_TENANTS
-        widening_downsample = (many_tenants and any(s > 1 for s in sig.window_strides)
-                               and 4 < sig.in_channels < sig.out_channels
+        widening_downsample = (any(s > 1 for s in sig.window_strides) and 4 < sig.in_channels < sig.out_channels
                                and int(np.prod(sig.window)) <= 9)  # timed on 3x3 windows only
-        one_image = sig.lhs_shape[0] == 1 and (outputs <= 196 or not many_tenants)
-        if outputs <= 49 or rgb_stem or (several_tenants and (widening_downsample or one_image)):
+        one_small_image = sig.lhs_shape[0] == 1 and outputs <= 196
+        if outputs <= 49 or rgb_stem or (several_tenants and (widening_downsample or one_small_image)):
             return "im2col"
     return "vmap"
-
-
-# From this many tenants the im2col rules for one-image and widening downsampling convs
-# change (``default_rule``): measured end to end at 4 (below) and at 8, 16, 32 (at or above).
-_MANY_TENANTS = 8
 
 
 # Lowerings that compile only for one platform (Pallas's Triton backend; elsewhere the
