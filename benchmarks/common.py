@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import platform
 import re
@@ -28,6 +27,8 @@ README = BENCH_DIR / "README.md"
 
 if str(BENCH_DIR.parent) not in sys.path:  # run as a script from anywhere in the tree
     sys.path.insert(0, str(BENCH_DIR.parent))
+
+from jaxmt.timing import time_in_rounds  # noqa: E402  (needs the repository on sys.path)
 
 
 def environment() -> dict[str, Any]:
@@ -75,48 +76,9 @@ def time_calls_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 3
                            min_sample_s: float = 0.0) -> dict[str, dict[str, float]]:
     """``time_call`` of each of ``fns`` in rounds: every round times one sample of each in turn,
     so that the shared device's drift over the run moves them alike (ratios between them are
-    what the benchmarks report).
-
-    A sample is one call followed by ``block_until_ready``, or, with ``min_sample_s``, as many
-    back-to-back calls as make about that long (counted per function from its warm-up calls),
-    waited for once after the last: the device then runs them as a stream, and a short
-    program's time is no longer mostly the host's launch-and-wait jitter. Times are per call.
-    """
-    calls: dict[str, int] = {}
-    for name, fn in fns.items():
-        single: list[float] = []
-        for _ in range(warmup):
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            single.append(time.perf_counter() - start)
-        calls[name] = calls_per_sample(min(single) if single else 0.0, min_sample_s)
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            samples[name].append(_timed_sample(fn, calls[name]))
-    out = {}
-    for name, values in samples.items():
-        values.sort()
-        out[name] = {"median_s": statistics.median(values), "min_s": values[0],
-                     "p90_s": values[int(0.9 * (len(values) - 1))], "repeats": len(values),
-                     "calls_per_sample": calls[name]}
-    return out
-
-
-def calls_per_sample(call_s: float, min_sample_s: float, most: int = 1000) -> int:
-    """How many back-to-back calls of ``call_s`` each make a sample of at least ``min_sample_s``
-    (one where no minimum is asked or a call is not timed; at most ``most``)."""
-    if min_sample_s <= 0 or call_s <= 0:
-        return 1
-    return max(1, min(most, math.ceil(min_sample_s / call_s)))
-
-
-def _timed_sample(fn: Callable[[], Any], calls: int) -> float:
-    """Seconds per call of ``calls`` calls of ``fn`` issued back to back and waited for together."""
-    start = time.perf_counter()
-    outputs = [fn() for _ in range(calls)]
-    jax.block_until_ready(outputs)
-    return (time.perf_counter() - start) / calls
+    what the benchmarks report). A sample is one call, or with ``min_sample_s`` as many
+    back-to-back calls as last that long (``jaxmt.timing.time_in_rounds``); times are per call."""
+    return time_in_rounds(fns, warmup=warmup, repeats=repeats, min_sample_s=min_sample_s)
 
 
 def write_json(name: str, payload: dict[str, Any]) -> Path:

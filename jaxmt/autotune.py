@@ -27,10 +27,10 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import datetime
+import functools
 import json
 import os
 import re
-import statistics
 import tempfile
 import threading
 import time
@@ -43,6 +43,7 @@ import numpy as np
 
 from jaxmt import pallas_conv
 from jaxmt.lowering_ops import CONV_LOWERINGS, ConvParams, ConvSignature, applicable, lower_conv
+from jaxmt.timing import time_in_rounds
 
 CACHE_ENV = "JAXMT_LOWERING_CACHE"
 AUTOTUNE_ENV = "JAXMT_AUTOTUNE"
@@ -307,33 +308,11 @@ def burst_seconds(fn: Any, args: tuple, *, warmup: int = 2, repeats: int = 7, mi
 
 def interleaved_seconds(fns: dict[str, Any], args: tuple, *, warmup: int = 2, repeats: int = 7,
                         min_burst_s: float = 2e-3) -> dict[str, float]:
-    """Median seconds of one call of each compiled ``fns[name](*args)``, timed in rounds.
-
-    Each repeat is a burst of asynchronous calls closed by one ``block_until_ready``, sized
-    so that a burst lasts at least ``min_burst_s``: kernels shorter than the host's dispatch
-    time would otherwise measure the host. Every round times one burst of each function in
-    turn, so that a drift of the device's clocks or of a neighbour's load over the run
-    shifts all of them alike instead of whichever was timed during it (on a shared H100 the
-    same kernel timed in separate runs of bursts differed by up to 1.5x).
-    """
-    calls = {}
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            jax.block_until_ready(fn(*args))
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        one = max(time.perf_counter() - start, 1e-6)
-        calls[name] = max(1, min(200, int(min_burst_s / one)))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            out = None
-            for _ in range(calls[name]):
-                out = fn(*args)
-            jax.block_until_ready(out)
-            samples[name].append((time.perf_counter() - start) / calls[name])
-    return {name: statistics.median(values) for name, values in samples.items()}
+    """Median seconds of one call of each compiled ``fns[name](*args)``, timed in rounds of
+    bursts of at least ``min_burst_s`` (``jaxmt.timing.time_in_rounds``)."""
+    timed = time_in_rounds({name: functools.partial(fn, *args) for name, fn in fns.items()},
+                           warmup=warmup, repeats=repeats, min_sample_s=min_burst_s)
+    return {name: t["median_s"] for name, t in timed.items()}
 
 
 def compile_and_check(fns: dict[str, Any], args: tuple, reference: Any, tolerance: float) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
