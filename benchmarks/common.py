@@ -73,11 +73,13 @@ def time_call(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 20, min_
 
 
 def time_calls_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 3, repeats: int = 20,
-                           min_sample_s: float = 0.0) -> dict[str, dict[str, float]]:
-    """``time_call`` of each of ``fns`` in rounds: every round times one sample of each in turn,
-    so that the shared device's drift over the run moves them alike (ratios between them are
-    what the benchmarks report). A sample is one call, or with ``min_sample_s`` as many
-    back-to-back calls as last that long (``jaxmt.timing.time_in_rounds``); times are per call."""
+                           min_sample_s: float = 0.0) -> dict[str, dict[str, float | int]]:
+    """Each of ``fns`` timed in rounds: every round times one sample of each in turn, so that
+    the shared device's drift over the run moves them alike (ratios between them are what the
+    benchmarks report). A sample is one call, or with ``min_sample_s`` a burst of back-to-back
+    calls of about that long (``jaxmt.timing.time_in_rounds``); times are per call, and with
+    bursts ``min_s`` and ``p90_s`` are over the bursts' means. Unlike ``time_call``'s
+    ``min_seconds`` (the whole run's least length), ``min_sample_s`` sizes each sample."""
     return time_in_rounds(fns, warmup=warmup, repeats=repeats, min_sample_s=min_sample_s)
 
 

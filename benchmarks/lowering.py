@@ -21,9 +21,9 @@ End to end (throughput, images/s; ratios side by side):
 Each output is checked against the per-tenant reference (the time-only outputs) before
 anything is timed; timings are medians of repeats after warm-up, on fresh random inputs, every
 method timed once per round (``common.time_calls_interleaved``). A sample is as many
-back-to-back calls as take ``--min-sample-ms`` (20 ms by default; 0 times one call at a time,
-as runs before this option did), so that a step of about a millisecond is timed as a stream
-the device runs, not as one launch and wait of the host.
+back-to-back calls as take about ``--min-sample-ms`` (20 ms by default, at most 200 calls; 0
+times one call at a time, as runs before this option did), so that a step of about a
+millisecond is timed as a stream the device runs, not as one launch and wait of the host.
 
     PYTHONPATH=. python benchmarks/lowering.py --quick            # CPU, tiny models, ~1 min
     PYTHONPATH=. python benchmarks/lowering.py                    # GPU, full models
@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--min-sample-ms", type=float, default=20.0,
-                        help="end to end: each sample is back-to-back calls of at least this long (0: one call)")
+                        help="end to end: each sample is a burst of back-to-back calls of about this long, "
+                             "at most jaxmt.timing.MOST_CALLS of them (0: one call a sample)")
     parser.add_argument("--layer-repeats", type=int, default=7)
     parser.add_argument("--budget-s", type=float, default=None, help="stop starting new work after this many seconds")
     parser.add_argument("--seed", type=int, default=0)
