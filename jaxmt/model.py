@@ -568,9 +568,13 @@ class MultiTenantModel:
         Raises:
           InputError: naming what differs (and, for a non-finite row, its tenant).
         """
-        if isinstance(tenant_ids, (str, bytes)) or not hasattr(tenant_ids, "__len__"):
-            raise InputError(f"tenant_ids must be a sequence of ids (one per row), got {type(tenant_ids).__name__}")
-        if not isinstance(x, RowParts):
+        if (isinstance(tenant_ids, (str, bytes)) or not hasattr(tenant_ids, "__len__")
+                or (isinstance(tenant_ids, np.ndarray) and tenant_ids.ndim != 1)):
+            kind = f"a {tenant_ids.ndim}-d array" if isinstance(tenant_ids, np.ndarray) else type(tenant_ids).__name__
+            raise InputError(f"tenant_ids must be a sequence of ids (one per row), got {kind}")
+        if isinstance(x, (list, tuple)) and not x and self._row_shape is not None:
+            x = np.zeros((0, *self._row_shape), self._row_dtype)  # ``[]``: no rows, so none of a wrong shape or dtype
+        elif not isinstance(x, RowParts):
             x = as_row_array(x)
         if x.ndim == 0:
             raise InputError("x must have a leading row axis, got a scalar")

@@ -9,6 +9,7 @@ sensible initial ``capacity`` avoids); freed slots are reused, lowest first.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import threading
 from collections.abc import Hashable, Iterator, Sequence
@@ -230,14 +231,11 @@ class TenantStore:
             if tenant_id in self._slot_of:
                 raise DuplicateTenantError(f"tenant {tenant_id!r} is already resident; use update_tenant to replace its weights")
             leaves = self._validate(tenant_id, params)
-            if not self._free:
-                self._grow(self._capacity * 2)
-            slot = self._take_free_slot()
-            try:
+            with self._all_or_nothing():  # a failed write after growing leaves the old size
+                if not self._free:
+                    self._grow(self._capacity * 2)
+                slot = self._take_free_slot()
                 self._write(slot, leaves)
-            except BaseException:
-                heapq.heappush(self._free, slot)
-                raise
             self._slot_of[tenant_id] = slot
             self.version += 1
             return slot
@@ -296,22 +294,18 @@ class TenantStore:
                 raise CapacityError(
                     f"{len(tenant_ids)} new tenants do not fit: {len(self._slot_of)} resident, max_capacity={self.max_capacity}"
                 )
-            if needed > self._capacity:
-                capacity = self._capacity
-                while capacity < needed:
-                    capacity *= 2
-                self._grow(capacity if self.max_capacity is None else min(capacity, self.max_capacity))
-            slots = self._claim_slots(at_slots) if at_slots is not None else np.array([self._take_free_slot() for _ in tenant_ids], np.int32)
-            try:
+            with self._all_or_nothing():
+                if needed > self._capacity:
+                    capacity = self._capacity
+                    while capacity < needed:
+                        capacity *= 2
+                    self._grow(capacity if self.max_capacity is None else min(capacity, self.max_capacity))
+                slots = self._claim_slots(at_slots) if at_slots is not None else np.array([self._take_free_slot() for _ in tenant_ids], np.int32)
                 if self.sharding is None:
                     self._leaves = _write_slots(self._leaves, leaves, jax.device_put(slots, self.device))
                 else:  # row by row onto each slot's own device
                     for row, slot in enumerate(slots):
                         self._write(int(slot), [leaf[row] for leaf in leaves])
-            except BaseException:
-                for slot in slots:
-                    heapq.heappush(self._free, int(slot))
-                raise
             for tenant_id, slot in zip(tenant_ids, slots):
                 self._slot_of[tenant_id] = int(slot)
             self.version += 1
@@ -361,6 +355,18 @@ class TenantStore:
                 where = "taken" if 0 <= slot < self._capacity else f"outside the {self._capacity} slots (reserve first)"
                 raise ValueError(f"slot {slot} is {where}")
         return slots.astype(np.int32)
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self) -> Iterator[None]:
+        """Puts the leaves, capacity, slots and version back as they were if the body raises
+        (a grow that succeeded before a failed write included: growing does not donate the
+        old leaves, and the caller holds the lock throughout)."""
+        saved = (self._leaves, self._capacity, list(self._free), dict(self._slot_of), self.version)
+        try:
+            yield
+        except BaseException:
+            self._leaves, self._capacity, self._free, self._slot_of, self.version = saved
+            raise
 
     def _claim_slots(self, slots: np.ndarray) -> np.ndarray:
         taken = set(slots.tolist())

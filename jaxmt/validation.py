@@ -35,10 +35,16 @@ class _StructureDifference(Exception):
 Children = list[tuple[Any, Any]]  # (key entry, child) pairs one level down
 
 
-def _one_level(node: Any) -> tuple[jax.tree_util.PyTreeDef, Children] | None:
+def _one_level(node: Any) -> tuple[jax.tree_util.PyTreeDef | None, Children] | None:
     """``node``'s own pytree node (its treedef with every child a leaf) and its keyed
-    children, or None for a leaf. None and empty containers are nodes without children."""
-    whole = jax.tree_util.tree_structure(node)
+    children, or None for a leaf. None and empty containers are nodes without children. A
+    mapping that JAX cannot flatten has no treedef (None): its children are its items."""
+    try:
+        whole = jax.tree_util.tree_structure(node)
+    except (TypeError, ValueError):  # e.g. a dict whose keys JAX cannot sort (mixed types), here or below
+        if isinstance(node, Mapping):
+            return None, [(jax.tree_util.DictKey(key), child) for key, child in node.items()]
+        raise
     if whole.num_nodes == 1 and whole.num_leaves == 1:
         return None
     keyed, own = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda child: child is not node)
@@ -103,7 +109,7 @@ def _collect_aligned(template: Any, params: Any, path: tuple, out: list[Any]) ->
     (want_def, want_children), (got_def, got_children) = want, got
     if _mapping_keys(template, want_children) is not None and _mapping_keys(params, got_children) is not None:
         pairs = _paired_mappings(template, params, want_children, got_children, path)
-    elif want_def == got_def:
+    elif want_def is not None and got_def is not None and want_def == got_def:
         pairs = [(key, w, g) for (key, w), (_, g) in zip(want_children, got_children)]
     else:
         raise _StructureDifference(f"{_where(path)} is {_describe(params)}, expected {_describe(template)}")
@@ -136,8 +142,11 @@ def template_ordered_leaves(params: PyTree, template: PyTree, treedef: jax.tree_
       ParamMismatchError: any other difference, naming the first path where the trees
         differ; ``who`` starts the message (it names the tenants).
     """
-    leaves, got_treedef = jax.tree_util.tree_flatten(params)
-    if got_treedef == treedef:
+    try:
+        leaves, got_treedef = jax.tree_util.tree_flatten(params)
+    except (TypeError, ValueError):  # e.g. a dict whose keys JAX cannot sort: the walk below names them
+        leaves, got_treedef = [], None
+    if got_treedef is not None and got_treedef == treedef:
         return leaves
     aligned: list[Any] = []
     try:
@@ -198,13 +207,28 @@ def _shape_and_dtype(leaf: Any, where: str, expected: str) -> tuple[tuple[int, .
         64-bit mode); ``where`` names the tenant and leaf, ``expected`` the template's leaf.
     """
     try:
-        return tuple(np.shape(leaf)), leaf_dtype(leaf)
+        shape, dtype = tuple(np.shape(leaf)), leaf_dtype(leaf)
+        _check_integers_fit(leaf, dtype)
+        return shape, dtype
     except OverflowError as error:
         raise ParamMismatchError(f"{where} is {type(leaf).__name__} {reprlib.repr(leaf)}, which JAX cannot hold "
                                  f"({error}); expected {expected}") from error
     except (TypeError, ValueError) as error:
         raise ParamMismatchError(f"{where} is {type(leaf).__name__} {reprlib.repr(leaf)}, which is not "
                                  f"array-like; expected {expected}") from error
+
+
+def _check_integers_fit(leaf: Any, dtype: np.dtype) -> None:
+    """Raises OverflowError where an integer array of a wider dtype than the store keeps
+    (int64 without 64-bit mode) holds values that ``dtype`` cannot: the conversion would wrap
+    them silently."""
+    own = getattr(leaf, "dtype", None)
+    if own is None or np.dtype(own) == dtype or np.dtype(own).kind not in "iu" or dtype.kind not in "iu" or np.size(leaf) == 0:
+        return
+    values, info = np.asarray(leaf), np.iinfo(dtype)
+    low, high = values.min(), values.max()
+    if low < info.min or high > info.max:
+        raise OverflowError(f"values from {low} to {high} do not fit {dtype.name}")
 
 
 def _check_leaves(leaves: Sequence[Any], paths: Sequence[str], specs: Sequence[jax.ShapeDtypeStruct],

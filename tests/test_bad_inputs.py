@@ -93,12 +93,14 @@ def _case(name: str, rng: np.random.Generator):
         "more-ids": (["a", "b", "c", "a"], good, "len(tenant_ids) is 4 but x has 3 rows"),
         "ids-as-string": ("abc", good, "must be a sequence of ids"),
         "ids-not-a-sequence": (iter(["a", "b", "c"]), good, "must be a sequence of ids"),
+        "ids-0-d-array": (np.array("a"), good[:1], "must be a sequence of ids (one per row), got a 0-d array"),
+        "ids-2-d-array": (np.array([["a", "b", "c"]]), good, "got a 2-d array"),
     }
     return cases[name]
 
 
 BAD_ROWS = ["scalar", "rank-1", "rank-3", "trailing-shape", "float64", "int32", "float16", "fewer-ids", "more-ids",
-            "ids-as-string", "ids-not-a-sequence"]  # fmt: skip
+            "ids-as-string", "ids-not-a-sequence", "ids-0-d-array", "ids-2-d-array"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", BAD_ROWS)
@@ -256,6 +258,19 @@ def test_zero_row_requests_return_zero_rows_and_compute_nothing(declare_rows, rn
     _assert_everyone_still_served(spec, mt, params, rng)
 
 
+@pytest.mark.parametrize("empty", [[], ()], ids=["list", "tuple"])
+def test_an_empty_list_is_an_empty_request_whatever_the_row_shape(empty):
+    """``predict([], [])``: no rows, so none of a wrong shape or dtype, for scalar rows too
+    (where ``[]`` would otherwise read as a float64 array of zero scalar rows)."""
+    mt = MultiTenantModel(lambda p, x: x * p["a"], {"a": np.float32(2)}, capacity=1, row_shape=(), row_dtype=np.float32)
+    mt.add_tenant("t", {"a": np.float32(3)})
+    got = mt.predict([], empty)
+    assert got.shape == (0,) and got.dtype == np.float32
+    np.testing.assert_allclose(mt.predict(["t", "t"], np.array([1, 2], np.float32)), [3, 6])
+    with pytest.raises(InputError, match="dtype float64, expected float32"):  # an array says its dtype
+        mt.predict([], np.zeros((0,), np.float64))
+
+
 @pytest.mark.parametrize("rows", [9, 64, 257])
 def test_requests_beyond_the_largest_bucket_are_split_not_rejected(rows, rng):
     spec, mt, params = _served()
@@ -296,6 +311,12 @@ def _wrong_dtype(params):  # (float64 would do: JAX keeps it as float32, and so 
     return jax.tree.map(lambda leaf: np.asarray(leaf, np.float16), params), "float16"
 
 
+def _key_of_another_type(params):  # keys JAX cannot sort together: its own flatten raises a bare ValueError
+    params = jax.tree.map(np.asarray, params)
+    params["params"][1] = np.zeros(2, np.float32)
+    return params, "unexpected extra entry ['params'][1]"
+
+
 def _nan_weight(params):
     params = jax.tree.map(lambda leaf: np.array(leaf), params)
     first_layer = sorted(params["params"])[0]
@@ -308,6 +329,7 @@ BAD_PARAMS = {
     "extra-leaf": (_extra_leaf, ParamMismatchError),
     "wrong-shape": (_wrong_shape, ParamMismatchError),
     "wrong-dtype": (_wrong_dtype, ParamMismatchError),
+    "key-of-another-type": (_key_of_another_type, ParamMismatchError),
     "nan-weight": (_nan_weight, NonFiniteParamsError),
 }
 

@@ -199,8 +199,9 @@ def test_a_failed_allocation_while_growing_keeps_the_old_store_serving(rng, monk
     _assert_serves(mt, params, rng)
 
 
-def test_a_failed_slot_write_leaves_the_store_as_it_was(rng, monkeypatch):
-    mt, params = _served(_linear, tenants=("a", "b"), capacity=4)
+@pytest.mark.parametrize("capacity", [4, 2], ids=["room-left", "full: the add grows the store first"])
+def test_a_failed_slot_write_leaves_the_store_as_it_was(capacity, rng, monkeypatch):
+    mt, params = _served(_linear, tenants=("a", "b"), capacity=capacity)
     before = _store_state(mt)
 
     def device_error(*args, **kwargs):
@@ -208,11 +209,14 @@ def test_a_failed_slot_write_leaves_the_store_as_it_was(rng, monkeypatch):
 
     with monkeypatch.context() as patch:
         patch.setattr(jaxmt.store, "_write_slot", device_error)
+        patch.setattr(jaxmt.store, "_write_slots", device_error)
         with pytest.raises(jax.errors.JaxRuntimeError, match="device lost"):
             mt.add_tenant("c", _params(3))
         with pytest.raises(jax.errors.JaxRuntimeError, match="device lost"):
+            mt.store.add_stacked(["c", "d", "e"], jax.tree.map(lambda *leaves: np.stack(leaves), *[_params(s) for s in (3, 4, 5)]))
+        with pytest.raises(jax.errors.JaxRuntimeError, match="device lost"):
             mt.update_tenant("a", _params(3))
-    _assert_store_unchanged(mt, before)
+    _assert_store_unchanged(mt, before)  # the size, the version and the free slots too: no grown store kept
     _assert_serves(mt, params, rng)
     assert mt.store.add("c", _params(3)) == 2  # the slot the failed add took was given back
 

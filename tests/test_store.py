@@ -161,6 +161,22 @@ def test_leaves_take_the_dtype_jax_keeps_them_in(template_w):
         store.add("float16", {"w": np.zeros((3, 2), np.float16), "scale": 2.5})
 
 
+@pytest.mark.parametrize("operation", ["add", "update"])
+def test_wide_integers_that_the_store_would_wrap_are_refused(operation):
+    """Without 64-bit mode the store keeps int64 leaves as int32: values that fit are taken,
+    values that do not are refused naming the leaf instead of wrapping (2**40 + 5 -> 5)."""
+    store = TenantStore(_params(0), capacity=2)
+    store.add("a", _params(1))
+    before = _snapshot(store)
+    fits = {**_params(2), "steps": np.int64(2**31 - 1)}
+    wraps = {**_params(2), "steps": np.int64(2**40 + 5)}
+    with pytest.raises(ParamMismatchError, match=r"\['steps'\].*do not fit int32"):
+        getattr(store, operation)("a" if operation == "update" else "new", wraps)
+    _assert_unchanged(store, before)
+    getattr(store, operation)("a" if operation == "update" else "new", fits)
+    assert int(store.get("a" if operation == "update" else "new")["steps"]) == 2**31 - 1
+
+
 def test_duplicate_and_unknown_ids():
     store = TenantStore(_params(0), capacity=2)
     store.add("a", _params(1))
