@@ -219,7 +219,9 @@ class MultiTenantModel:
 
     # --------------------------------------------------------------- tenants
     def add_tenant(self, tenant_id: Hashable, params: PyTree) -> None:
-        """Adds a tenant (validated against the template; written in place)."""
+        """Adds a tenant (validated against the template; written in place). Ids are looked up
+        as dict keys: ids that compare equal (``1``, ``1.0``, ``True``, ``np.int64(1)``) name
+        one tenant."""
         self.store.add(tenant_id, params)
 
     def update_tenant(self, tenant_id: Hashable, params: PyTree) -> None:
