@@ -128,6 +128,20 @@ class _EdfQueue:
         heapq.heappush(self._by_arrival, (req.submitted_s, req.seq, req.token))
         self._count(req, +1)
 
+    def discard(self, req: _Request) -> bool:
+        """Removes ``req`` if it is still queued here (its owner cancelled it); False if a step
+        took it already. Its heap entries go stale, dropped as the heaps are read."""
+        if self._live.pop(req.token, None) is None:
+            return False
+        self._count(req, -1)
+        for name in ("_by_deadline", "_by_arrival"):
+            heap = getattr(self, name)
+            if len(heap) > 2 * len(self._live) + 64:  # stale entries: drop them (amortised O(1))
+                heap = [entry for entry in heap if entry[2] in self._live]
+                heapq.heapify(heap)
+                setattr(self, name, heap)
+        return True
+
     def _top(self, heap: list) -> _Request | None:
         while heap and heap[0][2] not in self._live:
             heapq.heappop(heap)

@@ -16,6 +16,7 @@ import asyncio
 import atexit
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -141,7 +142,21 @@ class _ServerBase:
             self._latency.note_admitted_late(tenant_id)
         if error is not None:
             self._finish(req, error=error)
+        else:  # a request its owner cancels leaves the queue at once, not when a step reaches it
+            future.add_done_callback(functools.partial(self._drop_if_cancelled, req))
         return future
+
+    def _drop_if_cancelled(self, req: _Request, future: Future) -> None:
+        """Done-callback of a queued request's future: if its owner cancelled it, it stops
+        counting against the queue's limits and depth now (as a step would drop it: no record)."""
+        if not future.cancelled():
+            return
+        with self._cond:
+            lane = self._lanes.get(self._lane_key(req.tenant_id))
+            if lane is None or not lane.discard(req):
+                return
+            self._outstanding.pop(req.seq, None)
+        _let_go_of_staged(req)
 
     async def submit_async(self, tenant_id: Hashable, x: Any, slo_ms: float | None = None, *, copy: bool = True) -> Any:
         """``await``-able ``submit``: the output rows, or the request's exception."""
@@ -553,7 +568,7 @@ class _ServerBase:
         for req in requests:
             rows_of_req = slice(offset, offset + req.rows)
             offset += req.rows
-            self._finish(req, result=jax.tree_util.tree_map(lambda a, s=rows_of_req: a[s], answers))
+            self._finish(req, result=jax.tree_util.tree_map(lambda a, s=rows_of_req: _own_rows(a, s), answers))
 
     def _complete(self, launched: _Launched, pipelined: bool) -> None:
         """Waits for a step's results and completes its futures (off the dispatch path)."""
@@ -629,6 +644,13 @@ def _claim(future: Future) -> bool:
         return False
 
 
+def _own_rows(answers: Any, rows: slice) -> Any:
+    """A request's rows of a step's answers, in an array of their own: a NumPy slice would
+    keep the whole step's block (other tenants' answers included) reachable through ``.base``."""
+    piece = answers[rows]
+    return piece.copy() if isinstance(piece, np.ndarray) else piece
+
+
 def _let_go_of_staged(req: _Request) -> None:
     """A request that is done needs its staged rows no more (a pending copy is skipped)."""
     staged, req.staged = req.staged, None
@@ -641,7 +663,10 @@ def _check_slo(slo_ms: Any, default_ms: float) -> float:
         return default_ms
     if isinstance(slo_ms, bool) or not isinstance(slo_ms, numbers.Real):  # any bad SLO is a ValueError
         raise ValueError(f"slo_ms must be a number of milliseconds, got {type(slo_ms).__name__} {slo_ms!r}")  # noqa: TRY004
-    value = float(slo_ms)
+    try:
+        value = float(slo_ms)
+    except OverflowError:  # an int beyond float's range: out of range like any other
+        value = math.inf
     if not (math.isfinite(value) and 0.0 < value <= MAX_SLO_MS):
         raise ValueError(f"slo_ms must be a finite number in (0, {MAX_SLO_MS:g}], got {slo_ms!r}")
     return value

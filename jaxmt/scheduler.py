@@ -45,7 +45,10 @@ OVERLOAD_POLICIES = ("reject", "serve_late")
 def _check_real(name: str, value: Any, low: float, high: float, low_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float's range: out of range like any other
+        value = math.inf
     too_low = value <= low if low_open else value < low
     if not math.isfinite(value) or too_low or value > high:
         bracket = "(" if low_open else "["
@@ -130,9 +133,11 @@ class SchedulerConfig:
         set_("ewma_alpha", _check_real("ewma_alpha", self.ewma_alpha, 0.0, 1.0, low_open=True))
         set_("flag_window", _check_int("flag_window", self.flag_window, 1))
         set_("flag_min_requests", _check_int("flag_min_requests", self.flag_min_requests, 1))
+        if self.flag_min_requests > self.flag_window:  # the window of recent results could never hold enough
+            raise ValueError(f"flag_min_requests ({self.flag_min_requests}) must not exceed flag_window ({self.flag_window})")
         set_("flag_below_attainment", _check_real("flag_below_attainment", self.flag_below_attainment, 0.0, 1.0))
         set_("latency_window", _check_int("latency_window", self.latency_window, 1))
-        if self.stage_inputs not in (None, True, False):
+        if not (self.stage_inputs is None or isinstance(self.stage_inputs, (bool, np.bool_))):  # (1 == True: `in` would take it)
             raise ValueError(f"stage_inputs must be None, True or False, got {self.stage_inputs!r}")
         if not callable(self.clock):
             raise TypeError(f"clock must be callable, got {type(self.clock).__name__}")

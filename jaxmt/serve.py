@@ -75,15 +75,29 @@ _HTTP_STATUS: tuple[tuple[type[BaseException], int], ...] = (
 )
 
 
+# Loads of one request's tenant before it is answered 503: under more active tenants than a
+# replica holds, each load may unload a tenant whose request is still queued.
+EVICTION_RETRIES = 4
+
+
 def tenant_headers(tenant_id: str) -> dict[str, str]:
     """The HTTP headers that route a request to a replica holding ``tenant_id``."""
     return {TENANT_HEADER: str(tenant_id)}
 
 
 def _jsonable(outputs: PyTree) -> PyTree:
+    """Outputs as JSON values: floats as float64, NaN and Inf (which JSON cannot hold) as null."""
     def leaf(a: Any) -> Any:
         a = np.asarray(a)
-        return a.astype(np.float64).tolist() if jnp.issubdtype(a.dtype, jnp.floating) else a.tolist()
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            return a.tolist()
+        a = a.astype(np.float64)
+        finite = np.isfinite(a)
+        if finite.all():
+            return a.tolist()
+        values = a.astype(object)
+        values[~finite] = None
+        return values.tolist()
 
     return jax.tree_util.tree_map(leaf, outputs)
 
@@ -219,13 +233,18 @@ class TenantReplica:
         return tenant_id, rows, slo_ms
 
     async def _predict(self, tenant_id: str, rows: np.ndarray, slo_ms: float | None) -> PyTree:
-        await self._tenant(tenant_id)  # loads it here on first use, unloading the LRU tenant if full
-        try:
-            return await self.scheduler.submit_async(tenant_id, rows, slo_ms)
-        except UnknownTenantError:
-            # Unloaded by a concurrent load between our load and the step: load it once more.
+        for _ in range(EVICTION_RETRIES):
+            # Loads it here on first use, unloading the LRU tenant if full; a tenant that
+            # load_params does not know raises UnknownTenantError here (a 404).
             await self._tenant(tenant_id)
-            return await self.scheduler.submit_async(tenant_id, rows, slo_ms)
+            try:
+                return await self.scheduler.submit_async(tenant_id, rows, slo_ms)
+            except UnknownTenantError:  # unloaded by concurrent loads between our load and the step
+                continue
+        raise Overloaded(
+            f"tenant {tenant_id!r} was unloaded {EVICTION_RETRIES} times before its request ran: replica {self.replica} "
+            f"has more tenants active than it holds at once (max_tenants_per_replica)"
+        )
 
     async def _load(self, tenant_id: str) -> _ResidentTenant:
         def install() -> int:

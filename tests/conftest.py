@@ -58,7 +58,6 @@ def results_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
-@functools.lru_cache(maxsize=None)
 class FakeClock:
     """Seconds that move only when a test (or a gated step) says so: servers take it as their
     ``clock``, so that no assertion depends on how fast this machine runs."""

@@ -124,6 +124,9 @@ def rows(rng, n: int = 1) -> np.ndarray:
     ("max_queue_rows", 0, ValueError), ("pipeline_depth", 0, ValueError), ("pipeline_depth", 1.5, ValueError),
     ("ewma_alpha", 0.0, ValueError), ("flag_below_attainment", 1.5, ValueError), ("clock", 3, TypeError),
     ("target_latency_ms", 0.0, ValueError), ("target_latency_ms", -5.0, ValueError), ("target_latency_ms", "30", TypeError),
+    pytest.param("default_slo_ms", 10**400, ValueError, id="default_slo_ms-beyond-float"),
+    ("flag_min_requests", 65, ValueError),  # more than the default flag_window of 64 could ever hold
+    ("stage_inputs", 1, ValueError), ("stage_inputs", "yes", ValueError),
 ])
 def test_config_rejects_bad_values(field, value, error):
     with pytest.raises(error, match=field):
@@ -223,7 +226,7 @@ def test_bad_requests_raise_at_submit_and_never_enter_the_queue(served, rng):
             sched.submit("t0", np.zeros((0, ROW), np.float32))
         with pytest.raises(jaxmt.InputError):
             sched.submit("t0", np.float32(1.0))
-        for slo in (-1.0, 0.0, float("nan"), float("inf"), 1e12, "fast", True, [50.0]):
+        for slo in (-1.0, 0.0, float("nan"), float("inf"), 1e12, 10**400, "fast", True, [50.0]):
             with pytest.raises(ValueError, match="slo_ms"):
                 sched.submit("t0", rows(rng), slo_ms=slo)
         overall = sched.metrics()["overall"]
@@ -325,6 +328,37 @@ def test_cancelled_request_is_skipped(served, rng):
         assert cancelled.cancel()
     assert cancelled.cancelled() and not sched._outstanding
     check_against_reference(params, [("t0", keep, kept.result(timeout=TIMEOUT_S))])
+
+
+@pytest.mark.parametrize("server", ["scheduler", "time"])
+def test_a_cancelled_request_leaves_the_queue_at_once(server, served, rng):
+    """Its rows stop counting against max_queue_rows and in the queue depth when its owner
+    cancels it, not when a step would have reached it (up to max_delay_ms later)."""
+    mt, params = served
+    make = jaxmt.Scheduler if server == "scheduler" else jaxmt.TimeOnlyServer
+    with make(mt, max_delay_ms=60_000.0, max_queue_rows=4) as sched:
+        assert sched.submit("t0", rows(rng, 4)).cancel()
+        assert sched.metrics()["overall"]["queue_depth"] == 0 and not sched._outstanding
+        x = rows(rng, 4)
+        taken = sched.submit("t1", x)  # would not fit beside the cancelled 4 rows
+        assert not (taken.done() and taken.exception() is not None)
+    check_against_reference(params, [("t1", x, taken.result(timeout=TIMEOUT_S))])
+
+
+def test_each_answer_holds_only_its_own_rows(served, monkeypatch, rng):
+    """A request's answer does not keep the step's other answers reachable (``.base``):
+    two tenants' requests answered from one step share no memory."""
+    mt, params = served
+    record = RecordingDispatch(mt)
+    monkeypatch.setattr(mt, "dispatch", record)
+    sched = jaxmt.Scheduler(mt, max_delay_ms=60_000.0)
+    a, b = rows(rng, 2), rows(rng, 1)
+    fa, fb = sched.submit("t0", a), sched.submit("t1", b)
+    sched.close(drain=True)  # serves what is queued at once: one step
+    got_a, got_b = fa.result(timeout=TIMEOUT_S), fb.result(timeout=TIMEOUT_S)
+    assert len(record.calls) == 1  # one step answered both
+    assert not np.shares_memory(got_a, got_b) and (got_a.base is None or got_a.base.shape == got_a.shape)
+    check_against_reference(params, [("t0", a, got_a), ("t1", b, got_b)])
 
 
 # ------------------------------------------------------------------ failures

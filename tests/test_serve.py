@@ -194,3 +194,53 @@ def test_rows_a_pixel_model_cannot_hold_are_input_errors_not_server_errors(monke
 
     with pytest.raises(jaxmt.InputError, match="rows of tenant 't0'"):
         asyncio.run(jaxmt.serve.TenantReplica._decode(replica, Request()))
+
+
+def test_nonfinite_outputs_are_json_nulls():
+    """JSON has no NaN or Inf: such outputs go out as null, the rest as float64 values."""
+    out = jaxmt.serve._jsonable({"logits": np.array([[1.5, np.nan], [-np.inf, 2.0]], np.float32), "ids": np.array([1, 2])})
+    assert out == {"logits": [[1.5, None], [None, 2.0]], "ids": [1, 2]}
+    json.dumps(out, allow_nan=False)  # what the response's encoder demands
+
+
+def _evicting_replica(unloads: int, known: bool = True):
+    """A replica stand-in whose tenant is unloaded ``unloads`` times between its load and its
+    request's step (more active tenants than the replica holds), for ``TenantReplica._predict``."""
+    import types
+
+    loads = []
+
+    async def tenant(tenant_id):
+        if not known:
+            raise jaxmt.UnknownTenantError(tenant_id, 0)
+        loads.append(tenant_id)
+
+    async def submit_async(tenant_id, rows, slo_ms):
+        if len(loads) <= unloads:
+            raise jaxmt.UnknownTenantError(tenant_id, 1)
+        return rows * 2
+
+    replica = types.SimpleNamespace(_tenant=tenant, scheduler=types.SimpleNamespace(submit_async=submit_async), replica="r0")
+    return replica, loads
+
+
+@pytest.mark.parametrize("unloads", [0, 1, jaxmt.serve.EVICTION_RETRIES - 1])
+def test_a_tenant_unloaded_before_its_step_is_loaded_again(unloads):
+    import asyncio
+
+    replica, loads = _evicting_replica(unloads)
+    got = asyncio.run(jaxmt.serve.TenantReplica._predict(replica, "t0", np.ones(2), None))
+    np.testing.assert_array_equal(got, [2, 2])
+    assert loads == ["t0"] * (unloads + 1)
+
+
+def test_a_tenant_unloaded_every_time_is_overloaded_and_an_unknown_one_is_unknown():
+    import asyncio
+
+    replica, loads = _evicting_replica(unloads=10**6)
+    with pytest.raises(jaxmt.Overloaded, match=f"unloaded {jaxmt.serve.EVICTION_RETRIES} times"):  # a 503, not a 404
+        asyncio.run(jaxmt.serve.TenantReplica._predict(replica, "t0", np.ones(2), None))
+    assert len(loads) == jaxmt.serve.EVICTION_RETRIES
+    replica, _ = _evicting_replica(unloads=0, known=False)
+    with pytest.raises(jaxmt.UnknownTenantError):
+        asyncio.run(jaxmt.serve.TenantReplica._predict(replica, "nobody", np.ones(2), None))
