@@ -28,7 +28,7 @@ README = BENCH_DIR / "README.md"
 if str(BENCH_DIR.parent) not in sys.path:  # run as a script from anywhere in the tree
     sys.path.insert(0, str(BENCH_DIR.parent))
 
-from jaxmt.timing import time_in_rounds  # noqa: E402  (needs the repository on sys.path)
+from jaxmt.timing import percentile, time_in_rounds  # noqa: E402  (needs the repository on sys.path)
 
 
 def environment() -> dict[str, Any]:
@@ -67,7 +67,7 @@ def time_call(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 20, min_
     return {
         "median_s": statistics.median(samples),
         "min_s": samples[0],
-        "p90_s": samples[int(0.9 * (len(samples) - 1))],
+        "p90_s": percentile(samples, 0.9),
         "repeats": len(samples),
     }
 

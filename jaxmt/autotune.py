@@ -235,7 +235,9 @@ class LoweringCache:
         if not isinstance(payload, dict) or payload.get("format") != CACHE_FORMAT:
             return {}
         entries = payload.get("entries")
-        return dict(entries) if isinstance(entries, dict) else {}
+        if not isinstance(entries, dict):
+            return {}
+        return {key: entry for key, entry in entries.items() if isinstance(entry, dict)}  # a foreign value is no entry
 
     def get(self, key: str) -> dict[str, Any] | None:
         with self._lock:
@@ -252,7 +254,7 @@ class LoweringCache:
             return dict(self._entries)
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
-        with self._lock:
+        with self._lock, _locked_file(self.path.with_name(self.path.name + ".lock")):
             merged = self._read_disk()
             if self._entries:
                 merged = {**self._entries, **merged}
@@ -269,6 +271,25 @@ class LoweringCache:
         with self._lock:
             self._refresh()
             return len(self._entries)
+
+
+@contextlib.contextmanager
+def _locked_file(lock_path: Path) -> Any:
+    """Holds an exclusive lock on ``lock_path`` (created if needed) for the body: processes
+    that share a choices file then merge their writes in turn instead of each replacing the
+    file with its own read of it. Where ``fcntl`` is missing (Windows) the body runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 _PERIOD = 1_000_003  # prime: a tiled pattern never lines up with a tenant or row boundary

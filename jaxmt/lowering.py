@@ -103,6 +103,10 @@ class LoweringPolicy:
                 raise ValueError(
                     f"override selector {selector!r} is not 'conv:<i>', a layer kind {LAYER_KINDS} or a signature key"
                 )
+        # "conv:07" names conv 7, as "conv:7" does (the interpreter looks the latter up).
+        canonical = tuple((f"conv:{_layer_index(sel)}" if _layer_index(sel) is not None else sel, choice)
+                          for sel, choice in self.overrides)
+        object.__setattr__(self, "overrides", canonical)
 
     @classmethod
     def of(cls, lowering: str | LoweringPolicy | Mapping[str, str]) -> LoweringPolicy:
@@ -242,10 +246,16 @@ def _interpret_batched(apply_fn: Callable, policy: LoweringPolicy, record: list 
     if len(sizes) != 1 or None in sizes:
         raise ValueError(f"every input leaf needs the same leading tenant axis, got sizes {sorted(map(str, sizes))}")
     (tenants,) = sizes
-    one_tenant = [jax.ShapeDtypeStruct(np.shape(leaf)[1:], leaf.dtype) for leaf in leaves]
+    # (weak types kept: a weakly typed input promotes as it would under jax.vmap)
+    one_tenant = [jax.ShapeDtypeStruct(np.shape(leaf)[1:], leaf.dtype, weak_type=bool(getattr(leaf, "weak_type", False)))
+                  for leaf in leaves]
     closed, out_shape = jax.make_jaxpr(lambda *flat: apply_fn(*jax.tree_util.tree_unflatten(treedef, flat)), return_shape=True)(*one_tenant)
     ctx = _Context(tenants, policy)
     outs = _eval_jaxpr(closed.jaxpr, closed.consts, [(leaf, True) for leaf in leaves], ctx)
+    beyond = sorted(i for sel, _ in policy.overrides if (i := _layer_index(sel)) is not None and i >= len(ctx.choices))
+    if beyond:  # a typo'd index would otherwise change nothing, silently
+        raise ValueError(f"lowering overrides name conv {beyond}, but the model has {len(ctx.choices)} tenant-batched "
+                         f"convs (conv:0 to conv:{len(ctx.choices) - 1})")
     if record is not None:
         record.extend(ctx.choices)
     flat_out = [v if batched else _broadcast(v, tenants) for v, batched in outs]

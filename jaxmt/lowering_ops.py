@@ -399,6 +399,12 @@ _IMPLS: dict[str, Callable[[jax.Array, jax.Array, ConvParams], jax.Array]] = {
 }
 
 
+_FLOAT32_OR_NARROWER = {"float16", "bfloat16", "float32"}
+# Lowerings that slice the input by window offset (or tile it): a conv with nothing to compute
+# (no images, or an empty output) is answered with zeros before they would slice nothing.
+_SLICING = ("einsum", "im2col", "shift_sum", "depthwise_direct", "implicit_gemm")
+
+
 def applicable(choice: str, sig: ConvSignature) -> bool:
     """Whether lowering ``choice`` can compute the conv of ``sig`` exactly."""
     if choice not in _IMPLS:
@@ -416,10 +422,13 @@ def applicable(choice: str, sig: ConvSignature) -> bool:
         return plain and no_lhs_dilation and all(r == 1 for r in sig.window)
     if choice == "im2col":
         return dense and no_lhs_dilation
+    # These two sum their products in float32 and cast back: exact enough for floats of at
+    # most 32 bits only (not for float64, integers or complex numbers).
+    summed_in_float32 = {sig.lhs_dtype, sig.rhs_dtype} <= _FLOAT32_OR_NARROWER
     if choice == "shift_sum":
-        return dense and no_lhs_dilation
+        return dense and no_lhs_dilation and summed_in_float32
     if choice == "depthwise_direct":
-        return sig.is_depthwise and no_lhs_dilation
+        return sig.is_depthwise and no_lhs_dilation and summed_in_float32
     if choice == "implicit_gemm":
         # 16-bit products are exact in the kernel and its sums float32, whatever the conv's
         # precision; float32 products round as TF32 (or as jax_default_matmul_precision says),
@@ -436,4 +445,8 @@ def lower_conv(choice: str, x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Ar
     """Runs lowering ``choice`` on x [K, N, *S, C], w [K, *R, I, O] (canonical layouts)."""
     if choice not in _IMPLS:
         raise ValueError(f"unknown conv lowering {choice!r}; choose one of {CONV_LOWERINGS}")
+    if choice in _SLICING:
+        out_spatial = _out_spatial_of(x, w, p)
+        if x.shape[1] == 0 or 0 in out_spatial:
+            return jnp.zeros((x.shape[0], x.shape[1], *out_spatial, w.shape[-1]), _out_dtype(x, p))
     return _IMPLS[choice](x, w, p)

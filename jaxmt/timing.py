@@ -46,6 +46,8 @@ def time_in_rounds(fns: dict[str, Callable[[], Any]], *, warmup: int = 2, repeat
     where ``warmup`` is 0 and bursts are asked for). ``clock``: seconds, by default
     ``time.perf_counter``.
     """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     clock = clock or time.perf_counter
     calls: dict[str, int] = {}
     for name, fn in fns.items():
@@ -64,10 +66,15 @@ def time_in_rounds(fns: dict[str, Callable[[], Any]], *, warmup: int = 2, repeat
     out = {}
     for name, values in samples.items():
         values.sort()
-        out[name] = {"median_s": statistics.median(values), "min_s": values[0],
-                     "p90_s": values[int(0.9 * (len(values) - 1))], "repeats": len(values),
-                     "calls_per_sample": calls[name]}
+        out[name] = {"median_s": statistics.median(values), "min_s": values[0], "p90_s": percentile(values, 0.9),
+                     "repeats": len(values), "calls_per_sample": calls[name]}
     return out
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """The smallest value at or above a fraction ``q`` of ``sorted_values`` (nearest rank):
+    never below the median for q >= 0.5, the largest value for q = 1."""
+    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
 
 
 def _can_wait_for(out: Any) -> bool:

@@ -517,3 +517,109 @@ def test_the_default_rule_picks_what_the_gpu_measurements_favoured(sig, platform
     monkeypatch.setattr(autotune, "_kernel_is_timed_here", lambda: True)  # as on the H100 that timed it, whatever this host
     assert autotune.default_rule(sig, platform) == expected
     assert autotune.applicable(expected, sig)
+
+
+# ------------------------------------------------------------------ edges: dtypes, empty outputs, the cache, selectors
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _depthwise(w, x):
+    return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_DN, feature_group_count=x.shape[-1])
+
+
+def _operands(dtype, rng, x_shape, w_shape):
+    if np.issubdtype(dtype, np.complexfloating):
+        draw = lambda s: rng.standard_normal(s) + 1j * rng.standard_normal(s)
+    elif np.issubdtype(dtype, np.integer):
+        draw = lambda s: rng.integers(-100, 100, s)
+    else:
+        draw = rng.standard_normal
+    return jnp.asarray(draw(w_shape), dtype), jnp.asarray(draw(x_shape), dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int32, jnp.complex64], ids=["int8", "int32", "complex64"])
+@pytest.mark.parametrize("policy", ["auto", "rule"] + list(CONV_LOWERINGS))
+def test_integer_and_complex_convs_equal_vmap_exactly_under_every_policy(dtype, policy, rng):
+    """The forms that sum in float32 (depthwise_direct, shift_sum) do not apply to them: a
+    forced one falls back to vmap, and the rule picks another."""
+    w, x = _operands(dtype, rng, (2, 1, 5, 5, 4), (2, 3, 3, 1, 4))
+    if policy == "implicit_gemm":
+        pytest.skip("the Pallas kernel takes 16-bit and float32 convs only")
+    got, want = tenant_batched(_depthwise, policy)(w, x), jax.vmap(_depthwise)(w, x)
+    assert got.dtype == want.dtype
+    tolerance = 1e-6 if dtype == jnp.complex64 else 0
+    assert float(jnp.max(jnp.abs(got - want))) <= tolerance * float(jnp.max(jnp.abs(want)))
+
+
+def test_integer_products_summed_into_a_wider_type_are_exact():
+    def f(w, x):
+        return lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=_DN, preferred_element_type=jnp.int32)
+
+    x, w = jnp.full((1, 1, 3, 3, 1000), 127, jnp.int8), jnp.full((1, 3, 3, 1000, 1), 127, jnp.int8)
+    for policy in ["auto", "im2col", "shift_sum", "einsum", "vmap"]:
+        assert int(tenant_batched(f, policy)(w, x).ravel()[0]) == 9 * 1000 * 127 * 127, policy
+
+
+@pytest.mark.parametrize("lowering", ["auto", "im2col", "shift_sum", "depthwise_direct", "einsum", "implicit_gemm"])
+@pytest.mark.parametrize("case", ["empty-output", "no-images"])
+def test_convs_with_nothing_to_compute_give_empty_answers(lowering, case):
+    groups = 4 if lowering == "depthwise_direct" else 1
+    window, stride = (1, 1) if lowering == "einsum" else (3, 2)
+
+    def f(w, x):
+        return lax.conv_general_dilated(x, w, (stride, stride), "VALID", dimension_numbers=_DN, feature_group_count=groups)
+
+    x = jnp.ones((2, 1, 2, 2, 4)) if case == "empty-output" and window > 1 else jnp.ones((2, 0, 6, 6, 4))
+    w = jnp.ones((2, window, window, 4 // groups, 4))
+    want = jax.vmap(f)(w, x)
+    got = tenant_batched(f, lowering)(w, x)
+    assert got.shape == want.shape and got.dtype == want.dtype and 0 in got.shape
+
+
+def test_a_foreign_value_in_the_choices_file_is_no_entry(tmp_path):
+    sig = ConvSignature(2, (2, 6, 6, 4), (3, 3, 4, 5), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1))
+    other = dataclasses.replace(sig, tenants=4)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"format": autotune.CACHE_FORMAT, "entries": {autotune.cache_key(other): "loop"}}))
+    assert autotune.Planner(autotune=False, cache_path=path).choose(sig)[1] == "rule"
+    assert autotune.LoweringCache(path).entries() == {}
+
+
+_CACHE_WRITER = """
+import sys
+from jaxmt import autotune
+cache = autotune.LoweringCache(sys.argv[1])
+for i in range(int(sys.argv[3])):
+    cache.put(f"{sys.argv[2]}-{i}", {"choice": "loop"})
+"""
+
+
+def test_processes_sharing_a_choices_file_keep_every_entry(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path, per_writer = str(tmp_path / "c.json"), 150
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), JAX_PLATFORMS="cpu")
+    writers = [subprocess.Popen([sys.executable, "-c", _CACHE_WRITER, path, tag, str(per_writer)], env=env) for tag in "abc"]
+    assert [w.wait(timeout=300) for w in writers] == [0, 0, 0]
+    assert len(json.loads(Path(path).read_text())["entries"]) == 3 * per_writer
+
+
+def test_weakly_typed_inputs_promote_as_under_vmap():
+    def f(p, x):
+        return p * x
+
+    p, x = jnp.ones((3, 4), jnp.bfloat16), jnp.broadcast_to(jnp.asarray(2.0), (3, 4))  # x: weak float32
+    assert tenant_batched(f, "auto")(p, x).dtype == jax.vmap(f)(p, x).dtype == jnp.bfloat16
+
+
+def test_layer_selectors_are_read_as_numbers_and_must_name_a_conv():
+    def f(w, x):
+        return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_DN)
+
+    w, x = jnp.ones((2, 3, 3, 4, 5)), jnp.ones((2, 1, 6, 6, 4))
+    assert describe_lowering(f, w, x, {"conv:00": "im2col"})[0].lowering == "im2col"
+    with pytest.raises(ValueError, match=r"name conv \[3\], but the model has 1"):
+        describe_lowering(f, w, x, {"conv:3": "im2col"})

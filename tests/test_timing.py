@@ -101,3 +101,15 @@ def test_the_autotuner_takes_the_median_of_bursts_of_its_compiled_calls(monkeypa
     seconds = autotune.interleaved_seconds({"p": program}, ("x", "w"), warmup=2, repeats=3, min_burst_s=4e-3)
     assert seconds == {"p": pytest.approx(0.5e-3 + 0.5e-3 / 4)}  # bursts of 4 calls, one wait each
     assert set(seen_args) == {("x", "w")}
+
+
+@pytest.mark.parametrize("values", [[1.0, 10.0], [1.0, 2.0, 3.0], [5.0] * 7, list(map(float, range(1, 11)))])
+def test_the_p90_is_never_below_the_median_and_is_a_sample(values):
+    p90 = timing.percentile(sorted(values), 0.9)
+    assert p90 in values and p90 >= sorted(values)[(len(values) - 1) // 2]
+    assert timing.percentile(sorted(values), 1.0) == max(values)
+
+
+def test_timing_without_repeats_is_refused():
+    with pytest.raises(ValueError, match="repeats"):
+        timing.time_in_rounds({"f": lambda: None}, repeats=0)
