@@ -16,9 +16,12 @@ HTTP (JSON in and out; the path's last segment picks the route):
 
   POST .../predict  header ``serve_multiplexed_model_id: <tenant>``, body
                     ``{"rows": [[...], ...]}`` (optionally ``"tenant"``, which must match the
-                    header, and ``"slo_ms"``) -> ``{"tenant", "replica", "outputs"}``.
-                    Errors: 400 bad input, 404 unknown tenant, 503 overloaded, 500 otherwise,
-                    each as ``{"error": <exception name>, "message": ...}``.
+                    header, and ``"slo_ms"``) -> ``{"tenant", "replica", "outputs"}``;
+                    NaN and Inf outputs (JSON has neither) come as ``null``.
+                    Errors: 400 bad input, 404 unknown tenant, 503 overloaded (also a
+                    tenant unloaded under its request ``EVICTION_RETRIES`` times: more
+                    tenants active than a replica holds), 500 otherwise, each as
+                    ``{"error": <exception name>, "message": ...}``.
   GET  .../metrics  Prometheus text of this replica (``jaxmt.metrics.to_prometheus``).
   GET  .../tenants  ``{"replica", "tenants"}``: the tenants this replica holds.
 
