@@ -27,6 +27,7 @@ import zipfile
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxmt.errors import JaxmtError, ManifestError
@@ -43,11 +44,20 @@ def _atomic_savez(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
             for name, array in arrays.items():
                 with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+                    np.lib.format.write_array(member, _savable(np.asanyarray(array)), allow_pickle=False)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _savable(array: np.ndarray) -> np.ndarray:
+    """``array`` in a dtype the .npy format describes: JAX's extra dtypes (bfloat16, the
+    float8 and int4 kinds), which it would store as raw bytes, as float32 (or int32); every
+    value of theirs is exact there."""
+    if array.dtype.kind != "V" or array.dtype.names is not None:
+        return array
+    return array.astype(np.float32 if jnp.issubdtype(array.dtype, jnp.floating) else np.int32)
 
 
 def _output_arrays(spec_tree: Any, leaves: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -327,10 +337,30 @@ def _write_summary(path: pathlib.Path, summary: dict) -> None:
     os.replace(tmp, path)
 
 
+def _summary_clash(summary_path: pathlib.Path, args: argparse.Namespace) -> str | None:
+    """What the summary would overwrite, if anything: the manifest, the output file (or its
+    parts), or an entry's output in the output directory."""
+    summary = summary_path.resolve()
+    if summary == pathlib.Path(args.manifest).resolve():
+        return "the manifest"
+    if args.output_file:
+        output = pathlib.Path(args.output_file).resolve()
+        if summary == output or output.with_name(output.name + ".parts") in summary.parents:
+            return "the output file"
+    if args.output_dir and summary.parent == pathlib.Path(args.output_dir).resolve() and summary.suffix == ".npz":
+        return "an output of the output directory"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from jaxmt.buckets import BucketPolicy
     from jaxmt.checkpoint import restore_model
 
+    summary_path = pathlib.Path(args.summary or (pathlib.Path(args.output_dir) / "summary.json" if args.output_dir else args.output_file + ".summary.json"))
+    clash = _summary_clash(summary_path, args)
+    if clash:
+        print(f"error: --summary {summary_path} would overwrite {clash}", file=sys.stderr)
+        return 1
     try:
         apply_fn, example, rows = _architecture(args)
         buckets = BucketPolicy.powers_of_two(args.max_tenants, args.max_rows)
@@ -338,10 +368,9 @@ def run(args: argparse.Namespace) -> int:
         summary = predict_manifest(
             model, args.manifest, args.output_dir, output_file=args.output_file, skip_errors=args.skip_errors, progress=not args.no_progress
         )
-    except (JaxmtError, ValueError, ImportError, AttributeError, OSError) as exc:  # OSError: an output path it cannot write
+    except (JaxmtError, ValueError, TypeError, ImportError, AttributeError, OSError) as exc:  # OSError: an output path it cannot write
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    summary_path = pathlib.Path(args.summary or (pathlib.Path(args.output_dir) / "summary.json" if args.output_dir else args.output_file + ".summary.json"))
     try:
         _write_summary(summary_path, summary)
     except OSError as exc:

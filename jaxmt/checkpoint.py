@@ -140,7 +140,6 @@ def _write_json_atomic(path: pathlib.Path, value: Any) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
 
 
 def _fsync_dir(directory: pathlib.Path) -> None:
@@ -150,6 +149,8 @@ def _fsync_dir(directory: pathlib.Path) -> None:
         return
     try:
         os.fsync(fd)
+    except OSError:  # nor fsyncs them (EINVAL on some filesystems): the rename stands, only less durably
+        pass
     finally:
         os.close(fd)
 
@@ -271,6 +272,8 @@ def save_store(model_or_store: MultiTenantModel | TenantStore, directory: StrPat
         if isinstance(exc, Exception) and not isinstance(exc, CheckpointError):
             raise CheckpointError(f"writing the store checkpoint {directory} failed (the previous one is intact): {exc}") from exc
         raise
+    # Committed: from here on the new arrays are the checkpoint, whatever happens next.
+    _fsync_dir(directory)
     _remove_ours(directory, keep=arrays_name)
     return directory
 

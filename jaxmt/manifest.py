@@ -74,10 +74,14 @@ def _csv_record(row: dict, header: list[str]) -> dict | ValueError:
     return {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k}
 
 
+def _tuples(value: Any) -> Any:
+    """JSON lists as tuples, all the way down."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def _resolve_tenant(raw: Any, model: MultiTenantModel) -> Hashable:
     """The resident id a manifest value names ("3" names tenant 3 if the store has no "3")."""
-    if isinstance(raw, list):
-        raw = tuple(raw)
+    raw = _tuples(raw)  # JSON has no tuples: [1, [2, 3]] names tenant (1, (2, 3))
     if raw in model:
         return raw
     if isinstance(raw, str):
@@ -85,7 +89,7 @@ def _resolve_tenant(raw: Any, model: MultiTenantModel) -> Hashable:
             number = int(raw)
         except ValueError:
             number = None
-        if number is not None and number in model:
+        if number is not None and str(number) == raw and number in model:  # "3" names 3; "+3", "1_0" name nothing
             return number
     raise KeyError(f"unknown tenant {raw!r} ({len(model)} tenants are in the checkpoint)")
 
@@ -145,10 +149,12 @@ def read_entries(manifest: pathlib.Path, model: MultiTenantModel, fail) -> tuple
                 raise ValueError("the tenant and input columns must not be empty")
             tenant = _resolve_tenant(record["tenant"], model)
             path = manifest.parent / str(record["input"])
-            key = record.get("key") or None
-            output = str(record.get("output") or "").removesuffix(".npz")
+            key = None if record.get("key") in (None, "") else str(record["key"])  # (JSON's 0 is a key)
+            output = "" if record.get("output") in (None, "") else str(record["output"]).removesuffix(".npz")
             if not output:
                 output = re.sub(r"[^A-Za-z0-9._-]+", "_", "__".join(str(p) for p in (record["tenant"], path.stem, key) if p is not None and p != "")).lstrip("._")
+                if not _SAFE_NAME.fullmatch(output):  # nothing left of the names (e.g. only non-ASCII letters)
+                    raise ValueError("no output name can be made from the tenant and input names; give an output column")
             elif not _SAFE_NAME.fullmatch(output):
                 raise ValueError(f"output name {output!r} must be letters, digits, '.', '_' or '-' (no path)")
             if output in lines_of_output:

@@ -29,7 +29,10 @@ def float_dtype(dtype: Any) -> np.dtype:
     Raises:
       ValueError: `dtype` is not a floating dtype.
     """
-    canonical = np.dtype(dtype)
+    try:
+        canonical = np.dtype(dtype)
+    except TypeError as error:  # a name NumPy does not know ("nonsense")
+        raise ValueError(f"expected a floating dtype (float32, bfloat16, ...), got {dtype!r}") from error
     if not jnp.issubdtype(canonical, jnp.floating):
         raise ValueError(f"expected a floating dtype (float32, bfloat16, ...), got {canonical}")
     return canonical

@@ -159,3 +159,90 @@ def test_an_input_that_changed_while_the_job_ran_is_skipped_and_let_go(tmp_path)
     assert entries[0].x is None
     assert [ids for ids, _, _ in batches] == [["b"] * 3]
     np.testing.assert_array_equal(batches[0][1], good)
+
+
+# ------------------------------------------------------------------ outputs, names and the command line
+def test_bfloat16_outputs_are_written_as_numbers(tmp_path):
+    """.npy cannot describe bfloat16 (it would store raw bytes): such outputs are float32."""
+    import jax.numpy as jnp
+    from conftest import tiny_spec
+
+    from jaxmt.cli import main as cli_main
+
+    spec = tiny_spec("mlp")
+    mt = MultiTenantModel(spec.apply_fn, spec.init(0, jnp.bfloat16), capacity=2)
+    mt.add_tenant("a", spec.init(1, jnp.bfloat16))
+    jaxmt.save_store(mt, tmp_path / "ckpt")
+    x = spec.random_input(np.random.default_rng(0), 5)
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "m.csv").write_text("tenant,input,output\na,x.npy,o\n")
+    assert cli_main(["batch", str(tmp_path / "m.csv"), "--checkpoint", str(tmp_path / "ckpt"), "--arch", "mlp", "--dtype", "bfloat16",
+                     "--no-progress", "--output-dir", str(tmp_path / "out")]) == 0
+    y = np.load(tmp_path / "out" / "o.npz")["y"]
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, np.asarray(mt.predict(["a"] * 5, x), np.float32), rtol=2e-2, atol=2e-2)  # bfloat16 rounding
+
+
+@pytest.mark.parametrize("target", ["the output file", "the manifest", "a part of the output file"])
+def test_a_summary_that_would_overwrite_the_job_is_refused(tmp_path, capsys, target):
+    from jaxmt.cli import main as cli_main
+
+    model, _ = _model()
+    jaxmt.save_store(model, tmp_path / "ckpt")
+    _save(tmp_path, "x.npy", 3)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("tenant,input\np,x.npy\n")
+    out = tmp_path / "r.npz"
+    summary = {"the output file": out, "the manifest": manifest, "a part of the output file": tmp_path / "r.npz.parts" / "s.json"}[target]
+    before = manifest.read_text()
+    code = cli_main(["batch", str(manifest), "--checkpoint", str(tmp_path / "ckpt"), "--model", f"{__name__}:_example_model",
+                     "--no-progress", "--output-file", str(out), "--summary", str(summary)])
+    assert code == 1 and "would overwrite" in capsys.readouterr().err
+    assert manifest.read_text() == before and not out.exists()
+
+
+def _example_model():
+    return _apply, {"w": np.ones((6, 3), np.float32)}
+
+
+def test_a_dtype_that_is_no_dtype_is_an_error_exit(tmp_path, capsys):
+    from jaxmt.cli import main as cli_main
+
+    (tmp_path / "m.csv").write_text("tenant,input\n")
+    code = cli_main(["batch", str(tmp_path / "m.csv"), "--checkpoint", str(tmp_path / "none"), "--arch", "mlp", "--dtype", "nonsense",
+                     "--output-dir", str(tmp_path / "out")])
+    assert code == 1 and "error: expected a floating dtype" in capsys.readouterr().err
+
+
+def test_an_input_whose_name_leaves_no_output_name_needs_an_output_column(tmp_path):
+    mt = MultiTenantModel(_apply, {"w": np.ones((6, 3), np.float32)}, capacity=2, row_shape=(6,), row_dtype=np.float32)
+    mt.add_tenant("é", {"w": np.ones((6, 3), np.float32)})
+    _save(tmp_path, "é.npy", 3)
+    (tmp_path / "m.csv").write_text("tenant,input\né,é.npy\n", encoding="utf-8")
+    summary = _line_2_fails_then_is_skipped(mt, tmp_path / "m.csv", tmp_path / "out", "no output name can be made")
+    assert summary["failed"] == 1 and not list((tmp_path / "out").glob(".*"))
+
+
+def test_json_manifests_name_nested_tuple_ids_and_zero_outputs_and_keys(tmp_path):
+    import json
+
+    mt = MultiTenantModel(_apply, {"w": np.ones((6, 3), np.float32)}, capacity=2, row_shape=(6,), row_dtype=np.float32)
+    mt.add_tenant((1, (2, 3)), {"w": np.full((6, 3), 2, np.float32)})
+    x = _save(tmp_path, "x.npy", 3)
+    np.savez(tmp_path / "xs.npz", **{"0": x})
+    lines = [{"tenant": [1, [2, 3]], "input": "x.npy", "output": 0}, {"tenant": [1, [2, 3]], "input": "xs.npz", "key": 0, "output": "k"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    summary = jaxmt.predict_manifest(mt, tmp_path / "m.jsonl", tmp_path / "out")
+    assert summary["failed"] == 0 and summary["computed"] == 2
+    for name in ("0", "k"):
+        np.testing.assert_allclose(np.load(tmp_path / "out" / f"{name}.npz")["y"], x @ np.full((6, 3), 2, np.float32), rtol=1e-6)
+
+
+@pytest.mark.parametrize("raw", ["+1", "1_0", "01"])
+def test_a_csv_tenant_names_a_number_only_as_its_plain_digits(tmp_path, raw):
+    mt = MultiTenantModel(_apply, {"w": np.ones((6, 3), np.float32)}, capacity=2, row_shape=(6,), row_dtype=np.float32)
+    for tenant in (1, 10):
+        mt.add_tenant(tenant, {"w": np.ones((6, 3), np.float32)})
+    _save(tmp_path, "x.npy", 3)
+    (tmp_path / "m.csv").write_text(f"tenant,input\n{raw},x.npy\n")
+    _line_2_fails_then_is_skipped(mt, tmp_path / "m.csv", tmp_path / "out", "unknown tenant")

@@ -415,3 +415,30 @@ def test_store_add_stacked_at_slots_rejects_taken_or_out_of_range_slots():
         assert mt.tenants == tenants and mt.store.version == version
     mt.store.add_stacked(["x", "y"], stacked, at_slots=free[:2][::-1])
     assert [mt.store.slot_of("x"), mt.store.slot_of("y")] == free[:2][::-1]
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, OSError], ids=["ctrl-c", "os-error"])
+def test_a_save_interrupted_after_its_commit_is_the_checkpoint(tmp_path, monkeypatch, interruption):
+    """Once the store file is renamed into place the new save is the checkpoint: an
+    interruption while the directory is synced after it must not delete its arrays."""
+    import jaxmt.checkpoint as checkpoint
+
+    def apply_fn(p, x):
+        return x @ p["w"]
+
+    mt = MultiTenantModel(apply_fn, {"w": np.ones((6, 3), np.float32)}, capacity=4)
+    for i, tenant in enumerate("ab"):
+        mt.add_tenant(tenant, {"w": np.full((6, 3), i + 1, np.float32)})
+    jaxmt.save_store(mt, tmp_path / "c")
+    mt.add_tenant("c", {"w": np.full((6, 3), 9, np.float32)})
+
+    def interrupted(directory):
+        raise interruption("interrupted while syncing the directory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "_fsync_dir", interrupted)
+        with pytest.raises(interruption):
+            jaxmt.save_store(mt, tmp_path / "c")
+    restored = jaxmt.restore_model(tmp_path / "c", apply_fn)
+    assert restored.tenants == ["a", "b", "c"]
+    np.testing.assert_array_equal(restored.get_params("c")["w"], np.full((6, 3), 9, np.float32))
