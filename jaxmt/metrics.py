@@ -361,6 +361,14 @@ def _sample(value: float) -> str:
     return repr(float(value))
 
 
+def _tenant_labels(tenants: Any) -> dict[Any, str]:
+    """Each tenant's label value: its str, or its repr where two ids print alike (1 and "1"
+    would otherwise make one series twice, and Prometheus keeps one of the two)."""
+    labels = {t: _label(t) for t in tenants}
+    shared = {label for label, n in collections.Counter(labels.values()).items() if n > 1}
+    return {t: _label(repr(t)) if label in shared else label for t, label in labels.items()}
+
+
 def to_prometheus(metrics: Mapping[str, Any], prefix: str = "jaxmt") -> str:
     """The metrics dict of a server (``Scheduler.metrics()``) in Prometheus text format.
 
@@ -379,7 +387,7 @@ def to_prometheus(metrics: Mapping[str, Any], prefix: str = "jaxmt") -> str:
         ("queued_rows", "queued_rows", "gauge", "rows waiting in the queue"),
         ("flagged", "tenant_flagged", "gauge", "1 when the tenant keeps missing its SLO"),
     ]
-    groups = [("", metrics["overall"])] + [(f'tenant="{_label(t)}",', m) for t, m in metrics["tenants"].items()]
+    groups = [("", metrics["overall"])] + [(f'tenant="{label}",', metrics["tenants"][t]) for t, label in _tenant_labels(metrics["tenants"]).items()]
     lines: list[str] = []
     for key, name, kind, help_text in fields:
         lines += [f"# HELP {prefix}_{name} {help_text}", f"# TYPE {prefix}_{name} {kind}"]

@@ -104,6 +104,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return "--compare-steps needs --compare"
     if args.tenants < 1:
         return f"--tenants must be >= 1, got {args.tenants}"
+    if not 0 <= args.seed <= 2**31 - args.tenants:  # tenant t's seed is seed + t, a non-negative int32
+        return f"--seed must be in [0, 2**31 - tenants] = [0, {2**31 - args.tenants}], got {args.seed}"
     if args.epochs < 1 or args.batch_size < 1 or (args.compare_steps is not None and args.compare_steps < 1):
         return "--epochs, --batch-size and --compare-steps must be >= 1"
     for name, (low, high) in (("--lr-range", args.lr_range), ("--wd-range", args.wd_range or DEFAULT_WD_RANGE)):

@@ -73,13 +73,21 @@ def tenants_step(
     opt_state_k: PyTree,
     active_k: jax.Array,
     batch_k: PyTree,
+    per_tenant_loss: Callable | None = None,
 ) -> tuple[PyTree, PyTree, jax.Array, jax.Array]:
     """One step of K tenants: (params_k, opt_state_k, losses [K], finite [K]).
 
     ``loss_k`` is the tenant-batched loss (``jaxmt.lowering.tenant_batched``), [K] losses.
     Tenants share no weights, so the gradient of the summed losses with respect to tenant
-    k's params is the gradient of tenant k's own loss: one backward pass serves all, and a
-    NaN in one tenant's loss does not reach another's gradient (its cotangent is 1 alone).
+    k's params is the gradient of tenant k's own loss: one backward pass serves all.
+
+    With plain vmap (``per_tenant_loss`` given, the trainer's default) the step takes
+    ``vmap(value_and_grad)`` of the one-tenant loss instead: the gradient of the summed
+    losses makes each conv's filter gradient one conv with ``batch_group_count = K``, which
+    XLA on CPUs computes densely with zero masks, so a NaN or Inf in one tenant's batch
+    reached every tenant's gradient (0 x NaN) and froze them all. Per tenant, it reaches
+    its own only. The interpreted lowerings (``"rule"``, ``"auto"``) keep tenants apart in
+    their own forms; a forced ``"grouped_nchw"`` may not.
     """
     train_k, const_k = split_trainable(treedef, trainable, params_k)
 
@@ -87,7 +95,13 @@ def tenants_step(
         losses = loss_k(merge_trainable(treedef, trainable, train_k, const_k), batch_k)
         return jnp.sum(losses), losses
 
-    (_, losses), grads_k = jax.value_and_grad(total, has_aux=True)(train_k)
+    if per_tenant_loss is not None:  # vmap(grad): each tenant's backward pass is its own (no batch-grouped conv)
+        def one(train: PyTree, const: PyTree, batch: PyTree) -> jax.Array:
+            return per_tenant_loss(merge_trainable(treedef, trainable, train, const), batch)
+
+        losses, grads_k = jax.vmap(jax.value_and_grad(one))(train_k, const_k, batch_k)
+    else:
+        (_, losses), grads_k = jax.value_and_grad(total, has_aux=True)(train_k)
     update = functools.partial(_update_one, tx)
     new_train_k, new_opt_state_k, finite = jax.vmap(update)(train_k, opt_state_k, grads_k, losses, active_k)
     return merge_trainable(treedef, trainable, new_train_k, const_k), new_opt_state_k, losses.astype(jnp.float32), finite
@@ -132,7 +146,8 @@ def step_program(
     # The update reads every numeric hyperparameter from the (per-tenant) optimizer state;
     # the values this transformation is built with only mark the names as numeric.
     tx = _injected(optimizer, static)(**{name: jnp.zeros((), jnp.float32) for name in hyper_names})
-    step = functools.partial(tenants_step, tenant_batched(loss_fn, lowering), tx, treedef, trainable)
+    step = functools.partial(tenants_step, tenant_batched(loss_fn, lowering), tx, treedef, trainable,
+                             per_tenant_loss=loss_fn if lowering.is_plain_vmap else None)
     # "raise" must be able to drop a step, so it keeps the old buffers (no donation).
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 

@@ -146,6 +146,21 @@ def test_prometheus_text_format():
     assert "est_step_ms" not in text  # unknown yet (None): left out, never NaN
 
 
+def test_tenants_whose_ids_print_alike_get_distinct_series():
+    """Tenant 1 and tenant "1" are two tenants (ids are dict keys): their series must differ,
+    or Prometheus keeps one of two samples of one series."""
+    recorder = LatencyRecorder(name="s")
+    recorder.record(1, 5.0, 10.0)
+    recorder.record("1", 50.0, 10.0)
+    recorder.record("only", 5.0, 10.0)
+    text = to_prometheus({"server": "s", **recorder.snapshot()})
+    series = [line.rsplit(" ", 1)[0] for line in text.splitlines() if line.startswith("jaxmt_requests_total{")]
+    assert len(series) == len(set(series)) == 4  # overall and three tenants
+    assert 'jaxmt_requests_total{tenant="1",server="s"} 1' in text
+    assert "jaxmt_requests_total{tenant=\"'1'\",server=\"s\"} 1" in text
+    assert 'jaxmt_requests_total{tenant="only",server="s"} 1' in text
+
+
 def test_prometheus_counts_are_written_in_full():
     """A counter rounded to six digits would stand still under rate() between scrapes."""
     metrics = {"server": "jaxmt", "overall": {"count": 1_234_567, "slo_met": 1_234_561, "slo_attainment": 0.9999951},

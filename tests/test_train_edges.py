@@ -204,8 +204,11 @@ def test_the_constructor_and_add_stacked_refuse_a_lone_string_of_ids():
         (["--val-fraction", "0.9999"], "--val-fraction 0.9999 leaves 0 training and 1797 validation rows"),
         (["--optimizer", "sgd", "--wd-range", "1e-3", "1e-2"], "--wd-range applies to adamw only; --optimizer sgd has no weight decay"),
         (["--compare-steps", "5"], "--compare-steps needs --compare"),
+        (["--seed", "-1"], "--seed must be in [0, 2**31 - tenants] = [0, 2147483646], got -1"),
+        (["--seed", "2147483647"], "--seed must be in [0, 2**31 - tenants]"),  # tenant 1's seed would leave int32
     ],
-    ids=["infinite lr", "infinite wd", "no validation rows", "no training rows", "wd for sgd", "compare steps alone"],
+    ids=["infinite lr", "infinite wd", "no validation rows", "no training rows", "wd for sgd", "compare steps alone",
+         "negative seed", "seed beyond int32"],
 )
 def test_train_cli_rejects_arguments_it_cannot_use_with_exit_code_2(argv, message, capsys):
     if "--val-fraction" in argv:
