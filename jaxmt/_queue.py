@@ -134,13 +134,17 @@ class _EdfQueue:
         if self._live.pop(req.token, None) is None:
             return False
         self._count(req, -1)
-        for name in ("_by_deadline", "_by_arrival"):
-            heap = getattr(self, name)
-            if len(heap) > 2 * len(self._live) + 64:  # stale entries: drop them (amortised O(1))
-                heap = [entry for entry in heap if entry[2] in self._live]
-                heapq.heapify(heap)
-                setattr(self, name, heap)
+        self._compact("_by_deadline")
+        self._compact("_by_arrival")
         return True
+
+    def _compact(self, heap_name: str) -> None:
+        """Drops a heap's stale entries once they pile up (amortised O(1) per removal)."""
+        heap = getattr(self, heap_name)
+        if len(heap) > 2 * len(self._live) + 64:
+            heap = [entry for entry in heap if entry[2] in self._live]
+            heapq.heapify(heap)
+            setattr(self, heap_name, heap)
 
     def _top(self, heap: list) -> _Request | None:
         while heap and heap[0][2] not in self._live:
@@ -163,11 +167,7 @@ class _EdfQueue:
             heapq.heappop(heap)
             del self._live[req.token]
             self._count(req, -1)
-            other = getattr(self, other_name)
-            if len(other) > 2 * len(self._live) + 64:  # stale entries: drop them (amortised O(1))
-                other = [entry for entry in other if entry[2] in self._live]
-                heapq.heapify(other)
-                setattr(self, other_name, other)
+            self._compact(other_name)
         return req
 
     def earliest_deadline(self) -> float:
