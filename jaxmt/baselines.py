@@ -27,7 +27,6 @@ import functools
 import logging
 import math
 import threading
-import weakref
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -100,7 +99,7 @@ class _Program:
         token = None
         try:
             write_rows(buffers.views[0])
-            new = self._first_call(params_key, (tuple(shape), np.dtype(dtype).str, False))
+            new = self._first_call(params_key, (tuple(shape), np.dtype(dtype), None))
             y, token = self.fn_from_host(params, buffers.arrays[0])
             return self._copied_out(y), new
         finally:
@@ -121,15 +120,15 @@ class _Program:
 def _input_key(x: "np.ndarray | jax.Array") -> tuple:
     """What a jitted program compiles for: shape, dtype, and whether x is a device array
     (staged rows) or host rows: jit compiles each apart."""
-    return (tuple(x.shape), np.dtype(x.dtype).str, isinstance(x, jax.Array))
+    return (tuple(x.shape), np.dtype(x.dtype), x.sharding if isinstance(x, jax.Array) else None)
 
 
 def _params_key(mt: Any) -> tuple:
     """What a jitted program compiles for besides the rows: the structure, shapes and dtypes of
     the params (every tenant's alike: the store's template), read once per model."""
     store = mt.store
-    specs = tuple((tuple(spec.shape), np.dtype(spec.dtype).str) for spec in store.leaf_specs)
-    return (jax.tree_util.tree_structure(store.template), specs)
+    specs = tuple((tuple(spec.shape), np.dtype(spec.dtype)) for spec in store.leaf_specs)
+    return (jax.tree_util.tree_structure(store.template), specs, store.device, store.sharding)
 
 
 def _program_for_model(mt: Any) -> _Program:
@@ -472,11 +471,10 @@ class ExclusiveServer(_LaneServer):
 
 
 # ------------------------------------------------------------------ synchronous helpers
-_SYNC_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _sync_programs(mt: Any, batch_sizes: Sequence[int]) -> _TenantPrograms:
-    per_model = _SYNC_PROGRAMS.setdefault(mt, {})
+    # Kept on the model, so that it dies with it (a dict keyed by the model, weakly, would be
+    # kept alive by its values, which hold the model).
+    per_model = mt.__dict__.setdefault("_baseline_sync_programs", {})
     key = _check_batch_sizes(batch_sizes)
     if key not in per_model:
         per_model[key] = _TenantPrograms(mt, key)
@@ -501,7 +499,7 @@ def time_only_predict(mt: Any, tenant_ids: Sequence[Hashable], x: Any, batch_siz
         launched = []
         for group, first_row in enumerate(first):
             rows = np.flatnonzero(inverse == group)
-            launched.append((rows, programs.launch(programs.params(tenant_ids[first_row]), x[rows])))
+            launched.append((rows, programs.launch(programs.params(tenant_ids[first_row]), take_rows(x, rows))))
     spin_s = getattr(mt, "predict_spin_s", 0.0)
     if spin_s > 0:  # one spin over every tenant's programs, as the model's predict waits over its steps
         wait_for([pending.chunks for _, pending in launched], spin_s)
@@ -522,8 +520,12 @@ def exclusive_predict(mt: Any, x: Any, tenant_id: Hashable | None = None, batch_
     tenant_id = mt.tenants[0] if tenant_id is None and len(mt) else tenant_id
     x = as_row_array(x)
     x = mt.check_input([tenant_id] * (len(x) if x.ndim else 0), x)  # (a scalar x is refused for its rank)
+    if x.shape[0] == 0:
+        return mt.predict([], x)
     programs = _sync_programs(mt, batch_sizes or _exclusive_sizes(mt))
-    return programs.launch(programs.params(tenant_id), x).result(spin_s=getattr(mt, "predict_spin_s", 0.0))
+    with mt.store.lock:  # a consistent store version (as time_only_predict reads it)
+        params = programs.params(tenant_id)
+    return programs.launch(params, x).result(spin_s=getattr(mt, "predict_spin_s", 0.0))
 
 
 __all__ = ["ExclusiveServer", "SpaceOnlyServer", "TimeOnlyServer", "exclusive_predict", "time_only_predict"]

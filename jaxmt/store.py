@@ -358,14 +358,19 @@ class TenantStore:
 
     @contextlib.contextmanager
     def _all_or_nothing(self) -> Iterator[None]:
-        """Puts the leaves, capacity, slots and version back as they were if the body raises
-        (a grow that succeeded before a failed write included: growing does not donate the
-        old leaves, and the caller holds the lock throughout)."""
-        saved = (self._leaves, self._capacity, list(self._free), dict(self._slot_of), self.version)
+        """Puts the leaves, capacity and slots back as they were if the body raises (a grow
+        that succeeded before a failed write included: growing does not donate the old
+        leaves, and the caller holds the lock throughout). The version only ever rises: if
+        the body moved it, it moves once more, so that a reader who saw the intermediate
+        version never takes the restored store for it."""
+        saved = (self._leaves, self._capacity, list(self._free), dict(self._slot_of))
+        version = self.version
         try:
             yield
         except BaseException:
-            self._leaves, self._capacity, self._free, self._slot_of, self.version = saved
+            self._leaves, self._capacity, self._free, self._slot_of = saved
+            if self.version != version:
+                self.version += 1
             raise
 
     def _claim_slots(self, slots: np.ndarray) -> np.ndarray:

@@ -319,3 +319,79 @@ def test_warmup_without_execute_runs_only_programs_not_compiled_yet(served, monk
         first.warmup(execute=False)
         assert len(runs) == len(first._programs.batch_sizes)
         program.compiled |= compiled_before
+
+
+# ------------------------------------------------------------------ the synchronous helpers at their edges
+def _cast_apply(p, x):  # one function for every model below: their programs are shared where their keys agree
+    return x @ p["w"].astype(jnp.float32)
+
+
+def _one_tenant_model(value: float = 1.0, dtype=np.float32, capacity: int = 2) -> jaxmt.MultiTenantModel:
+    def params(v):
+        return {"w": np.full((ROW, 2), v, np.float32).astype(dtype)}
+
+    mt = jaxmt.MultiTenantModel(_cast_apply, params(0), capacity=capacity, row_shape=(ROW,), row_dtype=np.float32)
+    mt.add_tenant("t0", params(value))
+    return mt
+
+
+def test_the_helpers_answer_zero_rows_and_row_parts_as_predict_does():
+    from jaxmt.rows import RowParts
+
+    mt = _one_tenant_model()
+    assert jaxmt.exclusive_predict(mt, np.zeros((0, ROW), np.float32)).shape == (0, 2)
+    a, b = np.ones((1, ROW), np.float32), 2 * np.ones((2, ROW), np.float32)
+    np.testing.assert_allclose(jaxmt.time_only_predict(mt, ["t0"] * 3, RowParts([a, b])), mt.predict(["t0"] * 3, RowParts([a, b])))
+
+
+def test_the_helpers_do_not_keep_a_model_alive():
+    import gc
+    import weakref
+
+    mt = _one_tenant_model()
+    jaxmt.time_only_predict(mt, ["t0"], np.ones((1, ROW), np.float32))
+    jaxmt.exclusive_predict(mt, np.ones((1, ROW), np.float32))
+    ref = weakref.ref(mt)
+    del mt
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_launch_that_compiles_is_never_taken_for_a_timed_sample():
+    """Params of two float8 kinds share NumPy's dtype string ('<V1'): keyed by it, the second
+    model's first launch compiled but was reported as compiled before (a timed sample)."""
+    import ml_dtypes
+
+    from jaxmt.baselines import _sync_programs
+
+    x = np.ones((4, ROW), np.float32)
+    first, second = (_one_tenant_model(dtype=d) for d in (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e4m3fnuz))
+    programs = [_sync_programs(mt, (4,)) for mt in (first, second)]
+    assert programs[0].launch(programs[0].params("t0"), x).compiled
+    assert programs[1].launch(programs[1].params("t0"), x).compiled
+    assert not programs[1].launch(programs[1].params("t0"), x).compiled
+
+
+def test_exclusive_access_reads_the_weights_after_a_rolled_back_add_and_an_update(monkeypatch):
+    """An add that grows the store and then fails rolls back; a reader that saw the grown
+    store's version must not take the store after the next change for the one it cached."""
+    mt = _one_tenant_model(1.0, capacity=1)
+    x = np.ones((1, ROW), np.float32)
+    jaxmt.exclusive_predict(mt, x, "t0")
+    started, readers = threading.Event(), []
+
+    def failing_write(slot, leaves):  # a reader runs while the grown store is current
+        reader = threading.Thread(target=lambda: (started.set(), jaxmt.exclusive_predict(mt, x, "t0")))
+        readers.append(reader)
+        reader.start()
+        started.wait(10)
+        reader.join(0.5)
+        raise RuntimeError("write failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mt.store, "_write", failing_write)
+        with pytest.raises(RuntimeError, match="write failed"):
+            mt.add_tenant("t1", {"w": np.full((ROW, 2), 5.0, np.float32)})
+    readers[0].join(60)
+    mt.update_tenant("t0", {"w": np.full((ROW, 2), 2.0, np.float32)})
+    np.testing.assert_allclose(jaxmt.exclusive_predict(mt, x, "t0"), mt.predict(["t0"], x))
