@@ -7,9 +7,11 @@ arrays, so that the store, checkpoints and training treat both alike.
 An nnx module's RNG state (the ``nnx.Rngs`` streams that e.g. ``nnx.Dropout(rate, rngs=rngs)``
 holds: a typed key and a counter) is not served per tenant: a key is not a weight, and the
 store cannot stack a typed-key leaf. It is split off every module, and the template
-module's RNG state is merged back in at each call. Serving is inference: put the modules in
-eval mode (``module.eval()``), so that dropout is the identity and BatchNorm uses each
-tenant's running statistics, which are served per tenant like its weights.
+module's RNG state is merged back in at each call. Serving is inference: the graph comes
+from a copy of the template module put in eval mode (``module.eval()``), so that dropout is
+the identity and BatchNorm uses each tenant's running statistics, which are served per
+tenant like its weights, whatever mode the modules were given in (in train mode a tenant's
+answer would depend on the other rows of its step).
 """
 
 from __future__ import annotations
@@ -56,8 +58,8 @@ def _nnx_pure_state(value: Any) -> PyTree:
         _, state = nnx.state(value, nnx.RngState, ...)
     elif isinstance(value, nnx.State):
         _, state = nnx.split_state(value, nnx.RngState, ...)
-    else:
-        state = value
+    else:  # a pure dict already (e.g. from nnx.to_pure_dict): checked against the template when added
+        return value
     return nnx.to_pure_dict(state)
 
 
@@ -77,6 +79,8 @@ def flax_apply_and_params(
 
     kwargs = tuple(sorted((apply_kwargs or {}).items()))
     if isinstance(module, nnx.Module):
+        module = nnx.clone(module)  # put in eval mode here, not the caller's module
+        module.eval()
         graphdef, rng_state, state = nnx.split(module, nnx.RngState, ...)
         params_by_tenant = {t: _nnx_pure_state(v) for t, v in variables_by_tenant.items()}
         example = nnx.to_pure_dict(state)

@@ -11,7 +11,7 @@ from jaxmt import BucketPolicy, MultiTenantModel
 POLICY = BucketPolicy.powers_of_two(8, 4)
 
 
-def _regularized_classifier(seed: int):
+def _regularized_classifier(seed: int, eval_mode: bool = True):
     """An nnx model with the usual inference-time layers: BatchNorm (per-tenant running
     statistics, made distinct per tenant) and Dropout holding an ``nnx.Rngs`` stream, in
     eval mode as a served model is."""
@@ -31,7 +31,8 @@ def _regularized_classifier(seed: int):
     stats = np.random.default_rng(seed)
     model.norm.mean = nnx.BatchStat(stats.normal(size=(7,)).astype(np.float32))
     model.norm.var = nnx.BatchStat(stats.uniform(0.5, 2.0, size=(7,)).astype(np.float32))
-    model.eval()
+    if eval_mode:
+        model.eval()
     return model
 
 
@@ -50,18 +51,36 @@ def test_nnx_model_with_dropout_and_batchnorm_serves_each_tenants_own_eval_outpu
     assert rel_error(mt.predict(ids, x), want) < 1e-5, "a second call answers the same (eval mode is deterministic)"
 
 
-def test_nnx_tenants_hold_no_rng_state_and_may_be_given_as_state(rng):
+def test_a_template_in_train_mode_still_serves_each_tenants_eval_output_alone_or_in_company(rng):
+    """Served modules run in eval mode whatever mode the template was given in: in train
+    mode BatchNorm would normalize with the step's own statistics, so a row's answer would
+    depend on the rows beside it."""
+    tenants = {f"m{i}": _regularized_classifier(i + 1) for i in range(2)}
+    template = _regularized_classifier(0, eval_mode=False)
+    mt = MultiTenantModel.from_flax(template, tenants, buckets=POLICY)
+    x = rng.normal(size=(4, 5)).astype(np.float32)
+    alone = mt.predict(["m0"], x[:1])
+    assert rel_error(alone, _own_outputs(tenants, ["m0"], x[:1])) < 1e-5
+    ids = ["m0", "m0", "m1", "m0"]
+    together = mt.predict(ids, x)
+    assert rel_error(together, _own_outputs(tenants, ids, x)) < 1e-5
+    assert template.norm.use_running_average is False  # the caller's module is left as it was
+
+
+def test_nnx_tenants_hold_no_rng_state_and_may_be_given_as_state_or_a_pure_dict(rng):
     """The RNG streams are the template module's, shared by all tenants: a tenant's params
     are its weights and BatchNorm statistics only, whether given as a module or its state."""
     from flax import nnx
 
     tenants = {"module": _regularized_classifier(1), "state": _regularized_classifier(2)}
-    given = {"module": tenants["module"], "state": nnx.state(tenants["state"])}
+    _, pure = nnx.state(_regularized_classifier(3), nnx.RngState, ...)
+    tenants["pure dict"] = _regularized_classifier(3)
+    given = {"module": tenants["module"], "state": nnx.state(tenants["state"]), "pure dict": nnx.to_pure_dict(pure)}
     mt = MultiTenantModel.from_flax(_regularized_classifier(0), given, buckets=POLICY)
     assert set(mt.get_params("state")) == {"hidden", "norm", "out"}
     assert set(mt.get_params("state")["norm"]) == {"bias", "mean", "scale", "var"}
     x = rng.normal(size=(4, 5)).astype(np.float32)
-    ids = ["state", "module", "state", "module"]
+    ids = ["state", "module", "pure dict", "module"]
     assert rel_error(mt.predict(ids, x), _own_outputs(tenants, ids, x)) < 1e-5
 
 
