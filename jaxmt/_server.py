@@ -143,14 +143,13 @@ class _ServerBase:
         if error is not None:
             self._finish(req, error=error)
         else:  # a request its owner cancels leaves the queue at once, not when a step reaches it
-            future.add_done_callback(functools.partial(self._drop_if_cancelled, req))
+            # (weakly: a future its client keeps must not keep the request's rows or the server)
+            future.add_done_callback(functools.partial(_drop_if_cancelled, weakref.ref(self), weakref.ref(req)))
         return future
 
-    def _drop_if_cancelled(self, req: _Request, future: Future) -> None:
-        """Done-callback of a queued request's future: if its owner cancelled it, it stops
-        counting against the queue's limits and depth now (as a step would drop it: no record)."""
-        if not future.cancelled():
-            return
+    def _drop_cancelled(self, req: _Request) -> None:
+        """A queued request its owner cancelled stops counting against the queue's limits and
+        depth now (as a step would drop it: no record)."""
         with self._cond:
             lane = self._lanes.get(self._lane_key(req.tenant_id))
             if lane is None or not lane.discard(req):
@@ -642,6 +641,13 @@ def _claim(future: Future) -> bool:
         return future.set_running_or_notify_cancel()
     except RuntimeError:  # completed by its owner since the look above
         return False
+
+
+def _drop_if_cancelled(server_ref: weakref.ref, req_ref: weakref.ref, future: Future) -> None:
+    """Done-callback of a queued request's future (see ``submit``)."""
+    server, req = server_ref(), req_ref()
+    if server is not None and req is not None and future.cancelled():
+        server._drop_cancelled(req)
 
 
 def _own_rows(answers: Any, rows: slice) -> Any:

@@ -1200,3 +1200,17 @@ def test_lanes_keep_the_sum_of_their_batches(ops, drained):
     lanes[drained].drain()
     assert totals.rows == sum(lane.rows for lane in lanes.values())
     assert totals.lane_batches == sum(-(-lane.rows // 4) for lane in lanes.values())
+
+
+def test_a_future_its_client_keeps_keeps_neither_the_server_nor_the_rows(served, rng):
+    """The done-callback that takes a cancelled request out of the queue holds both weakly."""
+    mt, _ = served
+    sched = jaxmt.Scheduler(mt, max_delay_ms=0.0)
+    x = rows(rng, 2)
+    future = sched.submit("t0", x, copy=False)
+    future.result(timeout=TIMEOUT_S)
+    sched.close()
+    server, rows_sent = weakref.ref(sched), weakref.ref(x)
+    del sched, x
+    gc.collect()
+    assert server() is None and rows_sent() is None and future.done()
