@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -399,7 +400,7 @@ def _record(report: SoakReport, args: argparse.Namespace) -> None:
     )  # fmt: skip
     body = (
         f"`{argv_line}` on {cfg['device']} ({cfg['threads']} threads, {cfg['tenants']} resident tenants of "
-        f"{cfg['arch']} (tiny), {cfg['churn']} replaced during the run, 1-{cfg['max_rows']} rows per request, "
+        f"{cfg['arch']} (tiny), {report.tenants_removed} replaced during the run, 1-{cfg['max_rows']} rows per request, "
         f"{report.seconds:.0f} s). Memory growth is from the sample after {cfg['warm_fraction']:.0%} of the requests "
         f"to the end; the scheduler keeps {cfg['latency_window']} latency samples per tenant.\n\n"
         f"{table}\n\nResult: **{'OK' if report.ok else 'FAILED'}** ({report.summary_line()})"
@@ -419,12 +420,17 @@ def run(args: argparse.Namespace) -> int:
     def progress(finished: int) -> None:
         bar.update(finished - bar.n)
 
-    report = run_soak(
-        requests=args.requests, threads=args.threads, tenants=args.tenants, churn=args.churn, arch=args.arch,
-        max_rows=args.max_rows, window=args.window, slo_ms=args.slo_ms, max_delay_ms=args.max_delay_ms, seed=args.seed,
-        latency_window=args.latency_window, stage_inputs=STAGE_CHOICES[args.stage],
-        progress=progress,
-    )  # fmt: skip
+    try:
+        report = run_soak(
+            requests=args.requests, threads=args.threads, tenants=args.tenants, churn=args.churn, arch=args.arch,
+            max_rows=args.max_rows, window=args.window, slo_ms=args.slo_ms, max_delay_ms=args.max_delay_ms, seed=args.seed,
+            latency_window=args.latency_window, stage_inputs=STAGE_CHOICES[args.stage],
+            progress=progress,
+        )  # fmt: skip
+    except ValueError as exc:  # an option run_soak refuses (its message names it)
+        bar.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     bar.close()
     print(report.summary_line())
     if args.json:

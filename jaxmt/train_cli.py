@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -117,6 +118,9 @@ def _check_args(args: argparse.Namespace) -> str | None:
         lowering_key(args.lowering)
     except ValueError as exc:
         return f"--lowering: {exc}"
+    for option, path in (("--json", args.json), ("--plot", args.plot)):  # refused now, not after the training
+        if path and path != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            return f"{option} {path}: its folder does not exist"
     return None
 
 

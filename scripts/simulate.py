@@ -50,6 +50,9 @@ SERVERS: dict[str, type] = {
 ARRIVALS = ("poisson", "bursty")
 
 
+MAX_REQUESTS = 1e7  # expected requests of one workload (rate x duration)
+
+
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """What the load generator sends.
@@ -83,6 +86,8 @@ class Workload:
             raise ValueError(f"arrival must be one of {ARRIVALS}, got {self.arrival!r}")
         if self.zipf < 0 or self.burst < 1:
             raise ValueError(f"zipf must be >= 0 and burst >= 1: {self}")
+        if self.rate * self.duration_s > MAX_REQUESTS:  # the arrival times are drawn up front
+            raise ValueError(f"rate x duration asks for {self.rate * self.duration_s:.3g} requests; at most {MAX_REQUESTS:.0e}")
 
 
 def zipf_weights(tenants: int, exponent: float) -> np.ndarray:
@@ -396,12 +401,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"simulate.py: error: {exc}", file=sys.stderr)
         return 2
+    for option, path in (("--json", args.json), ("--plot", args.plot)):  # refused now, not after the run
+        if path and not pathlib.Path(path).absolute().parent.is_dir():
+            print(f"simulate.py: error: {option} {path}: its folder does not exist", file=sys.stderr)
+            return 2
     schedulers = list(SERVERS) if args.scheduler == "all" else [args.scheduler]
-    report = simulate(workload, schedulers, arch=args.arch, size=args.size, max_tenants=args.max_tenants_bucket,
-                      max_rows=args.max_rows_bucket, progress=not args.quiet, gc_freeze=args.gc_freeze,
-                      max_delay_ms=args.max_delay_ms, stage_inputs=STAGE_CHOICES[args.stage],
-                      target_latency_ms=args.target_latency_ms,
-                      overload_policy=args.overload_policy, overload_factor=args.overload_factor)
+    try:
+        report = simulate(workload, schedulers, arch=args.arch, size=args.size, max_tenants=args.max_tenants_bucket,
+                          max_rows=args.max_rows_bucket, progress=not args.quiet, gc_freeze=args.gc_freeze,
+                          max_delay_ms=args.max_delay_ms, stage_inputs=STAGE_CHOICES[args.stage],
+                          target_latency_ms=args.target_latency_ms,
+                          overload_policy=args.overload_policy, overload_factor=args.overload_factor)
+    except ValueError as exc:  # a bucket or server option the model or its servers refuse
+        print(f"simulate.py: error: {exc}", file=sys.stderr)
+        return 2
     print(format_table(report["results"]))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(jsonable(report), indent=2, default=str) + "\n")

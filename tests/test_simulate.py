@@ -48,6 +48,18 @@ def test_help_and_bad_arguments(capsys):
     assert simulate.main(["--rate", "-1", "--quiet"]) == 2
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--max-rows-bucket", "0"], "row_buckets"),
+    (["--overload-factor", "-1"], "overload_factor"),
+    (["--json", "/nonexistent-folder/x.json"], "--json /nonexistent-folder/x.json: its folder does not exist"),
+    (["--rate", "1e9", "--duration", "1e9"], "at most 1e+07"),
+], ids=["no rows", "negative overload factor", "no folder for the json", "too many requests"])
+def test_bad_options_are_one_error_line_before_anything_runs(argv, message, capsys):
+    assert simulate.main(["--duration", "0.2", "--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("simulate.py: error:") and message in err and "Traceback" not in err
+
+
 @pytest.fixture
 def unfreeze_after():
     gc.unfreeze()  # so that a frozen heap afterwards is this run's doing

@@ -66,3 +66,30 @@ def test_a_recorded_soak_names_every_option_that_shapes_it():
     again = cli.build_parser("soak").parse_args(shlex.split(_command_line(args))[3:])
     assert {name: getattr(again, name) for name in _RECORDED_OPTIONS} == {name: getattr(args, name) for name in _RECORDED_OPTIONS}
     assert _command_line(args).startswith("python -m jaxmt soak ")
+
+
+@pytest.mark.parametrize("option", [["--threads", "0"], ["--max-rows", "0"], ["--arch", "nope"], ["--latency-window", "0"]],
+                         ids=["no threads", "no rows", "unknown arch", "no latency window"])
+def test_bad_soak_options_are_one_error_line(option, capsys):
+    code = cli.main(["soak", "--requests", "20", "--threads", "2", "--tenants", "2", "--churn", "1", *option])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: " in err and "Traceback" not in err
+
+
+def test_a_recorded_soak_says_how_many_tenants_were_replaced_not_how_many_were_asked_for(monkeypatch):
+    """With --churn at or above --requests the replacement points collide: fewer are replaced."""
+    import types
+
+    import jaxmt.soak as soak
+    from benchmarks import common
+
+    written = {}
+    fake = types.SimpleNamespace(markdown_table=common.markdown_table, write_json=lambda name, payload: None,
+                                 update_readme_section=lambda title, body: written.update({title: body}))
+    monkeypatch.setattr(soak, "_benchmarks_common", lambda: fake)
+    report = run_soak(requests=20, threads=2, tenants=2, churn=100, arch="mlp", max_rows=2, seed=0)
+    assert report.tenants_removed < 100
+    args = cli.build_parser("soak").parse_args(["soak", "--requests", "20", "--threads", "2", "--tenants", "2", "--record"])
+    soak._record(report, args)
+    (body,) = written.values()
+    assert f"{report.tenants_removed} replaced during the run" in body

@@ -206,9 +206,11 @@ def test_the_constructor_and_add_stacked_refuse_a_lone_string_of_ids():
         (["--compare-steps", "5"], "--compare-steps needs --compare"),
         (["--seed", "-1"], "--seed must be in [0, 2**31 - tenants] = [0, 2147483646], got -1"),
         (["--seed", "2147483647"], "--seed must be in [0, 2**31 - tenants]"),  # tenant 1's seed would leave int32
+        (["--json", "/nonexistent-folder/r.json"], "--json /nonexistent-folder/r.json: its folder does not exist"),
+        (["--plot", "/nonexistent-folder/r.png"], "--plot /nonexistent-folder/r.png: its folder does not exist"),
     ],
     ids=["infinite lr", "infinite wd", "no validation rows", "no training rows", "wd for sgd", "compare steps alone",
-         "negative seed", "seed beyond int32"],
+         "negative seed", "seed beyond int32", "json folder missing", "plot folder missing"],
 )
 def test_train_cli_rejects_arguments_it_cannot_use_with_exit_code_2(argv, message, capsys):
     if "--val-fraction" in argv:
