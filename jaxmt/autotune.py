@@ -259,12 +259,20 @@ class LoweringCache:
             if self._entries:
                 merged = {**self._entries, **merged}
             merged[key] = entry
-            self._entries = merged
+            # Serialised before anything changes: an entry JSON cannot hold fails this put alone,
+            # instead of staying in memory to fail every later one.
+            text = json.dumps({"format": CACHE_FORMAT, "entries": merged}, indent=1, sort_keys=True)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump({"format": CACHE_FORMAT, "entries": merged}, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+                os.replace(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            self._entries = merged
             self._mtime = self._mtime_now()
 
     def __len__(self) -> int:

@@ -264,12 +264,17 @@ def run_soak(
         while in_flight:
             check(*in_flight.popleft())
 
+    # One replacement at a time: threads replacing at once could otherwise take every resident
+    # tenant out of ``live`` (with tenants <= threads), and a thread picking then would crash.
+    churn_lock = threading.Lock()
+
     def replace_one(rng: random.Random) -> None:
-        with registry.lock:
-            victim = registry.live.pop(rng.randrange(len(registry.live)))
-            removed.append(victim)
-        mt.remove_tenant(victim)  # its queued requests fail with UnknownTenantError
-        add_new()
+        with churn_lock:
+            with registry.lock:
+                victim = registry.live.pop(rng.randrange(len(registry.live)))
+                removed.append(victim)
+            mt.remove_tenant(victim)  # its queued requests fail with UnknownTenantError
+            add_new()
 
     def monitor() -> None:
         while not done.wait(0.25):

@@ -73,7 +73,7 @@ def time_in_rounds(fns: dict[str, Callable[[], Any]], *, warmup: int = 2, repeat
 
 def percentile(sorted_values: list[float], q: float) -> float:
     """The smallest value at or above a fraction ``q`` of ``sorted_values`` (nearest rank):
-    never below the median for q >= 0.5, the largest value for q = 1."""
+    never below the median for q > 0.5, the largest value for q = 1."""
     return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
 
 

@@ -623,3 +623,18 @@ def test_layer_selectors_are_read_as_numbers_and_must_name_a_conv():
     assert describe_lowering(f, w, x, {"conv:00": "im2col"})[0].lowering == "im2col"
     with pytest.raises(ValueError, match=r"name conv \[3\], but the model has 1"):
         describe_lowering(f, w, x, {"conv:3": "im2col"})
+
+
+def test_an_entry_that_cannot_be_written_leaves_the_cache_as_it_was(tmp_path):
+    """A put whose entry JSON cannot hold fails alone: no temporary file is left behind and
+    later puts of good entries still reach the file."""
+    rng = np.random.default_rng()
+    path = tmp_path / "c.json"
+    cache = autotune.LoweringCache(path)
+    cache.put("good-1", {"choice": "vmap"})
+    with pytest.raises(TypeError):
+        cache.put("bad", {"choice": "loop", "us": {"loop": np.float32(rng.random())}})
+    cache.put("good-2", {"choice": "einsum"})
+    assert set(json.loads(path.read_text())["entries"]) == {"good-1", "good-2"}
+    assert "bad" not in cache.entries()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "c.json.lock"]

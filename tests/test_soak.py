@@ -93,3 +93,13 @@ def test_a_recorded_soak_says_how_many_tenants_were_replaced_not_how_many_were_a
     soak._record(report, args)
     (body,) = written.values()
     assert f"{report.tenants_removed} replaced during the run" in body
+
+
+def test_threads_replacing_every_tenant_at_once_still_leave_one_to_pick():
+    """More threads than tenants and frequent churn: while some threads replace tenants, the
+    others must still find a resident tenant to pick (a crashed worker thread would report
+    requests of a correct server as lost)."""
+    report = run_soak(requests=400, threads=8, tenants=2, churn=200, window=4, seed=3)
+    assert report.requests == 400, report.summary_line()
+    assert report.lost == 0 and report.wrong == 0, report.summary_line()
+    assert report.answered + sum(report.errors.values()) == 400
