@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -117,6 +118,10 @@ class Step:
         decided here on the host, so that a step whose slots were moved to the device is not
         read back to tell; on a store of capacity K such a step reads the stacked weights as
         they are, with no gather.
+      rows_in_order: whether entry e holds request row e alone (B = 1, every row of the
+        request in this step, padding entries repeating row 0): the step's input block is then
+        the request's rows as they are and its answers come back in request order, so the
+        host copies rows instead of gathering and scattering them.
     """
 
     slots: np.ndarray
@@ -124,12 +129,15 @@ class Step:
     out_positions: np.ndarray
     out_rows: np.ndarray
     slots_in_order: bool = False
+    rows_in_order: bool = False
 
     def __post_init__(self) -> None:
         # A copy with other host slots (dataclasses.replace) must not keep a stale claim; slots
         # moved to the device are taken as the same slots (checking them would read them back).
         if self.slots_in_order and isinstance(self.slots, np.ndarray) and not np.array_equal(self.slots, np.arange(len(self.slots))):
             raise ValueError(f"slots_in_order=True but slots are {self.slots.tolist()}, not 0..{len(self.slots) - 1}")
+        if self.rows_in_order and self.row_index.shape[1:] != (1,):
+            raise ValueError(f"rows_in_order=True but the step has {self.row_index.shape[1]} rows per entry, not 1")
 
     @property
     def tenant_bucket(self) -> int:
@@ -249,27 +257,29 @@ def _small_one_step(slots: np.ndarray, policy: BucketPolicy) -> Step | None:
 
 
 def _one_row_entries(slots: np.ndarray, policy: BucketPolicy, distinct_to_n: bool) -> Step | None:
-    """``_small_one_step`` where every entry holds one row: the rows in slot order (request
-    order within a slot), each its own entry. ``distinct_to_n``: the slots are 0..n-1 in
-    some order."""
+    """``_small_one_step`` where every entry holds one row. ``distinct_to_n``: the slots are
+    0..n-1 in some order.
+
+    The entries keep request order (``Step.rows_in_order``: no gather or scatter of rows on
+    the host), except where every slot 0..n-1 comes once and fills the step: in slot order
+    that step reads a store of capacity n as it is (``Step.slots_in_order``), with no weight
+    gather on the device, which outweighs the rows' gather and scatter.
+    """
     n = slots.shape[0]
     if n > policy.max_tenants:
         return None
     k = policy.tenant_bucket(n)
-    order = np.argsort(slots, kind="stable")
-    step_slots = slots[order].astype(np.int32)
-    index = order.astype(np.int32)
-    pad = k - n
-    if pad:  # padding entries repeat the first
-        step_slots = np.concatenate((step_slots, np.repeat(step_slots[:1], pad)))
-        index = np.concatenate((index, np.repeat(index[:1], pad)))
-    return Step(
-        slots=step_slots,
-        row_index=index.reshape(k, 1),
-        out_positions=np.arange(n, dtype=np.int64),
-        out_rows=order,
-        slots_in_order=pad == 0 and distinct_to_n,
-    )
+    if distinct_to_n and k == n:
+        order = np.argsort(slots, kind="stable")
+        return Step(slots=np.arange(n, dtype=np.int32), row_index=order.astype(np.int32).reshape(n, 1),
+                    out_positions=np.arange(n, dtype=np.int64), out_rows=order, slots_in_order=True)
+    step_slots = np.empty(k, np.int32)
+    step_slots[:n] = slots
+    step_slots[n:] = slots[0]  # padding entries repeat the first
+    index = np.zeros((k, 1), np.int32)
+    index[:n, 0] = np.arange(n, dtype=np.int32)
+    rows = np.arange(n, dtype=np.int64)
+    return Step(slots=step_slots, row_index=index, out_positions=rows, out_rows=rows, rows_in_order=True)
 
 
 def _plan_arrays(slots: np.ndarray, policy: BucketPolicy) -> Plan:
@@ -320,8 +330,21 @@ def _entry_rows(counts: np.ndarray, policy: BucketPolicy) -> int:
     candidates = policy.row_buckets[: bisect.bisect_left(policy.row_buckets, largest) + 1]
     if len(candidates) == 1:  # the smallest bucket holds every tenant's rows (one-row requests), or the ladder has one rung
         return candidates[0]
-    entries_per_bucket = (-(-counts[:, None] // np.asarray(candidates)[None, :])).sum(axis=0)
+    if largest <= SMALL_REQUEST_ROWS:  # tenants counted by row count, times a table: fewer NumPy calls
+        entries_per_bucket = np.bincount(counts) @ _entries_table(policy.row_buckets)[: largest + 1, : len(candidates)]
+    else:
+        entries_per_bucket = (-(-counts[:, None] // np.asarray(candidates)[None, :])).sum(axis=0)
     return _cheapest_row_bucket(candidates, entries_per_bucket.tolist(), policy)
+
+
+@functools.lru_cache(maxsize=64)
+def _entries_table(row_buckets: tuple[int, ...]) -> np.ndarray:
+    """How many entries of B = row_buckets[j] a tenant of c rows needs (ceil(c / B)),
+    for c up to ``SMALL_REQUEST_ROWS``: [c, j]."""
+    rows = np.arange(SMALL_REQUEST_ROWS + 1, dtype=np.int64)[:, None]
+    table = -(-rows // np.asarray(row_buckets, dtype=np.int64)[None, :])
+    table.flags.writeable = False
+    return table
 
 
 def _cheapest_row_bucket(candidates: Sequence[int], entries_per_bucket: list[int], policy: BucketPolicy) -> int:

@@ -334,6 +334,8 @@ class MultiTenantModel:
 
     def _launch(self, step: Step, x: "np.ndarray | RowParts") -> PyTree:
         if (not isinstance(x, RowParts) or x.staged is None) and self._takes_host_inputs(step.tenant_bucket, step.row_bucket):
+            if step.rows_in_order and isinstance(x, np.ndarray):
+                return self._launch_from_host(step, lambda rows: _copy_rows_in_order(x, rows))
             return self._launch_from_host(step, lambda rows: take_rows(x, step.row_index, out=rows))
         return self.run_step(step, take_rows(x, step.row_index))
 
@@ -655,6 +657,14 @@ class MultiTenantModel:
         else:
             self._probed_rows = (row_shape, row_dtype, spec)
         return spec
+
+
+def _copy_rows_in_order(x: np.ndarray, rows: np.ndarray) -> None:
+    """Writes the n rows of ``x`` into a [K, 1, ...] block as entries 0..n-1 and row 0 into
+    the padding entries (a ``Step.rows_in_order`` step's input: copies, no gather)."""
+    n = x.shape[0]
+    rows[:n, 0] = x
+    rows[n:, 0] = x[0]
 
 
 def _spin_seconds(spin_us: float) -> float:

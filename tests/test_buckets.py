@@ -138,9 +138,41 @@ def test_small_requests_get_exactly_the_plan_of_the_array_path(slots, policy):
     assert got.rows == want.rows and len(got.steps) == len(want.steps)
     for a, b in zip(got.steps, want.steps):
         assert a.slots_in_order == b.slots_in_order
+        if a.rows_in_order:  # the same step with its entries in request order, not slot order
+            assert a.row_index.shape == b.row_index.shape
+            assert _slot_of_each_row(a) == _slot_of_each_row(b)
+            continue
         for field in ("slots", "row_index", "out_positions", "out_rows"):
             x, y = getattr(a, field), getattr(b, field)
             assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), field
+
+
+def _slot_of_each_row(step) -> dict[int, int]:
+    entries = step.out_positions // step.row_bucket
+    return dict(zip(step.out_rows.tolist(), step.slots[entries].tolist()))
+
+
+@pytest.mark.parametrize("n, k", [(1, 1), (3, 4), (5, 8), (8, 8)])
+def test_one_row_entries_keep_request_order_and_pad_with_the_first_row(n, k, rng):
+    """Each row its own entry, in request order (no gather or scatter of rows on the host);
+    padding entries repeat row 0 and its slot."""
+    slots = rng.integers(3, 40, size=n)  # not 0..n-1: no whole-store step
+    slots[-1] = slots[0]  # a tenant with two rows still gets one entry per row at B = 1
+    policy = BucketPolicy((1, 2, 4, 8), (1, 2, 4), entry_cost_rows=0.0, step_cost_rows=0.0)
+    (step,) = make_plan(slots, policy).steps
+    assert step.rows_in_order and not step.slots_in_order
+    assert step.row_index.shape == (k, 1)
+    assert step.row_index[:, 0].tolist() == list(range(n)) + [0] * (k - n)
+    assert step.slots.tolist() == slots.tolist() + [slots[0]] * (k - n)
+    assert step.out_rows.tolist() == step.out_positions.tolist() == list(range(n))
+    _check_plan(slots, policy)
+
+
+def test_a_step_of_several_rows_per_entry_cannot_claim_rows_in_order():
+    (step,) = make_plan(np.array([5, 5, 5]), BucketPolicy.powers_of_two(4, 4)).steps
+    assert step.row_bucket == 4 and not step.rows_in_order
+    with pytest.raises(ValueError, match="rows_in_order"):
+        dataclasses.replace(step, rows_in_order=True)
 
 
 @pytest.mark.parametrize("slots", [[3, 1, 0, 2], [0], [1], [0, 1, 2, 4], [1, 2, 3, 4], [0, 0, 1, 2], [2, 0, 1], [0, 1, 2, 3, 4, 5, 7, 6]])
@@ -150,4 +182,7 @@ def test_one_row_steps_over_the_whole_store_in_order_are_told_as_the_array_path_
     policy = BucketPolicy.powers_of_two(8, 4)
     (got,), (want,) = make_plan(slots, policy).steps, buckets._plan_arrays(np.array(slots, np.int64), policy).steps
     assert got.slots_in_order == want.slots_in_order == (sorted(slots) == list(range(got.tenant_bucket)))
-    assert np.array_equal(got.slots, want.slots) and np.array_equal(got.row_index, want.row_index)
+    assert got.rows_in_order != got.slots_in_order  # a step in slot order is not in request order, and vice versa
+    if got.slots_in_order:
+        assert np.array_equal(got.slots, want.slots) and np.array_equal(got.row_index, want.row_index)
+    assert _slot_of_each_row(got) == _slot_of_each_row(want)

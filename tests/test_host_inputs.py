@@ -310,3 +310,33 @@ class _Token:
     def block_until_ready(self) -> "_Token":
         self.ready = self.waited = True
         return self
+
+
+@pytest.mark.parametrize("host_inputs", [True, False])
+@pytest.mark.parametrize("n", [1, 3, 7])
+def test_one_row_entries_in_request_order_answer_every_output_leaf_row_by_row(host_inputs, n, rng):
+    """Steps whose entries are the request's rows in order (``Step.rows_in_order``: padded,
+    tenants repeated) copy rows in and answers out without a gather or scatter; every leaf of
+    a pytree answer must still be its own row's."""
+    spec = tiny_spec("mlp")
+
+    def two_leaves(p, x):
+        y = spec.apply_fn(p, x)
+        return {"y": y, "twice": 2 * y[:, :3]}
+
+    params = {f"t{i}": spec.init(900 + i) for i in range(3)}
+    one_row_entries = BucketPolicy((1, 2, 4, 8), (1, 2, 4), entry_cost_rows=0.0, step_cost_rows=0.0)  # B = 1 wins ties
+    mt = MultiTenantModel(two_leaves, params["t0"], capacity=4, buckets=one_row_entries,
+                          row_shape=spec.input_shape, row_dtype=spec.input_dtype, host_inputs=host_inputs)
+    for tenant, p in params.items():
+        mt.add_tenant(tenant, p)
+    for _ in range(3):  # the same buffers rewritten with fresh rows
+        ids = list(rng.choice(list(params), size=n))
+        x = spec.random_input(rng, n)
+        (step,) = mt.dispatch(ids, x).plan.steps
+        assert step.rows_in_order or n == 1 and mt.store.slot_of(ids[0]) == 0
+        got = mt.predict(ids, x)
+        want = reference_predict(spec.apply_fn, params, ids, x)
+        assert rel_error(got["y"], want) < 1e-5
+        assert rel_error(got["twice"], 2 * want[:, :3]) < 1e-5
+        assert got["y"].shape == want.shape and got["y"].base is None  # its own rows, not a view of the padded block
