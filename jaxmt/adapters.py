@@ -77,6 +77,8 @@ def flax_apply_and_params(
     import numpy as np
     from flax import linen, nnx
 
+    from jaxmt.validation import leaf_dtype
+
     kwargs = tuple(sorted((apply_kwargs or {}).items()))
     if isinstance(module, nnx.Module):
         module = nnx.clone(module)  # put in eval mode here, not the caller's module
@@ -86,7 +88,7 @@ def flax_apply_and_params(
         example = nnx.to_pure_dict(state)
         # Shapes and dtypes only: every call fills a copy with its tenant's values, so the
         # template module's own arrays would be device memory held for nothing.
-        abstract_state = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype), state)
+        abstract_state = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), leaf_dtype(leaf)), state)
         apply_fn = functools.partial(_nnx_apply, graphdef, rng_state, abstract_state, method, kwargs)
         return apply_fn, params_by_tenant, example
     if isinstance(module, linen.Module):

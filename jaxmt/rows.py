@@ -131,10 +131,15 @@ class RowParts:
             return take_rows(self.joined(), index, out)
         which, offsets = self._locate(index)
         block = np.empty((*index.shape, *self.shape[1:]), self.dtype) if out is None else out
-        flat = block.reshape(which.size, *self.shape[1:])  # a view: ``block`` is C-contiguous
+        # Rows go through a flat view of the block; a strided ``out`` (a slice of a larger
+        # buffer) has none (reshape would copy), so it is filled from a contiguous block.
+        target = block if block.flags.c_contiguous else np.empty(block.shape, self.dtype)
+        flat = target.reshape(which.size, *self.shape[1:])
         parts = self.parts
         for position, (part, offset) in enumerate(zip(which.tolist(), offsets.tolist())):
             flat[position] = parts[part][offset]
+        if target is not block:
+            np.copyto(block, target)
         return block
 
     def _locate(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -149,6 +154,8 @@ class RowParts:
         """The block of ``index`` joined on the device from staged rows (and host rows, for the
         parts whose copy is not issued yet, put on the device first in one call)."""
         which, offsets = self._locate(index)
+        if not which.size:  # no rows to join (the join program needs one): an empty block
+            return jax.device_put(np.empty((*index.shape, *self.shape[1:]), self.dtype), self.device)
         rows: list[Any] = []
         from_host: list[int] = []
         for part, offset in zip(which.tolist(), offsets.tolist()):

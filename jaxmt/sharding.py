@@ -112,6 +112,34 @@ def write_slot_sharded(leaves: list[jax.Array], new: list[jax.Array], slot: int)
     ]
 
 
+@jax.jit
+def _write_local_rows(shard_leaves: list[jax.Array], new: list[jax.Array], local_slots: jax.Array) -> list[jax.Array]:
+    return [s.at[local_slots].set(n) for s, n in zip(shard_leaves, new)]
+
+
+def write_slots_sharded(leaves: list[jax.Array], new: list[jax.Array], slots: Sequence[int]) -> list[jax.Array]:
+    """The stacked leaves with row i of ``new`` written into ``slots[i]``, each on its slot's
+    device (one write per device).
+
+    Nothing is donated: each device that takes rows writes a copy of its block, so ``leaves``
+    stay whole. A caller that puts them back when a later device's write fails (all or
+    nothing) gets them as they were; a donated block would be freed under them.
+    """
+    per_leaf = [_ordered_shards(leaf) for leaf in leaves]
+    per = per_leaf[0][0].shape[0]
+    slots = np.asarray(slots, np.int64)
+    owners = slots // per
+    blocks = [list(shards) for shards in per_leaf]
+    for owner in np.unique(owners).tolist():
+        rows = np.flatnonzero(owners == owner)
+        device = next(iter(per_leaf[0][owner].devices()))
+        rows_new, local = jax.device_put(([leaf[rows] for leaf in new], (slots[rows] % per).astype(np.int32)), device)
+        updated = _write_local_rows([shards[owner] for shards in per_leaf], rows_new, local)
+        for shards, fresh in zip(blocks, updated):
+            shards[owner] = fresh
+    return [jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, shards) for leaf, shards in zip(leaves, blocks)]
+
+
 @functools.partial(jax.jit, static_argnums=(1,))
 def _extend_local(shard: jax.Array, extra: int) -> jax.Array:
     return jnp.concatenate([shard, jnp.zeros((extra, *shard.shape[1:]), shard.dtype)])

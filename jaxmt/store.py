@@ -303,9 +303,10 @@ class TenantStore:
                 slots = self._claim_slots(at_slots) if at_slots is not None else np.array([self._take_free_slot() for _ in tenant_ids], np.int32)
                 if self.sharding is None:
                     self._leaves = _write_slots(self._leaves, leaves, jax.device_put(slots, self.device))
-                else:  # row by row onto each slot's own device
-                    for row, slot in enumerate(slots):
-                        self._write(int(slot), [leaf[row] for leaf in leaves])
+                else:  # onto each slot's own device, not donated: a failed write restores the saved leaves
+                    from jaxmt.sharding import write_slots_sharded
+
+                    self._leaves = write_slots_sharded(self._leaves, leaves, slots)
             for tenant_id, slot in zip(tenant_ids, slots):
                 self._slot_of[tenant_id] = int(slot)
             self.version += 1

@@ -21,7 +21,7 @@ from jaxmt.checkpoint import STORE_FILE, StrPath, _key_name, _named_leaves, _orb
 from jaxmt.errors import CheckpointError, DuplicateTenantError
 from jaxmt.model import MultiTenantModel
 from jaxmt.store import TenantStore
-from jaxmt.validation import leaf_dtype
+from jaxmt.validation import check_integers_fit, leaf_dtype
 
 PyTree = Any
 
@@ -95,6 +95,13 @@ def _match(path: pathlib.Path, store: TenantStore, restored: PyTree) -> PyTree:
                     f"{path}: leaf {leaf_path} is {_spec_text(shape, dtype)} in the checkpoint, "
                     f"expected {_spec_text(spec.shape, spec.dtype)}"
                 )
+            try:  # converted below: a wider integer leaf would wrap silently where its values do not fit
+                check_integers_fit(view[name], dtype)
+            except OverflowError as exc:
+                raise CheckpointError(
+                    f"{path}: leaf {leaf_path} holds integers that the template's {_spec_text(spec.shape, spec.dtype)} "
+                    f"cannot ({exc})"
+                ) from None
             leaves.append(np.asarray(view[name], dtype))
         return jax.tree_util.tree_unflatten(treedef, leaves)
     raise CheckpointError(f"{path}: the checkpoint's structure does not match the model's params; " + "; ".join(problems))

@@ -208,7 +208,7 @@ def _shape_and_dtype(leaf: Any, where: str, expected: str) -> tuple[tuple[int, .
     """
     try:
         shape, dtype = tuple(np.shape(leaf)), leaf_dtype(leaf)
-        _check_integers_fit(leaf, dtype)
+        check_integers_fit(leaf, dtype)
         return shape, dtype
     except OverflowError as error:
         raise ParamMismatchError(f"{where} is {type(leaf).__name__} {reprlib.repr(leaf)}, which JAX cannot hold "
@@ -218,7 +218,7 @@ def _shape_and_dtype(leaf: Any, where: str, expected: str) -> tuple[tuple[int, .
                                  f"array-like; expected {expected}") from error
 
 
-def _check_integers_fit(leaf: Any, dtype: np.dtype) -> None:
+def check_integers_fit(leaf: Any, dtype: np.dtype) -> None:
     """Raises OverflowError where an integer array of a wider dtype than the store keeps
     (int64 without 64-bit mode) holds values that ``dtype`` cannot: the conversion would wrap
     them silently."""

@@ -93,3 +93,24 @@ def test_an_nnx_template_module_lends_its_structure_not_its_arrays():
     held = [leaf for arg in mt.apply_fn.args for leaf in jax.tree_util.tree_leaves(arg) if hasattr(leaf, "shape")]
     weights = [leaf for leaf in held if not isinstance(leaf, jax.ShapeDtypeStruct) and np.size(leaf) > 1]
     assert held and not weights
+
+
+def test_an_nnx_variable_holding_a_python_scalar_is_served_per_tenant(rng):
+    """nnx Variables may hold Python scalars (``nnx.Param(1.0)``): the store keeps them as
+    the float32 leaves JAX makes of them, and each tenant is served its own value."""
+    from flax import nnx
+
+    class Scaled(nnx.Module):
+        def __init__(self, seed: int, scale: float):
+            self.linear = nnx.Linear(5, 3, rngs=nnx.Rngs(seed))
+            self.scale = nnx.Param(scale)
+
+        def __call__(self, x):
+            return self.linear(x) * self.scale
+
+    scales = rng.uniform(0.5, 2.0, size=2)
+    tenants = {f"m{i}": Scaled(i + 1, float(scales[i])) for i in range(2)}
+    mt = MultiTenantModel.from_flax(Scaled(0, 1.0), tenants, buckets=POLICY)
+    x = rng.normal(size=(3, 5)).astype(np.float32)
+    ids = ["m1", "m0", "m1"]
+    assert rel_error(mt.predict(ids, x), _own_outputs(tenants, ids, x)) < 1e-5

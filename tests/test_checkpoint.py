@@ -442,3 +442,16 @@ def test_a_save_interrupted_after_its_commit_is_the_checkpoint(tmp_path, monkeyp
     restored = jaxmt.restore_model(tmp_path / "c", apply_fn)
     assert restored.tenants == ["a", "b", "c"]
     np.testing.assert_array_equal(restored.get_params("c")["w"], np.full((6, 3), 9, np.float32))
+
+
+def test_a_checkpoint_integer_leaf_too_wide_for_the_template_is_refused_not_wrapped(tmp_path):
+    """An int64 leaf whose values do not fit the template's int32 is refused (as ``store.add``
+    refuses it), not wrapped into other values by the conversion; the store is unchanged."""
+    rng = np.random.default_rng(12)
+    template = {"w": rng.normal(size=(4, 3)).astype(np.float32), "ids": np.zeros((3,), np.int32)}
+    store = jaxmt.TenantStore(template, capacity=2)
+    ids = rng.integers(0, 100, size=3).astype(np.int64) + np.array([2**40, 0, 0])
+    _bare_params(tmp_path / "one", {"params": {"w": template["w"], "ids": ids}})
+    with pytest.raises(CheckpointError, match=r"leaf \['ids'\] holds integers .*int32\[3\]"):
+        jaxmt.add_tenant_from_checkpoint(store, "new", tmp_path / "one")
+    assert "new" not in store and store.version == 0

@@ -147,3 +147,16 @@ def test_rows_are_a_view_inside_one_part_and_copied_across_parts(row_shape):
     assert np.shares_memory(inside, parts[2])
     for start, stop in [(0, 3), (1, 2), (2, 5), (0, 8), (3, 4)]:
         np.testing.assert_array_equal(rows.rows(start, stop), joined[start:stop])
+
+
+@pytest.mark.parametrize("row_shape", ROW_SHAPES)
+def test_take_into_a_strided_out_fills_it(row_shape):
+    """``out`` may be a strided view (a slice of a larger buffer): the rows land in it."""
+    rng = np.random.default_rng(11)
+    parts = _parts(rng, row_shape, 3)
+    joined = np.concatenate(parts)
+    index = rng.integers(0, len(joined), size=(2, 2))
+    out = np.zeros((2, 3, *row_shape), np.float32)[:, :2]
+    got = take_rows(RowParts(parts), index, out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, joined[index])

@@ -312,3 +312,35 @@ def test_subprocess_runs_the_multi_device_tests():
     report = proc.stdout[-6000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, report
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], report
+
+
+
+@multi_device
+def test_multi_device_a_failed_write_in_add_stacked_leaves_the_store_as_it_was(rng, monkeypatch):
+    """add_stacked is all or nothing on a mesh too: when the copy to the second new tenant's
+    device fails (device lost, out of memory) after the first tenant was written on its own
+    device, the store is restored as it was and keeps serving its tenants."""
+    spec, mt, params = _sharded_model("mlp", 2, 8)  # slots 0 and 1 taken: the new go to devices 2 and 3
+    tenants, capacity, free = mt.tenants, mt.store.capacity, sorted(mt.store._free)
+    leaves = [np.array(leaf) for leaf in mt.store.stacked_leaves]
+    real, copies = jax.device_put, []
+
+    def second_copy_to_another_device_fails(x, device=None, *args, **kwargs):
+        if isinstance(device, jax.Device) and device != mt.store.device:
+            copies.append(device)
+            if len(copies) == 2:
+                raise jax.errors.JaxRuntimeError("INTERNAL: device lost while writing")
+        return real(x, device, *args, **kwargs)
+
+    new = [spec.init(80 + i) for i in range(2)]
+    with monkeypatch.context() as patch:
+        patch.setattr(jax, "device_put", second_copy_to_another_device_fails)
+        with pytest.raises(jax.errors.JaxRuntimeError, match="device lost"):
+            mt.store.add_stacked(["n0", "n1"], jax.tree_util.tree_map(lambda *xs: np.stack(xs), *new))
+    assert len(copies) == 2 and mt.tenants == tenants and mt.store.capacity == capacity
+    assert sorted(mt.store._free) == free
+    for before, after in zip(leaves, mt.store.stacked_leaves):
+        assert not after.is_deleted() and not any(s.data.is_deleted() for s in after.addressable_shards)
+        np.testing.assert_array_equal(before, np.array(after))
+    ids, x = _random_request(spec, params, rng)
+    assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5

@@ -342,3 +342,14 @@ def test_with_staged_rows_a_tenant_removed_while_queued_fails_alone(kind, rng):
             gone.result(TIMEOUT_S)
         np.testing.assert_allclose(kept.result(TIMEOUT_S), expected(kind, params, "t1", x_kept, server),
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask", [[True], [True, False]])
+def test_staged_parts_take_no_rows_as_an_empty_block(rng, mask):
+    """An empty index (or an empty row range) gives an empty block, as for host parts."""
+    parts, staged = staged_parts(rng, np.float32, (3, 2), mask)
+    x = RowParts(parts, staged, DEVICE)
+    for index_shape in [(0,), (2, 0)]:
+        got = x.take(np.zeros(index_shape, np.int64))
+        assert got.shape == (*index_shape, 3, 2) and got.dtype == np.float32
+    assert np.asarray(x.rows(1, 1)).shape == (0, 3, 2)
