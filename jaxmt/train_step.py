@@ -81,13 +81,13 @@ def tenants_step(
     Tenants share no weights, so the gradient of the summed losses with respect to tenant
     k's params is the gradient of tenant k's own loss: one backward pass serves all.
 
-    With plain vmap (``per_tenant_loss`` given, the trainer's default) the step takes
-    ``vmap(value_and_grad)`` of the one-tenant loss instead: the gradient of the summed
-    losses makes each conv's filter gradient one conv with ``batch_group_count = K``, which
-    XLA on CPUs computes densely with zero masks, so a NaN or Inf in one tenant's batch
-    reached every tenant's gradient (0 x NaN) and froze them all. Per tenant, it reaches
-    its own only. The interpreted lowerings (``"rule"``, ``"auto"``) keep tenants apart in
-    their own forms; a forced ``"grouped_nchw"`` may not.
+    With ``per_tenant_loss`` given the step takes ``vmap(value_and_grad)`` of the one-tenant
+    loss instead: each tenant's backward pass is its own. Under plain vmap the gradient of
+    the summed losses makes each conv's filter gradient one conv with
+    ``batch_group_count = K``, which XLA on CPUs computes densely with zero masks, so a NaN
+    or Inf in one tenant's batch can reach every tenant's gradient (0 x NaN); per tenant it
+    reaches its own only. Which form a trainer runs, and how it keeps tenants apart with the
+    summed one, is ``MultiTenantTrainer``'s ``backward``.
     """
     train_k, const_k = split_trainable(treedef, trainable, params_k)
 
@@ -142,12 +142,16 @@ def step_program(
     trainable: Any,
     lowering: LoweringPolicy,
     donate: bool,
+    per_tenant: bool,
 ) -> Callable:
+    """The compiled step; ``per_tenant``: each tenant's backward pass on its own
+    (``vmap(value_and_grad)`` of ``loss_fn``, whatever the lowering), else the gradient of the
+    summed losses of ``loss_fn`` batched by ``lowering``."""
     # The update reads every numeric hyperparameter from the (per-tenant) optimizer state;
     # the values this transformation is built with only mark the names as numeric.
     tx = _injected(optimizer, static)(**{name: jnp.zeros((), jnp.float32) for name in hyper_names})
     step = functools.partial(tenants_step, tenant_batched(loss_fn, lowering), tx, treedef, trainable,
-                             per_tenant_loss=loss_fn if lowering.is_plain_vmap else None)
+                             per_tenant_loss=loss_fn if per_tenant else None)
     # "raise" must be able to drop a step, so it keeps the old buffers (no donation).
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 

@@ -241,11 +241,14 @@ def _nan_for(batch, tenant_index, value=np.nan):
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
-@pytest.mark.parametrize("arch, lowering", [("mlp", "vmap"), ("cnn", "vmap"), ("cnn", "rule"), ("cnn", "auto")])
-def test_nonfinite_loss_freezes_that_tenant_and_the_others_train_on(arch, lowering, value, rng):
+@pytest.mark.parametrize("arch, lowering, backward", [
+    ("mlp", "vmap", "auto"), ("cnn", "vmap", "auto"), ("cnn", "vmap", "summed"), ("cnn", "vmap", "per_tenant"),
+    ("cnn", "rule", "auto"), ("cnn", "auto", "auto"),
+])
+def test_nonfinite_loss_freezes_that_tenant_and_the_others_train_on(arch, lowering, backward, value, rng):
     init_fn, apply_fn, row_shape = _arch(arch)
     factory, hyper = OPTIMIZERS["adamw"]
-    trainer = _trainer(arch, seeds=(1, 2, 3), lowering=lowering)
+    trainer = _trainer(arch, seeds=(1, 2, 3), lowering=lowering, backward=backward)
     data = _data(rng, row_shape)
     idx = shuffled_batch_indices(len(data["y"]), BATCH, (1, 2, 3))
     batches = _stacked_batches(data, idx)
@@ -263,6 +266,48 @@ def test_nonfinite_loss_freezes_that_tenant_and_the_others_train_on(arch, loweri
         want, _ = _train_alone(_loss_of(apply_fn), init_fn(t + 1), factory, _hyper_of(hyper, t), batches_t)
         assert rel_error(_flat(trainer.params_of(tenant)), _flat(want)) < TOL
     assert trainer.to_model(buckets=POLICY).tenants == ["t1", "t3"]  # diverged tenants are not exported
+
+
+def test_the_summed_backward_on_a_cpu_reaches_other_tenants_and_the_second_pass_keeps_them_apart(rng):
+    """Why a summed step that flags tenants steps them again: on a CPU the summed backward of a
+    CNN under plain vmap carries one tenant's NaN into the others' filter gradients (the first
+    pass flags every tenant); the second pass on each tenant's own backward frees the others,
+    whose update then equals that of a step without the NaN."""
+    _, _, row_shape = _arch("cnn")
+    data = _data(rng, row_shape)
+    batch = _stacked_batches(data, shuffled_batch_indices(len(data["y"]), BATCH, (1, 2, 3)))[0]
+    bad = _nan_for(batch, 1)
+    first_pass = _trainer("cnn", seeds=(1, 2, 3), backward="summed")
+    *_, finite = first_pass._step_program(first_pass._params, first_pass._opt_state, jnp.ones(3, bool), bad)
+    assert not np.asarray(finite).any(), "the summed backward no longer reaches other tenants here: this test shows nothing"
+    clean, trainer = _trainer("cnn", seeds=(1, 2, 3), backward="summed"), _trainer("cnn", seeds=(1, 2, 3), backward="summed")
+    clean.step_stacked(batch)
+    with pytest.warns(RuntimeWarning, match=r"tenants \['t2'\] diverged"):
+        trainer.step_stacked(bad)
+    assert trainer.active == ["t1", "t3"]
+    for tenant in ("t1", "t3"):
+        assert rel_error(_flat(trainer.params_of(tenant)), _flat(clean.params_of(tenant))) < TOL
+
+
+@pytest.mark.parametrize("backward", ["summed", "per_tenant"])
+def test_nonfinite_loss_under_raise_names_only_the_tenant_that_diverged(backward, rng):
+    _, _, row_shape = _arch("cnn")
+    data = _data(rng, row_shape)
+    batch = _stacked_batches(data, shuffled_batch_indices(len(data["y"]), BATCH, (1, 2, 3)))[0]
+    trainer = _trainer("cnn", seeds=(1, 2, 3), backward=backward, on_nonfinite="raise")
+    before = _copy(trainer.stacked_params)
+    with pytest.raises(NonFiniteLossError) as caught:
+        trainer.step_stacked(_nan_for(batch, 1))
+    assert caught.value.tenant_ids == ["t2"]
+    _assert_trees_equal(trainer.stacked_params, before)
+    trainer.step_stacked(batch)  # a clean step still trains every tenant
+
+
+def test_backward_auto_is_each_tenants_own_pass_on_a_cpu_under_plain_vmap_only():
+    assert _trainer("cnn").backward == "per_tenant"
+    assert _trainer("cnn", lowering="rule").backward == "summed"
+    with pytest.raises(ValueError, match="backward must be one of"):
+        _trainer("cnn", backward="sum")
 
 
 def test_nonfinite_loss_raises_naming_the_tenant_and_updates_nobody(rng):
