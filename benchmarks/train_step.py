@@ -49,11 +49,17 @@ def parse_configs(text: str) -> list[tuple[str, str, int, int]]:
     return configs
 
 
-def _trainers(spec, seeds: list[int]) -> dict[str, MultiTenantTrainer]:
+def _loss_of(spec):
     def loss_fn(params, batch):
         logits = spec.apply_fn(params, batch["x"]).astype(jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
 
+    return loss_fn
+
+
+def _trainers(spec, loss_fn, seeds: list[int]) -> dict[str, MultiTenantTrainer]:
+    """One trainer per backward form, from the same inits (one ``loss_fn`` for all: the
+    trainers share their compiled programs)."""
     return {form: MultiTenantTrainer.from_init(
         loss_fn, spec.init, {f"t{s}": s for s in seeds}, optimizer=optax.sgd, hyperparams={"learning_rate": 1e-2},
         trainable=lambda path: "batch_stats" not in path, backward=form) for form in FORMS}
@@ -74,18 +80,19 @@ def measure(arch: str, size: str, tenants: int, batch: int, repeats: int, seed: 
     bad = {"x": x.copy(), "y": data["y"]}
     bad["x"][0, 0].flat[0] = np.nan
     seeds = [seed + i for i in range(tenants)]
+    loss_fn = _loss_of(spec)
 
-    stepped = _trainers(spec, seeds)  # one clean step of each form: the same params?
+    stepped = _trainers(spec, loss_fn, seeds)  # one clean step of each form: the same params?
     for trainer in stepped.values():
         trainer.step_stacked(data)
     agree = _rel(stepped["summed"].stacked_params, stepped["per_tenant"].stacked_params)
     assert agree < tol, f"{arch}: the two backward forms' steps differ by {agree:.2e} (relative)"
 
-    probe = _trainers(spec, seeds)["summed"]  # the summed program alone on the NaN batch: who is flagged?
+    probe = _trainers(spec, loss_fn, seeds)["summed"]  # the summed program alone on the NaN batch: who is flagged?
     *_, finite = probe._step_program(probe._params, probe._opt_state, jnp.ones(tenants, bool), bad)
     others_flagged = int((~np.asarray(finite)[1:]).sum())
 
-    guarded = _trainers(spec, seeds)["summed"]  # the trainer's step on it: the others as in the clean step
+    guarded = _trainers(spec, loss_fn, seeds)["summed"]  # the trainer's step on it: the others as in the clean step
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         guarded.step_stacked(bad)
@@ -93,14 +100,14 @@ def measure(arch: str, size: str, tenants: int, batch: int, repeats: int, seed: 
     others = _rel(jax.tree.map(lambda leaf: leaf[1:], guarded.stacked_params), jax.tree.map(lambda leaf: leaf[1:], clean))
     assert guarded.active == [f"t{s}" for s in seeds[1:]] and others < tol, (guarded.active, others)
 
-    timed = _trainers(spec, seeds)
+    timed = _trainers(spec, loss_fn, seeds)
     timings = time_in_rounds({form: (lambda t=trainer: t.step_stacked(data)) for form, trainer in timed.items()},
                              warmup=3, repeats=repeats)
     ms = {form: timings[form]["median_s"] * 1e3 for form in FORMS}
     return {"arch": arch, "size": size, "tenants": tenants, "batch": batch, "ms_per_step": ms,
             "per_tenant_over_summed": ms["per_tenant"] / ms["summed"], "forms_rel_diff": agree,
             "others_flagged_by_summed_pass": others_flagged, "others_rel_diff_after_nan_step": others,
-            "auto": MultiTenantTrainer.from_init(lambda p, b: 0.0, spec.init, {"a": 0}, optimizer=optax.sgd,
+            "auto": MultiTenantTrainer.from_init(loss_fn, spec.init, {"a": 0}, optimizer=optax.sgd,
                                                  hyperparams={"learning_rate": 0.1}).backward}
 
 
