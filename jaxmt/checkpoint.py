@@ -162,8 +162,12 @@ def _ours(name: str) -> bool:
 def _prepare_directory(directory: pathlib.Path) -> None:
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory} is a file, not a checkpoint directory")
-    directory.mkdir(parents=True, exist_ok=True)
-    foreign = sorted(p.name for p in directory.iterdir() if not _ours(p.name))
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        names = [p.name for p in directory.iterdir()]
+    except OSError as exc:
+        raise CheckpointError(f"cannot write a store checkpoint into {directory}: {exc}") from exc
+    foreign = sorted(name for name in names if not _ours(name))
     if foreign:
         raise CheckpointError(
             f"refusing to write a store checkpoint into {directory}: it holds files that are not "
@@ -403,7 +407,7 @@ def restore_store(directory: StrPath, example_params: PyTree | None = None, **st
       NonFiniteParamsError: a saved tenant holds NaN or Inf.
     """
     loaded = _load_store_checkpoint(directory, example_params)
-    store_kwargs.setdefault("capacity", loaded["capacity"])
+    store_kwargs.setdefault("capacity", _default_capacity(loaded, store_kwargs))
     store = TenantStore(loaded["template"], **store_kwargs)
     _fill(store, loaded)
     return store
@@ -423,7 +427,7 @@ def restore_model(
     """
     loaded = _load_store_checkpoint(directory, example_params)
     saved = loaded["model"] or {}
-    model_kwargs.setdefault("capacity", loaded["capacity"])
+    model_kwargs.setdefault("capacity", _default_capacity(loaded, model_kwargs))
     if "row_shape" not in model_kwargs and "row_dtype" not in model_kwargs and saved.get("row_shape") is not None:
         model_kwargs.update(row_shape=tuple(saved["row_shape"]), row_dtype=jnp.dtype(saved["row_dtype"]))
     if "buckets" not in model_kwargs and loaded["buckets"] is not None:
@@ -431,6 +435,12 @@ def restore_model(
     model = MultiTenantModel(apply_fn, loaded["template"], **model_kwargs)
     _fill(model.store, loaded)
     return model
+
+
+def _default_capacity(loaded: dict[str, Any], kwargs: Mapping[str, Any]) -> int:
+    """The saved capacity, but not above a ``max_capacity`` given (``_fill`` packs the tenants)."""
+    max_capacity = kwargs.get("max_capacity")
+    return loaded["capacity"] if max_capacity is None else min(loaded["capacity"], max_capacity)
 
 
 def _fill(store: TenantStore, loaded: dict[str, Any]) -> None:

@@ -155,7 +155,7 @@ class LatencyRecorder:
 
     def _update_flag(self, tenant_id: Hashable, stats: _TenantStats) -> None:
         recent, met = len(stats.recent_met), stats.recent_met_count
-        if recent < self.flag_min_requests:
+        if recent == 0 or recent < self.flag_min_requests:  # flag_window 0: nothing to judge
             return
         attainment = met / recent
         if not stats.flagged and attainment < self.flag_below_attainment:
@@ -364,9 +364,15 @@ def _sample(value: float) -> str:
 def _tenant_labels(tenants: Any) -> dict[Any, str]:
     """Each tenant's label value: its str, or its repr where two ids print alike (1 and "1"
     would otherwise make one series twice, and Prometheus keeps one of the two)."""
-    labels = {t: _label(t) for t in tenants}
-    shared = {label for label, n in collections.Counter(labels.values()).items() if n > 1}
-    return {t: _label(repr(t)) if label in shared else label for t, label in labels.items()}
+    plain = {t: _label(t) for t in tenants}
+    by_repr: set[Any] = set()
+    while True:  # a repr may equal another tenant's str ("1" -> "'1'", the str of tenant "'1'")
+        labels = {t: _label(repr(t)) if t in by_repr else label for t, label in plain.items()}
+        shared = {label for label, n in collections.Counter(labels.values()).items() if n > 1}
+        clash = {t for t, label in labels.items() if label in shared} - by_repr
+        if not clash:
+            return labels
+        by_repr |= clash
 
 
 def to_prometheus(metrics: Mapping[str, Any], prefix: str = "jaxmt") -> str:

@@ -257,6 +257,8 @@ class TenantReplica:
                 raise
             except KeyError:
                 raise UnknownTenantError(tenant_id) from None
+            except Exception as exc:  # a server fault (HTTP 500), even a ValueError: not the request's
+                raise RuntimeError(f"load_params({tenant_id!r}) failed: {type(exc).__name__}: {exc}") from exc
             with self._lock:
                 if tenant_id in self.model:
                     self.model.update_tenant(tenant_id, params)

@@ -203,8 +203,9 @@ class MultiTenantTrainer:
         program_of = functools.partial(step_program, loss_fn, optimizer, static_items, self._hyper_names, self._treedef,
                                        self._trainable, self.lowering, on_nonfinite == "freeze")
         self._step_program = program_of(backward == "per_tenant")
-        # Each tenant's own pass, for a summed step that flagged tenants (built when first needed).
-        self._own_pass_program = None if backward == "per_tenant" else functools.partial(program_of, True)
+        # Each tenant's own pass, for a summed step that flagged tenants (built when first needed, and
+        # kept: a step program outside the cache, e.g. of an unhashable static option, is a new jit).
+        self._own_pass_program = None if backward == "per_tenant" else functools.cache(functools.partial(program_of, True))
         self._active = np.ones(n, bool)
         self.diverged: dict[Hashable, int] = {}
         self._losses: list[np.ndarray] = []

@@ -121,6 +121,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
     for option, path in (("--json", args.json), ("--plot", args.plot)):  # refused now, not after the training
         if path and path != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             return f"{option} {path}: its folder does not exist"
+        if path and path != "-" and os.path.isdir(path):
+            return f"{option} {path} is a folder, not a file"
     return None
 
 

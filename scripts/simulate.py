@@ -84,8 +84,8 @@ class Workload:
             raise ValueError(f"rate, duration, tenants, rows and slo must be positive: {self}")
         if self.arrival not in ARRIVALS:
             raise ValueError(f"arrival must be one of {ARRIVALS}, got {self.arrival!r}")
-        if self.zipf < 0 or self.burst < 1:
-            raise ValueError(f"zipf must be >= 0 and burst >= 1: {self}")
+        if not (self.zipf >= 0 and 1 <= self.burst < np.inf):  # so NaN fails too
+            raise ValueError(f"zipf must be >= 0 and burst finite and >= 1: {self}")
         if self.rate * self.duration_s > MAX_REQUESTS:  # the arrival times are drawn up front
             raise ValueError(f"rate x duration asks for {self.rate * self.duration_s:.3g} requests; at most {MAX_REQUESTS:.0e}")
 
@@ -404,6 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for option, path in (("--json", args.json), ("--plot", args.plot)):  # refused now, not after the run
         if path and not pathlib.Path(path).absolute().parent.is_dir():
             print(f"simulate.py: error: {option} {path}: its folder does not exist", file=sys.stderr)
+            return 2
+        if path and pathlib.Path(path).is_dir():
+            print(f"simulate.py: error: {option} {path} is a folder, not a file", file=sys.stderr)
             return 2
     schedulers = list(SERVERS) if args.scheduler == "all" else [args.scheduler]
     try:

@@ -93,6 +93,31 @@ def test_tenants_saved_in_sparse_slots_are_packed_under_a_smaller_max_capacity(t
     assert jaxmt.restore_model(path, spec.apply_fn).store.slot_of("t7") == 7  # no limit: the saved layout
 
 
+def test_a_max_capacity_below_the_saved_capacity_restores_the_tenants_that_fit(tmp_path, rng):
+    """capacity defaults to the saved one, but never above a max_capacity given: three tenants
+    of an 8-slot store restore under max_capacity=4."""
+    spec = tiny_spec("mlp")
+    params = {f"t{i}": spec.init(60 + i) for i in range(3)}
+    mt = MultiTenantModel(spec.apply_fn, params["t0"], capacity=8, buckets=POLICY)
+    for tenant, p in params.items():
+        mt.add_tenant(tenant, p)
+    path = jaxmt.save_store(mt, tmp_path / "ckpt")
+    store = jaxmt.restore_store(path, max_capacity=4)
+    assert store.tenants == ["t0", "t1", "t2"] and store.capacity <= 4
+    restored = jaxmt.restore_model(path, spec.apply_fn, max_capacity=4)
+    ids = ["t2", "t0", "t1"]
+    x = spec.random_input(rng, len(ids))
+    assert rel_error(restored.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+
+
+def test_a_directory_that_cannot_be_made_is_a_checkpoint_error(tmp_path):
+    """save_store documents CheckpointError when writing fails, not a bare OSError."""
+    spec, mt, _ = _model("mlp", seed=8)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(CheckpointError, match="file"):
+        jaxmt.save_store(mt, tmp_path / "file" / "ckpt")
+
+
 def test_a_template_in_numpy_float64_round_trips_as_the_float32_model_jax_keeps(tmp_path, rng):
     """Without 64-bit mode the store holds float32 for NumPy's float64: the checkpoint must
     say what it holds, and restore with or without the original template."""

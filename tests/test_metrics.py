@@ -161,6 +161,23 @@ def test_tenants_whose_ids_print_alike_get_distinct_series():
     assert 'jaxmt_requests_total{tenant="only",server="s"} 1' in text
 
 
+def test_tenant_labels_stay_distinct_when_a_repr_equals_another_tenants_str():
+    """1 and "1" print alike, so they are told apart by repr; repr("1") is "'1'", which is
+    what a third tenant "'1'" prints as: still three series, not two of one."""
+    recorder = LatencyRecorder(name="s")
+    for tenant in (1, "1", "'1'"):
+        recorder.record(tenant, 5.0, 10.0)
+    text = to_prometheus({"server": "s", **recorder.snapshot()})
+    series = [line.rsplit(" ", 1)[0] for line in text.splitlines() if line.startswith("jaxmt_requests_total{")]
+    assert len(series) == len(set(series)) == 4  # overall and three tenants
+
+
+def test_a_recorder_without_a_flag_window_records_without_flagging():
+    recorder = LatencyRecorder(flag_window=0, flag_min_requests=0)
+    recorder.record("a", 1.0, 2.0)  # ZeroDivisionError: an attainment of 0 of 0 requests
+    assert recorder.snapshot()["tenants"]["a"]["count"] == 1 and recorder.snapshot()["flagged_tenants"] == []
+
+
 def test_prometheus_counts_are_written_in_full():
     """A counter rounded to six digits would stand still under rate() between scrapes."""
     metrics = {"server": "jaxmt", "overall": {"count": 1_234_567, "slo_met": 1_234_561, "slo_attainment": 0.9999951},

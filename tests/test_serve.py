@@ -244,3 +244,34 @@ def test_a_tenant_unloaded_every_time_is_overloaded_and_an_unknown_one_is_unknow
     replica, _ = _evicting_replica(unloads=0, known=False)
     with pytest.raises(jaxmt.UnknownTenantError):
         asyncio.run(jaxmt.serve.TenantReplica._predict(replica, "nobody", np.ones(2), None))
+
+
+def test_a_load_params_failure_is_a_server_error_not_a_bad_request(monkeypatch):
+    """load_params raising ValueError (a corrupt weights file, a CheckpointError) is the
+    server's fault: 500, as documented ("500 otherwise"), not 400 "bad input"."""
+    import asyncio
+    import types
+
+    monkeypatch.setattr(jaxmt.serve, "_replica_name", lambda: "r0")
+    monkeypatch.setattr(jaxmt.serve.serve, "get_multiplexed_model_id", lambda: "t0")
+
+    def broken_load(tenant_id):
+        raise ValueError("the weights file is corrupt")
+
+    replica = jaxmt.serve.TenantReplica(make_model, broken_load, max_tenants_per_replica=2, warmup=False)
+    replica._tenant = replica._load  # what the @serve.multiplexed subclass calls, without Ray's cache
+
+    class Request:
+        method = "POST"
+        url = types.SimpleNamespace(path="/predict")
+
+        async def body(self):
+            return json.dumps({"rows": [[0.5] * replica.model.row_shape[0]]}).encode()
+
+    try:
+        response = asyncio.run(replica(Request()))
+    finally:
+        replica.scheduler.close(drain=False)
+    answer = json.loads(response.body)
+    assert response.status_code == 500, answer
+    assert "corrupt" in answer["message"]

@@ -35,7 +35,8 @@ def test_zipf_weights():
     np.testing.assert_allclose(simulate.zipf_weights(3, 0.0), [1 / 3] * 3)
 
 
-@pytest.mark.parametrize("bad", [{"rate": 0.0}, {"arrival": "uniform"}, {"zipf": -1.0}, {"tenants": 0}])
+@pytest.mark.parametrize("bad", [{"rate": 0.0}, {"arrival": "uniform"}, {"zipf": -1.0}, {"tenants": 0},
+                                 {"zipf": float("nan")}, {"burst": float("nan")}, {"burst": float("inf")}])
 def test_workload_validation(bad):
     with pytest.raises(ValueError):
         simulate.Workload(**bad)
@@ -58,6 +59,15 @@ def test_bad_options_are_one_error_line_before_anything_runs(argv, message, caps
     assert simulate.main(["--duration", "0.2", "--quiet", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("simulate.py: error:") and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_an_output_path_that_is_a_folder_is_refused_before_anything_runs(option, tmp_path, monkeypatch, capsys):
+    """Writing the report to a folder fails after the whole run (IsADirectoryError): refuse it up front."""
+    monkeypatch.setattr(simulate, "simulate", lambda *args, **kwargs: pytest.fail("the run started"))
+    assert simulate.main(["--quiet", option, str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("simulate.py: error:") and f"{option} {tmp_path}" in err
 
 
 @pytest.fixture

@@ -221,6 +221,17 @@ def test_train_cli_rejects_arguments_it_cannot_use_with_exit_code_2(argv, messag
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_train_cli_refuses_an_output_path_that_is_a_folder_before_training(option, tmp_path, monkeypatch, capsys):
+    """Writing to a folder fails only after the training (IsADirectoryError): refuse it up front."""
+    import jaxmt.train_cli
+    from jaxmt.cli import main
+
+    monkeypatch.setattr(jaxmt.train_cli, "load_digits_split", lambda *args, **kwargs: pytest.fail("the training started"))
+    assert main(["train", "--tenants", "2", "--epochs", "1", "--no-progress", option, str(tmp_path)]) == 2
+    assert f"{option} {tmp_path}" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- single import
 def test_a_flax_checkpoint_with_a_numpy_scalar_leaf_imports_into_its_float32_template(tmp_path):
     """Orbax (under flax.training.checkpoints) saves a NumPy scalar as a Python float, which
@@ -427,3 +438,29 @@ def test_an_optimizer_state_that_overflows_freezes_that_tenant_while_its_params_
         np.testing.assert_array_equal(new[1], old[1])  # wild's state as it was
         assert np.all(np.isfinite(new)) if np.issubdtype(new.dtype, np.floating) else True
     assert np.all(trainer.params_of("wild")["w"] == 1.0) and np.all(trainer.params_of("calm")["w"] < 1.0)
+
+
+def test_a_summed_step_that_flags_tenants_does_not_compile_the_own_pass_again():
+    """An unhashable static option (adamw's pytree mask) keeps the step programs out of the
+    cache: the trainer must still build its per-tenant program once, not at every flagged step."""
+    hyper = {"learning_rate": [0.1, 0.05, 0.02], "weight_decay": 0.5, "mask": {"w": True, "b": False}}
+    trainer = _trainer(optimizer=optax.adamw, hyperparams=hyper, backward="summed")
+    trainer.step_stacked(_batch(3))  # a clean step first: the params' weak types settle
+    compiles = []
+
+    def listener(event, *_, **__):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for tenant in (0, 1):  # each step flags a tenant: the second pass runs at both
+            bad = _batch(3, seed=1 + tenant)
+            bad["x"][tenant, 0, 0] = np.nan
+            compiles.clear()
+            with pytest.warns(RuntimeWarning, match="diverged"):
+                trainer.step_stacked(bad)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert trainer.active == ["c"]
+    assert compiles == []  # the second flagged step compiled nothing
