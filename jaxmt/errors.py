@@ -16,11 +16,15 @@ class UnknownTenantError(JaxmtError, KeyError):
 
     def __init__(self, tenant_id: object, known: int | None = None):
         self.tenant_id = tenant_id
+        self.known = known
         detail = f" ({known} tenants are resident)" if known is not None else ""
         super().__init__(f"unknown tenant {tenant_id!r}{detail}")
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0])
+
+    def __reduce__(self):  # pickle and copy rebuild it from its arguments, not from its message
+        return type(self), (self.tenant_id, self.known), self.__dict__
 
 
 class DuplicateTenantError(JaxmtError, ValueError):
@@ -65,6 +69,9 @@ class NonFiniteLossError(JaxmtError, FloatingPointError):
         super().__init__(message)
         self.tenant_ids = list(tenant_ids)
         self.step = step
+
+    def __reduce__(self):  # pickle and copy rebuild it from its arguments (args holds the message only)
+        return type(self), (self.args[0], self.tenant_ids, self.step), self.__dict__
 
 
 class CheckpointError(JaxmtError, ValueError):

@@ -122,8 +122,10 @@ class HostInputBuffers:
 
     @staticmethod
     def signature(inputs: Sequence[tuple[Sequence[int], Any]]) -> tuple:
-        """(shape, dtype) pairs as ``acquire`` takes them (callers keep it: one per program)."""
-        return tuple((tuple(int(d) for d in shape), np.dtype(dtype)) for shape, dtype in inputs)
+        """(shape, dtype) pairs as ``acquire`` takes them (callers keep it: one per program). The
+        dtypes are those JAX keeps (float64 is float32 without 64-bit mode), so that the bytes
+        counted are the bytes the buffers hold."""
+        return tuple((tuple(int(d) for d in shape), np.dtype(jax.dtypes.canonicalize_dtype(dtype))) for shape, dtype in inputs)
 
     def acquire(self, signature: tuple) -> BufferSet:
         """A set of buffers of these inputs (a ``signature``) that no program is reading: an

@@ -340,3 +340,14 @@ def test_one_row_entries_in_request_order_answer_every_output_leaf_row_by_row(ho
         assert rel_error(got["y"], want) < 1e-5
         assert rel_error(got["twice"], 2 * want[:, :3]) < 1e-5
         assert got["y"].shape == want.shape and got["y"].base is None  # its own rows, not a view of the padded block
+
+
+def test_pinned_bytes_count_what_the_buffers_hold_for_rows_jax_keeps_narrower():
+    """Rows fixed as float64 (a first request of Python lists) are held as float32 by JAX:
+    ``host_input_bytes`` and the budget count the bytes held, not twice as many."""
+    mt = MultiTenantModel(lambda p, x: x @ p["w"], {"w": np.ones((3, 2), np.float32)}, capacity=2, host_inputs=True)
+    mt.add_tenant("a", {"w": np.full((3, 2), 2, np.float32)})
+    got = mt.predict(["a", "a"], [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    np.testing.assert_allclose(got, [[12, 12], [30, 30]])
+    held = sum(a.nbytes for ring in mt.host_input_buffers._rings.values() for s in ring for a in s.arrays)
+    assert mt.stats()["host_input_bytes"] == held
