@@ -20,7 +20,7 @@ pass; ``vmap(value_and_grad)`` is each tenant's own. Under plain vmap, the first
 conv's filter gradient one conv over every tenant (``batch_group_count``), which runs faster
 on a GPU (an H100, float32, ResNet-18 at 8 tenants x 16 images: 22.7 against 45.9 ms a
 step; 16 x 8: 23.9 against 62.3 ms; MobileNetV2 8 x 16: 36.2 against 59.8 ms;
-benchmarks/README.md, Training step) and far slower on a CPU (ResNet-18 tiny, 4 x 4: 41
+benchmarks/README.md, Training step: the backward pass, H100) and far slower on a CPU (ResNet-18 tiny, 4 x 4: 41
 against 6 ms), where XLA computes that conv densely with zero masks, so that a NaN or Inf in
 one tenant's step can reach the others' gradients (0 x NaN). ``"auto"`` takes each tenant's
 own pass on a CPU under plain vmap and the summed one elsewhere. A summed step that flags
@@ -63,14 +63,14 @@ if TYPE_CHECKING:
 
 _ON_NONFINITE = ("freeze", "raise")
 _BACKWARDS = ("auto", "summed", "per_tenant")
+# What tracing raises where a traced number is read in Python (TracerBoolConversionError is a
+# ConcretizationTypeError).
+_CONCRETE_VALUE_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError)
 
 
 def _platform(tree: PyTree) -> str:
     """The platform of the device holding the first leaf of ``tree``."""
     return next(iter(jax.tree.leaves(tree)[0].devices())).platform
-# What tracing raises where a traced number is read in Python (TracerBoolConversionError is a
-# ConcretizationTypeError).
-_CONCRETE_VALUE_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError)
 
 
 # ----------------------------------------------------------------------------- trainer
