@@ -23,7 +23,11 @@ The lowerings (``CONV_LOWERINGS``):
   map             the same conv inside ``lax.map`` (a loop in the program: small HLO for
                   large K, but no overlap between iterations).
   batch_group     tenants folded into the batch axis with ``batch_group_count = K`` (the
-                  form XLA uses for filter gradients); filters concatenated on O.
+                  form XLA uses for filter gradients); filters concatenated on O. XLA on
+                  CPUs computes it densely with zero masks, so there one tenant's NaN or
+                  Inf filter reaches the others' outputs (0 x NaN). The rule never picks
+                  it there, and a CPU is not autotuned unless asked (which may pick it);
+                  forced on a CPU it does not keep tenants apart.
   grouped_nchw    tenants folded into channel groups in NCHW/OIHW logical layout.
   im2col          patches [K, N*HW, kh*kw*C] from strided slices, then a batched matmul.
   shift_sum       sum over the kh*kw window offsets of a batched 1x1 matmul of a shifted,
@@ -445,6 +449,10 @@ def lower_conv(choice: str, x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Ar
     """Runs lowering ``choice`` on x [K, N, *S, C], w [K, *R, I, O] (canonical layouts)."""
     if choice not in _IMPLS:
         raise ValueError(f"unknown conv lowering {choice!r}; choose one of {CONV_LOWERINGS}")
+    if x.shape[0] == 0:  # no tenants: the loop would stack nothing, the grouped forms have 0 groups
+        one = jax.eval_shape(functools.partial(conv_one, p=p), jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                             jax.ShapeDtypeStruct(w.shape[1:], w.dtype))
+        return jnp.zeros((0, *one.shape), one.dtype)
     if choice in _SLICING:
         out_spatial = _out_spatial_of(x, w, p)
         if x.shape[1] == 0 or 0 in out_spatial:

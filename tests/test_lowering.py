@@ -638,3 +638,37 @@ def test_an_entry_that_cannot_be_written_leaves_the_cache_as_it_was(tmp_path):
     assert set(json.loads(path.read_text())["entries"]) == {"good-1", "good-2"}
     assert "bad" not in cache.entries()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "c.json.lock"]
+
+
+@pytest.mark.parametrize("policy", ["rule", "auto", "loop", "batch_group", "grouped_nchw", "implicit_gemm"])
+@pytest.mark.parametrize("window, groups", [(1, 1), (3, 1), (3, 4)], ids=["1x1", "3x3", "depthwise"])
+def test_no_tenants_give_empty_answers_as_under_vmap(policy, window, groups):
+    """A tenant axis of size 0 is answered as jax.vmap answers it (an empty output), whatever
+    the lowering: the per-tenant loop stacks nothing, and the grouped forms would have 0 groups."""
+    def f(w, x):
+        return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_DN, feature_group_count=groups)
+
+    w, x = jnp.ones((0, window, window, 4 // groups, 8)), jnp.ones((0, 2, 6, 6, 4))
+    want = jax.vmap(f)(w, x)
+    got = tenant_batched(f, policy)(w, x)
+    assert got.shape == want.shape == (0, 2, 6, 6, 8) and got.dtype == want.dtype
+
+
+_BATCH_GROUP_ON_CPU = pytest.mark.xfail(
+    jax.default_backend() == "cpu", strict=True,
+    reason="XLA on CPUs computes a batch-grouped conv densely with zero masks (0 x NaN); documented in lowering_ops")
+
+
+@pytest.mark.parametrize("choice", [pytest.param(c, marks=_BATCH_GROUP_ON_CPU) if c == "batch_group" else c for c in CONV_LOWERINGS])
+def test_a_non_finite_filter_of_one_tenant_leaves_the_others_bit_for_bit(choice, rng):
+    """Isolation under every forced lowering: tenant 1's NaN filter (e.g. a weight-standardised
+    conv of an all-zero filter) changes only tenant 1's outputs."""
+    def f(w, x):
+        return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_DN)
+
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 4, 5)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((3, 2, 6, 6, 4)), jnp.float32)
+    fn = jax.jit(tenant_batched(f, choice))
+    before, after = np.asarray(fn(w, x)), np.asarray(fn(w.at[1].set(jnp.nan), x))
+    np.testing.assert_array_equal(after[[0, 2]], before[[0, 2]])
+    assert np.isnan(after[1]).all()
