@@ -435,12 +435,13 @@ class MultiTenantModel:
                 raise ValueError(f"row bucket {b} is not on the ladder {self.buckets.row_buckets}")
         wholes = (False, True) if self._whole_store_steps else (False,)
         keys = []
-        for k in ks:
-            for b in bs:
-                host = self._takes_host_inputs(k, b)
-                for whole in wholes:
-                    if not whole or k == self.store.capacity:
-                        keys += [self._key(k, b, whole, host_inputs=host)] + ([self._key(k, b, whole)] if host and device_inputs else [])
+        with self.store.lock:  # keys of one capacity, taken as steps take theirs
+            for k in ks:
+                for b in bs:
+                    host = self._takes_host_inputs(k, b)
+                    for whole in wholes:
+                        if not whole or k == self.store.capacity:
+                            keys += [self._key(k, b, whole, host_inputs=host)] + ([self._key(k, b, whole)] if host and device_inputs else [])
         if not progress:
             built = self.programs.ensure_many(keys, workers=workers)
         else:
@@ -448,6 +449,10 @@ class MultiTenantModel:
 
             with tqdm(total=sum(key not in self.programs for key in keys), desc="compiling", unit="program") as bar:
                 built = self.programs.ensure_many(keys, workers=workers, on_built=lambda key: bar.update())
+        with self.store.lock:
+            capacity = self.store.capacity
+            if keys and keys[0].capacity != capacity:  # the store grew while they compiled: they can never run
+                self.programs.discard(lambda key: key.capacity != capacity)
         if execute:
             self._run_once(keys)
         return built

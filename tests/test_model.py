@@ -144,6 +144,29 @@ def test_warmup_on_worker_threads_compiles_the_whole_ladder_once(arch, workers, 
     assert mt.stats()["compiles"] == compiled and mt.stats()["cache_misses"] == 0
 
 
+def test_a_store_grown_while_warmup_compiles_keeps_no_programs_of_the_old_capacity(rng):
+    """Other threads double the store and serve from it after warmup took its program keys
+    and before it compiles them: the programs warmup then builds for the old capacity can
+    never run, so none stay cached."""
+    spec, mt, params = _model_with_tenants("mlp", 4, 22, declare_rows=True)
+    ensure_many = mt.programs.ensure_many
+    ids = ["t4", "t0", "t4"]
+
+    def grown_and_served_meanwhile(keys, **kwargs):
+        params["t4"] = spec.init(22_004)
+        mt.add_tenant("t4", params["t4"])  # capacity 4 -> 8
+        mt.predict(ids, spec.random_input(rng, len(ids)))
+        return ensure_many(keys, **kwargs)
+
+    mt.programs.ensure_many = grown_and_served_meanwhile
+    mt.warmup(tenant_buckets=[1, 2], row_buckets=[1], execute=False)
+    del mt.programs.ensure_many
+    x = spec.random_input(rng, len(ids))
+    assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+    assert mt.store.capacity == 8
+    assert {key.capacity for key in mt.programs._programs} == {8}
+
+
 def test_warmup_runs_every_program_once_so_first_requests_pay_no_first_run(rng):
     spec, mt, params = _model_with_tenants("mlp", 4, 21, declare_rows=True)
     runs: dict = {}
