@@ -62,7 +62,7 @@ def _savable(array: np.ndarray) -> np.ndarray:
 
 def _output_arrays(spec_tree: Any, leaves: list[np.ndarray]) -> dict[str, np.ndarray]:
     """'y' for a single output array, else the path of each output leaf ('logits', '0', 'a.b')."""
-    paths = [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(spec_tree)[0]]
+    paths = [".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(spec_tree)[0]]
     return {"y": leaves[0]} if paths == [""] else dict(zip(paths, leaves))
 
 
@@ -118,7 +118,7 @@ def _load(entry: Entry) -> Any:
         return archive[entry.key]
 
 
-def _batches(entries: list[Entry], k_max: int, b_max: int, row_dtype: np.dtype, fail):
+def _batches(entries: list[Entry], k_max: int, b_max: int, row_dtype: np.dtype, fail, check=None):
     """Yields (ids, x, pieces): up to b_max rows from each of up to k_max tenants per batch.
 
     ``pieces`` are (entry, first row, count); an entry's input is read when it starts and
@@ -143,7 +143,9 @@ def _batches(entries: list[Entry], k_max: int, b_max: int, row_dtype: np.dtype, 
                         entry.x = _load(entry)
                         if entry.x.shape[0] != entry.rows:
                             raise ValueError(f"input {entry.input.name} changed while the job ran")
-                    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+                        if check is not None:
+                            check(entry)  # e.g. NaN rows under nonfinite_inputs="reject": this line's error
+                    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:
                         entry.x = None  # a skipped input is not held (or kept mapped) until the job ends
                         fail(entry.line, f"reading {entry.input.name} failed: {exc}")  # raises unless skipping
                         queue.popleft()
@@ -270,7 +272,10 @@ def _run(model: MultiTenantModel, todo: list[Entry], outputs: _Outputs, row_spec
     pending = None
     try:
         buckets = model.buckets
-        for ids, x, pieces in _batches([e for e in todo if e.rows], buckets.max_tenants, buckets.max_rows, row_dtype, fail):
+        check = None
+        if model.nonfinite_inputs == "reject":
+            check = lambda entry: model.check_finite([entry.tenant] * entry.rows, entry.x)  # noqa: E731
+        for ids, x, pieces in _batches([e for e in todo if e.rows], buckets.max_tenants, buckets.max_rows, row_dtype, fail, check):
             handle = model.dispatch(ids, x)  # the device runs this step while the last one is copied back
             if pending is not None:
                 last, pending = pending, None

@@ -82,8 +82,8 @@ def _tuples(value: Any) -> Any:
 def _resolve_tenant(raw: Any, model: MultiTenantModel) -> Hashable:
     """The resident id a manifest value names ("3" names tenant 3 if the store has no "3")."""
     raw = _tuples(raw)  # JSON has no tuples: [1, [2, 3]] names tenant (1, (2, 3))
-    if raw in model:
-        return raw
+    if raw in model and (not isinstance(raw, (bool, float)) or any(type(t) is type(raw) and t == raw for t in model.tenants)):
+        return raw  # JSON true or 1.0 equals tenant 1 in Python, but does not name it
     if isinstance(raw, str):
         try:
             number = int(raw)
@@ -167,7 +167,7 @@ def read_entries(manifest: pathlib.Path, model: MultiTenantModel, fail) -> tuple
                 raise ValueError(f"input {path.name}{f'[{key}]' if key else ''} has shape {list(shape)}, expected [rows, {row}]")
             if not np.can_cast(dtype, row_spec[1], "same_kind"):
                 raise ValueError(f"input {path.name} has dtype {dtype.name}, which does not cast to {row_spec[1].name}")
-        except (KeyError, ValueError, TypeError, OSError, zipfile.BadZipFile) as exc:
+        except (KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as exc:
             fail(line, str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
             continue
         lines_of_output[output] = line

@@ -246,3 +246,57 @@ def test_a_csv_tenant_names_a_number_only_as_its_plain_digits(tmp_path, raw):
     _save(tmp_path, "x.npy", 3)
     (tmp_path / "m.csv").write_text(f"tenant,input\n{raw},x.npy\n")
     _line_2_fails_then_is_skipped(mt, tmp_path / "m.csv", tmp_path / "out", "unknown tenant")
+
+
+# ------------------------------------------------------------------ found in review
+def test_an_empty_input_file_is_a_bad_line_not_a_crash(tmp_path):
+    """A zero-byte .npy (a copy cut short) makes np.load raise EOFError: it is its line's error."""
+    model, params = _model()
+    (tmp_path / "empty.npy").write_bytes(b"")
+    good = _save(tmp_path, "good.npy", 2)
+    (tmp_path / "m.csv").write_text("tenant,input,output\np,empty.npy,e\nq,good.npy,g\n")
+    summary = _line_2_fails_then_is_skipped(model, tmp_path / "m.csv", tmp_path / "out", ".*empty.npy|No data left")
+    assert summary["computed"] == 1 and [e["line"] for e in summary["errors"]] == [2]
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "g.npz")["y"], good @ params["q"]["w"], rtol=1e-5)
+
+
+def test_namedtuple_output_leaves_are_named_by_their_field(tmp_path):
+    """Leaves are named by their path, e.g. ``logits``: a namedtuple's fields too (not '.logits')."""
+    import collections
+
+    Out = collections.namedtuple("Out", "logits norm")
+    mt = MultiTenantModel(lambda p, x: Out(x @ p["w"], (x * x).sum(axis=-1)), {"w": np.ones((6, 3), np.float32)},
+                          capacity=1, row_shape=(6,), row_dtype=np.float32)
+    mt.add_tenant("p", {"w": np.ones((6, 3), np.float32)})
+    x = _save(tmp_path, "x.npy", 3)
+    (tmp_path / "m.csv").write_text("tenant,input,output\np,x.npy,o\n")
+    jaxmt.predict_manifest(mt, tmp_path / "m.csv", tmp_path / "out")
+    with np.load(tmp_path / "out" / "o.npz") as got:
+        assert sorted(got.files) == ["logits", "norm"]
+        np.testing.assert_allclose(got["norm"], (x * x).sum(axis=-1), rtol=1e-5)
+
+
+def test_a_nonfinite_input_under_reject_is_its_lines_error(tmp_path):
+    """With nonfinite_inputs="reject", an input holding NaN is a bad line: named, or skipped with
+    skip_errors while the other lines (even of the same step) are written."""
+    model, params = _model(nonfinite_inputs="reject")
+    x = _save(tmp_path, "nan.npy", 3)
+    x[1, 2] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    good = _save(tmp_path, "good.npy", 2)
+    (tmp_path / "m.csv").write_text("tenant,input,output\np,nan.npy,n\nq,good.npy,g\n")
+    summary = _line_2_fails_then_is_skipped(model, tmp_path / "m.csv", tmp_path / "out", ".*nan.npy")
+    assert summary["computed"] == 1 and [e["line"] for e in summary["errors"]] == [2]
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "g.npz")["y"], good @ params["q"]["w"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("raw", ["true", "1.0"])
+def test_a_json_true_or_float_does_not_name_tenant_1(tmp_path, raw):
+    """JSON true == 1 == 1.0 in Python, but names no tenant (a CSV "01" or "+1" names none either)."""
+    mt = MultiTenantModel(_apply, {"w": np.ones((6, 3), np.float32)}, capacity=2, row_shape=(6,), row_dtype=np.float32)
+    for tenant in (0, 1):
+        mt.add_tenant(tenant, {"w": np.full((6, 3), tenant, np.float32)})
+    _save(tmp_path, "x.npy", 3)
+    (tmp_path / "m.jsonl").write_text(f'{{"tenant": {raw}, "input": "x.npy"}}\n')
+    with pytest.raises(ManifestError, match="line 1: unknown tenant"):
+        jaxmt.predict_manifest(mt, tmp_path / "m.jsonl", tmp_path / "out")
