@@ -128,6 +128,10 @@ class _EdfQueue:
         heapq.heappush(self._by_arrival, (req.submitted_s, req.seq, req.token))
         self._count(req, +1)
 
+    def holds(self, req: _Request) -> bool:
+        """Whether ``req`` is queued here now (a hint when read without the server's lock)."""
+        return self._live.get(req.token) is req
+
     def discard(self, req: _Request) -> bool:
         """Removes ``req`` if it is still queued here (its owner cancelled it); False if a step
         took it already. Its heap entries go stale, dropped as the heaps are read."""

@@ -148,8 +148,11 @@ class _ServerBase:
         return future
 
     def _drop_cancelled(self, req: _Request) -> None:
-        """A queued request its owner cancelled stops counting against the queue's limits and
-        depth now (as a step would drop it: no record)."""
+        """A queued request its owner cancelled (or completed) stops counting against the
+        queue's limits and depth now (as a step would drop it: no record)."""
+        lane = self._lanes.get(self._lane_key(req.tenant_id))
+        if lane is None or not lane.holds(req):  # taken by a step (the server completed it): no lock
+            return
         with self._cond:
             lane = self._lanes.get(self._lane_key(req.tenant_id))
             if lane is None or not lane.discard(req):
@@ -644,9 +647,10 @@ def _claim(future: Future) -> bool:
 
 
 def _drop_if_cancelled(server_ref: weakref.ref, req_ref: weakref.ref, future: Future) -> None:
-    """Done-callback of a queued request's future (see ``submit``)."""
+    """Done-callback of a queued request's future (see ``submit``): a request its owner
+    cancelled or completed (``set_exception``) leaves the queue."""
     server, req = server_ref(), req_ref()
-    if server is not None and req is not None and future.cancelled():
+    if server is not None and req is not None:
         server._drop_cancelled(req)
 
 

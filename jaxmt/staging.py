@@ -180,10 +180,13 @@ class RowStager:
         """Puts the batch's rows on the device in one call; if that fails, request by request,
         so that only the requests whose rows cannot be copied fall back to host rows. Rows
         abandoned while they waited are not copied."""
-        for _, staged in batch:
+        kept = []
+        for x, staged in batch:  # one look at each: an entry abandoned meanwhile is still resolved
             if staged._abandoned or self._closed:
                 staged._resolve(None)
-        batch = [(x, staged) for x, staged in batch if not (staged._abandoned or self._closed)]
+            else:
+                kept.append((x, staged))
+        batch = kept
         if not batch:
             return
         try:

@@ -330,14 +330,20 @@ def test_cancelled_request_is_skipped(served, rng):
     check_against_reference(params, [("t0", keep, kept.result(timeout=TIMEOUT_S))])
 
 
+@pytest.mark.parametrize("give_up", ["cancel", "set_exception"])
 @pytest.mark.parametrize("server", ["scheduler", "time"])
-def test_a_cancelled_request_leaves_the_queue_at_once(server, served, rng):
+def test_a_request_its_owner_gave_up_on_leaves_the_queue_at_once(server, give_up, served, rng):
     """Its rows stop counting against max_queue_rows and in the queue depth when its owner
-    cancels it, not when a step would have reached it (up to max_delay_ms later)."""
+    cancels it or completes it (a client's own timeout), not when a step would have reached
+    it (up to max_delay_ms later)."""
     mt, params = served
     make = jaxmt.Scheduler if server == "scheduler" else jaxmt.TimeOnlyServer
-    with make(mt, max_delay_ms=60_000.0, max_queue_rows=4) as sched:
-        assert sched.submit("t0", rows(rng, 4)).cancel()
+    with make(mt, max_delay_ms=60_000.0, max_queue_rows=4, clock=FakeClock()) as sched:
+        mine = sched.submit("t0", rows(rng, 4))
+        if give_up == "cancel":
+            assert mine.cancel()
+        else:
+            mine.set_exception(TimeoutError("the client gave up"))
         assert sched.metrics()["overall"]["queue_depth"] == 0 and not sched._outstanding
         x = rows(rng, 4)
         taken = sched.submit("t1", x)  # would not fit beside the cancelled 4 rows

@@ -353,3 +353,26 @@ def test_staged_parts_take_no_rows_as_an_empty_block(rng, mask):
         got = x.take(np.zeros(index_shape, np.int64))
         assert got.shape == (*index_shape, 3, 2) and got.dtype == np.float32
     assert np.asarray(x.rows(1, 1)).shape == (0, 3, 2)
+
+
+def test_rows_abandoned_while_the_stager_sorts_their_batch_are_still_resolved(rng):
+    """Rows abandoned while the stager's thread sorts their batch (the dispatch thread took
+    their request from the host meanwhile) are resolved, never left for ``wait()`` to hang on."""
+    stager, entered, release = held_stager(max_batch=8)
+    stager.stage(rows(rng, 1))
+    assert entered.wait(TIMEOUT_S)  # the thread is copying that one: the next two queue up
+    late, gone = stager.stage(rows(rng, 1)), stager.stage(rows(rng, 1))  # late is looked at first
+    gone.abandon()
+
+    class AbandonsTheOther(threading.Event):  # resolving `gone` is when `late` is abandoned
+        def set(self):
+            late.abandon()
+            super().set()
+
+    gone._done = AbandonsTheOther()
+    release.set()
+    assert stager.flush(TIMEOUT_S)  # both entries went through the thread
+    try:
+        assert late._done.is_set() and late.wait(0) is None
+    finally:
+        stager.close()
