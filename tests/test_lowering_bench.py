@@ -94,3 +94,27 @@ def test_the_autotuned_planner_is_checked_and_timed_beside_the_rule(bench, tmp_p
     measured = autotune.LoweringCache(tuned)
     assert len(measured.entries()) > 0
     assert not rule.exists() or not autotune.LoweringCache(rule).entries()
+
+
+def test_the_time_only_baseline_times_only_its_k_program_calls(bench, tmp_path, monkeypatch):
+    """The time-only column is K calls of the one-tenant program on inputs already in place,
+    like every other column's one call: no slicing of the stacked input inside the timed call."""
+    from jax._src.array import ArrayImpl
+
+    lowering = bench
+
+    captured = {}
+
+    def fake_rounds(fns, **kwargs):
+        captured.update(fns)
+        return {name: {"median_s": 1.0, "calls_per_sample": 1} for name in fns}
+
+    monkeypatch.setattr(lowering, "time_calls_interleaved", fake_rounds)
+    args = argparse.Namespace(autotune=0, cache=str(tmp_path / "c.json"), size="tiny", seed=0, warmup=1, repeats=2,
+                              overrides=None, autotuned_cache=None, min_sample_ms=0.0)
+    lowering.bench_end_to_end("mlp", 3, 2, jnp.float32, args)
+    slices = []
+    getitem = ArrayImpl.__getitem__
+    monkeypatch.setattr(ArrayImpl, "__getitem__", lambda self, index: slices.append(index) or getitem(self, index))
+    captured["time_only"]()
+    assert slices == []  # each x_kb[i] is another program dispatched per tenant, timed as the baseline's work

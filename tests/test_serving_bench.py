@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -299,3 +300,40 @@ def test_a_search_for_the_spread_stops_going_down_where_too_few_requests_measure
 ])
 def test_the_spread_targets_hold_only_where_both_were_measured_within_bounds(serving, spread, met):
     assert serving.meets_spread_targets(spread) is met
+
+
+class _Tenants:
+    """A model stand-in: three tenants whose params are their index."""
+
+    tenants = ["t0", "t1", "t2"]
+
+    def __len__(self):
+        return len(self.tenants)
+
+    def get_params(self, tenant):
+        return float(self.tenants.index(tenant) + 1)
+
+
+class _Spec:
+    @staticmethod
+    def apply_fn(w, x):
+        return x * w
+
+    @staticmethod
+    def random_input(rng, n):
+        return rng.standard_normal((n, 3)).astype(np.float32)
+
+
+class _NaNForOneTenant:
+    """A server whose answers are right for every tenant but t1, whose are NaN."""
+
+    def submit(self, tenant, x, slo_ms=None):
+        future = Future()
+        w = _Tenants().get_params(tenant)
+        future.set_result(np.full_like(x, np.nan) if tenant == "t1" else x * w)
+        return future
+
+
+def test_a_nan_answer_fails_the_serving_reference_check(serving):
+    error = serving.check_answers("time", _NaNForOneTenant(), _Spec(), _Tenants(), np.random.default_rng(0))
+    assert not error <= 1e-2  # NaN (or anything over the tolerance): find_capacity must refuse to time it
