@@ -312,7 +312,8 @@ class ShardedMultiTenantModel(MultiTenantModel):
 
     def device_of(self, tenant_id: Any) -> jax.Device:
         """The device holding ``tenant_id``'s weights (raises UnknownTenantError)."""
-        return self.store.devices[self.store.slot_of(tenant_id) // self.slots_per_device]
+        with self.store.lock:  # the slot and the block size of one layout (growing renumbers slots)
+            return self.store.devices[self.store.slot_of(tenant_id) // self.slots_per_device]
 
     def _plan(self, slots: np.ndarray) -> Plan:
         return make_sharded_plan(slots, self.buckets, self.devices, self.slots_per_device)
@@ -346,8 +347,8 @@ class ShardedMultiTenantModel(MultiTenantModel):
 
     def stats(self) -> dict[str, Any]:
         """``MultiTenantModel.stats()`` plus the device count and the tenant spread over devices."""
-        per = self.slots_per_device
-        with self.store.lock:
+        with self.store.lock:  # the block size of the layout whose slots are counted
+            per = self.slots_per_device
             counts = collections.Counter(self.store.slot_of(t) // per for t in self.store.tenants)
         per_device = [counts.get(d, 0) for d in range(self.devices)]
         return {**super().stats(), "devices": self.devices, "max_device_tenants": max(per_device), "min_device_tenants": min(per_device)}

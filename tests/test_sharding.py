@@ -344,3 +344,55 @@ def test_multi_device_a_failed_write_in_add_stacked_leaves_the_store_as_it_was(r
         np.testing.assert_array_equal(before, np.array(after))
     ids, x = _random_request(spec, params, rng)
     assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+
+
+@multi_device
+def test_multi_device_stats_waiting_on_a_growing_store_counts_tenants_on_their_devices():
+    """stats() read slots_per_device before taking the store lock: a stats() call waiting on
+    the lock while another thread grew the store divided the new slot numbers by the old
+    block size, counting tenants on devices that don't exist (min_device_tenants 0 while
+    every device holds one)."""
+    import threading
+    import time
+
+    n_devices = jax.device_count()
+    _, mt, _ = _sharded_model("mlp", n_devices, 9, capacity=n_devices)  # one tenant per device
+    assert (mt.stats()["max_device_tenants"], mt.stats()["min_device_tenants"]) == (1, 1)
+    seen = {}
+    with mt.store.lock:  # another thread is mid-change: stats() waits for it
+        reader = threading.Thread(target=lambda: seen.update(mt.stats()))
+        reader.start()
+        time.sleep(0.5)
+        mt.store.reserve(4 * n_devices)  # renumbers every slot (1 -> 4 slots per device)
+    reader.join(timeout=60)
+    assert seen["resident_tenants"] == n_devices and seen["capacity"] == 4 * n_devices
+    assert (seen["max_device_tenants"], seen["min_device_tenants"]) == (1, 1), "stats() mixed two store layouts"
+
+
+@multi_device
+def test_multi_device_device_of_during_growth_names_the_tenants_own_device(monkeypatch):
+    """device_of read the slot and the block size without the store lock: a growth between
+    the two reads named another device than the one holding the tenant's weights."""
+    import threading
+    import time
+
+    n_devices = jax.device_count()
+    _, mt, params = _sharded_model("mlp", n_devices, 10, capacity=n_devices)
+    tenant = list(params)[-1]  # on the last device
+    want = mt.device_of(tenant)
+    real_slot_of = mt.store.slot_of
+
+    def slot_of_then_pause(tenant_id):  # widens the window between the two reads
+        slot = real_slot_of(tenant_id)
+        grown.wait(timeout=5)  # another thread grows the store meanwhile (unless device_of holds the lock)
+        return slot
+
+    grown = threading.Event()
+    grower = threading.Thread(target=lambda: (time.sleep(0.1), mt.store.reserve(4 * n_devices), grown.set()))
+    monkeypatch.setattr(mt.store, "slot_of", slot_of_then_pause)
+    grower.start()
+    got = mt.device_of(tenant)
+    grower.join(timeout=60)
+    monkeypatch.undo()
+    assert mt.store.capacity == 4 * n_devices
+    assert got == want == mt.device_of(tenant), f"device_of named {got}, the tenant lives on {want}"
