@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import pathlib
 
 import numpy as np
@@ -72,15 +74,29 @@ def _named_leaves(params, x):
     return {"file": x @ params["w"], "allow_pickle": x.sum(axis=-1)}
 
 
-def test_output_leaves_named_like_savez_keywords_are_kept_in_an_output_dir(tmp_path):
-    model = MultiTenantModel(_named_leaves, {"w": np.ones((6, 3), np.float32)}, capacity=1, row_shape=(6,), row_dtype=np.float32)
+def _one_output_file(tmp_path, apply_fn) -> tuple[dict, np.ndarray]:
+    """The leaves saved for one manifest line of three rows of tenant "p" (weights all ones), and x."""
+    model = MultiTenantModel(apply_fn, {"w": np.ones((6, 3), np.float32)}, capacity=1, row_shape=(6,), row_dtype=np.float32)
     model.add_tenant("p", {"w": np.ones((6, 3), np.float32)})
     x = _save(tmp_path, "x.npy", 3)
     (tmp_path / "m.csv").write_text("tenant,input,output\np,x.npy,out\n")
     jaxmt.predict_manifest(model, tmp_path / "m.csv", tmp_path / "out")
     with np.load(tmp_path / "out" / "out.npz") as got:
-        assert sorted(got.files) == ["allow_pickle", "file"]
-        np.testing.assert_allclose(got["allow_pickle"], x.sum(axis=-1), rtol=1e-5)
+        return dict(got), x
+
+
+_Fields = collections.namedtuple("_Fields", "logits norm")
+
+
+@pytest.mark.parametrize("apply_fn, names, row_sums", [
+    (_named_leaves, ["allow_pickle", "file"], "allow_pickle"),  # savez's own keywords are kept as leaf names
+    (lambda p, x: _Fields(x @ p["w"], x.sum(axis=-1)), ["logits", "norm"], "norm"),  # a namedtuple's fields, not '.logits'
+], ids=["savez-keywords", "namedtuple-fields"])
+def test_output_leaves_are_saved_under_their_path_names(tmp_path, apply_fn, names, row_sums):
+    """Each output leaf is saved under its path's name (``row_sums``: the leaf holding x.sum(-1))."""
+    got, x = _one_output_file(tmp_path, apply_fn)
+    assert sorted(got) == names
+    np.testing.assert_allclose(got[row_sums], x.sum(axis=-1), rtol=1e-5)
 
 
 def test_a_manifest_that_is_not_utf8_raises_manifest_error_naming_it(tmp_path):
@@ -258,22 +274,6 @@ def test_an_empty_input_file_is_a_bad_line_not_a_crash(tmp_path):
     summary = _line_2_fails_then_is_skipped(model, tmp_path / "m.csv", tmp_path / "out", ".*empty.npy|No data left")
     assert summary["computed"] == 1 and [e["line"] for e in summary["errors"]] == [2]
     np.testing.assert_allclose(np.load(tmp_path / "out" / "g.npz")["y"], good @ params["q"]["w"], rtol=1e-5)
-
-
-def test_namedtuple_output_leaves_are_named_by_their_field(tmp_path):
-    """Leaves are named by their path, e.g. ``logits``: a namedtuple's fields too (not '.logits')."""
-    import collections
-
-    Out = collections.namedtuple("Out", "logits norm")
-    mt = MultiTenantModel(lambda p, x: Out(x @ p["w"], (x * x).sum(axis=-1)), {"w": np.ones((6, 3), np.float32)},
-                          capacity=1, row_shape=(6,), row_dtype=np.float32)
-    mt.add_tenant("p", {"w": np.ones((6, 3), np.float32)})
-    x = _save(tmp_path, "x.npy", 3)
-    (tmp_path / "m.csv").write_text("tenant,input,output\np,x.npy,o\n")
-    jaxmt.predict_manifest(mt, tmp_path / "m.csv", tmp_path / "out")
-    with np.load(tmp_path / "out" / "o.npz") as got:
-        assert sorted(got.files) == ["logits", "norm"]
-        np.testing.assert_allclose(got["norm"], (x * x).sum(axis=-1), rtol=1e-5)
 
 
 def test_a_nonfinite_input_under_reject_is_its_lines_error(tmp_path):
