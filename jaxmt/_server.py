@@ -144,10 +144,10 @@ class _ServerBase:
             self._finish(req, error=error)
         else:  # a request its owner cancels leaves the queue at once, not when a step reaches it
             # (weakly: a future its client keeps must not keep the request's rows or the server)
-            future.add_done_callback(functools.partial(_drop_if_cancelled, weakref.ref(self), weakref.ref(req)))
+            future.add_done_callback(functools.partial(_drop_if_given_up, weakref.ref(self), weakref.ref(req)))
         return future
 
-    def _drop_cancelled(self, req: _Request) -> None:
+    def _drop_given_up(self, req: _Request) -> None:
         """A queued request its owner cancelled (or completed) stops counting against the
         queue's limits and depth now (as a step would drop it: no record)."""
         lane = self._lanes.get(self._lane_key(req.tenant_id))
@@ -646,12 +646,12 @@ def _claim(future: Future) -> bool:
         return False
 
 
-def _drop_if_cancelled(server_ref: weakref.ref, req_ref: weakref.ref, future: Future) -> None:
+def _drop_if_given_up(server_ref: weakref.ref, req_ref: weakref.ref, future: Future) -> None:
     """Done-callback of a queued request's future (see ``submit``): a request its owner
     cancelled or completed (``set_exception``) leaves the queue."""
     server, req = server_ref(), req_ref()
     if server is not None and req is not None:
-        server._drop_cancelled(req)
+        server._drop_given_up(req)
 
 
 def _own_rows(answers: Any, rows: slice) -> Any:
