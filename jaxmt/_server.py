@@ -142,7 +142,7 @@ class _ServerBase:
             self._latency.note_admitted_late(tenant_id)
         if error is not None:
             self._finish(req, error=error)
-        else:  # a request its owner cancels leaves the queue at once, not when a step reaches it
+        else:  # a request its owner cancels or completes leaves the queue at once, not when a step reaches it
             # (weakly: a future its client keeps must not keep the request's rows or the server)
             future.add_done_callback(functools.partial(_drop_if_given_up, weakref.ref(self), weakref.ref(req)))
         return future
