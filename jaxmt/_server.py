@@ -273,8 +273,10 @@ class _ServerBase:
     def _fix_rows_locked(self, x: np.ndarray) -> None:
         """The first admitted request fixes the model's rows, so that queued ones share them; a
         refused one (closed, queue full, overloaded) fixes nothing, or it would lock a model
-        whose rows are not given to a client's mistaken dtype."""
-        if self.mt.row_shape is None:
+        whose rows are not given to a client's mistaken dtype. Rows checked at submit while
+        none were fixed are held to those fixed since (by another request, or a ``predict``):
+        admitted, they would fail the step they share with other tenants' requests."""
+        if (x.shape[1:], x.dtype) != (self.mt.row_shape, self.mt.row_dtype):
             self.mt.fix_rows(x.shape[1:], x.dtype)  # InputError: another request fixed other rows
         if not self._staging_decided:
             self._decide_staging_locked(x.shape[1:], x.dtype)

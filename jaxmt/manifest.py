@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import pathlib
 import re
@@ -51,7 +52,9 @@ def _records(manifest: pathlib.Path) -> list[tuple[int, Any]]:
     stripped = text.lstrip()
     if manifest.suffix.lower() in (".jsonl", ".ndjson", ".json") or (manifest.suffix.lower() != ".csv" and stripped.startswith("{")):
         out = []
-        for number, raw in enumerate(text.splitlines(), start=1):
+        # Lines end at "\n", "\r\n" or "\r" (as a text file reads them): str.splitlines() also
+        # split at U+2028, U+2029 and U+0085, which a JSON string may hold as they are.
+        for number, raw in enumerate(io.StringIO(text, newline=""), start=1):
             if raw.strip():
                 try:
                     record = json.loads(raw)
@@ -59,7 +62,7 @@ def _records(manifest: pathlib.Path) -> list[tuple[int, Any]]:
                 except ValueError as exc:
                     out.append((number, exc))
         return out
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # lines as csv counts them (not at U+2028 in a field)
     if not reader.fieldnames or not {"tenant", "input"} <= {f.strip() for f in reader.fieldnames}:
         raise ManifestError(f"manifest {manifest}: the CSV header must name the columns tenant and input (optional key, output); got {reader.fieldnames}", 1)
     return [(reader.line_num, _csv_record(row, reader.fieldnames)) for row in reader]

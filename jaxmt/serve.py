@@ -105,6 +105,28 @@ def _jsonable(outputs: PyTree) -> PyTree:
     return jax.tree_util.tree_map(leaf, outputs)
 
 
+def _decode_rows(values: Any, dtype: Any, tenant_id: str) -> np.ndarray:
+    """JSON rows as an array of the model's dtype, exactly: a value the dtype would change
+    (0.5 or 2.75 as an integer, 300 or -1 as uint8, 1e10 as float16) is the request's error,
+    not a silent cast that answers other rows than the client sent.
+
+    Raises:
+      InputError: not a numeric array, or a value the dtype cannot hold as it is.
+    """
+    dtype = np.dtype(dtype)
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # overflows are found below, not warned about
+            rows = np.asarray(values, dtype=dtype)  # OverflowError: e.g. 300 or -1 as uint8
+            given = np.asarray(values)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InputError(f"rows of tenant {tenant_id!r} are not a numeric array of {dtype}: {exc}") from None
+    if given.dtype.kind == "f" and rows.dtype.kind in "biu" and not np.array_equal(rows, given):
+        raise InputError(f"rows of tenant {tenant_id!r} hold values that are not {dtype.name} numbers (e.g. a fraction)")
+    if given.dtype.kind in "fiu" and rows.dtype.kind == "f" and not np.array_equal(np.isfinite(rows), np.isfinite(given)):
+        raise InputError(f"rows of tenant {tenant_id!r} hold values beyond the range of {dtype.name}")
+    return rows
+
+
 def _replica_name() -> str:
     context = serve.get_replica_context()
     tag = getattr(context, "replica_tag", None)
@@ -197,7 +219,7 @@ class TenantReplica:
         tenant_id = serve.get_multiplexed_model_id()
         if not tenant_id:
             raise InputError("no tenant: call through handle.options(multiplexed_model_id=<tenant>)")
-        return await self._predict(tenant_id, np.asarray(rows, dtype=self.model.row_dtype), slo_ms)
+        return await self._predict(tenant_id, _decode_rows(rows, self.model.row_dtype, tenant_id), slo_ms)
 
     def metrics_text(self) -> str:
         """This replica's scheduler metrics and model stats in Prometheus text format."""
@@ -222,10 +244,7 @@ class TenantReplica:
         tenant_id = header_tenant or (None if body_tenant is None else str(body_tenant))
         if not tenant_id:
             raise InputError(f"no tenant: send the {TENANT_HEADER} header (it routes the request to the tenant's replica)")
-        try:
-            rows = np.asarray(body["rows"], dtype=self.model.row_dtype)
-        except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: e.g. 300 or -1 as uint8
-            raise InputError(f"rows of tenant {tenant_id!r} are not a numeric array of {self.model.row_dtype}: {exc}") from None
+        rows = _decode_rows(body["rows"], self.model.row_dtype, tenant_id)
         if rows.shape[1:] != tuple(self.model.row_shape):
             raise InputError(
                 f"rows of tenant {tenant_id!r} have shape {list(rows.shape)}, expected [r, {', '.join(map(str, self.model.row_shape))}]"

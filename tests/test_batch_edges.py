@@ -300,3 +300,28 @@ def test_a_json_true_or_float_does_not_name_tenant_1(tmp_path, raw):
     (tmp_path / "m.jsonl").write_text(f'{{"tenant": {raw}, "input": "x.npy"}}\n')
     with pytest.raises(ManifestError, match="line 1: unknown tenant"):
         jaxmt.predict_manifest(mt, tmp_path / "m.jsonl", tmp_path / "out")
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85"])
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_unicode_line_separators_inside_a_field_do_not_split_its_line(tmp_path, kind, separator):
+    """Only a newline ends a manifest line: U+2028, U+2029 and U+0085 are text inside a JSON
+    string or a CSV field (a note pasted from a web page). str.splitlines() split the line
+    there: a good line became unreadable and every later line's error named the line before it."""
+    model, params = _model()
+    good = _save(tmp_path, "good.npy", 3)
+    _save(tmp_path, "other.npy", 2)
+    manifest = tmp_path / f"m.{kind}"
+    if kind == "jsonl":
+        manifest.write_text(f'{{"tenant": "p", "input": "good.npy", "note": "see{separator}below"}}\n'
+                            '{"tenant": "nobody", "input": "other.npy"}\n', encoding="utf-8")
+        bad_line = 2
+    else:
+        manifest.write_text(f'tenant,input,note\np,good.npy,"see{separator}below"\nnobody,other.npy,\n', encoding="utf-8")
+        bad_line = 3
+    with pytest.raises(ManifestError, match=f"line {bad_line}: unknown tenant 'nobody'") as caught:
+        jaxmt.predict_manifest(model, manifest, tmp_path / "out")
+    assert caught.value.line == bad_line
+    summary = jaxmt.predict_manifest(model, manifest, tmp_path / "out", skip_errors=True)
+    assert summary["computed"] == 1 and [e["line"] for e in summary["errors"]] == [bad_line]
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "p__good.npz")["y"], good @ params["p"]["w"], rtol=1e-5)

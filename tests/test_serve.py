@@ -196,6 +196,46 @@ def test_rows_a_pixel_model_cannot_hold_are_input_errors_not_server_errors(monke
         asyncio.run(jaxmt.serve.TenantReplica._decode(replica, Request()))
 
 
+@pytest.mark.parametrize("dtype, rows", [
+    (np.uint8, [[0.5, 1.0, 2.0]]),  # normalised pixels sent to a uint8 model: all would be 0
+    (np.int32, [[1, 2, 2.75]]),
+    (np.float16, [[1e10, 0.0, 0.0]]),  # beyond float16: would be inf
+    (np.float32, [[1e300, 0.0, 0.0]]),
+])
+def test_rows_the_models_dtype_would_change_are_input_errors_not_other_rows(monkeypatch, dtype, rows):
+    """JSON numbers that the model's dtype cannot hold as they are (0.5 as uint8 is 0, 1e10
+    as float16 is inf) are a 400: casting them silently answered other rows than the client's."""
+    import asyncio
+    import types
+
+    monkeypatch.setattr(jaxmt.serve.serve, "get_multiplexed_model_id", lambda: "t0")
+    replica = types.SimpleNamespace(model=types.SimpleNamespace(row_dtype=np.dtype(dtype), row_shape=(3,)))
+
+    class Request:
+        async def body(self):
+            return json.dumps({"rows": rows}).encode()
+
+    with pytest.raises(jaxmt.InputError, match="rows of tenant 't0'"):
+        asyncio.run(jaxmt.serve.TenantReplica._decode(replica, Request()))
+
+
+@pytest.mark.parametrize("dtype, rows", [(np.uint8, [[0, 1.0, 255]]), (np.float32, [[0.1, -2.5, 3]]), (np.int64, [[2**62, -1, 0]])])
+def test_rows_the_models_dtype_holds_are_decoded_exactly(monkeypatch, dtype, rows):
+    import asyncio
+    import types
+
+    monkeypatch.setattr(jaxmt.serve.serve, "get_multiplexed_model_id", lambda: "t0")
+    replica = types.SimpleNamespace(model=types.SimpleNamespace(row_dtype=np.dtype(dtype), row_shape=(3,)))
+
+    class Request:
+        async def body(self):
+            return json.dumps({"rows": rows}).encode()
+
+    tenant, got, slo_ms = asyncio.run(jaxmt.serve.TenantReplica._decode(replica, Request()))
+    assert (tenant, got.dtype, slo_ms) == ("t0", np.dtype(dtype), None)
+    np.testing.assert_array_equal(got, np.asarray(rows, dtype=dtype))
+
+
 def test_nonfinite_outputs_are_json_nulls():
     """JSON has no NaN or Inf: such outputs go out as null, the rest as float64 values."""
     out = jaxmt.serve._jsonable({"logits": np.array([[1.5, np.nan], [-np.inf, 2.0]], np.float32), "ids": np.array([1, 2])})

@@ -271,6 +271,35 @@ def test_a_refused_first_request_does_not_fix_the_models_rows(kind, rng):
     assert (mt.row_shape, mt.row_dtype) == ((ROW,), np.float32)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_rows_fixed_by_another_request_while_one_was_checked_refuse_it_alone(kind, rng, monkeypatch):
+    """A request checked while the model's rows were unknown, whose rows another request then
+    fixed otherwise (float32 against its float64), is refused at submit. Admitted, on the
+    Scheduler it failed the step it shared with the other tenant's request (their rows cannot
+    form one block); on the baselines it was served rows the model's are not."""
+    mt, params = make_model(2, rows_given=False)
+    clock = FakeClock()
+    server = SERVERS[kind](mt, clock=clock, **PATIENT)
+    first, real_check = [], mt.check_input
+
+    def check_then_let_another_request_fix_the_rows(tenant_ids, x):
+        checked = real_check(tenant_ids, x)
+        if not first:  # the float64 request has passed its check: a float32 one comes first
+            first.append((xa := rows(rng)))
+            first.append(server.submit("t0", xa))
+        return checked
+
+    monkeypatch.setattr(mt, "check_input", check_then_let_another_request_fix_the_rows)
+    try:
+        with pytest.raises(jaxmt.InputError, match="float64"):
+            server.submit("t1", rows(rng, dtype=np.float64))
+        assert (mt.row_shape, mt.row_dtype) == ((ROW,), np.float32)
+        xa, future = first
+        check_answer(server, params, "t0", xa, served_after(clock, [future])[0])
+    finally:
+        server.close(drain=False)
+
+
 # ------------------------------------------------------------------ baselines' programs
 def test_models_of_one_apply_fn_with_other_param_shapes_compile_their_own_programs():
     def apply_hidden(params, x):  # defined here: a program no other test shares
