@@ -87,7 +87,9 @@ class MultiTenantTrainer:
         sequence of numbers gives one value per tenant (length = number of tenants). Numbers
         become per-tenant arrays in the optimizer state (``optax.inject_hyperparams``);
         other values (bools, None, callables or pytrees such as adamw's ``mask``) are passed
-        as given.
+        as given. Arguments left out keep the optimizer's defaults, untraced and uncast, as
+        without the trainer (``optax.inject_hyperparams`` alone would trace them and cast
+        them to the params' dtype).
       static_hyperparams: keyword arguments of ``optimizer`` passed as given, the same for
         every tenant and never traced: numbers the optimizer reads in Python (adafactor's
         ``min_dim_size_to_factor``, a schedule's step counts). Not settable per tenant.
@@ -190,10 +192,10 @@ class MultiTenantTrainer:
         self._hyper_names = tuple(per_tenant)
         static_items = tuple(sorted(static.items()))
         # A copy: steps donate the trainer's buffers, which must not be the caller's arrays.
-        self._params = jax.tree.map(lambda leaf: jnp.array(leaf, copy=True), stacked_params)
+        self._params = jax.tree.map(_strong_copy, stacked_params)
         train, _ = split_trainable(self._treedef, self._trainable, self._params)
         try:
-            self._opt_state = init_program(optimizer, static_items)(per_tenant, train)
+            self._opt_state = init_program(optimizer, static_items, self._hyper_names)(per_tenant, train)
         except _CONCRETE_VALUE_ERRORS as exc:
             raise self._concrete_value_error(exc) from exc
         if backward == "auto":
@@ -567,6 +569,14 @@ def _id_list(tenant_ids: Sequence[Hashable], caller: str) -> list[Hashable]:
     if isinstance(tenant_ids, (str, bytes)):
         raise TypeError(f"{caller} takes a sequence of tenant ids, got the string {tenant_ids!r}; pass [{tenant_ids!r}]")
     return list(tenant_ids)
+
+
+def _strong_copy(leaf: Any) -> jax.Array:
+    """A device copy of ``leaf`` in its dtype, never weakly typed. A weak-typed leaf (what
+    ``jnp.full((), 0.5)`` in an init makes) and the optimizer moments initialised from it turn
+    strong at the first updates, each a new signature that compiles the step again."""
+    copy = jnp.array(leaf, copy=True)
+    return copy.astype(copy.dtype) if copy.weak_type else copy
 
 
 def _stack(*leaves: Any) -> Any:

@@ -8,6 +8,7 @@ defines them (loss, optimizer, static hyperparameters, parameter structure).
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -57,6 +58,10 @@ def _update_one(
     """
     updates, new_opt_state = tx.update(grads, opt_state, train)
     new_train = optax.apply_updates(train, updates)
+    # In the dtypes its init gave it (before the finiteness check: a cast may overflow): the per-tenant
+    # hyperparameters are float32 arrays, which promote a bfloat16 moment to float32 (optax alone, given
+    # numbers, keeps it bfloat16; a new dtype would also compile the step again).
+    new_opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_opt_state, opt_state)
     finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_train) & _all_finite(new_opt_state)
     commit = active & finite
     new_train = jax.tree.map(lambda new, old: jnp.where(commit, new, old), new_train, train)
@@ -107,8 +112,18 @@ def tenants_step(
     return merge_trainable(treedef, trainable, new_train_k, const_k), new_opt_state_k, losses.astype(jnp.float32), finite
 
 
-def _injected(optimizer: Callable[..., optax.GradientTransformation], static: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
-    return functools.partial(optax.inject_hyperparams(optimizer, static_args=tuple(k for k, _ in static)), **dict(static))
+def _injected(
+    optimizer: Callable[..., optax.GradientTransformation], static: tuple[tuple[str, Any], ...], hyper_names: tuple[str, ...]
+) -> Callable[..., Any]:
+    """``optimizer`` under ``optax.inject_hyperparams`` with only ``hyper_names`` (the per-tenant
+    numbers) held in the state; every other argument, given in ``static`` or left at its default,
+    reaches the optimizer as given, as it does without the trainer. Injected, a default would be
+    traced (adafactor reads min_dim_size_to_factor in Python) and cast to the params' dtype
+    (adam's b2=0.999 is 1.0 in bfloat16, where its bias correction divides by zero)."""
+    plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = [name for name, p in inspect.signature(optimizer).parameters.items() if p.kind in plain]
+    static_args = tuple(name for name in names if name not in hyper_names)
+    return functools.partial(optax.inject_hyperparams(optimizer, static_args=static_args), **dict(static))
 
 
 # Programs are cached on what defines them, so trainers rebuilt with the same loss, optimizer
@@ -127,8 +142,8 @@ def _cached(build: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @_cached
-def init_program(optimizer: Callable, static: tuple) -> Callable:
-    injected = _injected(optimizer, static)
+def init_program(optimizer: Callable, static: tuple, hyper_names: tuple) -> Callable:
+    injected = _injected(optimizer, static, hyper_names)
     return jax.jit(jax.vmap(lambda hyper, params: injected(**hyper).init(params)))
 
 
@@ -149,7 +164,7 @@ def step_program(
     summed losses of ``loss_fn`` batched by ``lowering``."""
     # The update reads every numeric hyperparameter from the (per-tenant) optimizer state;
     # the values this transformation is built with only mark the names as numeric.
-    tx = _injected(optimizer, static)(**{name: jnp.zeros((), jnp.float32) for name in hyper_names})
+    tx = _injected(optimizer, static, hyper_names)(**{name: jnp.zeros((), jnp.float32) for name in hyper_names})
     step = functools.partial(tenants_step, tenant_batched(loss_fn, lowering), tx, treedef, trainable,
                              per_tenant_loss=loss_fn if per_tenant else None)
     # "raise" must be able to drop a step, so it keeps the old buffers (no donation).

@@ -367,6 +367,109 @@ def test_static_hyperparams_reach_the_optimizer_as_given_and_train_like_each_alo
     assert set(trainer.hyperparams) == {"learning_rate"}
 
 
+def _bfloat16_init_matrix(seed: int) -> dict:
+    return jax.tree.map(lambda leaf: leaf.astype(jnp.bfloat16), _init_matrix(seed))
+
+
+def _bfloat16_loss_matrix(params, batch):
+    return _loss_matrix(jax.tree.map(lambda leaf: leaf.astype(jnp.float32), params), batch)
+
+
+# (optimizer, init, loss, tolerance relative to the weights' norm): the defaults left out matter.
+# adafactor reads min_dim_size_to_factor (default 128) in Python; adam's b2 (default 0.999) is
+# 1.0 in bfloat16, where its bias correction would divide by zero. bfloat16 weights round to
+# 2**-8; the trainer's float32 learning rate rounds the update once more than a Python float.
+DEFAULTS_LEFT_OUT = {
+    "adafactor": (optax.adafactor, _init_matrix, _loss_matrix, 1e-5),
+    "adamw in bfloat16": (optax.adamw, _bfloat16_init_matrix, _bfloat16_loss_matrix, 2e-2),
+}
+
+
+@pytest.mark.parametrize("case", list(DEFAULTS_LEFT_OUT), ids=list(DEFAULTS_LEFT_OUT))
+def test_an_optimizers_defaults_are_its_own_not_traced_nor_cast_to_the_params_dtype(case):
+    """Arguments of the optimizer that are not given (its defaults) reach it as optax.adafactor()
+    or optax.adamw() alone take them: every tenant trains as it would alone, none diverges."""
+    factory, init_fn, loss_fn, tolerance = DEFAULTS_LEFT_OUT[case]
+    lrs = {"a": 0.05, "b": 0.2}
+    seeds = {"a": 3, "b": 4}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a tenant frozen as diverged fails the test
+        trainer = MultiTenantTrainer.from_init(loss_fn, init_fn, seeds, optimizer=factory, hyperparams={"learning_rate": list(lrs.values())})
+        batches = [_batch(2, seed) for seed in np.random.default_rng().integers(0, 2**31, size=3)]
+        for batch in batches:
+            trainer.step_stacked(batch)
+    assert trainer.diverged == {} and set(trainer.hyperparams) == {"learning_rate"}
+    for t, (tenant, lr) in enumerate(lrs.items()):
+        tx = factory(learning_rate=lr)
+        params = init_fn(seeds[tenant])
+        state = tx.init(params)
+        for batch in batches:
+            grads = jax.grad(loss_fn)(params, {k: v[t] for k, v in batch.items()})
+            updates, state = tx.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+        got, want = _flat(trainer.params_of(tenant)), _flat(params)
+        assert np.linalg.norm(got - want) <= tolerance * np.linalg.norm(want), tenant
+
+
+@pytest.mark.parametrize("optimizer, hyper", [(optax.sgd, {"learning_rate": [0.1, 0.2], "momentum": 0.9}),
+                                               (optax.adamw, {"learning_rate": [0.1, 0.2]})], ids=["sgd", "adamw"])
+def test_steps_after_the_first_compile_nothing_even_from_weakly_typed_init_leaves(optimizer, hyper):
+    """_init's bias is jnp.full((), ...), weakly typed: the trainer must hold it (and the moments
+    made from it) in the type its updates give it, so that no later step compiles again."""
+    assert jax.tree.leaves(_init(1))[0].weak_type  # the case under test
+    trainer = _trainer(ids=("a", "b"), optimizer=optimizer, hyperparams=hyper)
+    trainer.step_stacked(_batch(2, seed=0))
+    compiles = []
+
+    def listener(event, *_, **__):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for seed in (1, 2):
+            trainer.step_stacked(_batch(2, seed=seed))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+
+
+def _bfloat16_init(seed: int) -> dict:
+    return jax.tree.map(lambda leaf: leaf.astype(jnp.bfloat16), _init(seed))
+
+
+def _bfloat16_loss(params, batch):
+    return _loss(jax.tree.map(lambda leaf: leaf.astype(jnp.float32), params), batch)
+
+
+@pytest.mark.parametrize("optimizer, hyper", [(optax.sgd, {"learning_rate": [0.1, 0.2], "momentum": [0.9, 0.5]}),
+                                               (optax.adamw, {"learning_rate": [0.1, 0.2], "b1": 0.9})], ids=["sgd", "adamw"])
+def test_the_optimizer_state_keeps_the_dtypes_its_init_gave_it(optimizer, hyper):
+    """The per-tenant hyperparameters are float32 arrays; with bfloat16 weights a momentum times
+    them must not turn the bfloat16 moments into float32 ones (optax alone, given numbers, keeps
+    them bfloat16): twice their memory, and a step that compiles again."""
+    trainer = MultiTenantTrainer.from_init(_bfloat16_loss, _bfloat16_init, {"a": 0, "b": 1}, optimizer=optimizer, hyperparams=hyper)
+    dtypes = [leaf.dtype for leaf in jax.tree.leaves(trainer.opt_state)]
+    trainer.step_stacked(_batch(2, seed=0))
+    compiles = []
+
+    def listener(event, *_, **__):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        trainer.step_stacked(_batch(2, seed=1))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert [leaf.dtype for leaf in jax.tree.leaves(trainer.opt_state)] == dtypes
+    assert compiles == []
+    tx = optimizer(**{name: values[0] if isinstance(values, list) else values for name, values in hyper.items()})
+    params = _bfloat16_init(0)
+    _, alone = tx.update(jax.grad(_bfloat16_loss)(params, {k: v[0] for k, v in _batch(2).items()}), tx.init(params), params)
+    assert [leaf.dtype for leaf in jax.tree.leaves(trainer.opt_state.inner_state)] == [leaf.dtype for leaf in jax.tree.leaves(alone)]
+
+
 def test_a_traced_number_the_optimizer_reads_in_python_is_named_with_the_remedy():
     with pytest.raises(TypeError, match=r"tracing the training step \(optimizer adafactor, loss_fn\) needed a concrete value: "
                                         r"TracerBoolConversionError: .*\['learning_rate', 'min_dim_size_to_factor'\] are traced.*static_hyperparams="):
