@@ -34,10 +34,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxmt.buckets import BucketPolicy
 from jaxmt.errors import CheckpointError
 from jaxmt.model import MultiTenantModel
+from jaxmt.sharding import ShardedMultiTenantModel
 from jaxmt.store import TenantStore
 from jaxmt.validation import leaf_dtype
 
@@ -417,14 +419,22 @@ def restore_model(
     directory: StrPath,
     apply_fn: Callable[[PyTree, Any], Any],
     example_params: PyTree | None = None,
+    *,
+    mesh: Mesh | None = None,
     **model_kwargs: Any,
 ) -> MultiTenantModel:
     """A new MultiTenantModel over a store checkpoint's tenants.
 
     ``apply_fn`` is the one-tenant function; ``example_params`` as in ``restore_store``.
     ``model_kwargs`` go to the constructor; capacity, row_shape/row_dtype and buckets default
-    to what was saved. Raises what ``restore_store`` raises.
+    to what was saved. With ``mesh`` (a 1-D mesh, as ``jaxmt.tenant_mesh`` makes) the model
+    is a ``ShardedMultiTenantModel`` over it, whatever the saving model was: the tenants are
+    spread over the mesh's devices and keep their ids and insertion order, not their slots.
+    Raises what ``restore_store`` raises.
     """
+    model_class: type[MultiTenantModel] = MultiTenantModel
+    if mesh is not None:
+        model_class, model_kwargs = ShardedMultiTenantModel, {**model_kwargs, "mesh": mesh}
     loaded = _load_store_checkpoint(directory, example_params)
     saved = loaded["model"] or {}
     model_kwargs.setdefault("capacity", _default_capacity(loaded, model_kwargs))
@@ -432,7 +442,7 @@ def restore_model(
         model_kwargs.update(row_shape=tuple(saved["row_shape"]), row_dtype=jnp.dtype(saved["row_dtype"]))
     if "buckets" not in model_kwargs and loaded["buckets"] is not None:
         model_kwargs["buckets"] = loaded["buckets"]
-    model = MultiTenantModel(apply_fn, loaded["template"], **model_kwargs)
+    model = model_class(apply_fn, loaded["template"], **model_kwargs)
     _fill(model.store, loaded)
     return model
 

@@ -302,6 +302,33 @@ def test_multi_device_scheduler_serves_a_sharded_model_unchanged(rng):
         assert rel_error(got, reference_predict(spec.apply_fn, params, [tenant] * len(x), x)) < 1e-5
 
 
+@multi_device
+@pytest.mark.parametrize("saved_on_a_mesh", [False, True])
+def test_multi_device_restore_model_onto_a_mesh_spreads_the_saved_tenants(tmp_path, rng, saved_on_a_mesh):
+    """A store checkpoint, saved from one device or from a mesh, restores with ``mesh=`` into
+    a sharded model: same ids in the same order, each tenant's weights on its own device,
+    answers equal to the per-tenant reference."""
+    n = 2 * jax.device_count() + 1
+    if saved_on_a_mesh:
+        spec, saved, params = _sharded_model("mlp", n, 8)
+    else:
+        spec = tiny_spec("mlp")
+        params = {f"t{i}": spec.init(8000 + i) for i in range(n)}
+        saved = jaxmt.MultiTenantModel(spec.apply_fn, params["t0"], capacity=n, buckets=POLICY)
+        for tenant, p in params.items():
+            saved.add_tenant(tenant, p)
+    path = jaxmt.save_store(saved, tmp_path / "ckpt")
+    restored = jaxmt.restore_model(path, spec.apply_fn, mesh=tenant_mesh())
+    assert isinstance(restored, ShardedMultiTenantModel) and restored.devices == jax.device_count()
+    assert restored.tenants == saved.tenants and restored.buckets == POLICY
+    _assert_laid_out(restored)
+    assert len({restored.device_of(t) for t in restored.tenants}) == jax.device_count()
+    for tenant in restored.tenants:
+        _assert_tenant_on_device(restored, tenant, params[tenant])
+    ids, x = _random_request(spec, params, rng)
+    assert rel_error(restored.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
+
+
 # -------------------------------------------------------- the launcher
 @pytest.mark.skipif(jax.device_count() > 1, reason="this process has several devices: the multi-device tests ran here")
 def test_subprocess_runs_the_multi_device_tests():
