@@ -257,6 +257,12 @@ class MultiTenantModel:
 
     # ------------------------------------------------------------ inference
     @property
+    def max_step_entries(self) -> int:
+        """The most tenant entries (a tenant's rows up to the largest row bucket) one step
+        holds: the largest tenant bucket. A scheduler fills steps up to this."""
+        return self.buckets.max_tenants
+
+    @property
     def input_device(self) -> jax.Device | None:
         """The device a step's input block lives on, for rows staged there ahead of a step
         (``jaxmt.staging``); None where the model places each step's rows itself."""

@@ -37,7 +37,7 @@ import numpy as np
 
 from jaxmt._queue import _Batch, _Launched, _PartlyFailed, _Request
 from jaxmt._server import MAX_SLO_MS, _ServerBase
-from jaxmt.buckets import Plan
+from jaxmt.buckets import BucketPolicy, Plan
 
 OVERLOAD_POLICIES = ("reject", "serve_late")
 
@@ -211,11 +211,11 @@ class Scheduler(_ServerBase):
     # --------------------------------------------------------------- policy
     def _steps_ahead_locked(self, req: _Request) -> float:
         entries = self._queue.entries_after(req.tenant_id, req.rows)
-        return self._in_flight + math.ceil(entries / self.mt.buckets.max_tenants)
+        return self._in_flight + math.ceil(entries / self.mt.max_step_entries)
 
     def _wakes_locked(self, lane: Any, req: _Request) -> bool:
         # The due time moves only for a first request, a full bucket (unpaced) or a new earliest deadline.
-        full = lane.entries >= self.mt.buckets.max_tenants and self.config.target_latency_ms is None
+        full = lane.entries >= self.mt.max_step_entries and self.config.target_latency_ms is None
         return len(lane) == 1 or full or lane.earliest_deadline() == req.deadline_s
 
     def _next_batch_locked(self, now: float) -> tuple[_Batch | None, float | None]:
@@ -235,7 +235,7 @@ class Scheduler(_ServerBase):
             # the most urgent request must leave now to make its deadline
             due_s = min(due_s, queue.earliest_deadline() - est)
         # Paced, a full bucket does not launch early: it would answer its requests before their target.
-        full = queue.entries >= self.mt.buckets.max_tenants and not paced
+        full = queue.entries >= self.mt.max_step_entries and not paced
         if not (self._closed or full or now >= due_s):
             return None, due_s - now
         return (self._form_paced_step_locked(now, est) if paced else self._form_step_locked(now, est)), None
@@ -280,7 +280,7 @@ class Scheduler(_ServerBase):
         to the queue and ends that order. Returns the batch, its rows per tenant, its
         tenant entries, and the requests skipped because they did not fit (the caller
         puts them back)."""
-        max_k, max_b = self.mt.buckets.max_tenants, self.mt.buckets.max_rows
+        max_k, max_b = self.mt.max_step_entries, self.mt.buckets.max_rows
         pieces = lambda rows: -(-rows // max_b)
         queue, batch = self._queue, _Batch(requests=[])
         rows_of: dict[Any, int] = {}
@@ -342,7 +342,8 @@ class Scheduler(_ServerBase):
         Tenants are grouped by the row bucket their rows need; contiguous groups (by bucket)
         are merged when one program for both costs less than two, in padded rows, with a
         program launch valued at the fitted cost model's launch cost. At most one call per
-        row bucket on the ladder; one call when the step overflows the largest bucket.
+        row bucket on the ladder; one call when the step holds more entries than one
+        program call does (``max_step_entries``).
         """
         buckets = self.mt.buckets
         max_b = buckets.max_rows
@@ -356,7 +357,7 @@ class Scheduler(_ServerBase):
             bucket = buckets.row_bucket(min(rows, max_b))
             groups.setdefault(bucket, []).append(tenant)
             entries[bucket] = entries.get(bucket, 0) + -(-rows // max_b)
-        if len(groups) == 1 or sum(entries.values()) > buckets.max_tenants:
+        if len(groups) == 1 or sum(entries.values()) > self.mt.max_step_entries:
             return [requests]
         keys = sorted(groups)
         launch_rows = self._cost.launch_cost_rows(default=float(buckets.max_tenants))
@@ -364,7 +365,7 @@ class Scheduler(_ServerBase):
         for j in range(1, len(keys) + 1):  # best[j]: cheapest split of the first j groups
             for i in range(j, 0, -1):
                 count = sum(entries[k] for k in keys[i - 1 : j])
-                cost = best[i - 1] + launch_rows + buckets.tenant_bucket(count) * keys[j - 1]
+                cost = best[i - 1] + launch_rows + _padded_entries(buckets, count) * keys[j - 1]
                 if cost < best[j]:
                     best[j], cut[j] = cost, i - 1
         segments, j = [], len(keys)
@@ -405,6 +406,14 @@ class Scheduler(_ServerBase):
         full bucket differ several-fold), else the EWMA of recent steps."""
         predicted = self._cost.predict_s(launched.programs, launched.padded_rows)
         return predicted if predicted is not None else super()._predict_service_s(launched)
+
+
+def _padded_entries(buckets: BucketPolicy, entries: int) -> int:
+    """Entries a step of ``entries`` computes, padding included: its tenant bucket, or, beyond
+    the largest (a sharded model's step, spread over its devices), that many largest buckets."""
+    if entries <= buckets.max_tenants:
+        return buckets.tenant_bucket(entries)
+    return -(-entries // buckets.max_tenants) * buckets.max_tenants
 
 
 class _FailedCall:

@@ -307,6 +307,12 @@ class ShardedMultiTenantModel(MultiTenantModel):
         return TenantStore(example_params, capacity, max_capacity=max_capacity, sharding=self.entry_sharding)
 
     @property
+    def max_step_entries(self) -> int:
+        """The largest tenant bucket on every device: a step of tenants spread evenly over
+        the mesh holds that many (a device given more runs them in a second step)."""
+        return self.devices * self.buckets.max_tenants
+
+    @property
     def slots_per_device(self) -> int:
         return self.store.capacity // self.devices
 

@@ -329,6 +329,22 @@ def test_multi_device_restore_model_onto_a_mesh_spreads_the_saved_tenants(tmp_pa
     assert rel_error(restored.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
 
 
+@multi_device
+def test_multi_device_scheduler_fills_a_step_with_the_largest_bucket_on_every_device(rng):
+    """A sharded step holds max_tenants entries per device: queued requests of that many
+    tenants on each device go out as one step, not one step per max_tenants of them."""
+    per_device = POLICY.max_tenants
+    spec, mt, params = _sharded_model("mlp", per_device * jax.device_count(), 9)
+    assert mt.max_step_entries == per_device * jax.device_count()
+    tenants = list(params)
+    rng.shuffle(tenants)
+    scheduler = jaxmt.Scheduler(mt, max_delay_ms=60_000.0, default_slo_ms=600_000.0)
+    futures = [scheduler.submit(t, spec.random_input(rng, 1)) for t in tenants]
+    scheduler.close(drain=True)
+    assert all(f.result(timeout=120) is not None for f in futures)
+    assert scheduler.metrics()["steps"]["steps"] == 1
+
+
 # -------------------------------------------------------- the launcher
 @pytest.mark.skipif(jax.device_count() > 1, reason="this process has several devices: the multi-device tests ran here")
 def test_subprocess_runs_the_multi_device_tests():
