@@ -206,13 +206,18 @@ class TenantStore:
         return self.bytes_per_tenant * self._capacity
 
     def stats(self) -> dict[str, int]:
+        """Tenants, slots and bytes of one store: read under ``lock``, so that a tenant added
+        or removed (or the store grown) meanwhile is counted wholly before or after."""
+        per_tenant = self.bytes_per_tenant
+        with self.lock:
+            resident, capacity = len(self._slot_of), self._capacity
         return {
-            "resident_tenants": len(self._slot_of),
-            "capacity": self._capacity,
-            "free_slots": self._capacity - len(self._slot_of),
-            "bytes_per_tenant": self.bytes_per_tenant,
-            "param_bytes": self.param_bytes,
-            "resident_param_bytes": self.bytes_per_tenant * len(self._slot_of),
+            "resident_tenants": resident,
+            "capacity": capacity,
+            "free_slots": capacity - resident,
+            "bytes_per_tenant": per_tenant,
+            "param_bytes": per_tenant * capacity,
+            "resident_param_bytes": per_tenant * resident,
         }
 
     # --------------------------------------------------------------- mutation

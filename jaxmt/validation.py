@@ -156,6 +156,20 @@ def template_ordered_leaves(params: PyTree, template: PyTree, treedef: jax.tree_
     return aligned
 
 
+def _owned_on_device(leaves: Sequence[Any], device: jax.Device) -> list[jax.Array]:
+    """``leaves`` on ``device``, in one transfer call, reading none of the caller's NumPy
+    arrays once this returns.
+
+    On a CPU ``device_put`` makes a NumPy array's own bytes the device array's (and with
+    ``may_alias=False`` its copy was still seen to take later writes after
+    ``block_until_ready``), while the write into the store's slot runs after ``add``
+    returns. A caller that reuses one buffer for every tenant (a loader reading each into
+    the same array) had the store take the later values, even half of them. NumPy leaves
+    are therefore copied first, a copy only the store holds.
+    """
+    return jax.device_put([np.array(leaf) if isinstance(leaf, np.ndarray) else leaf for leaf in leaves], device)
+
+
 @jax.jit
 def _finite_flags(leaves: list[jax.Array]) -> jax.Array:
     """One bool per leaf: are all its values finite? (one fused reduction per add)."""
@@ -266,7 +280,7 @@ def validate_params(
     """
     leaves = template_ordered_leaves(params, template, treedef, f"tenant {tenant_id!r}: params")
     _check_leaves(leaves, paths, specs, (), f"tenant {tenant_id!r}: leaf")
-    arrays = jax.device_put(list(leaves), device)  # one transfer call for every leaf
+    arrays = _owned_on_device(leaves, device)
     floating_arrays = [a for a, f in zip(arrays, floating) if f]
     if floating_arrays:
         flags = np.asarray(_finite_flags(floating_arrays))
@@ -297,7 +311,7 @@ def validate_stacked(
     leaves = template_ordered_leaves(stacked_params, template, treedef, f"stacked params of tenants {tenant_ids!r}:")
     n = len(tenant_ids)
     _check_leaves(leaves, paths, specs, (n,), f"stacked params of tenants {tenant_ids!r}: leaf")
-    arrays = [jax.device_put(leaf, device) for leaf in leaves]
+    arrays = _owned_on_device(leaves, device)
     floating_arrays = [(p, a) for p, a, f in zip(paths, arrays, floating) if f]
     if floating_arrays and n:
         flags = np.asarray(_finite_flags_per_row([a for _, a in floating_arrays]))  # [leaves, n]

@@ -245,3 +245,61 @@ def test_a_tenants_params_are_read_under_the_store_lock():
     store.slot_of = slot_of
     np.testing.assert_array_equal(store.get("a")["dense"]["w"], _params(1)["dense"]["w"])
     assert taken_by_another_thread == [False]
+
+
+def _write_one_buffer(store: TenantStore, operation: str, tenant_id: str, buffer: dict) -> None:
+    if operation == "add":
+        store.add(tenant_id, buffer)
+    elif operation == "update":
+        store.update(tenant_id, buffer)
+    else:
+        store.add_stacked([tenant_id], jax.tree.map(lambda leaf: leaf[None], buffer))
+
+
+@pytest.mark.parametrize("operation", ["add", "update", "add_stacked"])
+def test_a_tenant_keeps_the_values_given_though_the_callers_arrays_are_reused(operation):
+    """A loader that reads every tenant into one reused NumPy buffer hands it to the store and
+    overwrites it at once: each tenant must keep what the buffer held when it was given (on a
+    CPU ``device_put`` aliases NumPy memory, and the write into the slot runs after the call
+    returns). Integer leaves, as a quantized model has, are checked for NaN by no program."""
+    buffer = {"q": np.zeros((1024, 1024), np.int32), "scale": np.ones((4,), np.float32)}
+    store = TenantStore(buffer, capacity=8)
+    ids = [f"t{i}" for i in range(8)]
+    if operation == "update":
+        for tenant_id in ids:
+            store.add(tenant_id, buffer)
+    for i, tenant_id in enumerate(ids):
+        buffer["q"][...] = i + 1
+        buffer["scale"][...] = i + 1
+        _write_one_buffer(store, operation, tenant_id, buffer)
+    buffer["q"][...] = -1
+    buffer["scale"][...] = -1
+    for i, tenant_id in enumerate(ids):
+        got = store.get(tenant_id)
+        assert np.all(np.asarray(got["q"]) == i + 1) and np.all(np.asarray(got["scale"]) == i + 1), tenant_id
+
+
+def test_stats_count_a_tenant_removed_meanwhile_wholly_before_or_after():
+    """A metrics scrape while tenants come and go: every figure of one ``stats()`` is of one
+    store (a removal between its reads reported, e.g., 2 resident tenants and 1 tenant's bytes)."""
+    import threading
+
+    store = TenantStore(_params(0), capacity=4)
+    for name in "abc":
+        store.add(name, _params(ord(name)))
+    remover = threading.Thread(target=store.remove, args=("a",))
+
+    class RemovesWhileCounted(dict):
+        def __len__(self) -> int:
+            count = super().__len__()
+            if remover.ident is None:  # the first count read: the removal comes right after it
+                remover.start()
+                remover.join(timeout=0.5)  # done at once unless stats() holds the store
+            return count
+
+    store._slot_of = RemovesWhileCounted(store._slot_of)
+    stats = store.stats()
+    remover.join()
+    assert stats["resident_param_bytes"] == stats["resident_tenants"] * stats["bytes_per_tenant"]
+    assert stats["free_slots"] == stats["capacity"] - stats["resident_tenants"]
+    assert store.tenants == ["b", "c"] and store.stats()["resident_tenants"] == 2
