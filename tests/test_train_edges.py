@@ -8,6 +8,7 @@ float32 where one SGD step is.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import flax
@@ -411,14 +412,9 @@ def test_an_optimizers_defaults_are_its_own_not_traced_nor_cast_to_the_params_dt
         assert np.linalg.norm(got - want) <= tolerance * np.linalg.norm(want), tenant
 
 
-@pytest.mark.parametrize("optimizer, hyper", [(optax.sgd, {"learning_rate": [0.1, 0.2], "momentum": 0.9}),
-                                               (optax.adamw, {"learning_rate": [0.1, 0.2]})], ids=["sgd", "adamw"])
-def test_steps_after_the_first_compile_nothing_even_from_weakly_typed_init_leaves(optimizer, hyper):
-    """_init's bias is jnp.full((), ...), weakly typed: the trainer must hold it (and the moments
-    made from it) in the type its updates give it, so that no later step compiles again."""
-    assert jax.tree.leaves(_init(1))[0].weak_type  # the case under test
-    trainer = _trainer(ids=("a", "b"), optimizer=optimizer, hyperparams=hyper)
-    trainer.step_stacked(_batch(2, seed=0))
+@contextlib.contextmanager
+def _compiles():
+    """The XLA compiles that happen inside the block, as a list that grows while it runs."""
     compiles = []
 
     def listener(event, *_, **__):
@@ -427,10 +423,22 @@ def test_steps_after_the_first_compile_nothing_even_from_weakly_typed_init_leave
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        for seed in (1, 2):
-            trainer.step_stacked(_batch(2, seed=seed))
+        yield compiles
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.mark.parametrize("optimizer, hyper", [(optax.sgd, {"learning_rate": [0.1, 0.2], "momentum": 0.9}),
+                                               (optax.adamw, {"learning_rate": [0.1, 0.2]})], ids=["sgd", "adamw"])
+def test_steps_after_the_first_compile_nothing_even_from_weakly_typed_init_leaves(optimizer, hyper):
+    """_init's bias is jnp.full((), ...), weakly typed: the trainer must hold it (and the moments
+    made from it) in the type its updates give it, so that no later step compiles again."""
+    assert jax.tree.leaves(_init(1))[0].weak_type  # the case under test
+    trainer = _trainer(ids=("a", "b"), optimizer=optimizer, hyperparams=hyper)
+    trainer.step_stacked(_batch(2, seed=0))
+    with _compiles() as compiles:
+        for seed in (1, 2):
+            trainer.step_stacked(_batch(2, seed=seed))
     assert compiles == []
 
 
@@ -451,17 +459,8 @@ def test_the_optimizer_state_keeps_the_dtypes_its_init_gave_it(optimizer, hyper)
     trainer = MultiTenantTrainer.from_init(_bfloat16_loss, _bfloat16_init, {"a": 0, "b": 1}, optimizer=optimizer, hyperparams=hyper)
     dtypes = [leaf.dtype for leaf in jax.tree.leaves(trainer.opt_state)]
     trainer.step_stacked(_batch(2, seed=0))
-    compiles = []
-
-    def listener(event, *_, **__):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with _compiles() as compiles:
         trainer.step_stacked(_batch(2, seed=1))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert [leaf.dtype for leaf in jax.tree.leaves(trainer.opt_state)] == dtypes
     assert compiles == []
     tx = optimizer(**{name: values[0] if isinstance(values, list) else values for name, values in hyper.items()})
@@ -549,21 +548,12 @@ def test_a_summed_step_that_flags_tenants_does_not_compile_the_own_pass_again():
     hyper = {"learning_rate": [0.1, 0.05, 0.02], "weight_decay": 0.5, "mask": {"w": True, "b": False}}
     trainer = _trainer(optimizer=optax.adamw, hyperparams=hyper, backward="summed")
     trainer.step_stacked(_batch(3))  # a clean step first: the params' weak types settle
-    compiles = []
-
-    def listener(event, *_, **__):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with _compiles() as compiles:
         for tenant in (0, 1):  # each step flags a tenant: the second pass runs at both
             bad = _batch(3, seed=1 + tenant)
             bad["x"][tenant, 0, 0] = np.nan
             compiles.clear()
             with pytest.warns(RuntimeWarning, match="diverged"):
                 trainer.step_stacked(bad)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert trainer.active == ["c"]
     assert compiles == []  # the second flagged step compiled nothing
