@@ -34,6 +34,7 @@ import re
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -274,6 +275,13 @@ class LoweringCache:
                 raise
             self._entries = merged
             self._mtime = self._mtime_now()
+
+    def remember(self, key: str, entry: dict[str, Any]) -> None:
+        """Keeps ``entry`` in memory only (where ``put`` cannot write the file); a later
+        successful ``put`` writes it too."""
+        with self._lock:
+            self._refresh()
+            self._entries[key] = entry
 
     def __len__(self) -> int:
         with self._lock:
@@ -550,8 +558,20 @@ class Planner:
         choice = pick(sig, timings)
         self._memo[key] = (choice, "autotune")
         if self.cache is not None:
-            self.cache.put(key, cache_entry(sig, choice, timings))
+            self._persist(key, cache_entry(sig, choice, timings))
         return choice, "autotune"
+
+    def _persist(self, key: str, entry: dict[str, Any]) -> None:
+        """Writes a measured choice to the cache file. A file that cannot be written (a
+        read-only home in a container) must not fail the program being traced, which would
+        fail every model served with "auto": the entry is kept in memory (so that other sizes
+        of the layer still borrow it), with a warning naming the file."""
+        try:
+            self.cache.put(key, entry)
+        except OSError as exc:
+            self.cache.remember(key, entry)
+            warnings.warn(f"jaxmt: could not write the lowering choice for {key!r} to {self.cache.path} ({exc}); "
+                          f"it is kept for this process only", RuntimeWarning, stacklevel=3)
 
     def nearest(self, sig: ConvSignature, *, within: float | None = None, any_dtype: bool = True) -> str | None:
         """The choice measured on this device and jax for the same layer at the closest K x N

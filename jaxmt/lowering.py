@@ -16,8 +16,10 @@ which on an H100 ran 1x1 layers at 0.29-0.35x of the dense conv. Any other choic
   so it batches exactly as plain vmap would (dense layers already become one batched
   ``dot_general``, which is the fast form: nothing to choose there).
 * Jit-wrapped sub-functions (``pjit``, ``closed_call``, ``checkpoint``) that contain convs
-  are inlined so their convs are seen; scans, conds and custom-derivative functions are
-  batched whole by vmap, so convs inside them keep vmap's form.
+  are inlined so their convs are seen (a ``checkpoint`` block is evaluated inside
+  ``jax.checkpoint`` again, so that the backward pass still recomputes it); scans, conds
+  and custom-derivative functions are batched whole by vmap, so convs inside them keep
+  vmap's form.
 
 Why a jaxpr transform rather than interception of Flax modules (``nn.intercept_methods``):
 it needs no Flax at all, so it works for linen, nnx, Equinox, Haiku and plain JAX alike,
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -77,9 +80,10 @@ class LoweringPolicy:
 
     Attributes:
       default: "vmap", "auto", "rule" or a conv lowering forced wherever it applies.
-      overrides: ``((selector, lowering), ...)``; a selector is "conv:<i>", a layer kind
-        or a signature key (``ConvSignature.key``). An override that does not apply to its
-        layer raises ``ValueError`` when the program is traced.
+      overrides: ``((selector, lowering), ...)`` or a mapping ``{selector: lowering}``; a
+        selector is "conv:<i>", a layer kind or a signature key (``ConvSignature.key``).
+        Two choices for one selector raise ``ValueError``; an override that does not apply
+        to its layer raises ``ValueError`` when the program is traced.
       autotune: measure on the device when "auto" has no cached choice (None: on for
         GPU/TPU, off on CPU, ``JAXMT_AUTOTUNE`` overrides).
       cache_path: the choices file (None: ``$JAXMT_LOWERING_CACHE`` or
@@ -87,18 +91,19 @@ class LoweringPolicy:
     """
 
     default: str = "auto"
-    overrides: tuple[tuple[str, str], ...] = ()
+    overrides: tuple[tuple[str, str], ...] | Mapping[str, str] = ()
     autotune: bool | None = None
     cache_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.default not in LOWERINGS:
             raise ValueError(f"unknown lowering {self.default!r}; choose one of {LOWERINGS}")
+        object.__setattr__(self, "overrides", _override_pairs(self.overrides))
         for selector, choice in self.overrides:
             if choice not in CONV_LOWERINGS:
                 raise ValueError(f"override {selector!r}: unknown conv lowering {choice!r}; choose one of {CONV_LOWERINGS}")
             if not isinstance(selector, str) or not (
-                selector in LAYER_KINDS or selector.startswith("conv ") or _layer_index(selector) is not None
+                selector in LAYER_KINDS or _SIGNATURE_KEY.fullmatch(selector) or _layer_index(selector) is not None
             ):
                 raise ValueError(
                     f"override selector {selector!r} is not 'conv:<i>', a layer kind {LAYER_KINDS} or a signature key"
@@ -106,6 +111,7 @@ class LoweringPolicy:
         # "conv:07" names conv 7, as "conv:7" does (the interpreter looks the latter up).
         canonical = tuple((f"conv:{_layer_index(sel)}" if _layer_index(sel) is not None else sel, choice)
                           for sel, choice in self.overrides)
+        _check_no_conflicts(self.overrides, canonical)
         object.__setattr__(self, "overrides", canonical)
 
     @classmethod
@@ -116,7 +122,7 @@ class LoweringPolicy:
         if isinstance(lowering, str):
             return cls(default=lowering)
         if isinstance(lowering, Mapping):
-            return cls(overrides=tuple(sorted((str(k), str(v)) for k, v in lowering.items())))
+            return cls(overrides=lowering)
         raise TypeError(f"lowering must be a str, a mapping or a jaxmt LoweringPolicy, got {type(lowering).__name__}")
 
     @property
@@ -140,6 +146,36 @@ class LoweringPolicy:
 def lowering_key(lowering: str | LoweringPolicy | Mapping[str, str]) -> str:
     """The ``ProgramKey.lowering`` string of a ``lowering`` argument."""
     return LoweringPolicy.of(lowering).key
+
+
+# What ``ConvSignature.key`` looks like (dims, strides, padding, then optional fields and the
+# dtypes), so that a typo such as "conv 0" (for "conv:0") is refused instead of matching no
+# layer, silently.
+_SIGNATURE_KEY = re.compile(r"conv K=\d+ x=[\dx]+ w=[\dx]+ s=[\dx]+ p=[-\d:,]+( \S+=\S+)*? dt=\S+( .+)?")
+
+
+def _override_pairs(overrides: Any) -> tuple[tuple[str, str], ...]:
+    """``overrides`` as (selector, lowering) pairs; a mapping's items sorted, as
+    ``LoweringPolicy.of`` takes them (a mapping iterated as pairs would unpack its keys)."""
+    if isinstance(overrides, Mapping):
+        return tuple(sorted((str(k), str(v)) for k, v in overrides.items()))
+    items = [overrides] if isinstance(overrides, str) else list(overrides)
+    for item in items:
+        if isinstance(item, str) or not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"lowering overrides must be (selector, lowering) pairs or a mapping, got {item!r}")
+    return tuple((selector, choice) for selector, choice in items)
+
+
+def _check_no_conflicts(given: tuple[tuple[str, str], ...], canonical: tuple[tuple[str, str], ...]) -> None:
+    """Refuses two overrides of one selector ("conv:7" and "conv:07") with different choices:
+    the interpreter would honour whichever came last, an accident of their order."""
+    seen: dict[str, tuple[str, str]] = {}
+    for (name, choice), (selector, _) in zip(given, canonical):
+        if selector in seen and seen[selector][1] != choice:
+            first, first_choice = seen[selector]
+            raise ValueError(f"overrides {first!r}={first_choice} and {name!r}={choice} both select {selector}; "
+                             "give each layer one choice")
+        seen.setdefault(selector, (name, choice))
 
 
 def _layer_index(selector: str) -> int | None:
@@ -267,7 +303,8 @@ def _broadcast(value: Any, tenants: int) -> jax.Array:
     return jax.numpy.broadcast_to(value, (tenants, *value.shape))
 
 
-_CALL_PRIMITIVES = ("pjit", "jit", "closed_call", "core_call", "checkpoint", "remat", "remat2")
+_REMAT_PRIMITIVES = ("checkpoint", "remat", "remat2")
+_CALL_PRIMITIVES = ("pjit", "jit", "closed_call", "core_call", *_REMAT_PRIMITIVES)
 
 
 def _inner_jaxpr(eqn: Any) -> tuple[Any, list] | None:
@@ -332,6 +369,8 @@ def _eval_eqn(eqn: Any, ins: list[tuple[Any, bool]], ctx: _Context) -> list[tupl
     inner = _inner_jaxpr(eqn)
     if inner is not None and _has_conv(inner[0]):
         jaxpr, consts = inner
+        if prim.name in _REMAT_PRIMITIVES:
+            return _eval_rematerialised(eqn, jaxpr, consts, ins, ctx)
         return _eval_jaxpr(jaxpr, consts, ins, ctx)
 
     def one_tenant(*args: Any) -> list:
@@ -341,6 +380,22 @@ def _eval_eqn(eqn: Any, ins: list[tuple[Any, bool]], ctx: _Context) -> list[tupl
     in_axes = [0 if b else None for b in batched]
     outs = jax.vmap(one_tenant, in_axes=in_axes, axis_size=ctx.tenants)(*values)
     return [(o, True) for o in outs]
+
+
+def _eval_rematerialised(eqn: Any, jaxpr: Any, consts: list, ins: list[tuple[Any, bool]], ctx: _Context) -> list[tuple[Any, bool]]:
+    """A ``jax.checkpoint`` block with convs, evaluated inside ``jax.checkpoint`` again (with
+    its policy): inlined bare, its convs would be lowered but the backward pass would keep
+    the block's intermediates instead of recomputing them, undoing the memory its author saved."""
+    flags = [batched for _, batched in ins]
+    out_flags: list[bool] = []
+
+    def block(*values: Any) -> list:
+        outs = _eval_jaxpr(jaxpr, consts, list(zip(values, flags)), ctx)
+        out_flags[:] = [batched for _, batched in outs]
+        return [value for value, _ in outs]
+
+    remat = jax.checkpoint(block, prevent_cse=eqn.params.get("prevent_cse", True), policy=eqn.params.get("policy"))
+    return list(zip(remat(*(value for value, _ in ins)), out_flags))
 
 
 def _batched_conv(eqn: Any, x: jax.Array, w: jax.Array, ctx: _Context) -> jax.Array:

@@ -266,7 +266,9 @@ def conv_vmap(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
 
 def conv_loop(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
     if _is_pointwise(w, p):  # a 1x1 conv of one tenant is a plain matmul (cuBLAS, not cuDNN)
-        return jnp.concatenate([conv_einsum(x[k : k + 1], w[k : k + 1], p) for k in range(x.shape[0])])
+        # Through lower_conv, which answers an empty output (input cropped away by negative
+        # padding) before the einsum would slice nothing.
+        return jnp.concatenate([lower_conv("einsum", x[k : k + 1], w[k : k + 1], p) for k in range(x.shape[0])])
     return jnp.stack([conv_one(x[k], w[k], p) for k in range(x.shape[0])])
 
 

@@ -166,6 +166,33 @@ def test_gradients_flow_through_the_lowered_program(rng):
         assert rel_error(got[name], want[name]) < 1e-5, name
 
 
+_REMAT = {"checkpoint", "remat", "remat2"}
+
+
+@pytest.mark.parametrize("lowering", ["loop", "im2col", "rule"])
+@pytest.mark.parametrize("policy", [None, jax.checkpoint_policies.nothing_saveable], ids=["default", "nothing_saveable"])
+def test_a_rematerialised_block_stays_rematerialised_under_a_lowering(lowering, policy, rng):
+    """A conv inside ``jax.checkpoint`` is lowered (it is seen, and counted), and the block is
+    still recomputed in the backward pass, as under vmap: memory a trainer saved with remat
+    stays saved, and the gradient is vmap's."""
+    def f(w, x):
+        block = jax.checkpoint(lambda a, b: jnp.sin(lax.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=_DN)),
+                               policy=policy)
+        return jnp.sum(block(x, w) ** 2)
+
+    w = jnp.asarray(rng.standard_normal((2, 3, 3, 4, 5)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, 1, 5, 5, 4)), jnp.float32)
+    grads = {name: lambda v, _bf=bf: jax.grad(lambda w_: jnp.sum(_bf(w_, x)))(v)
+             for name, bf in [("vmap", jax.vmap(f)), ("lowered", tenant_batched(f, lowering))]}
+    remats = {name: [e.params["policy"] for e in jax.make_jaxpr(g)(w).jaxpr.eqns if e.primitive.name in _REMAT]
+              for name, g in grads.items()}
+    assert remats["lowered"] == remats["vmap"] == [policy]
+    assert rel_error(grads["lowered"](w), grads["vmap"](w)) < 1e-5
+    assert [layer.lowering for layer in describe_lowering(f, w, x, lowering)] == [
+        autotune.default_rule(_signature(x, w, ConvParams((1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1))))
+        if lowering == "rule" else lowering]
+
+
 def test_forced_choices_are_honoured_and_inapplicable_ones_fall_back_or_raise(rng):
     spec = tiny_spec("resnet50")
     params_k = _stacked_shapes(spec, 2)
@@ -262,6 +289,37 @@ def test_cache_round_trips_and_is_keyed_by_device_and_jax_version(tmp_path, monk
     assert autotune.Planner(autotune=False, cache_path=path).choose(sig)[1] == "rule"
     autotune.Planner(autotune=True, cache_path=path).choose(sig)
     assert key in json.loads(path.read_text())["entries"]
+
+
+def test_a_choices_file_that_cannot_be_written_warns_and_the_choice_still_serves(tmp_path, monkeypatch, rng):
+    """A cache location that cannot be written (a read-only home in a container; here a path
+    below a plain file) costs the choice's persistence, with a warning naming the file, not
+    the program that is being traced: the measured choice is used, and lent to other sizes."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    path = blocker / "lowering.json"
+    measured = []
+
+    def fake_measure(sig, params=None, names=None, **kw):
+        measured.append(sig)
+        return {"loop": {"us": 2.0}, "im2col": {"us": 1.0}, "vmap": {"us": 3.0}}
+
+    monkeypatch.setattr(autotune, "measure", fake_measure)
+    policy = LoweringPolicy("auto", autotune=True, cache_path=str(path))
+
+    def f(w, x):
+        return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_DN)
+
+    w = jnp.asarray(rng.standard_normal((2, 3, 3, 4, 5)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, 2, 6, 6, 4)), jnp.float32)
+    with pytest.warns(RuntimeWarning, match="lowering.json"):
+        got = jax.jit(tenant_batched(f, policy))(w, x)
+    assert rel_error(got, jax.vmap(f)(w, x)) < 1e-5
+    assert [(c.lowering, c.source) for c in describe_lowering(f, w, x, policy)] == [("im2col", "memo")]
+    # The same layer at twice the tenants takes the measured choice, unmeasured.
+    w2, x2 = jnp.concatenate([w, w]), jnp.concatenate([x, x])
+    assert [(c.lowering, c.source) for c in describe_lowering(f, w2, x2, policy)] == [("im2col", "nearest")]
+    assert len(measured) == 1 and not path.exists()
 
 
 def test_the_environment_chooses_the_cache_file_and_autotuning(tmp_path, monkeypatch):
@@ -576,6 +634,22 @@ def test_convs_with_nothing_to_compute_give_empty_answers(lowering, case):
     assert got.shape == want.shape and got.dtype == want.dtype and 0 in got.shape
 
 
+@pytest.mark.parametrize("policy", ["auto", "rule", *CONV_LOWERINGS])
+@pytest.mark.parametrize("strides, padding", [((2, 2), ((-2, 0), (0, 0))), ((1, 1), ((-1, -1), (0, 0)))],
+                         ids=["cropped-strided", "cropped"])
+def test_a_1x1_conv_with_an_empty_output_is_answered_under_every_policy(policy, strides, padding, rng):
+    """Negative padding can crop a 1x1 conv's input to nothing: every lowering that claims the
+    conv (the per-tenant loop, which runs 1x1 convs as matmuls, too) answers an empty output."""
+    def f(w, x):
+        return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DN)
+
+    w = jnp.asarray(rng.standard_normal((2, 1, 1, 4, 5)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, 3, 2, 3, 4)), jnp.float32)
+    want = jax.vmap(f)(w, x)
+    got = jax.jit(tenant_batched(f, policy))(w, x)
+    assert 0 in want.shape and got.shape == want.shape and got.dtype == want.dtype
+
+
 def test_a_foreign_value_in_the_choices_file_is_no_entry(tmp_path):
     sig = ConvSignature(2, (2, 6, 6, 4), (3, 3, 4, 5), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1))
     other = dataclasses.replace(sig, tenants=4)
@@ -623,6 +697,72 @@ def test_layer_selectors_are_read_as_numbers_and_must_name_a_conv():
     assert describe_lowering(f, w, x, {"conv:00": "im2col"})[0].lowering == "im2col"
     with pytest.raises(ValueError, match=r"name conv \[3\], but the model has 1"):
         describe_lowering(f, w, x, {"conv:3": "im2col"})
+
+
+@pytest.mark.parametrize("selector", ["conv 0", "conv 3", "conv K=2", "conv x=1x6x6x4"])
+def test_a_selector_that_is_no_signature_key_is_refused(selector):
+    """"conv 0" (a typo of "conv:0") would otherwise pass as a signature key, match no layer
+    and change nothing, silently."""
+    with pytest.raises(ValueError, match="selector"):
+        LoweringPolicy.of({selector: "loop"})
+
+
+@pytest.mark.parametrize("lowering", ["vmap", "loop", "map"])
+def test_every_signature_key_describe_lowering_lists_selects_its_layer(lowering, rng):
+    def f(w, x):
+        y = lax.conv_general_dilated(x, w["a"], (2, 1), ((1, 0), (-1, 2)), rhs_dilation=(2, 1), dimension_numbers=_DN,
+                                     precision=lax.Precision.HIGHEST)
+        return lax.conv_general_dilated(y, w["b"], (1, 1), "SAME", dimension_numbers=_DN, feature_group_count=5,
+                                        preferred_element_type=jnp.float32)
+
+    w = {"a": jnp.asarray(rng.standard_normal((2, 3, 2, 4, 5)), jnp.bfloat16),
+         "b": jnp.asarray(rng.standard_normal((2, 3, 3, 1, 5)), jnp.bfloat16)}
+    x = jnp.asarray(rng.standard_normal((2, 1, 7, 6, 4)), jnp.bfloat16)
+    keys = [layer.signature.key for layer in describe_lowering(f, w, x, "rule")]
+    layers = describe_lowering(f, w, x, {key: lowering for key in keys})
+    assert [(layer.lowering, layer.source) for layer in layers] == [(lowering, "override")] * 2
+
+
+@pytest.mark.parametrize("overrides", [
+    (("conv:0", "loop"), ("conv:00", "im2col")),
+    (("conv:01", "im2col"), ("conv:1", "loop")),
+    (("kxk", "loop"), ("kxk", "im2col")),
+], ids=["conv:0", "conv:1", "kxk"])
+def test_two_overrides_of_one_layer_that_disagree_are_refused(overrides):
+    """"conv:0" and "conv:00" both name conv 0: which choice won was the overrides' order, so
+    a policy that gives one selector two choices is refused rather than honouring one silently."""
+    with pytest.raises(ValueError, match=r"conv:0|conv:1|kxk"):
+        LoweringPolicy(overrides=overrides)
+    if len(dict(overrides)) == len(overrides):  # a mapping holds each key once
+        with pytest.raises(ValueError, match=r"conv:0|conv:1"):
+            LoweringPolicy.of(dict(overrides))
+
+
+def test_a_policy_takes_its_overrides_as_a_mapping_too(rng):
+    """``LoweringPolicy("rule", overrides={"kxk": "loop"})`` means what the mapping means to
+    ``LoweringPolicy.of``, on top of the policy's own default."""
+    def f(w, x):
+        y = lax.conv_general_dilated(x, w["a"], (1, 1), "SAME", dimension_numbers=_DN)
+        return lax.conv_general_dilated(y, w["b"], (1, 1), "SAME", dimension_numbers=_DN)
+
+    w = {"a": jnp.asarray(rng.standard_normal((2, 3, 3, 4, 5)), jnp.float32),
+         "b": jnp.asarray(rng.standard_normal((2, 1, 1, 5, 3)), jnp.float32)}
+    x = jnp.asarray(rng.standard_normal((2, 1, 6, 6, 4)), jnp.float32)
+    policy = LoweringPolicy("vmap", overrides={"kxk": "im2col", "conv:01": "loop"})
+    assert policy == LoweringPolicy("vmap", overrides=(("conv:01", "loop"), ("kxk", "im2col")))
+    assert [(c.lowering, c.source) for c in describe_lowering(f, w, x, policy)] == [("im2col", "override"), ("loop", "override")]
+    assert rel_error(tenant_batched(f, policy)(w, x), jax.vmap(f)(w, x)) < 1e-5
+
+
+@pytest.mark.parametrize("overrides", ["kxk", [("kxk",)], [("kxk", "loop", "im2col")], ["conv:1=loop"]])
+def test_overrides_that_are_no_pairs_are_refused_clearly(overrides):
+    with pytest.raises(ValueError, match="pairs"):
+        LoweringPolicy(overrides=overrides)
+
+
+def test_an_override_repeated_with_the_same_choice_is_kept():
+    policy = LoweringPolicy.of({"conv:2": "loop", "conv:02": "loop"})
+    assert dict(policy.overrides) == {"conv:2": "loop"}
 
 
 def test_an_entry_that_cannot_be_written_leaves_the_cache_as_it_was(tmp_path):
