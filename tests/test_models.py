@@ -210,3 +210,72 @@ def test_full_size_builds_with_plausible_parameter_count(arch: str) -> None:
         assert param_count == pytest.approx(FULL_PARAM_COUNTS[arch], rel=0.01)
     else:
         assert 1_000_000 < param_count < 100_000_000
+
+
+# BatchNorm running statistics (mean + var, 2 per channel) of the full vision models: not
+# params in torchvision's count; in Flax they are the "batch_stats" collection.
+FULL_BATCH_STAT_COUNTS = {"resnet18": 9_600, "resnet50": 53_120, "mobilenetv2": 34_112}
+
+
+def _full_conv_trace(arch: str) -> list[tuple[str, tuple[int, ...], tuple[int, ...], int, int, int]]:
+    """(path, input shape, output shape, kernel, stride, groups) of every conv of the full-size
+    model, in call order, from a shape-only forward pass (nothing is computed)."""
+    import flax.linen as nn
+
+    spec = models.make(arch, "full")
+    convs = []
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, nn.Conv):
+            convs.append((
+                "/".join(module.scope.path), args[0].shape[1:], out.shape[1:], module.kernel_size[0],
+                module.strides[0], module.feature_group_count,
+            ))
+        return out
+
+    variables = jax.eval_shape(spec.init, 0)
+    with nn.intercept_methods(record):
+        jax.eval_shape(spec.apply_fn, variables, jax.ShapeDtypeStruct((1, *spec.input_shape), spec.input_dtype))
+    return convs
+
+
+@pytest.mark.parametrize("arch", models.IMAGE_ARCHITECTURES)
+def test_full_vision_models_have_exactly_the_torchvision_parameter_and_running_stat_counts(arch: str) -> None:
+    spec = models.make(arch, "full")
+    variables = jax.eval_shape(spec.init, 0)
+    assert spec.input_shape == (224, 224, 3) and spec.num_classes == 1000
+    assert sum(leaf.size for leaf in jax.tree.leaves(variables["params"])) == FULL_PARAM_COUNTS[arch]
+    assert sum(leaf.size for leaf in jax.tree.leaves(variables["batch_stats"])) == FULL_BATCH_STAT_COUNTS[arch]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_full_resnets_have_the_7x7_stride_2_stem_and_max_pool_and_v1_5_downsampling(arch: str) -> None:
+    convs = _full_conv_trace(arch)
+    stem, first_block = convs[0], convs[1]
+    assert stem[1:] == ((224, 224, 3), (112, 112, 64), 7, 2, 1)
+    assert first_block[1][:2] == (56, 56)  # the 3x3/2 max pool sits between stem and stage 1
+    strided = [(path, kernel) for path, _, _, kernel, stride, _ in convs[1:] if stride == 2]
+    # One strided main-branch conv and one strided 1x1 projection in each of stages 2-4; in
+    # the bottleneck (v1.5, as torchvision) the stride is on the 3x3 conv, not the first 1x1.
+    assert [kernel for path, kernel in strided if not path.endswith("proj_conv")] == [3, 3, 3]
+    assert [kernel for path, kernel in strided if path.endswith("proj_conv")] == [1, 1, 1]
+    assert convs[-1][2] == (7, 7, 2048 if arch == "resnet50" else 512)
+
+
+def test_full_mobilenetv2_follows_the_papers_inverted_residual_table() -> None:
+    convs = _full_conv_trace("mobilenetv2")
+    assert convs[0][1:] == ((224, 224, 3), (112, 112, 32), 3, 2, 1)
+    assert convs[-1][1:] == ((7, 7, 320), (7, 7, 1280), 1, 1, 1)
+    depthwise = [conv for conv in convs if conv[5] > 1]
+    # (t, c, n, s) of Table 2, read back from the depthwise convs: one per block, stride s on
+    # the first block of each row, hidden width t * (input width).
+    table = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+    want, in_features = [], 32
+    for t, c, n, s in table:
+        for index in range(n):
+            want.append((in_features * t, s if index == 0 else 1))
+            in_features = c
+    assert [(conv[5], conv[4]) for conv in depthwise] == want
+    assert all(conv[3] == 3 and conv[2][-1] == conv[5] for conv in depthwise)
