@@ -458,7 +458,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stall-ms", type=float, default=20.0,
                         help="a trial in which the load generator itself fell this far behind its schedule "
                              "(a pause of the whole process) is run once more and the rerun's verdict stands; both are kept")
-    parser.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+    parser.set_defaults(gc_freeze=True)  # set here, not as the option's default, which the help would show as "(default: True)"
+    parser.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false", default=argparse.SUPPRESS,
                         help="do not freeze the heap before each trial: full garbage collections then walk every "
                              "object JAX and the model left, stalling all threads (jaxmt.freeze_heap)")
     parser.add_argument("--compile-workers", type=int, default=1, help="threads compiling jaxmt's bucket programs at warm-up")

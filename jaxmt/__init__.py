@@ -2,7 +2,7 @@
 
 Tenants share an architecture but not weights. Their parameters are stacked along a tenant
 axis, each step's active tenants run as one ``vmap``-ed, compiled program, and a scheduler
-forms steps from per-tenant request queues.
+forms steps from one earliest-deadline-first queue of every tenant's requests.
 """
 
 from jaxmt.baselines import ExclusiveServer, SpaceOnlyServer, TimeOnlyServer, exclusive_predict, time_only_predict

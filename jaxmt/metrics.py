@@ -299,7 +299,8 @@ def tenant_spread(metrics: Mapping[str, Any], min_count: int = 10) -> dict[str, 
     """How evenly tenants are served: worst per-tenant p99/p50, and the gap between the
     slowest and the fastest tenant's mean latency relative to the fastest.
 
-    Only tenants with at least ``min_count`` results count; values are None without two.
+    Only tenants with at least ``min_count`` answered requests count; the ratio is None
+    without one such tenant, the gap without two.
     """
     rows = [m for m in metrics["tenants"].values() if m["ok"] >= min_count and m["p50_ms"]]
     if not rows:

@@ -229,7 +229,7 @@ class MultiTenantModel:
         self.store.update(tenant_id, params)
 
     def remove_tenant(self, tenant_id: Hashable) -> None:
-        """Removes a tenant; its slot is reused by the next add."""
+        """Removes a tenant; its slot is free for later adds."""
         self.store.remove(tenant_id)
 
     def get_params(self, tenant_id: Hashable) -> PyTree:

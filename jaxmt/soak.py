@@ -358,7 +358,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--record", action="store_true",
         help="write benchmarks/results/soak.json and the '## Soak' section of benchmarks/README.md "
-             "(with --stage on or off: soak_stage_on.json and '## Soak: --stage on')"
+             "(with --stage on: soak_stage_on.json and '## Soak: --stage on'; with --stage off, the same with off)"
     )
 
 

@@ -114,8 +114,9 @@ def add_tenant_from_checkpoint(model: MultiTenantModel | TenantStore, tenant_id:
     of a params pytree or of a Flax variables dict or train state, a
     ``flax.training.checkpoints`` directory (its latest ``checkpoint_<step>``) or a msgpack
     file. The checkpoint may hold exactly the model's template, a dict whose ``params`` entry
-    is the template, or the bare params of a template ``{"params": ...}``; entries the
-    template lacks at its top level (``opt_state``, ``step``) are ignored.
+    is the template (a template without a top-level ``params`` entry), or the bare params of
+    a template ``{"params": ...}``; entries the template lacks at its top level
+    (``opt_state``, ``step``) are ignored.
 
     Raises:
       DuplicateTenantError: the id is already resident (nothing is read).

@@ -385,7 +385,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-rows-bucket", type=int, default=16, help="largest row bucket")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stage", default="auto", choices=sorted(STAGE_CHOICES), help=STAGE_HELP)
-    parser.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+    parser.set_defaults(gc_freeze=True)  # set here, not as the option's default, which the help would show as "(default: True)"
+    parser.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false", default=argparse.SUPPRESS,
                         help="do not freeze the heap before each trial (see jaxmt.freeze_heap)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON here")
     parser.add_argument("--plot", metavar="PATH", help="write the latency CDF as PNG here")
