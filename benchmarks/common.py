@@ -102,13 +102,31 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
+# The opening of a fenced code block: three or more backticks or tildes (CommonMark).
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+
+
 def update_readme_section(title: str, body: str) -> None:
-    """Replaces (or appends) the ``## title`` section of benchmarks/README.md."""
+    """Replaces (or appends) the ``## title`` section of benchmarks/README.md: from its heading
+    to the next heading of level 1 or 2 (lines in fenced code blocks are not headings)."""
     text = README.read_text() if README.exists() else "# Benchmarks\n"
     section = f"## {title}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
+    lines = text.splitlines(keepends=True)
+    start = end = None
+    fence = None  # the marker of the code block the line is in
+    for i, line in enumerate(lines):
+        marker = _FENCE.match(line)
+        if fence is not None:
+            fence = None if marker and marker.group(1).startswith(fence) else fence
+        elif marker:
+            fence = marker.group(1)
+        elif start is None:
+            start = i if line.rstrip() == f"## {title}" else None
+        elif line.startswith(("# ", "## ")):
+            end = i
+            break
+    if start is None:
         text = text.rstrip() + "\n\n" + section
+    else:
+        text = "".join(lines[:start]) + section + "\n" + "".join(lines[len(lines) if end is None else end:])
     README.write_text(text.rstrip() + "\n")

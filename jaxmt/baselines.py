@@ -332,7 +332,9 @@ class _LaneServer(_ServerBase):
             return None
         pending = self._programs.launch(params, self._rows_of(live))
         tenants = len({r.tenant_id for r in live})
-        return _Launched(live, pending, started_s, tenants, pending.padded_rows, not pending.compiled)
+        # A batch over the largest size runs as one program call per chunk (as a Scheduler
+        # step counts its calls)
+        return _Launched(live, pending, started_s, tenants, pending.padded_rows, not pending.compiled, len(pending.chunks))
 
     def _lane_steps_locked(self, key: Hashable, req: _Request) -> int:
         lane = self._lanes.get(key)
@@ -443,7 +445,7 @@ class ExclusiveServer(_LaneServer):
     """Exclusive access: one tenant's params answer every request, all in one program.
 
     Requests of any resident tenant are accepted and batched together; all are computed with
-    the params of ``tenant_id`` (default: the first resident tenant, read at construction).
+    the params ``tenant_id`` has at each step (default: the first resident tenant, chosen at construction).
     """
 
     kind = "exclusive"
@@ -454,10 +456,14 @@ class ExclusiveServer(_LaneServer):
         config = make_config(config, max_delay_ms=max_delay_ms, default_slo_ms=default_slo_ms, **options)
         super().__init__(mt, config, batch_sizes or _exclusive_sizes(mt))
         self.tenant_id = mt.tenants[0] if tenant_id is None and len(mt) else tenant_id
-        self._params = mt.get_params(self.tenant_id)  # UnknownTenantError when absent
+        self._params = self._programs.params(self.tenant_id)  # UnknownTenantError when absent
         self._start_pipeline()
 
     def _params_for(self, lane: Hashable) -> PyTree:
+        """Its tenant's current params (read again after ``update_tenant``, as
+        ``exclusive_predict`` reads them); the last ones read once the tenant has left."""
+        if self.tenant_id in self.mt:
+            self._params = self._programs.params(self.tenant_id)
         return self._params
 
     def _lane_tenant_gone(self, key: Hashable) -> bool:

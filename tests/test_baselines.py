@@ -395,3 +395,28 @@ def test_exclusive_access_reads_the_weights_after_a_rolled_back_add_and_an_updat
     readers[0].join(60)
     mt.update_tenant("t0", {"w": np.full((ROW, 2), 2.0, np.float32)})
     np.testing.assert_allclose(jaxmt.exclusive_predict(mt, x, "t0"), mt.predict(["t0"], x))
+
+
+@pytest.mark.parametrize("kind", ["exclusive", "time", "space"])
+def test_a_step_split_at_the_largest_batch_counts_each_program_call(served, rng, kind):
+    """A request larger than the largest batch size runs as several program calls; the step's
+    ``programs_per_step`` counts them, as the Scheduler's steps count theirs."""
+    mt, params = served
+    with SERVERS[kind](mt, max_delay_ms=0.0, batch_sizes=(1, 2, 4)) as server:
+        x = rows(rng, 6)  # 4 + 2 rows: two program calls
+        y = server.submit("t1", x).result(TIMEOUT_S)
+        steps = server.metrics()["steps"]
+    np.testing.assert_allclose(y, expected(kind, params, "t1", x, server), rtol=1e-5, atol=1e-5)
+    assert (steps["steps"], steps["programs_per_step"]) == (1, 2.0)
+
+
+def test_exclusive_server_answers_with_its_tenants_current_weights():
+    """After ``update_tenant`` the exclusive server computes with the new weights, as
+    ``exclusive_predict`` and the other servers do, not with those read at construction."""
+    mt = _one_tenant_model(1.0)
+    x = np.ones((1, ROW), np.float32)
+    with jaxmt.ExclusiveServer(mt, max_delay_ms=0.0) as server:
+        np.testing.assert_allclose(server.submit("t0", x).result(TIMEOUT_S), mt.predict(["t0"], x))
+        mt.update_tenant("t0", {"w": np.full((ROW, 2), 2.0, np.float32)})
+        np.testing.assert_allclose(server.submit("t0", x).result(TIMEOUT_S), mt.predict(["t0"], x))
+        np.testing.assert_allclose(server.submit("t0", x).result(TIMEOUT_S), jaxmt.exclusive_predict(mt, x, "t0"))
