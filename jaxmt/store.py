@@ -206,11 +206,15 @@ class TenantStore:
         return self.bytes_per_tenant * self._capacity
 
     def stats(self) -> dict[str, int]:
-        """Tenants, slots and bytes of one store: read under ``lock``, so that a tenant added
-        or removed (or the store grown) meanwhile is counted wholly before or after."""
+        """Tenants, slots and bytes of one store: every figure derives from one count of the
+        tenants and one of the slots, so that a tenant added or removed meanwhile is counted
+        wholly before or after. Read without ``lock``, which a dispatch holds through a
+        compile and a grow through its copy: a metrics scrape must not wait for them. The
+        tenants are counted first: capacity only grows, and grows before a tenant takes a
+        new slot, so free slots are never negative."""
         per_tenant = self.bytes_per_tenant
-        with self.lock:
-            resident, capacity = len(self._slot_of), self._capacity
+        resident = len(self._slot_of)
+        capacity = self._capacity
         return {
             "resident_tenants": resident,
             "capacity": capacity,

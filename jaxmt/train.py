@@ -195,7 +195,9 @@ class MultiTenantTrainer:
         self._params = jax.tree.map(_strong_copy, stacked_params)
         train, _ = split_trainable(self._treedef, self._trainable, self._params)
         try:
-            self._opt_state = init_program(optimizer, static_items, self._hyper_names)(per_tenant, train)
+            # Strongly typed, as the step returns it (cast to these dtypes): a weakly typed init leaf
+            # (jnp.asarray(1.0) in a hand-written init) would make the second step compile again.
+            self._opt_state = jax.tree.map(_strong, init_program(optimizer, static_items, self._hyper_names)(per_tenant, train))
         except _CONCRETE_VALUE_ERRORS as exc:
             raise self._concrete_value_error(exc) from exc
         if backward == "auto":
@@ -571,12 +573,16 @@ def _id_list(tenant_ids: Sequence[Hashable], caller: str) -> list[Hashable]:
     return list(tenant_ids)
 
 
+def _strong(leaf: jax.Array) -> jax.Array:
+    """``leaf`` in its dtype, never weakly typed. A weak-typed leaf (what ``jnp.full((), 0.5)``
+    in an init makes) and the optimizer moments initialised from it turn strong at the first
+    updates, each a new signature that compiles the step again."""
+    return leaf.astype(leaf.dtype) if getattr(leaf, "weak_type", False) else leaf
+
+
 def _strong_copy(leaf: Any) -> jax.Array:
-    """A device copy of ``leaf`` in its dtype, never weakly typed. A weak-typed leaf (what
-    ``jnp.full((), 0.5)`` in an init makes) and the optimizer moments initialised from it turn
-    strong at the first updates, each a new signature that compiles the step again."""
-    copy = jnp.array(leaf, copy=True)
-    return copy.astype(copy.dtype) if copy.weak_type else copy
+    """A device copy of ``leaf`` in its dtype, never weakly typed (see ``_strong``)."""
+    return _strong(jnp.array(leaf, copy=True))
 
 
 def _stack(*leaves: Any) -> Any:

@@ -120,10 +120,31 @@ def _injected(
     reaches the optimizer as given, as it does without the trainer. Injected, a default would be
     traced (adafactor reads min_dim_size_to_factor in Python) and cast to the params' dtype
     (adam's b2=0.999 is 1.0 in bfloat16, where its bias correction divides by zero)."""
-    plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    names = [name for name, p in inspect.signature(optimizer).parameters.items() if p.kind in plain]
-    static_args = tuple(name for name in names if name not in hyper_names)
-    return functools.partial(optax.inject_hyperparams(optimizer, static_args=static_args), **dict(static))
+    factory = _named_factory(optimizer, (*dict(static), *hyper_names))
+    static_args = tuple(name for name in inspect.signature(factory).parameters if name not in hyper_names)
+    return functools.partial(optax.inject_hyperparams(factory, static_args=static_args), **dict(static))
+
+
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def _named_factory(optimizer: Callable[..., optax.GradientTransformation], names: Sequence[str]) -> Callable[..., Any]:
+    """``optimizer`` with a signature that names each of ``names`` and nothing variadic.
+    ``optax.inject_hyperparams`` binds arguments by the signature and calls the factory with
+    them by name: one that lands in ``**kwargs`` (a wrapper's ``**options``) reached the
+    factory as a single argument named after the ``**kwargs``, so it was lost, silently."""
+    parameters = [p for p in inspect.signature(optimizer).parameters.values() if p.kind in _NAMED]
+    named = {p.name for p in parameters}
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in names if name not in named]
+    if not extra:
+        return optimizer
+
+    @functools.wraps(optimizer)
+    def factory(**kwargs: Any) -> optax.GradientTransformation:
+        return optimizer(**kwargs)
+
+    factory.__signature__ = inspect.Signature([*parameters, *extra])  # read before __wrapped__
+    return factory
 
 
 # Programs are cached on what defines them, so trainers rebuilt with the same loss, optimizer

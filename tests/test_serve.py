@@ -236,6 +236,49 @@ def test_rows_the_models_dtype_holds_are_decoded_exactly(monkeypatch, dtype, row
     np.testing.assert_array_equal(got, np.asarray(rows, dtype=dtype))
 
 
+@pytest.mark.parametrize("dtype, rows", [
+    (np.uint8, np.array([[-1, 300, 2]])),  # a handle's NumPy ints: would wrap to 255 and 44
+    (np.int32, np.array([[2**40, 1, 2]])),  # would wrap to 0
+    (np.float16, [[10**20, 0, 0]]),  # a JSON integer beyond int64: would be inf
+    (np.uint8, [[True, 2, 3.5]]),
+])
+def test_handle_rows_the_models_dtype_would_change_are_input_errors(monkeypatch, dtype, rows):
+    """``handle.predict.remote(rows)`` takes NumPy arrays too, whose integers NumPy casts
+    silently (modulo the dtype's range), and JSON integers beyond int64 decode as Python
+    objects: both are held to the dtype as JSON numbers are, not answered as other rows."""
+    import asyncio
+    import types
+
+    monkeypatch.setattr(jaxmt.serve.serve, "get_multiplexed_model_id", lambda: "t0")
+    served = []
+
+    async def predict(tenant_id, x, slo_ms):
+        served.append(x)
+
+    replica = types.SimpleNamespace(model=types.SimpleNamespace(row_dtype=np.dtype(dtype), row_shape=(3,)), _predict=predict)
+    with pytest.raises(jaxmt.InputError, match="rows of tenant 't0'"):
+        asyncio.run(jaxmt.serve.TenantReplica.predict(replica, rows))
+    assert served == []
+
+
+@pytest.mark.parametrize("dtype, rows", [(np.uint8, np.array([[0, 7, 255]])), (np.float32, np.array([[0.1, -2.5, 3.0]])),
+                                         (np.int8, [[True, False, -128]]), (np.float64, [[2**70, 1, 0]])])
+def test_handle_rows_the_models_dtype_holds_are_served_as_given(monkeypatch, dtype, rows):
+    import asyncio
+    import types
+
+    monkeypatch.setattr(jaxmt.serve.serve, "get_multiplexed_model_id", lambda: "t0")
+    served = []
+
+    async def predict(tenant_id, x, slo_ms):
+        served.append(x)
+
+    replica = types.SimpleNamespace(model=types.SimpleNamespace(row_dtype=np.dtype(dtype), row_shape=(3,)), _predict=predict)
+    asyncio.run(jaxmt.serve.TenantReplica.predict(replica, rows))
+    assert served[0].dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(served[0], np.asarray(rows, dtype=dtype))
+
+
 def test_nonfinite_outputs_are_json_nulls():
     """JSON has no NaN or Inf: such outputs go out as null, the rest as float64 values."""
     out = jaxmt.serve._jsonable({"logits": np.array([[1.5, np.nan], [-np.inf, 2.0]], np.float32), "ids": np.array([1, 2])})

@@ -303,3 +303,34 @@ def test_stats_count_a_tenant_removed_meanwhile_wholly_before_or_after():
     assert stats["resident_param_bytes"] == stats["resident_tenants"] * stats["bytes_per_tenant"]
     assert stats["free_slots"] == stats["capacity"] - stats["resident_tenants"]
     assert store.tenants == ["b", "c"] and store.stats()["resident_tenants"] == 2
+
+
+def test_stats_do_not_wait_for_a_writer_holding_the_store():
+    """``stats()`` serves metrics scrapes (``TenantReplica.metrics_text``, on the replica's
+    event loop): it must not wait while another thread holds ``lock``, as the Scheduler's
+    dispatch does through a program's compile and a store grow does through its copy."""
+    import threading
+
+    store = TenantStore(_params(0), capacity=4)
+    for name in "ab":
+        store.add(name, _params(ord(name)))
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with store.lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(30)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(store.stats()))
+    reader.start()
+    reader.join(timeout=2.0)
+    answered = not reader.is_alive()
+    release.set()
+    holder.join()
+    reader.join()
+    assert answered
+    assert (got[0]["resident_tenants"], got[0]["capacity"], got[0]["free_slots"]) == (2, 4, 2)

@@ -442,6 +442,55 @@ def test_steps_after_the_first_compile_nothing_even_from_weakly_typed_init_leave
     assert compiles == []
 
 
+def _decaying_sgd(learning_rate):
+    """sgd whose step size decays by a factor kept in the state, which init makes weakly typed
+    (``jnp.asarray(1.0)``, as a hand-written optimizer's init often does)."""
+    def init(params):
+        return {"scale": jnp.asarray(1.0), "updates": jnp.asarray(0)}
+
+    def update(grads, state, params=None):
+        updates = jax.tree.map(lambda g: -learning_rate * state["scale"] * g, grads)
+        return updates, {"scale": state["scale"] * 0.9, "updates": state["updates"] + 1}
+
+    return optax.GradientTransformation(init, update)
+
+
+def test_steps_after_the_first_compile_nothing_even_from_weakly_typed_opt_state_leaves():
+    """An optimizer whose init state is weakly typed: the state the step returns is cast to
+    the init's dtypes, strongly typed; held as init made it, the second step saw a new
+    signature and compiled again."""
+    trainer = _trainer(ids=("a", "b"), optimizer=_decaying_sgd, hyperparams={"learning_rate": [0.1, 0.2]})
+    trainer.step_stacked(_batch(2, seed=0))
+    with _compiles() as compiles:
+        for seed in (1, 2):
+            trainer.step_stacked(_batch(2, seed=seed))
+    assert compiles == []
+    assert np.asarray(trainer.opt_state.inner_state["updates"]).tolist() == [3, 3]
+
+
+def _clipped_sgd(learning_rate, **options):
+    """A factory taking its options through ``**kwargs`` (as wrappers of optax aliases do)."""
+    return optax.chain(optax.clip(options.pop("max_delta", 1e9)), optax.sgd(learning_rate))
+
+
+@pytest.mark.parametrize("given", ["static", "per_tenant"])
+def test_hyperparameters_an_optimizer_takes_through_kwargs_reach_it(given):
+    """``max_delta`` is no named parameter of the factory but a key of its ``**options``:
+    ``optax.inject_hyperparams`` binds arguments by signature and handed them over as one
+    argument named ``options`` (the factory saw ``options={"options": {...}}`` and clipped
+    nothing), silently."""
+    max_delta = 1e-3
+    if given == "static":
+        kwargs = {"hyperparams": {"learning_rate": [0.5, 0.5]}, "static_hyperparams": {"max_delta": max_delta}}
+    else:
+        kwargs = {"hyperparams": {"learning_rate": [0.5, 0.5], "max_delta": [max_delta, max_delta]}}
+    trainer = _trainer(ids=("a", "b"), optimizer=_clipped_sgd, **kwargs)
+    before = _flat(trainer.params_of("a"))
+    trainer.step_stacked(_batch(2, seed=0))
+    moved = np.abs(_flat(trainer.params_of("a")) - before).max()
+    assert 0 < moved <= max_delta * (1 + 1e-5)
+
+
 def _bfloat16_init(seed: int) -> dict:
     return jax.tree.map(lambda leaf: leaf.astype(jnp.bfloat16), _init(seed))
 
