@@ -32,7 +32,8 @@ class RowParts:
     """Arrays ``[r_i, *row_shape]`` of one dtype, addressed as their concatenation.
 
     Args:
-      parts: one or more arrays of the same row shape and dtype (each request's rows).
+      parts: one or more arrays of the same row shape and dtype (each request's rows); a
+        part in swapped byte order is taken as a native copy, as ``as_row_array`` takes rows.
       staged: per part, its rows on the device (one [1, *row_shape] array per row, as
         ``jaxmt.staging.StagedRows.device_rows()`` gives them) or None. When any part has
         them, ``take`` (and ``rows``) return a device block joined from them, taking the
@@ -45,7 +46,7 @@ class RowParts:
     """
 
     def __init__(self, parts: Sequence[np.ndarray], staged: Sequence[Any] | None = None, device: Any = None):
-        parts = [np.asarray(p) for p in parts]
+        parts = [_in_native_order(np.asarray(p)) for p in parts]
         if not parts:
             raise ValueError("RowParts needs at least one array")
         first = parts[0]
@@ -182,6 +183,13 @@ def as_row_array(x: Any, copy: bool = False) -> np.ndarray:
         rows = np.array(x) if copy else np.asarray(x)
     except ValueError as exc:  # ragged nested sequences
         raise InputError(f"x is not one array of rows: {exc}") from exc
+    return _in_native_order(rows)
+
+
+def _in_native_order(rows: np.ndarray) -> np.ndarray:
+    """``rows`` in native byte order (copied only when swapped): a swapped dtype compares
+    unequal to the native one of the same name, so rows fixed from it would refuse every
+    native request, and the pinned buffers and programs hold native bytes."""
     return rows if rows.dtype.isnative else rows.astype(rows.dtype.newbyteorder("="))
 
 

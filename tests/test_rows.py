@@ -160,3 +160,19 @@ def test_take_into_a_strided_out_fills_it(row_shape):
     got = take_rows(RowParts(parts), index, out=out)
     assert got is out
     np.testing.assert_array_equal(out, joined[index])
+
+
+def test_parts_in_swapped_byte_order_are_rows_of_the_native_dtype():
+    """Rows read from a big-endian file (as ``as_row_array`` takes them): a first request of
+    such parts must fix the model's rows as float32, not as a byte-swapped float32 that every
+    later native request is then refused against ("x has dtype float32, expected float32")."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    rows = RowParts([x[:1].astype(">f4"), x[1:]])  # one part swapped, one native: the same rows
+    assert rows.dtype == np.float32 and rows.dtype.isnative
+    np.testing.assert_array_equal(rows.take(np.array([2, 0])), x[[2, 0]])
+    mt = jaxmt.MultiTenantModel(lambda p, x: x * p["s"], {"s": np.ones(4, np.float32)}, capacity=2)
+    mt.add_tenant("a", {"s": np.full(4, 2.0, np.float32)})
+    np.testing.assert_allclose(mt.dispatch(["a"] * 3, RowParts([x[:2].astype(">f4"), x[2:].astype(">f4")])).result(), 2 * x)
+    assert mt.row_dtype.isnative
+    np.testing.assert_allclose(mt.predict(["a"] * 3, x), 2 * x)
