@@ -194,7 +194,7 @@ class MultiTenantModel:
     def from_flax(
         cls,
         module: Any,
-        variables_by_tenant: Mapping[Hashable, PyTree],
+        variables_by_tenant: Mapping[Hashable, PyTree] | Iterable[tuple[Hashable, PyTree]],
         method: str | Callable | None = None,
         *,
         apply_kwargs: Mapping[str, Any] | None = None,
@@ -204,7 +204,8 @@ class MultiTenantModel:
 
         For linen, each value is the ``variables`` dict that ``module.apply`` takes
         (``{"params": ..., "batch_stats": ...}``); for nnx, an ``nnx.Module`` of the same
-        graph as ``module`` or its ``nnx.State``. ``method`` and ``apply_kwargs`` are passed
+        graph as ``module`` or its ``nnx.State``; given as a mapping of tenant id to that
+        value or an iterable of ``(id, value)`` pairs. ``method`` and ``apply_kwargs`` are passed
         to the call (e.g. ``apply_kwargs={"train": False}``). Other keyword arguments go
         to the constructor; the capacity defaults to the number of tenants.
         """
@@ -431,14 +432,8 @@ class MultiTenantModel:
         """
         if self._row_shape is None:
             raise InputError("warmup needs the input row shape: pass row_shape/row_dtype to the constructor or call predict first")
-        ks = self.buckets.tenant_buckets if tenant_buckets is None else tuple(tenant_buckets)
-        bs = self.buckets.row_buckets if row_buckets is None else tuple(row_buckets)
-        for k in ks:
-            if k not in self.buckets.tenant_buckets:
-                raise ValueError(f"tenant bucket {k} is not on the ladder {self.buckets.tenant_buckets}")
-        for b in bs:
-            if b not in self.buckets.row_buckets:
-                raise ValueError(f"row bucket {b} is not on the ladder {self.buckets.row_buckets}")
+        ks = _rungs("tenant bucket", tenant_buckets, self.buckets.tenant_buckets)
+        bs = _rungs("row bucket", row_buckets, self.buckets.row_buckets)
         wholes = (False, True) if self._whole_store_steps else (False,)
         keys = []
         with self.store.lock:  # keys of one capacity, taken as steps take theirs
@@ -668,6 +663,21 @@ class MultiTenantModel:
         else:
             self._probed_rows = (row_shape, row_dtype, spec)
         return spec
+
+
+def _rungs(what: str, chosen: Iterable[int] | None, ladder: tuple[int, ...]) -> tuple[int, ...]:
+    """The rungs of ``ladder`` that ``warmup`` is asked for (all of them for None), as the
+    ladder's Python ints: a value off the ladder raises ValueError naming it. ``2.0``,
+    ``True`` and ``"2"`` are off it, though the first two compare equal to a rung: a
+    program of a float or bool shape would fail to build or to run."""
+    if chosen is None:
+        return ladder
+    rungs = []
+    for value in chosen:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value not in ladder:
+            raise ValueError(f"{what} {value!r} is not on the ladder {ladder}")
+        rungs.append(int(value))
+    return tuple(rungs)
 
 
 def _copy_rows_in_order(x: np.ndarray, rows: np.ndarray) -> None:

@@ -114,3 +114,112 @@ def test_an_nnx_variable_holding_a_python_scalar_is_served_per_tenant(rng):
     x = rng.normal(size=(3, 5)).astype(np.float32)
     ids = ["m1", "m0", "m1"]
     assert rel_error(mt.predict(ids, x), _own_outputs(tenants, ids, x)) < 1e-5
+
+
+def _linen_tenants(count: int):
+    """A tiny linen model with two collections (params and batch_stats), whose variables
+    dicts therefore have two entries, and ``count`` tenants' variables."""
+    import jax
+    import flax.linen as nn
+
+    class Normed(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            h = nn.BatchNorm(use_running_average=not train)(nn.Dense(4)(x))
+            self.sow("intermediates", "hidden", h)
+            return nn.Dense(2)(h)
+
+    module = Normed()
+    x = np.zeros((1, 3), np.float32)
+    return module, [module.init(jax.random.key(seed), x) for seed in range(count)]
+
+
+def _linen_reference(module, variables: dict, ids: list, x: np.ndarray) -> np.ndarray:
+    return np.stack([np.asarray(module.apply(variables[t], x[i : i + 1]))[0] for i, t in enumerate(ids)])
+
+
+@pytest.mark.parametrize("flavor", ["linen", "nnx"])
+def test_variables_by_tenant_may_be_an_iterable_of_id_and_variables_pairs(rng, flavor):
+    """A mapping or any iterable of (id, variables) pairs (a generator, ``dict.items()``),
+    for linen and nnx alike."""
+    x = rng.normal(size=(3, 3 if flavor == "linen" else 5)).astype(np.float32)
+    ids = ["b", "a", "b"]
+    if flavor == "linen":
+        module, variables = _linen_tenants(2)
+        tenants = dict(zip("ab", variables))
+        mt = MultiTenantModel.from_flax(module, ((t, v) for t, v in tenants.items()), buckets=POLICY)
+        want = _linen_reference(module, tenants, ids, x)
+    else:
+        tenants = {t: _regularized_classifier(seed) for seed, t in enumerate("ab", start=1)}
+        mt = MultiTenantModel.from_flax(_regularized_classifier(0), ((t, m) for t, m in tenants.items()), buckets=POLICY)
+        want = _own_outputs(tenants, ids, x)
+    assert mt.tenants == ["a", "b"]
+    assert rel_error(mt.predict(ids, x), want) < 1e-5
+
+
+@pytest.mark.parametrize("flavor", ["linen", "nnx"])
+def test_a_list_of_variables_without_ids_is_refused_with_a_type_error_saying_what_is_taken(flavor):
+    """``dict()`` of a list of two-collection variables dicts would pair each dict's two
+    collection names as an id and its value; the ids must be given."""
+    if flavor == "linen":
+        module, tenants = _linen_tenants(2)
+    else:
+        module, tenants = _regularized_classifier(0), [_regularized_classifier(1), _regularized_classifier(2)]
+    with pytest.raises(TypeError, match=r"\(id, variables\) pairs.*item 0 is a"):
+        MultiTenantModel.from_flax(module, tenants, buckets=POLICY)
+
+
+def test_repeated_ids_among_pairs_are_refused_naming_the_id():
+    from jaxmt.errors import DuplicateTenantError
+
+    module, (first, second) = _linen_tenants(2)
+    with pytest.raises(DuplicateTenantError, match="'a'"):
+        MultiTenantModel.from_flax(module, [("a", first), ("a", second)], buckets=POLICY)
+
+
+def test_an_empty_iterable_of_linen_tenants_is_a_value_error_not_a_stop_iteration():
+    module, _ = _linen_tenants(0)
+    with pytest.raises(ValueError, match="at least one tenant"):
+        MultiTenantModel.from_flax(module, iter([]), buckets=POLICY)
+
+
+def test_linen_variables_holding_sown_intermediates_are_served_like_those_without(rng):
+    """Intermediates that ``apply(..., mutable=["intermediates"])`` returned are an earlier
+    call's outputs, not weights (an ``apply`` that may not change them never reads them):
+    a tenant may come with them or without, whatever the first tenant had."""
+    module, (first, second) = _linen_tenants(2)
+    x = rng.normal(size=(4, 3)).astype(np.float32)
+    _, sown = module.apply(first, x, mutable=["intermediates"])
+    tenants = {"with": {**first, **sown}, "without": second}
+    mt = MultiTenantModel.from_flax(module, tenants, buckets=POLICY)
+    assert "intermediates" not in mt.get_params("with")
+    ids = ["without", "with", "with", "without"]
+    assert rel_error(mt.predict(ids, x), _linen_reference(module, tenants, ids, x)) < 1e-5
+
+
+def test_nnx_modules_that_sowed_intermediates_are_served_as_their_weights(rng):
+    """An nnx module called once holds what it sowed (``nnx.Intermediate``, shaped by that
+    call's batch): like its RNG state, not a weight, so the template and the tenants may
+    each have sown or not."""
+    from flax import nnx
+
+    class Sowing(nnx.Module):
+        def __init__(self, seed: int):
+            self.linear = nnx.Linear(5, 3, rngs=nnx.Rngs(seed))
+
+        def __call__(self, x):
+            y = self.linear(x)
+            self.sow(nnx.Intermediate, "logits", y)
+            return y
+
+    x = rng.normal(size=(3, 5)).astype(np.float32)
+    template, called, fresh = Sowing(0), Sowing(1), Sowing(2)
+    template(x[:2])
+    called(x)
+    tenants = {"called": called, "fresh": fresh, "called state": nnx.state(called)}
+    mt = MultiTenantModel.from_flax(template, tenants, buckets=POLICY)
+    assert set(mt.get_params("called")) == {"linear"}
+    ids = ["fresh", "called", "called state"]
+    reference = {"called": called, "fresh": fresh, "called state": called}
+    want = np.stack([np.asarray(nnx.clone(reference[t]).linear(x[i : i + 1]))[0] for i, t in enumerate(ids)])
+    assert rel_error(mt.predict(ids, x), want) < 1e-5

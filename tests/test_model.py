@@ -425,3 +425,20 @@ def test_two_first_requests_of_different_rows_at_once_one_fixes_them_the_other_g
     assert isinstance(outcome.get("error"), InputError), outcome
     assert "shape [4], expected [3]" in str(outcome["error"])
     assert mt.row_shape == (3,)
+
+
+@pytest.mark.parametrize("buckets", [{"tenant_buckets": [2.0]}, {"row_buckets": [True]}, {"tenant_buckets": ["2"]}])
+def test_warmup_refuses_bucket_values_that_are_not_integers_before_compiling_anything(buckets):
+    """2.0 and True compare equal to rungs of the ladder, but a program of such a key does not
+    build (or runs on a bool shape): refused as values off the ladder, with nothing compiled."""
+    spec = tiny_spec("mlp")
+    mt = MultiTenantModel(spec.apply_fn, spec.init(0), buckets=POLICY, row_shape=spec.input_shape, row_dtype=spec.input_dtype)
+    with pytest.raises(ValueError, match=r"not on the ladder"):
+        mt.warmup(**buckets)
+    assert mt.stats()["compiles"] == 0 and mt.stats()["compile_failures"] == 0
+
+
+def test_warmup_takes_numpy_integer_buckets_as_rungs_of_the_ladder():
+    spec = tiny_spec("mlp")
+    mt = MultiTenantModel(spec.apply_fn, spec.init(0), buckets=POLICY, row_shape=spec.input_shape, row_dtype=spec.input_dtype)
+    assert mt.warmup(tenant_buckets=np.array([1, 2]), row_buckets=[np.int64(2)], execute=False) == 2
