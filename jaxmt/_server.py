@@ -367,6 +367,15 @@ class _ServerBase:
                 return req
         return None
 
+    def _put_back_locked(self, lane: _EdfQueue, req: _Request, dropped: list) -> None:
+        """Returns a request taken off ``lane`` (a step formed without it) to the lane. One
+        its owner gave up on while it was taken is dropped instead: its done-callback found
+        it off the queue and left it there. Pushed before the look, so that an owner giving
+        up after the look finds it queued."""
+        lane.push(req)
+        if req.future.done() and lane.discard(req):
+            dropped.append((req, None))
+
     def _hopeless(self, req: _Request, now: float, est: float | None) -> bool:
         """Under policy "reject": would the request, sent now, miss its overload bound? While
         nothing is in flight only the time it has already waited counts, not the estimate:

@@ -316,7 +316,7 @@ class _LaneServer(_ServerBase):
         est = self._steps.estimate_s
         while (req := self._take_locked(lane, now, est, batch.dropped)) is not None:
             if batch.requests and rows + req.rows > self._max_batch:
-                lane.push(req)
+                self._put_back_locked(lane, req, batch.dropped)
                 break
             batch.requests.append(req)
             rows += req.rows

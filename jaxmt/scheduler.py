@@ -249,7 +249,7 @@ class Scheduler(_ServerBase):
             pieces = lambda rows: -(-rows // buckets.max_rows)
             skipped += self._trim_to_bucket_locked(batch.requests, rows_of, entries, now, est, pieces)
         for req in skipped:
-            self._queue.push(req)
+            self._put_back_locked(self._queue, req, batch.dropped)
         return batch
 
     def _form_paced_step_locked(self, now: float, est: float | None) -> _Batch:
@@ -270,7 +270,7 @@ class Scheduler(_ServerBase):
         by_target = lambda r: r.submitted_s + target_s - est_s <= until_s
         batch, _, _, skipped = self._fill_step_locked(now, est, ((False, by_deadline), (True, by_target)))
         for req in skipped:
-            self._queue.push(req)
+            self._put_back_locked(self._queue, req, batch.dropped)
         return batch
 
     def _fill_step_locked(self, now: float, est: float | None, orders) -> tuple[_Batch, dict[Any, int], int, list[_Request]]:
@@ -291,7 +291,7 @@ class Scheduler(_ServerBase):
                 if req is None:
                     break
                 if due is not None and not due(req):
-                    queue.push(req)
+                    self._put_back_locked(queue, req, batch.dropped)
                     break
                 have = rows_of.get(req.tenant_id, 0)
                 after = entries - pieces(have) + pieces(have + req.rows)

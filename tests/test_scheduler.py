@@ -351,6 +351,62 @@ def test_a_request_its_owner_gave_up_on_leaves_the_queue_at_once(server, give_up
     check_against_reference(params, [("t1", x, taken.result(timeout=TIMEOUT_S))])
 
 
+@pytest.mark.parametrize("case", ["trimmed", "paced, not due", "time-only, overflowing its batch"])
+def test_a_request_given_up_on_while_a_step_is_formed_without_it_leaves_the_queue(served, monkeypatch, rng, case):
+    """The owner cancels a request while the dispatch thread holds it off the queue (taken,
+    then put back: trimmed, not due yet, or beyond the batch): its done-callback cannot find
+    it queued, so putting it back must drop it, or its rows count against max_queue_rows
+    and the queue depth until a step reaches it (here: never, the clock stands still)."""
+    mt, params = served
+    clock = FakeClock()
+    recorder = RecordingDispatch(mt)
+    monkeypatch.setattr(mt, "dispatch", recorder)
+    make, options = {
+        "trimmed": (jaxmt.Scheduler, {"max_delay_ms": 10.0}),
+        "paced, not due": (jaxmt.Scheduler, {"target_latency_ms": 20.0, "max_delay_ms": 0.0}),
+        "time-only, overflowing its batch": (jaxmt.TimeOnlyServer, {"max_delay_ms": 60_000.0}),
+    }[case]
+    limit = 5 if case.startswith("time") else 4  # time-only: room for the five rows that fill a batch
+    with make(mt, max_queue_rows=limit, clock=clock, overload_policy="serve_late", **options) as sched:
+        take, given_up = sched._take_locked, []
+
+        def take_and_give_up(*args, **kwargs):  # the owner cancels the marked request as a step takes it
+            req = take(*args, **kwargs)
+            if req is not None and np.any(req.x == 777.0) and req.future.cancel():
+                given_up.append(req)
+            return req
+
+        monkeypatch.setattr(sched, "_take_locked", take_and_give_up)
+        victim = rows(rng, 2 if case.startswith("time") else 1)
+        victim[0, 0] = 777.0
+        if case == "trimmed":  # at 10 ms t0 is due; t1 and the victim (t2) are young company padding to 4
+            sent = [("t0", rows(rng))]
+            first = sched.submit(*sent[0])
+            clock.advance(0.005)
+            sent.append(("t1", rows(rng)))
+            answered = [first, sched.submit(*sent[1]), sched.submit("t2", victim)]
+            clock.advance(0.005)
+        elif case == "paced, not due":  # at 20 ms t0 is due, the victim (due at 25 ms) is put back
+            sent = [("t0", rows(rng))]
+            answered = [sched.submit(*sent[0])]
+            clock.advance(0.005)
+            answered.append(sched.submit("t2", victim))
+            clock.advance(0.015)
+        else:  # five rows of t0 fill its batch of 4 at once: the victim's two wait for the next
+            sent = [("t0", rows(rng, 3))]
+            answered = [sched.submit(*sent[0]), sched.submit("t0", victim)]
+        ys = [f.result(TIMEOUT_S) for f in answered[: len(sent)]]
+        assert [r.future for r in given_up] == [answered[-1]] and answered[-1].cancelled()
+        with sched._cond:
+            assert not sched._has_work_locked() and not sched._outstanding
+        assert sched.metrics()["overall"]["queue_depth"] == 0
+        x = rows(rng, 4)
+        taken = sched.submit("t3", x)  # would not fit beside the cancelled rows
+        assert not (taken.done() and taken.exception() is not None)
+        clock.advance(60.0)
+        y = taken.result(TIMEOUT_S)
+    check_against_reference(params, [*((t, x_, y_) for (t, x_), y_ in zip(sent, ys)), ("t3", x, y)])
+
 def test_each_answer_holds_only_its_own_rows(served, monkeypatch, rng):
     """A request's answer does not keep the step's other answers reachable (``.base``):
     two tenants' requests answered from one step share no memory."""
