@@ -235,7 +235,9 @@ class _ServerBase:
         raise NotImplementedError
 
     def _steps_ahead_locked(self, req: _Request) -> float:
-        """Steps that must complete before ``req`` has its answer, its own included."""
+        """Steps that must complete before ``req`` has its answer, its own included: an upper
+        bound that counts every queued request, those due after ``req`` too (which EDF would
+        serve later), so that admission stays O(1) a request; it errs toward refusing."""
         raise NotImplementedError
 
     def _lane_key(self, tenant_id: Hashable) -> Hashable:
