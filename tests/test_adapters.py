@@ -197,6 +197,7 @@ def test_linen_variables_holding_sown_intermediates_are_served_like_those_withou
     assert rel_error(mt.predict(ids, x), _linen_reference(module, tenants, ids, x)) < 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:Using 'Module.sow\\(\\)' outside of 'nnx.capture\\(\\)':DeprecationWarning")  # as callers still sow
 def test_nnx_modules_that_sowed_intermediates_are_served_as_their_weights(rng):
     """An nnx module called once holds what it sowed (``nnx.Intermediate``, shaped by that
     call's batch): like its RNG state, not a weight, so the template and the tenants may
