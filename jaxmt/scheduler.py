@@ -242,10 +242,14 @@ class Scheduler(_ServerBase):
 
     def _form_step_locked(self, now: float, est: float | None) -> _Batch:
         """Deadline-first requests up to the largest buckets; optional company that would
-        only push the step into a larger, mostly padded tenant bucket waits for the next."""
+        only push the step into a larger, mostly padded tenant bucket waits for the next
+        (where a step is one tenant bucket, not a sharded model's one per device)."""
         buckets = self.mt.buckets
         batch, rows_of, entries, skipped = self._fill_step_locked(now, est, ((False, None),))
-        if not self._closed and entries not in buckets.tenant_buckets and entries < buckets.max_tenants:
+        # Only where a step is one tenant bucket: a sharded model's ladder counts entries per
+        # device, so a step's padding depends on how its tenants spread over the devices.
+        one_bucket = self.mt.max_step_entries == buckets.max_tenants
+        if not self._closed and one_bucket and entries not in buckets.tenant_buckets and entries < buckets.max_tenants:
             pieces = lambda rows: -(-rows // buckets.max_rows)
             skipped += self._trim_to_bucket_locked(batch.requests, rows_of, entries, now, est, pieces)
         for req in skipped:

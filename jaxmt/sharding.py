@@ -353,8 +353,10 @@ class ShardedMultiTenantModel(MultiTenantModel):
 
     def stats(self) -> dict[str, Any]:
         """``MultiTenantModel.stats()`` plus the device count and the tenant spread over devices."""
-        with self.store.lock:  # the block size of the layout whose slots are counted
+        model = super().stats()
+        with self.store.lock:  # the block size of the layout whose slots are counted, and its tenants and slots
             per = self.slots_per_device
             counts = collections.Counter(self.store.slot_of(t) // per for t in self.store.tenants)
+            store = self.store.stats()
         per_device = [counts.get(d, 0) for d in range(self.devices)]
-        return {**super().stats(), "devices": self.devices, "max_device_tenants": max(per_device), "min_device_tenants": min(per_device)}
+        return {**model, **store, "devices": self.devices, "max_device_tenants": max(per_device), "min_device_tenants": min(per_device)}

@@ -439,3 +439,68 @@ def test_multi_device_device_of_during_growth_names_the_tenants_own_device(monke
     monkeypatch.undo()
     assert mt.store.capacity == 4 * n_devices
     assert got == want == mt.device_of(tenant), f"device_of named {got}, the tenant lives on {want}"
+
+
+
+@multi_device
+def test_multi_device_stats_during_a_change_reports_one_store_state(monkeypatch):
+    """stats() counted the per-device spread under the store lock but the tenants and slots
+    (``MultiTenantModel.stats``) after releasing it: tenants added and a growth in between
+    were reported with the old spread (more tenants resident than the devices hold, a
+    device's count above its slots)."""
+    import threading
+
+    n_devices = jax.device_count()
+    spec, mt, _ = _sharded_model("mlp", n_devices, 11, capacity=n_devices)  # one tenant per device, no free slot
+    real_programs_stats = mt.programs.stats
+    entered, changed = threading.Event(), threading.Event()
+
+    def programs_stats_then_pause():  # widens the window between the two reads
+        entered.set()
+        changed.wait(timeout=5)  # another thread adds tenants meanwhile (unless stats() holds the lock)
+        return real_programs_stats()
+
+    def grow():
+        entered.wait(timeout=60)
+        for i in range(n_devices):  # grows to 2 slots per device, one more tenant on each
+            mt.add_tenant(f"u{i}", spec.init(1100 + i))
+        changed.set()
+
+    grower = threading.Thread(target=grow)
+    monkeypatch.setattr(mt.programs, "stats", programs_stats_then_pause)
+    grower.start()
+    seen = mt.stats()
+    grower.join(timeout=60)
+    monkeypatch.undo()
+    assert len(mt.tenants) == 2 * n_devices
+    got = tuple(seen[k] for k in ("resident_tenants", "capacity", "free_slots", "max_device_tenants", "min_device_tenants"))
+    assert got in [(n_devices, n_devices, 0, 1, 1), (2 * n_devices, 2 * n_devices, 0, 2, 2)], f"stats() mixed two store states: {got}"
+
+
+@multi_device
+def test_multi_device_scheduler_does_not_hold_back_a_request_for_a_padding_its_step_never_has(rng):
+    """The scheduler trimmed a step whose tenant entries were off the tenant ladder (3 of 1,
+    2, 4) to fit the rung below, holding back its youngest request to spare padding. On a
+    sharded model the ladder counts entries per device: 3 tenants on 3 devices are one
+    entry each, no padding to spare, and the held-back request only waited for a second step."""
+    import time
+
+    policy = BucketPolicy.powers_of_two(4, 4)
+    spec = tiny_spec("mlp")
+    params = {f"t{i}": spec.init(1200 + i) for i in range(jax.device_count())}
+    mt = ShardedMultiTenantModel(spec.apply_fn, params["t0"], capacity=len(params), buckets=policy,
+                                 row_shape=spec.input_shape, row_dtype=spec.input_dtype)
+    for tenant, p in params.items():
+        mt.add_tenant(tenant, p)
+    assert len({mt.device_of(t) for t in ["t0", "t1", "t2"]}) == 3
+    mt.warmup()
+    requests = [(t, spec.random_input(rng, 1)) for t in ["t0", "t1", "t2"]]
+    with jaxmt.Scheduler(mt, max_delay_ms=1000.0, default_slo_ms=600_000.0) as scheduler:
+        futures = [scheduler.submit(t, x) for t, x in requests[:2]]
+        time.sleep(0.2)  # the third is younger than max_delay when the first two are due
+        futures.append(scheduler.submit(*requests[2]))
+        answers = [f.result(timeout=60) for f in futures]
+        steps = scheduler.metrics()["steps"]
+    for (tenant, x), got in zip(requests, answers):
+        assert rel_error(got, reference_predict(spec.apply_fn, params, [tenant], x)) < 1e-5
+    assert steps["steps"] == 1 and steps["programs_per_step"] == 1.0, steps
