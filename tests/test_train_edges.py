@@ -285,6 +285,17 @@ def test_step_names_where_a_batch_structure_differs_and_changes_nothing(other, w
     _assert_unchanged(trainer, snapshot)
 
 
+def _trained_alone(tx: optax.GradientTransformation, loss_fn, params, batches: list, t: int):
+    """Tenant t's params trained on its slice of each stacked batch by ``tx`` alone (plain
+    optax, no trainer): the reference the trainer's tenants are held to."""
+    state = tx.init(params)
+    for batch in batches:
+        grads = jax.grad(loss_fn)(params, {k: v[t] for k, v in batch.items()})
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
 # ------------------------------------------------------------- optimizer options
 @pytest.mark.parametrize("mask", [{"w": True, "b": False}, lambda params: {"w": True, "b": False}], ids=["pytree", "callable"])
 def test_a_pytree_option_such_as_adamws_mask_is_passed_as_given(mask):
@@ -295,13 +306,7 @@ def test_a_pytree_option_such_as_adamws_mask_is_passed_as_given(mask):
     for batch in batches:
         trainer.step_stacked(batch)
     for t, tenant in enumerate(trainer.tenants):
-        tx = optax.adamw(hyper["learning_rate"][t], weight_decay=0.5, mask=mask)
-        params = _init(t)
-        state = tx.init(params)
-        for batch in batches:
-            grads = jax.grad(_loss)(params, {k: v[t] for k, v in batch.items()})
-            updates, state = tx.update(grads, state, params)
-            params = optax.apply_updates(params, updates)
+        params = _trained_alone(optax.adamw(hyper["learning_rate"][t], weight_decay=0.5, mask=mask), _loss, _init(t), batches, t)
         got, want = _flat(trainer.params_of(tenant)), _flat(params)
         assert np.linalg.norm(got - want) < 1e-5 * np.linalg.norm(want), tenant  # Adam magnifies rounding differences
 
@@ -357,12 +362,7 @@ def test_static_hyperparams_reach_the_optimizer_as_given_and_train_like_each_alo
     for batch in batches:
         trainer.step_stacked(batch)
     for t, (tenant, lr) in enumerate(lrs.items()):
-        tx = optax.adafactor(learning_rate=lr, min_dim_size_to_factor=2)
-        params, state = start[tenant], tx.init(start[tenant])
-        for batch in batches:
-            grads = jax.grad(_loss_matrix)(params, {k: v[t] for k, v in batch.items()})
-            updates, state = tx.update(grads, state, params)
-            params = optax.apply_updates(params, updates)
+        params = _trained_alone(optax.adafactor(learning_rate=lr, min_dim_size_to_factor=2), _loss_matrix, start[tenant], batches, t)
         got, want = _flat(trainer.params_of(tenant)), _flat(params)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert set(trainer.hyperparams) == {"learning_rate"}
@@ -401,13 +401,7 @@ def test_an_optimizers_defaults_are_its_own_not_traced_nor_cast_to_the_params_dt
             trainer.step_stacked(batch)
     assert trainer.diverged == {} and set(trainer.hyperparams) == {"learning_rate"}
     for t, (tenant, lr) in enumerate(lrs.items()):
-        tx = factory(learning_rate=lr)
-        params = init_fn(seeds[tenant])
-        state = tx.init(params)
-        for batch in batches:
-            grads = jax.grad(loss_fn)(params, {k: v[t] for k, v in batch.items()})
-            updates, state = tx.update(grads, state, params)
-            params = optax.apply_updates(params, updates)
+        params = _trained_alone(factory(learning_rate=lr), loss_fn, init_fn(seeds[tenant]), batches, t)
         got, want = _flat(trainer.params_of(tenant)), _flat(params)
         assert np.linalg.norm(got - want) <= tolerance * np.linalg.norm(want), tenant
 
