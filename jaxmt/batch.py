@@ -305,8 +305,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arch = parser.add_mutually_exclusive_group(required=True)
     arch.add_argument("--arch", help="architecture from models/ (mlp, resnet18, ...)")
     arch.add_argument("--model", metavar="MODULE:FUNCTION", help="import path of a function returning (apply_fn, example_params)")
-    parser.add_argument("--size", default="tiny", choices=("tiny", "full"), help="size of --arch (default tiny)")
-    parser.add_argument("--dtype", default="float32", help="params and compute dtype of --arch (default float32)")
+    # None until checked, so that one given with --model (which would ignore it) is told from the default
+    parser.add_argument("--size", choices=("tiny", "full"), help="size of --arch (default tiny)")
+    parser.add_argument("--dtype", help="params and compute dtype of --arch (default float32)")
     out = parser.add_mutually_exclusive_group(required=True)
     out.add_argument("--output-dir", help="write one <output>.npz per entry here")
     out.add_argument("--output-file", help="write one .npz keyed by entry output name")
@@ -322,9 +323,12 @@ def _architecture(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     if args.arch:
         import models
 
-        spec = models.make(args.arch, args.size, dtype=args.dtype)
-        example = jax.eval_shape(lambda: spec.init(0, args.dtype))
+        dtype = args.dtype or "float32"
+        spec = models.make(args.arch, args.size or "tiny", dtype=dtype)
+        example = jax.eval_shape(lambda: spec.init(0, dtype))
         return spec.apply_fn, example, {"row_shape": spec.input_shape, "row_dtype": spec.input_dtype}
+    if args.size is not None or args.dtype is not None:  # refused rather than silently dropped
+        raise ValueError("--size and --dtype apply to --arch only; the --model function's example params set the model")
     module_name, _, function_name = args.model.partition(":")
     if not module_name or not function_name:
         raise ValueError(f"--model must be MODULE:FUNCTION, got {args.model!r}")
@@ -361,6 +365,10 @@ def run(args: argparse.Namespace) -> int:
     from jaxmt.buckets import BucketPolicy
     from jaxmt.checkpoint import restore_model
 
+    for option in ("output_dir", "output_file", "summary", "arch", "model"):  # e.g. "$OUT" of an unset variable
+        if getattr(args, option) == "":
+            print(f"error: --{option.replace('_', '-')} is empty", file=sys.stderr)
+            return 1
     summary_path = pathlib.Path(args.summary or (pathlib.Path(args.output_dir) / "summary.json" if args.output_dir else args.output_file + ".summary.json"))
     clash = _summary_clash(summary_path, args)
     if clash:

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tenants", type=int, default=32, help="number of tenants (default 32)")
     parser.add_argument("--rows", type=int, default=128, help="rows per mixed-tenant batch (default 128)")
     parser.add_argument("--batches", type=int, default=10, help="timed batches per method (default 10)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the tenants' weights and the batches (default 0)")
 
 
 def _bench(fn, batches) -> float:
@@ -56,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             print(f"error: --{name} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
             return 2
+    if args.seed < 0:  # NumPy's generators refuse it with a traceback
+        print(f"error: --seed must be >= 0, got {args.seed}", file=sys.stderr)
+        return 2
     try:
         spec = models.make(args.arch, args.size)
     except ValueError as exc:

@@ -105,11 +105,20 @@ def _peek(path: pathlib.Path, key: str | None) -> tuple[tuple[int, ...], np.dtyp
     if suffix == ".npy":
         if key:
             raise ValueError(f"key {key!r} given for the .npy file {path.name}")
-        array = np.load(path, mmap_mode="r")
+        try:
+            with open(path, "rb") as f:
+                np.lib.format.read_magic(f)  # without the header np.load takes any file for a pickle, and says so
+            array = np.load(path, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as exc:
+            raise ValueError(f"input {path.name} is not a readable .npy file: {exc}") from None
         return array.shape, array.dtype, None
     if suffix != ".npz":
         raise ValueError(f"input {path.name} is neither .npy nor .npz")
-    with zipfile.ZipFile(path) as archive:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ValueError(f"input {path.name} is not a readable .npz file: {exc}") from None
+    with archive:
         names = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
         if key is None:
             if len(names) != 1:
@@ -117,10 +126,13 @@ def _peek(path: pathlib.Path, key: str | None) -> tuple[tuple[int, ...], np.dtyp
             key = names[0]
         if key not in names:
             raise KeyError(f"{path.name} has no array {key!r} (it has {names})")
-        with archive.open(key + ".npy") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read(f)
+        try:
+            with archive.open(key + ".npy") as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"input {path.name}[{key}] is not a readable array: {exc}") from None
     return tuple(shape), np.dtype(dtype), key
 
 

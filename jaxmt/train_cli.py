@@ -75,7 +75,7 @@ def load_digits_split(row_shape: tuple[int, ...], val_fraction: float, seed: int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = "Exit codes: 0 done, 1 every tenant diverged or scikit-learn is missing, 2 bad arguments."
+    parser.epilog = "Exit codes: 0 done, 1 every tenant diverged or scikit-learn (or, for --plot, matplotlib) is missing, 2 bad arguments."
     parser.add_argument("--arch", default="mlp", choices=ARCHS, help="architecture (default mlp)")
     parser.add_argument("--tenants", type=int, default=32, help="models trained together (default 32)")
     parser.add_argument("--epochs", type=int, default=20, help="passes over the training rows (default 20)")
@@ -119,6 +119,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
     except ValueError as exc:
         return f"--lowering: {exc}"
     for option, path in (("--json", args.json), ("--plot", args.plot)):  # refused now, not after the training
+        if path == "":  # e.g. "$OUT" of an unset variable: nothing would be written, silently
+            return f"{option} is empty"
         if path and path != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             return f"{option} {path}: its folder does not exist"
         if path and path != "-" and os.path.isdir(path):
@@ -160,6 +162,12 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print("error: the digits data set comes with scikit-learn: pip install 'jaxmt[examples]'", file=sys.stderr)
         return 1
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401 (missing: found now, not after the training)
+        except ImportError:
+            print("error: --plot needs matplotlib: pip install 'jaxmt[examples]'", file=sys.stderr)
+            return 1
     from tqdm import tqdm
 
     module, row_shape = digits_arch(args.arch)
@@ -381,7 +389,7 @@ def plot_curves(result: dict[str, Any], path: str) -> None:
     config = result["config"]
     fig.suptitle(f"{len(rows)} {config['arch'].upper()}s on digits trained as one program ({config['optimizer']}, {result['steps']} steps)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # at the path given: matplotlib would add ".png" to a name without it, or refuse another suffix
     plt.close(fig)
 
 

@@ -86,6 +86,8 @@ class Workload:
             raise ValueError(f"arrival must be one of {ARRIVALS}, got {self.arrival!r}")
         if not (self.zipf >= 0 and 1 <= self.burst < np.inf):  # so NaN fails too
             raise ValueError(f"zipf must be >= 0 and burst finite and >= 1: {self}")
+        if self.seed < 0:  # NumPy's generators refuse it, but only once the model is built and compiled
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.rate * self.duration_s > MAX_REQUESTS:  # the arrival times are drawn up front
             raise ValueError(f"rate x duration asks for {self.rate * self.duration_s:.3g} requests; at most {MAX_REQUESTS:.0e}")
 
@@ -351,7 +353,7 @@ def plot_cdf(results: Sequence[dict[str, Any]], path: str | pathlib.Path, slo_ms
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # at the path given: matplotlib would add ".png" to a name without it, or refuse another suffix
     plt.close(fig)
 
 
@@ -403,11 +405,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"simulate.py: error: {exc}", file=sys.stderr)
         return 2
     for option, path in (("--json", args.json), ("--plot", args.plot)):  # refused now, not after the run
+        if path == "":  # e.g. "$OUT" of an unset variable: nothing would be written, silently
+            print(f"simulate.py: error: {option} is empty", file=sys.stderr)
+            return 2
         if path and not pathlib.Path(path).absolute().parent.is_dir():
             print(f"simulate.py: error: {option} {path}: its folder does not exist", file=sys.stderr)
             return 2
         if path and pathlib.Path(path).is_dir():
             print(f"simulate.py: error: {option} {path} is a folder, not a file", file=sys.stderr)
+            return 2
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401 (missing: found now, not after the run)
+        except ImportError:
+            print("simulate.py: error: --plot needs matplotlib: pip install matplotlib", file=sys.stderr)
             return 2
     schedulers = list(SERVERS) if args.scheduler == "all" else [args.scheduler]
     try:

@@ -304,6 +304,18 @@ def test_model_from_an_import_path_with_pytree_outputs(tmp_path, rng, monkeypatc
         assert rel_error(got["logits"], want["logits"]) < 1e-5 and rel_error(got["norm"], want["norm"]) < 1e-5
 
 
+@pytest.mark.parametrize("option", [["--dtype", "bfloat16"], ["--size", "full"]])
+def test_size_and_dtype_with_a_model_function_are_refused_not_ignored(tmp_path, monkeypatch, capsys, option):
+    """They describe --arch; with --model the job ran in the function's float32 as if they were not given."""
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parent))
+    monkeypatch.setattr(jaxmt.checkpoint, "restore_model", lambda *args, **kwargs: pytest.fail("the checkpoint was read"))
+    (tmp_path / "m.csv").write_text("tenant,input\n")
+    code = cli_main(["batch", str(tmp_path / "m.csv"), "--checkpoint", str(tmp_path / "ckpt"), "--model", "test_batch:plain_model",
+                     *option, "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--size and --dtype apply to --arch only" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("where", ["output-dir", "summary"])
 def test_an_output_path_that_cannot_be_written_is_an_error_exit_not_a_traceback(tmp_path, rng, store, where, capsys):
     arch, spec, _, directory = store
@@ -318,6 +330,19 @@ def test_an_output_path_that_cannot_be_written_is_an_error_exit_not_a_traceback(
     assert code == 1 and "a_file" in err and "Traceback" not in err
     if where == "summary":  # the outputs were written before the summary failed
         assert "not the summary" in err and sorted(p.stem for p in out.iterdir()) == sorted(_output_name(r) for r in records)
+
+
+@pytest.mark.parametrize("option", ["--output-dir", "--output-file", "--summary", "--arch"])
+def test_an_empty_option_is_an_error_exit_naming_it_not_a_traceback(tmp_path, rng, store, option, capsys):
+    """As "$OUT" of an unset variable gives it: --output-dir "" raised a TypeError, --arch "" was
+    taken for --model, --summary "" was dropped for the default."""
+    arch, spec, _, directory = store
+    manifest = _write_manifest(tmp_path / "m.csv", _inputs(tmp_path, spec, rng)[:1])
+    given = {"--output-file" if option == "--output-file" else "--output-dir": str(tmp_path / "out"), "--arch": arch, option: ""}
+    code = cli_main(["batch", str(manifest), "--checkpoint", str(directory), *[v for kv in given.items() for v in kv], "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"error: {option} is empty" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("command", [[sys.executable, "-m", "jaxmt", "batch", "--help"],

@@ -276,6 +276,24 @@ def test_an_empty_input_file_is_a_bad_line_not_a_crash(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "out" / "g.npz")["y"], good @ params["q"]["w"], rtol=1e-5)
 
 
+@pytest.mark.parametrize("name, content", [
+    ("text.npy", b"rows,of,text\n1,2,3\n"),  # np.load took it for a pickle: "load it unsafely using allow_pickle"
+    ("cut.npy", None),  # its header, half its data: "mmap length is greater than file size"
+    ("text.npz", b"rows,of,text\n"),  # "File is not a zip file"
+], ids=["not npy", "truncated npy", "not npz"])
+def test_an_input_that_is_no_npy_or_npz_names_itself_and_is_not_taken_for_a_pickle(tmp_path, name, content):
+    model, _ = _model()
+    if content is None:
+        _save(tmp_path, name, 50)
+        (tmp_path / name).write_bytes((tmp_path / name).read_bytes()[:300])
+    else:
+        (tmp_path / name).write_bytes(content)
+    _save(tmp_path, "good.npy", 2)
+    (tmp_path / "m.csv").write_text(f"tenant,input,output\np,{name},e\nq,good.npy,g\n")
+    summary = _line_2_fails_then_is_skipped(model, tmp_path / "m.csv", tmp_path / "out", f"input {name} is not a readable")
+    assert "pickle" not in summary["errors"][0]["error"] and summary["computed"] == 1
+
+
 def test_a_nonfinite_input_under_reject_is_its_lines_error(tmp_path):
     """With nonfinite_inputs="reject", an input holding NaN is a bad line: named, or skipped with
     skip_errors while the other lines (even of the same step) are written."""

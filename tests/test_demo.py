@@ -36,6 +36,7 @@ def test_a_store_that_serves_the_wrong_weights_fails_the_check(monkeypatch, caps
     (["--rows", "-1"], "--rows must be >= 1"),
     (["--batches", "0"], "--batches must be >= 1"),
     (["--arch", "nope"], "error: "),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
 ])
 def test_bad_demo_options_are_one_error_line(option, message, capsys):
     assert cli.main([*TINY, *option]) == 2

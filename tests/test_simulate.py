@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,7 @@ def test_zipf_weights():
 
 
 @pytest.mark.parametrize("bad", [{"rate": 0.0}, {"arrival": "uniform"}, {"zipf": -1.0}, {"tenants": 0},
-                                 {"zipf": float("nan")}, {"burst": float("nan")}, {"burst": float("inf")}])
+                                 {"zipf": float("nan")}, {"burst": float("nan")}, {"burst": float("inf")}, {"seed": -1}])
 def test_workload_validation(bad):
     with pytest.raises(ValueError):
         simulate.Workload(**bad)
@@ -54,7 +55,9 @@ def test_help_and_bad_arguments(capsys):
     (["--overload-factor", "-1"], "overload_factor"),
     (["--json", "/nonexistent-folder/x.json"], "--json /nonexistent-folder/x.json: its folder does not exist"),
     (["--rate", "1e9", "--duration", "1e9"], "at most 1e+07"),
-], ids=["no rows", "negative overload factor", "no folder for the json", "too many requests"])
+    (["--seed", "-1"], "seed must be >= 0, got -1"),  # NumPy refused it only after the model was built and compiled
+    (["--json", ""], "--json is empty"),  # "$OUT" of an unset variable: the run wrote no JSON, and exit code 0
+], ids=["no rows", "negative overload factor", "no folder for the json", "too many requests", "negative seed", "empty json path"])
 def test_bad_options_are_one_error_line_before_anything_runs(argv, message, capsys):
     assert simulate.main(["--duration", "0.2", "--quiet", *argv]) == 2
     err = capsys.readouterr().err
@@ -68,6 +71,24 @@ def test_an_output_path_that_is_a_folder_is_refused_before_anything_runs(option,
     assert simulate.main(["--quiet", option, str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("simulate.py: error:") and f"{option} {tmp_path}" in err
+
+
+@pytest.mark.parametrize("name", ["cdf", "cdf.plot"])
+def test_the_plot_is_a_png_at_the_path_given_whatever_its_suffix(name, tmp_path):
+    """--plot is a PNG file: matplotlib, left to pick a format by suffix, wrote "cdf" to
+    cdf.png and refused ".plot" with a traceback once every trial had run."""
+    pytest.importorskip("matplotlib")
+    simulate.plot_cdf([{"scheduler": "jaxmt", "requests": 3, "_latencies_ms": [1.0, 2.0, 4.0]}], tmp_path / name, 50.0)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_plot_without_matplotlib_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setattr(simulate, "simulate", lambda *args, **kwargs: pytest.fail("the run started"))
+    assert simulate.main(["--quiet", "--plot", str(tmp_path / "cdf.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("simulate.py: error: --plot needs matplotlib") and "Traceback" not in err
 
 
 @pytest.fixture

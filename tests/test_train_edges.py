@@ -209,9 +209,10 @@ def test_the_constructor_and_add_stacked_refuse_a_lone_string_of_ids():
         (["--seed", "2147483647"], "--seed must be in [0, 2**31 - tenants]"),  # tenant 1's seed would leave int32
         (["--json", "/nonexistent-folder/r.json"], "--json /nonexistent-folder/r.json: its folder does not exist"),
         (["--plot", "/nonexistent-folder/r.png"], "--plot /nonexistent-folder/r.png: its folder does not exist"),
+        (["--json", ""], "--json is empty"),  # "$OUT" of an unset variable: no JSON was written, and exit code 0
     ],
     ids=["infinite lr", "infinite wd", "no validation rows", "no training rows", "wd for sgd", "compare steps alone",
-         "negative seed", "seed beyond int32", "json folder missing", "plot folder missing"],
+         "negative seed", "seed beyond int32", "json folder missing", "plot folder missing", "empty json path"],
 )
 def test_train_cli_rejects_arguments_it_cannot_use_with_exit_code_2(argv, message, capsys):
     if "--val-fraction" in argv:
@@ -231,6 +232,38 @@ def test_train_cli_refuses_an_output_path_that_is_a_folder_before_training(optio
     monkeypatch.setattr(jaxmt.train_cli, "load_digits_split", lambda *args, **kwargs: pytest.fail("the training started"))
     assert main(["train", "--tenants", "2", "--epochs", "1", "--no-progress", option, str(tmp_path)]) == 2
     assert f"{option} {tmp_path}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["curves", "curves.plot"])
+def test_train_cli_plots_a_png_at_the_path_given_whatever_its_suffix(name, tmp_path):
+    """--plot is a PNG file: matplotlib, left to pick a format by suffix, wrote "curves" to
+    curves.png (while the command said "plot written to curves") and refused ".plot" with a
+    traceback after the whole training, before the JSON was written."""
+    pytest.importorskip("matplotlib")
+    from jaxmt.train_cli import plot_curves
+
+    rows = [{"tenant": t, "learning_rate": lr, "weight_decay": 1e-3, "val_accuracy": 0.5} for t, lr in (("a", 0.1), ("b", 0.01))]
+    result = {"tenants": rows, "config": {"arch": "mlp", "optimizer": "adamw"}, "steps": 2,
+              "curves": {"train_loss": {"a": [2.0, 1.0], "b": [2.0, 1.5]}, "val_accuracy": {"a": [0.5], "b": [0.4]}}}
+    plot_curves(result, str(tmp_path / name))
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_cli_without_matplotlib_refuses_plot_before_training(tmp_path, monkeypatch, capsys):
+    """A missing package is exit code 1 with one line, as for scikit-learn; not a traceback
+    once the training is over (and the --json results lost with it)."""
+    pytest.importorskip("sklearn")
+    import sys
+
+    import jaxmt.train_cli
+    from jaxmt.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setattr(jaxmt.train_cli, "load_digits_split", lambda *args, **kwargs: pytest.fail("the training started"))
+    assert main(["train", "--tenants", "2", "--epochs", "1", "--no-progress", "--plot", str(tmp_path / "c.png")]) == 1
+    err = capsys.readouterr().err
+    assert "--plot needs matplotlib" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------- single import
