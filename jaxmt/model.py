@@ -685,7 +685,8 @@ def _copy_rows_in_order(x: np.ndarray, rows: np.ndarray) -> None:
     the padding entries (a ``Step.rows_in_order`` step's input: copies, no gather)."""
     n = x.shape[0]
     rows[:n, 0] = x
-    rows[n:, 0] = x[0]
+    if n < rows.shape[0]:  # a step of as many rows as entries has no padding to write
+        rows[n:, 0] = x[0]
 
 
 def _spin_seconds(spin_us: float) -> float:

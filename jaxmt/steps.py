@@ -64,11 +64,14 @@ class PendingPrediction:
 
     def _scatter(self) -> PyTree:
         """Each step's real rows, read from its outputs (waiting for them), put in request order."""
-        flat_spec, treedef = jax.tree_util.tree_flatten(self.empty_output)
         if len(self.plan.steps) == 1 and self.plan.steps[0].rows_in_order:  # answers in request order already
             rows = self.plan.rows
+            if isinstance(self.empty_output, jax.ShapeDtypeStruct):  # one output array: no pytree to take apart
+                return np.array(np.asarray(self.outputs[0])[:rows, 0])
+            treedef = jax.tree_util.tree_structure(self.empty_output)
             answers = [np.array(np.asarray(leaf)[:rows, 0]) for leaf in jax.tree_util.tree_leaves(self.outputs[0])]
             return jax.tree_util.tree_unflatten(treedef, answers)
+        flat_spec, treedef = jax.tree_util.tree_flatten(self.empty_output)
         answers = [np.empty((self.plan.rows, *s.shape), dtype=s.dtype) for s in flat_spec]
         for step, y_kb in zip(self.plan.steps, self.outputs):
             for answer, leaf in zip(answers, jax.tree_util.tree_leaves(y_kb)):
