@@ -83,6 +83,7 @@ class _ServerBase:
         self._stager: RowStager | None = None
         self._staging_wanted = False
         self._staging_decided = config.stage_inputs is False
+        self._rows_confirmed = False  # the model's rows found fixed under its store's lock (see _fix_rows_locked)
         if config.stage_inputs and mt.input_device is None:
             raise ValueError(f"stage_inputs=True, but {type(mt).__name__} places each step's rows itself; "
                              "leave stage_inputs at None or False")
@@ -277,9 +278,13 @@ class _ServerBase:
         refused one (closed, queue full, overloaded) fixes nothing, or it would lock a model
         whose rows are not given to a client's mistaken dtype. Rows checked at submit while
         none were fixed are held to those fixed since (by another request, or a ``predict``):
-        admitted, they would fail the step they share with other tenants' requests."""
-        if (x.shape[1:], x.dtype) != (self.mt.row_shape, self.mt.row_dtype):
+        admitted, they would fail the step they share with other tenants' requests. Until the
+        rows have been found fixed under the store's lock once, they are looked up there: a
+        first ``predict`` fixes them while it launches and unfixes them if its launch fails,
+        so rows read without that lock may be about to go (fixed under it, they never do)."""
+        if not self._rows_confirmed or (x.shape[1:], x.dtype) != (self.mt.row_shape, self.mt.row_dtype):
             self.mt.fix_rows(x.shape[1:], x.dtype)  # InputError: another request fixed other rows
+            self._rows_confirmed = True
         if not self._staging_decided:
             self._decide_staging_locked(x.shape[1:], x.dtype)
 

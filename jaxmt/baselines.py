@@ -181,8 +181,12 @@ class _TenantPrograms:
         self._lock = threading.Lock()
 
     def params(self, tenant_id: Hashable) -> PyTree:
-        """Raises UnknownTenantError for a tenant that is not resident."""
-        with self._lock:
+        """Raises UnknownTenantError for a tenant that is not resident.
+
+        Takes the store's lock before its own, in the order of a launch (which asks for params
+        under the store's lock): a reader taking them the other way round, such as ``warmup``
+        beside a launch, would wait for the launch while the launch waits for it."""
+        with self.mt.store.lock, self._lock:
             if self.mt.store.version != self._version:
                 self._params.clear()
                 self._version = self.mt.store.version

@@ -75,6 +75,27 @@ class FakeClock:
             self.now += seconds
 
 
+class AskedForLock:
+    """Stands in for a lock (the store's), calling ``on_ask()`` whenever a thread asks for it,
+    before it waits: a test can let one thread go on once another is about to take the lock."""
+
+    def __init__(self, lock, on_ask):
+        self._lock, self._on_ask = lock, on_ask
+
+    def acquire(self, *args, **kwargs):
+        self._on_ask()
+        return self._lock.acquire(*args, **kwargs)
+
+    def release(self):
+        self._lock.release()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
 def tiny_spec(name: str) -> models.ModelSpec:
     return models.make(name, "tiny")
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import reference_predict
+from conftest import AskedForLock, reference_predict
 
 import jaxmt
 
@@ -420,3 +420,41 @@ def test_exclusive_server_answers_with_its_tenants_current_weights():
         mt.update_tenant("t0", {"w": np.full((ROW, 2), 2.0, np.float32)})
         np.testing.assert_allclose(server.submit("t0", x).result(TIMEOUT_S), mt.predict(["t0"], x))
         np.testing.assert_allclose(server.submit("t0", x).result(TIMEOUT_S), jaxmt.exclusive_predict(mt, x, "t0"))
+
+
+
+@pytest.mark.parametrize("kind", ["exclusive", "time", "space"])
+def test_warmup_while_the_server_launches_a_step_does_not_deadlock(kind, rng):
+    """``warmup`` on a serving baseline reads a tenant's params again when the store changed
+    after it preloaded them, while a launch holds the store's lock and reads params too: both
+    must take the store's lock before the params cache's, or each waits for the other forever."""
+    mt, params = make_model(2)
+    x = rows(rng, 1)
+    server = SERVERS[kind](mt, max_delay_ms=0.0)
+    try:
+        launch_asked = threading.Event()
+        mt.store.lock = AskedForLock(mt.store.lock, lambda: threading.current_thread() in server._threads and launch_asked.set())
+        preload, armed, futures = server._programs.preload, threading.Event(), []
+
+        def preload_then_the_store_changes(tenants):
+            preload(tenants)
+            mt.update_tenant("t0", params["t0"])  # the params warmup reads next are stale
+            armed.set()
+
+        def read_once_a_launch_asks_for_the_store(tenant_id, read=mt.get_params):
+            if armed.is_set() and threading.current_thread() is warming:
+                armed.clear()
+                futures.append(server.submit("t1", x))
+                assert launch_asked.wait(TIMEOUT_S)
+            return read(tenant_id)
+
+        server._programs.preload = preload_then_the_store_changes
+        mt.get_params = read_once_a_launch_asks_for_the_store
+        warming = threading.Thread(target=server.warmup, daemon=True)
+        warming.start()
+        warming.join(10)
+        assert not warming.is_alive(), "warmup and the launch wait for each other"
+        y = futures[0].result(TIMEOUT_S)
+        np.testing.assert_allclose(y, expected(kind, params, "t1", x, server), rtol=1e-5, atol=1e-5)
+    finally:
+        server.close(drain=False, timeout=1.0)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FakeClock, reference_predict
+from conftest import AskedForLock, FakeClock, reference_predict
 
 import jaxmt
 
@@ -299,6 +299,45 @@ def test_rows_fixed_by_another_request_while_one_was_checked_refuse_it_alone(kin
     finally:
         server.close(drain=False)
 
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rows_a_failing_first_predict_fixed_for_its_launch_do_not_admit_a_request(kind, rng, monkeypatch):
+    """A first ``predict`` fixes the model's rows while it launches and unfixes them when its
+    launch fails. A request submitted meanwhile must find the rows as they are under the
+    store's lock: admitted on the passing ones, it let a request of other rows (float64) be
+    admitted after it, and on the Scheduler the two failed the step they shared instead of
+    the second being refused alone at submit."""
+    mt, params = make_model(2, rows_given=False)
+    clock = FakeClock()
+    server = SERVERS[kind](mt, clock=clock, **PATIENT)
+    xa, admitted, submitter = rows(rng), [], []
+    asked_or_admitted = threading.Event()
+
+    def submit_first():
+        admitted.append(server.submit("t0", xa))
+        asked_or_admitted.set()
+
+    def launch_fails_once_a_request_came_meanwhile(step, x):
+        submitter.append(threading.Thread(target=submit_first, daemon=True))
+        submitter[0].start()
+        assert asked_or_admitted.wait(TIMEOUT_S)
+        raise RuntimeError("the device ran out of memory")
+
+    mt.store.lock = AskedForLock(mt.store.lock, lambda: submitter and threading.current_thread() is submitter[0]
+                                 and asked_or_admitted.set())
+    monkeypatch.setattr(mt, "_launch", launch_fails_once_a_request_came_meanwhile)
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            mt.predict(["t1"], rows(rng))
+        monkeypatch.undo()
+        submitter[0].join(TIMEOUT_S)
+        assert (mt.row_shape, mt.row_dtype) == ((ROW,), np.float32)  # the admitted request's rows
+        with pytest.raises(jaxmt.InputError, match="float64"):
+            server.submit("t1", rows(rng, dtype=np.float64))
+        check_answer(server, params, "t0", xa, served_after(clock, admitted)[0])
+    finally:
+        server.close(drain=False)
 
 # ------------------------------------------------------------------ baselines' programs
 def test_models_of_one_apply_fn_with_other_param_shapes_compile_their_own_programs():
