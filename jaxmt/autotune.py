@@ -61,7 +61,7 @@ CACHE_FORMAT = 2
 # "Pallas conv kernel").
 _CANDIDATES: dict[str, tuple[str, ...]] = {
     "1x1": ("einsum", "vmap", "loop"),
-    "kxk": ("vmap", "batch_group", "grouped_nchw", "im2col", "shift_sum", "implicit_gemm", "loop"),
+    "kxk": ("vmap", "batch_group", "grouped_nchw", "im2col", "im2col_rows", "shift_sum", "implicit_gemm", "loop"),
     "depthwise": ("vmap", "depthwise_direct", "grouped_nchw"),
     "grouped": ("vmap", "einsum", "grouped_nchw"),
 }
