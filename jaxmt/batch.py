@@ -365,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxmt.buckets import BucketPolicy
     from jaxmt.checkpoint import restore_model
 
-    for option in ("output_dir", "output_file", "summary", "arch", "model"):  # e.g. "$OUT" of an unset variable
+    for option in ("output_dir", "output_file", "summary", "arch", "model", "dtype"):  # e.g. "$OUT" of an unset variable
         if getattr(args, option) == "":
             print(f"error: --{option.replace('_', '-')} is empty", file=sys.stderr)
             return 1

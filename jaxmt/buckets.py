@@ -69,6 +69,10 @@ class BucketPolicy:
         for name in ("entry_cost_rows", "step_cost_rows"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            # As a Python float: the planner keeps its weighing of row buckets per policy (a
+            # cache keyed by it), which a NumPy or JAX array scalar would not hash for, and a
+            # float32 that equals a float would share the float's entries while weighing in float32.
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     @classmethod
     def powers_of_two(cls, max_tenants: int = 64, max_rows: int = 64) -> "BucketPolicy":

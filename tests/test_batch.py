@@ -332,10 +332,11 @@ def test_an_output_path_that_cannot_be_written_is_an_error_exit_not_a_traceback(
         assert "not the summary" in err and sorted(p.stem for p in out.iterdir()) == sorted(_output_name(r) for r in records)
 
 
-@pytest.mark.parametrize("option", ["--output-dir", "--output-file", "--summary", "--arch"])
+@pytest.mark.parametrize("option", ["--output-dir", "--output-file", "--summary", "--arch", "--dtype"])
 def test_an_empty_option_is_an_error_exit_naming_it_not_a_traceback(tmp_path, rng, store, option, capsys):
     """As "$OUT" of an unset variable gives it: --output-dir "" raised a TypeError, --arch "" was
-    taken for --model, --summary "" was dropped for the default."""
+    taken for --model, --summary "" was dropped for the default, --dtype "" (beside --arch) ran
+    in the default float32."""
     arch, spec, _, directory = store
     manifest = _write_manifest(tmp_path / "m.csv", _inputs(tmp_path, spec, rng)[:1])
     given = {"--output-file" if option == "--output-file" else "--output-dir": str(tmp_path / "out"), "--arch": arch, option: ""}

@@ -102,6 +102,21 @@ def test_ladders_of_numpy_integers_become_python_ints():
     assert all(type(v) is int for v in policy.tenant_buckets + policy.row_buckets)
 
 
+@pytest.mark.parametrize("cost", [np.array(1.0), "jax"], ids=["0-d array", "jax scalar"])
+def test_costs_given_as_array_scalars_plan_as_python_floats(cost):
+    """The planner keeps its weighing of row buckets per policy (a cache keyed by it): a cost
+    given as a NumPy or JAX scalar (unhashable arrays) built a policy whose every request of a
+    tenant with several rows then failed with "unhashable type", one-row requests planning on."""
+    if isinstance(cost, str):  # made here: JAX starts its backend when a scalar is built
+        import jax.numpy as jnp
+
+        cost = jnp.float32(1.0)
+    policy, floats = BucketPolicy(entry_cost_rows=cost, step_cost_rows=cost), BucketPolicy(entry_cost_rows=1.0, step_cost_rows=1.0)
+    shapes = lambda plan: [(s.tenant_bucket, s.row_bucket) for s in plan.steps]  # noqa: E731
+    assert shapes(make_plan([0, 0, 0, 1], policy)) == shapes(make_plan([0, 0, 0, 1], floats))
+    assert policy == floats and hash(policy) == hash(floats)
+
+
 def test_policy_is_hashable_and_defaults_are_powers_of_two():
     policy = BucketPolicy()
     assert hash(policy) == hash(BucketPolicy())
