@@ -49,7 +49,9 @@ class MultiTenantModel:
     Args:
       apply_fn: ``apply_fn(params, x) -> y`` for ONE tenant on a batch ``x`` of shape
         ``[b, *row_shape]``; pure and jit-able. Rows must not interact (row i of y
-        depends only on row i of x), as in any inference-mode model.
+        depends only on row i of x), as in any inference-mode model, and every output
+        leaf holds the b rows on its leading axis (else the first request, or the first
+        step of more rows, raises naming the leaf).
       example_params: a params pytree of the architecture: the template every tenant's
         params must match in structure, leaf shapes and dtypes.
       capacity: initial store slots (grows by doubling; a fixed size avoids recompiles).
@@ -597,6 +599,7 @@ class MultiTenantModel:
             self._output_spec_for(x.shape[1:], x.dtype)  # rows the model cannot take fail here
         else:
             self._check_rows(x)
+        _check_integers_fit(tenant_ids, x)
         self.check_finite(tenant_ids, x)
         return x
 
@@ -678,6 +681,28 @@ def _rungs(what: str, chosen: Iterable[int] | None, ladder: tuple[int, ...]) -> 
             raise ValueError(f"{what} {value!r} is not on the ladder {ladder}")
         rungs.append(int(value))
     return tuple(rungs)
+
+
+def _check_integers_fit(tenant_ids: Sequence[Hashable], x: "np.ndarray | RowParts") -> None:
+    """InputError naming the first row of 64-bit integers that JAX, without 64-bit mode, runs
+    as 32-bit ones (int64 as int32, uint64 as uint32) and that holds a value they cannot:
+    the conversion would wrap it silently (2**32 + 1 would be looked up as id 1)."""
+    dtype = x.dtype
+    if dtype.kind not in "iu" or x.shape[0] == 0:
+        return
+    kept = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+    if kept == dtype:
+        return
+    info = np.iinfo(kept)
+    parts = zip(x.starts.tolist(), x.parts) if isinstance(x, RowParts) else [(0, x)]
+    for start, part in parts:
+        flat = part.reshape(part.shape[0], -1)
+        unfit = ((flat < info.min) | (flat > info.max)).any(axis=1)
+        if unfit.any():
+            row = int(np.argmax(unfit))
+            value = flat[row][(flat[row] < info.min) | (flat[row] > info.max)][0]
+            raise InputError(f"row {start + row} (tenant {tenant_ids[start + row]!r}) holds {value}, which {kept.name} "
+                             f"cannot hold: without 64-bit mode JAX runs {dtype.name} rows as {kept.name}, wrapping it")
 
 
 def _copy_rows_in_order(x: np.ndarray, rows: np.ndarray) -> None:

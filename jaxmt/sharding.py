@@ -39,6 +39,7 @@ from jaxmt.buckets import BucketPolicy, Plan, Step, _make_step, _split_entries
 from jaxmt.model import MultiTenantModel
 from jaxmt.programs import ProgramKey
 from jaxmt.store import TenantStore
+from jaxmt.steps import check_output_rows
 
 PyTree = Any
 
@@ -230,7 +231,9 @@ def _sharded_step_program(
     def local_step(shard_leaves: list[jax.Array], block_slots: jax.Array, block_x: PyTree) -> PyTree:
         local = block_slots % slots_per_device  # global slot -> index in this device's shard
         params_k = jax.tree_util.tree_unflatten(treedef, [jnp.take(leaf, local, axis=0) for leaf in shard_leaves])
-        return apply_kb(params_k, block_x)
+        y = apply_kb(params_k, block_x)
+        check_output_rows(y, block_x.shape[1])
+        return y
 
     # check_vma=False: the lowering interpreter (jaxmt.lowering) evaluates the model's jaxpr
     # with constants that carry no mesh-axis annotation; every value here is per-device anyway.

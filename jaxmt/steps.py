@@ -24,17 +24,35 @@ from jaxmt.rows import RowParts
 PyTree = Any
 
 
+def check_output_rows(y: PyTree, rows: int, tenant_axis: bool = True) -> None:
+    """Raises ValueError naming the first leaf of a model's output ``y`` (traced) that does
+    not hold ``rows`` rows on its leading axis (after the tenant axis of a step): answers
+    are read back row by row from every leaf, so an output summed over the rows, or holding
+    other than one row per input row, would be scattered into wrong answers or fail to
+    reshape after the step ran."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(y)[0]:
+        shape = tuple(jnp.shape(leaf))[1 if tenant_axis else 0 :]
+        if shape[:1] != (rows,):
+            where = jax.tree_util.keystr(path) or "(a single array)"
+            raise ValueError(f"apply_fn's output {where} has shape {list(shape)} for {rows} input rows: every output "
+                             f"leaf needs one row per input row on its leading axis (row i answering row i of x)")
+
+
 def _step_program(apply_kb: Callable, treedef: Any, leaves: list[jax.Array], slots: jax.Array, x_kb: PyTree) -> PyTree:
     """One step: gather K slots of every stacked leaf, run the tenant-batched model."""
     params_k = jax.tree_util.tree_unflatten(treedef, [jnp.take(leaf, slots, axis=0) for leaf in leaves])
-    return apply_kb(params_k, x_kb)
+    y_kb = apply_kb(params_k, x_kb)
+    check_output_rows(y_kb, x_kb.shape[1])
+    return y_kb
 
 
 def _whole_store_program(apply_kb: Callable, treedef: Any, leaves: list[jax.Array], x_kb: PyTree) -> PyTree:
     """A step whose K entries are slots 0..K-1 of a store of capacity K: the stacked leaves
     are the batched weights already, so the per-step copy of every tenant's weights that the
     gather costs is skipped, and no slots travel to the device."""
-    return apply_kb(jax.tree_util.tree_unflatten(treedef, leaves), x_kb)
+    y_kb = apply_kb(jax.tree_util.tree_unflatten(treedef, leaves), x_kb)
+    check_output_rows(y_kb, x_kb.shape[1])
+    return y_kb
 
 
 @dataclasses.dataclass
@@ -161,4 +179,5 @@ def _row_output_spec(apply_fn: Callable, template: PyTree, row_shape: Sequence[i
     """ShapeDtypeStruct pytree of ONE output row for input rows of the given shape and dtype."""
     x1 = jax.ShapeDtypeStruct((1, *row_shape), row_dtype)
     out = jax.eval_shape(apply_fn, template, x1)
+    check_output_rows(out, 1, tenant_axis=False)
     return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), out)

@@ -46,7 +46,7 @@ import optax
 
 from jaxmt.errors import InputError, NonFiniteLossError, ParamMismatchError, UnknownTenantError
 from jaxmt.lowering import LoweringPolicy
-from jaxmt.validation import check_tenant_ids, first_structure_difference, template_ordered_leaves
+from jaxmt.validation import check_tenant_ids, first_structure_difference, leaf_dtype, template_ordered_leaves
 from jaxmt.train_step import (
     LossFn,
     PyTree,
@@ -95,7 +95,8 @@ class MultiTenantTrainer:
         ``min_dim_size_to_factor``, a schedule's step counts). Not settable per tenant.
       trainable: ``trainable(leaf_path) -> bool`` on ``jax.tree_util.keystr`` paths; leaves
         it rejects (e.g. BatchNorm ``batch_stats``) are constants: no gradient, no optimizer
-        state, never changed. Default: every leaf is trained.
+        state, never changed. Default: every leaf is trained (integer and bool leaves, which
+        have no gradient, must be left out by name).
       on_nonfinite: "freeze" or "raise": what a NaN or Inf loss of one tenant does (see the
         module docstring).
       apply_fn: ``apply_fn(params, x)`` for serving; needed by ``to_model``.
@@ -112,7 +113,8 @@ class MultiTenantTrainer:
     Raises:
       TypeError: ``hyperparams`` and ``static_hyperparams`` miss a required argument of
         ``optimizer`` or name one it does not take, or the optimizer needs the concrete
-        value of a number given in ``hyperparams`` (the message names them).
+        value of a number given in ``hyperparams`` (the message names them), or a leaf
+        left trainable is not floating (an integer or bool leaf has no gradient).
       ValueError: a per-tenant hyperparameter has the wrong length or a non-finite value,
         a name is in both ``hyperparams`` and ``static_hyperparams``, ids repeat, or
         ``on_nonfinite`` or ``backward`` is unknown.
@@ -172,6 +174,11 @@ class MultiTenantTrainer:
             if not any(mask):
                 raise ValueError("trainable() rejects every leaf: nothing to train")
             self._trainable = None if all(mask) else mask
+        for path, (_, leaf), trained in zip(self._leaf_paths, leaves_with_path, self._trainable or [True] * len(self._leaf_paths)):
+            dtype = leaf_dtype(leaf)
+            if trained and not jnp.issubdtype(dtype, jnp.inexact):  # else JAX's grad fails the first step, naming no leaf
+                raise TypeError(f"leaf {path} is {dtype.name}{list(np.shape(leaf)[1:])}: only floating leaves can be trained "
+                                "(a counter, mask or index table has no gradient); leave it out with trainable=")
         self.loss_fn = loss_fn
         self.apply_fn = apply_fn
         self.optimizer = optimizer

@@ -200,6 +200,29 @@ def test_integer_inputs_are_never_flagged(rng):
     assert mt.stats()["nonfinite_rows"] == 0
 
 
+@pytest.mark.skipif(jax.config.jax_enable_x64, reason="with 64-bit mode JAX keeps int64 rows as they are")
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+@pytest.mark.parametrize("declare_rows", [True, False], ids=["rows-declared", "first-request"])
+def test_64_bit_integer_rows_that_int32_cannot_hold_are_refused_not_wrapped(dtype, declare_rows):
+    """Without 64-bit mode JAX runs int64 rows (NumPy's default integers) as int32 (uint64 as
+    uint32), wrapping what does not fit: 2**32 + 1 would be looked up as id 1. In-range
+    rows are served as they are; out-of-range ones are refused, naming the row and tenant."""
+    def apply_fn(p, ids):
+        return p["table"][ids % 8] + (ids // 8).astype(jnp.float32)[:, None]
+
+    params = {"table": np.arange(16, dtype=np.float32).reshape(8, 2)}
+    rows = dict(row_shape=(), row_dtype=dtype) if declare_rows else {}
+    mt = MultiTenantModel(apply_fn, params, capacity=2, buckets=POLICY, **rows)
+    mt.add_tenant("a", params)
+    with pytest.raises(InputError, match=re.escape(f"row 1 (tenant 'a') holds {2**32 + 1}")):
+        mt.predict(["a", "a"], np.array([3, 2**32 + 1], dtype))
+    with pytest.raises(InputError, match="cannot hold"):
+        with Scheduler(mt) as scheduler:
+            scheduler.submit("a", np.array([2**40], dtype))
+    fine = np.array([3, 2**31 - 1 if dtype == np.int64 else 2**32 - 1], dtype)
+    np.testing.assert_array_equal(mt.predict(["a", "a"], fine), apply_fn(params, fine))
+
+
 def test_unknown_nonfinite_policy_is_a_value_error():
     spec = tiny_spec("mlp")
     with pytest.raises(ValueError, match="nonfinite_inputs must be one of"):
@@ -238,6 +261,50 @@ def test_a_first_request_whose_program_fails_to_compile_does_not_fix_the_row_sha
     assert mt.row_shape == spec.input_shape
     _assert_everyone_still_served(spec, mt, params, rng)
     assert mt.row_shape == spec.input_shape
+
+
+# ------------------------------------------------------------------ outputs without the row axis
+def _dense(seed: int) -> dict:
+    r = np.random.default_rng(seed)
+    return {"w": r.standard_normal((3, 2)).astype(np.float32)}
+
+
+# apply_fns whose answer does not hold one row per input row on every output leaf's leading axis
+ROWLESS_OUTPUTS = {
+    "summed-over-rows": lambda p, x: (x @ p["w"]).sum(0),
+    "one-scalar": lambda p, x: (x @ p["w"]).sum(),
+    "rows-doubled": lambda p, x: jnp.concatenate([x @ p["w"], x @ p["w"]]),
+    "weights-only": lambda p, x: p["w"],
+    "a-per-tenant-leaf": lambda p, x: {"y": x @ p["w"], "norm": jnp.sum(p["w"])},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROWLESS_OUTPUTS))
+def test_a_model_whose_output_has_no_row_axis_is_refused_at_the_first_request(name):
+    """Row i of the answer is read from row i of every output leaf: an output that sums over
+    the rows, or holds other than one row per input row, would be scattered into wrong
+    answers (or fail reshaping them after the step ran), so the traced first request is refused."""
+    mt = MultiTenantModel(ROWLESS_OUTPUTS[name], _dense(0), capacity=2, buckets=POLICY)
+    mt.add_tenant("a", _dense(1))
+    before = _snapshot(mt)
+    with pytest.raises(InputError, match="needs one row per input row on its leading axis"):
+        mt.predict(["a", "a"], np.ones((2, 3), np.float32))
+    _assert_unchanged(mt, before)
+    assert mt.stats()["compiles"] == 0
+
+
+@pytest.mark.parametrize("declare_rows", [True, False], ids=["rows-declared", "rows-unknown"])
+@pytest.mark.parametrize("name", sorted({**ROWLESS_OUTPUTS, "first-row-only": None}))
+def test_no_answer_comes_back_from_a_model_whose_output_rows_differ_from_the_step_rows(name, declare_rows):
+    """Declared rows are traced only with the first step, and a model that answers only its
+    first row looks right for one row: the step's program, built for two rows, refuses it."""
+    apply_fn = ROWLESS_OUTPUTS.get(name) or (lambda p, x: {"y": (x @ p["w"])[:1]})
+    rows = dict(row_shape=(3,), row_dtype=np.float32) if declare_rows else {}
+    mt = MultiTenantModel(apply_fn, _dense(0), capacity=2, buckets=POLICY, **rows)
+    mt.add_tenant("a", _dense(1))
+    with pytest.raises((InputError, CompileError), match=r"has shape \[.*\] for [12] input rows: every output leaf needs"):
+        mt.predict(["a", "a"], np.ones((2, 3), np.float32))
+    assert mt.stats()["steps"] == 0 and mt.row_shape == rows.get("row_shape")
 
 
 # --------------------------------------------------------------------------- zero and huge

@@ -472,6 +472,28 @@ def test_constructors_reject_bad_tenants_and_params():
     assert trainer.active == ["a"]
 
 
+@pytest.mark.parametrize("leaf", ["count", "mask"])
+def test_integer_and_bool_leaves_must_be_left_out_of_training_by_name(leaf):
+    """A step counter or a mask has no gradient: left trainable (the default trains every
+    leaf), it used to fail the first step inside JAX's grad, naming no leaf; it is refused
+    when the trainer is built, and trains as a constant once ``trainable`` leaves it out."""
+    def init_fn(seed):
+        return {"w": jax.random.normal(jax.random.key(seed), (3,)), "count": jnp.int32(2), "mask": jnp.ones(3, bool)}
+
+    def loss_fn(p, batch):
+        return jnp.mean((batch["x"] @ jnp.where(p["mask"], p["w"], 0.0) + p["count"] - batch["y"]) ** 2)
+
+    sgd = dict(optimizer=optax.sgd, hyperparams={"learning_rate": 0.1})
+    with pytest.raises(TypeError, match=rf"leaf \['{leaf}'\] is (int32|bool)\[.*\]: only floating leaves can be trained"):
+        MultiTenantTrainer.from_init(loss_fn, init_fn, {"a": 0, "b": 1}, trainable=lambda path: leaf in path or "w" in path, **sgd)
+    with pytest.raises(TypeError, match=r"leaf \['count'\] is int32\[\]: only floating"):  # the default: every leaf
+        MultiTenantTrainer.from_init(loss_fn, init_fn, {"a": 0, "b": 1}, **sgd)
+    trainer = MultiTenantTrainer.from_init(loss_fn, init_fn, {"a": 0, "b": 1}, trainable=lambda path: "w" in path, **sgd)
+    x = np.ones((2, 4, 3), np.float32)
+    trainer.step_stacked({"x": x, "y": np.zeros((2, 4), np.float32)})
+    assert int(trainer.params_of("b")["count"]) == 2 and trainer.params_of("b")["mask"].dtype == bool
+
+
 def models_mlp_params(params, width: int):
     """The MLP's params with a hidden layer of another width (a template mismatch)."""
     out = jax.tree.map(np.asarray, params)
