@@ -442,3 +442,20 @@ def test_warmup_takes_numpy_integer_buckets_as_rungs_of_the_ladder():
     spec = tiny_spec("mlp")
     mt = MultiTenantModel(spec.apply_fn, spec.init(0), buckets=POLICY, row_shape=spec.input_shape, row_dtype=spec.input_dtype)
     assert mt.warmup(tenant_buckets=np.array([1, 2]), row_buckets=[np.int64(2)], execute=False) == 2
+
+
+def test_a_python_number_leaf_is_stored_as_float32_so_answers_take_the_promoted_dtype(rng):
+    """README: a leaf given as a Python number is not JAX's weakly typed scalar once stored,
+    so bfloat16 rows times it answer in float32 (apply_fn alone would keep bfloat16); the
+    values still equal the per-tenant reference."""
+    def apply_fn(params, x):
+        return x * params["scale"]
+
+    mt = MultiTenantModel(apply_fn, {"scale": 1.0})
+    mt.add_tenant("a", {"scale": 3.0})
+    x = rng.standard_normal((3, 4)).astype(jnp.bfloat16)
+    got = mt.predict(["a"] * 3, x)
+    assert mt.get_params("a")["scale"].dtype == np.float32
+    assert apply_fn({"scale": 3.0}, jnp.asarray(x)).dtype == jnp.bfloat16
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, np.asarray(x, np.float32) * 3.0, rtol=1e-6)
