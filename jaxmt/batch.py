@@ -339,11 +339,16 @@ def _architecture(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
 
 
 def _write_summary(path: pathlib.Path, summary: dict) -> None:
-    """Writes the summary whole or not at all (a temporary file renamed over it)."""
+    """Writes the summary whole or not at all (a temporary file renamed over it; removed if
+    that fails, or every failed run would leave one behind)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _summary_clash(summary_path: pathlib.Path, args: argparse.Namespace) -> str | None:

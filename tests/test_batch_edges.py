@@ -343,3 +343,14 @@ def test_unicode_line_separators_inside_a_field_do_not_split_its_line(tmp_path, 
     summary = jaxmt.predict_manifest(model, manifest, tmp_path / "out", skip_errors=True)
     assert summary["computed"] == 1 and [e["line"] for e in summary["errors"]] == [bad_line]
     np.testing.assert_allclose(np.load(tmp_path / "out" / "p__good.npz")["y"], good @ params["p"]["w"], rtol=1e-5)
+
+
+def test_a_summary_that_cannot_be_written_leaves_no_temporary_file_behind(tmp_path):
+    """A job rerun while its summary cannot land (here: a directory holds its name) must not
+    pile up one temporary file a run beside it."""
+    summary = tmp_path / "summary.json"
+    summary.mkdir()
+    for _ in range(2):
+        with pytest.raises(OSError):
+            jaxmt.batch._write_summary(summary, {"entries": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
