@@ -6,9 +6,13 @@ relative to the manifest), optional ``key`` (the array of a .npz holding several
 optional ``output`` (the output name; default ``<tenant>__<input stem>[__<key>]``). Rows of
 many tenants are mixed into bucket-sized steps, as the scheduler would: a window of up to K
 tenants (the largest tenant bucket) each gives up to B rows (the largest row bucket) per step.
-Every output is written atomically as soon as its entry is complete, so a rerun skips
-finished entries (resume). A bad line (unknown tenant, missing or misshapen input) stops the
-job with an error naming it, or is recorded in the summary with ``--skip-errors``.
+An entry's output is the array ``y`` (a model returning one array) or one array per output
+leaf named by its path (``logits``, ``0``, ``a.b``), in ``<output>.npz`` of --output-dir; in
+the one .npz of --output-file, ``<output>`` or ``<output>/<leaf>``. Every output is written
+atomically as soon as its entry is complete, so a rerun skips finished entries (resume) and
+removes the temporary files (``.<name>.tmp-<hex>``) that a killed write of its outputs left.
+A bad line (unknown tenant, missing or misshapen input) stops the job with an error naming
+it, or is recorded in the summary with ``--skip-errors``.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import importlib
 import json
 import os
 import pathlib
+import re
 import sys
 import time
 import uuid
 import zipfile
+from collections.abc import Collection
 from typing import Any
 
 import jax
@@ -34,10 +40,29 @@ from jaxmt.errors import JaxmtError, ManifestError
 from jaxmt.manifest import Entry, read_entries
 from jaxmt.model import MultiTenantModel
 
-
 # ---------------------------------------------------------------------------- outputs
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-[0-9a-f]{8}")  # what _temporary names
+
+
+def _temporary(path: pathlib.Path) -> pathlib.Path:
+    """Where ``path`` is written before it is renamed into place: beside it, hidden."""
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def _remove_stale_temporaries(folder: pathlib.Path, names: Collection[str] | None) -> None:
+    """Removes the temporaries of the files ``names`` (None: of any file) in ``folder``: what a
+    write killed before it could clean up (SIGKILL, power loss) left behind. Only a job's own:
+    another job's write may be in flight beside them."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        match = _TEMPORARY.fullmatch(path.name)
+        if match and (names is None or match["name"] in names) and path.is_file():
+            path.unlink(missing_ok=True)
+
+
 def _atomic_savez(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = _temporary(path)
     try:
         # The archive np.savez writes, without its keywords: an array named "file" or
         # "allow_pickle" (an output name, or an output leaf's path) must not become an argument.
@@ -66,6 +91,15 @@ def _output_arrays(spec_tree: Any, leaves: list[np.ndarray]) -> dict[str, np.nda
     return {"y": leaves[0]} if paths == [""] else dict(zip(paths, leaves))
 
 
+def _file_keys(name: str, arrays) -> dict[str, np.ndarray]:
+    """One entry's arrays (as in its .npz of an output directory) keyed for the one output
+    file: a plain array (``y``) by the output name, each leaf of a pytree output, even a lone
+    one, by ``<output>/<leaf>``, so that a leaf's name is kept as the directory keeps it."""
+    if arrays.files == ["y"]:  # a pytree whose only leaf is "y" is stored as a plain array in a directory too
+        return {name: arrays["y"]}
+    return {f"{name}/{k}": arrays[k] for k in arrays.files}
+
+
 class _Outputs:
     """Where finished entries go: one .npz per entry in a directory, or one .npz keyed by entry."""
 
@@ -81,6 +115,15 @@ class _Outputs:
                     self._combined = {name.split("/")[0] for name in done.files}
             except (OSError, ValueError, AttributeError, zipfile.BadZipFile) as exc:  # AttributeError: a .npy has no .files
                 raise ValueError(f"output file {self.file} exists but is not a .npz archive of outputs (resume needs one): {exc}") from None
+
+    def remove_stale_temporaries(self, names: Collection[str]) -> None:
+        """Those of the outputs ``names``, of the output file, and all of the parts folder
+        (which belongs to the output file alone, and is removed once merged only if empty)."""
+        if self.file is None:
+            _remove_stale_temporaries(self.dir, {f"{name}.npz" for name in names})
+        else:
+            _remove_stale_temporaries(self.dir, None)
+            _remove_stale_temporaries(self.file.parent, {self.file.name})
 
     def done(self, name: str) -> bool:
         return name in self._combined or (self.dir / f"{name}.npz").exists()
@@ -101,7 +144,7 @@ class _Outputs:
                     merged.update({k: old[k] for k in old.files})
             for part in parts:
                 with np.load(part) as arrays:
-                    merged.update({f"{part.stem}/{k}" if len(arrays.files) > 1 else part.stem: arrays[k] for k in arrays.files})
+                    merged.update(_file_keys(part.stem, arrays))
             _atomic_savez(self.file, merged)
             for part in parts:
                 part.unlink()
@@ -181,7 +224,8 @@ def predict_manifest(
       manifest: CSV (with header) or JSON-lines file; see the module docstring.
       output_dir: write ``<output>.npz`` per entry here (array ``y``, or one array per
         output leaf named by its path, e.g. ``logits``, for pytree outputs); or
-      output_file: write one .npz keyed by output name (parts are kept beside it until
+      output_file: write one .npz keyed by output name: ``<output>`` for an array output,
+        ``<output>/<leaf>`` for each leaf of a pytree output (parts are kept beside it until
         the job ends, so an interrupted job resumes).
       skip_errors: record bad lines in the summary instead of raising.
       progress: show a tqdm bar over rows.
@@ -206,6 +250,7 @@ def predict_manifest(
 
     outputs = _Outputs(output_dir, output_file)
     entries, row_spec, lines = read_entries(manifest, model, fail)
+    outputs.remove_stale_temporaries([e.output for e in entries])
     todo = [e for e in entries if not outputs.done(e.output)]
     before, start_time = model.stats(), time.perf_counter()
     computed = rows = 0
@@ -297,8 +342,22 @@ def _run(model: MultiTenantModel, todo: list[Entry], outputs: _Outputs, row_spec
 
 
 # ---------------------------------------------------------------------------- command line
+EXIT_INTERRUPTED = 130  # as a shell reports a job stopped by SIGINT
+EXIT_CODES = """\
+exit codes:
+  0    every entry's output is written (by this run or an earlier one)
+  1    an error stopped the job before or while it ran (a bad manifest line, an option
+       or path it cannot use, a checkpoint or model it cannot load, an output or the
+       summary it cannot write), or with --skip-errors some lines failed: they are in
+       the summary, the other outputs are written
+  2    the command line does not parse (a missing or unknown option)
+  130  interrupted (Ctrl-C): the outputs finished so far are kept; run the same
+       command again to resume"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
+    parser.epilog = EXIT_CODES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("manifest", help="CSV with header (tenant,input[,key][,output]) or JSON lines with those keys")
     parser.add_argument("--checkpoint", required=True, help="store checkpoint directory (jaxmt.save_store)")
@@ -309,8 +368,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=("tiny", "full"), help="size of --arch (default tiny)")
     parser.add_argument("--dtype", help="params and compute dtype of --arch (default float32)")
     out = parser.add_mutually_exclusive_group(required=True)
-    out.add_argument("--output-dir", help="write one <output>.npz per entry here")
-    out.add_argument("--output-file", help="write one .npz keyed by entry output name")
+    out.add_argument("--output-dir", help="write one <output>.npz per entry here (array y, or one array per output leaf, e.g. logits)")
+    out.add_argument("--output-file", help="write one .npz keyed by entry output name (<output>, or <output>/<leaf> per output leaf)")
     parser.add_argument("--summary", help="summary JSON path (default <output-dir>/summary.json or <output-file>.summary.json)")
     parser.add_argument("--max-tenants", type=int, default=16, help="tenants per step: the largest tenant bucket (default 16)")
     parser.add_argument("--max-rows", type=int, default=64, help="rows per tenant per step: the largest row bucket (default 64)")
@@ -342,7 +401,8 @@ def _write_summary(path: pathlib.Path, summary: dict) -> None:
     """Writes the summary whole or not at all (a temporary file renamed over it; removed if
     that fails, or every failed run would leave one behind)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    _remove_stale_temporaries(path.parent, {path.name})
+    tmp = _temporary(path)
     try:
         tmp.write_text(json.dumps(summary, indent=1))
         os.replace(tmp, path)
@@ -367,6 +427,14 @@ def _summary_clash(summary_path: pathlib.Path, args: argparse.Namespace) -> str 
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _command(args)
+    except KeyboardInterrupt:  # Ctrl-C: every output is written whole or not at all, so a rerun goes on from here
+        print("interrupted: the outputs finished so far are kept; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _command(args: argparse.Namespace) -> int:
     from jaxmt.buckets import BucketPolicy
     from jaxmt.checkpoint import restore_model
 
@@ -378,6 +446,10 @@ def run(args: argparse.Namespace) -> int:
     clash = _summary_clash(summary_path, args)
     if clash:
         print(f"error: --summary {summary_path} would overwrite {clash}", file=sys.stderr)
+        return 1
+    if summary_path.is_dir():  # refused now, not once every output is written
+        remedy = "" if args.summary else "; give --summary a file"
+        print(f"error: {'--' if args.summary else 'the default '}summary {summary_path} is a folder, not a file{remedy}", file=sys.stderr)
         return 1
     try:
         apply_fn, example, rows = _architecture(args)

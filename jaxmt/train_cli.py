@@ -92,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the search, the split, and tenant t's init and data order (seed + t)")
     parser.add_argument("--compare", action="store_true", help="also time one program against N separate jitted training loops")
     parser.add_argument("--compare-steps", type=int, default=None, help="timed steps of each tenant for --compare (default 50)")
-    parser.add_argument("--json", metavar="PATH", help="write results and curves as JSON ('-' for stdout; the table then goes to stderr)")
+    parser.add_argument("--json", metavar="PATH", help="write results, curves and the settings the run used as JSON ('-' for stdout; the table then goes to stderr)")
     parser.add_argument("--plot", metavar="PNG", help="plot loss and accuracy curves to this PNG file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -130,12 +130,17 @@ def _check_args(args: argparse.Namespace) -> str | None:
 
 def _with_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """The checked arguments with the defaults of options left out (None until checked, so
-    that an option given where it does not apply can be told from its default)."""
-    return argparse.Namespace(**{
-        **vars(args),
-        "wd_range": DEFAULT_WD_RANGE if args.wd_range is None else args.wd_range,
-        "compare_steps": DEFAULT_COMPARE_STEPS if args.compare_steps is None else args.compare_steps,
-    })
+    that an option given where it does not apply can be told from its default), less the
+    options this run does not use: the JSON config records only settings that applied."""
+    used = {
+        "wd_range": (args.optimizer == "adamw", DEFAULT_WD_RANGE),  # SGD has no weight decay
+        "compare_steps": (args.compare, DEFAULT_COMPARE_STEPS),
+    }
+    settings = {k: v for k, v in vars(args).items() if k not in used}
+    for name, (applies, default) in used.items():
+        if applies:
+            settings[name] = default if getattr(args, name) is None else getattr(args, name)
+    return argparse.Namespace(**settings)
 
 
 def _search_space(args: argparse.Namespace) -> tuple[list[str], dict[str, Any], list[int]]:

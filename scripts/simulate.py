@@ -303,7 +303,8 @@ def simulate(workload: Workload, schedulers: Sequence[str], *, arch: str = "mlp"
             results.append(result)
     device = jax.devices()[0]
     return {
-        "workload": dataclasses.asdict(workload),
+        # the settings the run used: a burst size only for bursty arrivals
+        "workload": {k: v for k, v in dataclasses.asdict(workload).items() if k != "burst" or workload.arrival == "bursty"},
         "model": {"arch": arch, "size": size, "buckets": dataclasses.asdict(mt.buckets)},
         "device": getattr(device, "device_kind", str(device)),
         "jax": jax.__version__,
@@ -374,7 +375,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=200.0, help="mean requests per second, all tenants together")
     parser.add_argument("--duration", type=float, default=2.0, help="seconds of arrivals")
     parser.add_argument("--arrival", default="poisson", choices=ARRIVALS, help="arrival process")
-    parser.add_argument("--burst", type=float, default=8.0, help="mean requests per burst (--arrival bursty)")
+    parser.set_defaults(burst=None)  # None unless given, so that one given with poisson arrivals is told from the default
+    parser.add_argument("--burst", type=float, default=argparse.SUPPRESS,
+                        help=f"mean requests per burst, --arrival bursty only (default: {Workload.burst})")
     parser.add_argument("--zipf", type=float, default=1.0, help="tenant popularity exponent (0: uniform)")
     parser.add_argument("--rows", type=int, default=1, help="rows per request")
     parser.add_argument("--slo-ms", type=float, default=50.0, help="latency objective of every request")
@@ -396,11 +399,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _ignored_option(args: argparse.Namespace) -> str | None:
+    """Why an option given would have no effect on this run, if one would: refused rather than
+    silently dropped, as the train and batch commands do."""
+    if args.burst is not None and args.arrival != "bursty":
+        return f"--burst applies to --arrival bursty only: {args.arrival} arrivals come one at a time"
+    if args.target_latency_ms is not None and args.scheduler not in ("jaxmt", "all"):
+        return f"--target-latency-ms paces jaxmt only: --scheduler {args.scheduler} serves as soon as it can"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    ignored = _ignored_option(args)
+    if ignored:
+        print(f"simulate.py: error: {ignored}", file=sys.stderr)
+        return 2
     try:
+        burst = {} if args.burst is None else {"burst": args.burst}
         workload = Workload(rate=args.rate, duration_s=args.duration, tenants=args.tenants, zipf=args.zipf,
-                            arrival=args.arrival, burst=args.burst, rows=args.rows, slo_ms=args.slo_ms, seed=args.seed)
+                            arrival=args.arrival, rows=args.rows, slo_ms=args.slo_ms, seed=args.seed, **burst)
     except ValueError as exc:
         print(f"simulate.py: error: {exc}", file=sys.stderr)
         return 2

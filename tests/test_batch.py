@@ -161,8 +161,7 @@ def test_a_rerun_skips_finished_entries(tmp_path, rng, store, monkeypatch):
         real_write(self, name, arrays)
 
     monkeypatch.setattr(jaxmt.batch._Outputs, "write", crash_after_three)
-    with pytest.raises(KeyboardInterrupt):
-        _run(store, manifest, tmp_path / "out")
+    assert _run(store, manifest, tmp_path / "out")[0] == 130
     monkeypatch.setattr(jaxmt.batch._Outputs, "write", real_write)
     assert sorted(p.stem for p in (tmp_path / "out").glob("*.npz")) == sorted(writes)  # no partial files
 
@@ -196,8 +195,7 @@ def test_single_file_mode_resumes_from_its_parts(tmp_path, rng, store, monkeypat
         real_write(self, name, arrays)
 
     monkeypatch.setattr(jaxmt.batch._Outputs, "write", crash_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        _run(store, manifest, tmp_path / "all.npz")
+    assert _run(store, manifest, tmp_path / "all.npz")[0] == 130
     monkeypatch.setattr(jaxmt.batch._Outputs, "write", real_write)
     code, summary = _run(store, manifest, tmp_path / "all.npz")
     assert code == 0 and summary["skipped_existing"] == 2 and summary["computed"] == len(records) - 2
@@ -207,6 +205,37 @@ def test_single_file_mode_resumes_from_its_parts(tmp_path, rng, store, monkeypat
             assert rel_error(outputs[_output_name(record)], _expected(tmp_path, spec, params, record)) < 1e-5
     code, summary = _run(store, manifest, tmp_path / "all.npz")
     assert summary["computed"] == 0 and summary["skipped_existing"] == len(records)
+
+
+def test_ctrl_c_is_exit_code_130_and_one_line_saying_the_rerun_resumes(tmp_path, rng, store, monkeypatch, capsys):
+    """Not a traceback: one line, the code a shell gives a job stopped by SIGINT, the outputs
+    finished so far kept whole (no temporary left) for the rerun to skip."""
+    _, spec, _, _ = store
+    records = _inputs(tmp_path, spec, rng)
+    manifest = _write_manifest(tmp_path / "m.csv", records)
+    real_write = jaxmt.batch._Outputs.write
+
+    def interrupted_at_the_third(self, name, arrays):
+        if len(list(self.dir.glob("*.npz"))) == 2:
+            jaxmt.batch._atomic_savez(self.dir / f"{name}.npz", {"y": _Interrupting()})
+        real_write(self, name, arrays)
+
+    monkeypatch.setattr(jaxmt.batch._Outputs, "write", interrupted_at_the_third)
+    code, _ = _run(store, manifest, tmp_path / "out")
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err
+    assert err.count("\n") == 1 and "interrupted" in err and "resume" in err
+    assert len(list((tmp_path / "out").iterdir())) == 2  # two whole outputs, no temporary
+    monkeypatch.setattr(jaxmt.batch._Outputs, "write", real_write)
+    code, summary = _run(store, manifest, tmp_path / "out")
+    assert code == 0 and summary["skipped_existing"] == 2 and summary["computed"] == len(records) - 2
+
+
+class _Interrupting:
+    """An array whose writing is cut short by Ctrl-C."""
+
+    def __array__(self, dtype=None, copy=None):
+        raise KeyboardInterrupt
 
 
 def _bad(tmp_path: pathlib.Path, spec, kind: str) -> dict:
@@ -332,6 +361,20 @@ def test_an_output_path_that_cannot_be_written_is_an_error_exit_not_a_traceback(
         assert "not the summary" in err and sorted(p.stem for p in out.iterdir()) == sorted(_output_name(r) for r in records)
 
 
+@pytest.mark.parametrize("given", [True, False], ids=["--summary", "default summary"])
+def test_a_summary_path_that_is_a_folder_is_refused_before_anything_runs(tmp_path, rng, store, monkeypatch, capsys, given):
+    """Writing the summary over a folder failed only once every output was written: refuse it up front."""
+    arch, spec, _, directory = store
+    manifest = _write_manifest(tmp_path / "m.csv", _inputs(tmp_path, spec, rng)[:1])
+    (tmp_path / "out" / "summary.json").mkdir(parents=True)
+    monkeypatch.setattr(jaxmt.batch, "predict_manifest", lambda *args, **kwargs: pytest.fail("the job ran"))
+    summary = ["--summary", str(tmp_path / "out" / "summary.json")] if given else []
+    code = cli_main(["batch", str(manifest), "--checkpoint", str(directory), "--arch", arch, "--output-dir", str(tmp_path / "out"),
+                     *summary, "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and f"summary {tmp_path / 'out' / 'summary.json'} is a folder" in err
+
+
 @pytest.mark.parametrize("option", ["--output-dir", "--output-file", "--summary", "--arch", "--dtype"])
 def test_an_empty_option_is_an_error_exit_naming_it_not_a_traceback(tmp_path, rng, store, option, capsys):
     """As "$OUT" of an unset variable gives it: --output-dir "" raised a TypeError, --arch "" was
@@ -353,3 +396,4 @@ def test_help(command):
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
     assert done.returncode == 0, done.stderr
     assert "manifest" in done.stdout and "--skip-errors" in done.stdout and "--checkpoint" in done.stdout
+    assert "exit codes:" in done.stdout and "130  interrupted" in done.stdout

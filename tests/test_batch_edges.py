@@ -99,6 +99,31 @@ def test_output_leaves_are_saved_under_their_path_names(tmp_path, apply_fn, name
     np.testing.assert_allclose(got[row_sums], x.sum(axis=-1), rtol=1e-5)
 
 
+def _leaves_by_mode(tmp_path, apply_fn) -> tuple[list[str], list[str]]:
+    """The array names one manifest line (output "out") gets in an output directory's out.npz
+    and in one output file."""
+    model = MultiTenantModel(apply_fn, {"w": np.ones((6, 3), np.float32)}, capacity=1, row_shape=(6,), row_dtype=np.float32)
+    model.add_tenant("p", {"w": np.ones((6, 3), np.float32)})
+    _save(tmp_path, "x.npy", 3)
+    (tmp_path / "m.csv").write_text("tenant,input,output\np,x.npy,out\n")
+    jaxmt.predict_manifest(model, tmp_path / "m.csv", tmp_path / "out")
+    jaxmt.predict_manifest(model, tmp_path / "m.csv", output_file=tmp_path / "all.npz")
+    with np.load(tmp_path / "out" / "out.npz") as in_dir, np.load(tmp_path / "all.npz") as in_file:
+        return sorted(in_dir.files), sorted(in_file.files)
+
+
+@pytest.mark.parametrize("apply_fn, in_dir, in_file", [
+    (_apply, ["y"], ["out"]),  # a plain array: the entry's name, as before
+    (lambda p, x: {"logits": x @ p["w"]}, ["logits"], ["out/logits"]),  # was "out": the leaf's name was lost
+    (lambda p, x: (x @ p["w"],), ["0"], ["out/0"]),
+    (_named_leaves, ["allow_pickle", "file"], ["out/allow_pickle", "out/file"]),
+], ids=["array", "one named leaf", "one-tuple", "two leaves"])
+def test_one_output_file_names_leaves_as_the_output_directory_does(tmp_path, apply_fn, in_dir, in_file):
+    """A pytree output's leaves are "<output>/<leaf>" in one output file, however many there
+    are; only a plain array is stored under the output name alone."""
+    assert _leaves_by_mode(tmp_path, apply_fn) == (in_dir, in_file)
+
+
 def test_a_manifest_that_is_not_utf8_raises_manifest_error_naming_it(tmp_path):
     model, _ = _model()
     manifest = tmp_path / "latin1.csv"
@@ -354,3 +379,30 @@ def test_a_summary_that_cannot_be_written_leaves_no_temporary_file_behind(tmp_pa
         with pytest.raises(OSError):
             jaxmt.batch._write_summary(summary, {"entries": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_a_resumed_job_removes_the_temporaries_a_killed_write_left_and_no_others(tmp_path):
+    """A write killed outright (SIGKILL, power loss) leaves its ``.<name>.tmp-<hex>`` behind: the
+    rerun removes those of its own outputs, so the parts folder goes once the file is merged;
+    a temporary of an output it does not write, and any other file, are not its to remove."""
+    model, _ = _model()
+    _save(tmp_path, "x.npy", 3)
+    (tmp_path / "m.csv").write_text("tenant,input,output\np,x.npy,a\nq,x.npy,b\n")
+    parts, out = tmp_path / "all.npz.parts", tmp_path / "out"
+    parts.mkdir()
+    out.mkdir()
+    stale = [parts / ".a.npz.tmp-0123abcd", parts / ".b.npz.tmp-89ef4567", tmp_path / ".all.npz.tmp-deadbeef", out / ".a.npz.tmp-0123abcd"]
+    others = [out / ".c.npz.tmp-0123abcd", out / "notes.tmp-0123abcd", out / ".a.npz.tmp-draft"]
+    for path in stale + others:
+        path.write_bytes(b"cut short")
+    jaxmt.predict_manifest(model, tmp_path / "m.csv", output_file=tmp_path / "all.npz")
+    jaxmt.predict_manifest(model, tmp_path / "m.csv", out)
+    assert not parts.exists() and not any(path.exists() for path in stale)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["a.npz", "b.npz", *(p.name for p in others)])
+
+
+def test_writing_the_summary_removes_the_temporaries_a_killed_write_of_it_left(tmp_path):
+    (tmp_path / ".summary.json.tmp-0123abcd").write_text("{")
+    (tmp_path / ".other.json.tmp-0123abcd").write_text("{")
+    jaxmt.batch._write_summary(tmp_path / "summary.json", {"entries": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.tmp-0123abcd", "summary.json"]

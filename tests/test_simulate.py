@@ -57,11 +57,24 @@ def test_help_and_bad_arguments(capsys):
     (["--rate", "1e9", "--duration", "1e9"], "at most 1e+07"),
     (["--seed", "-1"], "seed must be >= 0, got -1"),  # NumPy refused it only after the model was built and compiled
     (["--json", ""], "--json is empty"),  # "$OUT" of an unset variable: the run wrote no JSON, and exit code 0
-], ids=["no rows", "negative overload factor", "no folder for the json", "too many requests", "negative seed", "empty json path"])
+    # Options the run would ignore are refused, as the train and batch commands do, saying why:
+    (["--burst", "0.5"], "--burst applies to --arrival bursty only: poisson arrivals come one at a time"),  # was "burst ... >= 1"
+    (["--burst", "4"], "--burst applies to --arrival bursty only"),  # was run as if not given
+    (["--scheduler", "time", "--target-latency-ms", "30"], "--target-latency-ms paces jaxmt only: --scheduler time serves"),
+], ids=["no rows", "negative overload factor", "no folder for the json", "too many requests", "negative seed", "empty json path",
+        "tiny burst of poisson arrivals", "burst of poisson arrivals", "pacing a baseline alone"])
 def test_bad_options_are_one_error_line_before_anything_runs(argv, message, capsys):
     assert simulate.main(["--duration", "0.2", "--quiet", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("simulate.py: error:") and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, burst", [([], 8.0), (["--burst", "3"], 3.0)], ids=["default", "given"])
+def test_burst_sizes_the_bursts_of_bursty_arrivals(argv, burst, monkeypatch):
+    workloads = []
+    monkeypatch.setattr(simulate, "simulate", lambda workload, *args, **kwargs: workloads.append(workload) or {"results": []})
+    assert simulate.main(["--quiet", "--arrival", "bursty", *argv]) == 0
+    assert workloads[0].burst == burst
 
 
 @pytest.mark.parametrize("option", ["--json", "--plot"])
@@ -107,6 +120,7 @@ def test_smoke_run_writes_json_and_plot(tmp_path, capsys, unfreeze_after):
     out = capsys.readouterr().out
     assert "by chance" in out
     report = json.loads(json_path.read_text())
+    assert "burst" not in report["workload"]  # poisson arrivals: only the settings the run used are recorded
     assert [r["scheduler"] for r in report["results"]] == ["jaxmt", "exclusive", "time", "space"]
     for result in report["results"]:
         assert result["scheduler"] in out

@@ -9,6 +9,7 @@ float32 where one SGD step is.
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 
 import flax
@@ -221,6 +222,20 @@ def test_train_cli_rejects_arguments_it_cannot_use_with_exit_code_2(argv, messag
 
     assert main(["train", "--tenants", "2", "--epochs", "1", "--no-progress", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("optimizer, wd_range", [("sgd", None), ("adamw", [1e-6, 1e-1])])
+def test_train_cli_records_only_the_settings_the_run_used(optimizer, wd_range, tmp_path):
+    """The JSON config is what the run did: SGD has no weight decay and a run without
+    --compare takes no compare steps, so neither default is recorded as if it had applied."""
+    pytest.importorskip("sklearn")
+    from jaxmt.cli import main
+
+    assert main(["train", "--tenants", "2", "--epochs", "1", "--batch-size", "256", "--no-progress",
+                 "--optimizer", optimizer, "--json", str(tmp_path / "r.json")]) == 0
+    config = json.loads((tmp_path / "r.json").read_text())["config"]
+    assert config.get("wd_range") == wd_range and "compare_steps" not in config
+    assert config["optimizer"] == optimizer and config["lr_range"] == [1e-4, 3e-1]
 
 
 @pytest.mark.parametrize("option", ["--json", "--plot"])
