@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a crash: one line, the shell's code for SIGINT
+        print(f"interrupted: {args.command} stopped before it finished", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -42,3 +42,17 @@ def test_bad_demo_options_are_one_error_line(option, message, capsys):
     assert cli.main([*TINY, *option]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "soak"])
+def test_ctrl_c_in_any_subcommand_is_exit_code_130_and_one_line(command, monkeypatch, capsys):
+    """Ctrl-C stops a subcommand with the shell's code for SIGINT and one line, not a traceback."""
+    module = __import__(cli.SUBCOMMANDS[command][0], fromlist=["run"])
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "run", interrupted)
+    assert cli.main([command]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == f"interrupted: {command} stopped before it finished"
