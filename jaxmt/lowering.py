@@ -46,8 +46,10 @@ The policy (``LoweringPolicy``, or a string or mapping that converts to one):
   "rule"    per conv: ``jaxmt.autotune.default_rule`` (no measurement, no cache).
   a name    one of ``CONV_LOWERINGS`` forced wherever it applies; vmap where it does not.
   mapping   per-layer overrides on top of "auto": keys are "conv:<i>" (the i-th
-            tenant-batched conv in trace order, as ``describe_lowering`` lists them), a
-            layer kind ("1x1", "kxk", "depthwise", "grouped") or a signature key.
+            tenant-batched conv in trace order, as ``describe_lowering`` lists them; convs
+            inside scans, loops, conds and custom-derivative functions are not counted, as
+            they are not lowered), a layer kind ("1x1", "kxk", "depthwise", "grouped") or a
+            signature key.
 """
 
 from __future__ import annotations
@@ -205,7 +207,7 @@ class LayerChoice:
     index: int
     signature: ConvSignature
     lowering: str
-    source: str  # "override", "forced", "fallback", "rule", "cache", "memo" or "autotune"
+    source: str  # "override", "forced", "fallback", "rule", "cache", "memo", "nearest" or "autotune"
 
 
 class _Context:
@@ -290,8 +292,10 @@ def _interpret_batched(apply_fn: Callable, policy: LoweringPolicy, record: list 
     outs = _eval_jaxpr(closed.jaxpr, closed.consts, [(leaf, True) for leaf in leaves], ctx)
     beyond = sorted(i for sel, _ in policy.overrides if (i := _layer_index(sel)) is not None and i >= len(ctx.choices))
     if beyond:  # a typo'd index would otherwise change nothing, silently
+        listed = f" (conv:0 to conv:{len(ctx.choices) - 1})" if ctx.choices else ""
         raise ValueError(f"lowering overrides name conv {beyond}, but the model has {len(ctx.choices)} tenant-batched "
-                         f"convs (conv:0 to conv:{len(ctx.choices) - 1})")
+                         f"convs{listed} outside control flow (convs in scans, loops, conds and custom-derivative "
+                         "functions keep vmap's form and are not counted)")
     if record is not None:
         record.extend(ctx.choices)
     flat_out = [v if batched else _broadcast(v, tenants) for v, batched in outs]

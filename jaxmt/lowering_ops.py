@@ -466,8 +466,9 @@ def applicable(choice: str, sig: ConvSignature) -> bool:
     if choice == "im2col":
         return dense and no_lhs_dilation
     # These sum their products in float32 and cast back: exact enough for floats of at
-    # most 32 bits only (not for float64, integers or complex numbers).
-    summed_in_float32 = {sig.lhs_dtype, sig.rhs_dtype} <= _FLOAT32_OR_NARROWER
+    # most 32 bits only (not for float64, integers or complex numbers), and only where the
+    # conv asks for no wider sums (float32 convs with preferred_element_type=float64).
+    summed_in_float32 = {sig.lhs_dtype, sig.rhs_dtype, sig.preferred_element_type or sig.lhs_dtype} <= _FLOAT32_OR_NARROWER
     if choice in ("shift_sum", "im2col_rows"):
         return dense and no_lhs_dilation and summed_in_float32
     if choice == "depthwise_direct":

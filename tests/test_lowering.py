@@ -812,3 +812,37 @@ def test_a_non_finite_filter_of_one_tenant_leaves_the_others_bit_for_bit(choice,
     before, after = np.asarray(fn(w, x)), np.asarray(fn(w.at[1].set(jnp.nan), x))
     np.testing.assert_array_equal(after[[0, 2]], before[[0, 2]])
     assert np.isnan(after[1]).all()
+
+
+@pytest.mark.parametrize("policy", ["auto", "rule", *CONV_LOWERINGS])
+@pytest.mark.parametrize("groups", [1, 16], ids=["3x3", "depthwise"])
+def test_a_float32_conv_summed_in_float64_is_not_summed_in_float32(policy, groups, rng):
+    """``preferred_element_type=float64`` (64-bit mode) asks for float64 sums of float32
+    products: the forms that sum in float32 (the rule's depthwise_direct on CPUs among them)
+    would round to float32 (relative error ~1e-7), so they do not apply."""
+    def f(w, x):
+        return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_DN, feature_group_count=groups,
+                                        preferred_element_type=jnp.float64)
+
+    with jax.enable_x64(True):
+        w = jnp.asarray(rng.standard_normal((2, 3, 3, 16 // groups, 16)), jnp.float32)
+        x = jnp.asarray(rng.standard_normal((2, 2, 6, 6, 16)), jnp.float32)
+        want = jax.vmap(f)(w, x)
+        got = jax.jit(tenant_batched(f, policy))(w, x)
+        assert got.dtype == want.dtype == jnp.float64
+        assert rel_error(got, want) < 1e-12
+
+
+def test_a_layer_index_naming_a_conv_inside_a_scan_is_refused_saying_why(rng):
+    """Convs in a scan body keep vmap's form and take no index: "conv:0" of a conv RNN names
+    no conv, and the error says that control flow is why (not "conv:0 to conv:-1")."""
+    def rnn(w, x):
+        step = lambda h, xt: (jnp.tanh(lax.conv_general_dilated(h + xt, w, (1, 1), "SAME", dimension_numbers=_DN)), None)
+        return lax.scan(step, jnp.zeros_like(x[0]), x)[0]
+
+    w = jnp.asarray(rng.standard_normal((2, 3, 3, 4, 4)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, 3, 1, 5, 5, 4)), jnp.float32)
+    assert describe_lowering(rnn, w, x, "rule") == []
+    assert rel_error(tenant_batched(rnn, "rule")(w, x), jax.vmap(rnn)(w, x)) < 1e-5
+    with pytest.raises(ValueError, match=r"has 0 tenant-batched convs outside control flow \(convs in scans"):
+        tenant_batched(rnn, {"conv:0": "im2col"})(w, x)
