@@ -88,7 +88,10 @@ def default_rule(sig: ConvSignature, platform: str | None = None) -> str:
       kxk convs as im2col"). Per layer the grouped form won the larger outputs: at 32 tenants
       x 1 image in float32 the autotuner timed im2col at 0.48x of it on 56x56 and 0.69x on
       28x28 (0.30 and 0.39x of the dense conv against 0.63 and 0.56x at 32x1 in "At the
-      kernel's own float32 depth"), while im2col won 14x14 by 1.3x.
+      kernel's own float32 depth"), while im2col won 14x14 by 1.3x. Inside whole float32
+      ResNet-18 steps (32 and 16 tenants x 1 image), the late 14x14 and 7x7 convs as vmap's
+      grouped conv, as shift_sum or as im2col_rows made the step 1.4-1.9x slower than with
+      im2col ("Kernel profile: the late layers in other forms").
     * Downsampling convs with windows of at most 3x3 that widen the channels (ResNet-18's
       3x3/2, C -> 2C) of several tenants: im2col. It ran them at 1.9-13x the speed of vmap's
       grouped form in every configuration timed: float32 at 16x8 and 32x1 and in the
