@@ -10,7 +10,9 @@ An entry's output is the array ``y`` (a model returning one array) or one array 
 leaf named by its path (``logits``, ``0``, ``a.b``), in ``<output>.npz`` of --output-dir; in
 the one .npz of --output-file, ``<output>`` or ``<output>/<leaf>``. Every output is written
 atomically as soon as its entry is complete, so a rerun skips finished entries (resume) and
-removes the temporary files (``.<name>.tmp-<hex>``) that a killed write of its outputs left.
+removes the temporary files (``.<name>.tmp-<host>-<pid>-<hex>``) that a killed write of its
+outputs left: those of a process of this host that is no longer running, never another
+running job's write in flight.
 A bad line (unknown tenant, missing or misshapen input) stops the job with an error naming
 it, or is recorded in the summary with ``--skip-errors``.
 """
@@ -25,6 +27,7 @@ import json
 import os
 import pathlib
 import re
+import socket
 import sys
 import time
 import uuid
@@ -41,23 +44,44 @@ from jaxmt.manifest import Entry, read_entries
 from jaxmt.model import MultiTenantModel
 
 # ---------------------------------------------------------------------------- outputs
-_TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-[0-9a-f]{8}")  # what _temporary names
+# What _temporary names: the writer's host and process id, then a random tag. Names without
+# the writer (``.<name>.tmp-<hex>``, written before the writer was recorded) are all stale.
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-(?:(?P<host>.+)-(?P<pid>[0-9]+)-)?[0-9a-f]{8}")
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 
 
 def _temporary(path: pathlib.Path) -> pathlib.Path:
-    """Where ``path`` is written before it is renamed into place: beside it, hidden."""
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    """Where ``path`` is written before it is renamed into place: beside it, hidden, named
+    with its writer so that another job can tell whether the write may still be in flight."""
+    return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _writer_is_gone(match: re.Match) -> bool:
+    """Whether the process that wrote a temporary has ended, so that the write was cut short.
+    A writer on another host, or a process of this one that still runs, may be writing it now."""
+    if match["pid"] is None:
+        return True
+    if match["host"] != _HOST or int(match["pid"]) == os.getpid() or os.name != "posix":
+        return False  # (signal 0 only asks after a process on POSIX systems; elsewhere it kills)
+    try:
+        os.kill(int(match["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OverflowError, OSError):  # another user's process (PermissionError), or a pid out of range
+        return False
+    return False
 
 
 def _remove_stale_temporaries(folder: pathlib.Path, names: Collection[str] | None) -> None:
-    """Removes the temporaries of the files ``names`` (None: of any file) in ``folder``: what a
-    write killed before it could clean up (SIGKILL, power loss) left behind. Only a job's own:
-    another job's write may be in flight beside them."""
+    """Removes the temporaries of the files ``names`` (None: of any file) in ``folder`` that a
+    write killed before it could clean up (SIGKILL, power loss) left behind. Only those whose
+    writer has ended: two jobs writing the same names may run side by side, and removing the
+    other's temporary would make its rename fail."""
     if not folder.is_dir():
         return
     for path in folder.iterdir():
         match = _TEMPORARY.fullmatch(path.name)
-        if match and (names is None or match["name"] in names) and path.is_file():
+        if match and (names is None or match["name"] in names) and path.is_file() and _writer_is_gone(match):
             path.unlink(missing_ok=True)
 
 

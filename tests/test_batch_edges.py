@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import collections
-
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -406,3 +408,30 @@ def test_writing_the_summary_removes_the_temporaries_a_killed_write_of_it_left(t
     (tmp_path / ".other.json.tmp-0123abcd").write_text("{")
     jaxmt.batch._write_summary(tmp_path / "summary.json", {"entries": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.tmp-0123abcd", "summary.json"]
+
+
+def _ended_pid() -> int:
+    """The id of a process of this host that has run and ended."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_job_leaves_the_temporaries_of_a_write_that_may_be_in_flight(tmp_path):
+    """Two jobs writing the same output names side by side: one must not remove the other's
+    temporary mid-write. Only a temporary whose writer has ended on this host is stale."""
+    host = jaxmt.batch._HOST
+    ended = f".summary.json.tmp-{host}-{_ended_pid()}-0123abcd"
+    running = f".summary.json.tmp-{host}-{os.getppid()}-89ef4567"
+    own = f".summary.json.tmp-{host}-{os.getpid()}-deadbeef"
+    elsewhere = f".summary.json.tmp-another-host-{_ended_pid()}-01234567"
+    for name in (ended, running, own, elsewhere):
+        (tmp_path / name).write_text("{")
+    jaxmt.batch._write_summary(tmp_path / "summary.json", {"entries": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running, own, elsewhere, "summary.json"])
+
+
+def test_a_temporary_names_its_writer_so_that_the_next_job_can_tell_it_is_stale(tmp_path):
+    match = jaxmt.batch._TEMPORARY.fullmatch(jaxmt.batch._temporary(tmp_path / "a.npz").name)
+    assert match is not None
+    assert (match["name"], match["host"], int(match["pid"])) == ("a.npz", jaxmt.batch._HOST, os.getpid())
