@@ -5,48 +5,64 @@ Answers do not depend on the wait; bad spins are refused before the store is mad
 from __future__ import annotations
 
 import time
+import types
 
 import jax
 import numpy as np
 import pytest
-from conftest import reference_predict, rel_error, tiny_spec
+from conftest import FakeClock, reference_predict, rel_error, tiny_spec
 
 from jaxmt import BucketPolicy, MultiTenantModel, steps
 from jaxmt.steps import wait_for
 
 
-class _NeverReady:
-    """An output that never says it is ready; blocking on it returns at once."""
+ASK_S = 1e-3  # what one is_ready() costs on the fake clock
 
-    def __init__(self):
+
+class _NeverReady:
+    """An output that never says it is ready, each ask moving the clock by ASK_S; blocking on
+    it returns at once."""
+
+    def __init__(self, clock: FakeClock | None = None):
+        self.clock = clock
         self.asked = 0
         self.blocked_at = None
 
     def is_ready(self) -> bool:
         self.asked += 1
+        if self.clock is not None:
+            self.clock.advance(ASK_S)
         return False
 
     def block_until_ready(self):
-        self.blocked_at = time.perf_counter()
+        self.blocked_at = self.clock() if self.clock is not None else time.perf_counter()
         return self
 
     def is_deleted(self) -> bool:
         return False
 
 
-def test_wait_for_asks_until_the_spin_is_over_then_blocks():
-    leaf = _NeverReady()
-    start = time.perf_counter()
-    wait_for([leaf], 2e-3)
-    assert leaf.asked > 1 and leaf.blocked_at - start >= 2e-3
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    """The clock wait_for reads, moved only by the leaves' asks."""
+    fake = FakeClock(start=0.0)
+    monkeypatch.setattr(steps, "time", types.SimpleNamespace(perf_counter=fake))
+    return fake
 
 
-def test_the_spin_counts_over_all_the_leaves_together():
-    leaves = [_NeverReady(), _NeverReady()]
-    start = time.perf_counter()
-    wait_for(leaves, 20e-3)
-    assert all(leaf.blocked_at is not None for leaf in leaves)
-    assert leaves[1].asked == 1 and leaves[1].blocked_at - start < 40e-3  # the second found the spin over
+@pytest.mark.parametrize("spin_asks", [1, 2, 5])
+def test_wait_for_asks_until_the_spin_is_over_then_blocks(spin_asks, clock):
+    leaf = _NeverReady(clock)
+    wait_for([leaf], spin_asks * ASK_S)
+    assert leaf.asked == spin_asks  # the ask that reaches the deadline is the last one
+    assert leaf.blocked_at == pytest.approx(spin_asks * ASK_S)
+
+
+def test_the_spin_counts_over_all_the_leaves_together(clock):
+    leaves = [_NeverReady(clock), _NeverReady(clock)]
+    wait_for(leaves, 20 * ASK_S)
+    assert [leaf.asked for leaf in leaves] == [20, 1]  # the second found the spin over
+    assert [leaf.blocked_at for leaf in leaves] == [pytest.approx(20 * ASK_S), pytest.approx(21 * ASK_S)]  # one ask, no spin
 
 
 def test_wait_for_without_a_spin_blocks_at_once_and_skips_numpy_leaves():

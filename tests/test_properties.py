@@ -44,7 +44,10 @@ TENANT_IDS = st.sampled_from(["a", "b", "c", 0, 1, 2, ("t", 3), b"d"])
 
 # ----------------------------------------------------------------------------- store bookkeeping
 STORE_INITIAL_CAPACITY = 2
-STORE_MAX_CAPACITY = 8
+# Below the number of TENANT_IDS, so that adds reach the limit (CapacityError), and off the
+# doubling path (2, 4, 8), so that the last growth is cut short at the limit.
+STORE_MAX_CAPACITY = 6
+assert STORE_MAX_CAPACITY < len(TENANT_IDS.elements) and STORE_MAX_CAPACITY & (STORE_MAX_CAPACITY - 1)
 
 
 def _store_params(seed: int) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import reference_predict
 
 import jaxmt
 from jaxmt.rows import DIRECT_ROW_BYTES, RowParts, take_rows
@@ -92,7 +93,7 @@ def test_dispatch_of_parts_equals_predict_of_their_concatenation(row_shape):
     parts = _parts(rng, row_shape, 6)
     ids = [f"t{rng.integers(4)}" for part in parts for _ in range(len(part))]
     got = mt.dispatch(ids, RowParts(parts)).result()
-    want = mt.predict(ids, np.concatenate(parts))
+    want = reference_predict(apply_fn, params, ids, np.concatenate(parts))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(jaxmt.InputError, match="len"):
         mt.dispatch(ids[:-1], RowParts(parts))

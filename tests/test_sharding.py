@@ -339,9 +339,11 @@ def test_multi_device_scheduler_fills_a_step_with_the_largest_bucket_on_every_de
     tenants = list(params)
     rng.shuffle(tenants)
     scheduler = jaxmt.Scheduler(mt, max_delay_ms=60_000.0, default_slo_ms=600_000.0)
-    futures = [scheduler.submit(t, spec.random_input(rng, 1)) for t in tenants]
+    requests = [(t, spec.random_input(rng, 1)) for t in tenants]
+    futures = [scheduler.submit(t, x) for t, x in requests]
     scheduler.close(drain=True)
-    assert all(f.result(timeout=120) is not None for f in futures)
+    for (tenant, x), future in zip(requests, futures):
+        assert rel_error(future.result(timeout=120), reference_predict(spec.apply_fn, params, [tenant], x)) < 1e-5, tenant
     assert scheduler.metrics()["steps"]["steps"] == 1
 
 

@@ -6,6 +6,7 @@ depends on this machine's speed."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from jaxmt import autotune, timing
@@ -103,11 +104,20 @@ def test_the_autotuner_takes_the_median_of_bursts_of_its_compiled_calls(monkeypa
     assert set(seen_args) == {("x", "w")}
 
 
-@pytest.mark.parametrize("values", [[1.0, 10.0], [1.0, 2.0, 3.0], [5.0] * 7, list(map(float, range(1, 11)))])
-def test_the_p90_is_never_below_the_median_and_is_a_sample(values):
-    p90 = timing.percentile(sorted(values), 0.9)
-    assert p90 in values and p90 >= sorted(values)[(len(values) - 1) // 2]
-    assert timing.percentile(sorted(values), 1.0) == max(values)
+@pytest.mark.parametrize("q", [0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("values", [[1.0, 10.0], [1.0, 2.0, 3.0], [5.0] * 7, list(map(float, range(1, 11))), "random 13", "random 100"])
+def test_a_percentile_is_the_nearest_rank_sample(values, q, rng):
+    """The smallest sample with at least a fraction q of the samples at or below it (NumPy's
+    "inverted_cdf"): a sample, never below the median for q > 0.5, the largest for q = 1."""
+    if isinstance(values, str):
+        values = list(rng.exponential(5.0, size=int(values.split()[1])))
+    got = timing.percentile(sorted(values), q)
+    assert got == np.percentile(values, 100 * q, method="inverted_cdf")
+    assert got in values
+    if q > 0.5:
+        assert got >= sorted(values)[(len(values) - 1) // 2]
+    if q == 1.0:
+        assert got == max(values)
 
 
 def test_timing_without_repeats_is_refused():
