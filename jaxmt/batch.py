@@ -255,9 +255,9 @@ def predict_manifest(
       progress: show a tqdm bar over rows.
 
     Returns:
-      dict with entries, computed, skipped_existing, failed, errors ([{line, error}]), rows
-      (rows computed now), seconds, rows_per_second, steps, compiles, compile_seconds,
-      padding_waste and outputs.
+      dict with manifest, outputs (the output directory or file), entries, computed,
+      skipped_existing, failed, errors ([{line, error}]), rows (rows computed now), seconds,
+      rows_per_second, steps, compiles, compile_seconds and padding_waste.
 
     Raises:
       ManifestError: a bad line (without ``skip_errors``), naming the manifest and line.
@@ -417,7 +417,10 @@ def _architecture(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
         raise ValueError(f"--model must be MODULE:FUNCTION, got {args.model!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    apply_fn, example = getattr(importlib.import_module(module_name), function_name)()
+    made = getattr(importlib.import_module(module_name), function_name)()
+    if not isinstance(made, (tuple, list)) or len(made) != 2:  # else unpacking it says only "cannot unpack"
+        raise TypeError(f"--model {args.model} returned {type(made).__name__}, expected (apply_fn, example_params)")
+    apply_fn, example = made
     return apply_fn, example, {}
 
 

@@ -94,7 +94,7 @@ def _resolve_tenant(raw: Any, model: MultiTenantModel) -> Hashable:
             number = None
         if number is not None and str(number) == raw and number in model:  # "3" names 3; "+3", "1_0" name nothing
             return number
-    raise KeyError(f"unknown tenant {raw!r} ({len(model)} tenants are in the checkpoint)")
+    raise KeyError(f"unknown tenant {raw!r} ({len(model)} tenants are resident)")
 
 
 def _peek(path: pathlib.Path, key: str | None) -> tuple[tuple[int, ...], np.dtype, str | None]:

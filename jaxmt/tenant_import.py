@@ -43,7 +43,7 @@ def _read_params_tree(path: pathlib.Path) -> PyTree:
                 f"{path} holds no checkpoint: expected an Orbax PyTree checkpoint (with _METADATA), a "
                 "flax.training.checkpoints directory (checkpoint_<step>) or a msgpack file"
             )
-        restored = checkpoints.restore_checkpoint(path, target=None)
+        restored = checkpoints.restore_checkpoint(path.absolute(), target=None)  # its Orbax reader refuses relative paths
     except CheckpointError:
         raise
     except Exception as exc:

@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default="mlp", choices=ARCHS, help="architecture (default mlp)")
     parser.add_argument("--tenants", type=int, default=32, help="models trained together (default 32)")
     parser.add_argument("--epochs", type=int, default=20, help="passes over the training rows (default 20)")
-    parser.add_argument("--batch-size", type=int, default=64, help="rows per step of each tenant (default 64)")
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per step of each tenant, at most the training rows (default 64)")
     parser.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS), help="Optax optimizer (default adamw)")
     parser.add_argument("--lr-range", type=float, nargs=2, default=(1e-4, 3e-1), metavar=("LOW", "HIGH"),
                         help="learning rates are drawn log-uniformly from [LOW, HIGH] (default 1e-4 3e-1)")
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
         apply_fn=module.apply, lowering=args.lowering,
     )
     n_train = len(data["y_train"])
-    batch_size = min(args.batch_size, n_train)
+    batch_size = args.batch_size = min(args.batch_size, n_train)  # recorded as run
     idx = shuffled_batch_indices(n_train, batch_size, seeds, epochs=args.epochs)
     steps_per_epoch = n_train // batch_size
     val = {"x": data["x_val"], "y": data["y_val"]}

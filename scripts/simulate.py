@@ -382,13 +382,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=1, help="rows per request")
     parser.add_argument("--slo-ms", type=float, default=50.0, help="latency objective of every request")
     parser.add_argument("--max-delay-ms", type=float, default=2.0, help="longest wait for company (all servers)")
-    parser.add_argument("--target-latency-ms", type=float, default=None,
+    parser.set_defaults(target_latency_ms=None)  # not the option's default, which the help would show as "(default: None)"
+    parser.add_argument("--target-latency-ms", type=float, default=argparse.SUPPRESS,
                         help="jaxmt only: pace each request to be answered about this long after submit (default: as soon as possible)")
-    parser.add_argument("--overload-policy", default="reject", choices=jaxmt.scheduler.OVERLOAD_POLICIES)
+    parser.add_argument("--overload-policy", default="reject", choices=jaxmt.scheduler.OVERLOAD_POLICIES,
+                        help="what a request predicted to miss its deadline gets: Overloaded, or served and counted late")
     parser.add_argument("--overload-factor", type=float, default=1.0, help="tolerated predicted lateness, in SLOs")
     parser.add_argument("--max-tenants-bucket", type=int, default=0, help="largest tenant bucket (0: tenants, pow2, <= 64)")
     parser.add_argument("--max-rows-bucket", type=int, default=16, help="largest row bucket")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the weights, arrival times, tenants and inputs")
     parser.add_argument("--stage", default="auto", choices=sorted(STAGE_CHOICES), help=STAGE_HELP)
     parser.set_defaults(gc_freeze=True)  # set here, not as the option's default, which the help would show as "(default: True)"
     parser.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false", default=argparse.SUPPRESS,

@@ -59,6 +59,15 @@ def test_an_input_the_model_cannot_take_fails_its_own_line_not_the_lines_after_i
     np.testing.assert_allclose(np.load(tmp_path / "out" / "g.npz")["y"], good @ params["q"]["w"], rtol=1e-5)
 
 
+def test_an_unknown_tenant_of_a_live_model_is_not_said_to_be_missing_from_a_checkpoint(tmp_path):
+    """predict_manifest serves any model, not only one restored from a checkpoint."""
+    model, _ = _model()
+    _save(tmp_path, "x.npy", 2)
+    (tmp_path / "m.csv").write_text("tenant,input\nzz,x.npy\np,x.npy\n")
+    summary = _line_2_fails_then_is_skipped(model, tmp_path / "m.csv", tmp_path / "out", r"unknown tenant 'zz' \(2 tenants are resident\)")
+    assert summary["computed"] == 1
+
+
 @pytest.mark.parametrize("name", ["file", "allow_pickle"])
 def test_outputs_named_like_savez_keywords_are_kept_in_one_output_file(tmp_path, name):
     model, params = _model()
@@ -246,6 +255,22 @@ def test_a_summary_that_would_overwrite_the_job_is_refused(tmp_path, capsys, tar
 
 def _example_model():
     return _apply, {"w": np.ones((6, 3), np.float32)}
+
+
+def _not_a_model():
+    return _apply
+
+
+def test_a_model_function_that_returns_no_pair_is_named(tmp_path, capsys):
+    from jaxmt.cli import main as cli_main
+
+    model, _ = _model()
+    jaxmt.save_store(model, tmp_path / "ckpt")
+    (tmp_path / "m.csv").write_text("tenant,input\n")
+    code = cli_main(["batch", str(tmp_path / "m.csv"), "--checkpoint", str(tmp_path / "ckpt"), "--model", f"{__name__}:_not_a_model",
+                     "--no-progress", "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and f"--model {__name__}:_not_a_model returned function" in err and "(apply_fn, example_params)" in err
 
 
 def test_a_dtype_that_is_no_dtype_is_an_error_exit(tmp_path, capsys):

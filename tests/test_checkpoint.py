@@ -377,6 +377,16 @@ def test_add_tenant_from_flax_and_orbax_checkpoints(tmp_path, rng, name, writer)
     assert rel_error(mt.predict(ids, x), reference_predict(spec.apply_fn, params, ids, x)) < 1e-5
 
 
+@pytest.mark.parametrize("writer", WRITERS, ids=lambda w: w.__name__)
+def test_add_tenant_from_a_checkpoint_given_by_a_relative_path(tmp_path, monkeypatch, writer):
+    spec, mt, _ = _model("mlp", seed=11)
+    new = spec.init(4243)
+    writer(tmp_path / "one", jax.tree_util.tree_map(np.asarray, new))
+    monkeypatch.chdir(tmp_path)
+    jaxmt.add_tenant_from_checkpoint(mt, "new", "one")  # Orbax (under Flax too) reads absolute paths only
+    assert _leaves_equal(mt.get_params("new"), new)
+
+
 def _without_first_leaf(tree):
     tree = jax.tree_util.tree_map(np.asarray, tree)
     del tree["params"]["Dense_0"]["bias"]

@@ -76,6 +76,15 @@ def test_bad_soak_options_are_one_error_line(option, capsys):
     assert code == 2 and "error: " in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(("option", "named"), [(["--window", "0"], "window"), (["--seed", "-1"], "seed")],
+                         ids=["no window", "negative seed"])
+def test_soak_options_refused_before_the_run_are_named(option, named, capsys):
+    """A window of 0 would run as 1 and a negative seed fail in NumPy: both refused, by name."""
+    code = cli.main(["soak", "--requests", "20", "--threads", "2", "--tenants", "2", "--churn", "1", *option])
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and "Traceback" not in err
+
+
 def test_a_recorded_soak_says_how_many_tenants_were_replaced_not_how_many_were_asked_for(monkeypatch):
     """With --churn at or above --requests the replacement points collide: fewer are replaced."""
     import types

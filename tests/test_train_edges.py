@@ -238,6 +238,17 @@ def test_train_cli_records_only_the_settings_the_run_used(optimizer, wd_range, t
     assert config["optimizer"] == optimizer and config["lr_range"] == [1e-4, 3e-1]
 
 
+def test_train_cli_records_the_batch_size_it_trained_with(tmp_path):
+    """A --batch-size above the training rows runs as one batch of them all: the JSON says so."""
+    pytest.importorskip("sklearn")
+    from jaxmt.cli import main
+
+    assert main(["train", "--tenants", "2", "--epochs", "1", "--batch-size", "100000", "--no-progress",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["config"]["batch_size"] == result["train_rows"] and result["steps"] == 1
+
+
 @pytest.mark.parametrize("option", ["--json", "--plot"])
 def test_train_cli_refuses_an_output_path_that_is_a_folder_before_training(option, tmp_path, monkeypatch, capsys):
     """Writing to a folder fails only after the training (IsADirectoryError): refuse it up front."""
