@@ -393,6 +393,9 @@ class SpaceOnlyServer(_LaneServer):
     def __init__(self, mt: Any, max_delay_ms: float | None = None, default_slo_ms: float | None = None, *,
                  batch_sizes: Sequence[int] | None = None, workers: int | None = None,
                  config: SchedulerConfig | None = None, **options: Any):
+        if options.get("pipeline_depth") is not None:  # refused, not ignored: workers set what is in flight
+            raise ValueError(f"space: pipeline_depth does not apply (each worker waits for its batch; give workers "
+                             f"instead), got {options['pipeline_depth']!r}")
         config = make_config(config, max_delay_ms=max_delay_ms, default_slo_ms=default_slo_ms, **options)
         super().__init__(mt, config, batch_sizes or mt.buckets.row_buckets)
         workers = max(1, len(mt)) if workers is None else workers

@@ -379,6 +379,17 @@ exit codes:
        command again to resume"""
 
 
+def _positive_int(text: str) -> int:
+    """An option's count of at least 1 (argparse names the option and exits 2 otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.epilog = EXIT_CODES
@@ -395,8 +406,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--output-dir", help="write one <output>.npz per entry here (array y, or one array per output leaf, e.g. logits)")
     out.add_argument("--output-file", help="write one .npz keyed by entry output name (<output>, or <output>/<leaf> per output leaf)")
     parser.add_argument("--summary", help="summary JSON path (default <output-dir>/summary.json or <output-file>.summary.json)")
-    parser.add_argument("--max-tenants", type=int, default=16, help="tenants per step: the largest tenant bucket (default 16)")
-    parser.add_argument("--max-rows", type=int, default=64, help="rows per tenant per step: the largest row bucket (default 64)")
+    parser.add_argument("--max-tenants", type=_positive_int, default=16, help="tenants per step: the largest tenant bucket (default 16)")
+    parser.add_argument("--max-rows", type=_positive_int, default=64, help="rows per tenant per step: the largest row bucket (default 64)")
     parser.add_argument("--skip-errors", action="store_true", help="record bad manifest lines in the summary instead of stopping")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")

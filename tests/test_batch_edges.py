@@ -460,3 +460,15 @@ def test_a_temporary_names_its_writer_so_that_the_next_job_can_tell_it_is_stale(
     match = jaxmt.batch._TEMPORARY.fullmatch(jaxmt.batch._temporary(tmp_path / "a.npz").name)
     assert match is not None
     assert (match["name"], match["host"], int(match["pid"])) == ("a.npz", jaxmt.batch._HOST, os.getpid())
+
+
+@pytest.mark.parametrize("option, value", [("--max-rows", "0"), ("--max-tenants", "-2"), ("--max-rows", "many")])
+def test_bucket_options_that_are_not_positive_counts_are_refused_by_name(tmp_path, capsys, option, value):
+    from jaxmt.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["batch", str(tmp_path / "m.csv"), "--checkpoint", str(tmp_path / "ckpt"), "--arch", "mlp",
+                  "--output-dir", str(tmp_path / "out"), option, value])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: expected a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
