@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     needed = sorted(
         {(step.tenant_bucket, step.row_bucket) for ids, _ in batches for step in make_plan(mt.store.slots_of(ids), mt.buckets).steps}
     )
-    for k, b in tqdm(needed, desc="compiling jaxmt programs", unit="program"):
+    for k, b in tqdm(needed, desc="compiling jaxmt programs by bucket shape", unit="shape"):  # a shape may take two (one for whole-store steps)
         mt.warmup([k], [b])
 
     ids, x = batches[0]
