@@ -5,7 +5,7 @@ leaf of ``params_k`` and ``x_kb`` has a leading tenant axis K.
 
 ``lowering="vmap"`` is ``jax.vmap(apply_fn)``: XLA batches a conv whose input and filter both
 carry the tenant axis into ONE grouped convolution (tenants folded into feature groups),
-which on an H100 ran 1x1 layers at 0.29-0.35x of the dense conv. Any other choice runs
+which on an H100 ran 1x1 layers at 0.07-0.8x of the dense conv. Any other choice runs
 ``apply_fn`` through a tenant-batching interpreter of its jaxpr:
 
 * ``apply_fn`` is traced once for ONE tenant (``jax.make_jaxpr``) and its equations are
@@ -32,9 +32,10 @@ rewritten. All lowerings are ordinary differentiable JAX, so gradients flow thro
 Measured on an H100 (bf16, benchmarks/README.md "Lowering"): "auto" ran ResNet-50 at 16
 tenants x 8 images at 0.95-1.00x of exclusive access with the Pallas implicit-GEMM kernel
 among its choices (0.85x without it; naive vmap: 0.43x), ResNet-18 at 32 x 8 at 0.97-1.01x
-(0.65x without; vmap 0.52-0.57x), MobileNetV2 at 16 x 8 at 0.93x without it (0.27x). The
-kernel (``jaxmt.pallas_conv``) runs the 3x3 convs that XLA's grouped forms run at
-0.1-0.7x of a dense conv, and ResNet's 7x7 stem at about twice XLA's own dense stem.
+(0.65x without; vmap 0.52-0.58x), MobileNetV2 at 16 x 8 at 0.93-1.06x, none of its convs on
+the kernel (vmap 0.27-0.48x). The kernel (``jaxmt.pallas_conv``) runs the 3x3 convs that XLA's
+grouped forms run at 0.1-0.7x of a dense conv, and ResNet's 7x7 stem at about twice XLA's own
+dense stem.
 
 The policy (``LoweringPolicy``, or a string or mapping that converts to one):
 

@@ -95,9 +95,10 @@ class MultiTenantModel:
         compiles, so a staging server may hold twice the programs counted above.
       compiler_options: XLA options for every step program (``jax.stages.Lowered.compile``'s
         ``compiler_options``), e.g. ``{"xla_gpu_graph_min_graph_size": 1}``, which lets XLA
-        launch even a small step's few kernels and copies as one CUDA graph (on an H100, in
-        runs of 30 calls, ``predict`` of the overhead benchmark's tiny MLP took 458 and 492
-        us with it against 461 and 509 us without: benchmarks/README.md, Host overhead).
+        launch even a small step's few kernels and copies as one CUDA graph (on H100s, in
+        runs of 30 calls, ``predict`` of the overhead benchmark's tiny MLP took 269-492 us
+        with it against 300-509 us without over three leases, a gain within the A/A spread
+        of its rotation: benchmarks/README.md, Host overhead).
         Checked when the model is built: an option XLA does not know raises ``ValueError``
         naming it. The baselines (``jaxmt.baselines``) compile with them too; the lowering
         autotuner times its candidate layers with XLA's defaults.
@@ -108,11 +109,12 @@ class MultiTenantModel:
         it showed in calls alternating with blocking ones (``predict`` of the overhead
         benchmark 451 against 484 us with 300 us of spin) is about the size of what a call's
         place in such a rotation did alone on a CPU, and in runs of 30 calls of each polling
-        was slower (487 against 461 and 523 against 509 us; benchmarks/README.md, Host
-        overhead). It can pay only where answers are written to host memory (an answer left
-        on the device is copied back after it is ready, and that copy is waited for anyway);
-        leave it at 0 where many threads call ``predict`` at once. Kept in seconds as
-        ``predict_spin_s``; the baselines (``jaxmt.baselines``) wait the same way.
+        was slower on that lease (487 against 461 and 523 against 509 us) and 5% faster on a
+        later one (264 against 278 us), the size of run-order effects seen on a CPU
+        (benchmarks/README.md, Host overhead). It can pay only where answers are written to
+        host memory (an answer left on the device is copied back after it is ready, and that
+        copy is waited for anyway); leave it at 0 where many threads call ``predict`` at
+        once. Kept in seconds as ``predict_spin_s``; the baselines (``jaxmt.baselines``) wait the same way.
         ``dispatch(...).result()`` blocks at once unless given ``spin_s``.
 
     Example:

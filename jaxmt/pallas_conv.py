@@ -1,7 +1,7 @@
 """A tenant-batched kxk convolution as one Pallas kernel (Triton on GPUs): an implicit GEMM.
 
 Why a kernel of our own: XLA lowers a conv with per-tenant filters as a grouped conv, which
-ran at 0.35-0.92x of the dense conv on an H100 for ResNet's 3x3 layers, and im2col
+ran at 0.12-0.75x of the dense conv on an H100 for ResNet's 3x3 layers, and im2col
 materialises kh*kw copies of the activations before its batched matmul (0.05-0.63x;
 benchmarks/README.md, "Lowering"). This kernel builds no patches: the output rows of one
 tile (positions of the flattened N*H*W image) accumulate, for every window offset (dy, dx)
