@@ -195,6 +195,8 @@ def default_cache_path() -> Path:
 
 
 def device_tag(device: jax.Device | None = None) -> str:
+    """``platform:device kind`` (default: the first device): choices measured on one kind of
+    device are not reused on another."""
     device = device or jax.devices()[0]
     return f"{device.platform}:{getattr(device, 'device_kind', device.platform)}"
 
@@ -244,6 +246,8 @@ class LoweringCache:
         return {key: entry for key, entry in entries.items() if isinstance(entry, dict)}  # a foreign value is no entry
 
     def get(self, key: str) -> dict[str, Any] | None:
+        """The cached entry for ``key`` (refreshed from disk if another writer changed it), or None
+        when there is none or its choice is no known lowering."""
         with self._lock:
             self._refresh()
             entry = self._entries.get(key)
@@ -258,6 +262,8 @@ class LoweringCache:
             return dict(self._entries)
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
+        """Stores ``entry`` under ``key``: merged with the file's current entries and written
+        atomically under a file lock, so concurrent writers keep each other's choices."""
         with self._lock, _locked_file(self.path.with_name(self.path.name + ".lock")):
             merged = self._read_disk()
             if self._entries:

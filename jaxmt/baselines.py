@@ -382,10 +382,10 @@ class SpaceOnlyServer(_LaneServer):
     Args:
       mt: the model whose tenants are served.
       max_delay_ms, batch_sizes, **options: as for ``TimeOnlyServer``, except
-        ``pipeline_depth``, which does not apply: each worker launches a batch and waits for
-        it, so ``workers`` batches are in flight at most.
+        ``pipeline_depth``, which does not apply (given, it raises ValueError): each worker
+        launches a batch and waits for it, so ``workers`` batches are in flight at most.
       workers: threads that launch and wait for batches (default: one per resident tenant);
-        a tenant is served by one worker at a time.
+        a tenant is served by one worker at a time. ValueError unless a positive integer.
     """
 
     kind = "space"

@@ -391,6 +391,7 @@ def _positive_int(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``python -m jaxmt batch``'s arguments (the CLI's contract, see ``jaxmt.cli``)."""
     parser.description = __doc__
     parser.epilog = EXIT_CODES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -465,6 +466,7 @@ def _summary_clash(summary_path: pathlib.Path, args: argparse.Namespace) -> str 
 
 
 def run(args: argparse.Namespace) -> int:
+    """Runs ``python -m jaxmt batch``; returns the exit code (Ctrl-C keeps finished outputs for a rerun)."""
     try:
         return _command(args)
     except KeyboardInterrupt:  # Ctrl-C: every output is written whole or not at all, so a rerun goes on from here

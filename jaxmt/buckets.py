@@ -81,16 +81,20 @@ class BucketPolicy:
 
     @property
     def max_tenants(self) -> int:
+        """The largest tenant bucket: the most tenant entries one step holds."""
         return self.tenant_buckets[-1]
 
     @property
     def max_rows(self) -> int:
+        """The largest row bucket: the most rows one tenant entry holds."""
         return self.row_buckets[-1]
 
     def tenant_bucket(self, count: int) -> int:
+        """The K that ``count`` tenant entries are padded up to; ValueError past the ladder."""
         return _round_up(self.tenant_buckets, count)
 
     def row_bucket(self, count: int) -> int:
+        """The B that ``count`` rows of one entry are padded up to; ValueError past the ladder."""
         return _round_up(self.row_buckets, count)
 
     @property
@@ -145,18 +149,22 @@ class Step:
 
     @property
     def tenant_bucket(self) -> int:
+        """K: the step's tenant entries, padding included."""
         return int(self.row_index.shape[0])
 
     @property
     def row_bucket(self) -> int:
+        """B: rows per entry, padding included."""
         return int(self.row_index.shape[1])
 
     @property
     def rows(self) -> int:
+        """The request rows this step answers (padding excluded)."""
         return int(self.out_rows.shape[0])
 
     @property
     def padded_rows(self) -> int:
+        """K x B: the rows the step computes, padding included."""
         return int(self.row_index.size)
 
 
@@ -169,6 +177,7 @@ class Plan:
 
     @property
     def padded_rows(self) -> int:
+        """Rows computed over all steps, padding included."""
         return sum(step.padded_rows for step in self.steps)
 
     @property

@@ -395,14 +395,16 @@ def _read_arrays(directory: pathlib.Path, arrays_name: Any, expected: dict[str, 
 
 
 def restore_store(directory: StrPath, example_params: PyTree | None = None, **store_kwargs: Any) -> TenantStore:
-    """A new TenantStore holding the checkpoint's tenants, in their order and slots.
+    """A new TenantStore holding the checkpoint's tenants, in their order and (where its
+    ``max_capacity`` allows) their slots.
 
     Args:
       directory: a store checkpoint written by ``save_store``.
       example_params: if given, the checkpoint's leaves must match it (paths, shapes,
         dtypes) and the store uses its pytree structure; otherwise the saved structure
         (dicts, lists, tuples) with zero-valued template leaves.
-      store_kwargs: passed to ``TenantStore`` (capacity defaults to the saved capacity).
+      store_kwargs: passed to ``TenantStore`` (capacity defaults to the saved capacity, capped
+        at a ``max_capacity`` given).
 
     Raises:
       CheckpointError: missing, truncated, malformed or mismatched checkpoint.

@@ -33,6 +33,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m jaxmt`` (and the ``jaxmt`` script): parses ``argv`` and runs its subcommand;
+    returns the exit code (2 without a subcommand, 130 on Ctrl-C)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((arg for arg in argv if not arg.startswith("-")), None)  # the top level takes no option values
     parser = build_parser(command)

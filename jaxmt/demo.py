@@ -21,6 +21,7 @@ from jaxmt.model import MultiTenantModel
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``python -m jaxmt demo``'s arguments (the CLI's contract, see ``jaxmt.cli``)."""
     parser.add_argument("--arch", default="resnet18", help="architecture from models/ (default resnet18)")
     parser.add_argument("--size", default="tiny", choices=("tiny", "full"), help="model size (default tiny)")
     parser.add_argument("--tenants", type=int, default=32, help="number of tenants (default 32)")
@@ -49,6 +50,8 @@ def _reference(spec, params: dict, ids: list, x: np.ndarray) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Runs ``python -m jaxmt demo``; returns 0 if jaxmt's answers matched each tenant's own model,
+    1 if not, 2 for bad arguments."""
     import models
     from tqdm.auto import tqdm
 

@@ -23,7 +23,7 @@ class UnknownTenantError(JaxmtError, KeyError):
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0])
 
-    def __reduce__(self):  # pickle and copy rebuild it from its arguments, not from its message
+    def __reduce__(self) -> tuple:  # pickle and copy rebuild it from its arguments, not from its message
         return type(self), (self.tenant_id, self.known), self.__dict__
 
 
@@ -70,7 +70,7 @@ class NonFiniteLossError(JaxmtError, FloatingPointError):
         self.tenant_ids = list(tenant_ids)
         self.step = step
 
-    def __reduce__(self):  # pickle and copy rebuild it from its arguments (args holds the message only)
+    def __reduce__(self) -> tuple:  # pickle and copy rebuild it from its arguments (args holds the message only)
         return type(self), (self.args[0], self.tenant_ids, self.step), self.__dict__
 
 

@@ -73,6 +73,8 @@ class GcPauses:
             gc.callbacks.remove(self._callback)
 
     def snapshot(self) -> dict[str, Any]:
+        """Collections per generation and pause times (longest, total, longest of generation 2) so far,
+        in milliseconds: what a latency report sets beside its tail."""
         with self._lock:
             counts, max_s, total_s, gen2_max_s = tuple(self._counts), self._max_s, self._total_s, self._gen2_max_s
         return {

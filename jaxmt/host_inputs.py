@@ -50,6 +50,7 @@ MAX_TOTAL_BYTES = 512 * 1024 * 1024
 
 
 def has_pinned_host(device: jax.Device) -> bool:
+    """Whether ``device`` offers pinned host memory, which host input buffers and host outputs need."""
     return "pinned_host" in {memory.kind for memory in device.addressable_memories()}
 
 

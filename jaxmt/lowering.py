@@ -130,6 +130,7 @@ class LoweringPolicy:
 
     @property
     def is_plain_vmap(self) -> bool:
+        """Whether the policy is plain ``jax.vmap`` everywhere (no per-conv lowering to choose)."""
         return self.default == "vmap" and not self.overrides
 
     @property

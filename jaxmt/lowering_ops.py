@@ -103,22 +103,27 @@ class ConvSignature:
 
     @property
     def spatial_dims(self) -> int:
+        """How many spatial axes the conv has (2 for images)."""
         return len(self.lhs_shape) - 2
 
     @property
     def window(self) -> tuple[int, ...]:
+        """The filter's spatial extent (kh, kw, ...)."""
         return self.rhs_shape[:-2]
 
     @property
     def in_channels(self) -> int:
+        """C: one tenant's input channels."""
         return self.lhs_shape[-1]
 
     @property
     def out_channels(self) -> int:
+        """O: one tenant's output channels."""
         return self.rhs_shape[-1]
 
     @property
     def is_depthwise(self) -> bool:
+        """One input channel per feature group: what ``depthwise_direct`` computes."""
         g = self.feature_group_count
         return g > 1 and g == self.in_channels and self.batch_group_count == 1
 
@@ -133,6 +138,7 @@ class ConvSignature:
 
     @property
     def out_spatial(self) -> tuple[int, ...]:
+        """The output's spatial shape, after padding, dilations and strides."""
         return tuple(
             _out_size(s * ld - (ld - 1), lo + hi, r, rd, st)
             for s, (lo, hi), r, rd, st, ld in zip(
@@ -266,10 +272,12 @@ def _out_spatial_of(x: jax.Array, w: jax.Array, p: ConvParams) -> tuple[int, ...
 
 # --------------------------------------------------------------------------- lowerings
 def conv_vmap(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
+    """``vmap`` (see the module docstring): XLA's batching rule, the reference the others match."""
     return jax.vmap(functools.partial(conv_one, p=p))(x, w)
 
 
 def conv_loop(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
+    """``loop``: one dense conv (a matmul for 1x1) per tenant, unrolled, then stacked."""
     if _is_pointwise(w, p):  # a 1x1 conv of one tenant is a plain matmul (cuBLAS, not cuDNN)
         # Through lower_conv, which answers an empty output (input cropped away by negative
         # padding) before the einsum would slice nothing.
@@ -283,10 +291,12 @@ def _is_pointwise(w: jax.Array, p: ConvParams) -> bool:
 
 
 def conv_map(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
+    """``map``: one tenant's conv inside ``lax.map``, a small program for large K."""
     return lax.map(lambda xw: conv_one(xw[0], xw[1], p), (x, w))
 
 
 def conv_batch_group(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
+    """``batch_group``: tenants folded into the batch axis (``batch_group_count = K``)."""
     k, n = x.shape[:2]
     nd = x.ndim - 3
     x_b = x.reshape(k * n, *x.shape[2:])  # tenant-major batch groups
@@ -298,6 +308,7 @@ def conv_batch_group(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
 
 
 def conv_grouped_nchw(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
+    """``grouped_nchw``: tenants folded into channel groups in NCHW/OIHW layout."""
     k, n, c = x.shape[0], x.shape[1], x.shape[-1]
     nd = x.ndim - 3
     spatial = tuple(range(2, nd + 2))
@@ -315,6 +326,7 @@ def conv_grouped_nchw(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
 
 
 def conv_einsum(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
+    """``einsum``: a 1x1 conv as one matmul batched over tenants (and feature groups)."""
     k, n = x.shape[:2]
     out_spatial = _out_spatial_of(x, w, p)
     x_s = _window_slice(_padded(x, p), (0,) * len(out_spatial), out_spatial, p.window_strides)
@@ -336,6 +348,7 @@ def conv_einsum(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
 
 
 def conv_im2col(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
+    """``im2col``: patches from strided slices, then one matmul batched over tenants."""
     k, n = x.shape[:2]
     out_spatial = _out_spatial_of(x, w, p)
     x_pad = _padded(x, p)
@@ -357,6 +370,8 @@ def conv_im2col(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
 
 
 def conv_im2col_rows(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
+    """``im2col_rows``: patches over the window's trailing axes, one batched matmul per window row,
+    summed in float32."""
     window = w.shape[1:-2]
     if len(window) < 2:  # one spatial axis: nothing to split, im2col is the same program
         return conv_im2col(x, w, p).astype(_out_dtype(x, p))
@@ -388,6 +403,7 @@ def conv_im2col_rows(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
 
 
 def conv_shift_sum(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
+    """``shift_sum``: a batched 1x1 matmul per window offset, summed in float32."""
     k, n = x.shape[:2]
     out_spatial = _out_spatial_of(x, w, p)
     x_pad = _padded(x, p)
@@ -406,6 +422,7 @@ def conv_shift_sum(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
 
 
 def conv_depthwise_direct(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
+    """``depthwise_direct``: a depthwise conv as a fused multiply-add over window offsets (float32)."""
     k = x.shape[0]
     nd = x.ndim - 3
     out_spatial = _out_spatial_of(x, w, p)
@@ -424,6 +441,7 @@ def conv_depthwise_direct(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Arra
 
 
 def conv_implicit_gemm(x: jax.Array, w: jax.Array, p: ConvParams) -> jax.Array:
+    """``implicit_gemm``: the Pallas kernel of ``jaxmt.pallas_conv`` (2-d, stride 1 or 2)."""
     return pallas_conv.conv_implicit_gemm(x, w, strides=tuple(p.window_strides), padding=tuple(p.padding))
 
 

@@ -16,7 +16,7 @@ import json
 import pathlib
 import re
 import zipfile
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import jax
@@ -147,7 +147,7 @@ def _fitting_rows(model: MultiTenantModel, path: pathlib.Path, key: str | None, 
     return tuple(shape[1:]), dtype
 
 
-def read_entries(manifest: pathlib.Path, model: MultiTenantModel, fail) -> tuple[list[Entry], tuple | None, int]:
+def read_entries(manifest: pathlib.Path, model: MultiTenantModel, fail: Callable[[int, str], None]) -> tuple[list[Entry], tuple | None, int]:
     """Resolved entries in manifest order, the (row shape, dtype) they share, and the line count.
 
     ``fail(line, message)`` handles each bad line. Without a row shape fixed by the model,

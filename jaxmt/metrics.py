@@ -258,6 +258,8 @@ class StepRecorder:
         return self._estimate_s
 
     def record(self, tenants: int, rows: int, padded_rows: int, service_s: float | None, programs: int = 1) -> None:
+        """Counts one finished step and folds its service time (when known and finite) into the
+        smoothed estimate the scheduler predicts completion times from."""
         with self._lock:
             self.steps += 1
             self.programs += programs
@@ -269,6 +271,7 @@ class StepRecorder:
                 self._estimate_s = service_s if old is None else old + self.ewma_alpha * (service_s - old)
 
     def record_failure(self) -> None:
+        """Counts a step that raised (its requests got the error)."""
         with self._lock:
             self.failed_steps += 1
 
@@ -280,6 +283,7 @@ class StepRecorder:
                 self._in_step_ms.append(float(in_step_ms))
 
     def snapshot(self) -> dict[str, Any]:
+        """Step counters, padding waste, the estimate and queue-wait/in-step percentiles, for ``stats()``."""
         with self._lock:
             steps = self.steps
             return {

@@ -254,10 +254,12 @@ class MultiTenantModel:
 
     @property
     def row_shape(self) -> tuple[int, ...] | None:
+        """The shape of one input row; None until given or fixed by the first ``predict``."""
         return self._row_shape
 
     @property
     def row_dtype(self) -> np.dtype | None:
+        """The dtype of input rows; None until given or fixed by the first ``predict``."""
         return self._row_dtype
 
     # ------------------------------------------------------------ inference

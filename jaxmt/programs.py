@@ -173,6 +173,7 @@ class ProgramCache:
         return compiled
 
     def clear(self) -> None:
+        """Drops every cached program (counters are kept); the next use of a key compiles again."""
         with self._lock:
             self._programs.clear()
 
@@ -186,6 +187,7 @@ class ProgramCache:
             return len(keys)
 
     def stats(self) -> dict[str, float]:
+        """Program count and the hit, miss, eviction and compile counters, for ``stats()``."""
         return {
             "programs": len(self._programs),
             "compiles": self.compiles,

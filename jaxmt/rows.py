@@ -41,8 +41,8 @@ class RowParts:
       device: where host rows go in that case (the staged rows' device).
 
     Raises:
-      ValueError: no parts, parts of different row shapes or dtypes (naming the first), or
-        ``staged`` not one entry per part.
+      ValueError: no parts, a scalar part, parts of different row shapes or dtypes (naming
+        the first), ``staged`` not one entry per part, or a part's staged rows not one per row.
     """
 
     def __init__(self, parts: Sequence[np.ndarray], staged: Sequence[Any] | None = None, device: Any = None):
@@ -84,6 +84,8 @@ class RowParts:
 
     @property
     def row_nbytes(self) -> int:
+        """Bytes of one row: rows of ``DIRECT_ROW_BYTES`` or more are taken from their parts
+        instead of from the concatenation."""
         return int(self.dtype.itemsize * np.prod(self.shape[1:], dtype=np.int64))
 
     def joined(self) -> np.ndarray:
@@ -97,7 +99,7 @@ class RowParts:
                 self._joined.flags.writeable = False
         return self._joined
 
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         joined = self.joined()
         if copy:
             return joined.astype(dtype or joined.dtype, copy=True)

@@ -317,6 +317,7 @@ class ShardedMultiTenantModel(MultiTenantModel):
 
     @property
     def slots_per_device(self) -> int:
+        """Store slots per device (the capacity over the device count): slot // this is a slot's device."""
         return self.store.capacity // self.devices
 
     def device_of(self, tenant_id: Any) -> jax.Device:

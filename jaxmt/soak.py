@@ -60,21 +60,26 @@ class SoakReport:
 
     @property
     def rss_growth_mb(self) -> float:
+        """Host RSS growth from warm-up to the end, in MiB."""
         return round(self.host_rss_mb["end"] - self.host_rss_mb["warm"], 2)
 
     @property
     def device_growth_mb(self) -> float:
+        """Device memory growth from warm-up to the end, in MiB."""
         return round(self.device_mb["end"] - self.device_mb["warm"], 3)
 
     @property
     def memory_flat(self) -> bool:
+        """Whether both growths stay within their limits: no leak on host or device."""
         return self.rss_growth_mb <= self.max_rss_growth_mb and self.device_growth_mb <= self.max_device_growth_mb
 
     @property
     def ok(self) -> bool:
+        """Whether the soak passed: nothing wrong, nothing lost, memory flat."""
         return self.wrong == 0 and self.lost == 0 and self.memory_flat
 
     def summary_line(self) -> str:
+        """One line of counts, growth and throughput ending in OK or FAILED, for the log."""
         errors = ", ".join(f"{name}={count}" for name, count in sorted(self.errors.items())) or "none"
         return (
             f"soak: requests={self.requests} answered={self.answered} errors={{{errors}}} wrong={self.wrong} "
@@ -84,6 +89,7 @@ class SoakReport:
         )
 
     def to_json(self) -> dict[str, Any]:
+        """The report's fields and derived figures as a JSON-able dict (``--json``, ``--record``)."""
         out = dataclasses.asdict(self)
         out.update(rss_growth_mb=self.rss_growth_mb, device_growth_mb=self.device_growth_mb, memory_flat=self.memory_flat, ok=self.ok)
         return out
@@ -336,6 +342,7 @@ def run_soak(
 
 # ------------------------------------------------------------------------------ command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``python -m jaxmt soak``'s arguments (the CLI's contract, see ``jaxmt.cli``)."""
     parser.description = (
         "Soak test: THREADS threads submit REQUESTS single requests over TENANTS tenants to a "
         "Scheduler while CHURN tenants are replaced; checks that every future completes, every "
@@ -417,6 +424,7 @@ def _record(report: SoakReport, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Runs ``python -m jaxmt soak``; returns 0 if the soak held, 1 if not, 2 for bad arguments."""
     from tqdm.auto import tqdm
 
     if args.record:

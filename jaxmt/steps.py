@@ -99,6 +99,7 @@ class PendingPrediction:
         return jax.tree_util.tree_unflatten(treedef, answers)
 
     def block_until_ready(self) -> "PendingPrediction":
+        """Waits for the device to finish every step; returns self, as JAX arrays do."""
         jax.block_until_ready(self.outputs)
         return self
 

@@ -135,6 +135,7 @@ class TenantStore:
     # ----------------------------------------------------------------- queries
     @property
     def capacity(self) -> int:
+        """Slots allocated now, used or free (grows by doubling; programs are compiled per capacity)."""
         return self._capacity
 
     @property
@@ -161,7 +162,7 @@ class TenantStore:
         except (KeyError, TypeError):  # TypeError: an unhashable id is not resident either
             raise UnknownTenantError(tenant_id, len(self._slot_of)) from None
 
-    def slots_of(self, tenant_ids) -> np.ndarray:
+    def slots_of(self, tenant_ids: Sequence[Hashable]) -> np.ndarray:
         """Slots of a sequence of ids as int32 (O(n) dict look-ups, no JAX work; ``map`` over
         the dict's own look-up instead of a generator saves a Python frame per id)."""
         try:
@@ -198,6 +199,7 @@ class TenantStore:
 
     @property
     def bytes_per_tenant(self) -> int:
+        """Bytes of one tenant's params (one slot of every stacked leaf)."""
         return int(sum(np.prod(s.shape, dtype=np.int64) * np.dtype(s.dtype).itemsize for s in self.leaf_specs))
 
     @property

@@ -114,11 +114,13 @@ class MultiTenantTrainer:
       TypeError: ``hyperparams`` and ``static_hyperparams`` miss a required argument of
         ``optimizer`` or name one it does not take, or the optimizer needs the concrete
         value of a number given in ``hyperparams`` (the message names them), or a leaf
-        left trainable is not floating (an integer or bool leaf has no gradient).
+        left trainable is not floating (an integer or bool leaf has no gradient), or
+        ``loss_fn`` is not callable.
       ValueError: a per-tenant hyperparameter has the wrong length or a non-finite value,
-        a name is in both ``hyperparams`` and ``static_hyperparams``, ids repeat, or
-        ``on_nonfinite`` or ``backward`` is unknown.
-      ParamMismatchError: a leaf of ``stacked_params`` has no tenant axis of the right size.
+        a name is in both ``hyperparams`` and ``static_hyperparams``, no ids or ids repeat,
+        ``trainable`` rejects every leaf, or ``on_nonfinite`` or ``backward`` is unknown.
+      ParamMismatchError: ``stacked_params`` has no array leaves, or a leaf has no tenant
+        axis of the right size.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, optax, jaxmt
@@ -297,6 +299,7 @@ class MultiTenantTrainer:
 
     @property
     def num_steps(self) -> int:
+        """Steps taken so far, one per ``step`` or ``step_stacked`` (a step that raised is not counted)."""
         return len(self._losses)
 
     @property

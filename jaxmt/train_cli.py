@@ -45,6 +45,7 @@ class DigitsCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        """Logits [b, 10] of images [b, 8, 8, 1]."""
         x = nn.relu(nn.Conv(self.features[0], (3, 3))(x))
         x = nn.relu(nn.Conv(self.features[1], (3, 3), strides=(2, 2))(x))
         return nn.Dense(10)(x.mean(axis=(1, 2)))
@@ -75,6 +76,7 @@ def load_digits_split(row_shape: tuple[int, ...], val_fraction: float, seed: int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``python -m jaxmt train``'s arguments (the CLI's contract, see ``jaxmt.cli``)."""
     parser.epilog = "Exit codes: 0 done, 1 every tenant diverged or scikit-learn (or, for --plot, matplotlib) is missing, 2 bad arguments."
     parser.add_argument("--arch", default="mlp", choices=ARCHS, help="architecture (default mlp)")
     parser.add_argument("--tenants", type=int, default=32, help="models trained together (default 32)")
@@ -157,6 +159,7 @@ def _search_space(args: argparse.Namespace) -> tuple[list[str], dict[str, Any], 
 
 
 def run(args: argparse.Namespace) -> int:
+    """Runs ``python -m jaxmt train``; returns the exit code (see the parser's epilog)."""
     problem = _check_args(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

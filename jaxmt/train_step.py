@@ -34,6 +34,7 @@ def split_trainable(treedef: Any, trainable: tuple[bool, ...] | None, params: Py
 
 
 def merge_trainable(treedef: Any, trainable: tuple[bool, ...] | None, train: PyTree, const: PyTree) -> PyTree:
+    """The inverse of ``split_trainable``: full params from the trainable and constant parts."""
     if trainable is None:
         return train
     train_leaves, const_leaves = treedef.flatten_up_to(train), treedef.flatten_up_to(const)
@@ -164,6 +165,7 @@ def _cached(build: Callable[..., Any]) -> Callable[..., Any]:
 
 @_cached
 def init_program(optimizer: Callable, static: tuple, hyper_names: tuple) -> Callable:
+    """The compiled, tenant-vmapped optimizer init: per-tenant hyperparameters land in the state."""
     injected = _injected(optimizer, static, hyper_names)
     return jax.jit(jax.vmap(lambda hyper, params: injected(**hyper).init(params)))
 
@@ -194,6 +196,8 @@ def step_program(
 
 @_cached
 def eval_program(fn: Callable, stacked: bool, lowering: LoweringPolicy) -> Callable:
+    """The compiled ``fn(params, batch)`` of every tenant, with ``batch`` shared or (``stacked``)
+    per tenant; batched by ``lowering``."""
     if lowering.is_plain_vmap:
         return jax.jit(jax.vmap(fn, in_axes=(0, 0 if stacked else None)))
     fn_k = tenant_batched(fn, lowering)
@@ -207,6 +211,7 @@ def eval_program(fn: Callable, stacked: bool, lowering: LoweringPolicy) -> Calla
 
 @_cached
 def stacked_init_program(init_fn: Callable) -> Callable:
+    """The compiled, vmapped ``init_fn``: every tenant's params from its seed in one program."""
     return jax.jit(jax.vmap(init_fn))
 
 

@@ -82,7 +82,7 @@ def _where(path: tuple) -> str:
 
 def _paired_mappings(template: Any, params: Any, want: Children, got: Children, path: tuple) -> list[tuple[Any, Any, Any]]:
     """(key, template child, params child) in the template's order, once both mappings hold
-    the same keys; the mapping types may differ (see ``aligned_leaves``)."""
+    the same keys; the mapping types may differ (see ``template_ordered_leaves``)."""
     got_by_key = {k.key: (k, child) for k, child in got}
     want_keys = {k.key for k, _ in want}
     for key, child in want:
