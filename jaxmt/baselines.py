@@ -382,8 +382,9 @@ class SpaceOnlyServer(_LaneServer):
     Args:
       mt: the model whose tenants are served.
       max_delay_ms, batch_sizes, **options: as for ``TimeOnlyServer``, except
-        ``pipeline_depth``, which does not apply (given, it raises ValueError): each worker
-        launches a batch and waits for it, so ``workers`` batches are in flight at most.
+        ``pipeline_depth``, which is accepted (one set of options serves every server) and
+        has no effect: each worker launches a batch and waits for it, so ``workers``
+        batches are in flight at most.
       workers: threads that launch and wait for batches (default: one per resident tenant);
         a tenant is served by one worker at a time. ValueError unless a positive integer.
     """
@@ -393,9 +394,6 @@ class SpaceOnlyServer(_LaneServer):
     def __init__(self, mt: Any, max_delay_ms: float | None = None, default_slo_ms: float | None = None, *,
                  batch_sizes: Sequence[int] | None = None, workers: int | None = None,
                  config: SchedulerConfig | None = None, **options: Any):
-        if options.get("pipeline_depth") is not None:  # refused, not ignored: workers set what is in flight
-            raise ValueError(f"space: pipeline_depth does not apply (each worker waits for its batch; give workers "
-                             f"instead), got {options['pipeline_depth']!r}")
         config = make_config(config, max_delay_ms=max_delay_ms, default_slo_ms=default_slo_ms, **options)
         super().__init__(mt, config, batch_sizes or mt.buckets.row_buckets)
         workers = max(1, len(mt)) if workers is None else workers

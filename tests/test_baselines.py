@@ -252,8 +252,6 @@ def test_space_only_workers_and_exclusive_defaults(served):
         assert space.workers == len(mt) and pool.workers == 2
     with pytest.raises(ValueError, match="workers"):
         jaxmt.SpaceOnlyServer(mt, workers=0)
-    with pytest.raises(ValueError, match="pipeline_depth does not apply"):  # workers set how many batches are in flight
-        jaxmt.SpaceOnlyServer(mt, pipeline_depth=3)
     with jaxmt.ExclusiveServer(mt) as exclusive:
         assert exclusive.tenant_id == mt.tenants[0]
         assert exclusive._programs.batch_sizes == (1, 2, 4, 8, 16)  # up to one full jaxmt step
