@@ -91,6 +91,13 @@ def concat_after_bn_relu(x):
     return jnp.concatenate(_slices(jnp.maximum(x * 1.1 + 0.2, 0)), -1)
 
 
+def reference_patches(x: np.ndarray) -> np.ndarray:
+    """3x3 stride-1 patches of ``x`` [K, N, H, W, C], built by NumPy: [..., (i * 3 + j) * C + c]."""
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
+    h, w = x.shape[2:4]
+    return np.concatenate([xp[:, :, i:i + h, j:j + w] for i in range(3) for j in range(3)], -1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tenants", default="32,16")
@@ -117,8 +124,14 @@ def main(argv: list[str] | None = None) -> None:
     for h, c in [(14, 256), (7, 512), (28, 128)]:
         x = jnp.asarray(rng.standard_normal((tenants[0], 1, h, h, c), np.float32))
         row = {"K": tenants[0], "hw": h, "c": c, "MB": tenants[0] * h * h * 9 * c * 4 / 1e6}
-        for form, f in [("concat", concat), ("stack", stack), ("concat_after_bn_relu", concat_after_bn_relu)]:
-            row[form] = round(time_us(jax.jit(f), x), 1)
+        # Each build checked first against the same patches made on the host (NumPy).
+        for form, f, source in [("concat", concat, x), ("stack", stack, x),
+                                ("concat_after_bn_relu", concat_after_bn_relu, jnp.maximum(x * 1.1 + 0.2, 0))]:
+            jf = jax.jit(f)
+            want = reference_patches(np.asarray(source))
+            row[form + "_err"] = err = float(np.linalg.norm(np.asarray(jf(x)) - want) / np.linalg.norm(want))
+            assert err < 1e-6, f"{form} differs from the reference patches by {err} at {h}x{h}x{c}"
+            row[form] = round(time_us(jf, x), 1)
         print(row, flush=True)
         out["patches"].append(row)
     print(f"wrote {common.write_json(args.out, out)}")

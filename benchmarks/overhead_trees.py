@@ -63,7 +63,17 @@ def _run_in(tree: Path, repeats: int, seed: int) -> dict[str, float]:
                           cwd=tree, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"the run in {tree} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "commit": _commit_of(tree)}
+
+
+def _commit_of(tree: Path) -> str:
+    """The commit a tree holds (the environment record names only the driver's own tree);
+    "unknown" outside git. Uncommitted changes are not seen."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

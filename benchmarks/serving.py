@@ -101,15 +101,27 @@ def build_host_only(args: argparse.Namespace) -> tuple[HostOnlySpec, jaxmt.Multi
     return spec, mt
 
 
-def check_answers(kind: str, server: Any, spec: Any, mt: jaxmt.MultiTenantModel, rng: np.random.Generator) -> float:
-    """Largest relative error of a few answers against ``apply_fn(params_i, x_i)``."""
+def own_params(spec: Any, args: argparse.Namespace) -> Any:
+    """Tenant "t<i>"'s weights built again from its seed (``seed + 1 + i``, as
+    ``simulate.build_model`` and ``build_host_only`` add them), not read back from the store
+    under test: a store that mixed up slots would hand its reference the same wrong weights."""
+    def params(tenant: str) -> Any:
+        seed = args.seed + 1 + int(str(tenant)[1:])
+        return spec.init(seed) if isinstance(spec, HostOnlySpec) else spec.init(seed, jax.numpy.dtype(args.dtype))
+    return params
+
+
+def check_answers(kind: str, server: Any, spec: Any, mt: jaxmt.MultiTenantModel, rng: np.random.Generator,
+                  params_of: Any) -> float:
+    """Largest relative error of a few answers against ``apply_fn(params_of(tenant), x)``,
+    ``params_of`` giving each tenant's weights independently of ``mt`` (``own_params``)."""
     apply = jax.jit(spec.apply_fn)
     errors = [0.0]
     for tenant in mt.tenants[:: max(1, len(mt) // 4)]:
         x = spec.random_input(rng, 2)
         got = server.submit(tenant, x, slo_ms=600_000.0).result(timeout=600)
         owner = server.tenant_id if kind == "exclusive" else tenant
-        want = np.asarray(apply(mt.get_params(owner), x))
+        want = np.asarray(apply(params_of(owner), x))
         errors.append(float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)))
     return float(np.max(errors))  # NaN if any answer was NaN (max() of floats would drop it)
 
@@ -124,7 +136,7 @@ def find_capacity(kind: str, spec: Any, mt: jaxmt.MultiTenantModel, inputs: np.n
         start = time.perf_counter()
         server.warmup(workers=args.compile_workers) if kind == "jaxmt" else server.warmup()
         compile_s = time.perf_counter() - start
-        error = check_answers(kind, server, spec, mt, np.random.default_rng(args.seed))
+        error = check_answers(kind, server, spec, mt, np.random.default_rng(args.seed), own_params(spec, args))
     if not error <= args.tolerance:  # NaN fails too
         raise AssertionError(f"{kind}: answers differ from the reference by {error:.2e} (relative) > {args.tolerance}")
     trials: list[dict] = []

@@ -7,6 +7,7 @@ written out.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from conftest import ROOT, benchmark_script
@@ -24,6 +25,7 @@ def test_two_trees_take_turns_and_each_imports_its_own_jaxmt(overhead_trees, res
     assert [(r["round"], r["tree"]) for r in data["runs"]] == [(0, "a"), (0, "b")]
     for run in data["runs"]:
         assert run["jaxmt"] == str(ROOT / "jaxmt") and run["relative_error"] < 1e-5
+        assert run["commit"] == data["environment"]["commit"] or "JAXMT_COMMIT" in os.environ  # each tree's own commit
         assert run["overhead_us"] == pytest.approx(run["predict_us"] - run["bare_us"])
     assert set(data["median_overhead_us"]) == {"a", "b"}
 

@@ -36,6 +36,7 @@ def test_a_quick_run_writes_every_trial_and_its_spreads(pacing, results_dir, cap
     assert pacing.main(args) == 0
     data = json.loads((results_dir / "pq.json").read_text())
     assert data["partial"] is False and not data["skipped"] and data["max_rel_error"] < 1e-4
+    assert set(data["rel_error_by_server"]) == {"jaxmt", "time"}  # the baseline's answers were checked too
     assert [(t["server"], t["target_latency_ms"]) for t in data["trials"]] == [("jaxmt", None), ("jaxmt", 200.0), ("time", None)]
     for trial in data["trials"]:
         assert trial["requests"] > 0 and trial["latency_ms"]["p50_ms"] > 0
@@ -52,3 +53,10 @@ def test_trials_that_would_overrun_the_budget_are_skipped_and_the_file_says_so(p
     data = json.loads((results_dir / "pb.json").read_text())
     assert data["trials"] == [] and data["skipped"] == [["jaxmt", 200.0, None]] and data["partial"] is True
     capsys.readouterr()
+
+
+def test_a_baseline_that_answers_wrong_stops_the_run_before_any_trial(pacing, results_dir, monkeypatch):
+    monkeypatch.setattr(pacing, "check_answers", lambda kind, *a: 0.5 if kind == "time" else 0.0)
+    monkeypatch.setattr(pacing.simulate, "run_trial", lambda *a: pytest.fail("a trial ran"))
+    with pytest.raises(AssertionError, match="time: answers differ"):
+        pacing.main(["--quick", "--no-readme", "--trial-s", "0.5", "--trials", "200:0,time@200", "--out", "pw"])

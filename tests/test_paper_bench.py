@@ -156,3 +156,18 @@ def test_time_steps_counts_launches_and_waits_once_per_repeat():
 
 def test_report_titles_are_the_readme_sections():
     assert report.TITLES == {"table1": "Paper: Table 1", "figure3": "Paper: Figure 3 and 4", "figure5": "Paper: Figure 5"}
+
+
+def test_the_torch_parts_record_the_commit_and_date_as_the_jax_parts_do(monkeypatch):
+    """The PyTorch parts run without JAX: their environment still names the tree and the time."""
+    import sys
+    import types
+
+    from benchmarks import common
+    from benchmarks.paper._shared import torch_environment
+
+    fake = types.SimpleNamespace(__version__="0.0-test", version=types.SimpleNamespace(cuda=None),
+                                 cuda=types.SimpleNamespace(is_available=lambda: False))
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    env = torch_environment()
+    assert env["torch"] == "0.0-test" and env["commit"] == common.environment()["commit"] and env["date"]

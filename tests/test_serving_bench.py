@@ -335,5 +335,47 @@ class _NaNForOneTenant:
 
 
 def test_a_nan_answer_fails_the_serving_reference_check(serving):
-    error = serving.check_answers("time", _NaNForOneTenant(), _Spec(), _Tenants(), np.random.default_rng(0))
+    error = serving.check_answers("time", _NaNForOneTenant(), _Spec(), _Tenants(), np.random.default_rng(0), _Tenants().get_params)
     assert not error <= 1e-2  # NaN (or anything over the tolerance): find_capacity must refuse to time it
+
+
+class _SwappedStore(_Tenants):
+    """A store that holds t2's weights in t1's place: what it reads back agrees with its answers."""
+
+    def get_params(self, tenant):
+        return super().get_params({"t1": "t2", "t2": "t1"}.get(tenant, tenant))
+
+
+class _ServesFromStore:
+    def __init__(self, store):
+        self.store = store
+
+    def submit(self, tenant, x, slo_ms=None):
+        future = Future()
+        future.set_result(x * self.store.get_params(tenant))
+        return future
+
+
+def test_the_reference_weights_come_from_the_tenants_seeds_not_the_store_under_test(serving):
+    """A store that mixed up two tenants' slots answers as its own read-back says: the check
+    must build its reference from the tenants' own weights to catch it."""
+    store = _SwappedStore()
+    assert serving.check_answers("time", _ServesFromStore(store), _Spec(), store, np.random.default_rng(0), store.get_params) == 0.0
+    assert serving.check_answers("time", _ServesFromStore(store), _Spec(), store, np.random.default_rng(0), _Tenants().get_params) > 0.1
+
+
+@pytest.mark.parametrize("host_only", [False, True])
+def test_own_params_rebuild_each_tenants_weights_from_its_documented_seed(serving, host_only):
+    import jax
+
+    args = serving.parse_args(["--arch", "mlp", "--size", "tiny", "--tenants", "3", "--seed", "5", "--dtype", "bfloat16"]
+                              + (["--host-only"] if host_only else []))
+    if host_only:
+        spec, mt = serving.build_host_only(args)
+    else:
+        spec, mt = serving.simulate.build_model("mlp", "tiny", 3, max_rows=4, seed=5, dtype=jax.numpy.dtype("bfloat16"))
+    own = serving.own_params(spec, args)
+    for tenant in mt.tenants:
+        for got, want in zip(jax.tree.leaves(own(tenant)), jax.tree.leaves(mt.get_params(tenant))):
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

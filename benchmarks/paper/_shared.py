@@ -160,12 +160,28 @@ def jax_environment() -> dict[str, Any]:
     return {**common.environment(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
+def source_record() -> dict[str, str]:
+    """The commit and date that ``benchmarks.common.environment()`` records, without JAX (for
+    the PyTorch parts, whose results would otherwise not say which tree they ran)."""
+    import datetime
+    import subprocess
+
+    commit = os.environ.get("JAXMT_COMMIT")  # set where the tree travels without its history
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                    check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
+    return {"commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
 def torch_environment() -> dict[str, Any]:
     import platform
 
     import torch
 
-    env = {"torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda}
+    env = {"torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda, **source_record()}
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name(0)
         env["cuda_device_max_connections"] = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "default (8)")
