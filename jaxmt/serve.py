@@ -38,6 +38,7 @@ Example (needs ``pip install 'jaxmt[ray]'``)::
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import json
 import threading
@@ -147,7 +148,9 @@ class _ResidentTenant:
     """One tenant loaded into a replica: what Ray Serve's multiplexed cache holds.
 
     Ray Serve calls ``__del__`` when it unloads the tenant (LRU); the garbage collector may
-    call it again later, so release is keyed by a load generation and happens once.
+    call it again later, so release is keyed by a load generation and happens once. It only
+    queues the release: the collector may run it on any thread, one that holds the replica's
+    or the store's lock among them, so the replica frees the slot at its next load.
     """
 
     def __init__(self, owner: TenantReplica, tenant_id: str, generation: int):
@@ -155,7 +158,7 @@ class _ResidentTenant:
 
     def __del__(self) -> None:
         try:
-            self.owner._release(self.tenant_id, self.generation)
+            self.owner._releases.append((self.tenant_id, self.generation))  # atomic: no lock taken here
         except Exception:  # interpreter shutdown or a closed replica: nothing left to free
             pass
 
@@ -201,6 +204,7 @@ class TenantReplica:
         self.replica = _replica_name()
         self._load_params = load_params
         self._lock = threading.Lock()
+        self._releases: collections.deque[tuple[str, int]] = collections.deque()  # queued by unloaded tenants
         self._generation_of: dict[str, int] = {}
         self._generations = itertools.count()
 
@@ -213,6 +217,7 @@ class TenantReplica:
         if request.method == "GET" and route == "metrics":
             return PlainTextResponse(self.metrics_text(), media_type="text/plain; version=0.0.4")
         if request.method == "GET" and route == "tenants":
+            self._release_unloaded()
             return JSONResponse({"replica": self.replica, "tenants": [str(t) for t in self.model.tenants]})
         if request.method != "POST" or route != "predict":
             return JSONResponse({"error": "NotFound", "message": "routes: POST predict, GET metrics, GET tenants"}, 404)
@@ -289,6 +294,7 @@ class TenantReplica:
             except Exception as exc:  # a server fault (HTTP 500), even a ValueError: not the request's
                 raise RuntimeError(f"load_params({tenant_id!r}) failed: {type(exc).__name__}: {exc}") from exc
             with self._lock:
+                self._release_unloaded_locked()  # the slots of tenants Ray Serve unloaded to make room
                 if tenant_id in self.model:
                     self.model.update_tenant(tenant_id, params)
                 else:
@@ -298,10 +304,16 @@ class TenantReplica:
 
         return _ResidentTenant(self, tenant_id, await asyncio.to_thread(install))
 
-    def _release(self, tenant_id: str, generation: int) -> None:
+    def _release_unloaded(self) -> None:
         with self._lock:
+            self._release_unloaded_locked()
+
+    def _release_unloaded_locked(self) -> None:
+        """Removes the tenants whose unloads are queued, each once per load generation."""
+        while self._releases:
+            tenant_id, generation = self._releases.popleft()
             if self._generation_of.get(tenant_id) != generation:
-                return  # already released, or loaded again since
+                continue  # already released, or loaded again since
             del self._generation_of[tenant_id]
             if tenant_id in self.model:
                 self.model.remove_tenant(tenant_id)

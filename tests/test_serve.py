@@ -358,3 +358,31 @@ def test_a_load_params_failure_is_a_server_error_not_a_bad_request(monkeypatch):
     answer = json.loads(response.body)
     assert response.status_code == 500, answer
     assert "corrupt" in answer["message"]
+
+
+def test_an_unloaded_tenant_is_released_once_without_taking_a_lock_in_its_finaliser(monkeypatch):
+    """The garbage collector may finalise an unloaded tenant on a thread that holds the
+    replica's lock (a load in progress): the finaliser must not wait for that lock. Its slot
+    is freed at the replica's next load, once per load generation."""
+    import asyncio
+    import threading
+
+    monkeypatch.setattr(jaxmt.serve, "_replica_name", lambda: "r0")
+    replica = jaxmt.serve.TenantReplica(make_model, load_params, max_tenants_per_replica=2, warmup=False)
+    first = asyncio.run(replica._load("t0"))
+    stale = jaxmt.serve._ResidentTenant(replica, "t0", first.generation - 1)  # an earlier load's
+
+    def finalise_while_locked():
+        with replica._lock:
+            first.__del__()
+            stale.__del__()
+
+    finaliser = threading.Thread(target=finalise_while_locked, daemon=True)
+    finaliser.start()
+    finaliser.join(timeout=10)
+    assert not finaliser.is_alive(), "the finaliser waited for the replica's lock"
+    held = [asyncio.run(replica._load("t1"))]  # as Ray Serve's cache holds what it loaded
+    assert replica.model.tenants == ["t1"]
+    first.__del__()  # the collector again, after Ray Serve's explicit call: nothing left to free
+    held += [asyncio.run(replica._load("t0")), asyncio.run(replica._load("t2"))]
+    assert sorted(replica.model.tenants) == ["t0", "t1", "t2"] and held[1].generation != first.generation
