@@ -68,12 +68,14 @@ def _run_in(tree: Path, repeats: int, seed: int) -> dict[str, float]:
 
 def _commit_of(tree: Path) -> str:
     """The commit a tree holds (the environment record names only the driver's own tree);
-    "unknown" outside git. Uncommitted changes are not seen."""
+    "unknown" where the tree is no checkout's top, such as one unpacked into a folder of
+    another checkout, whose HEAD it need not hold. Uncommitted changes are not seen."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+        top, commit = subprocess.run(["git", "rev-parse", "--show-toplevel", "--short", "HEAD"], cwd=tree, capture_output=True,
+                                     text=True, check=True).stdout.splitlines()
+    except (OSError, ValueError, subprocess.CalledProcessError):
         return "unknown"
+    return commit if Path(top).resolve() == Path(tree).resolve() else "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,8 @@ the one .npz of --output-file, ``<output>`` or ``<output>/<leaf>``. Every output
 atomically as soon as its entry is complete, so a rerun skips finished entries (resume) and
 removes the temporary files (``.<name>.tmp-<host>-<pid>-<hex>``) that a killed write of its
 outputs left: those of a process of this host that is no longer running, never another
-running job's write in flight.
+running job's write in flight (on POSIX systems; on Windows a job cannot ask whether a
+process runs, so it leaves them for you to delete once no job writes there).
 A bad line (unknown tenant, missing or misshapen input) stops the job with an error naming
 it, or is recorded in the summary with ``--skip-errors``.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import hashlib
 import importlib
 import json
 import os
@@ -47,7 +49,20 @@ from jaxmt.model import MultiTenantModel
 # What _temporary names: the writer's host and process id, then a random tag. Names without
 # the writer (``.<name>.tmp-<hex>``, written before the writer was recorded) are all stale.
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-(?:(?P<host>.+)-(?P<pid>[0-9]+)-)?[0-9a-f]{8}")
-_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _host_tag(hostname: str) -> str:
+    """``hostname`` as one field of a temporary's name: letters, digits and dots (no "-", which
+    ends the field), at most 32 characters. A name that had to change gets a digest of itself,
+    so that no two hosts share a tag: a job reads a tag of its own host's, with a pid not
+    running here, as a killed write and removes it, another host's write in flight included."""
+    tag = re.sub(r"[^A-Za-z0-9.]", "_", hostname)
+    if tag == hostname and 0 < len(tag) <= 32:
+        return tag
+    return f"{tag[:23]}_{hashlib.sha256(hostname.encode()).hexdigest()[:8]}"
+
+
+_HOST = _host_tag(socket.gethostname())
 
 
 def _temporary(path: pathlib.Path) -> pathlib.Path:

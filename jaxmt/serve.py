@@ -150,7 +150,8 @@ class _ResidentTenant:
     Ray Serve calls ``__del__`` when it unloads the tenant (LRU); the garbage collector may
     call it again later, so release is keyed by a load generation and happens once. It only
     queues the release: the collector may run it on any thread, one that holds the replica's
-    or the store's lock among them, so the replica frees the slot at its next load.
+    or the store's lock among them, so the replica frees the slot at its next load (or
+    before it lists its tenants or metrics).
     """
 
     def __init__(self, owner: TenantReplica, tenant_id: str, generation: int):
@@ -238,6 +239,7 @@ class TenantReplica:
 
     def metrics_text(self) -> str:
         """This replica's scheduler metrics and model stats in Prometheus text format."""
+        self._release_unloaded()  # the tenants counted are those the replica holds
         metrics = self.scheduler.metrics()
         model_stats = {k: v for k, v in self.model.stats().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         metrics["steps"] = {**model_stats, **metrics.get("steps", {})}
@@ -305,8 +307,13 @@ class TenantReplica:
         return _ResidentTenant(self, tenant_id, await asyncio.to_thread(install))
 
     def _release_unloaded(self) -> None:
-        with self._lock:
-            self._release_unloaded_locked()
+        """Drains the queue unless a load holds the lock (and drains it itself): called on the
+        event loop, which must not wait for a load's write, the first of which compiles."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._release_unloaded_locked()
+            finally:
+                self._lock.release()
 
     def _release_unloaded_locked(self) -> None:
         """Removes the tenants whose unloads are queued, each once per load generation."""

@@ -198,8 +198,7 @@ def run_soak(
     """
     import models
 
-    if requests < threads or threads < 1 or tenants < 2 or churn < 0 or max_rows < 1 or window < 1:
-        raise ValueError("need requests >= threads >= 1, tenants >= 2, churn >= 0, max_rows >= 1, window >= 1")
+    _check_counts(requests=requests, threads=threads, tenants=tenants, churn=churn, max_rows=max_rows, window=window)
     if seed < 0:  # NumPy's generators refuse it without naming it
         raise ValueError(f"seed must be >= 0, got {seed}")
     spec = models.make(arch, "tiny")
@@ -338,6 +337,17 @@ def run_soak(
         max_rss_growth_mb=max_rss_growth_mb,
         max_device_growth_mb=max_device_growth_mb,
     )
+
+
+def _check_counts(*, requests: int, threads: int, tenants: int, churn: int, max_rows: int, window: int) -> None:
+    """ValueError naming each count out of range with its value: the command line shows this
+    message alone, as the answer to the option given."""
+    limits = [(threads >= 1, f"threads >= 1, got {threads}"), (requests >= threads, f"requests >= threads, got {requests} < {threads}"),
+              (tenants >= 2, f"tenants >= 2, got {tenants}"), (churn >= 0, f"churn >= 0, got {churn}"),
+              (max_rows >= 1, f"max_rows >= 1, got {max_rows}"), (window >= 1, f"window >= 1, got {window}")]
+    refused = [text for ok, text in limits if not ok]
+    if refused:
+        raise ValueError("need " + "; ".join(refused))
 
 
 # ------------------------------------------------------------------------------ command line

@@ -446,14 +446,39 @@ def test_a_job_leaves_the_temporaries_of_a_write_that_may_be_in_flight(tmp_path)
     """Two jobs writing the same output names side by side: one must not remove the other's
     temporary mid-write. Only a temporary whose writer has ended on this host is stale."""
     host = jaxmt.batch._HOST
-    ended = f".summary.json.tmp-{host}-{_ended_pid()}-0123abcd"
-    running = f".summary.json.tmp-{host}-{os.getppid()}-89ef4567"
-    own = f".summary.json.tmp-{host}-{os.getpid()}-deadbeef"
-    elsewhere = f".summary.json.tmp-another-host-{_ended_pid()}-01234567"
-    for name in (ended, running, own, elsewhere):
-        (tmp_path / name).write_text("{")
-    jaxmt.batch._write_summary(tmp_path / "summary.json", {"entries": 1})
+    writer = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:  # a process of this host that runs until the check is over (not the parent: pid 0 in some containers)
+        ended = f".summary.json.tmp-{host}-{_ended_pid()}-0123abcd"
+        running = f".summary.json.tmp-{host}-{writer.pid}-89ef4567"
+        own = f".summary.json.tmp-{host}-{os.getpid()}-deadbeef"
+        elsewhere = f".summary.json.tmp-another-host-{_ended_pid()}-01234567"
+        for name in (ended, running, own, elsewhere):
+            (tmp_path / name).write_text("{")
+        jaxmt.batch._write_summary(tmp_path / "summary.json", {"entries": 1})
+    finally:
+        writer.communicate(b"")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running, own, elsewhere, "summary.json"])
+
+
+@pytest.mark.parametrize("hostname", ["gpu07.cluster", "node-1", "node_1", "ноут", "тест", "", "h" * 200])
+def test_a_host_tag_is_one_field_of_the_name_short_and_never_shared_by_another_host(hostname):
+    """A job takes a temporary whose tag is its own host's, with a pid that is not running,
+    for a killed write and removes it: two hosts must never share a tag."""
+    tag = jaxmt.batch._host_tag(hostname)
+    assert 0 < len(tag) <= 32
+    assert jaxmt.batch._TEMPORARY.fullmatch(f".a.npz.tmp-{tag}-123-0123abcd")["host"] == tag
+    others = {"gpu07.cluster", "node-1", "node_1", "ноут", "тест", "", "h" * 200, "h" * 201} - {hostname}
+    assert tag not in {jaxmt.batch._host_tag(other) for other in others}
+
+
+def test_a_temporary_of_another_host_whose_name_reads_alike_is_left(tmp_path, monkeypatch):
+    """Host names of other letters than ASCII's (or with "-" where the other has "_") must not
+    read as this host's: its writer's pid says nothing here."""
+    monkeypatch.setattr(jaxmt.batch, "_HOST", jaxmt.batch._host_tag("тест"))
+    elsewhere = f".summary.json.tmp-{jaxmt.batch._host_tag('ноут')}-{_ended_pid()}-01234567"
+    (tmp_path / elsewhere).write_text("{")
+    jaxmt.batch._write_summary(tmp_path / "summary.json", {"entries": 1})
+    assert (tmp_path / elsewhere).exists()
 
 
 def test_a_temporary_names_its_writer_so_that_the_next_job_can_tell_it_is_stale(tmp_path):
@@ -472,3 +497,14 @@ def test_bucket_options_that_are_not_positive_counts_are_refused_by_name(tmp_pat
     assert exit_info.value.code == 2
     assert f"argument {option}: expected a positive integer" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_on_windows_no_writer_is_asked_after_and_only_the_legacy_temporaries_go(tmp_path, monkeypatch):
+    """os.kill(pid, 0) ends the process on Windows instead of asking after it: never called there."""
+    ended = f".summary.json.tmp-{jaxmt.batch._HOST}-{_ended_pid()}-0123abcd"
+    for name in (ended, ".summary.json.tmp-89ef4567"):
+        (tmp_path / name).write_text("{")
+    monkeypatch.setattr(os, "kill", lambda *args: pytest.fail(f"os.kill{args} on Windows"))
+    monkeypatch.setattr(os, "name", "nt")
+    jaxmt.batch._remove_stale_temporaries(tmp_path, {"summary.json"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ended]

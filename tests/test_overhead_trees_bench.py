@@ -33,3 +33,19 @@ def test_two_trees_take_turns_and_each_imports_its_own_jaxmt(overhead_trees, res
 def test_a_tree_without_the_library_is_refused(overhead_trees, tmp_path):
     with pytest.raises(SystemExit):
         overhead_trees.main(["--trees", str(tmp_path)])
+
+
+def test_a_tree_unpacked_inside_another_checkout_is_not_given_that_checkouts_commit(overhead_trees, tmp_path):
+    """A tree exported (``git archive``) into a folder of another checkout is no checkout of its
+    own: git would name the enclosing one's HEAD, a commit the tree need not hold."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    git("commit", "-q", "--allow-empty", "-m", "enclosing")
+    (tmp_path / "before" / "jaxmt").mkdir(parents=True)
+    assert overhead_trees._commit_of(tmp_path) == git("rev-parse", "--short", "HEAD")
+    assert overhead_trees._commit_of(tmp_path / "before") == "unknown"

@@ -10,6 +10,7 @@ import json
 import socket
 import sys
 import time
+import types
 import urllib.error
 import urllib.request
 
@@ -386,3 +387,46 @@ def test_an_unloaded_tenant_is_released_once_without_taking_a_lock_in_its_finali
     first.__del__()  # the collector again, after Ray Serve's explicit call: nothing left to free
     held += [asyncio.run(replica._load("t0")), asyncio.run(replica._load("t2"))]
     assert sorted(replica.model.tenants) == ["t0", "t1", "t2"] and held[1].generation != first.generation
+
+
+def test_a_late_finaliser_of_an_earlier_load_leaves_the_tenant_loaded_since(monkeypatch):
+    """The collector may finalise a load's object after Ray Serve unloaded it and the tenant
+    was loaded again: that queued release belongs to the old load and frees nothing."""
+    import asyncio
+
+    monkeypatch.setattr(jaxmt.serve, "_replica_name", lambda: "r0")
+    replica = jaxmt.serve.TenantReplica(make_model, load_params, max_tenants_per_replica=2, warmup=False)
+    first = asyncio.run(replica._load("t0"))
+    first.__del__()  # Ray Serve's unload
+    held = [asyncio.run(replica._load("t0"))]  # loaded again: the queued release is drained first
+    first.__del__()  # the collector, later
+    held.append(asyncio.run(replica._load("t1")))  # drains the late release
+    assert sorted(replica.model.tenants) == ["t0", "t1"]
+
+
+def test_the_metrics_count_no_tenant_whose_unload_is_queued(monkeypatch):
+    """GET metrics, like GET tenants, reports what the replica holds after the unloads queued so far."""
+    import asyncio
+
+    monkeypatch.setattr(jaxmt.serve, "_replica_name", lambda: "r0")
+    replica = jaxmt.serve.TenantReplica(make_model, load_params, max_tenants_per_replica=2, warmup=False)
+    asyncio.run(replica._load("t0")).__del__()  # loaded, then unloaded by Ray Serve
+    assert 'jaxmt_step_resident_tenants{server="jaxmt@r0"} 0' in replica.metrics_text().splitlines()
+
+
+@pytest.mark.parametrize("route", ["metrics", "tenants"])
+def test_listing_tenants_or_metrics_never_waits_for_a_load_in_progress(monkeypatch, route):
+    """Both routes run on the replica's event loop: waiting there for the lock a load holds
+    (its first write compiles) would stall every request. The load drains the queue itself."""
+    import asyncio
+    import threading
+
+    monkeypatch.setattr(jaxmt.serve, "_replica_name", lambda: "r0")
+    replica = jaxmt.serve.TenantReplica(make_model, load_params, max_tenants_per_replica=2, warmup=False)
+    request = types.SimpleNamespace(method="GET", url=types.SimpleNamespace(path=f"/{route}"))
+    answered = []
+    with replica._lock:  # as install() holds it
+        listing = threading.Thread(target=lambda: answered.append(asyncio.run(replica(request))), daemon=True)
+        listing.start()
+        listing.join(timeout=10)
+        assert answered and answered[0].status_code == 200, f"GET {route} waited for the load's lock"

@@ -76,13 +76,16 @@ def test_bad_soak_options_are_one_error_line(option, capsys):
     assert code == 2 and "error: " in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize(("option", "named"), [(["--window", "0"], "window"), (["--seed", "-1"], "seed")],
-                         ids=["no window", "negative seed"])
+@pytest.mark.parametrize(("option", "named"), [(["--window", "0"], "window >= 1, got 0"), (["--seed", "-1"], "seed must be >= 0, got -1"),
+                                              (["--threads", "0"], "threads >= 1, got 0"), (["--requests", "1"], "requests >= threads, got 1 < 2")],
+                         ids=["no window", "negative seed", "no threads", "fewer requests than threads"])
 def test_soak_options_refused_before_the_run_are_named(option, named, capsys):
-    """A window of 0 would run as 1 and a negative seed fail in NumPy: both refused, by name."""
+    """A window of 0 would run as 1 and a negative seed fail in NumPy: both refused, by name
+    and value, as is any other count out of range, and only the one out of range."""
     code = cli.main(["soak", "--requests", "20", "--threads", "2", "--tenants", "2", "--churn", "1", *option])
     err = capsys.readouterr().err
     assert code == 2 and named in err and "Traceback" not in err
+    assert err.count(">=") == 1, err
 
 
 def test_a_recorded_soak_says_how_many_tenants_were_replaced_not_how_many_were_asked_for(monkeypatch):
