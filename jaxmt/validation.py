@@ -165,9 +165,11 @@ def _owned_on_device(leaves: Sequence[Any], device: jax.Device) -> list[jax.Arra
     ``block_until_ready``), while the write into the store's slot runs after ``add``
     returns. A caller that reuses one buffer for every tenant (a loader reading each into
     the same array) had the store take the later values, even half of them. NumPy leaves
-    are therefore copied first, a copy only the store holds.
+    are therefore copied first, a copy only the store holds, in native byte order (JAX
+    refuses a swapped dtype).
     """
-    return jax.device_put([np.array(leaf) if isinstance(leaf, np.ndarray) else leaf for leaf in leaves], device)
+    return jax.device_put([np.array(leaf, leaf.dtype.newbyteorder("=")) if isinstance(leaf, np.ndarray) else leaf
+                           for leaf in leaves], device)
 
 
 @jax.jit
@@ -198,9 +200,11 @@ def check_tenant_ids(tenant_ids: Sequence[Hashable]) -> list[Hashable]:
             hash(tenant_id)
         except TypeError:
             raise TypeError(f"tenant id must be hashable, got {type(tenant_id).__name__} {tenant_id!r}") from None
-    if len(set(ids)) != len(ids):
-        repeated = next(t for i, t in enumerate(ids) if t in ids[:i])
-        raise DuplicateTenantError(f"tenant {repeated!r} appears more than once in tenant_ids")
+    seen: set[Hashable] = set()
+    for tenant_id in ids:  # by hash, as the store looks ids up: ``t in ids[:i]`` would compare a
+        if tenant_id in seen:  # NumPy integer with a tuple id elementwise, and fail on the array
+            raise DuplicateTenantError(f"tenant {tenant_id!r} appears more than once in tenant_ids")
+        seen.add(tenant_id)
     return ids
 
 
@@ -208,8 +212,11 @@ def leaf_dtype(leaf: Any) -> np.dtype:
     """A leaf's dtype as the store keeps it on the device: JAX's canonical form of the
     array's own dtype, or of what ``jnp.asarray`` makes of a Python scalar. Without 64-bit
     mode JAX keeps float64 and int64 as float32 and int32, so a template or tenant given
-    in NumPy's float64 is a float32 model, and its checkpoint says so."""
-    return np.dtype(jax.dtypes.canonicalize_dtype(leaf.dtype if hasattr(leaf, "dtype") else jnp.asarray(leaf).dtype))
+    in NumPy's float64 is a float32 model, and its checkpoint says so. A NumPy array in
+    swapped byte order ('>f4' on a little-endian host) is its native dtype: JAX holds none
+    other (``_owned_on_device`` swaps the bytes)."""
+    dtype = np.dtype(leaf.dtype if hasattr(leaf, "dtype") else jnp.asarray(leaf).dtype)
+    return np.dtype(jax.dtypes.canonicalize_dtype(dtype.newbyteorder("=")))
 
 
 def _shape_and_dtype(leaf: Any, where: str, expected: str) -> tuple[tuple[int, ...], np.dtype]:

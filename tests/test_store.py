@@ -161,6 +161,26 @@ def test_leaves_take_the_dtype_jax_keeps_them_in(template_w):
         store.add("float16", {"w": np.zeros((3, 2), np.float16), "scale": 2.5})
 
 
+@pytest.mark.parametrize("operation", ["add", "update", "add_stacked"])
+def test_leaves_in_swapped_byte_order_are_their_native_dtype(operation):
+    """A big-endian array (np.load of a file written so, np.frombuffer of '>f4' bytes) holds
+    the same float32 values: it matches a float32 template and is stored in native order, as
+    a swapped template is a native store (JAX holds no swapped dtype)."""
+    template = {"w": np.arange(6, dtype=">f4").reshape(3, 2), "steps": np.array(7, ">i8")}
+    store = TenantStore(template, capacity=2)
+    assert [np.dtype(s.dtype) for s in store.leaf_specs] == [np.int32, np.float32]
+    store.add("a", {"w": np.zeros((3, 2), np.float32), "steps": np.int32(0)})
+    swapped = {"w": np.array([[1.5, -2.0], [3e38, 0.25], [7.0, 8.0]], ">f4"), "steps": np.array(2**31 - 1, ">i8")}
+    if operation == "add_stacked":
+        store.add_stacked(["b"], jax.tree.map(lambda leaf: leaf[None], swapped))
+    else:
+        getattr(store, operation)("a" if operation == "update" else "b", swapped)
+    got = store.get("a" if operation == "update" else "b")
+    assert got["w"].dtype == np.float32 and got["steps"].dtype == np.int32
+    np.testing.assert_array_equal(np.asarray(got["w"]), swapped["w"].astype(np.float32))
+    assert int(got["steps"]) == 2**31 - 1
+
+
 @pytest.mark.parametrize("operation", ["add", "update"])
 def test_wide_integers_that_the_store_would_wrap_are_refused(operation):
     """Without 64-bit mode the store keeps int64 leaves as int32: values that fit are taken,
@@ -191,6 +211,16 @@ def test_duplicate_and_unknown_ids():
     with pytest.raises(TypeError, match="hashable"):
         store.add(["not", "hashable"], _params(2))
     _assert_unchanged(store, before)
+
+
+def test_a_repeated_id_among_numpy_integers_and_tuples_is_named():
+    """Ids are compared as the store's dict compares them: a NumPy integer beside a tuple id
+    (which NumPy would compare elementwise) does not hide the repeat."""
+    store = TenantStore(_params(0), capacity=2)
+    stacked = jax.tree.map(lambda *leaves: np.stack(leaves), *[_params(i) for i in range(3)])
+    with pytest.raises(DuplicateTenantError, match=r"tenant np.int64\(0\) appears more than once"):
+        store.add_stacked([np.int64(0), ("a", 1), np.int64(0)], stacked)
+    assert store.tenants == [] and store.version == 0
 
 
 def test_capacity_limit_raises_and_store_keeps_serving():
