@@ -121,7 +121,7 @@ class _ServerBase:
             raise UnknownTenantError(tenant_id, len(self.mt))
         x = as_row_array(x, copy)
         if x.ndim == 0 or x.shape[0] == 0:
-            raise InputError(f"a request needs rows [r >= 1, ...], got shape {list(x.shape)}")
+            raise InputError(f"a request for tenant {tenant_id!r} needs rows [r >= 1, ...], got shape {list(x.shape)}")
         x = self.mt.check_input([tenant_id] * x.shape[0], x)  # refused alone, not with a shared step
         future: Future = Future()
         with self._cond:

@@ -91,11 +91,11 @@ class BucketPolicy:
 
     def tenant_bucket(self, count: int) -> int:
         """The K that ``count`` tenant entries are padded up to; ValueError past the ladder."""
-        return _round_up(self.tenant_buckets, count)
+        return _round_up(self.tenant_buckets, count, "tenant_buckets", "tenant entries")
 
     def row_bucket(self, count: int) -> int:
         """The B that ``count`` rows of one entry are padded up to; ValueError past the ladder."""
-        return _round_up(self.row_buckets, count)
+        return _round_up(self.row_buckets, count, "row_buckets", "rows")
 
     @property
     def shapes(self) -> list[tuple[int, int]]:
@@ -105,10 +105,10 @@ class BucketPolicy:
         return [(k, b) for k in self.tenant_buckets for b in self.row_buckets]
 
 
-def _round_up(ladder: tuple[int, ...], count: int) -> int:
+def _round_up(ladder: tuple[int, ...], count: int, name: str, what: str) -> int:
     index = bisect.bisect_left(ladder, count)
     if index == len(ladder):
-        raise ValueError(f"{count} exceeds the largest bucket {ladder[-1]}")
+        raise ValueError(f"{count} {what} exceed the largest of {name} {list(ladder)}; expected at most {ladder[-1]}")
     return ladder[index]
 
 

@@ -160,8 +160,10 @@ def read_entries(manifest: pathlib.Path, model: MultiTenantModel, fail: Callable
         try:
             if isinstance(record, Exception):
                 raise ValueError(f"unreadable line: {record}")
-            if record.get("tenant") in (None, "") or not record.get("input"):
-                raise ValueError("the tenant and input columns must not be empty")
+            empty = [c for c, bad in (("tenant", record.get("tenant") in (None, "")), ("input", not record.get("input"))) if bad]
+            if empty:
+                raise ValueError(f"the {' and '.join(empty)} column{'s' if len(empty) > 1 else ''} must not be empty "
+                                 f"(got tenant {record.get('tenant')!r}, input {record.get('input')!r})")
             tenant = _resolve_tenant(record["tenant"], model)
             path = manifest.parent / str(record["input"])
             key = None if record.get("key") in (None, "") else str(record["key"])  # (JSON's 0 is a key)
@@ -169,7 +171,7 @@ def read_entries(manifest: pathlib.Path, model: MultiTenantModel, fail: Callable
             if not output:
                 output = re.sub(r"[^A-Za-z0-9._-]+", "_", "__".join(str(p) for p in (record["tenant"], path.stem, key) if p is not None and p != "")).lstrip("._")
                 if not _SAFE_NAME.fullmatch(output):  # nothing left of the names (e.g. only non-ASCII letters)
-                    raise ValueError("no output name can be made from the tenant and input names; give an output column")
+                    raise ValueError(f"no output name can be made from tenant {record['tenant']!r} and input {path.name!r}; give an output column")
             elif not _SAFE_NAME.fullmatch(output):
                 raise ValueError(f"output name {output!r} must be letters, digits, '.', '_' or '-' (no path)")
             if output in lines_of_output:

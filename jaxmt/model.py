@@ -184,7 +184,7 @@ class MultiTenantModel:
         self._row_shape: tuple[int, ...] | None = None if row_shape is None else tuple(int(d) for d in row_shape)
         self._row_dtype: np.dtype | None = None if row_dtype is None else np.dtype(row_dtype)
         if (self._row_shape is None) != (self._row_dtype is None):
-            raise ValueError("give row_shape and row_dtype together, or neither")
+            raise ValueError(f"give row_shape and row_dtype together, or neither; got row_shape={row_shape!r} and row_dtype={row_dtype!r}")
         self._row_output: PyTree | None = None
         self._probed_rows: tuple[tuple[int, ...], np.dtype, PyTree] | None = None  # the last rows traced while unfixed
         self._counter_lock = threading.Lock()

@@ -149,7 +149,7 @@ class RowParts:
         """(part, offset in it) of each entry of ``index``, flattened; IndexError if out of range."""
         flat = index.reshape(-1).astype(np.int64, copy=False)
         if flat.size and (flat.min() < 0 or flat.max() >= self.shape[0]):
-            raise IndexError(f"row index out of range for {self.shape[0]} rows")
+            raise IndexError(_out_of_range(flat, self.shape[0]))
         which = np.searchsorted(self._ends, flat, side="right")
         return which, flat - self._starts[which]
 
@@ -203,5 +203,11 @@ def take_rows(x: "np.ndarray | RowParts", index: np.ndarray, out: np.ndarray | N
     if out is None:
         return x[index]
     if index.size and (index.min() < 0 or index.max() >= x.shape[0]):  # "clip" below would not tell
-        raise IndexError(f"row index out of range for {x.shape[0]} rows")
+        raise IndexError(_out_of_range(index, x.shape[0]))
     return np.take(x, index, axis=0, out=out, mode="clip")  # "raise" would copy through a buffer
+
+
+def _out_of_range(index: np.ndarray, rows: int) -> str:
+    flat = index.reshape(-1)
+    bad = int(flat[(flat < 0) | (flat >= rows)][0])
+    return f"row index {bad} is out of range for {rows} rows (expected 0 <= index < {rows})"

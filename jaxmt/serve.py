@@ -129,13 +129,20 @@ def _decode_rows(values: Any, dtype: Any, tenant_id: str) -> np.ndarray:
         raise InputError(f"rows of tenant {tenant_id!r} are not a numeric array of {dtype}: {exc}") from None
     if rows.dtype.kind in "biu":
         with np.errstate(over="ignore", invalid="ignore"):
-            exact = np.array_equal(rows.astype(given.dtype), given)
-        if not exact:
-            raise InputError(f"rows of tenant {tenant_id!r} hold values that {dtype.name} cannot hold as they are "
+            changed = rows.astype(given.dtype) != given
+        if changed.any():
+            raise InputError(f"rows of tenant {tenant_id!r} hold {_first(given, changed)}, which {dtype.name} cannot hold as it is "
                              f"(a fraction, or a number beyond its range)")
     elif rows.dtype.kind == "f" and not np.array_equal(np.isfinite(rows), np.isfinite(given)):
-        raise InputError(f"rows of tenant {tenant_id!r} hold values beyond the range of {dtype.name}")
+        raise InputError(f"rows of tenant {tenant_id!r} hold {_first(given, np.isfinite(rows) != np.isfinite(given))}, "
+                         f"beyond the range of {dtype.name}")
     return rows
+
+
+def _first(given: np.ndarray, where: np.ndarray) -> str:
+    """The first value of ``given`` where ``where`` holds, and its index, for a message."""
+    index = tuple(int(i) for i in np.argwhere(where)[0])
+    return f"{given[index].item()!r} at {list(index)}"
 
 
 def _replica_name() -> str:

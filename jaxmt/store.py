@@ -112,7 +112,7 @@ class TenantStore:
             raise ValueError(f"max_capacity {max_capacity} is below capacity {capacity}")
         leaves, self._treedef = jax.tree_util.tree_flatten(example_params)
         if not leaves:
-            raise ParamMismatchError("example_params has no array leaves")
+            raise ParamMismatchError(f"example_params has no array leaves, got {type(example_params).__name__} {example_params!r:.200}; expected a pytree of arrays")
         self.leaf_paths: tuple[str, ...] = tuple(leaf_paths(example_params))
         self.leaf_specs: tuple[jax.ShapeDtypeStruct, ...] = tuple(
             jax.ShapeDtypeStruct(np.shape(leaf), leaf_dtype(leaf)) for leaf in leaves
@@ -296,7 +296,7 @@ class TenantStore:
                 if tenant_id in self._slot_of:
                     raise DuplicateTenantError(f"tenant {tenant_id!r} is already resident; use update_tenant to replace its weights")
             if at_slots is not None:
-                at_slots = self._check_free_slots(at_slots, len(tenant_ids))
+                at_slots = self._check_free_slots(at_slots, tenant_ids)
             leaves = self._validate_stacked(tenant_ids, stacked_params)
             if not tenant_ids:
                 return np.zeros((0,), np.int32)
@@ -357,15 +357,16 @@ class TenantStore:
         return {"template": self.template, "treedef": self._treedef, "paths": self.leaf_paths,
                 "specs": self.leaf_specs, "floating": self._floating, "device": self.device}
 
-    def _check_free_slots(self, slots: Sequence[int], count: int) -> np.ndarray:
+    def _check_free_slots(self, slots: Sequence[int], tenant_ids: list[Hashable]) -> np.ndarray:
+        count = len(tenant_ids)
         slots = np.asarray(slots, np.int64).reshape(-1)
         if slots.size != count or len(set(slots.tolist())) != count:
             raise ValueError(f"at_slots must give {count} distinct slots, got {slots.tolist()}")
         free = set(self._free)
-        for slot in slots.tolist():
+        for i, slot in enumerate(slots.tolist()):
             if slot not in free:
                 where = "taken" if 0 <= slot < self._capacity else f"outside the {self._capacity} slots (reserve first)"
-                raise ValueError(f"slot {slot} is {where}")
+                raise ValueError(f"at_slots[{i}] (tenant {tenant_ids[i]!r}): slot {slot} is {where}; expected a free slot")
         return slots.astype(np.int32)
 
     @contextlib.contextmanager

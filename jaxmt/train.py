@@ -163,7 +163,8 @@ class MultiTenantTrainer:
         n = len(self._tenants)
         leaves_with_path, self._treedef = jax.tree_util.tree_flatten_with_path(stacked_params)
         if not leaves_with_path:
-            raise ParamMismatchError("stacked_params has no array leaves")
+            raise ParamMismatchError(f"stacked_params has no array leaves, got {type(stacked_params).__name__} {stacked_params!r:.200}; "
+                                     "expected a pytree of arrays [tenants, ...]")
         self._leaf_paths = tuple(jax.tree_util.keystr(path) for path, _ in leaves_with_path)
         for path, (_, leaf) in zip(self._leaf_paths, leaves_with_path):
             if np.ndim(leaf) < 1 or np.shape(leaf)[0] != n:

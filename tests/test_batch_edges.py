@@ -287,7 +287,7 @@ def test_an_input_whose_name_leaves_no_output_name_needs_an_output_column(tmp_pa
     mt.add_tenant("é", {"w": np.ones((6, 3), np.float32)})
     _save(tmp_path, "é.npy", 3)
     (tmp_path / "m.csv").write_text("tenant,input\né,é.npy\n", encoding="utf-8")
-    summary = _line_2_fails_then_is_skipped(mt, tmp_path / "m.csv", tmp_path / "out", "no output name can be made")
+    summary = _line_2_fails_then_is_skipped(mt, tmp_path / "m.csv", tmp_path / "out", "no output name can be made from tenant 'é' and input 'é.npy'")
     assert summary["failed"] == 1 and not list((tmp_path / "out").glob(".*"))
 
 
@@ -508,3 +508,13 @@ def test_on_windows_no_writer_is_asked_after_and_only_the_legacy_temporaries_go(
     monkeypatch.setattr(os, "name", "nt")
     jaxmt.batch._remove_stale_temporaries(tmp_path, {"summary.json"})
     assert sorted(p.name for p in tmp_path.iterdir()) == [ended]
+
+
+def test_an_empty_column_is_named_with_the_line_it_is_on(tmp_path):
+    mt = MultiTenantModel(_apply, {"w": np.ones((6, 3), np.float32)}, capacity=2, row_shape=(6,), row_dtype=np.float32)
+    mt.add_tenant("a", {"w": np.ones((6, 3), np.float32)})
+    _save(tmp_path, "x.npy", 3)
+    (tmp_path / "m.csv").write_text("tenant,input\n,x.npy\na,x.npy\n")
+    summary = _line_2_fails_then_is_skipped(mt, tmp_path / "m.csv", tmp_path / "out",
+                                            "the tenant column must not be empty \\(got tenant '', input 'x.npy'\\)")
+    assert summary["failed"] == 1 and summary["computed"] == 1

@@ -201,3 +201,11 @@ def test_one_row_steps_over_the_whole_store_in_order_are_told_as_the_array_path_
     if got.slots_in_order:
         assert np.array_equal(got.slots, want.slots) and np.array_equal(got.row_index, want.row_index)
     assert _slot_of_each_row(got) == _slot_of_each_row(want)
+
+
+def test_a_count_past_the_ladder_names_the_ladder_and_its_largest_bucket():
+    policy = BucketPolicy(tenant_buckets=(1, 2), row_buckets=(1, 4))
+    with pytest.raises(ValueError, match=r"5 rows exceed the largest of row_buckets \[1, 4\]; expected at most 4"):
+        policy.row_bucket(5)
+    with pytest.raises(ValueError, match=r"3 tenant entries exceed the largest of tenant_buckets \[1, 2\]; expected at most 2"):
+        policy.tenant_bucket(3)

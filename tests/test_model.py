@@ -459,3 +459,9 @@ def test_a_python_number_leaf_is_stored_as_float32_so_answers_take_the_promoted_
     assert apply_fn({"scale": 3.0}, jnp.asarray(x)).dtype == jnp.bfloat16
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, np.asarray(x, np.float32) * 3.0, rtol=1e-6)
+
+
+def test_row_shape_without_row_dtype_names_what_was_given():
+    spec = tiny_spec("mlp")
+    with pytest.raises(ValueError, match=r"together, or neither; got row_shape=\(3,\) and row_dtype=None"):
+        jaxmt.MultiTenantModel(spec.apply_fn, spec.init(0), row_shape=(3,))

@@ -55,8 +55,10 @@ def test_take_copies_so_parts_can_change_afterwards(row_shape):
 @pytest.mark.parametrize("row_shape", ROW_SHAPES)
 def test_index_out_of_range_raises(row_shape):
     rows = RowParts(_parts(np.random.default_rng(4), row_shape, 2))
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=f"index {len(rows)} is out of"):
         rows.take(np.array([0, len(rows)]))
+    with pytest.raises(IndexError, match="row index -1 is out of range for 3 rows"):
+        take_rows(np.zeros((3, *row_shape), np.float32), np.array([1, -1]), out=np.zeros((2, *row_shape), np.float32))
 
 
 def test_parts_of_another_row_shape_or_dtype_are_named():

@@ -7,6 +7,7 @@ when Ray Serve is not installed (``pip install 'jaxmt[ray]'``).
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 import time
@@ -197,13 +198,13 @@ def test_rows_a_pixel_model_cannot_hold_are_input_errors_not_server_errors(monke
         asyncio.run(jaxmt.serve.TenantReplica._decode(replica, Request()))
 
 
-@pytest.mark.parametrize("dtype, rows", [
-    (np.uint8, [[0.5, 1.0, 2.0]]),  # normalised pixels sent to a uint8 model: all would be 0
-    (np.int32, [[1, 2, 2.75]]),
-    (np.float16, [[1e10, 0.0, 0.0]]),  # beyond float16: would be inf
-    (np.float32, [[1e300, 0.0, 0.0]]),
+@pytest.mark.parametrize("dtype, rows, named", [
+    (np.uint8, [[0.5, 1.0, 2.0]], "0.5 at [0, 0]"),  # normalised pixels sent to a uint8 model: all would be 0
+    (np.int32, [[1, 2, 2.75]], "2.75 at [0, 2]"),
+    (np.float16, [[1e10, 0.0, 0.0]], "10000000000.0 at [0, 0]"),  # beyond float16: would be inf
+    (np.float32, [[1e300, 0.0, 0.0]], "1e+300 at [0, 0]"),
 ])
-def test_rows_the_models_dtype_would_change_are_input_errors_not_other_rows(monkeypatch, dtype, rows):
+def test_rows_the_models_dtype_would_change_are_input_errors_not_other_rows(monkeypatch, dtype, rows, named):
     """JSON numbers that the model's dtype cannot hold as they are (0.5 as uint8 is 0, 1e10
     as float16 is inf) are a 400: casting them silently answered other rows than the client's."""
     import asyncio
@@ -216,7 +217,7 @@ def test_rows_the_models_dtype_would_change_are_input_errors_not_other_rows(monk
         async def body(self):
             return json.dumps({"rows": rows}).encode()
 
-    with pytest.raises(jaxmt.InputError, match="rows of tenant 't0'"):
+    with pytest.raises(jaxmt.InputError, match="rows of tenant 't0' hold " + re.escape(named)):
         asyncio.run(jaxmt.serve.TenantReplica._decode(replica, Request()))
 
 

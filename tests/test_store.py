@@ -364,3 +364,19 @@ def test_stats_do_not_wait_for_a_writer_holding_the_store():
     reader.join()
     assert answered
     assert (got[0]["resident_tenants"], got[0]["capacity"], got[0]["free_slots"]) == (2, 4, 2)
+
+
+def test_at_slots_naming_a_taken_slot_names_the_tenant_and_changes_nothing():
+    store = TenantStore(_params(0), capacity=4)
+    store.add("a", _params(1))
+    stacked = jax.tree.map(lambda *leaves: np.stack(leaves), _params(2), _params(3))
+    with pytest.raises(ValueError, match=r"at_slots\[1\] \(tenant 'c'\): slot 0 is taken"):
+        store.add_stacked(["b", "c"], stacked, at_slots=[1, 0])
+    with pytest.raises(ValueError, match=r"at_slots\[0\] \(tenant 'b'\): slot 9 is outside the 4 slots"):
+        store.add_stacked(["b", "c"], stacked, at_slots=[9, 1])
+    assert store.tenants == ["a"]
+
+
+def test_example_params_without_leaves_are_named():
+    with pytest.raises(ParamMismatchError, match=r"example_params has no array leaves, got dict \{'w': None\}"):
+        TenantStore({"w": None})
