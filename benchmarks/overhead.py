@@ -190,6 +190,9 @@ CALL_SPAN = "overhead.predict"
 # Lines of a device in a trace that are not the device's own work (the profiler's collector,
 # summaries of the stream lines).
 NOT_DEVICE_WORK = ("CUPTI", "XLA Modules", "XLA Ops", "Steps", "Framework")
+# Host threads that run a CPU backend's programs, by the names jax gives them in a trace
+# (jax 0.10: the PjRt CPU client's pool; jax 0.12: its execute threads).
+CPU_RUNTIME_THREADS = ("XLAPjRtCpuClient", "XLAExecute")
 
 
 def traced_phases(mt: MultiTenantModel, ids: list, x: np.ndarray, calls: int) -> dict[str, float]:
@@ -237,7 +240,7 @@ def phases_from_trace(events: list[dict]) -> dict[str, float]:
         line = thread.get((e["pid"], e.get("tid")), "")
         if process.get(e["pid"], "").startswith("/device:"):
             return not line.startswith(NOT_DEVICE_WORK)
-        return "XLAPjRtCpuClient" in line
+        return any(name in line for name in CPU_RUNTIME_THREADS)
 
     spans = sorted((e for e in events if e.get("ph") == "X"), key=lambda e: e["ts"])
     device_events = [e for e in spans if device_work(e)]

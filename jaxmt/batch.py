@@ -44,6 +44,7 @@ import numpy as np
 from jaxmt.errors import JaxmtError, ManifestError
 from jaxmt.manifest import Entry, read_entries
 from jaxmt.model import MultiTenantModel
+from jaxmt.validation import abstract_rows
 
 # ---------------------------------------------------------------------------- outputs
 # What _temporary names: the writer's host and process id, then a random tag. Names without
@@ -322,7 +323,7 @@ def _run(model: MultiTenantModel, todo: list[Entry], outputs: _Outputs, row_spec
     from tqdm.auto import tqdm
 
     row_shape, row_dtype = row_spec
-    out_spec = jax.eval_shape(model.apply_fn, model.store.template, jax.ShapeDtypeStruct((1, *row_shape), row_dtype))
+    out_spec = jax.eval_shape(model.apply_fn, model.store.template, abstract_rows((1, *row_shape), row_dtype))
     out_leaves = jax.tree_util.tree_leaves(out_spec)
     bar = tqdm(total=sum(e.rows for e in todo), unit="row", desc="batch", disable=not progress)
     written = [0, 0]

@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxmt.errors import ManifestError
 from jaxmt.model import MultiTenantModel
+from jaxmt.validation import abstract_rows
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -140,7 +141,7 @@ def _fitting_rows(model: MultiTenantModel, path: pathlib.Path, key: str | None, 
     """(row shape, dtype) of this input, once the model is traced on such rows: an input the
     model cannot take must fail its own line, not fix the rows that every later line is held to."""
     try:
-        jax.eval_shape(model.apply_fn, model.store.template, jax.ShapeDtypeStruct((1, *shape[1:]), dtype))
+        jax.eval_shape(model.apply_fn, model.store.template, abstract_rows((1, *shape[1:]), dtype))
     except Exception as exc:
         raise ValueError(f"input {path.name}{f'[{key}]' if key else ''} has rows of shape {list(shape[1:])} and dtype "
                          f"{dtype.name}, which the model cannot take: {exc}") from None

@@ -37,6 +37,7 @@ from jaxmt.steps import (
     host_output_sharding,
 )
 from jaxmt.store import TenantStore
+from jaxmt.validation import device_dtype
 
 PyTree = Any
 
@@ -563,7 +564,7 @@ class MultiTenantModel:
         on_device = jax.sharding.SingleDeviceSharding(self.store.device)
         leaves = [jax.ShapeDtypeStruct((key.capacity, *s.shape), s.dtype, sharding=on_device) for s in self.store.leaf_specs]
         slots = jax.ShapeDtypeStruct((key.tenant_bucket,), jnp.int32, sharding=on_device)
-        x_kb = jax.ShapeDtypeStruct((key.tenant_bucket, key.row_bucket, *key.row_shape), key.row_dtype, sharding=on_device)
+        x_kb = jax.ShapeDtypeStruct((key.tenant_bucket, key.row_bucket, *key.row_shape), device_dtype(key.row_dtype), sharding=on_device)
         out = {} if self.output_sharding is None else {"out_shardings": self.output_sharding}
         if key.whole_store:
             step_program, inputs = functools.partial(_whole_store_program, self._apply_kb, self.store._treedef), [x_kb]

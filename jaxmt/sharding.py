@@ -38,8 +38,9 @@ from jax.sharding import PartitionSpec as P
 from jaxmt.buckets import BucketPolicy, Plan, Step, _make_step, _split_entries
 from jaxmt.model import MultiTenantModel
 from jaxmt.programs import ProgramKey
-from jaxmt.store import TenantStore
 from jaxmt.steps import check_output_rows
+from jaxmt.store import TenantStore
+from jaxmt.validation import device_dtype
 
 PyTree = Any
 
@@ -349,7 +350,7 @@ class ShardedMultiTenantModel(MultiTenantModel):
             jax.ShapeDtypeStruct((key.capacity, *s.shape), s.dtype, sharding=self.store.sharding) for s in self.store.leaf_specs
         ]
         slots = jax.ShapeDtypeStruct((k,), jnp.int32, sharding=self.entry_sharding)
-        x_kb = jax.ShapeDtypeStruct((k, key.row_bucket, *key.row_shape), key.row_dtype, sharding=self.entry_sharding)
+        x_kb = jax.ShapeDtypeStruct((k, key.row_bucket, *key.row_shape), device_dtype(key.row_dtype), sharding=self.entry_sharding)
         fn = functools.partial(
             _sharded_step_program, self._apply_kb, self.store._treedef, self.mesh, key.capacity // self.devices
         )

@@ -20,6 +20,7 @@ from jax.profiler import TraceAnnotation
 
 from jaxmt.buckets import Plan
 from jaxmt.rows import RowParts
+from jaxmt.validation import abstract_rows
 
 PyTree = Any
 
@@ -178,7 +179,7 @@ def _nonfinite_row_indices(x: "np.ndarray | RowParts") -> np.ndarray:
 
 def _row_output_spec(apply_fn: Callable, template: PyTree, row_shape: Sequence[int], row_dtype: Any) -> PyTree:
     """ShapeDtypeStruct pytree of ONE output row for input rows of the given shape and dtype."""
-    x1 = jax.ShapeDtypeStruct((1, *row_shape), row_dtype)
+    x1 = abstract_rows((1, *row_shape), row_dtype)
     out = jax.eval_shape(apply_fn, template, x1)
     check_output_rows(out, 1, tenant_axis=False)
     return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), out)

@@ -215,8 +215,19 @@ def leaf_dtype(leaf: Any) -> np.dtype:
     in NumPy's float64 is a float32 model, and its checkpoint says so. A NumPy array in
     swapped byte order ('>f4' on a little-endian host) is its native dtype: JAX holds none
     other (``_owned_on_device`` swaps the bytes)."""
-    dtype = np.dtype(leaf.dtype if hasattr(leaf, "dtype") else jnp.asarray(leaf).dtype)
-    return np.dtype(jax.dtypes.canonicalize_dtype(dtype.newbyteorder("=")))
+    return device_dtype(leaf.dtype if hasattr(leaf, "dtype") else jnp.asarray(leaf).dtype)
+
+
+def device_dtype(dtype: Any) -> np.dtype:
+    """The dtype JAX holds values of ``dtype`` in: canonical (int64 as int32 without 64-bit
+    mode) and in native byte order."""
+    return np.dtype(jax.dtypes.canonicalize_dtype(np.dtype(dtype).newbyteorder("=")))
+
+
+def abstract_rows(shape: Sequence[int], dtype: Any) -> jax.ShapeDtypeStruct:
+    """Rows of ``shape`` and ``dtype`` as a traced program sees them (``device_dtype``): a
+    ShapeDtypeStruct asked for in int64 without 64-bit mode warns on newer jax."""
+    return jax.ShapeDtypeStruct(tuple(shape), device_dtype(dtype))
 
 
 def _shape_and_dtype(leaf: Any, where: str, expected: str) -> tuple[tuple[int, ...], np.dtype]:

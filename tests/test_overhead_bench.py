@@ -89,3 +89,19 @@ def test_phases_from_a_trace_sum_steps_and_unite_device_work_of_the_call(overhea
         "device_busy": 35, "launch_to_device_end": 50, "device_end_to_return": 30,  # the first call's alone
         "calls": 2, "calls_with_device_work": 1,
     }
+
+
+@pytest.mark.parametrize("thread_name", ["tf_XLAPjRtCpuClient/-6507080806527236748", "tf_XLAExecute/140159479707328"])
+def test_a_cpu_backend_s_runtime_threads_are_its_device_work(overhead, thread_name):
+    """On a CPU backend the program runs on the runtime's host threads, named by jax version;
+    its intra-op pool and other host threads are not counted."""
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 10, "args": {"name": "python"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 12, "args": {"name": thread_name}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 13, "args": {"name": "tf_XLAEigen/140159446136512"}},
+        _span(overhead.CALL_SPAN, 0, 100), _span("PjitFunction(step)", 10, 20),
+        _span("ThunkExecutor::Execute", 25, 30, tid=12), _span("eigen task", 30, 50, tid=13),
+    ]
+    got = overhead.phases_from_trace(events)
+    assert got["device_busy"] == 30 and got["launch_to_device_end"] == 45 and got["calls_with_device_work"] == 1
