@@ -26,6 +26,7 @@ from common import markdown_table, time_call, time_calls_interleaved, update_rea
 
 import models
 from jaxmt import BucketPolicy, MultiTenantModel
+from jaxmt.jax_compat import single_device_sharding
 from jaxmt.steps import host_output_sharding, wait_for
 
 
@@ -396,7 +397,7 @@ def launch_by_input_place(mt: MultiTenantModel, step, x: np.ndarray, repeats: in
     if mt.host_input_buffers is not None:  # the model's own program of pinned host inputs
         from_host = mt.programs.get(mt._key(step.tenant_bucket, step.row_bucket, host_inputs=True))
     x_kb = x[step.row_index]
-    pinned = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+    pinned = single_device_sharding(device, memory_kind="pinned_host")
     on_device = jax.device_put((step.slots, x_kb), device)
     in_host = jax.device_put((step.slots, x_kb), pinned)
     calls = {"device": lambda: program(leaves, *on_device), "numpy_arguments": lambda: program(leaves, step.slots, x_kb)}
@@ -456,8 +457,8 @@ def packed_transfer(mt: MultiTenantModel, step, x: np.ndarray, repeats: int) -> 
     if "pinned_host" in {memory.kind for memory in device.addressable_memories()}:
         # The two inputs placed in pinned host memory by the program's input shardings (the
         # NumPy arrays are copied there) and moved to the device by the program itself.
-        on_device = jax.sharding.SingleDeviceSharding(device)
-        in_host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+        on_device = single_device_sharding(device)
+        in_host = single_device_sharding(device, memory_kind="pinned_host")
 
         def move_and_run(leaves, slots_h, rows_h):
             return step_fn(leaves, jax.device_put(slots_h, on_device), jax.device_put(rows_h, on_device))
@@ -487,7 +488,7 @@ def transfer_paths(repeats: int, seed: int) -> dict[str, dict[str, float]]:
     import jax.numpy as jnp
 
     device = jax.devices()[0]
-    on_device = jax.sharding.SingleDeviceSharding(device)
+    on_device = single_device_sharding(device)
     kinds = {m.kind for m in device.addressable_memories()}
     rng = np.random.default_rng(seed)
     out = {}

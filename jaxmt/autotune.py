@@ -207,7 +207,7 @@ def cache_key(sig: ConvSignature, device: jax.Device | None = None) -> str:
 
 
 class LoweringCache:
-    """Chosen lowerings on disk: ``{"format": 1, "entries": {cache_key: {"choice", ...}}}``.
+    """Chosen lowerings on disk: ``{"format": CACHE_FORMAT, "entries": {cache_key: {"choice", ...}}}``.
 
     Reads are lazy and once; every ``put`` merges with what is on disk (another process
     may have written) and replaces the file atomically. A corrupt or foreign file is

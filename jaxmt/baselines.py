@@ -38,6 +38,7 @@ from jaxmt._server import _claim, _ServerBase
 from jaxmt.buckets import BucketPolicy
 from jaxmt.errors import InputError
 from jaxmt.host_inputs import HostInputBuffers, fits, with_token
+from jaxmt.jax_compat import single_device_sharding
 from jaxmt.rows import RowParts, as_row_array, take_rows
 from jaxmt.scheduler import SchedulerConfig, make_config
 from jaxmt.steps import _start_copies_to_host, wait_for
@@ -75,7 +76,7 @@ class _Program:
         self.outputs_on_device = output_sharding is None
         self.host_input_buffers = None if input_device is None else HostInputBuffers(input_device)
         if input_device is not None:
-            on_device = jax.sharding.SingleDeviceSharding(input_device)  # where the token stays
+            on_device = single_device_sharding(input_device)  # where the token stays
             out = {} if output_sharding is None else {"out_shardings": (output_sharding, on_device)}
             self.fn_from_host = jax.jit(with_token(apply_fn, on_device), **out, **options)
         self.compiled: set[tuple] = set()

@@ -315,7 +315,8 @@ def _read_store_metadata(directory: StrPath) -> dict[str, Any]:
 
 
 def _load_store_checkpoint(directory: StrPath, example_params: PyTree | None) -> dict[str, Any]:
-    """Reads and checks everything; returns template, ids, slots, capacity, stacked params, model metadata."""
+    """Reads and checks everything; returns template, ids, slots, capacity, stacked params,
+    model metadata and the saved bucket policy (None if none was saved)."""
     directory = pathlib.Path(directory)
     metadata = _read_store_metadata(directory)
     try:

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmt.jax_compat import single_device_sharding
 PyTree = Any
 
 # A step's input block larger than this takes the NumPy-argument path (a transfer through
@@ -114,7 +115,7 @@ class HostInputBuffers:
     def __init__(self, device: jax.Device, *, max_total_bytes: int = MAX_TOTAL_BYTES):
         if not has_pinned_host(device):
             raise ValueError(f"device {device} has no pinned host memory")
-        self.sharding = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+        self.sharding = single_device_sharding(device, memory_kind="pinned_host")
         self.max_total_bytes = int(max_total_bytes)
         self._rings: OrderedDict[tuple, list[BufferSet]] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()

@@ -99,7 +99,7 @@ def _resolve_tenant(raw: Any, model: MultiTenantModel) -> Hashable:
 
 
 def _peek(path: pathlib.Path, key: str | None) -> tuple[tuple[int, ...], np.dtype, str | None]:
-    """Shape and dtype of an input array without reading its data."""
+    """Shape, dtype and (for a .npz) key of an input array, without reading its data."""
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} does not exist")
     suffix = path.suffix.lower()

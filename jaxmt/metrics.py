@@ -283,7 +283,8 @@ class StepRecorder:
                 self._in_step_ms.append(float(in_step_ms))
 
     def snapshot(self) -> dict[str, Any]:
-        """Step counters, padding waste, the estimate and queue-wait/in-step percentiles, for ``stats()``."""
+        """Step counters, padding waste, the estimate and queue-wait/in-step percentiles, for a
+        server's ``metrics()["steps"]``."""
         with self._lock:
             steps = self.steps
             return {

@@ -23,6 +23,7 @@ from jax.profiler import TraceAnnotation
 from jaxmt.buckets import BucketPolicy, Plan, Step, make_plan
 from jaxmt.errors import InputError
 from jaxmt.host_inputs import HostInputBuffers, fits, host_inputs_by_default, with_token
+from jaxmt.jax_compat import single_device_sharding
 from jaxmt.lowering import LoweringPolicy, lowering_key, tenant_batched
 from jaxmt.programs import ProgramCache, ProgramKey
 from jaxmt.rows import RowParts, as_row_array, take_rows
@@ -288,8 +289,10 @@ class MultiTenantModel:
 
         Raises:
           UnknownTenantError: an id is not resident (nothing is computed).
-          InputError: lengths differ, x's row shape or dtype is not the model's, or (rows
-            not fixed yet) the model cannot be traced on them; nothing is compiled then.
+          InputError: lengths differ, x's row shape or dtype is not the model's, (rows not
+            fixed yet) the model cannot be traced on them, a row holds NaN or Inf under
+            ``nonfinite_inputs="reject"``, or 64-bit integer rows hold a value that JAX, without
+            64-bit mode, would wrap; nothing is compiled then.
         """
         return self.dispatch(tenant_ids, x).result(spin_s=self.predict_spin_s)
 
@@ -561,7 +564,7 @@ class MultiTenantModel:
     def _lower_program(self, key: ProgramKey) -> Any:
         # Compiled for the store's device: with the default placement a model built with
         # device=<not the first device> would get programs that reject its own store.
-        on_device = jax.sharding.SingleDeviceSharding(self.store.device)
+        on_device = single_device_sharding(self.store.device)
         leaves = [jax.ShapeDtypeStruct((key.capacity, *s.shape), s.dtype, sharding=on_device) for s in self.store.leaf_specs]
         slots = jax.ShapeDtypeStruct((key.tenant_bucket,), jnp.int32, sharding=on_device)
         x_kb = jax.ShapeDtypeStruct((key.tenant_bucket, key.row_bucket, *key.row_shape), device_dtype(key.row_dtype), sharding=on_device)
@@ -636,8 +639,8 @@ class MultiTenantModel:
 
     def check_finite(self, tenant_ids: Sequence[Hashable], x: "np.ndarray | RowParts") -> None:
         """Under ``nonfinite_inputs="reject"``, raises InputError naming the first row of ``x``
-        holding NaN or Inf and its tenant; a no-op under "pass". Servers call it at submit, so
-        that one bad request is refused alone instead of failing a step it shares."""
+        holding NaN or Inf and its tenant; a no-op under "ignore" and "pass". Servers call it
+        at submit, so that one bad request is refused alone instead of failing a step it shares."""
         if self.nonfinite_inputs != "reject":
             return
         bad = _nonfinite_row_indices(x)
@@ -752,7 +755,7 @@ def _checked_by_xla(checked: dict[str, Any], device: jax.Device) -> dict[str, An
     """``checked``, once a trivial program compiled with them for ``device``: a mistyped or
     unknown option fails here (XLA's message names it) instead of at the first step."""
     if checked:
-        probe = jax.ShapeDtypeStruct((1,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(device))
+        probe = jax.ShapeDtypeStruct((1,), jnp.float32, sharding=single_device_sharding(device))
         try:
             jax.jit(lambda v: v + 1).lower(probe).compile(compiler_options=checked)
         except Exception as exc:

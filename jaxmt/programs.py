@@ -2,9 +2,10 @@
 
 A program is keyed by everything that changes its XLA shape or code: the tenant bucket K,
 the row bucket B, the store capacity (the stacked parameters are an argument), the row shape
-and dtype of the input, and the lowering choice. Programs are built with
-``jax.jit(...).lower(...).compile()`` so a cache miss is explicit and counted; nothing is
-traced on a hit. The cache is an LRU bounded by ``max_programs``.
+and dtype of the input, the lowering choice, whether the step reads the whole store in slot
+order (no weight gather) and whether its inputs come in pinned host buffers. Programs are
+built with ``jax.jit(...).lower(...).compile()`` so a cache miss is explicit and counted;
+nothing is traced on a hit. The cache is an LRU bounded by ``max_programs``.
 """
 
 from __future__ import annotations

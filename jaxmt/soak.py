@@ -397,7 +397,6 @@ def _benchmarks_common() -> Any:
     into its benchmarks/ folder); raises SystemExit if there is none, before any soak runs."""
     import importlib
     import pathlib
-    import sys
 
     root = pathlib.Path(__file__).resolve().parents[1]
     if not (root / "benchmarks" / "common.py").exists():

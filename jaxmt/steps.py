@@ -19,6 +19,7 @@ import numpy as np
 from jax.profiler import TraceAnnotation
 
 from jaxmt.buckets import Plan
+from jaxmt.jax_compat import single_device_sharding
 from jaxmt.rows import RowParts
 from jaxmt.validation import abstract_rows
 
@@ -153,7 +154,7 @@ def host_output_sharding(device: jax.Device, outputs_to_host: bool | None = None
         return None
     if "pinned_host" not in kinds:
         raise ValueError(f"outputs_to_host=True, but device {device} has no pinned host memory (it has {sorted(kinds)})")
-    return jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+    return single_device_sharding(device, memory_kind="pinned_host")
 
 
 def _start_copies_to_host(outputs: list[PyTree]) -> None:

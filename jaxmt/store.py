@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmt.errors import CapacityError, DuplicateTenantError, ParamMismatchError, UnknownTenantError
+from jaxmt.jax_compat import single_device_sharding
 from jaxmt.validation import check_tenant_ids, leaf_dtype, leaf_paths, validate_params, validate_stacked
 
 PyTree = Any
@@ -52,14 +53,14 @@ def _read_slot(stacked: list[jax.Array], slot: jax.Array) -> list[jax.Array]:
 def _zeros(specs: tuple[jax.ShapeDtypeStruct, ...], capacity: int, device: jax.Device) -> list[jax.Array]:
     """Every stacked leaf, zero-filled, made on ``device`` by one program (not one per leaf:
     a ResNet-50 has hundreds of leaves, and a compile each made large stores slow to build)."""
-    sharding = jax.sharding.SingleDeviceSharding(device)
+    sharding = single_device_sharding(device)
     shapes = [((capacity, *s.shape), s.dtype) for s in specs]
     return jax.jit(lambda: [jnp.zeros(shape, dtype) for shape, dtype in shapes], out_shardings=sharding)()
 
 
 def _grown(leaves: list[jax.Array], capacity: int, device: jax.Device) -> list[jax.Array]:
     """The leaves with zero slots appended up to ``capacity``, in one program."""
-    sharding = jax.sharding.SingleDeviceSharding(device)
+    sharding = single_device_sharding(device)
 
     def grow(old: list[jax.Array]) -> list[jax.Array]:
         return [jnp.concatenate([a, jnp.zeros((capacity - a.shape[0], *a.shape[1:]), a.dtype)]) for a in old]

@@ -80,7 +80,7 @@ def _where(path: tuple) -> str:
     return jax.tree_util.keystr(path) if path else "the top level"
 
 
-def _paired_mappings(template: Any, params: Any, want: Children, got: Children, path: tuple) -> list[tuple[Any, Any, Any]]:
+def _paired_mappings(want: Children, got: Children, path: tuple) -> list[tuple[Any, Any, Any]]:
     """(key, template child, params child) in the template's order, once both mappings hold
     the same keys; the mapping types may differ (see ``template_ordered_leaves``)."""
     got_by_key = {k.key: (k, child) for k, child in got}
@@ -108,7 +108,7 @@ def _collect_aligned(template: Any, params: Any, path: tuple, out: list[Any]) ->
         raise _StructureDifference(f"{_where(path)} is {_describe(params)}, expected {_describe(template)}")
     (want_def, want_children), (got_def, got_children) = want, got
     if _mapping_keys(template, want_children) is not None and _mapping_keys(params, got_children) is not None:
-        pairs = _paired_mappings(template, params, want_children, got_children, path)
+        pairs = _paired_mappings(want_children, got_children, path)
     elif want_def is not None and got_def is not None and want_def == got_def:
         pairs = [(key, w, g) for (key, w), (_, g) in zip(want_children, got_children)]
     else:

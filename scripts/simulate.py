@@ -11,8 +11,9 @@ attainment, per-tenant spread) and a latency-CDF plot.
     PYTHONPATH=. python scripts/simulate.py --arch mlp --tenants 8 --rate 500 --duration 2 \\
         --scheduler all --json /tmp/sim.json --plot /tmp/sim.png
 
-``run_trial``, ``build_model``, ``make_server`` and ``simulate`` are importable: the serving
-benchmark (``benchmarks/serving.py``) runs its trials through them.
+``Workload``, ``build_model``, ``make_server``, ``settle_heap`` and ``run_trial`` are importable:
+the serving and pacing benchmarks (``benchmarks/serving.py``, ``benchmarks/pacing.py``) run
+their trials through them.
 """
 
 from __future__ import annotations
@@ -359,7 +360,8 @@ def plot_cdf(results: Sequence[dict[str, Any]], path: str | pathlib.Path, slo_ms
 
 
 def jsonable(report: dict[str, Any]) -> dict[str, Any]:
-    """The report without raw latency samples (which are only for the plot)."""
+    """The report without the raw latency samples (the ``_``-prefixed keys of each result,
+    for the plot and ``spread_by_chance``)."""
     out = dict(report)
     out["results"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in report["results"]]
     return out

@@ -13,6 +13,7 @@ from conftest import reference_predict, rel_error, tiny_spec
 import models
 from jaxmt import BucketPolicy, InputError, MultiTenantModel
 from jaxmt import host_inputs as host_inputs_module
+from jaxmt.jax_compat import single_device_sharding
 from jaxmt.host_inputs import HostInputBuffers, host_inputs_by_default, with_token, writable_view
 from jaxmt.rows import RowParts
 
@@ -159,7 +160,7 @@ def test_a_failed_launch_leaves_its_buffers_free(rng):
 def test_a_written_view_is_what_a_program_reads():
     buffers = HostInputBuffers(CPU)
     (array,), (view,) = (lambda s: (s.arrays, s.views))(buffers.acquire(_signature([((4, 3), np.float32)])))
-    total = jax.jit(lambda a: jnp.sum(jax.device_put(a, jax.sharding.SingleDeviceSharding(CPU))))
+    total = jax.jit(lambda a: jnp.sum(jax.device_put(a, single_device_sharding(CPU))))
     for value in (1.5, -2.0):
         view[...] = value
         assert float(total(array)) == pytest.approx(12 * value)
@@ -191,7 +192,7 @@ def test_sets_are_reused_when_idle_added_while_the_budget_allows_and_waited_for_
 
 def test_a_set_is_not_rewritten_while_its_program_runs_even_if_the_answer_is_gone():
     """The caller may delete or donate an answer at once; the set waits for the program."""
-    on_cpu = jax.sharding.SingleDeviceSharding(CPU)
+    on_cpu = single_device_sharding(CPU)
     m = jax.device_put(jnp.eye(1200, dtype=jnp.float32), on_cpu)
 
     def slow(m, a):  # a product that takes a while, then the input (times 1)
@@ -214,7 +215,7 @@ def test_a_set_is_not_rewritten_while_its_program_runs_even_if_the_answer_is_gon
 
 def test_with_room_for_one_set_each_step_waits_for_the_last_and_answers_its_own_rows():
     """A budget of one set: every acquire past the first waits for a running program."""
-    on_cpu = jax.sharding.SingleDeviceSharding(CPU)
+    on_cpu = single_device_sharding(CPU)
     m = jax.device_put(jnp.eye(400, dtype=jnp.float32), on_cpu)
 
     def slow(m, a):

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxmt
 from jaxmt import BucketPolicy, CapacityError, ParamMismatchError, ShardedMultiTenantModel, TenantStore, tenant_mesh
+from jaxmt.jax_compat import single_device_sharding
 from jaxmt.sharding import make_sharded_plan, pick_free_slot, renumber_slot
 
 POLICY = BucketPolicy.powers_of_two(8, 8)
@@ -137,7 +138,7 @@ def test_bad_configurations_raise():
     with pytest.raises(ValueError, match="give device or sharding"):
         TenantStore(example, sharding=NamedSharding(tenant_mesh(), P("tenants")), device=jax.devices()[0])
     with pytest.raises(TypeError, match="NamedSharding"):
-        TenantStore(example, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        TenantStore(example, sharding=single_device_sharding(jax.devices()[0]))
 
 
 def test_public_surface():
