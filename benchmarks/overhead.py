@@ -434,7 +434,7 @@ def packed_transfer(mt: MultiTenantModel, step, x: np.ndarray, repeats: int) -> 
 
     leaves = mt.store.stacked_leaves
     slots, x_kb = step.slots, x[step.row_index]
-    step_fn = functools.partial(_step_program, mt._apply_kb, mt.store._treedef)
+    step_fn = functools.partial(_step_program, mt._apply_kb, mt.store.treedef)
     slot_bytes = slots.nbytes
 
     def unpack_and_run(leaves, buf):

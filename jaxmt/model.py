@@ -570,9 +570,9 @@ class MultiTenantModel:
         x_kb = jax.ShapeDtypeStruct((key.tenant_bucket, key.row_bucket, *key.row_shape), device_dtype(key.row_dtype), sharding=on_device)
         out = {} if self.output_sharding is None else {"out_shardings": self.output_sharding}
         if key.whole_store:
-            step_program, inputs = functools.partial(_whole_store_program, self._apply_kb, self.store._treedef), [x_kb]
+            step_program, inputs = functools.partial(_whole_store_program, self._apply_kb, self.store.treedef), [x_kb]
         else:
-            step_program, inputs = functools.partial(_step_program, self._apply_kb, self.store._treedef), [slots, x_kb]
+            step_program, inputs = functools.partial(_step_program, self._apply_kb, self.store.treedef), [slots, x_kb]
         if key.host_inputs:  # answers placed as the others are; the token stays on the device
             step_program = with_token(step_program, on_device)
             inputs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.host_input_buffers.sharding) for a in inputs]

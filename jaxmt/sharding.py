@@ -352,7 +352,7 @@ class ShardedMultiTenantModel(MultiTenantModel):
         slots = jax.ShapeDtypeStruct((k,), jnp.int32, sharding=self.entry_sharding)
         x_kb = jax.ShapeDtypeStruct((k, key.row_bucket, *key.row_shape), device_dtype(key.row_dtype), sharding=self.entry_sharding)
         fn = functools.partial(
-            _sharded_step_program, self._apply_kb, self.store._treedef, self.mesh, key.capacity // self.devices
+            _sharded_step_program, self._apply_kb, self.store.treedef, self.mesh, key.capacity // self.devices
         )
         return jax.jit(fn).lower(leaves, slots, x_kb)
 

@@ -174,6 +174,11 @@ class TenantStore:
             raise
 
     @property
+    def treedef(self) -> jax.tree_util.PyTreeDef:
+        """The template's structure: ``stacked_leaves`` (or one tenant's leaves) unflatten with it."""
+        return self._treedef
+
+    @property
     def stacked_leaves(self) -> list[jax.Array]:
         """The stacked leaves [capacity, ...] in template order (read under ``lock``)."""
         return self._leaves

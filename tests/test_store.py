@@ -253,7 +253,10 @@ def test_the_template_holds_shapes_and_dtypes_not_a_tenants_arrays():
     leaves = jax.tree_util.tree_leaves(store.template)
     assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
     assert [(leaf.shape, leaf.dtype) for leaf in leaves] == [(s.shape, s.dtype) for s in store.leaf_specs]
-    assert jax.tree_util.tree_structure(store.template) == jax.tree_util.tree_structure(example)
+    assert jax.tree_util.tree_structure(store.template) == jax.tree_util.tree_structure(example) == store.treedef
+    store.add("a", _params(1))
+    stacked = jax.tree_util.tree_unflatten(store.treedef, store.stacked_leaves)  # what step programs do
+    assert jax.tree_util.tree_structure(stacked) == store.treedef
 
 
 def test_a_tenants_params_are_read_under_the_store_lock():
