@@ -24,4 +24,4 @@ test-all: $(VENV)/.installed
 	$(PY) -m pytest -q -m ""
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-py312 .pytest_cache .hypothesis

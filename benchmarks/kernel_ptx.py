@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from common import markdown_table, write_json
 
 from jaxmt import pallas_conv
+from jaxmt.jax_compat import lowering_for_gpu
 
 # (name, input [K, N, H, W, C], filter [K, kh, kw, C, O], stride): ResNet layers at 16x8.
 LAYERS = [("3x3, 56x56, 64 -> 64", (16, 8, 56, 56, 64), (16, 3, 3, 64, 64), 1),
@@ -57,7 +58,8 @@ def triton_ir(x_shape, w_shape, stride: int, dtype: Any, k_major: bool) -> str:
         x, w, strides=(stride, stride), padding=((pad, pad), (pad, pad)), interpret=False, filter_k_major=k_major)
     registration.lowering.lower_jaxpr_to_triton_module = capture
     try:
-        with jax.default_matmul_precision("default"):  # float32 dots as TF32, whatever the caller set
+        # float32 dots as TF32, whatever the caller set; lowered for an H100, the sm_90 compiled for
+        with jax.default_matmul_precision("default"), lowering_for_gpu():
             export.export(jax.jit(conv), platforms=["cuda"],
                           disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
                 jax.ShapeDtypeStruct(x_shape, dtype), jax.ShapeDtypeStruct(w_shape, dtype))

@@ -36,6 +36,9 @@ it too. Its answers are checked in
 Pallas's interpreter, and the tests lower it (and its gradient) to Triton IR for CUDA with
 ``jax.export``.
 
+The kernel uses Pallas's Triton backend, which jax 0.12 deprecates (``triton_backend_available``
+says what happens once it is gone); it was measured with jax 0.11.
+
 Layouts are the canonical ones of ``jaxmt.lowering_ops``: x [K, N, H, W, C], w [K, kh, kw, C,
 O] -> y [K, N, H, W, O]. Off a GPU the kernel runs in Pallas's interpreter, which is slow
 and meant for tests.
@@ -80,14 +83,27 @@ def default_block_k(dtype: Any) -> int:
 def compiles_on(device: jax.Device | None = None) -> bool:
     """Whether the kernel compiles for ``device`` (default: the first device): a CUDA GPU of
     compute capability 8.0 or newer, where Triton has bfloat16 and TF32 tensor-core dots (a ROCm GPU
-    names its architecture there, "gfx90a", and is not offered the kernel)."""
+    names its architecture there, "gfx90a", and is not offered the kernel), with a jax that
+    still has Pallas's Triton backend (``triton_backend_available``)."""
     device = device or jax.devices()[0]
-    if device.platform != "gpu":
+    if device.platform != "gpu" or not triton_backend_available():
         return False
     try:
         return float(getattr(device, "compute_capability", "0")) >= 8.0
     except (TypeError, ValueError):
         return False
+
+
+def triton_backend_available() -> bool:
+    """Whether this jax has Pallas's Triton backend, which the kernel is written for. jax 0.12
+    deprecates it (a DeprecationWarning each time a kernel is lowered) in favour of Mosaic GPU;
+    once a release removes it, the kernel is offered nowhere and every conv takes one of XLA's
+    forms (``jaxmt.lowering_ops``)."""
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _padded_channels(channels: int, block: int) -> int:

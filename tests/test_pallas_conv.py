@@ -16,6 +16,7 @@ from conftest import rel_error
 from jax import lax
 
 from jaxmt import pallas_conv
+from jaxmt.jax_compat import lowering_for_gpu
 
 
 def _per_tenant(x, w):
@@ -293,9 +294,10 @@ def test_the_kernel_and_its_gradient_lower_to_triton_for_a_gpu(x_shape, w_shape,
     conv = functools.partial(pallas_conv.conv_implicit_gemm, strides=strides, padding=padding, interpret=False,
                              filter_k_major=filter_k_major)
     forward = jax.jit(conv)
-    assert "__gpu$xla.gpu.triton" in export.export(forward, platforms=["cuda"], disabled_checks=triton)(x, w).mlir_module()
     backward = jax.jit(jax.grad(lambda a, b: jnp.sum(conv(a, b).astype(jnp.float32)), argnums=(0, 1)))
-    export.export(backward, platforms=["cuda"], disabled_checks=triton)(x, w)
+    with lowering_for_gpu():
+        assert "__gpu$xla.gpu.triton" in export.export(forward, platforms=["cuda"], disabled_checks=triton)(x, w).mlir_module()
+        export.export(backward, platforms=["cuda"], disabled_checks=triton)(x, w)
 
 
 @pytest.mark.parametrize("platform, capability, compiles", [
@@ -312,6 +314,28 @@ def test_the_kernel_is_offered_only_where_triton_compiles_it(platform, capabilit
     assert pallas_conv.compiles_on(device) is compiles
     if jax.devices()[0].platform == "cpu":  # the default device is the first one
         assert pallas_conv.compiles_on() is False
+
+
+def test_a_jax_without_pallas_triton_backend_is_offered_the_kernel_nowhere(monkeypatch):
+    """Once a jax release drops Pallas's Triton backend (deprecated in 0.12), even a Hopper GPU
+    is not offered the kernel, so the lowering takes XLA's forms instead of failing to compile."""
+    import builtins
+    import sys
+    import types
+
+    hopper = types.SimpleNamespace(platform="gpu", compute_capability="9.0")
+    assert pallas_conv.triton_backend_available() and pallas_conv.compiles_on(hopper)
+    real_import = builtins.__import__
+
+    def without_triton(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "jax.experimental.pallas" and "triton" in (fromlist or ()):
+            raise ImportError("cannot import name 'triton' from 'jax.experimental.pallas'")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.delitem(sys.modules, "jax.experimental.pallas.triton", raising=False)
+    monkeypatch.setattr(builtins, "__import__", without_triton)
+    assert not pallas_conv.triton_backend_available()
+    assert pallas_conv.compiles_on(hopper) is False
 
 
 @pytest.mark.parametrize("dtype, matmul_precision, expected", [
@@ -339,7 +363,7 @@ def test_the_kernels_dots_follow_jaxs_matmul_precision(dtype, matmul_precision, 
     forward = jax.jit(lambda a, b: pallas_conv.conv_implicit_gemm(a, b, interpret=False))
     try:
         lowering.tt_dialect.dot = spy
-        with jax.default_matmul_precision(matmul_precision):
+        with jax.default_matmul_precision(matmul_precision), lowering_for_gpu():
             export.export(forward, platforms=["cuda"], disabled_checks=triton)(x, w)
     finally:
         lowering.tt_dialect.dot = original
