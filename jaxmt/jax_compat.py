@@ -1,4 +1,5 @@
-"""What differs between the jax versions jaxmt runs on (0.10 with Python 3.11, 0.12 with 3.12)."""
+"""What differs between the jax versions jaxmt runs on: 0.10 (what Python 3.11 installs), 0.11
+(the GPU machine's) and 0.12 (what Python 3.12 installs)."""
 
 from __future__ import annotations
 
